@@ -1,0 +1,169 @@
+"""Guest RAM: where guest physical addresses live in the VMM's address space.
+
+Guest RAM is anonymous memory split around the 32-bit MMIO hole (PCI BARs, IOAPIC,
+LAPIC live there): RAM below `MMIO_HOLE_START`, the rest from 4 GiB up. One
+`GuestMemory` owns that map; every access goes through it and is bounds-checked, so a
+guest address out of range, or a length that wraps, raises `GuestMemoryError` instead of
+touching host memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+from ..errors import GuestMemoryError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# The 32-bit MMIO hole: the top GiB under 4 GiB holds PCI BARs, ECAM, the IOAPIC
+# (0xFEC00000) and the LAPIC (0xFEE00000). No RAM is mapped there.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 1 << 32
+
+# Legacy PC layout inside the first MiB: conventional memory ends below the EBDA; the
+# BIOS area up to 1 MiB is reserved (kernels expect to find no RAM there).
+EBDA_START = 0x9_FC00
+HIGH_MEMORY_START = 0x10_0000
+
+# e820 entry types (ACPI spec, table "Address Range Types").
+E820_RAM = 1
+E820_RESERVED = 2
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous slot of guest RAM: guest physical [gpa, gpa+size) at host `hva`."""
+
+    slot: int
+    gpa: int
+    size: int
+    hva: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """(gpa, size) of each RAM slot for `size` bytes of guest RAM, around the hole."""
+    low = min(size, MMIO_HOLE_START)
+    slots = [(0, low)]
+    if size > low:
+        slots.append((MMIO_HOLE_END, size - low))
+    return slots
+
+
+class GuestMemory:
+    """The guest physical address space's RAM, as host mappings.
+
+    Thread ownership: the mapping is created and destroyed on the loop's thread; vCPU
+    threads only reach it through KVM. Accessors may be called from any thread.
+    """
+
+    def __init__(self, size: int, *, hugepages: bool = False):
+        if size < MiB or size % (4096) != 0:
+            raise GuestMemoryError(f"guest memory of {size} bytes is not a whole number of pages of at least 1 MiB")
+        from .._native import ffi, lib  # noqa: PLC0415 (the extension loads lazily)
+
+        self.size = size
+        self._maps: list[mmap.mmap] = []
+        self.regions: list[Region] = []
+        self._views: list[memoryview] = []
+        for slot, (gpa, length) in enumerate(ram_layout(size)):
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            if hugepages:
+                flags |= 0x40000  # MAP_HUGETLB
+            try:
+                m = mmap.mmap(-1, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                self.close()
+                raise GuestMemoryError(f"cannot map {length // MiB} MiB of guest memory: {e.strerror}") from None
+            # Guest RAM is not inherited by child processes (the console helper, QEMU in perf).
+            if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTFORK"):
+                m.madvise(mmap.MADV_DONTFORK)
+            hva = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+            self._maps.append(m)
+            self._views.append(memoryview(m))
+            self.regions.append(Region(slot, gpa, length, hva))
+        self._lib = lib
+
+    # -- lookup -----------------------------------------------------------------------
+    def _find(self, gpa: int, length: int) -> tuple[int, int]:
+        """(region index, offset) for [gpa, gpa+length), which must lie in one region."""
+        if gpa < 0 or length < 0 or gpa + length > (1 << 64):
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} wraps")
+        for i, r in enumerate(self.regions):
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return i, gpa - r.gpa
+        raise GuestMemoryError(f"guest range {gpa:#x}..{gpa + length:#x} is not in guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM [gpa, gpa+length) — no copy."""
+        i, off = self._find(gpa, length)
+        return self._views[i][off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def hva(self, gpa: int, length: int = 1) -> int:
+        """The host address of guest physical `gpa` (for the C core and KVM)."""
+        i, off = self._find(gpa, length)
+        return self.regions[i].hva + off
+
+    # -- layout -----------------------------------------------------------------------
+    def e820(self) -> list[tuple[int, int, int]]:
+        """The memory map a firmware would report: (addr, size, type), sorted."""
+        low = self.regions[0].size
+        table = [
+            (0, min(EBDA_START, low), E820_RAM),
+            (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+        ]
+        if low > HIGH_MEMORY_START:
+            table.append((HIGH_MEMORY_START, low - HIGH_MEMORY_START, E820_RAM))
+        for r in self.regions[1:]:
+            table.append((r.gpa, r.size, E820_RAM))
+        return table
+
+    def touched_bytes(self) -> int:
+        """Guest RAM the host has actually backed (resident), from /proc/self/smaps."""
+        starts = {r.hva for r in self.regions}
+        total = 0
+        current = None
+        with open("/proc/self/smaps", "rb") as f:
+            for line in f:
+                if b"-" in line.split(b" ", 1)[0]:
+                    start = int(line.split(b"-", 1)[0], 16)
+                    current = start in starts
+                elif current and line.startswith(b"Rss:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+    def close(self) -> None:
+        for v in self._views:
+            v.release()
+        self._views.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a caller still holds a view: the map goes with it
+                pass
+        self._maps.clear()
+        self.regions.clear()
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

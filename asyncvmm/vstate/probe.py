@@ -1,0 +1,76 @@
+"""Tell a hardware-virtualizing KVM from an instruction-emulating one.
+
+Some hosts (nested clouds with kvm_pvm, for one) provide the whole KVM API but run guest
+kernel code in KVM's instruction emulator, which stops on instructions it lacks. The probe
+asks the KVM itself: a throwaway one-page VM in real mode executes `popcnt eax, eax; hlt`.
+Hardware runs it and halts; an emulating KVM fails with KVM_EXIT_INTERNAL_ERROR. It costs
+one VM creation (a few milliseconds), once per process.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+from .._native import ffi, lib
+from .kvm import Kvm, VmFd
+
+# popcnt eax, eax ; hlt
+PROBE_CODE = bytes.fromhex("f30fb8c0") + b"\xf4"
+
+
+@dataclass(frozen=True)
+class KvmKind:
+    emulating: bool
+    detail: str
+
+
+_result: KvmKind | None = None
+
+
+def probe(kvm: Kvm | None = None) -> KvmKind:
+    """What kind of KVM this is (asked once per process)."""
+    global _result
+    if _result is None:
+        _result = _probe(kvm)
+    return _result
+
+
+def _probe(kvm: Kvm | None) -> KvmKind:
+    own = kvm is None
+    if own:
+        kvm = Kvm()
+    vm = VmFd(kvm)
+    page = mmap.mmap(-1, 4096)
+    vcpu = None
+    run = ffi.NULL
+    try:
+        page.write(PROBE_CODE)
+        vm.set_memory_region(0, 0, 4096, int(ffi.cast("uintptr_t", ffi.from_buffer(page))))
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.cs.base = 0
+        sregs.cs.selector = 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip = 0
+        regs.rflags = 0x2
+        vcpu.set_regs(regs)
+        run = lib.avmm_map_run(vcpu.fd, kvm.vcpu_mmap_size)
+        reason = lib.avmm_run_once(vcpu.fd, run)
+    finally:
+        if run != ffi.NULL:
+            lib.avmm_unmap(run, kvm.vcpu_mmap_size)
+        if vcpu is not None:
+            vcpu.close()
+        vm.close()
+        page.close()
+        if own:
+            kvm.close()
+    if reason == lib.KVM_EXIT_HLT:
+        return KvmKind(False, "hardware virtualization")
+    if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+        module = "kvm_pvm" if os.path.isdir("/sys/module/kvm_pvm") else "an emulating KVM"
+        return KvmKind(True, f"{module}: guest kernel code runs in KVM's instruction emulator")
+    return KvmKind(False, f"probe ended with exit {reason}; assuming hardware virtualization")

@@ -1,0 +1,116 @@
+/*
+ * asyncvmm's C core: native vCPU threads and the exit hand-off to the asyncio loop.
+ *
+ * Thread ownership
+ *   - A vCPU thread owns its kvm_run and its `exit` slot while it is RUNNING.
+ *   - When it posts an exit it becomes WAITING: from then until the loop calls
+ *     avmm_vcpu_complete(), the loop's thread owns the slot (and may read/write the
+ *     access's data, and issue vCPU ioctls such as KVM_GET_REGS).
+ *   - avmm_vm_pause() returns once no vCPU runs guest code: each is PAUSED, WAITING on the
+ *     loop, or DONE. A WAITING vCPU that is completed while a pause is requested parks
+ *     before re-entering the guest.
+ *
+ * Nothing here takes Python's GIL: cffi drops it around every call into this file.
+ */
+#ifndef AVMM_H
+#define AVMM_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* What a vCPU hands to the loop. */
+enum avmm_exit_kind {
+    AVMM_EXIT_NONE = 0,
+    AVMM_EXIT_IO = 1,    /* port I/O a device model on the loop must serve */
+    AVMM_EXIT_MMIO = 2,  /* MMIO a device model on the loop must serve */
+    AVMM_EXIT_STOP = 3,  /* the vCPU cannot go on alone: kvm_reason (and info) say why */
+    AVMM_EXIT_ERROR = 4, /* KVM_RUN itself failed: err holds errno */
+};
+
+/* What the loop answers a waiting vCPU. */
+enum avmm_action {
+    AVMM_ACTION_NONE = 0,
+    AVMM_ACTION_RESUME = 1, /* re-enter the guest */
+    AVMM_ACTION_QUIT = 2,   /* leave the thread */
+};
+
+enum avmm_vcpu_state {
+    AVMM_VCPU_IDLE = 0,    /* created, thread not started */
+    AVMM_VCPU_RUNNING = 1, /* in KVM_RUN or about to be */
+    AVMM_VCPU_WAITING = 2, /* an exit is posted to the loop */
+    AVMM_VCPU_PAUSED = 3,
+    AVMM_VCPU_DONE = 4,    /* the thread has ended */
+};
+
+/* The UART fast path: which of COM1's registers C may serve without the loop. */
+enum avmm_uart_fast {
+    AVMM_UART_FAST_THR = 1, /* THR writes are appended to the console buffer */
+    AVMM_UART_FAST_LSR = 2, /* LSR reads return lsr_shadow */
+};
+
+struct avmm_exit {
+    uint32_t kind;       /* enum avmm_exit_kind */
+    uint32_t kvm_reason; /* kvm_run.exit_reason */
+    uint64_t addr;       /* port number or guest physical address */
+    uint32_t size;       /* bytes per access */
+    uint32_t count;      /* accesses (string I/O) */
+    uint32_t is_write;
+    int32_t err;         /* errno of a failed KVM_RUN */
+    uint8_t *data;       /* the access's size*count bytes, inside kvm_run */
+    uint64_t value;      /* count == 1: the value written, or the value to read (the loop sets it) */
+    uint64_t info[18];   /* KVM_EXIT_INTERNAL_ERROR: suberror | ndata << 32, then data[]; other stops: raw words */
+};
+
+/* Per-vCPU counters: written only by the vCPU thread, read racily for stats. */
+#define AVMM_NR_REASONS 64
+struct avmm_vcpu_stats {
+    uint64_t exits[AVMM_NR_REASONS]; /* by kvm_run.exit_reason */
+    uint64_t fast_io;                /* exits served in C */
+    uint64_t posted;                 /* exits handed to the loop */
+    uint64_t kicks;                  /* KVM_RUN interrupted by a kick */
+    uint64_t ns_in_run;              /* inside KVM_RUN (guest time plus in-kernel exits) */
+    uint64_t ns_waiting;             /* waiting for the loop to complete an exit */
+};
+
+struct avmm_vm;
+
+struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd);
+void avmm_vm_free(struct avmm_vm *vm);
+
+/* Attach vCPU idx: map its kvm_run (mmap_size from KVM_GET_VCPU_MMAP_SIZE). 0 or -errno. */
+int avmm_vcpu_attach(struct avmm_vm *vm, int idx, int vcpu_fd, size_t mmap_size);
+void *avmm_vcpu_run_struct(struct avmm_vm *vm, int idx);
+/* Start its thread; host_cpu >= 0 pins it. 0 or -errno. */
+int avmm_vcpu_start(struct avmm_vm *vm, int idx, int host_cpu);
+struct avmm_exit *avmm_vcpu_exit(struct avmm_vm *vm, int idx);
+struct avmm_vcpu_stats *avmm_vcpu_stats(struct avmm_vm *vm, int idx);
+int avmm_vcpu_state(struct avmm_vm *vm, int idx);
+void avmm_vcpu_complete(struct avmm_vm *vm, int idx, int action);
+
+/* Loop side: reset the notify eventfd and list vCPUs with a posted exit. Returns count.
+ * With poll_ns > 0 and nothing posted yet, spin up to poll_ns for one (busy polling: an
+ * exit-heavy guest posts again within microseconds, and a sleeping loop thread costs a
+ * wake-up each time). */
+int avmm_vm_collect(struct avmm_vm *vm, int *out, int max, uint64_t poll_ns);
+
+/* Stop every vCPU from entering the guest; returns when none runs guest code. */
+void avmm_vm_pause(struct avmm_vm *vm);
+void avmm_vm_resume(struct avmm_vm *vm);
+/* End every vCPU thread and join them. Waiting vCPUs are told to quit. */
+void avmm_vm_stop(struct avmm_vm *vm);
+
+/* COM1 fast path (see enum avmm_uart_fast). base 0 turns it off. */
+void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);
+/* Move bytes written through the fast path into out; returns how many. */
+size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
+
+/* Thin wrappers: return the result, or -errno. */
+long avmm_ioctl(int fd, unsigned long request, void *arg);
+long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
+
+/* One KVM_RUN on a vCPU with no thread of ours (the KVM probe). Returns exit_reason or -errno. */
+int avmm_run_once(int vcpu_fd, void *run);
+void *avmm_map_run(int vcpu_fd, size_t mmap_size);
+void avmm_unmap(void *addr, size_t size);
+
+#endif
