@@ -18,6 +18,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -409,6 +410,9 @@ int avmm_vcpu_start(struct avmm_vm *vm, int idx, int host_cpu)
         atomic_store(&v->state, AVMM_VCPU_IDLE);
         return -r;
     }
+    char name[16];
+    snprintf(name, sizeof(name), "vcpu%d", idx); /* what ps/top show for the thread */
+    pthread_setname_np(v->thread, name);
     v->started = 1;
     return 0;
 }

@@ -1,0 +1,102 @@
+"""`asyncvmm run`: the command line, after bhyve's."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import log
+from .config import VmConfig, parse_console, parse_cpus, parse_memory, parse_pin, parse_slot
+from .errors import ConfigError, VmmError
+
+# Exit statuses of `asyncvmm run` (also in --help).
+EXIT_OK = 0  # the guest powered off, or reset with --no-reboot
+EXIT_ERROR = 1  # the VM stopped on an error: emulation failure, KVM error, unhandled exit
+EXIT_USAGE = 2  # bad command line or configuration: nothing was started
+EXIT_TRIPLE_FAULT = 3  # the guest triple-faulted
+EXIT_HOST = 4  # stopped from the host: SIGINT, SIGTERM, SIGHUP, the console Ctrl-A x
+
+STATUS_HELP = """exit status:
+  0  the guest powered off, or reset with --no-reboot
+  1  the VM stopped on an error (emulation failure, KVM error, unhandled exit)
+  2  bad command line or configuration (nothing was started)
+  3  the guest triple-faulted
+  4  stopped from the host (SIGINT, SIGTERM, SIGHUP, Ctrl-A x on the console)
+
+console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2, no usage dump
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asyncvmm", description="A virtual machine monitor for Linux/KVM, on asyncio.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    run = sub.add_parser(
+        "run",
+        help="boot a guest",
+        description="Boot a guest kernel on KVM (flags after bhyve's).",
+        epilog=STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("-c", "--cpus", default="1", metavar="N", help="vCPUs: N or cpus=N,sockets=S,cores=C,threads=T")
+    run.add_argument("-m", "--memory", default="256M", metavar="SIZE", help="guest RAM: MiB, or with a suffix (64M, 2G)")
+    run.add_argument("--kernel", metavar="PATH", help="kernel: a bzImage, or an ELF with a PVH entry")
+    run.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
+    run.add_argument("--cmdline", default="", metavar="STR", help="kernel command line")
+    run.add_argument(
+        "-l", "--console", action="append", default=[], metavar="com1,SPEC",
+        help="COM1 to stdio (default), to a file PATH, or to socket=PATH",
+    )
+    run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help="a PCI device")
+    run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin a vCPU's thread")
+    run.add_argument("--no-reboot", action="store_true", help="end when the guest resets, instead of restarting it")
+    run.add_argument("--cpu", choices=("host", "baseline"), help="CPU template (default: chosen by probing KVM)")
+    run.add_argument("--no-quirks", action="store_true", help="no workarounds even on an emulating KVM")
+    run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
+    run.add_argument("name", nargs="?", default="asyncvmm", help="the VM's name")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    cfg = VmConfig(
+        name=args.name,
+        cpus=parse_cpus(args.cpus),
+        memory=parse_memory(args.memory),
+        kernel=args.kernel or "",
+        initrd=args.initrd or "",
+        cmdline=args.cmdline,
+        no_reboot=args.no_reboot,
+        cpu_template=args.cpu or "",
+        quirks=not args.no_quirks,
+        slots=[parse_slot(s) for s in args.slot],
+        pins=dict(parse_pin(p) for p in args.pin),
+    )
+    for spec in args.console:
+        cfg.console = parse_console(spec)
+    return cfg.validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "run":
+            log.set_quiet(args.quiet)
+            cfg = config_from_args(args)
+            from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
+
+            return run_to_end(cfg)
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_USAGE
+    except VmmError as e:
+        log.error(str(e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_HOST
+    return EXIT_USAGE

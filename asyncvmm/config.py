@@ -1,0 +1,171 @@
+"""A VM's configuration: one dataclass, built by `asyncvmm run` and by the Python API alike.
+
+The parse_* functions turn bhyve-style option strings into values and raise ConfigError
+with a message naming the option; `VmConfig.validate` checks the whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+MiB = 1 << 20
+
+# bhyve's -s drivers that asyncvmm will have; none is built yet.
+PLANNED_DRIVERS = {"virtio-blk", "virtio-net", "hostbridge", "lpc", "ahci-hd", "passthru", "xhci"}
+AVAILABLE_DRIVERS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class PciSlot:
+    """One `-s` option: a device at bus:slot:function."""
+
+    bus: int
+    slot: int
+    function: int
+    driver: str
+    options: str = ""
+
+
+@dataclass
+class VmConfig:
+    name: str = "asyncvmm"
+    cpus: int = 1
+    memory: int = 256 * MiB
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
+    console: str = "stdio"  # -l com1,SPEC: stdio | PATH | socket=PATH
+    no_reboot: bool = False
+    cpu_template: str = ""  # "" = chosen by probing KVM
+    quirks: bool = True  # workarounds for an emulating KVM, when one is detected
+    poll: bool = True  # busy-poll briefly for the next exit on the loop's thread
+    slots: list[PciSlot] = field(default_factory=list)
+    pins: dict[int, int] = field(default_factory=dict)  # vCPU → host CPU
+
+    def validate(self) -> "VmConfig":
+        if not self.kernel:
+            raise ConfigError("no kernel given: use --kernel PATH")
+        check_readable(self.kernel, "kernel")
+        if self.initrd:
+            check_readable(self.initrd, "initrd")
+        if self.cpus < 1:
+            raise ConfigError(f"-c {self.cpus}: a VM needs at least one vCPU")
+        if self.memory < 2 * MiB:
+            raise ConfigError(f"-m {format_size(self.memory)}: a VM needs at least 2 MiB of memory")
+        host = host_memory()
+        if host and self.memory > host:
+            raise ConfigError(f"-m {format_size(self.memory)} is more than this host's {format_size(host)} of memory")
+        for vcpu, cpu in self.pins.items():
+            if vcpu >= self.cpus:
+                raise ConfigError(f"-p {vcpu}:{cpu}: the VM has no vCPU {vcpu}")
+            if cpu >= (os.cpu_count() or 1):
+                raise ConfigError(f"-p {vcpu}:{cpu}: this host has no CPU {cpu}")
+        if self.cpu_template not in ("", "host", "baseline"):
+            raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
+        return self
+
+
+def check_readable(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path}: is a directory")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what} {path}: permission denied")
+
+
+def format_size(size: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB"
+    return f"{size / MiB:.1f} MiB" if size >= MiB else f"{size} bytes"
+
+
+def host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+_SIZE = re.compile(r"^(\d+)([kKmMgGtT]?)[bB]?$")
+_UNITS = {"": MiB, "k": 1 << 10, "m": MiB, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """bhyve's -m: a number of MiB, or a number with a K/M/G/T suffix."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ConfigError(f"-m {text}: not a size (use MiB, or a suffix: 512M, 2G)")
+    size = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size % 4096:
+        raise ConfigError(f"-m {text}: not a whole number of 4 KiB pages")
+    return size
+
+
+def parse_cpus(text: str) -> int:
+    """bhyve's -c: N, or cpus=N,sockets=S,cores=C,threads=T."""
+    if text.isdigit():
+        n = int(text)
+    else:
+        fields = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("cpus", "sockets", "cores", "threads") or not value.isdigit():
+                raise ConfigError(f"-c {text}: use N or cpus=N,sockets=S,cores=C,threads=T")
+            fields[key] = int(value)
+        topo = fields.get("sockets", 1) * fields.get("cores", 1) * fields.get("threads", 1)
+        n = fields.get("cpus", topo)
+        if n != topo and any(k in fields for k in ("sockets", "cores", "threads")):
+            raise ConfigError(f"-c {text}: cpus={n} does not match sockets*cores*threads={topo}")
+    if n < 1:
+        raise ConfigError(f"-c {text}: a VM needs at least one vCPU")
+    return n
+
+
+def parse_console(text: str) -> str:
+    """bhyve's -l: com1,stdio | com1,PATH | com1,socket=PATH."""
+    dev, sep, spec = text.partition(",")
+    if dev.lower() != "com1":
+        raise ConfigError(f"-l {text}: only com1 exists (use com1,stdio, com1,PATH or com1,socket=PATH)")
+    if not sep or not spec or spec == "socket=":
+        raise ConfigError(f"-l {text}: say where com1 goes: com1,stdio, com1,PATH or com1,socket=PATH")
+    return spec
+
+
+def parse_slot(text: str) -> PciSlot:
+    """bhyve's -s: SLOT[:FUNC],DRIVER[,CONFIG] or BUS:SLOT:FUNC,DRIVER[,CONFIG]."""
+    where, sep, rest = text.partition(",")
+    if not sep or not rest:
+        raise ConfigError(f"-s {text}: use SLOT[:FUNC],DRIVER[,CONFIG]")
+    driver, _, options = rest.partition(",")
+    parts = where.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        raise ConfigError(f"-s {text}: {where} is not SLOT, SLOT:FUNC or BUS:SLOT:FUNC")
+    nums = [int(p) for p in parts]
+    bus, slot, func = (0, nums[0], 0) if len(nums) == 1 else (0, nums[0], nums[1]) if len(nums) == 2 else nums
+    if bus > 255 or slot > 31 or func > 7:
+        raise ConfigError(f"-s {text}: bus 0-255, slot 0-31, function 0-7")
+    if driver not in AVAILABLE_DRIVERS:
+        if driver in PLANNED_DRIVERS:
+            raise ConfigError(f"-s {text}: the {driver} driver is not available in this version of asyncvmm yet")
+        raise ConfigError(f"-s {text}: no such driver {driver!r}")
+    return PciSlot(bus, slot, func, driver, options)
+
+
+def parse_pin(text: str) -> tuple[int, int]:
+    """bhyve's -p VCPU:HOSTCPU."""
+    vcpu, sep, cpu = text.partition(":")
+    if not sep or not vcpu.isdigit() or not cpu.isdigit():
+        raise ConfigError(f"-p {text}: use VCPU:HOSTCPU")
+    return int(vcpu), int(cpu)

@@ -1,0 +1,539 @@
+"""The machine: KVM objects, guest RAM, vCPU threads and the legacy devices, on one loop.
+
+Life cycle (one object per boot; a guest reset builds a new Machine):
+
+    m = Machine(config, console)   # nothing acquired yet
+    m.build()                      # synchronous: KVM VM, RAM, kernel, vCPUs, devices
+    stop = await m.run()           # vCPU threads run until the guest or host stops it
+    m.close()                      # fds, threads, RAM released (idempotent)
+
+Threads: vCPU threads live in the C core. Everything here runs on the loop's thread: the
+notify eventfd brings posted exits, which are dispatched to the port/MMIO buses and
+completed; the console eventfd brings bytes the C fast path took from COM1's THR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import log
+from .boot import cpuid
+from .bus import Bus, ByteRegisters, Sink
+from .config import VmConfig
+from .console import Console
+from .devices.legacy.i8042 import I8042
+from .devices.legacy.rtc import Rtc
+from .devices.legacy.uart16550 import Uart16550
+from .disasm import disassemble
+from .errors import BootError, ConfigError, KvmError
+from .quirks import Quirks
+from .vstate import probe
+from .vstate.kvm import Kvm, VcpuFd, VmFd
+from .vstate.memory import GuestMemory
+from .vstate.vcpu import apply_boot_state, set_boot_msrs
+from ._native import ffi, lib
+
+# ISA resources of the PC devices (ports and IRQ lines).
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_DATA, I8042_CMD = 0x60, 0x64
+RTC_PORT = 0x70
+POST_PORT = 0x80  # firmware/kernels write progress codes (and use it as a delay)
+
+CONSOLE_DRAIN_CHUNK = 65536
+CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
+
+# Busy polling for the next exit on the loop's thread (see Machine._on_exits).
+POLL_MIN_NS = 5_000
+POLL_MAX_NS = 50_000
+POLL_SLICE_NS = 2_000_000  # at most this long in one callback: other loop work goes on
+
+AVMM_EXIT_IO, AVMM_EXIT_MMIO = lib.AVMM_EXIT_IO, lib.AVMM_EXIT_MMIO
+AVMM_ACTION_RESUME, AVMM_ACTION_QUIT = lib.AVMM_ACTION_RESUME, lib.AVMM_ACTION_QUIT
+
+
+class StopReason(enum.Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    TRIPLE_FAULT = "triple-fault"
+    ERROR = "error"
+    HOST = "host"  # stopped from the host side: signal, console escape, API
+
+
+@dataclass
+class Stop:
+    reason: StopReason
+    message: str
+    vcpu: int | None = None
+
+
+@dataclass
+class Timeline:
+    """Wall-clock marks of a boot (time.monotonic())."""
+
+    created: float = field(default_factory=time.monotonic)
+    built: float = 0.0
+    started: float = 0.0
+    stopped: float = 0.0
+
+
+class ComPort:
+    """COM1 on the port bus: the UART model plus the C fast path it arms.
+
+    After every access through the loop, the model says which of THR writes and LSR reads
+    C may serve without it, and with which LSR value (`Uart16550.fast_path`).
+    """
+
+    def __init__(self, machine: "Machine", uart: Uart16550):
+        self.machine = machine
+        self.uart = uart
+        self.regs = ByteRegisters(uart)
+
+    def read(self, offset: int, size: int) -> int:
+        value = self.regs.read(offset, size)
+        self.machine.sync_uart_fast_path()
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.regs.write(offset, size, value)
+        self.machine.sync_uart_fast_path()
+
+
+class PortOffsets:
+    """A model addressed by absolute port numbers (read(port) / write(port, value))."""
+
+    def __init__(self, model, base: int):
+        self.regs = ByteRegisters(model, offset_base=base)
+
+    def read(self, offset: int, size: int) -> int:
+        return self.regs.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.regs.write(offset, size, value)
+
+
+class Machine:
+    def __init__(self, config: VmConfig, console: Console):
+        self.config = config
+        self.console = console
+        self.timeline = Timeline()
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.kvm: Kvm | None = None
+        self.vm: VmFd | None = None
+        self.mem: GuestMemory | None = None
+        self.vcpus: list[VcpuFd] = []
+        self.quirks = Quirks(False)
+        self.cpu_template = cpuid.Template.HOST
+        self._cvm = ffi.NULL
+        self._notify_efd = -1
+        self._console_efd = -1
+        self._uart_irq_efd = -1
+        self._uart_level = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future | None = None
+        self._ids = ffi.new("int[]", max(config.cpus, 1))
+        self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
+        self._closed = False
+        self.paused = False
+        self.poll_max_ns = POLL_MAX_NS if config.poll else 0
+        self._poll_ns = 0
+        self._uart_fast = None
+        self._console_timer: asyncio.TimerHandle | None = None
+
+    # -- build -------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.config
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.timeline.built = time.monotonic()
+
+    def _build(self, cfg: VmConfig) -> None:
+        self.kvm = Kvm()
+        if cfg.cpus > self.kvm.max_vcpus():
+            raise ConfigError(f"-c {cfg.cpus}: this KVM supports at most {self.kvm.max_vcpus()} vCPUs")
+        kind = probe.probe(self.kvm)
+        self.quirks = Quirks(kind.emulating and cfg.quirks, kind.detail)
+        if cfg.cpu_template:
+            self.cpu_template = cpuid.Template(cfg.cpu_template)
+        else:
+            self.cpu_template = cpuid.Template.BASELINE if kind.emulating else cpuid.Template.HOST
+        log.info(
+            f"KVM: {kind.detail}; CPU template {self.cpu_template.value}"
+            + ("" if cfg.cpu_template else " (chosen by probing KVM)")
+            + ("; quirks for an emulating KVM on" if self.quirks.enabled else "")
+        )
+
+        self.vm = VmFd(self.kvm)
+        self.vm.create_irqchip()
+        self.vm.create_pit()
+        self.mem = GuestMemory(cfg.memory)
+        for r in self.mem.regions:
+            self.vm.set_memory_region(r.slot, r.gpa, r.size, r.hva)
+
+        state = self._load_kernel(cfg)
+
+        self._notify_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._console_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._cvm = lib.avmm_vm_new(cfg.cpus, self._notify_efd, self._console_efd)
+        if self._cvm == ffi.NULL:
+            raise KvmError("cannot allocate the vCPU threads' state")
+        entries = cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template)
+        msrs = self.kvm.msr_index_list()
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            r = lib.avmm_vcpu_attach(self._cvm, i, vcpu.fd, self.kvm.vcpu_mmap_size)
+            if r < 0:
+                raise KvmError(f"cannot map kvm_run of vCPU {i}: {os.strerror(-r)}")
+            vcpu.set_cpuid(cpuid.for_vcpu(entries, i, cfg.cpus))
+            set_boot_msrs(vcpu, msrs)
+        # The boot processor starts at the kernel's entry; the others wait for INIT/SIPI
+        # from it, in the in-kernel LAPIC.
+        apply_boot_state(self.vcpus[0], state)
+        self._build_devices(cfg)
+
+    def _load_kernel(self, cfg: VmConfig):
+        from .boot import linux, pvh  # noqa: PLC0415
+
+        image = _read_file(cfg.kernel, "kernel")
+        initrd = _read_file(cfg.initrd, "initrd") if cfg.initrd else None
+        kind = linux.kernel_kind(image)
+        if kind == "elf":
+            modules = [(initrd, "initrd")] if initrd is not None else []
+            state = pvh.load_pvh(self.mem, image, cfg.cmdline, modules)
+            log.info(f"boot: {cfg.kernel} through its PVH entry")
+        elif kind == "bzimage":
+            state = linux.load_bzimage(self.mem, image, cfg.cmdline, initrd)
+            log.info(f"boot: {cfg.kernel} through the Linux 64-bit boot protocol")
+        else:
+            raise BootError(f"{cfg.kernel} is not a kernel: neither an ELF with a PVH entry nor a bzImage")
+        return state
+
+    def _build_devices(self, cfg: VmConfig) -> None:
+        self._uart_irq_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.vm.irqfd(self._uart_irq_efd, COM1_IRQ)
+        self.uart = Uart16550(self._uart_irq, self.console.write, self.console.resume_input)
+        self.pio.register(COM1_PORT, 8, ComPort(self, self.uart), "com1")
+        self.i8042 = I8042(reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the i8042 reset line")))
+        self.pio.register(I8042_DATA, 1, PortOffsets(self.i8042, I8042_DATA), "i8042")
+        self.pio.register(I8042_CMD, 1, PortOffsets(self.i8042, I8042_CMD), "i8042")
+        below = self.mem.regions[0].size
+        above = sum(r.size for r in self.mem.regions[1:])
+        self.rtc = Rtc(mem_below_4g=below, mem_above_4g=above)
+        self.pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
+        self.pio.register(POST_PORT, 1, Sink(), "post")
+
+    # -- the UART's wiring ---------------------------------------------------------------
+    def _uart_irq(self, level: bool) -> None:
+        # ISA interrupts are edge-triggered: a rising line is one pulse through the irqfd.
+        if level and not self._uart_level:
+            os.eventfd_write(self._uart_irq_efd, 1)
+        self._uart_level = level
+
+    def sync_uart_fast_path(self) -> None:
+        state = self.uart.fast_path()
+        if state == self._uart_fast:
+            return
+        self._uart_fast = state
+        thr, lsr = state
+        flags = (lib.AVMM_UART_FAST_THR if thr else 0) | (lib.AVMM_UART_FAST_LSR if lsr is not None else 0)
+        lib.avmm_uart_fast_set(self._cvm, COM1_PORT, flags, lsr or 0)
+
+    def _drain_console(self) -> None:
+        while True:
+            n = lib.avmm_console_drain(self._cvm, self._drain_buf, CONSOLE_DRAIN_CHUNK)
+            if not n:
+                return
+            self.uart.tx_batch(bytes(ffi.buffer(self._drain_buf, n)))
+            if n < CONSOLE_DRAIN_CHUNK:
+                return
+
+    def _console_input(self, data: bytes) -> int:
+        n = self.uart.receive(data)
+        self.sync_uart_fast_path()
+        return n
+
+    def send_break(self) -> None:
+        self.uart.send_break()
+        self.sync_uart_fast_path()
+
+    # -- run ---------------------------------------------------------------------------
+    async def run(self) -> Stop:
+        """Start the vCPUs and serve them until the VM stops; returns why."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        loop.add_reader(self._notify_efd, self._on_exits)
+        loop.add_reader(self._console_efd, self._on_console_output)
+        self.console.attach(loop, self._console_input, on_break=self.send_break, on_quit=self._on_console_quit)
+        self.sync_uart_fast_path()
+        self.timeline.started = time.monotonic()
+        try:
+            for i in range(self.config.cpus):
+                pin = self.config.pins.get(i, -1)
+                r = lib.avmm_vcpu_start(self._cvm, i, pin)
+                if r < 0:
+                    raise KvmError(f"cannot start the thread of vCPU {i}: {os.strerror(-r)}")
+            stop = await self._stopped
+        finally:
+            self._stop_vcpus()
+            self.timeline.stopped = time.monotonic()
+        return stop
+
+    def request_stop(self, stop: Stop) -> None:
+        """Stop the VM (the first reason given wins)."""
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(stop)
+
+    def _on_console_quit(self) -> None:
+        self.request_stop(Stop(StopReason.HOST, "quit from the console (Ctrl-A x)"))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped is not None and self._stopped.done()
+
+    def _on_console_output(self) -> None:
+        """The C fast path has bytes from THR.
+
+        A guest waiting for the THR empty interrupt gets it at once. A guest that polls LSR
+        (printk's console) never waits on us: its bytes are gathered for CONSOLE_COALESCE_S
+        and written out in one batch, instead of one loop wake-up per byte.
+        """
+        if self.uart.tx_interrupt_enabled:
+            self._drain_and_sync()
+            return
+        self._loop.remove_reader(self._console_efd)
+        self._console_timer = self._loop.call_later(CONSOLE_COALESCE_S, self._console_flush)
+
+    def _console_flush(self) -> None:
+        self._console_timer = None
+        self._drain_and_sync()
+        if not self.stopping:
+            self._loop.add_reader(self._console_efd, self._on_console_output)
+
+    def _drain_and_sync(self) -> None:
+        self._drain_console()
+        self.sync_uart_fast_path()
+
+    def _on_exits(self) -> None:
+        """Serve posted exits; keep serving (busy-polling) while they come fast.
+
+        The poll is adaptive, as KVM's halt polling: it grows while exits keep arriving
+        within it and shrinks when it waits in vain, so a quiet guest costs no CPU.
+        """
+        cvm, ids, ncpus = self._cvm, self._ids, self.config.cpus
+        n = lib.avmm_vm_collect(cvm, ids, ncpus, 0)
+        if not n:
+            return
+        deadline = time.monotonic_ns() + POLL_SLICE_NS
+        while True:
+            # Bytes the fast path took from THR come before whatever these exits do.
+            self._drain_console()
+            for k in range(n):
+                self._serve_exit(ids[k])
+            if self.stopping or time.monotonic_ns() > deadline:
+                return
+            poll = self._poll_ns
+            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll) if poll else 0
+            if not n:
+                self._poll_ns = poll // 2 if poll > POLL_MIN_NS else 0
+                return
+            self._poll_ns = min(max(poll * 2, POLL_MIN_NS), self.poll_max_ns)
+
+    def _serve_exit(self, i: int) -> None:
+        try:
+            self._serve_exit_unguarded(i)
+        except Exception as exc:  # a bug in a device model: stop the VM, never hang a vCPU
+            where = f"{type(exc).__name__}: {exc}"
+            self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: internal error serving an exit: {where}", i))
+            lib.avmm_vcpu_complete(self._cvm, i, AVMM_ACTION_QUIT)
+
+    def _serve_exit_unguarded(self, i: int) -> None:
+        e = lib.avmm_vcpu_exit(self._cvm, i)
+        kind = e.kind
+        if kind == AVMM_EXIT_IO or kind == AVMM_EXIT_MMIO:
+            bus = self.pio if kind == AVMM_EXIT_IO else self.mmio
+            if e.count == 1:
+                if e.is_write:
+                    bus.access(e.addr, e.size, True, e.value)
+                else:
+                    e.value = bus.access(e.addr, e.size, False)
+            else:  # string I/O: `count` accesses at one port
+                bus.dispatch(e.addr, e.size, bool(e.is_write), ffi.buffer(e.data, e.size * e.count), e.count)
+            resume = True
+        else:
+            resume = self._on_stop_exit(i, e)
+        if self.stopping:
+            resume = False
+        lib.avmm_vcpu_complete(self._cvm, i, AVMM_ACTION_RESUME if resume else AVMM_ACTION_QUIT)
+        if self._poll_ns == 0 and self.poll_max_ns:
+            self._poll_ns = POLL_MIN_NS  # an exit arrived: try polling for the next one
+
+    def _on_stop_exit(self, i: int, e) -> bool:
+        """A vCPU stopped on something other than I/O: serve it, or stop the VM."""
+        reason = e.kvm_reason
+        vcpu = self.vcpus[i]
+        if e.kind == lib.AVMM_EXIT_ERROR:
+            self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: KVM_RUN failed: {os.strerror(e.err)}", i))
+            return False
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            rip = self._rip(vcpu)
+            self.request_stop(Stop(StopReason.TRIPLE_FAULT, f"vCPU {i}: triple fault at RIP {rip:#x}", i))
+            return False
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            suberror = e.info[0] & 0xFFFF_FFFF
+            if suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
+                insn, rip, bits = self._failed_instruction(vcpu, e)
+                if self.quirks.on_emulation_failure(vcpu, insn):
+                    return True
+                text, length = disassemble(insn, rip, bits)
+                hexbytes = insn[: length or len(insn)].hex(" ") if insn else "unreadable"
+                self.request_stop(
+                    Stop(StopReason.ERROR, f"vCPU {i}: emulation failure at RIP {rip:#x}: {hexbytes} ({text})", i)
+                )
+                return False
+            names = {
+                lib.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+                lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+                lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+            }
+            what = names.get(suberror, f"suberror {suberror}")
+            self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: KVM internal error: {what} at RIP {self._rip(vcpu):#x}", i))
+            return False
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            event = e.info[0]
+            if event == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+                self.request_stop(Stop(StopReason.POWEROFF, "guest powered off", i))
+            elif event == lib.KVM_SYSTEM_EVENT_RESET:
+                self.request_stop(Stop(StopReason.RESET, "guest reset", i))
+            else:
+                self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: guest crashed (system event {event})", i))
+            return False
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            self.request_stop(
+                Stop(StopReason.ERROR, f"vCPU {i}: KVM could not enter the guest (hardware reason {e.info[0]:#x})", i)
+            )
+            return False
+        name = EXIT_NAMES.get(reason, str(reason))
+        self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: unhandled exit {name} at RIP {self._rip(vcpu):#x}", i))
+        return False
+
+    @staticmethod
+    def _rip(vcpu: VcpuFd) -> int:
+        try:
+            return vcpu.get_regs().rip
+        except KvmError:
+            return 0
+
+    def _failed_instruction(self, vcpu: VcpuFd, e) -> tuple[bytes, int, int]:
+        """(instruction bytes, RIP, code size in bits) of a failed emulation."""
+        sregs = vcpu.get_sregs()
+        rip = vcpu.get_regs().rip
+        bits = 64 if sregs.cs.l else 32 if sregs.cs.db else 16
+        ndata = e.info[0] >> 32
+        flags = e.info[1] if ndata >= 1 else 0
+        if ndata >= 3 and flags & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            raw = int(e.info[2]).to_bytes(8, "little") + int(e.info[3]).to_bytes(8, "little")
+            size = min(raw[0], 15)
+            if size:
+                return raw[1 : 1 + size], rip, bits
+        # No bytes from KVM: translate CS:RIP and read them from guest RAM.
+        linear = (sregs.cs.base + rip) & ((1 << 64) - 1)
+        gpa = vcpu.translate(linear) if sregs.cr0 & 0x8000_0000 else linear  # CR0.PG
+        if gpa is None:
+            return b"", rip, bits
+        page_left = 4096 - (gpa & 4095)
+        try:
+            return self.mem.read(gpa, min(15, page_left)), rip, bits
+        except Exception:
+            return b"", rip, bits
+
+    # -- pause / resume ----------------------------------------------------------------
+    def pause(self) -> None:
+        """Stop every vCPU from running guest code; returns once none does."""
+        if not self.paused:
+            lib.avmm_vm_pause(self._cvm)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            lib.avmm_vm_resume(self._cvm)
+            self.paused = False
+
+    def vcpu_state(self, i: int) -> int:
+        return lib.avmm_vcpu_state(self._cvm, i)
+
+    def vcpu_stats(self, i: int) -> dict:
+        s = lib.avmm_vcpu_stats(self._cvm, i)
+        exits = {EXIT_NAMES.get(r, str(r)): s.exits[r] for r in range(lib.AVMM_NR_REASONS) if s.exits[r]}
+        return {
+            "exits": exits,
+            "fast_io": s.fast_io,
+            "posted": s.posted,
+            "kicks": s.kicks,
+            "ns_in_run": s.ns_in_run,
+            "ns_waiting": s.ns_waiting,
+        }
+
+    # -- teardown ----------------------------------------------------------------------
+    def _stop_vcpus(self) -> None:
+        if self._cvm != ffi.NULL:
+            lib.avmm_vm_stop(self._cvm)
+        loop = self._loop
+        if self._console_timer is not None:
+            self._console_timer.cancel()
+            self._console_timer = None
+        if loop is not None:
+            for fd in (self._notify_efd, self._console_efd):
+                if fd >= 0:
+                    loop.remove_reader(fd)
+            if self._cvm != ffi.NULL and hasattr(self, "uart"):
+                self._drain_console()  # the guest's last words
+        self.console.detach()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._cvm != ffi.NULL:
+            lib.avmm_vm_free(self._cvm)  # stops and joins any thread still running
+            self._cvm = ffi.NULL
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        for name in ("_notify_efd", "_console_efd", "_uart_irq_efd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self.vm is not None:
+            self.vm.close()
+        if self.mem is not None:
+            self.mem.close()
+        if self.kvm is not None:
+            self.kvm.close()
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path}: is a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+
+
+def _exit_names() -> dict[int, str]:
+    return {getattr(lib, n): n[len("KVM_EXIT_") :] for n in dir(lib) if n.startswith("KVM_EXIT_")}
+
+
+EXIT_NAMES = _exit_names()

@@ -1,0 +1,56 @@
+"""Shared fixtures: the test guests (built with gcc by make), and running the VMM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS_SRC = ROOT / "tests" / "guests"
+GUESTS_OUT = ROOT / "build" / "guests"
+
+
+def have_kvm() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+needs_kvm = pytest.mark.skipif(not have_kvm(), reason="needs read/write access to /dev/kvm")
+
+
+@pytest.fixture(scope="session")
+def guests() -> Path:
+    """The directory of built test guests (make is incremental, so this is quick)."""
+    subprocess.run(["make", "-s", "-C", str(GUESTS_SRC), f"OUT={GUESTS_OUT}"], check=True)
+    return GUESTS_OUT
+
+
+@pytest.fixture(scope="session")
+def emulating_kvm() -> bool:
+    from asyncvmm.vstate.probe import probe
+
+    return probe().emulating
+
+
+@dataclass
+class Result:
+    status: int
+    out: str
+    err: str
+
+
+def run_vmm(*args: str, input: bytes | None = None, timeout: float = 30, env=None) -> Result:
+    """`asyncvmm ARGS...` in a subprocess; its status, stdout and stderr."""
+    p = subprocess.run(
+        [sys.executable, "-m", "asyncvmm", *args],
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))

@@ -1,0 +1,217 @@
+"""The fast tier: boot the freestanding test guests with `asyncvmm run` and check what
+they printed and how the VMM ended."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, needs_kvm, run_vmm
+
+pytestmark = needs_kvm
+
+
+def boot(guests, name, *extra, cmdline="", input=None, timeout=30):
+    return run_vmm(
+        "run", "-m", "64", "--kernel", str(guests / f"{name}.elf"), "--cmdline", cmdline, "--no-reboot", *extra,
+        input=input, timeout=timeout,
+    )
+
+
+def test_hello_prints_and_resets_cleanly(guests):
+    r = boot(guests, "hello", cmdline="console=ttyS0 hello=world")
+    assert r.status == 0, r.err
+    assert "hello from the guest\n" in r.out
+    assert "cmdline: console=ttyS0 hello=world\n" in r.out
+    assert "guest reset through the i8042 reset line" in r.err
+    assert "through its PVH entry" in r.err
+
+
+def test_pvh_guest_not_from_tests(guests):
+    # tools/examples/hello-pvh.S: plain assembly, its own Xen note, built by tools/setup.
+    r = boot(guests, "hello-pvh")
+    assert r.status == 0, r.err
+    assert "Hello from a PVH guest that is not from tests/" in r.out
+
+
+def test_log_names_the_kvm_and_cpu_template(guests, emulating_kvm):
+    r = boot(guests, "hello")
+    expected = "baseline (chosen by probing KVM)" if emulating_kvm else "host (chosen by probing KVM)"
+    assert f"CPU template {expected}" in r.err
+    r = boot(guests, "hello", "--cpu", "host")
+    assert "CPU template host;" in r.err or r.err.count("CPU template host") == 1
+
+
+def test_cmos_clock_reads_host_time(guests):
+    r = boot(guests, "cmos")
+    assert r.status == 0, r.err
+    m = re.search(r"rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)", r.out)
+    assert m, r.out
+    guest = dt.datetime(*map(int, m.groups()), tzinfo=dt.timezone.utc)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert abs((now - guest).total_seconds()) < 60
+
+
+def test_reset_restarts_the_guest_without_no_reboot(guests):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "hello.elf")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while seen.count(b"hello from the guest") < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([p.stdout], [], [], 1)
+            if ready:
+                seen += os.read(p.stdout.fileno(), 4096)
+        assert seen.count(b"hello from the guest") >= 3
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 4
+    assert b"restarting the guest" in err
+    assert b"stopped by SIGTERM" in err
+
+
+def test_triple_fault_stops_with_its_status(guests):
+    r = boot(guests, "triple")
+    assert "triple fault next" in r.out
+    assert r.status == 3
+    assert re.search(r"vCPU 0: triple fault at RIP 0x[0-9a-f]+", r.err)
+    assert "survived" not in r.out
+    assert "Traceback" not in r.err
+
+
+def test_int3_reaches_the_guest_as_a_breakpoint(guests):
+    r = boot(guests, "int3")
+    assert r.status == 0, r.err
+    assert "int3 handled, eip=" in r.out
+    assert "int3 eip ok" in r.out
+
+
+def test_emulation_failure_stops_with_one_line(guests, emulating_kvm):
+    r = boot(guests, "emufail")
+    assert "emufail next" in r.out
+    if not emulating_kvm:  # hardware runs popcnt
+        assert r.status == 0 and "popcnt ran" in r.out
+        return
+    assert r.status == 1
+    lines = [line for line in r.err.splitlines() if "emulation failure" in line]
+    assert len(lines) == 1, r.err
+    assert re.search(r"vCPU 0: emulation failure at RIP 0x[0-9a-f]+: f3 0f b8 c0 \(popcnt eax, eax\)$", lines[0]), lines[0]
+    assert "popcnt ran" not in r.out
+
+
+def test_int3_without_quirks_is_an_emulation_failure(guests, emulating_kvm):
+    if not emulating_kvm:
+        pytest.skip("int3 runs natively on hardware KVM")
+    r = boot(guests, "int3", "--no-quirks")
+    assert r.status == 1
+    assert re.search(r"emulation failure at RIP 0x[0-9a-f]+: cc \(int3\)", r.err), r.err
+
+
+def test_console_input_reaches_the_guest(guests):
+    r = boot(guests, "echo", input=b"hello worldq")
+    assert r.status == 0, r.err
+    assert "echo ready" in r.out
+    assert "HELLO WORLD" in r.out
+    assert "bye" in r.out
+
+
+def test_uart_interrupt_through_the_ioapic(guests):
+    # The guest waits in hlt for IRQ 4 (IOAPIC pin 4 → LAPIC): the UART's receive
+    # interrupt must travel the irqfd for it to see "ping".
+    r = boot(guests, "uartirq", input=b"ping")
+    assert r.status == 0, r.err
+    assert "irq ready" in r.out
+    assert re.search(r"irq got ping after \d+ interrupts", r.out), r.out
+
+
+def test_console_to_a_file(guests, tmp_path):
+    log = tmp_path / "console.log"
+    r = boot(guests, "hello", "-l", f"com1,{log}", cmdline="to a file")
+    assert r.status == 0, r.err
+    assert r.out == ""
+    assert "cmdline: to a file" in log.read_text()
+
+
+def test_console_to_a_unix_socket(guests, tmp_path):
+    import socket
+
+    path = tmp_path / "com1.sock"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "echo.elf"),
+         "--no-reboot", "-l", f"com1,socket={path}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        s.settimeout(10)
+        got = b""
+        while b"echo ready" not in got:
+            got += s.recv(4096)
+        s.sendall(b"abcq")
+        while b"bye" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert b"ABC" in got
+    assert p.returncode == 0
+    assert not path.exists()  # the socket is removed on exit
+
+
+def test_terminal_raw_mode_escape_and_restore(guests):
+    """On a terminal: raw mode while the guest runs, Ctrl-A x quits, the mode comes back."""
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "counter.elf")],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        got = b""
+        deadline = time.monotonic() + 20
+        while b"tick 3" not in got and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                got += os.read(master, 4096)
+        assert b"tick 3" in got
+        during = termios.tcgetattr(slave)
+        assert not during[3] & termios.ICANON and not during[3] & termios.ECHO  # raw
+        assert b"\r\n" in got  # raw mode: the VMM adds the CR the terminal no longer does
+        os.write(master, b"\x01x")
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    after = termios.tcgetattr(slave)
+    os.close(master)
+    os.close(slave)
+    assert p.returncode == 4
+    assert b"quit from the console" in p.stderr.read()
+    assert after == before

@@ -1,0 +1,168 @@
+"""The machine in-process, on a real KVM: pause/resume, the console fast path, clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from asyncvmm.config import VmConfig
+from asyncvmm.console import Console
+from asyncvmm.loop import run as run_loop
+from asyncvmm.machine import Machine, StopReason
+from asyncvmm._native import lib
+
+from conftest import needs_kvm
+
+pytestmark = needs_kvm
+
+
+class Capture(Console):
+    """Guest output kept in memory, with the time of each batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.data = bytearray()
+        self.times: list[float] = []
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.times.append(time.monotonic())
+
+
+def machine(guests, name, cmdline="", cpus=1) -> tuple[Machine, Capture]:
+    console = Capture()
+    cfg = VmConfig(cpus=cpus, memory=64 << 20, kernel=str(guests / f"{name}.elf"), cmdline=cmdline, no_reboot=True)
+    return Machine(cfg, console), console
+
+
+def threads() -> int:
+    """vCPU threads of this process (the C core names them vcpuN)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().startswith("vcpu")
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def wait_for(console: Capture, needle: bytes, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in console.data:
+        assert time.monotonic() < deadline, console.data[-200:]
+        await asyncio.sleep(0.01)
+
+
+def test_pause_stops_the_guest_and_resume_goes_on(guests):
+    async def main():
+        m, console = machine(guests, "counter", "delay=2000")
+        m.build()
+        task = asyncio.ensure_future(m.run())
+        try:
+            await wait_for(console, b"tick 5\n")
+            m.pause()
+            assert m.vcpu_state(0) in (lib.AVMM_VCPU_PAUSED, lib.AVMM_VCPU_WAITING)
+            await asyncio.sleep(0.05)  # let the last drained bytes arrive
+            paused_at = len(console.data)
+            await asyncio.sleep(0.5)
+            assert len(console.data) == paused_at, "the guest printed while paused"
+            m.resume()
+            await wait_for(console, b"tick %d\n" % (int(console.data.split(b"tick ")[-1].split(b"\n")[0]) + 3))
+            assert len(console.data) > paused_at
+            m.request_stop(__import__("asyncvmm.machine", fromlist=["Stop"]).Stop(StopReason.HOST, "test"))
+            stop = await task
+            assert stop.reason is StopReason.HOST
+        finally:
+            if not task.done():
+                task.cancel()
+            m.close()
+
+    run_loop(main())
+
+
+def test_console_bytes_are_batched_in_c(guests):
+    """Polled console output (LSR read + THR write per byte) never waits on the loop."""
+
+    async def main():
+        m, console = machine(guests, "exitbench", "n=20000 port=0x3f8")
+        m.build()
+        try:
+            stop = await m.run()
+            stats = m.vcpu_stats(0)
+        finally:
+            m.close()
+        assert stop.reason is StopReason.RESET
+        assert console.data.count(b"\0") + len(console.data) >= 20000
+        assert stats["fast_io"] >= 20000
+        assert stats["posted"] < 200, stats  # the few exits that did reach the loop
+        return console
+
+    c = run_loop(main())
+    assert len(c.times) < 20000 / 4  # far fewer batches than bytes
+
+
+def test_nothing_left_behind(guests):
+    """vCPU threads, fds and the guest RAM mapping are gone after close()."""
+    run_loop(_one_boot(guests))  # warm up: imports, the probe's one-time VM
+    t0, f0 = threads(), fds()
+    for _ in range(3):
+        run_loop(_one_boot(guests, cpus=3))
+    assert threads() == t0
+    assert fds() == f0
+
+
+async def _one_boot(guests, cpus=1):
+    m, console = machine(guests, "hello", cpus=cpus)
+    m.build()
+    try:
+        stop = await m.run()
+    finally:
+        m.close()
+    assert stop.reason is StopReason.RESET
+    assert b"hello from the guest" in console.data
+
+
+def test_stop_while_vcpus_run(guests):
+    """A guest that never stops by itself is stopped from the host, threads joined."""
+
+    async def main():
+        t0 = threads()
+        m, console = machine(guests, "counter", cpus=2)
+        m.build()
+        task = asyncio.ensure_future(m.run())
+        await wait_for(console, b"tick 2\n")
+        assert threads() == t0 + 2
+        from asyncvmm.machine import Stop
+
+        m.request_stop(Stop(StopReason.HOST, "enough"))
+        stop = await task
+        m.close()
+        assert stop.message == "enough"
+        assert threads() == t0
+
+    run_loop(main())
+
+
+def test_a_device_model_bug_stops_the_vm_instead_of_hanging_it(guests):
+    async def main():
+        m, console = machine(guests, "cmos")
+        m.build()
+
+        def broken(port):
+            raise RuntimeError("model bug")
+
+        m.rtc.read = broken
+        try:
+            stop = await asyncio.wait_for(m.run(), 10)
+        finally:
+            m.close()
+        assert stop.reason is StopReason.ERROR
+        assert "internal error serving an exit: RuntimeError: model bug" in stop.message
+
+    run_loop(main())

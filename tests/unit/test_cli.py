@@ -1,0 +1,127 @@
+"""Bad input to `asyncvmm run`: one line naming the problem, status 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, needs_kvm, run_vmm
+
+
+def assert_usage_error(r, *words):
+    assert r.status == 2, (r.status, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1, r.err
+    assert lines[0].startswith("asyncvmm: ")
+    assert "Traceback" not in r.err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def kernel(guests):
+    return str(guests / "hello.elf")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-c", "0"], ["-c 0", "at least one vCPU"]),
+        (["-c", "cpus=4,sockets=1,cores=2,threads=1"], ["does not match"]),
+        (["-c", "lots"], ["-c lots"]),
+        (["-m", "abc"], ["-m abc", "not a size"]),
+        (["-m", "100T"], ["more than this host"]),
+        (["-m", "1"], ["at least 2 MiB"]),
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["-s", "3,virtio-blk,disk.img"], ["virtio-blk", "not available"]),
+        (["-s", "3,nosuch"], ["no such driver"]),
+        (["-s", "40,virtio-net,tap0"], ["slot 0-31"]),
+        (["-l", "com2,stdio"], ["only com1"]),
+        (["-l", "com1"], ["say where com1 goes"]),
+        (["-p", "3:0"], ["no vCPU 3"]),
+        (["-p", "x"], ["VCPU:HOSTCPU"]),
+        (["--cpu", "fast"], ["invalid choice"]),
+    ],
+)
+def test_bad_flags(kernel, args, words):
+    assert_usage_error(run_vmm("run", "--kernel", kernel, *args), *words)
+
+
+def test_no_kernel():
+    assert_usage_error(run_vmm("run"), "no kernel given")
+
+
+def test_missing_kernel_file(tmp_path):
+    assert_usage_error(run_vmm("run", "--kernel", str(tmp_path / "nope")), "no such file")
+
+
+def test_kernel_is_a_directory(tmp_path):
+    assert_usage_error(run_vmm("run", "--kernel", str(tmp_path)), "is a directory")
+
+
+def test_missing_initrd(kernel, tmp_path):
+    assert_usage_error(run_vmm("run", "--kernel", kernel, "--initrd", str(tmp_path / "no")), "initrd", "no such file")
+
+
+@needs_kvm
+def test_not_a_kernel():
+    r = run_vmm("run", "-q", "--kernel", str(ROOT / "pyproject.toml"))
+    assert_usage_error(r, "is not a kernel")
+
+
+@needs_kvm
+def test_memory_too_small_for_what_must_be_loaded(kernel, tmp_path):
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\0" * (8 << 20))
+    r = run_vmm("run", "-q", "-m", "4", "--kernel", kernel, "--initrd", str(initrd))
+    assert_usage_error(r, "needs at least", "4 MiB")
+
+
+@needs_kvm
+def test_busy_console_socket(kernel, tmp_path):
+    import socket
+
+    path = tmp_path / "busy.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.listen(1)
+    try:
+        r = run_vmm("run", "-q", "--kernel", kernel, "-l", f"com1,socket={path}")
+    finally:
+        s.close()
+    assert_usage_error(r, "in use")
+
+
+def test_no_dev_kvm(kernel):
+    """A host with no /dev/kvm: a private mount namespace with an empty /dev."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare")
+    script = f"mount -t tmpfs none /dev && exec {sys.executable} -m asyncvmm run --kernel {kernel}"
+    p = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, cwd=ROOT, timeout=30)
+    r = type("R", (), {"status": p.returncode, "err": p.stderr.decode()})
+    assert_usage_error(r, "/dev/kvm does not exist")
+
+
+def test_no_permission_on_dev_kvm(kernel):
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/dev/kvm"):
+        pytest.skip("needs root, setpriv and /dev/kvm")
+    if os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("/dev/kvm is open to everyone here")
+    p = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "asyncvmm", "run",
+         "--kernel", kernel],
+        capture_output=True, cwd=ROOT, timeout=30, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    r = type("R", (), {"status": p.returncode, "err": p.stderr.decode()})
+    assert_usage_error(r, "no permission to open /dev/kvm")
+
+
+def test_help_documents_the_exit_statuses():
+    r = run_vmm("run", "--help")
+    assert r.status == 0
+    for line in ("0  the guest powered off", "3  the guest triple-faulted", "2  bad command line"):
+        assert line in r.out
