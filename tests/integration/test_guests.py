@@ -84,6 +84,36 @@ def test_reset_restarts_the_guest_without_no_reboot(guests):
     assert b"stopped by SIGTERM" in err
 
 
+def test_bzimage_through_the_64bit_boot_protocol(guests, tmp_path):
+    """tests/guests/bzimage: a synthetic bzImage whose 64-bit entry reads boot_params."""
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"RDSK" + bytes(100))
+    r = run_vmm(
+        "run", "-m", "128", "--kernel", str(guests / "bzimage64.bin"), "--initrd", str(initrd),
+        "--cmdline", "console=ttyS0 bz=1", "--no-reboot",
+    )
+    assert r.status == 0, r.err
+    assert "through the Linux 64-bit boot protocol" in r.err
+    assert "BAD" not in r.out
+    for line in (
+        "bzimage64: long mode entry ok",
+        "bzimage64: cmdline=console=ttyS0 bz=1",
+        "bzimage64: e820 entries=3",
+        f"bzimage64: ram={639 + 127 * 1024} KiB",
+        "bzimage64: initrd size=104",
+        "bzimage64: initrd starts RDSK",
+        "bzimage64: paging+lma ok",
+    ):
+        assert line + "\n" in r.out, r.out
+
+
+def test_bzimage_with_ram_above_4g(guests):
+    r = run_vmm("run", "-m", "5G", "--kernel", str(guests / "bzimage64.bin"), "--no-reboot")
+    assert r.status == 0, r.err
+    assert "bzimage64: e820 entries=4" in r.out
+    assert f"bzimage64: ram={5 * 1024 * 1024 - 1024 + 639} KiB" in r.out
+
+
 def test_triple_fault_stops_with_its_status(guests):
     r = boot(guests, "triple")
     assert "triple fault next" in r.out
