@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from operator import index as _index
 from typing import Callable
 
 FIFO_SIZE = 16  # bytes in each of the 16550A's FIFOs
@@ -95,14 +96,6 @@ class FcrTrigger(enum.IntEnum):
     BYTES_14 = 0xC0
 
 
-_TRIGGER_LEVEL = {
-    FcrTrigger.BYTES_1: 1,
-    FcrTrigger.BYTES_4: 4,
-    FcrTrigger.BYTES_8: 8,
-    FcrTrigger.BYTES_14: 14,
-}
-
-
 class Lcr(enum.IntFlag):
     """Line control register; all bits read back as written."""
 
@@ -157,8 +150,77 @@ class Msr(enum.IntFlag):
     CONNECTED = CTS | DSR | DCD  # what a console attached to the port asserts
 
 
+
+# ---- the registers' bits as plain ints ----------------------------------------------------
+#
+# The enums above name the registers; the model works on these plain-int copies, since an
+# `&` or `|` on an IntFlag builds a new enum object, which costs microseconds per guest
+# access on a path every COM1 port exit takes.
+
+_IER_ERBFI = int(Ier.ERBFI)
+_IER_ETBEI = int(Ier.ETBEI)
+_IER_ELSI = int(Ier.ELSI)
+_IER_EDSSI = int(Ier.EDSSI)
+_IER_ALL = int(Ier.ALL)
+
+_IIR_RX_LINE_STATUS = int(Iir.RX_LINE_STATUS)
+_IIR_RX_DATA = int(Iir.RX_DATA)
+_IIR_CHAR_TIMEOUT = int(Iir.CHAR_TIMEOUT)
+_IIR_THR_EMPTY = int(Iir.THR_EMPTY)
+_IIR_MODEM_STATUS = int(Iir.MODEM_STATUS)
+_IIR_NO_INTERRUPT = int(Iir.NO_INTERRUPT)
+_IIR_FIFOS_ENABLED = int(Iir.FIFOS_ENABLED)
+
+_FCR_ENABLE = int(Fcr.ENABLE)
+_FCR_CLEAR_RX = int(Fcr.CLEAR_RX)
+_FCR_TRIGGER = int(Fcr.TRIGGER)
+
+_TRIGGER_LEVEL = {
+    int(FcrTrigger.BYTES_1): 1,
+    int(FcrTrigger.BYTES_4): 4,
+    int(FcrTrigger.BYTES_8): 8,
+    int(FcrTrigger.BYTES_14): 14,
+}
+
+_LCR_DLAB = int(Lcr.DLAB)
+
+_MCR_DTR = int(Mcr.DTR)
+_MCR_RTS = int(Mcr.RTS)
+_MCR_OUT1 = int(Mcr.OUT1)
+_MCR_OUT2 = int(Mcr.OUT2)
+_MCR_LOOP = int(Mcr.LOOP)
+_MCR_ALL = int(Mcr.ALL)
+
+_LSR_DR = int(Lsr.DR)
+_LSR_OE = int(Lsr.OE)
+_LSR_BI = int(Lsr.BI)
+_LSR_RX_FIFO_ERROR = int(Lsr.RX_FIFO_ERROR)
+_LSR_FIFO_ERRORS = int(Lsr.FIFO_ERRORS)
+_LSR_TX_IDLE = int(Lsr.THRE | Lsr.TEMT)  # the transmitter is always empty (THRE|TEMT)
+_LSR_TX_IDLE_DR = _LSR_TX_IDLE | _LSR_DR  # ... and the receiver holds a byte
+
+_MSR_DCTS = int(Msr.DCTS)
+_MSR_DDSR = int(Msr.DDSR)
+_MSR_TERI = int(Msr.TERI)
+_MSR_DDCD = int(Msr.DDCD)
+_MSR_CTS = int(Msr.CTS)
+_MSR_DSR = int(Msr.DSR)
+_MSR_RI = int(Msr.RI)
+_MSR_DCD = int(Msr.DCD)
+_MSR_CONNECTED = int(Msr.CONNECTED)
+
+_ONE_BYTE = tuple(bytes((byte,)) for byte in range(_BYTE_MASK + 1))  # a THR write's tx() argument
+
+
 class Uart16550:
-    """The 16550A register model. See the module docstring for what is simplified."""
+    """The 16550A register model. See the module docstring for what is simplified.
+
+    `read` and `write` dispatch through a table of eight handlers, one per offset; there
+    are two pairs of tables, for LCR DLAB clear and set, swapped by LCR writes. A handler
+    does only what its register can cause: one whose access changes no interrupt source
+    does not re-evaluate the interrupt line, and only accesses that can make room in the
+    receiver check for the rx_space_available() hand-off.
+    """
 
     def __init__(
         self,
@@ -179,77 +241,36 @@ class Uart16550:
             "breaks": 0,  # send_break() calls that reached the receiver
             "irq_raised": 0,  # times the interrupt line went high
         }
-        self._ier = Ier(0)
-        self._lcr = Lcr(0)
-        self._mcr = Mcr(0)
+        # Every register is a plain int holding Ier/Lcr/Mcr/Lsr/Msr bits (see above).
+        self._ier = 0
+        self._lcr = 0
+        self._mcr = 0
         self._scr = 0
         self._dll = _DEFAULT_DIVISOR & _BYTE_MASK
         self._dlm = _DEFAULT_DIVISOR >> 8
         self._fifo_enabled = False
+        self._rx_capacity = 1  # bytes the receiver holds: FIFO_SIZE in FIFO mode
         self._trigger = 1
         self._rx: deque[int] = deque()
         self._rbr_last = 0  # RBR keeps the last byte when read empty
-        self._lsr_errors = Lsr(0)  # latched error bits, cleared by an LSR read
+        self._lsr_errors = 0  # latched Lsr error bits, cleared by an LSR read
         self._thre_pending = False  # the THR empty interrupt is waiting to be seen
         self._msr_inputs = self._modem_inputs()
-        self._msr_deltas = Msr(0)
+        self._msr_deltas = 0
         self._irq_level = False
+        self._thr_ok = True  # THR writes may bypass the model: DLAB and LOOP both clear
+        self._readers = _READERS
+        self._writers = _WRITERS
 
     # ---- the guest's side ---------------------------------------------------------------
 
     def read(self, offset: int) -> int:
         """A guest read of the register at `offset` from the base port; returns a byte."""
-        offset &= _OFFSET_MASK
-        room_before = self.rx_room()
-        dlab = bool(self._lcr & Lcr.DLAB)
-        if offset == Reg.RBR:
-            value = self._dll if dlab else self._read_rbr()
-        elif offset == Reg.IER:
-            value = self._dlm if dlab else int(self._ier)
-        elif offset == Reg.IIR:
-            value = self._read_iir()
-        elif offset == Reg.LCR:
-            value = int(self._lcr)
-        elif offset == Reg.MCR:
-            value = int(self._mcr)
-        elif offset == Reg.LSR:
-            value = int(self._lsr())
-            self._lsr_errors = Lsr(0)
-        elif offset == Reg.MSR:
-            value = int(self._msr_inputs | self._msr_deltas)
-            self._msr_deltas = Msr(0)
-        else:
-            value = self._scr
-        self._after_access(room_before)
-        return value
+        return self._readers[offset & _OFFSET_MASK](self)
 
     def write(self, offset: int, value: int) -> None:
         """A guest write of `value` (masked to a byte) to the register at `offset`."""
-        offset &= _OFFSET_MASK
-        value &= _BYTE_MASK
-        room_before = self.rx_room()
-        dlab = bool(self._lcr & Lcr.DLAB)
-        if offset == Reg.THR:
-            if dlab:
-                self._dll = value
-            else:
-                self._transmit(bytes((value,)))
-        elif offset == Reg.IER:
-            if dlab:
-                self._dlm = value
-            else:
-                self._write_ier(value)
-        elif offset == Reg.FCR:
-            self._write_fcr(value)
-        elif offset == Reg.LCR:
-            self._lcr = Lcr(value)
-        elif offset == Reg.MCR:
-            self._mcr = Mcr(value) & Mcr.ALL
-            self._update_modem_inputs()
-        elif offset == Reg.SCR:
-            self._scr = value
-        # LSR and MSR are read-only: a write is ignored, as on the chip.
-        self._after_access(room_before)
+        self._writers[offset & _OFFSET_MASK](self, _index(value) & _BYTE_MASK)
 
     # ---- the host's side ----------------------------------------------------------------
 
@@ -264,9 +285,9 @@ class Uart16550:
 
     def rx_room(self) -> int:
         """How many bytes `receive()` would accept now (0 in loopback: input is cut off)."""
-        if self._mcr & Mcr.LOOP:
+        if self._mcr & _MCR_LOOP:
             return 0
-        return self._rx_capacity() - len(self._rx)
+        return self._rx_capacity - len(self._rx)
 
     def tx_batch(self, data: bytes) -> None:
         """Bytes a fast path took from THR writes, in order: one THR write's effect for all."""
@@ -276,16 +297,16 @@ class Uart16550:
 
     def fast_path(self) -> tuple[bool, int | None]:
         """(may THR writes bypass the model, LSR value a fast path may return or None)."""
-        thr_ok = not (self._lcr & Lcr.DLAB) and not (self._mcr & Mcr.LOOP)
-        lsr = None if self._lsr_errors else int(self._lsr())
-        return thr_ok, lsr
+        if self._lsr_errors:
+            return self._thr_ok, None
+        return self._thr_ok, _LSR_TX_IDLE_DR if self._rx else _LSR_TX_IDLE
 
     def send_break(self) -> None:
         """The host side holds the line low: LSR BI, and a 0 byte into the FIFO."""
-        if self._mcr & Mcr.LOOP:
+        if self._mcr & _MCR_LOOP:
             return  # the serial input is disconnected in loopback
         self.counters["breaks"] += 1
-        self._lsr_errors |= Lsr.BI
+        self._lsr_errors |= _LSR_BI
         self._push_rx(0)
         self._update_irq()
 
@@ -297,132 +318,248 @@ class Uart16550:
         return self._irq_level
 
     @property
+    def tx_interrupt_enabled(self) -> bool:
+        """Whether the guest enabled the THR empty interrupt (IER ETBEI): it waits for it."""
+        return bool(self._ier & _IER_ETBEI)
+
+    @property
     def divisor(self) -> int:
         """The 16-bit baud rate divisor latch."""
         return (self._dlm << 8) | self._dll
 
-    # ---- registers ----------------------------------------------------------------------
+    # ---- register reads (the _READERS tables) -------------------------------------------
 
     def _read_rbr(self) -> int:
-        if self._rx:
-            self._rbr_last = self._rx.popleft()
-            self.counters["rx_read"] += 1
-        return self._rbr_last
+        rx = self._rx
+        if not rx:
+            return self._rbr_last  # nothing changes
+        was_full = len(rx) >= self._rx_capacity
+        value = self._rbr_last = rx.popleft()
+        self.counters["rx_read"] += 1
+        self._update_irq()
+        if was_full:
+            self._room_made()
+        return value
+
+    def _read_dll(self) -> int:
+        return self._dll
+
+    def _read_ier(self) -> int:
+        return self._ier
+
+    def _read_dlm(self) -> int:
+        return self._dlm
 
     def _read_iir(self) -> int:
         source = self._pending_source()
-        if source == Iir.THR_EMPTY:
+        value = source | _IIR_FIFOS_ENABLED if self._fifo_enabled else source
+        if source == _IIR_THR_EMPTY:
             self._thre_pending = False  # reading IIR acknowledges THR empty
-        if self._fifo_enabled:
-            return int(source | Iir.FIFOS_ENABLED)
-        return int(source)
+            self._update_irq()
+        return value
+
+    def _read_lcr(self) -> int:
+        return self._lcr
+
+    def _read_mcr(self) -> int:
+        return self._mcr
+
+    def _read_lsr(self) -> int:
+        if not self._lsr_errors:
+            return _LSR_TX_IDLE_DR if self._rx else _LSR_TX_IDLE
+        value = self._lsr()
+        self._lsr_errors = 0  # the read clears the error bits and their interrupt
+        self._update_irq()
+        return value
+
+    def _read_msr(self) -> int:
+        deltas = self._msr_deltas
+        if not deltas:
+            return self._msr_inputs
+        self._msr_deltas = 0  # the read clears the delta bits and their interrupt
+        self._update_irq()
+        return self._msr_inputs | deltas
+
+    def _read_scr(self) -> int:
+        return self._scr
+
+    # ---- register writes (the _WRITERS tables); `value` is a byte -----------------------
+
+    def _write_thr(self, value: int) -> None:
+        self._transmit(_ONE_BYTE[value])
+
+    def _write_dll(self, value: int) -> None:
+        self._dll = value
 
     def _write_ier(self, value: int) -> None:
-        new = Ier(value) & Ier.ALL
-        if new & Ier.ETBEI and not self._ier & Ier.ETBEI:
-            self._thre_pending = True  # enabling it while THR is empty interrupts at once
-        elif not new & Ier.ETBEI:
+        new = value & _IER_ALL
+        if new & _IER_ETBEI:
+            if not self._ier & _IER_ETBEI:
+                self._thre_pending = True  # enabling it while THR is empty interrupts at once
+        else:
             self._thre_pending = False
         self._ier = new
+        self._update_irq()
+
+    def _write_dlm(self, value: int) -> None:
+        self._dlm = value
 
     def _write_fcr(self, value: int) -> None:
-        enable = bool(value & Fcr.ENABLE)
+        full = not self.rx_room()
+        enable = bool(value & _FCR_ENABLE)
         if enable != self._fifo_enabled:
             self._rx.clear()  # switching FIFO mode on or off empties both FIFOs
             self._fifo_enabled = enable
-        if not enable:
-            return  # the other bits are only programmed together with ENABLE
-        if value & Fcr.CLEAR_RX:
-            self._rx.clear()
-        self._trigger = _TRIGGER_LEVEL[FcrTrigger(value & Fcr.TRIGGER)]
+            self._rx_capacity = FIFO_SIZE if enable else 1
+        if enable:  # the other bits are only programmed together with ENABLE
+            if value & _FCR_CLEAR_RX:
+                self._rx.clear()
+            self._trigger = _TRIGGER_LEVEL[value & _FCR_TRIGGER]
+        self._update_irq()
+        if full:
+            self._room_made()
 
-    def _lsr(self) -> Lsr:
-        value = Lsr.THRE | Lsr.TEMT | self._lsr_errors
+    def _write_lcr(self, value: int) -> None:
+        self._lcr = value
+        if value & _LCR_DLAB:
+            self._readers, self._writers = _READERS_DLAB, _WRITERS_DLAB
+        else:
+            self._readers, self._writers = _READERS, _WRITERS
+        self._thr_ok = not value & _LCR_DLAB and not self._mcr & _MCR_LOOP
+
+    def _write_mcr(self, value: int) -> None:
+        full = not self.rx_room()
+        self._mcr = value & _MCR_ALL
+        self._thr_ok = not self._lcr & _LCR_DLAB and not self._mcr & _MCR_LOOP
+        self._update_modem_inputs()
+        self._update_irq()
+        if full:
+            self._room_made()
+
+    def _write_read_only(self, value: int) -> None:
+        pass  # LSR and MSR are read-only: a write is ignored, as on the chip
+
+    def _write_scr(self, value: int) -> None:
+        self._scr = value
+
+    # ---- register values ----------------------------------------------------------------
+
+    def _lsr(self) -> int:
+        errors = self._lsr_errors
+        value = _LSR_TX_IDLE | errors
         if self._rx:
-            value |= Lsr.DR
-        if self._fifo_enabled and self._lsr_errors & Lsr.FIFO_ERRORS:
-            value |= Lsr.RX_FIFO_ERROR
+            value |= _LSR_DR
+        if self._fifo_enabled and errors & _LSR_FIFO_ERRORS:
+            value |= _LSR_RX_FIFO_ERROR
         return value
 
-    def _modem_inputs(self) -> Msr:
-        if not self._mcr & Mcr.LOOP:
-            return Msr.CONNECTED
-        inputs = Msr(0)
-        if self._mcr & Mcr.DTR:
-            inputs |= Msr.DSR
-        if self._mcr & Mcr.RTS:
-            inputs |= Msr.CTS
-        if self._mcr & Mcr.OUT1:
-            inputs |= Msr.RI
-        if self._mcr & Mcr.OUT2:
-            inputs |= Msr.DCD
+    def _modem_inputs(self) -> int:
+        mcr = self._mcr
+        if not mcr & _MCR_LOOP:
+            return _MSR_CONNECTED
+        inputs = 0
+        if mcr & _MCR_DTR:
+            inputs |= _MSR_DSR
+        if mcr & _MCR_RTS:
+            inputs |= _MSR_CTS
+        if mcr & _MCR_OUT1:
+            inputs |= _MSR_RI
+        if mcr & _MCR_OUT2:
+            inputs |= _MSR_DCD
         return inputs
 
     def _update_modem_inputs(self) -> None:
         old, new = self._msr_inputs, self._modem_inputs()
         changed = old ^ new
-        if changed & Msr.CTS:
-            self._msr_deltas |= Msr.DCTS
-        if changed & Msr.DSR:
-            self._msr_deltas |= Msr.DDSR
-        if old & Msr.RI and not new & Msr.RI:
-            self._msr_deltas |= Msr.TERI
-        if changed & Msr.DCD:
-            self._msr_deltas |= Msr.DDCD
+        if changed & _MSR_CTS:
+            self._msr_deltas |= _MSR_DCTS
+        if changed & _MSR_DSR:
+            self._msr_deltas |= _MSR_DDSR
+        if old & _MSR_RI and not new & _MSR_RI:
+            self._msr_deltas |= _MSR_TERI
+        if changed & _MSR_DCD:
+            self._msr_deltas |= _MSR_DDCD
         self._msr_inputs = new
 
     # ---- data paths ---------------------------------------------------------------------
 
-    def _rx_capacity(self) -> int:
-        return FIFO_SIZE if self._fifo_enabled else 1
-
     def _push_rx(self, byte: int) -> None:
-        if len(self._rx) < self._rx_capacity():
+        if len(self._rx) < self._rx_capacity:
             self._rx.append(byte)
         else:
-            self._lsr_errors |= Lsr.OE  # the new byte is lost, the FIFO is kept
+            self._lsr_errors |= _LSR_OE  # the new byte is lost, the FIFO is kept
             self.counters["overruns"] += 1
 
     def _transmit(self, data: bytes) -> None:
         # Loading THR drops the THR empty interrupt; the byte leaves at once and THR is
         # empty again, which raises it anew: a fresh edge per write (or per batch).
-        self._thre_pending = False
-        self._update_irq()
-        if self._mcr & Mcr.LOOP:
+        if self._thre_pending:
+            self._thre_pending = False
+            self._update_irq()
+        if self._mcr & _MCR_LOOP:
             for byte in data:
                 self.counters["loopback_bytes"] += 1
                 self._push_rx(byte)
         else:
             self.counters["tx_bytes"] += len(data)
             self._tx(data)
-        self._thre_pending = bool(self._ier & Ier.ETBEI)
+        if self._ier & _IER_ETBEI:
+            self._thre_pending = True
         self._update_irq()
+
+    def _room_made(self) -> None:
+        """After an access that may have emptied a full receiver: resume the host's input."""
+        if self._rx_space_available is not None and self.rx_room() > 0:
+            self._rx_space_available()
 
     # ---- interrupts ---------------------------------------------------------------------
 
-    def _pending_source(self) -> Iir:
-        """The highest-priority enabled interrupt, or NO_INTERRUPT."""
-        if self._ier & Ier.ELSI and self._lsr_errors:
-            return Iir.RX_LINE_STATUS
-        if self._ier & Ier.ERBFI and self._rx:
+    def _pending_source(self) -> int:
+        """The highest-priority enabled interrupt (an Iir value), or NO_INTERRUPT."""
+        ier = self._ier
+        if not ier:
+            return _IIR_NO_INTERRUPT
+        if ier & _IER_ELSI and self._lsr_errors:
+            return _IIR_RX_LINE_STATUS
+        if ier & _IER_ERBFI and self._rx:
             if self._fifo_enabled and len(self._rx) < self._trigger:
-                return Iir.CHAR_TIMEOUT
-            return Iir.RX_DATA
-        if self._ier & Ier.ETBEI and self._thre_pending:
-            return Iir.THR_EMPTY
-        if self._ier & Ier.EDSSI and self._msr_deltas:
-            return Iir.MODEM_STATUS
-        return Iir.NO_INTERRUPT
+                return _IIR_CHAR_TIMEOUT
+            return _IIR_RX_DATA
+        if ier & _IER_ETBEI and self._thre_pending:
+            return _IIR_THR_EMPTY
+        if ier & _IER_EDSSI and self._msr_deltas:
+            return _IIR_MODEM_STATUS
+        return _IIR_NO_INTERRUPT
 
     def _update_irq(self) -> None:
-        level = self._pending_source() != Iir.NO_INTERRUPT and bool(self._mcr & Mcr.OUT2)
+        level = bool(self._mcr & _MCR_OUT2) and self._pending_source() != _IIR_NO_INTERRUPT
         if level != self._irq_level:
             self._irq_level = level
             if level:
                 self.counters["irq_raised"] += 1
             self._irq_line(level)
 
-    def _after_access(self, room_before: int) -> None:
-        self._update_irq()
-        if room_before == 0 and self.rx_room() > 0 and self._rx_space_available is not None:
-            self._rx_space_available()
+
+# The handlers by offset (Reg), for LCR DLAB clear and set: only offsets 0 and 1 differ.
+_READERS = (
+    Uart16550._read_rbr,  # Reg.RBR
+    Uart16550._read_ier,  # Reg.IER
+    Uart16550._read_iir,  # Reg.IIR
+    Uart16550._read_lcr,  # Reg.LCR
+    Uart16550._read_mcr,  # Reg.MCR
+    Uart16550._read_lsr,  # Reg.LSR
+    Uart16550._read_msr,  # Reg.MSR
+    Uart16550._read_scr,  # Reg.SCR
+)
+_READERS_DLAB = (Uart16550._read_dll, Uart16550._read_dlm, *_READERS[Reg.IIR :])
+_WRITERS = (
+    Uart16550._write_thr,  # Reg.THR
+    Uart16550._write_ier,  # Reg.IER
+    Uart16550._write_fcr,  # Reg.FCR
+    Uart16550._write_lcr,  # Reg.LCR
+    Uart16550._write_mcr,  # Reg.MCR
+    Uart16550._write_read_only,  # Reg.LSR
+    Uart16550._write_read_only,  # Reg.MSR
+    Uart16550._write_scr,  # Reg.SCR
+)
+_WRITERS_DLAB = (Uart16550._write_dll, Uart16550._write_dlm, *_WRITERS[Reg.FCR :])
