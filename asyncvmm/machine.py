@@ -141,6 +141,7 @@ class Machine:
         self.paused = False
         self.poll_max_ns = POLL_MAX_NS if config.poll else 0
         self._poll_ns = 0
+        self._idle_since = 0  # when the loop last stopped polling for exits
         self._uart_fast = None
         self._console_timer: asyncio.TimerHandle | None = None
 
@@ -324,27 +325,36 @@ class Machine:
     def _on_exits(self) -> None:
         """Serve posted exits; keep serving (busy-polling) while they come fast.
 
-        The poll is adaptive, as KVM's halt polling: it grows while exits keep arriving
-        within it and shrinks when it waits in vain, so a quiet guest costs no CPU.
+        The poll window adapts as KVM's halt polling does: when the loop had to be woken
+        for an exit that came soon after the window closed, the window grows; when the wait
+        was long, polling would not have helped and it shrinks — so a quiet guest costs no
+        CPU and an exit-heavy one pays no thread wake-up per exit.
         """
         cvm, ids, ncpus = self._cvm, self._ids, self.config.cpus
         n = lib.avmm_vm_collect(cvm, ids, ncpus, 0)
         if not n:
             return
-        deadline = time.monotonic_ns() + POLL_SLICE_NS
+        now = time.monotonic_ns()
+        if self._idle_since:
+            poll = self._poll_ns
+            if now - self._idle_since <= self.poll_max_ns:
+                self._poll_ns = min(max(poll * 2, POLL_MIN_NS), self.poll_max_ns)
+            elif poll:
+                self._poll_ns = poll // 2 if poll // 2 >= POLL_MIN_NS else 0
+        deadline = now + POLL_SLICE_NS
         while True:
             # Bytes the fast path took from THR come before whatever these exits do.
             self._drain_console()
             for k in range(n):
                 self._serve_exit(ids[k])
-            if self.stopping or time.monotonic_ns() > deadline:
+            if self.stopping:
                 return
             poll = self._poll_ns
-            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll) if poll else 0
+            # Past the deadline, exits still posted wake the loop again through the eventfd.
+            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll) if poll and time.monotonic_ns() < deadline else 0
             if not n:
-                self._poll_ns = poll // 2 if poll > POLL_MIN_NS else 0
+                self._idle_since = time.monotonic_ns()
                 return
-            self._poll_ns = min(max(poll * 2, POLL_MIN_NS), self.poll_max_ns)
 
     def _serve_exit(self, i: int) -> None:
         try:
@@ -372,8 +382,6 @@ class Machine:
         if self.stopping:
             resume = False
         lib.avmm_vcpu_complete(self._cvm, i, AVMM_ACTION_RESUME if resume else AVMM_ACTION_QUIT)
-        if self._poll_ns == 0 and self.poll_max_ns:
-            self._poll_ns = POLL_MIN_NS  # an exit arrived: try polling for the next one
 
     def _on_stop_exit(self, i: int, e) -> bool:
         """A vCPU stopped on something other than I/O: serve it, or stop the VM."""

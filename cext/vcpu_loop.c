@@ -32,8 +32,9 @@
 
 /* Bytes the COM1 fast path may hold before the vCPU must wait for the loop to drain. */
 #define CONSOLE_CAP 65536
-/* Spins before a waiting vCPU sleeps: the loop usually answers within microseconds. */
-#define WAIT_SPINS 2000
+/* How long a waiting vCPU spins before it sleeps: the loop usually answers within
+ * microseconds, and a futex wake-up costs more than that (much more in a nested guest). */
+#define WAIT_SPIN_NS 30000
 
 struct avmm_vcpu {
     struct avmm_vm *vm;
@@ -237,12 +238,15 @@ static void fill_exit(struct avmm_vcpu *v, int err)
 static uint32_t wait_action(struct avmm_vcpu *v)
 {
     uint32_t a;
-    for (int i = 0; i < WAIT_SPINS; i++) {
-        a = atomic_load(&v->action);
-        if (a)
-            goto got;
-        __builtin_ia32_pause();
-    }
+    uint64_t spin_until = now_ns() + WAIT_SPIN_NS;
+    do {
+        for (int i = 0; i < 32; i++) {
+            a = atomic_load(&v->action);
+            if (a)
+                goto got;
+            __builtin_ia32_pause();
+        }
+    } while (now_ns() < spin_until);
     for (;;) {
         atomic_store(&v->sleeping, 1);
         a = atomic_load(&v->action);
