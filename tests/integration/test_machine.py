@@ -166,3 +166,27 @@ def test_a_device_model_bug_stops_the_vm_instead_of_hanging_it(guests):
         assert "internal error serving an exit: RuntimeError: model bug" in stop.message
 
     run_loop(main())
+
+
+def test_exit_heavy_guest_through_the_loop(guests, monkeypatch):
+    """20000 port writes served by a Python model; with a zero time slice every batch ends
+    at the deadline, so an exit collected but left unserved would hang the vCPU."""
+    import asyncvmm.machine as machine_mod
+
+    for slice_ns in (machine_mod.POLL_SLICE_NS, 0):
+        monkeypatch.setattr(machine_mod, "POLL_SLICE_NS", slice_ns)
+
+        async def main():
+            m, console = machine(guests, "exitbench", "n=20000 port=0x3ff")
+            m.build()
+            try:
+                stop = await asyncio.wait_for(m.run(), 30)
+                stats = m.vcpu_stats(0)
+            finally:
+                m.close()
+            assert stop.reason is StopReason.RESET
+            assert b"exitbench done" in console.data
+            assert stats["posted"] >= 20000
+            assert m.uart.read(7) == (20000 - 1) & 0xFF  # SCR holds the last byte written
+
+        run_loop(main())
