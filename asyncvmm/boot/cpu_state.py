@@ -236,6 +236,14 @@ def write_identity_page_tables(mem, pml4_base: int = layout.PML4_START) -> int:
     return pml4_base
 
 
+def _flat_state(gdt_base: int) -> dict:
+    """What both start states share: flat data segments, a TSS, no LDT, no IDT yet."""
+    return dict(
+        ds=DATA_SEGMENT, es=DATA_SEGMENT, fs=DATA_SEGMENT, gs=DATA_SEGMENT, ss=DATA_SEGMENT,
+        tr=TSS_SEGMENT, ldt=NULL_LDT, gdt=_gdt_table(gdt_base), idt=EMPTY_IDT,
+    )
+
+
 def protected_mode_32(entry: int, ebx: int, gdt_base: int = layout.GDT_START) -> BootCpuState:
     """The PVH start state: 32-bit protected mode, paging off, flat segments."""
     return BootCpuState(
@@ -245,15 +253,7 @@ def protected_mode_32(entry: int, ebx: int, gdt_base: int = layout.GDT_START) ->
         # pvh.pandoc: PE set, every other writable bit clear (ET is not writable).
         cr0=Cr0.PE | Cr0.ET,
         cs=CODE32_SEGMENT,
-        ds=DATA_SEGMENT,
-        es=DATA_SEGMENT,
-        fs=DATA_SEGMENT,
-        gs=DATA_SEGMENT,
-        ss=DATA_SEGMENT,
-        tr=TSS_SEGMENT,
-        ldt=NULL_LDT,
-        gdt=_gdt_table(gdt_base),
-        idt=EMPTY_IDT,
+        **_flat_state(gdt_base),
     )
 
 
@@ -270,13 +270,5 @@ def long_mode_64(entry: int, rsi: int, gdt_base: int = layout.GDT_START, pml4: i
         cr4=Cr4.PAE,
         efer=Efer.LME | Efer.LMA,
         cs=CODE64_SEGMENT,
-        ds=DATA_SEGMENT,
-        es=DATA_SEGMENT,
-        fs=DATA_SEGMENT,
-        gs=DATA_SEGMENT,
-        ss=DATA_SEGMENT,
-        tr=TSS_SEGMENT,
-        ldt=NULL_LDT,
-        gdt=_gdt_table(gdt_base),
-        idt=EMPTY_IDT,
+        **_flat_state(gdt_base),
     )

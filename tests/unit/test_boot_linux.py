@@ -13,17 +13,6 @@ from asyncvmm.vstate.memory import GuestMemory
 MiB = 1 << 20
 
 
-def new_memory(size):
-    return GuestMemory(size)
-
-
-@pytest.fixture
-def mem():
-    m = new_memory(64 * MiB)
-    yield m
-    m.close()
-
-
 ZERO_PAGE = 0x2000
 GZIP_PAYLOAD = b"\x1f\x8b\x08\x00" + b"compressed kernel" * 4
 PAYLOAD_OFFSET = 0x300
@@ -352,7 +341,7 @@ def test_short_header_rejected(mem):
 
 
 def test_too_little_memory():
-    small = new_memory(16 * MiB)
+    small = GuestMemory(16 * MiB)
     try:
         with pytest.raises(BootError, match="kernel needs at least 24 MiB of guest memory .*the guest has 16 MiB"):
             load_bzimage(small, bzimage(), "")
@@ -362,7 +351,7 @@ def test_too_little_memory():
 
 
 def test_non_relocatable_runs_at_pref_address():
-    small = new_memory(32 * MiB)
+    small = GuestMemory(32 * MiB)
     try:
         with pytest.raises(BootError, match="needs at least 40 MiB"):
             load_bzimage(small, bzimage(relocatable=0, pref_address=0x2000000), "")

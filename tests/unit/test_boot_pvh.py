@@ -12,17 +12,6 @@ from asyncvmm.vstate.memory import GuestMemory
 MiB = 1 << 20
 
 
-def new_memory(size):
-    return GuestMemory(size)
-
-
-@pytest.fixture
-def mem():
-    m = new_memory(64 * MiB)
-    yield m
-    m.close()
-
-
 ENTRY = 0x1000040
 XEN_ENTRY_NOTE = ("Xen", 18, struct.pack("<I", ENTRY))
 
@@ -280,7 +269,7 @@ def test_segment_straddling_end_of_ram(mem):
 
 
 def test_segment_in_mmio_hole():
-    big = new_memory(4 * 1024 * MiB)  # MAP_NORESERVE: costs nothing until touched
+    big = GuestMemory(4 * 1024 * MiB)  # MAP_NORESERVE: costs nothing until touched
     try:
         with pytest.raises(BootError, match="not in guest RAM"):
             load_pvh(big, build_elf(segments=((0xC0000000, b"x", 0x1000),)), "")
