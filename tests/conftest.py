@@ -54,3 +54,13 @@ def run_vmm(*args: str, input: bytes | None = None, timeout: float = 30, env=Non
         env=env,
     )
     return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+
+
+@pytest.fixture
+def mem():
+    """64 MiB of guest RAM with no VM: what loaders and models write into."""
+    from asyncvmm.vstate.memory import GuestMemory
+
+    m = GuestMemory(64 << 20)
+    yield m
+    m.close()
