@@ -47,6 +47,7 @@ class Bus:
         self._ranges: list[Range] = []
         self.unclaimed: Counter[int] = Counter()  # address → accesses nobody answered
         self._cache: dict[int, Range | None] = {}  # address → range, for `access`
+        self.accesses: Counter[str] = Counter()  # range name → accesses served
 
     def register(self, start: int, length: int, device: Device, name: str) -> None:
         i = bisect.bisect_right(self._starts, start)
@@ -80,6 +81,7 @@ class Bus:
         if r is None or addr + size > r.start + r.length:
             self.unclaimed[addr] += 1
             return 0 if is_write else (1 << (8 * size)) - 1
+        self.accesses[r.name] += 1
         if is_write:
             r.device.write(addr - r.start, size, value)
             return 0
@@ -97,6 +99,7 @@ class Bus:
             if not is_write:
                 data[: size * count] = b"\xff" * (size * count)
             return False
+        self.accesses[r.name] += count
         offset = addr - r.start
         dev = r.device
         for i in range(count):

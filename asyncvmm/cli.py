@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import log
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="asyncvmm", description="A virtual machine monitor for Linux/KVM, on asyncio.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    sub.add_parser("ctl", help="control a running VM (asyncvmm ctl --help)", add_help=False)
     run = sub.add_parser(
         "run",
         help="boot a guest",
@@ -58,13 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu", choices=("host", "baseline"), help="CPU template (default: chosen by probing KVM)")
     run.add_argument("--no-quirks", action="store_true", help="no workarounds even on an emulating KVM")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
-    run.add_argument("name", nargs="?", default="asyncvmm", help="the VM's name")
+    run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     cfg = VmConfig(
-        name=args.name,
+        name=args.name or f"asyncvmm-{os.getpid()}",
         cpus=parse_cpus(args.cpus),
         memory=parse_memory(args.memory),
         kernel=args.kernel or "",
@@ -83,6 +85,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "ctl":  # bhyvectl's analogue has its own parser
+        from .control.ctl import main as ctl_main  # noqa: PLC0415
+
+        return ctl_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
         if args.command == "run":

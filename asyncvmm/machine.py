@@ -2,7 +2,7 @@
 
 Life cycle (one object per boot; a guest reset builds a new Machine):
 
-    m = Machine(config, console)   # nothing acquired yet
+    m = Machine(config, console, images)   # nothing acquired yet
     m.build()                      # synchronous: KVM VM, RAM, kernel, vCPUs, devices
     stop = await m.run()           # vCPU threads run until the guest or host stops it
     m.close()                      # fds, threads, RAM released (idempotent)
@@ -52,6 +52,13 @@ POLL_MAX_NS = 50_000
 POLL_SLICE_NS = 2_000_000  # at most this long in one callback: other loop work goes on
 
 AVMM_EXIT_IO, AVMM_EXIT_MMIO = lib.AVMM_EXIT_IO, lib.AVMM_EXIT_MMIO
+
+GP_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+VCPU_STATES = {
+    lib.AVMM_VCPU_IDLE: "idle", lib.AVMM_VCPU_RUNNING: "running", lib.AVMM_VCPU_WAITING: "in an exit",
+    lib.AVMM_VCPU_PAUSED: "paused", lib.AVMM_VCPU_DONE: "stopped",
+}
 AVMM_ACTION_RESUME, AVMM_ACTION_QUIT = lib.AVMM_ACTION_RESUME, lib.AVMM_ACTION_QUIT
 
 
@@ -115,10 +122,31 @@ class PortOffsets:
         self.regs.write(offset, size, value)
 
 
+@dataclass(frozen=True)
+class BootImages:
+    """The files a boot loads, read once (off the loop) and kept across guest resets."""
+
+    kernel: bytes
+    initrd: bytes | None = None
+
+    @classmethod
+    def load(cls, cfg: VmConfig) -> "BootImages":
+        """Read them now (for code that is not on a loop)."""
+        return cls(_read_file(cfg.kernel, "kernel"), _read_file(cfg.initrd, "initrd") if cfg.initrd else None)
+
+
+async def read_images(cfg: VmConfig) -> BootImages:
+    """Read the kernel and initrd in a worker thread: a 50 MB image must not stall the loop."""
+    kernel = await asyncio.to_thread(_read_file, cfg.kernel, "kernel")
+    initrd = await asyncio.to_thread(_read_file, cfg.initrd, "initrd") if cfg.initrd else None
+    return BootImages(kernel, initrd)
+
+
 class Machine:
-    def __init__(self, config: VmConfig, console: Console):
+    def __init__(self, config: VmConfig, console: Console, images: BootImages):
         self.config = config
         self.console = console
+        self.images = images
         self.timeline = Timeline()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -203,8 +231,7 @@ class Machine:
     def _load_kernel(self, cfg: VmConfig):
         from .boot import linux, pvh  # noqa: PLC0415
 
-        image = _read_file(cfg.kernel, "kernel")
-        initrd = _read_file(cfg.initrd, "initrd") if cfg.initrd else None
+        image, initrd = self.images.kernel, self.images.initrd
         kind = linux.kernel_kind(image)
         if kind == "elf":
             modules = [(initrd, "initrd")] if initrd is not None else []
@@ -487,6 +514,37 @@ class Machine:
             "kicks": s.kicks,
             "ns_in_run": s.ns_in_run,
             "ns_waiting": s.ns_waiting,
+        }
+
+    def read_registers(self, i: int) -> dict:
+        """vCPU i's registers as plain ints (the vCPU must not be running guest code)."""
+        vcpu = self.vcpus[i]
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        out = {name: getattr(regs, name) for name in GP_REGISTERS}
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            out[name] = getattr(sregs, name)
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+            seg = getattr(sregs, name)
+            out[name] = {"selector": seg.selector, "base": seg.base, "limit": seg.limit, "type": seg.type,
+                         "dpl": seg.dpl, "db": seg.db, "l": seg.l, "present": seg.present}
+        for name in ("gdt", "idt"):
+            table = getattr(sregs, name)
+            out[name] = {"base": table.base, "limit": table.limit}
+        return {"vcpu": i, "state": VCPU_STATES.get(self.vcpu_state(i), "?"), "registers": out}
+
+    def stats(self) -> dict:
+        """The counters of this boot (cheap to read: the hot paths only increment)."""
+        vcpus = [self.vcpu_stats(i) for i in range(self.config.cpus)] if self._cvm != ffi.NULL else []
+        return {
+            "vcpus": vcpus,
+            "ports": dict(self.pio.accesses),
+            "unclaimed_ports": {f"{port:#x}": n for port, n in self.pio.unclaimed.most_common(32)},
+            "mmio": dict(self.mmio.accesses),
+            "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
+            "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
+            "quirks": dict(self.quirks.applied),
+            "loop_poll_ns": self._poll_ns,
+            "uptime_s": round(time.monotonic() - self.timeline.started, 3) if self.timeline.started else 0.0,
         }
 
     # -- teardown ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Run one VM to its end on a loop: build, boot, restart on reset, map the end to a status."""
+"""`asyncvmm run`'s loop: one VM (the same as the API's) until it ends, then a status."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import asyncio
 import signal
 
 from . import cli, log
+from .api import VM
 from .config import VmConfig
-from .console import Console, open_console
-from .machine import Machine, Stop, StopReason
+from .console import open_console
 from .loop import run as run_loop
+from .machine import Stop, StopReason
 
 STATUS = {
     StopReason.POWEROFF: cli.EXIT_OK,
@@ -18,37 +19,27 @@ STATUS = {
     StopReason.TRIPLE_FAULT: cli.EXIT_TRIPLE_FAULT,
     StopReason.HOST: cli.EXIT_HOST,
 }
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def run_machine(cfg: VmConfig, console: Console) -> Stop:
-    """Boot `cfg` until it powers off, fails, or resets with no_reboot; returns the stop."""
+async def run_vm(cfg: VmConfig) -> Stop:
     loop = asyncio.get_running_loop()
-    while True:
-        machine = Machine(cfg, console)
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        try:
-            machine.build()
-            for sig in signals:
-                loop.add_signal_handler(
-                    sig, machine.request_stop, Stop(StopReason.HOST, f"stopped by {signal.Signals(sig).name}")
-                )
-            stop = await machine.run()
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            machine.close()
-        if stop.reason is StopReason.RESET and not cfg.no_reboot:
-            log.info(f"{stop.message}: restarting the guest")
-            continue
-        return stop
+    console = open_console(cfg.console)
+    try:
+        async with VM(cfg, console=console) as vm:
+            for sig in SIGNALS:
+                loop.add_signal_handler(sig, vm.request_stop, Stop(StopReason.HOST, f"stopped by {sig.name}"))
+            try:
+                return await vm.wait()
+            finally:
+                for sig in SIGNALS:
+                    loop.remove_signal_handler(sig)
+    finally:
+        console.close()
 
 
 def run_to_end(cfg: VmConfig) -> int:
-    console = open_console(cfg.console)
-    try:
-        stop = run_loop(run_machine(cfg, console))
-    finally:
-        console.close()
+    stop = run_loop(run_vm(cfg))
     if stop.reason in (StopReason.POWEROFF, StopReason.RESET):
         log.info(stop.message)
     else:

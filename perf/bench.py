@@ -474,7 +474,7 @@ def exits_child(spec: str) -> int:
     from asyncvmm.config import VmConfig  # noqa: PLC0415
     from asyncvmm.console import FileConsole  # noqa: PLC0415
     from asyncvmm.loop import loop_name, run  # noqa: PLC0415
-    from asyncvmm.machine import Machine, StopReason  # noqa: PLC0415
+    from asyncvmm.machine import BootImages, Machine, StopReason  # noqa: PLC0415
 
     args = json.loads(spec)
     log.set_quiet(True)
@@ -483,7 +483,7 @@ def exits_child(spec: str) -> int:
         cfg = VmConfig(memory=64 * MiB, kernel=str(GUESTS / "exitbench.elf"),
                        cmdline=f"n={n} port={port:#x}", no_reboot=True).validate()
         console = FileConsole("/dev/null")
-        m = Machine(cfg, console)
+        m = Machine(cfg, console, BootImages.load(cfg))
         try:
             m.build()
             t0 = time.perf_counter()

@@ -22,6 +22,19 @@ def have_kvm() -> bool:
 needs_kvm = pytest.mark.skipif(not have_kvm(), reason="needs read/write access to /dev/kvm")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_run_dir(tmp_path_factory):
+    """Control sockets of the VMs tests start go to a directory of the test run's own."""
+    path = tmp_path_factory.mktemp("run")
+    old = os.environ.get("ASYNCVMM_RUN_DIR")
+    os.environ["ASYNCVMM_RUN_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["ASYNCVMM_RUN_DIR"]
+    else:
+        os.environ["ASYNCVMM_RUN_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def guests() -> Path:
     """The directory of built test guests (make is incremental, so this is quick)."""

@@ -9,7 +9,7 @@ import time
 from asyncvmm.config import VmConfig
 from asyncvmm.console import Console
 from asyncvmm.loop import run as run_loop
-from asyncvmm.machine import Machine, StopReason
+from asyncvmm.machine import BootImages, Machine, StopReason
 from asyncvmm._native import lib
 
 from conftest import needs_kvm
@@ -33,7 +33,7 @@ class Capture(Console):
 def machine(guests, name, cmdline="", cpus=1) -> tuple[Machine, Capture]:
     console = Capture()
     cfg = VmConfig(cpus=cpus, memory=64 << 20, kernel=str(guests / f"{name}.elf"), cmdline=cmdline, no_reboot=True)
-    return Machine(cfg, console), console
+    return Machine(cfg, console, BootImages.load(cfg)), console
 
 
 def threads() -> int:

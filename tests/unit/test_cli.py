@@ -111,11 +111,16 @@ def test_no_permission_on_dev_kvm(kernel):
         pytest.skip("needs root, setpriv and /dev/kvm")
     if os.stat("/dev/kvm").st_mode & 0o006:
         pytest.skip("/dev/kvm is open to everyone here")
-    p = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "asyncvmm", "run",
-         "--kernel", kernel],
-        capture_output=True, cwd=ROOT, timeout=30, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:  # a socket directory nobody may use
+        os.chmod(run_dir, 0o777)
+        p = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "asyncvmm", "run",
+             "--kernel", kernel],
+            capture_output=True, cwd=ROOT, timeout=30,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "ASYNCVMM_RUN_DIR": run_dir},
+        )
     r = type("R", (), {"status": p.returncode, "err": p.stderr.decode()})
     assert_usage_error(r, "no permission to open /dev/kvm")
 

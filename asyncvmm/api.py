@@ -1,0 +1,336 @@
+"""The VM, embedded in an asyncio program — the same machine `asyncvmm run` boots.
+
+    async with asyncvmm.VM(VmConfig(kernel="guest.elf", memory=64 << 20)) as vm:
+        await vm.console.expect(rb"# ")
+        vm.console.writer.write(b"echo hi\\n")
+        ...
+        stop = await vm.shutdown(timeout=10)
+
+Call order (a state machine):
+
+    VM(config)  --start()/__aenter__-->  running  <--pause()/resume()-->  paused
+    running|paused  --the guest or shutdown()/kill()-->  stopped  --close()/__aexit__-->  closed
+
+It runs on the caller's loop (uvloop or asyncio's), never starts a loop of its own and
+never blocks it for long: files are read in worker threads; what the loop's thread does per
+guest exit is a few microseconds. Leaving `async with` — normally, on an exception or on
+cancellation — stops the vCPU threads and releases every fd and the control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+
+from . import log
+from .config import VmConfig
+from .console import Console
+from .control.server import ControlServer, claim_socket
+from .errors import VmmError
+from .machine import BootImages, Machine, Stop, StopReason, read_images
+
+
+class ConsoleStream(Console):
+    """COM1 as an asyncio stream pair: `reader` (guest output), `writer` (guest input).
+
+    `writer` is a real asyncio.StreamWriter: write() queues bytes for the UART, and
+    drain() waits while more than HIGH_WATER bytes are still waiting for the guest to read
+    them. `expect()` waits for a pattern in the output.
+    """
+
+    HIGH_WATER = 64 * 1024
+    LOW_WATER = 16 * 1024
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        super().__init__()
+        loop = loop or asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+        self._protocol = _WriterProtocol(loop)
+        self._transport = _UartTransport(self, self._protocol)
+        self.writer = asyncio.StreamWriter(self._transport, self._protocol, None, loop)
+        self._buffer = bytearray()  # output read by expect() and not yet returned
+        self.transcript = bytearray()  # everything the guest wrote, for diagnostics
+
+    # -- the machine's side --
+    def write(self, data: bytes) -> None:
+        self.transcript += data
+        self.reader.feed_data(data)
+
+    def resume_input(self) -> None:
+        super().resume_input()
+        if len(self._held) <= self.LOW_WATER:
+            self._protocol.resume_writing()
+
+    def attach(self, loop, feed, on_break=None, on_quit=None) -> None:
+        super().attach(loop, feed, on_break, on_quit)
+        if self._held:
+            self.resume_input()
+
+    def _queue_input(self, data: bytes) -> None:
+        if self._feed is None:  # between boots: keep it for the next one
+            self._held += data
+        else:
+            self._push(data)
+        if len(self._held) > self.HIGH_WATER:
+            self._protocol.pause_writing()
+
+    def send_break(self) -> None:
+        if self._on_break is not None:
+            self._on_break()
+
+    def close(self) -> None:
+        super().close()
+        if not self.reader.at_eof():
+            self.reader.feed_eof()
+
+    # -- the user's side --
+    async def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 10.0) -> re.Match:
+        """Wait until the output matches `pattern`; returns the match on the output read
+        so far. Output up to the match's end is consumed; the rest stays for next time."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        rx = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self._buffer)
+            if m:
+                matched = rx.search(bytes(self._buffer))  # a match on a stable copy
+                del self._buffer[: matched.end()]
+                return matched
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tail = bytes(self._buffer[-200:])
+                raise TimeoutError(f"console: {rx.pattern!r} not seen within {timeout} s (last output: {tail!r})")
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), left)
+            except asyncio.TimeoutError:
+                continue
+            if not chunk:
+                raise EOFError(f"console: the VM ended before {rx.pattern!r} was seen")
+            self._buffer += chunk
+
+
+class _WriterProtocol(asyncio.streams.FlowControlMixin):
+    """Flow control for ConsoleStream.writer (drain waits while the UART is behind)."""
+
+
+class _UartTransport(asyncio.WriteTransport):
+    def __init__(self, console: ConsoleStream, protocol: _WriterProtocol):
+        super().__init__()
+        self._console = console
+        self._protocol = protocol
+        self._closing = False
+
+    def write(self, data) -> None:
+        if self._closing:
+            raise RuntimeError("the console writer is closed")
+        self._console._queue_input(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._console._held)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+
+    def abort(self) -> None:
+        self._closing = True
+
+
+class VM:
+    """One virtual machine on the running loop. See the module docstring."""
+
+    def __init__(self, config: VmConfig, *, console: Console | None = None, control_socket: bool = True):
+        self.config = config.validate()
+        self._console_given = console
+        self.console: ConsoleStream | Console | None = console
+        self._control_wanted = control_socket
+        self.control: ControlServer | None = None
+        self.machine: Machine | None = None
+        self.boots = 0
+        self._task: asyncio.Task | None = None
+        self._stopped: asyncio.Future | None = None
+        self._started_at = 0.0
+        self._state = "created"
+
+    # -- life cycle ------------------------------------------------------------------
+    async def __aenter__(self) -> "VM":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Claim the name, read the images, boot. Raises ConfigError/BootError/KvmError."""
+        if self._state != "created":
+            raise VmmError(f"VM {self.config.name} was already started")
+        self._state = "starting"
+        loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        try:
+            if self._control_wanted:
+                sock, path = claim_socket(self.config.name)
+                self.control = ControlServer(self, sock, path)
+            images = await read_images(self.config)
+            if self.console is None:
+                self.console = ConsoleStream(loop)
+            self.machine = self._build(images)  # the first boot's errors reach the caller
+            if self.control is not None:
+                await self.control.start()
+                log.info(f"VM {self.config.name}: control socket {self.control.path}")
+        except BaseException:
+            await self.close()
+            raise
+        self._started_at = time.monotonic()
+        self._state = "running"
+        self._task = loop.create_task(self._run(images), name=f"asyncvmm {self.config.name}")
+
+    def _build(self, images: BootImages) -> Machine:
+        m = Machine(self.config, self.console, images)
+        m.build()
+        self.boots += 1
+        return m
+
+    async def _run(self, images: BootImages) -> None:
+        stop = Stop(StopReason.ERROR, "the VM never ran")
+        try:
+            while True:
+                stop = await self.machine.run()
+                self.machine.close()
+                if stop.reason is StopReason.RESET and not self.config.no_reboot and self._state != "stopping":
+                    log.info(f"{stop.message}: restarting the guest")
+                    self.machine = self._build(images)
+                    self._state = "running"
+                    continue
+                break
+        except VmmError as e:
+            stop = Stop(StopReason.ERROR, str(e))
+        finally:
+            if self.machine is not None:
+                self.machine.close()
+            self._state = "stopped"
+            if not self._stopped.done():
+                self._stopped.set_result(stop)
+
+    async def wait(self) -> Stop:
+        """Why the VM ended (waits for it)."""
+        if self._stopped is None:
+            raise VmmError("the VM was not started")
+        return await asyncio.shield(self._stopped)
+
+    def request_stop(self, stop: Stop) -> None:
+        if self.machine is not None and self._state in ("running", "paused"):
+            self._state = "stopping"
+            self.machine.request_stop(stop)  # paused vCPUs are told to quit too
+
+    async def kill(self) -> Stop:
+        """Stop the VM at once (no word to the guest)."""
+        self.request_stop(Stop(StopReason.HOST, "killed from the host"))
+        return await self.wait()
+
+    async def shutdown(self, timeout: float = 30.0) -> Stop:
+        """Ask the guest to power off, wait up to `timeout`, then stop it hard."""
+        await self.destroy(timeout)
+        return await self.wait()
+
+    async def destroy(self, timeout: float = 30.0, *, force: bool = False) -> str:
+        """End the VM; returns how: 'acpi' (the guest powered off) or 'hard'.
+
+        This machine has no ACPI power button yet, so the guest cannot be asked: it is
+        stopped hard at once.
+        """
+        if self._state in ("stopped", "closed"):
+            return "hard"
+        self.request_stop(Stop(StopReason.HOST, "destroyed from the host" + (" (forced)" if force else "")))
+        await self.wait()
+        return "hard"
+
+    async def close(self) -> None:
+        """Stop the VM if it runs and release everything (idempotent)."""
+        if self._state == "closed":
+            return
+        if self._task is not None and not self._task.done():
+            self.request_stop(Stop(StopReason.HOST, "closed by its owner"))
+            try:
+                await asyncio.shield(self._task)
+            except asyncio.CancelledError:
+                await self._task  # our caller was cancelled: finish the teardown anyway
+                raise
+            finally:
+                await self._close_rest()
+            return
+        await self._close_rest()
+
+    async def _close_rest(self) -> None:
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self.machine is not None:
+            self.machine.close()
+        if self.control is not None:
+            await self.control.close()
+        if self.console is not None and self._console_given is None:
+            self.console.close()
+
+    # -- control -------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self._state == "running" and self.machine is not None and self.machine.paused:
+            return "paused"
+        return self._state
+
+    async def pause(self) -> None:
+        if self.state not in ("running", "paused"):
+            raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be paused")
+        self.machine.pause()
+
+    async def resume(self) -> None:
+        if self.state not in ("running", "paused"):
+            raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be resumed")
+        self.machine.resume()
+
+    async def regs(self, vcpu: int = 0) -> dict:
+        """vCPU `vcpu`'s registers (the vCPUs are paused for the read if they run)."""
+        if self.state not in ("running", "paused"):
+            raise VmmError(f"VM {self.config.name} is {self.state}: no registers to read")
+        if not 0 <= vcpu < self.config.cpus:
+            raise VmmError(f"the VM has no vCPU {vcpu} (it has {self.config.cpus})")
+        m = self.machine
+        was_paused = m.paused
+        m.pause()
+        try:
+            return m.read_registers(vcpu)
+        finally:
+            if not was_paused:
+                m.resume()
+
+    def state_info(self) -> dict:
+        cfg = self.config
+        m = self.machine
+        return {
+            "name": cfg.name,
+            "state": self.state,
+            "pid": os.getpid(),
+            "vcpus": cfg.cpus,
+            "memory": cfg.memory,
+            "kernel": cfg.kernel,
+            "cpu_template": m.cpu_template.value if m else None,
+            "emulating_kvm": m.quirks.enabled if m else None,
+            "boots": self.boots,
+            "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
+        }
+
+    def stats(self) -> dict:
+        """Counters of the current boot: vCPU exits and times, port ranges, the console."""
+        m = self.machine
+        if m is None:
+            return {}
+        return m.stats()

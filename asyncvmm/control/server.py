@@ -1,0 +1,157 @@
+"""A running VM's control socket: `asyncvmm ctl` talks to it (see protocol.py).
+
+The socket is claimed before the VM boots: a live socket with the same name means another
+VM has that name (refused); a dead one is left over from a VMM that was killed (removed).
+It is created mode 0600 and removed on every exit path the process lives through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, VmmError
+from . import protocol
+
+if TYPE_CHECKING:
+    from ..api import VM
+
+
+def claim_socket(name: str) -> tuple[socket.socket, str]:
+    """Bind the VM's control socket; ConfigError if the name is taken by a live VM."""
+    if not protocol.NAME_RE.match(name):
+        raise ConfigError(f"VM name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    path = protocol.socket_path(name)
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {directory} for control sockets: {e.strerror}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        _remove_if_stale(path, name)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(8)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"a VM named {name} is already running (control socket {path})") from None
+        raise ConfigError(f"cannot create the control socket {path}: {e.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock, path
+
+
+def _remove_if_stale(path: str, name: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket: remove it to run a VM named {name}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # left by a VMM that did not live to remove it
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise ConfigError(f"a VM named {name} is already running (control socket {path})")
+
+
+class ControlServer:
+    """Serves protocol requests for one VM on the loop. One request per line."""
+
+    def __init__(self, vm: "VM", sock: socket.socket, path: str):
+        self.vm = vm
+        self.path = path
+        self._sock = sock
+        self._inode = os.stat(path).st_ino
+        self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, sock=self._sock, limit=protocol.MAX_LINE)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(protocol.encode({"ok": False, "error": "request line too long"}))
+                    break
+                if not line:
+                    break
+                writer.write(protocol.encode(await self._answer(line)))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict:
+        try:
+            req = protocol.decode(line)
+        except ValueError as e:
+            return {"ok": False, "error": f"bad request: {e}"}
+        cmd = req.get("cmd")
+        try:
+            if cmd == "state":
+                result = self.vm.state_info()
+            elif cmd == "regs":
+                result = await self.vm.regs(int(req.get("vcpu", 0)))
+            elif cmd == "stats":
+                result = self.vm.stats()
+            elif cmd == "pause":
+                await self.vm.pause()
+                result = self.vm.state_info()
+            elif cmd == "resume":
+                await self.vm.resume()
+                result = self.vm.state_info()
+            elif cmd == "destroy":
+                how = await self.vm.destroy(float(req.get("timeout", 30)), force=bool(req.get("force", False)))
+                result = {"how": how}
+            else:
+                return {"ok": False, "error": f"unknown command {cmd!r} (known: {', '.join(protocol.COMMANDS)})"}
+        except (VmmError, ValueError, TypeError) as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "result": result}
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            if self._handlers:  # let an answer in flight (destroy's) reach its client
+                await asyncio.wait(list(self._handlers), timeout=1)
+            for t in list(self._handlers):
+                t.cancel()
+            await self._server.wait_closed()
+            self._server = None
+        else:
+            self._sock.close()
+        self.remove_socket()
+
+    def remove_socket(self) -> None:
+        """Remove the socket file if it is still ours (not a successor's after a restart)."""
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
