@@ -50,6 +50,7 @@ class ConsoleStream(Console):
         self._protocol = _WriterProtocol(loop)
         self._transport = _UartTransport(self, self._protocol)
         self.writer = asyncio.StreamWriter(self._transport, self._protocol, None, loop)
+        self._writer_paused = False
         self._buffer = bytearray()  # output read by expect() and not yet returned
         self.transcript = bytearray()  # everything the guest wrote, for diagnostics
 
@@ -60,7 +61,8 @@ class ConsoleStream(Console):
 
     def resume_input(self) -> None:
         super().resume_input()
-        if len(self._held) <= self.LOW_WATER:
+        if self._writer_paused and len(self._held) <= self.LOW_WATER:
+            self._writer_paused = False
             self._protocol.resume_writing()
 
     def attach(self, loop, feed, on_break=None, on_quit=None) -> None:
@@ -73,7 +75,8 @@ class ConsoleStream(Console):
             self._held += data
         else:
             self._push(data)
-        if len(self._held) > self.HIGH_WATER:
+        if not self._writer_paused and len(self._held) > self.HIGH_WATER:
+            self._writer_paused = True
             self._protocol.pause_writing()
 
     def send_break(self) -> None:

@@ -55,6 +55,7 @@ AVMM_EXIT_IO, AVMM_EXIT_MMIO = lib.AVMM_EXIT_IO, lib.AVMM_EXIT_MMIO
 
 GP_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
                 "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+SEGMENT_FIELDS = ("selector", "base", "limit", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 VCPU_STATES = {
     lib.AVMM_VCPU_IDLE: "idle", lib.AVMM_VCPU_RUNNING: "running", lib.AVMM_VCPU_WAITING: "in an exit",
     lib.AVMM_VCPU_PAUSED: "paused", lib.AVMM_VCPU_DONE: "stopped",
@@ -163,6 +164,7 @@ class Machine:
         self._uart_level = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future | None = None
+        self._stop_before_run: Stop | None = None
         self._ids = ffi.new("int[]", max(config.cpus, 1))
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._closed = False
@@ -296,6 +298,8 @@ class Machine:
     async def run(self) -> Stop:
         """Start the vCPUs and serve them until the VM stops; returns why."""
         loop = self._loop = asyncio.get_running_loop()
+        if self._stop_before_run is not None:  # stopped before it ran: nothing to start
+            return self._stop_before_run
         self._stopped = loop.create_future()
         loop.add_reader(self._notify_efd, self._on_exits)
         loop.add_reader(self._console_efd, self._on_console_output)
@@ -315,8 +319,11 @@ class Machine:
         return stop
 
     def request_stop(self, stop: Stop) -> None:
-        """Stop the VM (the first reason given wins)."""
-        if self._stopped is not None and not self._stopped.done():
+        """Stop the VM (the first reason given wins); also before run() has begun."""
+        if self._stopped is None:
+            if self._stop_before_run is None:
+                self._stop_before_run = stop
+        elif not self._stopped.done():
             self._stopped.set_result(stop)
 
     def _on_console_quit(self) -> None:
@@ -525,8 +532,7 @@ class Machine:
             out[name] = getattr(sregs, name)
         for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
             seg = getattr(sregs, name)
-            out[name] = {"selector": seg.selector, "base": seg.base, "limit": seg.limit, "type": seg.type,
-                         "dpl": seg.dpl, "db": seg.db, "l": seg.l, "present": seg.present}
+            out[name] = {f: getattr(seg, f) for f in SEGMENT_FIELDS}
         for name in ("gdt", "idt"):
             table = getattr(sregs, name)
             out[name] = {"base": table.base, "limit": table.limit}

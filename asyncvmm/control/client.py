@@ -39,7 +39,8 @@ class ControlClient:
     """Talks to one VM's control socket, named by the VM's name or by the socket's path."""
 
     def __init__(self, name_or_path: str, timeout: float = DEFAULT_TIMEOUT):
-        if os.sep in name_or_path:
+        self.by_path = os.sep in name_or_path
+        if self.by_path:
             self.path = name_or_path
             base = os.path.basename(name_or_path)
             self.name = base[: -len(SOCKET_SUFFIX)] if base.endswith(SOCKET_SUFFIX) else base
@@ -53,9 +54,14 @@ class ControlClient:
             self.path = socket_path(name_or_path)
         self.timeout = timeout
 
-    def request(self, cmd: str, *, timeout: float | None = None, **fields) -> dict:
-        """Send {"cmd": cmd, **fields}; return the answer's result, or raise."""
-        timeout = self.timeout if timeout is None else timeout
+    def request(self, cmd: str, /, **fields) -> dict:
+        """Send {"cmd": cmd, **fields}; return the answer's result, or raise.
+
+        The answer is awaited for the client's timeout; a destroy that gives the guest
+        `timeout` seconds to power off is awaited that much longer."""
+        timeout = self.timeout
+        if cmd == "destroy" and not fields.get("force") and isinstance(fields.get("timeout"), (int, float)):
+            timeout += fields["timeout"]
         deadline = time.monotonic() + timeout
         sock = self._connect(timeout)
         try:
@@ -91,6 +97,8 @@ class ControlClient:
             sock.connect(self.path)
         except FileNotFoundError:
             sock.close()
+            if self.by_path:
+                raise NoSuchVm(f"no VM is running at {self.path} (no such socket)") from None
             raise NoSuchVm(f"no VM named {self.name} is running (no socket at {self.path})") from None
         except ConnectionRefusedError:
             sock.close()

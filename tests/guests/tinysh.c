@@ -1,0 +1,348 @@
+/*
+ * tinysh: a tiny line-oriented command interpreter on COM1, to be driven like
+ * a shell (a stand-in for a Linux shell where guest user space cannot run).
+ *
+ * Prints "tinysh ready", then the prompt "# ", reads a line (printable bytes
+ * echoed, 0x7f/0x08 erase, '\r' or '\n' ends it; a '\n' right after a '\r'
+ * is ignored) and runs it:
+ *   echo WORDS...  WORDS joined by single spaces
+ *   date           RTC time "YYYY-MM-DD HH:MM:SS" (same rules as cmos.c)
+ *   add A B        decimal sum of two unsigned 32-bit numbers (no wrap-around)
+ *   count N        1..N, one per line (N <= 100000)
+ *   mem            "ram=N KiB": type-1 entries of the PVH memory map
+ *   cmdline        the kernel command line
+ *   exit           "bye", then reset
+ * Anything else: "tinysh: CMD: not found".  Errors go to COM1 as "tinysh: ...".
+ */
+#include "rt.h"
+
+#define LINE_MAX  256
+#define ARGS_MAX  32
+#define COUNT_MAX 100000u
+
+/* ---------------- output helpers ---------------- */
+
+/* Decimal u64 with 32-bit operations only (no libgcc __udivdi3). */
+static void print_u64(u64 v)
+{
+    char buf[20];
+    int n = 0;
+    do {
+        u32 hi = (u32)(v >> 32), lo = (u32)v, ten = 10, qlo, r;
+        u32 qhi = hi / 10;
+        r = hi % 10;
+        /* (r:lo) / 10 with r < 10, so the quotient fits in 32 bits. */
+        __asm__("divl %4" : "=a"(qlo), "=d"(r) : "a"(lo), "d"(r), "r"(ten));
+        buf[n++] = (char)('0' + r);
+        v = ((u64)qhi << 32) | qlo;
+    } while (v);
+    while (n)
+        putc(buf[--n]);
+}
+
+static int streq(const char *a, const char *b)
+{
+    while (*a && *a == *b) {
+        a++;
+        b++;
+    }
+    return *a == *b;
+}
+
+static void err(const char *cmd, const char *msg)
+{
+    puts("tinysh: ");
+    puts(cmd);
+    puts(msg);
+    putc('\n');
+}
+
+/* Unsigned decimal that fits in 32 bits; 0 on success. */
+static int parse_dec(const char *s, u32 *out)
+{
+    u32 v = 0;
+    if (!*s)
+        return -1;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9')
+            return -1;
+        u32 d = (u32)(*s - '0');
+        if (v > (0xffffffffu - d) / 10)
+            return -1;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 0;
+}
+
+/* ---------------- RTC (MC146818, same logic as cmos.c) ---------------- */
+
+#define RTC_SEC     0x00
+#define RTC_MIN     0x02
+#define RTC_HOUR    0x04
+#define RTC_DAY     0x07
+#define RTC_MONTH   0x08
+#define RTC_YEAR    0x09
+#define RTC_STATUSA 0x0A
+#define RTC_STATUSB 0x0B
+#define RTC_CENTURY 0x32
+
+struct rtc_time { u32 year, month, day, hour, min, sec; };
+struct rtc_raw { u8 sec, min, hour, day, month, year, century; };
+
+static u8 cmos_reg(u8 reg)
+{
+    outb(0x70, reg);            /* bit 7 = 0: NMI stays enabled */
+    return inb(0x71);
+}
+
+/* Bounded wait for status A UIP to clear; 0 on success. */
+static int rtc_wait_uip(void)
+{
+    for (u32 i = 0; i < 2000; i++)
+        if (!(cmos_reg(RTC_STATUSA) & 0x80))
+            return 0;
+    return -1;
+}
+
+static void rtc_snapshot(struct rtc_raw *r)
+{
+    r->sec = cmos_reg(RTC_SEC);
+    r->min = cmos_reg(RTC_MIN);
+    r->hour = cmos_reg(RTC_HOUR);
+    r->day = cmos_reg(RTC_DAY);
+    r->month = cmos_reg(RTC_MONTH);
+    r->year = cmos_reg(RTC_YEAR);
+    r->century = cmos_reg(RTC_CENTURY);
+}
+
+static u32 bcd(u8 v) { return (u32)(v >> 4) * 10 + (v & 0xf); }
+
+/* Read the RTC into *t; -1 if UIP never clears (no RTC). */
+static int rtc_read(struct rtc_time *t)
+{
+    struct rtc_raw a, b;
+
+    if (rtc_wait_uip())
+        return -1;
+    rtc_snapshot(&a);
+    /* Re-read until two consecutive snapshots agree (an update may have hit). */
+    for (int tries = 0; tries < 5; tries++) {
+        if (rtc_wait_uip())
+            break;
+        rtc_snapshot(&b);
+        if (!memcmp(&a, &b, sizeof(a)))
+            break;
+        a = b;
+    }
+
+    u8 sb = cmos_reg(RTC_STATUSB);
+    int pm = a.hour & 0x80;
+    u8 hraw = a.hour & 0x7f;
+    u32 century;
+
+    if (sb & 0x04) {            /* binary */
+        t->sec = a.sec; t->min = a.min; t->hour = hraw; t->day = a.day;
+        t->month = a.month; t->year = a.year; century = a.century;
+    } else {
+        t->sec = bcd(a.sec); t->min = bcd(a.min); t->hour = bcd(hraw);
+        t->day = bcd(a.day); t->month = bcd(a.month); t->year = bcd(a.year);
+        century = bcd(a.century);
+    }
+    if (!(sb & 0x02)) {         /* 12-hour mode: 12 AM = 0, 12 PM = 12 */
+        if (t->hour == 12)
+            t->hour = 0;
+        if (pm)
+            t->hour += 12;
+    }
+    if (century < 19 || century > 99)   /* register absent or garbage */
+        century = 20;
+    t->year += century * 100;
+    return 0;
+}
+
+/* ---------------- commands ---------------- */
+
+static void cmd_echo(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (i > 1)
+            putc(' ');
+        puts(argv[i]);
+    }
+    putc('\n');
+}
+
+static void cmd_date(void)
+{
+    struct rtc_time t;
+    if (rtc_read(&t)) {
+        err("date", ": RTC UIP stuck");
+        return;
+    }
+    print_dec_pad(t.year, 4);
+    putc('-');
+    print_dec_pad(t.month, 2);
+    putc('-');
+    print_dec_pad(t.day, 2);
+    putc(' ');
+    print_dec_pad(t.hour, 2);
+    putc(':');
+    print_dec_pad(t.min, 2);
+    putc(':');
+    print_dec_pad(t.sec, 2);
+    putc('\n');
+}
+
+static void cmd_add(int argc, char **argv)
+{
+    u32 a, b;
+    if (argc != 3 || parse_dec(argv[1], &a) || parse_dec(argv[2], &b)) {
+        err("add", ": usage: add A B (unsigned decimal, < 2^32)");
+        return;
+    }
+    print_u64((u64)a + b);
+    putc('\n');
+}
+
+static void cmd_count(int argc, char **argv)
+{
+    u32 n;
+    if (argc != 2 || parse_dec(argv[1], &n) || n > COUNT_MAX) {
+        err("count", ": usage: count N (0..100000)");
+        return;
+    }
+    /* Increment an ASCII number in place: no division per line. */
+    char num[13];
+    int start = 10;
+    num[10] = '0';
+    num[11] = '\n';
+    num[12] = 0;
+    for (u32 i = 0; i < n; i++) {
+        for (int d = 10;; d--) {
+            if (d < start) {
+                num[--start] = '1';
+                break;
+            }
+            if (num[d] != '9') {
+                num[d]++;
+                break;
+            }
+            num[d] = '0';
+        }
+        puts(num + start);
+    }
+}
+
+struct memmap_entry { u64 addr, size; u32 type, reserved; };
+
+static void cmd_mem(const struct hvm_start_info *si)
+{
+    if (!si || si->magic != HVM_START_MAGIC || si->version < 1 ||
+        !si->memmap_paddr || (si->memmap_paddr >> 32) || !si->memmap_entries) {
+        err("mem", ": no PVH memory map");
+        return;
+    }
+    const struct memmap_entry *e = (const struct memmap_entry *)(u32)si->memmap_paddr;
+    u64 total = 0;
+    for (u32 i = 0; i < si->memmap_entries; i++)
+        if (e[i].type == 1)
+            total += e[i].size;
+    puts("ram=");
+    print_u64(total >> 10);
+    puts(" KiB\n");
+}
+
+static void run(const struct hvm_start_info *si, char *line)
+{
+    char *argv[ARGS_MAX];
+    int argc = 0;
+    char *p = line;
+
+    for (;;) {
+        while (*p == ' ')
+            p++;
+        if (!*p)
+            break;
+        if (argc == ARGS_MAX) {
+            err(argv[0], ": too many words");
+            return;
+        }
+        argv[argc++] = p;
+        while (*p && *p != ' ')
+            p++;
+        if (*p)
+            *p++ = 0;
+    }
+    if (!argc)
+        return;
+
+    const char *c = argv[0];
+    if (streq(c, "echo"))
+        cmd_echo(argc, argv);
+    else if (streq(c, "date"))
+        cmd_date();
+    else if (streq(c, "add"))
+        cmd_add(argc, argv);
+    else if (streq(c, "count"))
+        cmd_count(argc, argv);
+    else if (streq(c, "mem"))
+        cmd_mem(si);
+    else if (streq(c, "cmdline")) {
+        puts(cmdline(si));
+        putc('\n');
+    } else if (streq(c, "exit")) {
+        puts("bye\n");
+        reset();
+    } else
+        err(c, ": not found");
+}
+
+/* ---------------- line input ---------------- */
+
+/* Read one line into buf (NUL-terminated), echoing like a terminal. */
+static void read_line(char *buf)
+{
+    static int last_cr;     /* swallow the '\n' of a "\r\n" pair */
+    u32 len = 0;
+
+    for (;;) {
+        int c = getc();
+        if (c == '\n' && last_cr) {
+            last_cr = 0;
+            continue;
+        }
+        last_cr = 0;
+        if (c == '\r' || c == '\n') {
+            last_cr = c == '\r';
+            putc('\n');
+            break;
+        }
+        if (c == 0x7f || c == 0x08) {
+            if (len) {
+                len--;
+                puts("\b \b");
+            }
+            continue;
+        }
+        if (c == '\t')
+            c = ' ';
+        if (c < 0x20 || c > 0x7e || len >= LINE_MAX - 1)
+            continue;       /* other control bytes, or the line is full */
+        buf[len++] = (char)c;
+        putc((char)c);
+    }
+    buf[len] = 0;
+}
+
+void guest_main(const struct hvm_start_info *si)
+{
+    static char line[LINE_MAX];
+
+    puts("tinysh ready\n");
+    for (;;) {
+        puts("# ");
+        read_line(line);
+        run(si, line);
+    }
+}

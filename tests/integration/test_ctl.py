@@ -1,0 +1,427 @@
+"""`asyncvmm ctl` against real running guests: every command, both spellings (asyncvmm's and
+bhyvectl's), and what is left when a VMM is killed.
+
+Each VM is `asyncvmm run` in a subprocess with its own ASYNCVMM_RUN_DIR; the counter guest
+prints "tick N" forever, so its stdout shows whether it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from asyncvmm.control.client import ControlClient
+from asyncvmm.errors import VmmError
+
+from conftest import ROOT, needs_kvm, run_vmm
+
+GUEST_RIP = range(0x100000, 0x200000)  # where the test guests are linked
+EXIT_HOST = 4  # asyncvmm run: stopped from the host
+
+
+@pytest.fixture
+def run_dir():
+    """A private, short run directory (a socket's path must fit in 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="avmm-ctl-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Guest:
+    """The counter guest under `asyncvmm run NAME`, its output collected as it comes."""
+
+    def __init__(self, guests: Path, name: str, run_dir: Path):
+        self.name = name
+        self.env = {**os.environ, "ASYNCVMM_RUN_DIR": str(run_dir)}
+        self.socket = run_dir / f"{name}.sock"
+        self.out = bytearray()
+        self.err = bytearray()
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "counter.elf"),
+             "--cmdline", "delay=2000", name],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=self.env,
+        )
+        self._readers = [
+            threading.Thread(target=self._collect, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._collect, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _collect(self, pipe, into: bytearray) -> None:
+        fd = pipe.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                into += data
+
+    def ticks(self) -> int:
+        with self._lock:
+            return self.out.count(b"tick ")
+
+    def stderr(self) -> str:
+        with self._lock:
+            return self.err.decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 30) -> "Guest":
+        """Until the control socket answers and the guest has printed a tick."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"the VMM ended with status {self.proc.returncode}: {self.stderr()}"
+            if self.socket.exists() and self.ticks() > 0:
+                try:
+                    ControlClient(str(self.socket)).request("state")
+                    return self
+                except VmmError:
+                    pass
+            assert time.monotonic() < deadline, f"VM {self.name} not ready: {self.stderr()}"
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = 15) -> int:
+        status = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return status
+
+    def ctl(self, *args: str, timeout: float = 60):
+        r = run_vmm("ctl", *args, env=self.env, timeout=timeout)
+        assert "Traceback" not in r.err, r.err
+        return r
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(10)
+        finally:
+            for t in self._readers:
+                t.join(5)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+    def __enter__(self) -> "Guest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def one_error_line(r, *needles: str) -> str:
+    """stderr is one line "asyncvmm: ..." holding every needle; stdout is empty."""
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncvmm: "), r.err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert r.out == "", r.out
+    return lines[0]
+
+
+def find(obj, key: str):
+    """The first value under `key` anywhere in a JSON answer."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def vm(guests):
+    """One counter guest for the commands that leave it running."""
+    path = Path(tempfile.mkdtemp(prefix="avmm-ctl-"))
+    g = Guest(guests, "counter1", path)
+    try:
+        yield g.wait_ready()
+    finally:
+        g.kill()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the VM's socket and its state ----------------------------------------------------------
+
+
+@needs_kvm
+def test_socket_is_the_owners_alone(vm):
+    st = os.stat(vm.socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+@needs_kvm
+def test_list_shows_the_vm(vm):
+    r = vm.ctl("list")
+    assert r.status == 0, r.err
+    header, *rows = r.out.splitlines()
+    assert header.split() == ["NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"]
+    row = [line.split() for line in rows if line.split()[0] == vm.name]
+    assert row, r.out
+    name, state, vcpus, *memory, uptime, pid = row[0]
+    assert (state, vcpus, " ".join(memory), pid) == ("running", "1", "64 MiB", str(vm.proc.pid))
+
+    r = vm.ctl("list", "--json")
+    assert r.status == 0, r.err
+    (entry,) = [e for e in json.loads(r.out) if e["name"] == vm.name]
+    assert entry["state"] == "running" and entry["pid"] == vm.proc.pid and entry["memory"] == 64 << 20
+
+
+@needs_kvm
+def test_state_says_running(vm):
+    r = vm.ctl("state", vm.name)
+    assert r.status == 0, r.err
+    fields = dict(line.split(":", 1) for line in r.out.splitlines())
+    assert fields["state"].strip() == "running"
+    assert fields["name"].strip() == vm.name
+    assert fields["memory"].strip() == "64 MiB"
+    assert fields["pid"].strip() == str(vm.proc.pid)
+
+    r = vm.ctl("state", vm.name, "--json")
+    assert r.status == 0, r.err
+    state = json.loads(r.out)
+    assert (state["state"], state["vcpus"], state["memory"], state["pid"]) == ("running", 1, 64 << 20, vm.proc.pid)
+
+
+@needs_kvm
+def test_pause_stops_the_guest_and_resume_lets_it_run(vm):
+    try:
+        r = vm.ctl("pause", vm.name)
+        assert r.status == 0, r.err
+        assert r.out.strip() == f"VM {vm.name} paused"
+        assert json.loads(vm.ctl("state", vm.name, "--json").out)["state"] == "paused"
+        time.sleep(0.2)  # output already produced reaches stdout
+        before = vm.ticks()
+        time.sleep(0.5)
+        assert vm.ticks() == before, "the guest printed while paused"
+    finally:
+        r = vm.ctl("resume", vm.name)
+    assert r.status == 0, r.err
+    assert r.out.strip() == f"VM {vm.name} resumed"
+    deadline = time.monotonic() + 10
+    while vm.ticks() < before + 10:
+        assert time.monotonic() < deadline, "no ticks after resume"
+        time.sleep(0.05)
+    assert json.loads(vm.ctl("state", vm.name, "--json").out)["state"] == "running"
+
+
+# -- registers and statistics -----------------------------------------------------------------
+
+
+@needs_kvm
+def test_regs_show_the_guest_running_its_code(vm):
+    r = vm.ctl("regs", vm.name, "--vcpu", "0")
+    assert r.status == 0, r.err
+    m = re.search(r"^rip (0x[0-9a-f]{16})  rflags (0x[0-9a-f]{16})", r.out, re.M)
+    assert m, r.out
+    assert int(m.group(1), 16) in GUEST_RIP
+    assert int(m.group(2), 16) & 0x2  # bit 1 of RFLAGS is always set
+    for reg in ("rax", "rbx", "r8", "r15"):
+        assert re.search(rf"\b{reg} +0x[0-9a-f]{{16}}", r.out), reg
+    assert re.search(r"^cs +0x0008 +0x0{16} +0xffffffff +code", r.out, re.M), r.out
+    assert re.search(r"^cr0 0x[0-9a-f]{16}  cr2 0x[0-9a-f]{16}  cr3 0x[0-9a-f]{16}  cr4 0x[0-9a-f]{16}", r.out, re.M)
+    assert re.search(r"\befer 0x[0-9a-f]{16}", r.out)
+
+    r = vm.ctl("regs", vm.name, "--json")  # vCPU 0 by default
+    assert r.status == 0, r.err
+    regs = json.loads(r.out)
+    assert find(regs, "rip") in GUEST_RIP
+    assert find(regs, "cr0") & 1  # protected mode
+    assert find(regs, "cs")["selector"] == 0x08
+
+
+@needs_kvm
+def test_regs_of_a_vcpu_the_vm_does_not_have(vm):
+    r = vm.ctl("regs", vm.name, "--vcpu", "1")
+    assert r.status == 1
+    one_error_line(r, "vCPU 1")
+    r = vm.ctl("regs", vm.name, "--vcpu", "x")
+    assert r.status == 2
+    one_error_line(r, "--vcpu")
+
+
+@needs_kvm
+def test_stats_show_exits_and_times(vm):
+    r = vm.ctl("stats", vm.name)
+    assert r.status == 0, r.err
+    assert r.out.startswith("vCPU 0\n"), r.out
+    total = re.search(r"^  exits: (\d+)$", r.out, re.M)
+    assert total and int(total.group(1)) > 0, r.out
+    assert re.search(r"^    IO +\d+$", r.out, re.M), r.out
+    assert re.search(r"^  in the guest: +[\d.]+ ms$", r.out, re.M), r.out
+    assert re.search(r"^  waiting on the loop: +[\d.]+ ms$", r.out, re.M), r.out
+    assert re.search(r"^  fast-path exits \(served in C\): +\d+$", r.out, re.M), r.out
+    assert re.search(r"^console \(COM1\):$", r.out, re.M), r.out
+    assert re.search(r"^  tx_bytes: +[1-9]\d*$", r.out, re.M), r.out
+
+    r = vm.ctl("stats", vm.name, "--json")
+    assert r.status == 0, r.err
+    stats = json.loads(r.out)
+    assert sum(stats["vcpus"][0]["exits"].values()) > 0
+    assert stats["console"]["tx_bytes"] > 0
+
+
+# -- bhyvectl's spelling ------------------------------------------------------------------------
+
+
+@needs_kvm
+def test_bhyvectl_get_rip(vm):
+    r = vm.ctl(f"--vm={vm.name}", "--get-rip")
+    assert r.status == 0, r.err
+    m = re.fullmatch(r"rip\[0\]\t(0x[0-9a-f]{16})\n", r.out)
+    assert m, r.out
+    assert int(m.group(1), 16) in GUEST_RIP
+
+    r = vm.ctl("--vm", vm.name, "--cpu=0", "--get-rsp", "--get-rax", "--get-cr0", "--get-efer", "--get-rflags")
+    assert r.status == 0, r.err
+    assert [line.split("\t")[0] for line in r.out.splitlines()] == ["efer[0]", "cr0[0]", "rsp[0]", "rax[0]", "rflags[0]"]
+
+
+@needs_kvm
+def test_bhyvectl_get_all(vm):
+    r = vm.ctl(f"--vm={vm.name}", "--get-all")
+    assert r.status == 0, r.err
+    values = dict(line.split("\t") for line in r.out.splitlines())
+    for reg in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r15", "rip", "rflags",
+                "cr0", "cr2", "cr3", "cr4", "efer"):
+        assert re.fullmatch(r"0x[0-9a-f]{16}", values[f"{reg}[0]"]), reg
+    assert int(values["rip[0]"], 16) in GUEST_RIP
+    assert values["cs[0]"] == "0x0008"
+    base, limit, access = values["cs desc[0]"].split("/")
+    assert (int(base, 16), int(limit, 16)) == (0, 0xFFFFFFFF)
+    assert int(access, 16) & 0x9B == 0x9B  # present, code/data, code, readable, accessed
+    assert "gdtr[0]" in values and "idtr[0]" in values
+
+
+@needs_kvm
+def test_bhyvectl_get_stats_and_cpus(vm):
+    r = vm.ctl(f"--vm={vm.name}", "--get-stats", "--get-active-cpus")
+    assert r.status == 0, r.err
+    lines = r.out.splitlines()
+    assert "active cpus:\t 0" in lines
+    assert "vcpu0 stats:" in lines
+    io = [line for line in lines if line.startswith("exits IO")]
+    assert io and int(io[0].split("\t")[1]) > 0, r.out
+
+
+@needs_kvm
+@pytest.mark.parametrize("option", ["--get-vmcs-exit-ctls", "--get-vmcb-intercepts", "--get-eptp",
+                                    "--get-msr-bitmap", "--unassign-pptdev=1/2/3", "--run", "--getcap"])
+def test_bhyvectl_options_without_meaning_on_kvm(vm, option):
+    r = vm.ctl(f"--vm={vm.name}", option)
+    assert r.status == 2
+    name = option.partition("=")[0]
+    one_error_line(r, f"bhyvectl option {name} has no meaning on KVM")
+
+
+@needs_kvm
+@pytest.mark.parametrize("option", ["--set-rip=0x100000", "--inject-nmi", "--force-reset", "--suspend=/tmp/snap"])
+def test_bhyvectl_options_asyncvmm_does_not_offer(vm, option):
+    r = vm.ctl(f"--vm={vm.name}", option)
+    assert r.status == 2
+    one_error_line(r, f"bhyvectl option {option.partition('=')[0]} is not supported")
+    assert vm.proc.poll() is None
+
+
+@needs_kvm
+def test_bhyvectl_bad_usage(vm):
+    r = vm.ctl("--get-rip")
+    assert r.status == 2
+    one_error_line(r, "--vm=NAME")
+    r = vm.ctl(f"--vm={vm.name}", "--get-nonsense")
+    assert r.status == 2
+    one_error_line(r, "unknown option --get-nonsense")
+    r = vm.ctl(f"--vm={vm.name}", "--cpu=7", "--get-rip")
+    assert r.status == 1
+    one_error_line(r, "vCPU 7")
+
+
+# -- no such VM, a stale socket, destroy ----------------------------------------------------------
+
+
+def test_no_such_vm(run_dir):
+    env = {**os.environ, "ASYNCVMM_RUN_DIR": str(run_dir)}
+    for args in (["state", "NOSUCH"], ["regs", "NOSUCH"], ["pause", "NOSUCH"], ["--vm=NOSUCH", "--get-rip"]):
+        r = run_vmm("ctl", *args, env=env)
+        assert r.status == 2, args
+        one_error_line(r, f"no VM named NOSUCH is running (no socket at {run_dir / 'NOSUCH.sock'})")
+    r = run_vmm("ctl", "list", env=env)
+    assert (r.status, r.out.split()) == (0, ["NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"])
+
+
+def test_bad_usage():
+    for args, needle in ((["ctl"], "ctl needs a command"), (["ctl", "frob", "x"], "invalid choice"),
+                         (["ctl", "state"], "NAME"), (["ctl", "state", "no/such/../x y"], "no VM"),
+                         (["ctl", "state", "-bad"], ""), (["ctl", "destroy", "x", "--timeout", "-1"], "--timeout")):
+        r = run_vmm(*args)
+        assert r.status == 2, args
+        one_error_line(r, needle)
+    r = run_vmm("ctl", "--help")
+    assert r.status == 0 and "bhyvectl" in r.out and r.err == ""
+
+
+@needs_kvm
+@pytest.mark.parametrize("spelling", [["destroy", "{name}", "--force"], ["destroy", "{name}", "--timeout", "5"],
+                                      ["--vm={name}", "--destroy"]], ids=["force", "timeout", "bhyvectl"])
+def test_destroy_ends_the_vm(guests, run_dir, spelling):
+    with Guest(guests, "victim", run_dir) as g:
+        g.wait_ready()
+        r = g.ctl(*(a.format(name=g.name) for a in spelling))
+        assert r.status == 0, r.err
+        if spelling[0] == "destroy":
+            assert r.out.strip() == "VM victim destroyed (stopped hard)"
+        assert g.wait_exit() == EXIT_HOST, g.stderr()
+        assert not g.socket.exists()
+        r = g.ctl("state", g.name)
+        assert r.status == 2
+        one_error_line(r, "no VM named victim is running")
+        assert "Traceback" not in g.stderr()
+
+
+@needs_kvm
+def test_a_killed_vmm_leaves_a_stale_socket_that_the_next_vm_replaces(guests, run_dir):
+    with Guest(guests, "phoenix", run_dir) as first:
+        first.wait_ready()
+        first.proc.send_signal(signal.SIGKILL)
+        first.wait_exit()
+        assert first.socket.exists()  # nobody lived to remove it
+
+        r = first.ctl("state", "phoenix")
+        assert r.status == 2
+        one_error_line(r, f"VM phoenix is not running (stale socket {first.socket})")
+        r = first.ctl("list")
+        assert r.status == 0, r.err
+        assert ["phoenix", "stale"] == r.out.splitlines()[1].split()[:2], r.out
+
+    with Guest(guests, "phoenix", run_dir) as second:
+        second.wait_ready()
+        r = second.ctl("state", "phoenix", "--json")
+        assert r.status == 0, r.err
+        assert json.loads(r.out)["pid"] == second.proc.pid
+
+        with Guest(guests, "phoenix", run_dir) as third:  # a live name is not taken over
+            assert third.wait_exit(30) == 2
+            assert "already running" in third.stderr(), third.stderr()
+            assert third.ticks() == 0
+        r = second.ctl("state", "phoenix", "--json")
+        assert r.status == 0, r.err
+        assert json.loads(r.out)["pid"] == second.proc.pid
+        assert second.socket.exists()
