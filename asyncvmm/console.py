@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import queue
 import socket
 import stat
 import termios
+import threading
 import tty
 from typing import Callable
 
@@ -200,7 +202,11 @@ def restore_terminal(console: "StdioConsole") -> None:
 
 
 class FileConsole(Console):
-    """Guest output appended to a file; no input."""
+    """Guest output appended to a file; no input.
+
+    A write to a file can block on the disk, so the loop only queues the batches; one
+    writer thread appends them, in order. close() waits until all are written.
+    """
 
     def __init__(self, path: str):
         super().__init__()
@@ -208,13 +214,25 @@ class FileConsole(Console):
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise ConfigError(f"cannot open console file {path}: {e.strerror}") from None
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_out, name="console-file", daemon=True)
+        self._writer.start()
 
     def write(self, data: bytes) -> None:
-        _write_all(self.fd, data)
+        self._queue.put(data)
+
+    def _write_out(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                _write_all(self.fd, data)
+            except OSError:
+                pass  # a full disk loses console output, never the VM
 
     def close(self) -> None:
         super().close()
         if self.fd >= 0:
+            self._queue.put(None)
+            self._writer.join()
             os.close(self.fd)
             self.fd = -1
 

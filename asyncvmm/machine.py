@@ -172,6 +172,9 @@ class Machine:
         self.poll_max_ns = POLL_MAX_NS if config.poll else 0
         self._poll_ns = 0
         self._idle_since = 0  # when the loop last stopped polling for exits
+        self.loop_wakeups = 0  # times the loop was woken for exits
+        self.exit_batches = 0  # collections of posted exits (a wake-up, or a poll that hit)
+        self.exits_served = 0
         self._uart_fast = None
         self._console_timer: asyncio.TimerHandle | None = None
 
@@ -376,9 +379,12 @@ class Machine:
             elif poll:
                 self._poll_ns = poll // 2 if poll // 2 >= POLL_MIN_NS else 0
         deadline = now + POLL_SLICE_NS
+        self.loop_wakeups += 1
         while True:
             # Bytes the fast path took from THR come before whatever these exits do.
             self._drain_console()
+            self.exit_batches += 1
+            self.exits_served += n
             for k in range(n):
                 self._serve_exit(ids[k])
             if self.stopping:
@@ -549,7 +555,13 @@ class Machine:
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
             "quirks": dict(self.quirks.applied),
-            "loop_poll_ns": self._poll_ns,
+            "loop": {
+                "wakeups": self.loop_wakeups,
+                "batches": self.exit_batches,
+                "exits": self.exits_served,
+                "mean_batch": round(self.exits_served / self.exit_batches, 2) if self.exit_batches else 0.0,
+                "poll_window_ns": self._poll_ns,
+            },
             "uptime_s": round(time.monotonic() - self.timeline.started, 3) if self.timeline.started else 0.0,
         }
 

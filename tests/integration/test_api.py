@@ -193,3 +193,16 @@ def test_the_default_asyncio_loop_works_too(guests):
 
     stop = asyncio.run(main())
     assert stop.reason is StopReason.RESET
+
+
+def test_the_readme_example_service(guests):
+    """tools/examples/shell_service.py, the README's example, as a user runs it."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "tools/examples/shell_service.py", "echo hello", "add 2 40", "mem"],
+        capture_output=True, cwd=ROOT, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode() == "$ echo hello\nhello\n$ add 2 40\n42\n$ mem\nram=65151 KiB\n"

@@ -1,0 +1,36 @@
+"""A small asyncio service around asyncvmm: boot a guest, run a command on its console,
+return the output. (The guest is tests/guests' tinysh, a stand-in for a Linux shell.)
+
+    .venv/bin/python tools/examples/shell_service.py "echo hello" "add 2 40" date
+"""
+
+import asyncio
+import re
+import sys
+
+from asyncvmm import VM, VmConfig
+
+KERNEL = "build/guests/tinysh.elf"
+
+
+async def run_in_guest(name: str, command: str) -> str:
+    """Boot a fresh guest, run `command` at its prompt, return what it printed."""
+    async with VM(VmConfig(name=name, memory=64 << 20, kernel=KERNEL)) as vm:
+        await vm.console.expect(rb"# ")  # the prompt
+        vm.console.writer.write(command.encode() + b"\n")
+        await vm.console.writer.drain()
+        # The guest echoes the command line, then prints its output and a new prompt.
+        m = await vm.console.expect(rb"(?s)" + re.escape(command.encode()) + rb"\n(.*?)# ", timeout=30)
+        return m.group(1).decode()
+    # leaving `async with` stops the guest and releases everything
+
+
+async def main(commands: list[str]) -> None:
+    # One guest per command, all at once, on this one loop.
+    outputs = await asyncio.gather(*(run_in_guest(f"svc-{i}", c) for i, c in enumerate(commands)))
+    for command, output in zip(commands, outputs):
+        print(f"$ {command}\n{output}", end="")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:] or ["echo hello from a guest"]))
