@@ -19,6 +19,22 @@ def have_kvm() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
+def vcpu_threads() -> int:
+    """vCPU threads of this process (the C core names them vcpuN)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().startswith("vcpu")
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
 needs_kvm = pytest.mark.skipif(not have_kvm(), reason="needs read/write access to /dev/kvm")
 
 

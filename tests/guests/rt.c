@@ -285,3 +285,88 @@ usize strlen(const char *s)
         n++;
     return n;
 }
+
+/* ---------------- MC146818 RTC through ports 0x70/0x71 ---------------- */
+
+#define RTC_SEC     0x00
+#define RTC_MIN     0x02
+#define RTC_HOUR    0x04
+#define RTC_DAY     0x07
+#define RTC_MONTH   0x08
+#define RTC_YEAR    0x09
+#define RTC_STATUSA 0x0A
+#define RTC_STATUSB 0x0B
+#define RTC_CENTURY 0x32
+
+struct rtc_raw { u8 sec, min, hour, day, month, year, century; };
+
+static u8 cmos_reg(u8 reg)
+{
+    outb(0x70, reg);            /* bit 7 = 0: NMI stays enabled */
+    return inb(0x71);
+}
+
+/* Bounded wait for status A UIP to clear; 0 on success. */
+static int rtc_wait_uip(void)
+{
+    for (u32 i = 0; i < 2000; i++)
+        if (!(cmos_reg(RTC_STATUSA) & 0x80))
+            return 0;
+    return -1;
+}
+
+static void rtc_snapshot(struct rtc_raw *r)
+{
+    r->sec = cmos_reg(RTC_SEC);
+    r->min = cmos_reg(RTC_MIN);
+    r->hour = cmos_reg(RTC_HOUR);
+    r->day = cmos_reg(RTC_DAY);
+    r->month = cmos_reg(RTC_MONTH);
+    r->year = cmos_reg(RTC_YEAR);
+    r->century = cmos_reg(RTC_CENTURY);
+}
+
+static u32 bcd(u8 v) { return (u32)(v >> 4) * 10 + (v & 0xf); }
+
+/* Read the RTC into *t; -1 if UIP never clears (no RTC). */
+int rtc_read_time(struct rtc_time *t)
+{
+    struct rtc_raw a, b;
+
+    if (rtc_wait_uip())
+        return -1;
+    rtc_snapshot(&a);
+    /* Re-read until two consecutive snapshots agree (an update may have hit). */
+    for (int tries = 0; tries < 5; tries++) {
+        if (rtc_wait_uip())
+            break;
+        rtc_snapshot(&b);
+        if (!memcmp(&a, &b, sizeof(a)))
+            break;
+        a = b;
+    }
+
+    u8 sb = cmos_reg(RTC_STATUSB);
+    int pm = a.hour & 0x80;
+    u8 hraw = a.hour & 0x7f;
+    u32 century;
+
+    if (sb & 0x04) {            /* binary */
+        t->sec = a.sec; t->min = a.min; t->hour = hraw; t->day = a.day;
+        t->month = a.month; t->year = a.year; century = a.century;
+    } else {
+        t->sec = bcd(a.sec); t->min = bcd(a.min); t->hour = bcd(hraw);
+        t->day = bcd(a.day); t->month = bcd(a.month); t->year = bcd(a.year);
+        century = bcd(a.century);
+    }
+    if (!(sb & 0x02)) {         /* 12-hour mode: 12 AM = 0, 12 PM = 12 */
+        if (t->hour == 12)
+            t->hour = 0;
+        if (pm)
+            t->hour += 12;
+    }
+    if (century < 19 || century > 99)   /* register absent or garbage */
+        century = 20;
+    t->year += century * 100;
+    return 0;
+}

@@ -175,4 +175,9 @@ void *memmove(void *d, const void *s, usize n);
 int memcmp(const void *a, const void *b, usize n);
 usize strlen(const char *s);
 
+/* The MC146818 RTC's time (BCD or binary, 12 or 24 h, with the century register);
+ * -1 if status A's UIP never clears (no RTC). */
+struct rtc_time { u32 year, month, day, hour, min, sec; };
+int rtc_read_time(struct rtc_time *t);
+
 #endif

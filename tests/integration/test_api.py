@@ -15,28 +15,13 @@ from asyncvmm.errors import BootError, ConfigError
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
 
-from conftest import ROOT, needs_kvm
+from conftest import ROOT, needs_kvm, open_fds as fds, vcpu_threads
 
 pytestmark = needs_kvm
 
 
 def cfg(guests, name, guest, cmdline="", **kw) -> VmConfig:
     return VmConfig(name=name, memory=64 << 20, kernel=str(guests / f"{guest}.elf"), cmdline=cmdline, **kw)
-
-
-def vcpu_threads() -> int:
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().startswith("vcpu")
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def test_console_expect_and_write(guests):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 from asyncvmm.config import VmConfig
@@ -12,7 +11,7 @@ from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import BootImages, Machine, StopReason
 from asyncvmm._native import lib
 
-from conftest import needs_kvm
+from conftest import needs_kvm, open_fds as fds, vcpu_threads as threads
 
 pytestmark = needs_kvm
 
@@ -34,22 +33,6 @@ def machine(guests, name, cmdline="", cpus=1) -> tuple[Machine, Capture]:
     console = Capture()
     cfg = VmConfig(cpus=cpus, memory=64 << 20, kernel=str(guests / f"{name}.elf"), cmdline=cmdline, no_reboot=True)
     return Machine(cfg, console, BootImages.load(cfg)), console
-
-
-def threads() -> int:
-    """vCPU threads of this process (the C core names them vcpuN)."""
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().startswith("vcpu")
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 async def wait_for(console: Capture, needle: bytes, timeout: float = 10) -> None:
