@@ -52,11 +52,15 @@ class ConsoleStream(Console):
         self.writer = asyncio.StreamWriter(self._transport, self._protocol, None, loop)
         self._writer_paused = False
         self._buffer = bytearray()  # output read by expect() and not yet returned
-        self.transcript = bytearray()  # everything the guest wrote, for diagnostics
+        self.transcript = bytearray()  # what the guest wrote lately, for diagnostics
 
     # -- the machine's side --
+    TRANSCRIPT = 1 << 20  # the transcript keeps the last MiB of output
+
     def write(self, data: bytes) -> None:
         self.transcript += data
+        if len(self.transcript) > 2 * self.TRANSCRIPT:
+            del self.transcript[: -self.TRANSCRIPT]
         self.reader.feed_data(data)
 
     def resume_input(self) -> None:
@@ -69,6 +73,12 @@ class ConsoleStream(Console):
         super().attach(loop, feed, on_break, on_quit)
         if self._held:
             self.resume_input()
+
+    def detach(self) -> None:
+        """Between boots (a guest reset) input written meanwhile waits for the next one."""
+        held = bytes(self._held)
+        super().detach()
+        self._held += held
 
     def _queue_input(self, data: bytes) -> None:
         if self._feed is None:  # between boots: keep it for the next one
@@ -85,8 +95,11 @@ class ConsoleStream(Console):
 
     def close(self) -> None:
         super().close()
+        self._held.clear()
         if not self.reader.at_eof():
             self.reader.feed_eof()
+        self._transport.close()
+        self._protocol.connection_lost(None)  # a writer waiting in drain() is released
 
     # -- the user's side --
     async def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 10.0) -> re.Match:

@@ -48,6 +48,7 @@ class Bus:
         self.unclaimed: Counter[int] = Counter()  # address → accesses nobody answered
         self._cache: dict[int, Range | None] = {}  # address → range, for `access`
         self.accesses: Counter[str] = Counter()  # range name → accesses served
+        self.unclaimed_other = 0  # unclaimed accesses past UNCLAIMED_KEYS addresses
 
     def register(self, start: int, length: int, device: Device, name: str) -> None:
         i = bisect.bisect_right(self._starts, start)
@@ -72,14 +73,25 @@ class Bus:
             return self._ranges[i]
         return None
 
+    UNCLAIMED_KEYS = 4096  # distinct addresses counted; a guest cannot grow this further
+
+    def _count_unclaimed(self, addr: int, n: int) -> None:
+        if addr in self.unclaimed or len(self.unclaimed) < self.UNCLAIMED_KEYS:
+            self.unclaimed[addr] += n
+        else:
+            self.unclaimed_other += n
+
     def access(self, addr: int, size: int, is_write: bool, value: int = 0) -> int:
         """One access (the hot path): a write of `value`, or a read's result."""
-        try:
-            r = self._cache[addr]
-        except KeyError:
-            r = self._cache[addr] = self.find(addr)
-        if r is None or addr + size > r.start + r.length:
-            self.unclaimed[addr] += 1
+        r = self._cache.get(addr)
+        if r is None:
+            r = self.find(addr)
+            if r is None or addr + size > r.end:
+                self._count_unclaimed(addr, 1)
+                return 0 if is_write else (1 << (8 * size)) - 1
+            self._cache[addr] = r  # hits only: the guest chooses the misses' addresses
+        elif addr + size > r.start + r.length:
+            self._count_unclaimed(addr, 1)
             return 0 if is_write else (1 << (8 * size)) - 1
         self.accesses[r.name] += 1
         if is_write:
@@ -95,7 +107,7 @@ class Bus:
         """
         r = self.find(addr)
         if r is None or addr + size > r.end:
-            self.unclaimed[addr] += count
+            self._count_unclaimed(addr, count)
             if not is_write:
                 data[: size * count] = b"\xff" * (size * count)
             return False

@@ -13,7 +13,6 @@ rest of the input is held; `resume_input` continues. Nothing is dropped on the w
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import queue
 import socket
@@ -38,7 +37,7 @@ class Console:
         self._feed: Callable[[bytes], int] | None = None
         self._on_break: Callable[[], None] | None = None
         self._on_quit: Callable[[], None] | None = None
-        self._held = b""
+        self._held = bytearray()
         self._in_fd: int | None = None
         self._reading = False
 
@@ -89,9 +88,9 @@ class Console:
     def _push(self, data: bytes) -> None:
         if self._feed is None:
             return
-        data = self._held + data
-        accepted = self._feed(data) if data else 0
-        self._held = data[accepted:]
+        self._held += data
+        accepted = self._feed(bytes(self._held)) if self._held else 0
+        del self._held[:accepted]
         if self._held:
             self._stop_reading()
 
@@ -104,28 +103,64 @@ class Console:
     def detach(self) -> None:
         """Stop feeding the current UART (its machine is going away); output may go on."""
         self._stop_reading()
-        self._held = b""
+        self._held.clear()
         self._feed = None
+        self._on_break = None
+        self._on_quit = None
 
     def close(self) -> None:
         self.detach()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of `data` (blocking); False if the reader is gone or the write failed."""
     view = memoryview(data)
     while view:
         try:
             n = os.write(fd, view)
         except BlockingIOError:
-            import select  # noqa: PLC0415 (rare: a full pipe to a slow reader)
+            import select  # noqa: PLC0415 (a non-blocking fd shared with someone else)
 
-            select.select([], [fd], [])
+            select.select([], [fd], [], 1.0)
             continue
-        except OSError as e:
-            if e.errno in (errno.EPIPE, errno.EBADF):
-                return  # nobody reads the console any more
-            raise
+        except OSError:
+            return False  # EPIPE, EIO, ENOSPC...: console output is lost, never the VM
         view = view[n:]
+    return True
+
+
+class OutputThread:
+    """Writes batches to an fd in order, from a thread of its own.
+
+    A terminal, a pipe to `less` or a disk can stall; the loop only queues. Past `limit`
+    bytes queued, new output is dropped and counted instead of growing without bound.
+    """
+
+    def __init__(self, fd: int, name: str, limit: int = 4 << 20):
+        self.fd = fd
+        self.limit = limit
+        self.queued = 0
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes) -> None:
+        if self.queued + len(data) > self.limit:
+            self.dropped += len(data)
+            return
+        self.queued += len(data)
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            _write_all(self.fd, data)
+            self.queued -= len(data)
+
+    def close(self) -> None:
+        """Write out what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 class StdioConsole(Console):
@@ -134,6 +169,7 @@ class StdioConsole(Console):
     def __init__(self, *, stdin_fd: int = 0, stdout_fd: int = 1):
         super().__init__()
         self.out_fd = stdout_fd
+        self._out = OutputThread(stdout_fd, "console-stdout")
         self._saved_tty = None
         self._escape = False
         try:
@@ -146,7 +182,8 @@ class StdioConsole(Console):
         if os.isatty(stdin_fd):
             self._saved_tty = termios.tcgetattr(stdin_fd)
             tty.setraw(stdin_fd)
-        os.set_blocking(stdin_fd, False)
+        # stdin stays blocking (its open file is shared with the shell and stdout): the
+        # loop reads it only when epoll says it is readable.
 
     @property
     def is_tty(self) -> bool:
@@ -155,7 +192,7 @@ class StdioConsole(Console):
     def write(self, data: bytes) -> None:
         if self.is_tty:
             data = data.replace(b"\n", b"\r\n")  # raw mode: the terminal no longer adds CR
-        _write_all(self.out_fd, data)
+        self._out.put(data)
 
     def _filter(self, data: bytes) -> bytes:
         if not self.is_tty:
@@ -183,11 +220,7 @@ class StdioConsole(Console):
 
     def close(self) -> None:
         super().close()
-        if self._in_fd is not None:
-            try:
-                os.set_blocking(self._in_fd, True)
-            except OSError:
-                pass
+        self._out.close()
         restore_terminal(self)
 
 
@@ -204,8 +237,8 @@ def restore_terminal(console: "StdioConsole") -> None:
 class FileConsole(Console):
     """Guest output appended to a file; no input.
 
-    A write to a file can block on the disk, so the loop only queues the batches; one
-    writer thread appends them, in order. close() waits until all are written.
+    A write to a file can block on the disk: an OutputThread appends the batches, in
+    order. close() waits until all are written.
     """
 
     def __init__(self, path: str):
@@ -214,25 +247,15 @@ class FileConsole(Console):
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise ConfigError(f"cannot open console file {path}: {e.strerror}") from None
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_out, name="console-file", daemon=True)
-        self._writer.start()
+        self._out = OutputThread(self.fd, "console-file")
 
     def write(self, data: bytes) -> None:
-        self._queue.put(data)
-
-    def _write_out(self) -> None:
-        while (data := self._queue.get()) is not None:
-            try:
-                _write_all(self.fd, data)
-            except OSError:
-                pass  # a full disk loses console output, never the VM
+        self._out.put(data)
 
     def close(self) -> None:
         super().close()
         if self.fd >= 0:
-            self._queue.put(None)
-            self._writer.join()
+            self._out.close()
             os.close(self.fd)
             self.fd = -1
 
@@ -262,6 +285,7 @@ class SocketConsole(Console):
         self._listener.listen(1)
         self._listener.setblocking(False)
         self._listening = False
+        self._writing = False
 
     def attach(self, loop, feed, on_break=None, on_quit=None) -> None:
         super().attach(loop, feed, on_break, on_quit)
@@ -274,38 +298,74 @@ class SocketConsole(Console):
             conn, _ = self._listener.accept()
         except BlockingIOError:
             return
-        if self._client is not None:
+        if self._client is not None and self._client_alive():
             conn.close()  # one terminal at a time
             return
+        self._drop_client()
+        conn.setblocking(False)
         self._client = conn
         self._in_fd = conn.fileno()
-        if self._backlog:
-            _write_all(conn.fileno(), bytes(self._backlog))
-            self._backlog.clear()
-        conn.setblocking(False)
         self._start_reading()
+        self._flush()  # the output kept while nobody was connected
+
+    def _client_alive(self) -> bool:
+        """Whether the current client is still there (it may have left while its input
+        was held back, when nothing was reading its socket)."""
+        try:
+            return self._client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
     def _input_closed(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-            self._in_fd = None
+        self._drop_client()
+
+    def _drop_client(self) -> None:
+        if self._client is None:
+            return
+        if self._writing:
+            self._loop.remove_writer(self._client.fileno())
+            self._writing = False
+        self._stop_reading()
+        self._client.close()
+        self._client = None
+        self._in_fd = None
 
     def write(self, data: bytes) -> None:
+        # Output waits in the backlog (bounded: the oldest bytes go first) until the
+        # client's socket takes it; the loop never blocks on a client that does not read.
+        self._backlog += data
+        del self._backlog[: -self.BACKLOG]
+        if self._client is not None and not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
         if self._client is None:
-            self._backlog += data
-            del self._backlog[: -self.BACKLOG]
             return
-        _write_all(self._client.fileno(), data)
+        while self._backlog:
+            try:
+                n = self._client.send(self._backlog)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._drop_client()  # gone: keep the output for the next client
+                return
+            del self._backlog[:n]
+        want = bool(self._backlog)
+        if want != self._writing:
+            if want:
+                self._loop.add_writer(self._client.fileno(), self._flush)
+            else:
+                self._loop.remove_writer(self._client.fileno())
+            self._writing = want
 
     def close(self) -> None:
         super().close()
         if self._listening:
             self._loop.remove_reader(self._listener.fileno())
             self._listening = False
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._drop_client()
         self._listener.close()
         try:
             os.unlink(self.path)

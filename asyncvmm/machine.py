@@ -271,6 +271,8 @@ class Machine:
         self._uart_level = level
 
     def sync_uart_fast_path(self) -> None:
+        if self._cvm == ffi.NULL:  # the machine is closed: nothing to arm
+            return
         state = self.uart.fast_path()
         if state == self._uart_fast:
             return
@@ -280,6 +282,8 @@ class Machine:
         lib.avmm_uart_fast_set(self._cvm, COM1_PORT, flags, lsr or 0)
 
     def _drain_console(self) -> None:
+        if self._cvm == ffi.NULL:
+            return
         while True:
             n = lib.avmm_console_drain(self._cvm, self._drain_buf, CONSOLE_DRAIN_CHUNK)
             if not n:
@@ -289,11 +293,15 @@ class Machine:
                 return
 
     def _console_input(self, data: bytes) -> int:
+        if self._cvm == ffi.NULL:
+            return 0
         n = self.uart.receive(data)
         self.sync_uart_fast_path()
         return n
 
     def send_break(self) -> None:
+        if self._cvm == ffi.NULL:
+            return
         self.uart.send_break()
         self.sync_uart_fast_path()
 
@@ -351,9 +359,11 @@ class Machine:
 
     def _console_flush(self) -> None:
         self._console_timer = None
-        self._drain_and_sync()
-        if not self.stopping:
-            self._loop.add_reader(self._console_efd, self._on_console_output)
+        try:
+            self._drain_and_sync()
+        finally:
+            if not self.stopping:
+                self._loop.add_reader(self._console_efd, self._on_console_output)
 
     def _drain_and_sync(self) -> None:
         self._drain_console()
@@ -381,8 +391,12 @@ class Machine:
         deadline = now + POLL_SLICE_NS
         self.loop_wakeups += 1
         while True:
-            # Bytes the fast path took from THR come before whatever these exits do.
-            self._drain_console()
+            # Bytes the fast path took from THR come before whatever these exits do; the
+            # exits collected are served whatever the console does.
+            try:
+                self._drain_console()
+            except Exception as exc:
+                self.request_stop(Stop(StopReason.ERROR, f"internal error writing console output: {exc!r}"))
             self.exit_batches += 1
             self.exits_served += n
             for k in range(n):
@@ -577,8 +591,12 @@ class Machine:
             for fd in (self._notify_efd, self._console_efd):
                 if fd >= 0:
                     loop.remove_reader(fd)
-            if self._cvm != ffi.NULL and hasattr(self, "uart"):
-                self._drain_console()  # the guest's last words
+            try:
+                if self._cvm != ffi.NULL and hasattr(self, "uart"):
+                    self._drain_console()  # the guest's last words
+            finally:
+                self.console.detach()
+            return
         self.console.detach()
 
     def close(self) -> None:

@@ -24,22 +24,38 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 async def run_vm(cfg: VmConfig) -> Stop:
     loop = asyncio.get_running_loop()
-    console = open_console(cfg.console)
+    main = asyncio.current_task()
+    running: list[VM] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop = Stop(StopReason.HOST, f"stopped by {sig.name}")
+        if running and running[0].state in ("running", "paused"):
+            running[0].request_stop(stop)
+        else:  # still starting, or already ending: unwind, restoring the terminal
+            main.cancel(stop.message)
+
+    # The handlers cover the whole run, from before the terminal goes raw until after it
+    # is restored: a signal at any point ends through the finally clauses below.
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with VM(cfg, console=console) as vm:
-            for sig in SIGNALS:
-                loop.add_signal_handler(sig, vm.request_stop, Stop(StopReason.HOST, f"stopped by {sig.name}"))
-            try:
+        console = open_console(cfg.console)
+        try:
+            async with VM(cfg, console=console) as vm:
+                running.append(vm)
                 return await vm.wait()
-            finally:
-                for sig in SIGNALS:
-                    loop.remove_signal_handler(sig)
+        finally:
+            console.close()
     finally:
-        console.close()
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def run_to_end(cfg: VmConfig) -> int:
-    stop = run_loop(run_vm(cfg))
+    try:
+        stop = run_loop(run_vm(cfg))
+    except asyncio.CancelledError as e:
+        stop = Stop(StopReason.HOST, str(e.args[0]) if e.args else "stopped")
     if stop.reason in (StopReason.POWEROFF, StopReason.RESET):
         log.info(stop.message)
     else:

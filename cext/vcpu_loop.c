@@ -284,6 +284,13 @@ static uint32_t post_and_wait(struct avmm_vcpu *v, int err)
 static void park_while_paused(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
+    /* An I/O exit the loop just completed only takes effect (RIP moves on, an IN's value
+     * lands in RAX) on the next KVM_RUN: do that one with immediate_exit, which completes
+     * it and returns EINTR without running guest code, so a paused vCPU's registers are
+     * whole. */
+    v->run->immediate_exit = 1;
+    ioctl(v->fd, KVM_RUN, 0);
+    v->run->immediate_exit = 0;
     set_state(v, AVMM_VCPU_PAUSED);
     while (atomic_load(&vm->pause_req) && !atomic_load(&vm->quit))
         futex_wait(&vm->pause_req, 1);

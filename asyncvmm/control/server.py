@@ -110,7 +110,7 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict:
         try:
             req = protocol.decode(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             return {"ok": False, "error": f"bad request: {e}"}
         cmd = req.get("cmd")
         try:
@@ -131,8 +131,10 @@ class ControlServer:
                 result = {"how": how}
             else:
                 return {"ok": False, "error": f"unknown command {cmd!r} (known: {', '.join(protocol.COMMANDS)})"}
-        except (VmmError, ValueError, TypeError) as e:
+        except (VmmError, ValueError, TypeError, OverflowError) as e:
             return {"ok": False, "error": str(e)}
+        except Exception as e:  # a bug must not cost the client its answer
+            return {"ok": False, "error": f"internal error: {e!r}"}
         return {"ok": True, "result": result}
 
     async def close(self) -> None:

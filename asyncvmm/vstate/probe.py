@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from .._native import ffi, lib
+from ..errors import KvmError
 from .kvm import Kvm, VmFd
 
 # popcnt eax, eax ; hlt
@@ -58,6 +59,8 @@ def _probe(kvm: Kvm | None) -> KvmKind:
         regs.rflags = 0x2
         vcpu.set_regs(regs)
         run = lib.avmm_map_run(vcpu.fd, kvm.vcpu_mmap_size)
+        if run == ffi.NULL:
+            raise KvmError("cannot map the probe vCPU's kvm_run")
         reason = lib.avmm_run_once(vcpu.fd, run)
     finally:
         if run != ffi.NULL:

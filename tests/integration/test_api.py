@@ -191,3 +191,51 @@ def test_the_readme_example_service(guests):
     )
     assert p.returncode == 0, p.stderr.decode()
     assert p.stdout.decode() == "$ echo hello\nhello\n$ add 2 40\n42\n$ mem\nram=65151 KiB\n"
+
+
+def test_console_after_the_vm_ended(guests):
+    """A break or input after the VM stopped is a no-op; a writer waiting in drain() is
+    released when the VM closes."""
+
+    async def main():
+        async with VM(cfg(guests, "api-after", "echo")) as vm:
+            await vm.console.expect(rb"echo ready")
+            vm.console.writer.write(b"x" * (200 * 1024))  # far more than the guest reads
+            drain = asyncio.ensure_future(vm.console.writer.drain())
+            await asyncio.sleep(0.1)
+            assert not drain.done()
+            await vm.kill()
+            vm.console.send_break()  # the machine is gone: nothing happens
+        await asyncio.wait_for(drain, 5)
+
+    run_loop(main())
+
+
+def test_a_socket_console_client_that_does_not_read_never_stalls_the_loop(guests, tmp_path):
+    import socket
+
+    from asyncvmm.console import SocketConsole
+
+    async def main():
+        path = tmp_path / "com1.sock"
+        console = SocketConsole(str(path))
+        try:
+            # Small socket buffers, so the guest's output overflows them within the test.
+            console._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            async with VM(cfg(guests, "api-slow", "exitbench", "n=400000 port=0x3f8"), console=console) as vm:
+                client = socket.socket(socket.AF_UNIX)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.connect(str(path))  # and never reads
+                t0 = time.monotonic()
+                worst = 0.0
+                while time.monotonic() - t0 < 2.0 and vm.state == "running":
+                    before = time.monotonic()
+                    await asyncio.sleep(0.01)
+                    worst = max(worst, time.monotonic() - before - 0.01)
+                assert worst < 0.2, f"the loop stalled for {worst:.3f} s"
+                assert vm.stats()["console"]["tx_bytes"] > 64 * 1024  # the guest kept printing
+                client.close()
+        finally:
+            console.close()
+
+    run_loop(main())

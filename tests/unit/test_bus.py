@@ -104,3 +104,13 @@ def test_byte_registers_split_wide_accesses():
     r.write(0, 2, 0xAABB)
     assert m.regs == {0x70: 0xBB, 0x71: 0xAA}
     assert r.read(0, 2) == 0xAABB
+
+
+def test_a_guest_cannot_grow_the_bus_without_bound():
+    b = Bus("mmio")
+    b.register(0x1000, 0x100, Recorder(), "dev")
+    for addr in range(0x100000, 0x100000 + 20000 * 8, 8):
+        b.access(addr, 4, False)
+    assert len(b.unclaimed) == Bus.UNCLAIMED_KEYS
+    assert sum(b.unclaimed.values()) + b.unclaimed_other == 20000
+    assert len(b._cache) == 0  # misses are not cached
