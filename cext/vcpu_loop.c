@@ -151,7 +151,10 @@ static int serve_fast_io(struct avmm_vcpu *v)
 
 void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow)
 {
-    atomic_store(&vm->lsr_shadow, (uint32_t)lsr_shadow);
+    /* A vCPU that read the old flags may still use the shadow: when LSR leaves the fast
+     * path, the last valid value stays. */
+    if (flags & AVMM_UART_FAST_LSR)
+        atomic_store(&vm->lsr_shadow, (uint32_t)lsr_shadow);
     atomic_store(&vm->uart_flags, (uint32_t)flags);
     atomic_store(&vm->uart_base, (uint32_t)base);
 }
