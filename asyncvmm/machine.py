@@ -218,7 +218,7 @@ class Machine:
         self._cvm = lib.avmm_vm_new(cfg.cpus, self._notify_efd, self._console_efd)
         if self._cvm == ffi.NULL:
             raise KvmError("cannot allocate the vCPU threads' state")
-        entries = cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template)
+        entries = self.quirks.adjust_cpuid(cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template))
         msrs = self.kvm.msr_index_list()
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)

@@ -80,6 +80,7 @@ struct kvm_translation {
 };
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_mp_state { __u32 mp_state; };
+struct kvm_fpu { __u16 fcw; __u16 fsw; ...; };
 struct kvm_vcpu_events {
     struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending; __u32 error_code; } exception;
     struct { __u8 injected; __u8 nr; __u8 soft; __u8 shadow; } interrupt;

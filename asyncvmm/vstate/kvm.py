@@ -180,6 +180,9 @@ class VcpuFd:
     def set_sregs(self, sregs) -> None:
         self._set(sregs, lib.KVM_SET_SREGS, "KVM_SET_SREGS")
 
+    def get_fpu(self):
+        return self._get("struct kvm_fpu *", lib.KVM_GET_FPU, "KVM_GET_FPU")
+
     def get_events(self):
         return self._get("struct kvm_vcpu_events *", lib.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")
 
