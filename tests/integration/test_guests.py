@@ -151,6 +151,26 @@ def test_int3_without_quirks_is_an_emulation_failure(guests, emulating_kvm):
     assert re.search(r"emulation failure at RIP 0x[0-9a-f]+: cc \(int3\)", r.err), r.err
 
 
+def test_fwait_runs_as_on_a_cpu(guests):
+    r = boot(guests, "fwait")
+    assert r.status == 0, r.err
+    assert "fwait next\nfwait ok\n" in r.out
+
+
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_application_processors_start_and_run(guests, cpus):
+    """The BSP wakes the others with INIT/SIPI through the in-kernel LAPIC; each vCPU
+    thread then runs guest code and prints."""
+    r = run_vmm(
+        "run", "-c", str(cpus), "-m", "64", "--kernel", str(guests / "smp.elf"), "--cmdline", f"cpus={cpus}",
+        "--no-reboot",
+    )
+    assert r.status == 0, r.err
+    for ap in range(1, cpus):
+        assert f"ap {ap} up\n" in r.out
+    assert f"smp: {cpus} cpus up\n" in r.out
+
+
 def test_console_input_reaches_the_guest(guests):
     r = boot(guests, "echo", input=b"hello worldq")
     assert r.status == 0, r.err
