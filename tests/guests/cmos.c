@@ -15,17 +15,6 @@ void guest_main(const struct hvm_start_info *si)
         reset();
     }
     puts("rtc: ");
-    print_dec_pad(t.year, 4);
-    putc('-');
-    print_dec_pad(t.month, 2);
-    putc('-');
-    print_dec_pad(t.day, 2);
-    putc(' ');
-    print_dec_pad(t.hour, 2);
-    putc(':');
-    print_dec_pad(t.min, 2);
-    putc(':');
-    print_dec_pad(t.sec, 2);
-    putc('\n');
+    rtc_print_time(&t);
     reset();
 }

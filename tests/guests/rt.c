@@ -370,3 +370,19 @@ int rtc_read_time(struct rtc_time *t)
     t->year += century * 100;
     return 0;
 }
+
+void rtc_print_time(const struct rtc_time *t)
+{
+    print_dec_pad(t->year, 4);
+    putc('-');
+    print_dec_pad(t->month, 2);
+    putc('-');
+    print_dec_pad(t->day, 2);
+    putc(' ');
+    print_dec_pad(t->hour, 2);
+    putc(':');
+    print_dec_pad(t->min, 2);
+    putc(':');
+    print_dec_pad(t->sec, 2);
+    putc('\n');
+}

@@ -179,5 +179,7 @@ usize strlen(const char *s);
  * -1 if status A's UIP never clears (no RTC). */
 struct rtc_time { u32 year, month, day, hour, min, sec; };
 int rtc_read_time(struct rtc_time *t);
+/* Prints "YYYY-MM-DD HH:MM:SS\n". */
+void rtc_print_time(const struct rtc_time *t);
 
 #endif

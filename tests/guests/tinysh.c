@@ -94,18 +94,7 @@ static void cmd_date(void)
         err("date", ": RTC UIP stuck");
         return;
     }
-    print_dec_pad(t.year, 4);
-    putc('-');
-    print_dec_pad(t.month, 2);
-    putc('-');
-    print_dec_pad(t.day, 2);
-    putc(' ');
-    print_dec_pad(t.hour, 2);
-    putc(':');
-    print_dec_pad(t.min, 2);
-    putc(':');
-    print_dec_pad(t.sec, 2);
-    putc('\n');
+    rtc_print_time(&t);
 }
 
 static void cmd_add(int argc, char **argv)
