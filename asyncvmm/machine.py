@@ -587,17 +587,15 @@ class Machine:
         if self._console_timer is not None:
             self._console_timer.cancel()
             self._console_timer = None
-        if loop is not None:
-            for fd in (self._notify_efd, self._console_efd):
-                if fd >= 0:
-                    loop.remove_reader(fd)
-            try:
-                if self._cvm != ffi.NULL and hasattr(self, "uart"):
+        try:
+            if loop is not None:
+                for fd in (self._notify_efd, self._console_efd):
+                    if fd >= 0:
+                        loop.remove_reader(fd)
+                if hasattr(self, "uart"):
                     self._drain_console()  # the guest's last words
-            finally:
-                self.console.detach()
-            return
-        self.console.detach()
+        finally:
+            self.console.detach()
 
     def close(self) -> None:
         if self._closed:
