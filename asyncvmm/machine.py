@@ -30,6 +30,7 @@ from .devices.legacy.rtc import Rtc
 from .devices.legacy.uart16550 import Uart16550
 from .disasm import disassemble
 from .errors import BootError, ConfigError, KvmError
+from .platform import COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT
 from .quirks import Quirks
 from .vstate import probe
 from .vstate.kvm import Kvm, VcpuFd, VmFd
@@ -37,11 +38,6 @@ from .vstate.memory import GuestMemory
 from .vstate.vcpu import apply_boot_state, set_boot_msrs
 from ._native import ffi, lib
 
-# ISA resources of the PC devices (ports and IRQ lines).
-COM1_PORT, COM1_IRQ = 0x3F8, 4
-I8042_DATA, I8042_CMD = 0x60, 0x64
-RTC_PORT = 0x70
-POST_PORT = 0x80  # firmware/kernels write progress codes (and use it as a delay)
 
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
@@ -255,13 +251,13 @@ class Machine:
         self.uart = Uart16550(self._uart_irq, self.console.write, self.console.resume_input)
         self.pio.register(COM1_PORT, 8, ComPort(self, self.uart), "com1")
         self.i8042 = I8042(reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the i8042 reset line")))
-        self.pio.register(I8042_DATA, 1, PortOffsets(self.i8042, I8042_DATA), "i8042")
-        self.pio.register(I8042_CMD, 1, PortOffsets(self.i8042, I8042_CMD), "i8042")
+        self.pio.register(I8042_DATA_PORT, 1, PortOffsets(self.i8042, I8042_DATA_PORT), "i8042")
+        self.pio.register(I8042_CMD_PORT, 1, PortOffsets(self.i8042, I8042_CMD_PORT), "i8042")
         below = self.mem.regions[0].size
         above = sum(r.size for r in self.mem.regions[1:])
         self.rtc = Rtc(mem_below_4g=below, mem_above_4g=above)
         self.pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
-        self.pio.register(POST_PORT, 1, Sink(), "post")
+        self.pio.register(POST_PORT, 1, Sink(), "post")  # POST codes, and a delay port
 
     # -- the UART's wiring ---------------------------------------------------------------
     def _uart_irq(self, level: bool) -> None:

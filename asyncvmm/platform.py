@@ -1,0 +1,86 @@
+"""The PC this VMM builds: where each part of the machine sits, in one table.
+
+Guest physical addresses (x86-64):
+
+    0x0000_0000 ..  RAM_LOW_END      RAM (the first MiB holds the boot structures,
+                                     boot/layout.py; 0x9FC00-0x100000 is reserved)
+      0x000E_0000 .. 0x0010_0000     ACPI tables (RSDP first), in the reserved BIOS area
+    0xC000_0000 .. 0xE000_0000       PCI 32-bit memory window (32-bit BARs)
+    0xE000_0000 .. 0xF000_0000       PCI ECAM: config space of buses 0..255 (MCFG)
+    0xFEC0_0000                      IOAPIC (in-kernel)
+    0xFED0_0000 .. 0xFED0_1000       platform MMIO page (ACPI GED, if used)
+    0xFEE0_0000                      LAPIC (in-kernel)
+    0xFFFB_C000 .. 0xFFFC_0000       KVM's own pages on Intel (identity map, TSS)
+    0x1_0000_0000 ..                 the RAM above 3 GiB, if any
+    pci_mmio64_window(...)           PCI 64-bit memory window (64-bit BARs), above RAM
+
+I/O ports and ISA interrupt lines of the legacy devices are here too, so the ACPI tables,
+the PCI root and the device models cannot disagree about them.
+"""
+
+from __future__ import annotations
+
+from .vstate.memory import GiB, MMIO_HOLE_END, MMIO_HOLE_START
+
+# -- memory ---------------------------------------------------------------------------
+ACPI_TABLES_START = 0x000E_0000
+ACPI_TABLES_END = 0x0010_0000
+
+PCI_MMIO32_START = MMIO_HOLE_START
+PCI_MMIO32_SIZE = 0x2000_0000  # 512 MiB
+
+PCI_ECAM_START = 0xE000_0000
+PCI_ECAM_BUSES = 256
+PCI_ECAM_SIZE = PCI_ECAM_BUSES << 20  # 1 MiB per bus: 32 devices x 8 functions x 4 KiB
+
+IOAPIC_START = 0xFEC0_0000
+IOAPIC_SIZE = 0x1000
+PLATFORM_MMIO_START = 0xFED0_0000
+PLATFORM_MMIO_SIZE = 0x1000
+LAPIC_START = 0xFEE0_0000
+LAPIC_SIZE = 0x10_0000
+
+# The 64-bit window starts at the first 1 GiB boundary above RAM and is this large.
+PCI_MMIO64_ALIGN = GiB
+PCI_MMIO64_SIZE = 64 * GiB
+
+assert PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START
+assert PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START < MMIO_HOLE_END
+
+
+def ram_top(regions) -> int:
+    """The end of the highest guest RAM region (GuestMemory.regions)."""
+    return max(r.gpa + r.size for r in regions)
+
+
+def pci_mmio64_window(top_of_ram: int) -> tuple[int, int]:
+    """(start, size) of the 64-bit PCI window for a guest whose RAM ends at `top_of_ram`."""
+    start = max(MMIO_HOLE_END, -(-top_of_ram // PCI_MMIO64_ALIGN) * PCI_MMIO64_ALIGN)
+    return start, PCI_MMIO64_SIZE
+
+
+# -- I/O ports ------------------------------------------------------------------------
+PIT_PORT = 0x40  # i8254, 4 ports
+SPEAKER_PORT = 0x61  # NMI status / speaker control: PIT channel 2's gate and output
+I8042_DATA_PORT = 0x60
+I8042_CMD_PORT = 0x64
+RTC_PORT = 0x70  # index, data
+POST_PORT = 0x80
+COM1_PORT = 0x3F8
+ACPI_PM_PORT = 0x600  # the ACPI PM register block (64 ports), if the FADT uses one
+ACPI_PM_SIZE = 0x40
+PCI_CONFIG_ADDRESS_PORT = 0xCF8  # 0xCF8 address, 0xCFC..0xCFF data
+PCI_CONFIG_PORTS = 8
+RESET_CONTROL_PORT = 0xCF9
+# The PCI I/O window: everything above the legacy devices' ports but 0xCF8-0xCFF.
+PCI_IO_START = 0x1000
+PCI_IO_END = 0x10000
+
+# -- interrupts -----------------------------------------------------------------------
+PIT_IRQ = 0
+I8042_KBD_IRQ = 1
+COM1_IRQ = 4
+RTC_IRQ = 8
+ACPI_SCI_IRQ = 9
+IOAPIC_PINS = 24  # GSIs 0..23 are the IOAPIC's pins (0..15 also the PICs')
+FIRST_MSI_GSI = IOAPIC_PINS  # GSIs from here on are MSI routes (asyncvmm.irq)
