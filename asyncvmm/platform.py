@@ -84,3 +84,11 @@ RTC_IRQ = 8
 ACPI_SCI_IRQ = 9
 IOAPIC_PINS = 24  # GSIs 0..23 are the IOAPIC's pins (0..15 also the PICs')
 FIRST_MSI_GSI = IOAPIC_PINS  # GSIs from here on are MSI routes (asyncvmm.irq)
+PCI_INTX_FIRST_GSI = 16  # INTx of PCI slots go to IOAPIC pins 16..23 (level, active low)
+PCI_INTX_GSIS = 8
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The GSI of INTx `pin` (0 = INTA .. 3 = INTD) of a device in `slot` of bus 0: the
+    usual swizzle over pins 16..23, as the DSDT's _PRT tells the guest."""
+    return PCI_INTX_FIRST_GSI + (slot + pin) % PCI_INTX_GSIS
