@@ -30,6 +30,7 @@ from .console import Console
 from .control.server import ControlServer, claim_socket
 from .errors import VmmError
 from .machine import BootImages, Machine, Stop, StopReason, read_images
+from .profile import BootProfile
 
 
 class ConsoleStream(Console):
@@ -175,6 +176,12 @@ class VM:
         self._stopped: asyncio.Future | None = None
         self._started_at = 0.0
         self._state = "created"
+        # --profile-boot: where the first boot's wall time goes (report() when it ended)
+        self.profile: BootProfile | None = None
+        if config.profile_boot:
+            self.profile = BootProfile(show_rips=bool(config.profile_rip_ms))
+            if config.profile_rip_ms:
+                self.profile.sample_period_ns = int(config.profile_rip_ms * 1e6)
 
     # -- life cycle ------------------------------------------------------------------
     async def __aenter__(self) -> "VM":
@@ -191,6 +198,8 @@ class VM:
         self._state = "starting"
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
+        if self.profile is not None:
+            self.profile.created = time.monotonic()
         try:
             if self._control_wanted:
                 sock, path = claim_socket(self.config.name)
@@ -198,7 +207,17 @@ class VM:
             images = await read_images(self.config)
             if self.console is None:
                 self.console = ConsoleStream(loop)
+            if self.profile is not None:
+                self.profile.images = time.monotonic()
+                self.profile.unpack_note = images.prepared.note
+                if self.profile.show_rips:
+                    from .boot.symbols import find_symbols  # noqa: PLC0415
+
+                    cfg = self.config
+                    self.profile.symbols = await asyncio.to_thread(find_symbols, cfg.kernel, images.kernel, cfg.symbols)
             self.machine = self._build(images)  # the first boot's errors reach the caller
+            if self.profile is not None:
+                self.profile.watch(self.machine)
             if self.control is not None:
                 await self.control.start()
                 log.info(f"VM {self.config.name}: control socket {self.control.path}")
@@ -220,6 +239,8 @@ class VM:
         try:
             while True:
                 stop = await self.machine.run()
+                if self.profile is not None:
+                    self.profile.finish(self.machine, stop)
                 self.machine.close()
                 if stop.reason is StopReason.RESET and not self.config.no_reboot and self._state != "stopping":
                     log.info(f"{stop.message}: restarting the guest")
@@ -312,6 +333,12 @@ class VM:
         if self.state not in ("running", "paused"):
             raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be resumed")
         self.machine.resume()
+
+    async def sysrq(self, key: str) -> None:
+        """The kernel's serial SysRq on COM1: a break, then `key` (e.g. "h" for help)."""
+        if self.state not in ("running", "paused"):
+            raise VmmError(f"VM {self.config.name} is {self.state}: no console to send a SysRq to")
+        self.machine.send_sysrq(key)
 
     async def regs(self, vcpu: int = 0) -> dict:
         """vCPU `vcpu`'s registers (the vCPUs are paused for the read if they run)."""

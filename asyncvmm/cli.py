@@ -59,6 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-reboot", action="store_true", help="end when the guest resets, instead of restarting it")
     run.add_argument("--cpu", choices=("host", "baseline"), help="CPU template (default: chosen by probing KVM)")
     run.add_argument("--no-quirks", action="store_true", help="no workarounds even on an emulating KVM")
+    run.add_argument(
+        "--decompress", choices=("auto", "vmm", "kernel"), default="auto",
+        help="who decompresses a bzImage: vmm (the VMM unpacks its payload and enters the vmlinux "
+        "through PVH, or its 64-bit entry; no KASLR), kernel (its own decompressor, the boot protocol), "
+        "auto (default: vmm when KVM emulates guest code, where the kernel's decompressor takes 20-90 s; "
+        "kernel on hardware KVM, where it takes tens of ms)",
+    )
+    run.add_argument(
+        "--profile-boot", action="store_true",
+        help="when the VM ends, print where the boot's wall time went: VMM set-up, entry to kernel, "
+        "kernel to init, exits by kind",
+    )
+    run.add_argument(
+        "--profile-rip", nargs="?", type=float, const=2.0, default=0.0, metavar="MS",
+        help="with the profile, sample guest RIPs every MS milliseconds (default 2) and name the "
+        "hottest kernel functions",
+    )
+    run.add_argument("--symbols", metavar="PATH", help="System.map or vmlinux for --profile-rip (default: found beside the kernel)")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     return p
@@ -75,6 +93,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         no_reboot=args.no_reboot,
         cpu_template=args.cpu or "",
         quirks=not args.no_quirks,
+        decompress=args.decompress,
+        profile_boot=args.profile_boot or bool(args.profile_rip),
+        profile_rip_ms=args.profile_rip or 0.0,
+        symbols=args.symbols or "",
         slots=[parse_slot(s) for s in args.slot],
         pins=dict(parse_pin(p) for p in args.pin),
     )

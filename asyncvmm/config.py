@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 MiB = 1 << 20
+MIN_RIP_PERIOD_MS = 0.1  # --profile-rip: a sample costs a KVM_RUN exit and KVM_GET_REGS
+MAX_RIP_PERIOD_MS = 10_000.0
 
 # bhyve's -s drivers that asyncvmm will have; none is built yet.
 PLANNED_DRIVERS = {"virtio-blk", "virtio-net", "hostbridge", "lpc", "ahci-hd", "passthru", "xhci"}
@@ -43,6 +45,10 @@ class VmConfig:
     cpu_template: str = ""  # "" = chosen by probing KVM
     quirks: bool = True  # workarounds for an emulating KVM, when one is detected
     poll: bool = True  # busy-poll briefly for the next exit on the loop's thread
+    decompress: str = "auto"  # who unpacks a bzImage: auto | vmm | kernel (boot/loader.py)
+    profile_boot: bool = False  # report where the boot's wall time went (profile.py)
+    profile_rip_ms: float = 0.0  # sample guest RIPs this often for the profile (0: no)
+    symbols: str = ""  # System.map or vmlinux naming the sampled RIPs (default: found)
     slots: list[PciSlot] = field(default_factory=list)
     pins: dict[int, int] = field(default_factory=dict)  # vCPU → host CPU
 
@@ -66,6 +72,14 @@ class VmConfig:
                 raise ConfigError(f"-p {vcpu}:{cpu}: this host has no CPU {cpu}")
         if self.cpu_template not in ("", "host", "baseline"):
             raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
+        if self.decompress not in ("auto", "vmm", "kernel"):
+            raise ConfigError(f"--decompress {self.decompress}: choose auto, vmm or kernel")
+        if self.profile_rip_ms and not MIN_RIP_PERIOD_MS <= self.profile_rip_ms <= MAX_RIP_PERIOD_MS:
+            raise ConfigError(
+                f"--profile-rip {self.profile_rip_ms:g}: a period from {MIN_RIP_PERIOD_MS:g} to {MAX_RIP_PERIOD_MS:g} ms"
+            )
+        if self.symbols:
+            check_readable(self.symbols, "--symbols")
         return self
 
 

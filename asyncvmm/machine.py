@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import log
-from .boot import cpuid
+from .boot import cpuid, loader
 from .bus import Bus, ByteRegisters, Sink
 from .config import VmConfig
 from .console import Console
@@ -29,9 +29,11 @@ from .devices.legacy.i8042 import I8042
 from .devices.legacy.rtc import Rtc
 from .devices.legacy.uart16550 import Uart16550
 from .disasm import disassemble
-from .errors import BootError, ConfigError, KvmError
-from .platform import COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT
-from .quirks import Quirks
+from .errors import BootError, ConfigError, KvmError, VmmError
+from .platform import (
+    COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, PIT_IRQ, PIT_PORT, POST_PORT, RTC_PORT, SPEAKER_PORT,
+)
+from .quirks import BoundedRatePit, Quirks
 from .vstate import probe
 from .vstate.kvm import Kvm, VcpuFd, VmFd
 from .vstate.memory import GuestMemory
@@ -121,22 +123,39 @@ class PortOffsets:
 
 @dataclass(frozen=True)
 class BootImages:
-    """The files a boot loads, read once (off the loop) and kept across guest resets."""
+    """The files a boot loads, read once (off the loop) and kept across guest resets;
+    `prepared` holds a bzImage's payload if the VMM unpacked it (boot/loader.py)."""
 
     kernel: bytes
     initrd: bytes | None = None
+    prepared: loader.Prepared = loader.Prepared()
+    seconds: float = 0.0  # wall time reading (and unpacking) took
 
     @classmethod
     def load(cls, cfg: VmConfig) -> "BootImages":
         """Read them now (for code that is not on a loop)."""
-        return cls(_read_file(cfg.kernel, "kernel"), _read_file(cfg.initrd, "initrd") if cfg.initrd else None)
+        t0 = time.monotonic()
+        kernel = _read_file(cfg.kernel, "kernel")
+        initrd = _read_file(cfg.initrd, "initrd") if cfg.initrd else None
+        return cls(kernel, initrd, _prepare(cfg, kernel), time.monotonic() - t0)
 
 
 async def read_images(cfg: VmConfig) -> BootImages:
-    """Read the kernel and initrd in a worker thread: a 50 MB image must not stall the loop."""
+    """Read the kernel and initrd, and unpack a bzImage's payload if that is wanted, in a
+    worker thread: a 50 MB image or a second of decompression must not stall the loop."""
+    t0 = time.monotonic()
     kernel = await asyncio.to_thread(_read_file, cfg.kernel, "kernel")
     initrd = await asyncio.to_thread(_read_file, cfg.initrd, "initrd") if cfg.initrd else None
-    return BootImages(kernel, initrd)
+    prepared = await asyncio.to_thread(_prepare, cfg, kernel)
+    return BootImages(kernel, initrd, prepared, time.monotonic() - t0)
+
+
+def _prepare(cfg: VmConfig, kernel: bytes) -> loader.Prepared:
+    mode = cfg.decompress
+    emulating = False
+    if mode == loader.Decompress.AUTO and loader.linux.kernel_kind(kernel) == "bzimage":
+        emulating = probe.probe().emulating
+    return loader.prepare(kernel, mode, emulating)
 
 
 class Machine:
@@ -152,6 +171,10 @@ class Machine:
         self.mem: GuestMemory | None = None
         self.vcpus: list[VcpuFd] = []
         self.quirks = Quirks(False)
+        self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
+        self.boot: loader.Boot | None = None
+        self.console_observer = None  # called with the guest's console output (a boot profile)
+        self._sysrq_key: bytes | None = None  # a SysRq key waiting for its break to be read
         self.cpu_template = cpuid.Template.HOST
         self._cvm = ffi.NULL
         self._notify_efd = -1
@@ -202,7 +225,12 @@ class Machine:
 
         self.vm = VmFd(self.kvm)
         self.vm.create_irqchip()
-        self.vm.create_pit()
+        if self.quirks.vmm_pit:
+            self.pit = BoundedRatePit(self.vm, PIT_IRQ)
+            log.info("quirks: vmm-pit: the PIT is the VMM's, IRQ0 at most every "
+                     f"{self.pit.min_interval_ns // 1_000_000} ms (no in-kernel PIT)")
+        else:
+            self.vm.create_pit()
         self.mem = GuestMemory(cfg.memory)
         for r in self.mem.regions:
             self.vm.set_memory_region(r.slot, r.gpa, r.size, r.hva)
@@ -230,25 +258,23 @@ class Machine:
         self._build_devices(cfg)
 
     def _load_kernel(self, cfg: VmConfig):
-        from .boot import linux, pvh  # noqa: PLC0415
-
-        image, initrd = self.images.kernel, self.images.initrd
-        kind = linux.kernel_kind(image)
-        if kind == "elf":
-            modules = [(initrd, "initrd")] if initrd is not None else []
-            state = pvh.load_pvh(self.mem, image, cfg.cmdline, modules)
-            log.info(f"boot: {cfg.kernel} through its PVH entry")
-        elif kind == "bzimage":
-            state = linux.load_bzimage(self.mem, image, cfg.cmdline, initrd)
-            log.info(f"boot: {cfg.kernel} through the Linux 64-bit boot protocol")
-        else:
+        images = self.images
+        if loader.linux.kernel_kind(images.kernel) is None:
             raise BootError(f"{cfg.kernel} is not a kernel: neither an ELF with a PVH entry nor a bzImage")
-        return state
+        boot = loader.load(
+            self.mem, images.kernel, images.initrd, cfg.cmdline,
+            prepared=images.prepared, linux_cmdline=self.quirks.linux_cmdline,
+        )
+        self.boot = boot
+        log.info(f"boot: {cfg.kernel} {boot.path}")
+        if boot.appended:
+            log.info(f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(boot.appended)}")
+        return boot.state
 
     def _build_devices(self, cfg: VmConfig) -> None:
         self._uart_irq_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.vm.irqfd(self._uart_irq_efd, COM1_IRQ)
-        self.uart = Uart16550(self._uart_irq, self.console.write, self.console.resume_input)
+        self.uart = Uart16550(self._uart_irq, self._console_output, self._rx_space_available)
         self.pio.register(COM1_PORT, 8, ComPort(self, self.uart), "com1")
         self.i8042 = I8042(reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the i8042 reset line")))
         self.pio.register(I8042_DATA_PORT, 1, PortOffsets(self.i8042, I8042_DATA_PORT), "i8042")
@@ -258,6 +284,21 @@ class Machine:
         self.rtc = Rtc(mem_below_4g=below, mem_above_4g=above)
         self.pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
         self.pio.register(POST_PORT, 1, Sink(), "post")  # POST codes, and a delay port
+        if self.pit is not None:  # else the in-kernel PIT serves these ports
+            self.pio.register(PIT_PORT, 4, PortOffsets(self.pit.model, PIT_PORT), "pit")
+            self.pio.register(SPEAKER_PORT, 1, PortOffsets(self.pit.model, SPEAKER_PORT), "port61")
+
+    def _rx_space_available(self) -> None:
+        # A SysRq key waiting behind its break goes first, then held console input.
+        if self._sysrq_key is not None and self.uart.rx_room():
+            key, self._sysrq_key = self._sysrq_key, None
+            self.uart.receive(key)
+        self.console.resume_input()
+
+    def _console_output(self, data: bytes) -> None:
+        if self.console_observer is not None:
+            self.console_observer(data)
+        self.console.write(data)
 
     # -- the UART's wiring ---------------------------------------------------------------
     def _uart_irq(self, level: bool) -> None:
@@ -301,6 +342,35 @@ class Machine:
         self.uart.send_break()
         self.sync_uart_fast_path()
 
+    def send_sysrq(self, key: str) -> None:
+        """The kernel's serial SysRq: a break on COM1, then `key` (one character)."""
+        if len(key) != 1 or not key.isprintable() or not key.isascii():
+            raise ValueError(f"a SysRq key is one printable ASCII character, not {key!r}")
+        if self._cvm == ffi.NULL:
+            raise VmmError("the VM is not running")
+        if not self.uart.rx_room() or self._sysrq_key is not None:
+            raise VmmError("COM1's receive buffer is full: the guest is not reading its console")
+        self.uart.send_break()  # a 0 byte with LSR BI
+        if self.uart.rx_room():
+            self.uart.receive(key.encode())
+        else:  # no FIFO: the key follows once the guest has read the break
+            self._sysrq_key = key.encode()
+        self.sync_uart_fast_path()
+
+    def enable_sampling(self, period_ns: int, capacity: int) -> None:
+        """RIP samples every `period_ns` on each vCPU (before run())."""
+        r = lib.avmm_vm_set_sampling(self._cvm, period_ns, capacity)
+        if r < 0:
+            raise KvmError(f"cannot set up RIP sampling: {os.strerror(-r)}")
+
+    def rip_samples(self, i: int, capacity: int) -> list[int]:
+        """vCPU i's RIP samples (once its thread has ended)."""
+        if self._cvm == ffi.NULL:
+            return []
+        buf = ffi.new("uint64_t[]", capacity)
+        n = lib.avmm_vcpu_samples(self._cvm, i, buf, capacity)
+        return list(buf[0:n])
+
     # -- run ---------------------------------------------------------------------------
     async def run(self) -> Stop:
         """Start the vCPUs and serve them until the VM stops; returns why."""
@@ -312,6 +382,8 @@ class Machine:
         loop.add_reader(self._console_efd, self._on_console_output)
         self.console.attach(loop, self._console_input, on_break=self.send_break, on_quit=self._on_console_quit)
         self.sync_uart_fast_path()
+        if self.pit is not None:
+            self.pit.attach(loop)
         self.timeline.started = time.monotonic()
         try:
             for i in range(self.config.cpus):
@@ -530,6 +602,7 @@ class Machine:
     def vcpu_stats(self, i: int) -> dict:
         s = lib.avmm_vcpu_stats(self._cvm, i)
         exits = {EXIT_NAMES.get(r, str(r)): s.exits[r] for r in range(lib.AVMM_NR_REASONS) if s.exits[r]}
+        ns_exits = {EXIT_NAMES.get(r, str(r)): s.ns_exits[r] for r in range(lib.AVMM_NR_REASONS) if s.ns_exits[r]}
         return {
             "exits": exits,
             "fast_io": s.fast_io,
@@ -537,6 +610,11 @@ class Machine:
             "kicks": s.kicks,
             "ns_in_run": s.ns_in_run,
             "ns_waiting": s.ns_waiting,
+            "ns_exits": ns_exits,  # out of KVM_RUN serving them, by exit reason
+            "ns_fast_io": s.ns_fast_io,
+            "samples": s.samples,
+            "samples_dropped": s.samples_dropped,
+            "first_high_rip_ns": s.first_high_rip_ns,  # CLOCK_MONOTONIC, 0: none
         }
 
     def read_registers(self, i: int) -> dict:
@@ -565,6 +643,7 @@ class Machine:
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
             "quirks": dict(self.quirks.applied),
+            **({"pit": self.pit.stats()} if self.pit is not None else {}),
             "loop": {
                 "wakeups": self.loop_wakeups,
                 "batches": self.exit_batches,
@@ -579,6 +658,8 @@ class Machine:
     def _stop_vcpus(self) -> None:
         if self._cvm != ffi.NULL:
             lib.avmm_vm_stop(self._cvm)
+        if self.pit is not None:
+            self.pit.detach()
         loop = self._loop
         if self._console_timer is not None:
             self._console_timer.cancel()
@@ -603,6 +684,8 @@ class Machine:
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()
+        if self.pit is not None:
+            self.pit.close()
         for name in ("_notify_efd", "_console_efd", "_uart_irq_efd"):
             fd = getattr(self, name)
             if fd >= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
 from . import cli, log
 from .api import VM
@@ -22,7 +23,8 @@ STATUS = {
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def run_vm(cfg: VmConfig) -> Stop:
+async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
+    """Run the VM until it ends; with --profile-boot its report is appended to `reports`."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     running: list[VM] = []
@@ -43,7 +45,10 @@ async def run_vm(cfg: VmConfig) -> Stop:
         try:
             async with VM(cfg, console=console) as vm:
                 running.append(vm)
-                return await vm.wait()
+                stop = await vm.wait()
+                if vm.profile is not None and reports is not None:
+                    reports.append(vm.profile.report())  # complete: the first boot has ended
+                return stop
         finally:
             console.close()
     finally:
@@ -52,10 +57,14 @@ async def run_vm(cfg: VmConfig) -> Stop:
 
 
 def run_to_end(cfg: VmConfig) -> int:
+    reports: list[str] = []
     try:
-        stop = run_loop(run_vm(cfg))
+        stop = run_loop(run_vm(cfg, reports))
     except asyncio.CancelledError as e:
         stop = Stop(StopReason.HOST, str(e.args[0]) if e.args else "stopped")
+    for report in reports:  # after the console is closed and the terminal restored
+        sys.stderr.write(report + "\n")
+        sys.stderr.flush()
     if stop.reason in (StopReason.POWEROFF, StopReason.RESET):
         log.info(stop.message)
     else:

@@ -70,6 +70,12 @@ struct avmm_vcpu_stats {
     uint64_t kicks;                  /* KVM_RUN interrupted by a kick */
     uint64_t ns_in_run;              /* inside KVM_RUN (guest time plus in-kernel exits) */
     uint64_t ns_waiting;             /* waiting for the loop to complete an exit */
+    uint64_t ns_exits[AVMM_NR_REASONS]; /* out of KVM_RUN serving exits, by exit_reason */
+    uint64_t ns_fast_io;             /* of which serving exits in C */
+    uint64_t samples;                /* RIP samples taken (avmm_vm_set_sampling) */
+    uint64_t samples_dropped;        /* RIP samples not kept: the buffer was full */
+    uint64_t first_high_rip_ns;      /* CLOCK_MONOTONIC of the first sample in the upper half
+                                      * of the address space (a kernel proper), or 0 */
 };
 
 struct avmm_vm;
@@ -98,6 +104,13 @@ void avmm_vm_pause(struct avmm_vm *vm);
 void avmm_vm_resume(struct avmm_vm *vm);
 /* End every vCPU thread and join them. Waiting vCPUs are told to quit. */
 void avmm_vm_stop(struct avmm_vm *vm);
+
+/* RIP sampling, for a boot profile: before the vCPUs start, give each a timer that
+ * interrupts KVM_RUN every period_ns; the vCPU thread then reads RIP (KVM_GET_REGS) into
+ * a buffer of `capacity` samples. 0 or -errno. */
+int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
+/* Copy up to max of vCPU idx's samples, from the first, into out; returns how many. */
+size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
 
 /* COM1 fast path (see enum avmm_uart_fast). base 0 turns it off. */
 void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);

@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -36,6 +36,9 @@ KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON KVM_INTERNAL_ERROR_EMULATION_FLAG_INST
 KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
 KVM_VCPUEVENT_VALID_NMI_PENDING KVM_VCPUEVENT_VALID_SIPI_VECTOR KVM_VCPUEVENT_VALID_SHADOW
 KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+KVM_CPUID_SIGNATURE KVM_CPUID_FEATURES
+KVM_FEATURE_PV_UNHALT KVM_FEATURE_PV_SEND_IPI KVM_FEATURE_PV_SCHED_YIELD
+KVM_FEATURE_HC_MAP_GPA_RANGE KVM_FEATURE_MIGRATION_CONTROL
 """.split()
 
 CDEF = """
@@ -105,7 +108,8 @@ struct avmm_exit {
 };
 struct avmm_vcpu_stats {
     uint64_t exits[...]; uint64_t fast_io; uint64_t posted; uint64_t kicks;
-    uint64_t ns_in_run; uint64_t ns_waiting;
+    uint64_t ns_in_run; uint64_t ns_waiting; uint64_t ns_exits[...]; uint64_t ns_fast_io;
+    uint64_t samples; uint64_t samples_dropped; uint64_t first_high_rip_ns;
 };
 struct avmm_vm;
 
@@ -122,6 +126,8 @@ int avmm_vm_collect(struct avmm_vm *vm, int *out, int max, uint64_t poll_ns);
 void avmm_vm_pause(struct avmm_vm *vm);
 void avmm_vm_resume(struct avmm_vm *vm);
 void avmm_vm_stop(struct avmm_vm *vm);
+int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
+size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
 void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
@@ -139,7 +145,7 @@ ffibuilder.cdef(
 )
 ffibuilder.set_source(
     "asyncvmm._native",
-    f'#include <linux/kvm.h>\n#include "avmm.h"\n#define AVMM_ABI_VERSION {ABI_VERSION}\n',
+    f'#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include "avmm.h"\n#define AVMM_ABI_VERSION {ABI_VERSION}\n',
     sources=["cext/vcpu_loop.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],

@@ -7,6 +7,10 @@
  * waits on a futex until the loop completes it. Pause, resume and stop kick the threads
  * out of KVM_RUN with a signal and kvm_run.immediate_exit.
  *
+ * RIP sampling (a boot profile): each vCPU thread may own a POSIX timer that sends it the
+ * same signal every period; KVM_RUN returns EINTR and the thread reads RIP into its sample
+ * buffer before it goes back in. Time out of KVM_RUN is counted per exit reason.
+ *
  * Memory ordering: all shared words are C11 atomics with sequential consistency; the
  * Dekker-style pairs (state/pause_req, action/sleeping) rely on that.
  */
@@ -51,6 +55,10 @@ struct avmm_vcpu {
     _Atomic uint32_t sleeping; /* the vCPU sleeps on `action` */
     struct avmm_exit exit;
     struct avmm_vcpu_stats stats;
+    uint64_t *samples;       /* RIP samples (sampling on), written by the vCPU thread only */
+    size_t nsamples;
+    timer_t timer;
+    int has_timer;
 };
 
 struct avmm_vm {
@@ -60,6 +68,8 @@ struct avmm_vm {
     struct avmm_vcpu *vcpus;
     _Atomic uint32_t pause_req; /* futex word for paused vCPUs */
     _Atomic uint32_t quit;
+    uint64_t sample_period_ns;  /* 0: no RIP sampling */
+    size_t sample_capacity;
     /* COM1 fast path */
     _Atomic uint32_t uart_base;
     _Atomic uint32_t uart_flags;
@@ -70,6 +80,9 @@ struct avmm_vm {
 };
 
 static int kick_signal;
+/* Set by the kick signal's handler in the thread it interrupted: a sampling timer's tick
+ * that came while the vCPU was out of KVM_RUN (waiting on the loop) is taken then. */
+static __thread volatile sig_atomic_t tick_pending;
 
 static long futex(_Atomic uint32_t *word, int op, uint32_t val)
 {
@@ -95,7 +108,8 @@ static uint64_t now_ns(void)
 
 static void kick_handler(int sig)
 {
-    (void)sig; /* only here to make KVM_RUN return EINTR */
+    (void)sig; /* here to make KVM_RUN return EINTR */
+    tick_pending = 1;
 }
 
 static void notify(int efd)
@@ -300,6 +314,57 @@ static void park_while_paused(struct avmm_vcpu *v)
     atomic_store(&v->state, AVMM_VCPU_RUNNING);
 }
 
+/* ---- RIP sampling ------------------------------------------------------------------ */
+
+/* x86-64: the upper half of the address space, where a kernel proper runs. */
+#define HIGH_HALF 0xFFFF800000000000ull
+
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+static void start_sampling(struct avmm_vcpu *v)
+{
+    uint64_t period = v->vm->sample_period_ns;
+    struct sigevent sev;
+    struct itimerspec its;
+    if (!period || !v->samples)
+        return;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = kick_signal;
+    sev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
+    if (timer_create(CLOCK_MONOTONIC, &sev, &v->timer) < 0)
+        return; /* no samples: the profile says so */
+    v->has_timer = 1;
+    its.it_interval.tv_sec = (time_t)(period / 1000000000u);
+    its.it_interval.tv_nsec = (long)(period % 1000000000u);
+    its.it_value = its.it_interval;
+    timer_settime(v->timer, 0, &its, NULL);
+}
+
+static void stop_sampling(struct avmm_vcpu *v)
+{
+    if (v->has_timer) {
+        timer_delete(v->timer);
+        v->has_timer = 0;
+    }
+}
+
+static void take_sample(struct avmm_vcpu *v)
+{
+    struct kvm_regs regs;
+    if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
+        return;
+    v->stats.samples++;
+    if (!v->stats.first_high_rip_ns && regs.rip >= HIGH_HALF)
+        v->stats.first_high_rip_ns = now_ns();
+    if (v->nsamples < v->vm->sample_capacity)
+        v->samples[v->nsamples++] = regs.rip;
+    else
+        v->stats.samples_dropped++;
+}
+
 static void *vcpu_main(void *arg)
 {
     struct avmm_vcpu *v = arg;
@@ -317,10 +382,15 @@ static void *vcpu_main(void *arg)
         CPU_SET(v->host_cpu, &set);
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
+    start_sampling(v);
 
     for (;;) {
         if (atomic_load(&vm->quit))
             break;
+        if (tick_pending && v->has_timer) {
+            tick_pending = 0;
+            take_sample(v);
+        }
         if (atomic_load(&vm->pause_req)) {
             park_while_paused(v);
             continue;
@@ -328,26 +398,36 @@ static void *vcpu_main(void *arg)
         uint64_t t0 = now_ns();
         int r = ioctl(v->fd, KVM_RUN, 0);
         int err = r < 0 ? errno : 0;
-        v->stats.ns_in_run += now_ns() - t0;
+        uint64_t t1 = now_ns();
+        v->stats.ns_in_run += t1 - t0;
         if (v->run->immediate_exit)
             v->run->immediate_exit = 0;
         if (err == EINTR || err == EAGAIN) {
-            v->stats.kicks++;
+            v->stats.kicks++; /* the sample, if it was the timer, is taken at the loop's top */
+            v->stats.ns_exits[KVM_EXIT_INTR] += now_ns() - t1;
             continue;
         }
+        uint32_t slot = AVMM_NR_REASONS - 1;
         if (!err) {
             uint32_t reason = v->run->exit_reason;
-            v->stats.exits[reason < AVMM_NR_REASONS ? reason : AVMM_NR_REASONS - 1]++;
+            slot = reason < AVMM_NR_REASONS ? reason : AVMM_NR_REASONS - 1;
+            v->stats.exits[slot]++;
             if (reason == KVM_EXIT_INTR)
                 continue;
             if (reason == KVM_EXIT_IO && serve_fast_io(v)) {
+                uint64_t served = now_ns() - t1;
                 v->stats.fast_io++;
+                v->stats.ns_fast_io += served;
+                v->stats.ns_exits[slot] += served;
                 continue;
             }
         }
-        if (post_and_wait(v, err) == AVMM_ACTION_QUIT)
+        uint32_t action = post_and_wait(v, err);
+        v->stats.ns_exits[slot] += now_ns() - t1;
+        if (action == AVMM_ACTION_QUIT)
             break;
     }
+    stop_sampling(v);
     set_state(v, AVMM_VCPU_DONE);
     futex_wake_all(&v->state);
     return NULL;
@@ -429,6 +509,36 @@ int avmm_vcpu_start(struct avmm_vm *vm, int idx, int host_cpu)
     pthread_setname_np(v->thread, name);
     v->started = 1;
     return 0;
+}
+
+int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity)
+{
+    if (!period_ns || !capacity)
+        return -EINVAL;
+    for (int i = 0; i < vm->nvcpus; i++) {
+        struct avmm_vcpu *v = &vm->vcpus[i];
+        if (v->started)
+            return -EBUSY;
+        free(v->samples);
+        v->nsamples = 0;
+        v->samples = calloc(capacity, sizeof(*v->samples));
+        if (!v->samples)
+            return -ENOMEM;
+    }
+    vm->sample_capacity = capacity;
+    vm->sample_period_ns = period_ns;
+    return 0;
+}
+
+size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max)
+{
+    struct avmm_vcpu *v = &vm->vcpus[idx];
+    size_t n;
+    if (atomic_load(&v->state) != AVMM_VCPU_DONE && v->started)
+        return 0; /* the thread still writes them: read them once it has ended */
+    n = v->nsamples < max ? v->nsamples : max;
+    memcpy(out, v->samples, n * sizeof(*out));
+    return n;
 }
 
 struct avmm_exit *avmm_vcpu_exit(struct avmm_vm *vm, int idx)
@@ -544,9 +654,11 @@ void avmm_vm_free(struct avmm_vm *vm)
     if (!vm)
         return;
     avmm_vm_stop(vm);
-    for (int i = 0; i < vm->nvcpus; i++)
+    for (int i = 0; i < vm->nvcpus; i++) {
         if (vm->vcpus[i].run)
             munmap(vm->vcpus[i].run, vm->vcpus[i].run_size);
+        free(vm->vcpus[i].samples);
+    }
     pthread_mutex_destroy(&vm->console_lock);
     free(vm->vcpus);
     free(vm);

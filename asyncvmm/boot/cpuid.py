@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from .._native import lib
+
 
 class Template(str, Enum):
     HOST = "host"
@@ -99,6 +101,22 @@ BASELINE_HIDDEN: tuple[Feature, ...] = (
     F("rdtscp", 0x8000_0001, 0, "edx", 27),
 )
 
+# KVM's paravirtual features (CPUID KVM_CPUID_FEATURES, EAX; <asm/kvm_para.h>) that a
+# guest uses through a hypercall (vmcall/vmmcall). A KVM that emulates guest kernel code
+# may not complete them (kvm_pvm here never returns from one), so asyncvmm's quirks hide
+# them; what the guest then does instead is said for each.
+KVM_HYPERCALL_FEATURES: tuple[Feature, ...] = (
+    # KVM_HC_KICK_CPU wakes a vCPU halted in a paravirtual spinlock; else: native spinlocks.
+    F("kvm_pv_unhalt", lib.KVM_CPUID_FEATURES, 0, "eax", lib.KVM_FEATURE_PV_UNHALT),
+    # KVM_HC_SEND_IPI sends IPIs to many vCPUs at once; else: through the APIC's ICR.
+    F("kvm_pv_send_ipi", lib.KVM_CPUID_FEATURES, 0, "eax", lib.KVM_FEATURE_PV_SEND_IPI),
+    # KVM_HC_SCHED_YIELD yields to a preempted vCPU an IPI waits on; else: plain waiting.
+    F("kvm_pv_sched_yield", lib.KVM_CPUID_FEATURES, 0, "eax", lib.KVM_FEATURE_PV_SCHED_YIELD),
+    # KVM_HC_MAP_GPA_RANGE tells KVM about encrypted/shared pages (SEV guests).
+    F("kvm_hc_map_gpa_range", lib.KVM_CPUID_FEATURES, 0, "eax", lib.KVM_FEATURE_HC_MAP_GPA_RANGE),
+    F("kvm_migration_control", lib.KVM_CPUID_FEATURES, 0, "eax", lib.KVM_FEATURE_MIGRATION_CONTROL),
+)
+
 # Leaves that only describe features the baseline hides: dropped whole.
 BASELINE_DROPPED_LEAVES = (0xD,)  # XSAVE state components
 
@@ -114,11 +132,17 @@ def apply_template(entries: list[dict], template: Template) -> list[dict]:
             e["ecx"] |= 1 << HYPERVISOR_BIT
     if template is Template.BASELINE:
         out = [e for e in out if e["function"] not in BASELINE_DROPPED_LEAVES]
-        for f in BASELINE_HIDDEN:
-            for e in out:
-                if e["function"] == f.leaf and e["index"] == f.subleaf:
-                    e[f.reg] &= ~(1 << f.bit)
+        out = hide(out, BASELINE_HIDDEN)
     return out
+
+
+def hide(entries: list[dict], features: tuple[Feature, ...]) -> list[dict]:
+    """`entries` with the bits of `features` cleared (in place; returned for chaining)."""
+    for f in features:
+        for e in entries:
+            if e["function"] == f.leaf and e["index"] == f.subleaf:
+                e[f.reg] &= ~(1 << f.bit)
+    return entries
 
 
 def for_vcpu(entries: list[dict], vcpu: int, nvcpus: int) -> list[dict]:

@@ -4,6 +4,11 @@ Field names and offsets are those of Documentation/arch/x86/boot.rst (the setup 
 and zero-page.rst (struct boot_params). The real-mode setup code never runs: we build
 boot_params ourselves, load the protected-mode kernel at 1 MiB and start the CPU in
 long mode at load address + 0x200 (boot.rst "64-bit Boot Protocol").
+
+`load_vmlinux` enters a kernel proper (a vmlinux ELF, or a bzImage's payload the VMM
+unpacked, boot/unpack.py) the way the bzImage's decompressor would have: its segments
+at their physical addresses, then startup_64 (the ELF entry) in long mode with %rsi =
+boot_params — what Firecracker does for a vmlinux.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from ..errors import BootError
 from ..vstate.memory import MiB
 from . import layout
 from .cpu_state import BootCpuState, long_mode_64, write_gdt, write_identity_page_tables
-from .elf import is_elf
+from .elf import ElfMachine, is_elf, parse_elf
+from .pvh import XEN_NOTE_NAME, XenElfNote
 
 BOOT_FLAG_MAGIC = 0xAA55
 HDRS_MAGIC = b"HdrS"
@@ -197,6 +203,37 @@ def kernel_kind(image: bytes | memoryview) -> Literal["elf", "bzimage"] | None:
     ):
         return "bzimage"
     return None
+
+
+LINUX_NOTE_NAME = "Linux"  # include/linux/elfnote.h: Linux's own notes (build salt, LTO info)
+
+
+def is_linux(image: bytes | memoryview) -> bool:
+    """Is `image` a Linux kernel: a bzImage with a kernel payload, or a vmlinux ELF?
+
+    Linux's bzImages (protocol 2.08+) carry the kernel proper as a payload in one of the
+    formats of Compression; a freestanding program in bzImage form has none. A vmlinux
+    carries ELF notes owned by "Linux" (LINUX_ELFNOTE_BUILD_SALT and others; older
+    Xen-enabled kernels a Xen GUEST_OS note saying "linux"); a freestanding PVH guest has
+    only the Xen entry note.
+    """
+    kind = kernel_kind(image)
+    if kind == "bzimage":
+        try:
+            return bzimage_info(image).compression is not None
+        except BootError:
+            return False
+    if kind != "elf":
+        return False
+    try:
+        notes = parse_elf(image).notes()
+    except BootError:
+        return False
+    return any(
+        n.name == LINUX_NOTE_NAME
+        or (n.name == XEN_NOTE_NAME and n.type == XenElfNote.XEN_ELFNOTE_GUEST_OS and n.desc.rstrip(b"\0") == b"linux")
+        for n in notes
+    )
 
 
 def _detect_compression(payload: bytes | memoryview) -> Compression | None:
@@ -411,3 +448,119 @@ def build_boot_params(
     for i, (addr, size, type_) in enumerate(e820):
         BOOT_E820_ENTRY.pack_into(bp, E820_TABLE_OFFSET + i * BOOT_E820_ENTRY.size, addr, size, type_)
     return bp
+
+
+# A setup header for a vmlinux booted without its bzImage (Firecracker's choice of fields):
+# what the kernel proper reads from boot_params.hdr. Protocol 2.15 (Linux 5.5+).
+SYNTHETIC_PROTOCOL = 0x020F
+SYNTHETIC_CMDLINE_SIZE = 2047  # COMMAND_LINE_SIZE (2048) less the NUL, as x86 kernels say
+SYNTHETIC_KERNEL_ALIGNMENT = 0x20_0000  # CONFIG_PHYSICAL_ALIGN's default
+SYNTHETIC_INITRD_ADDR_MAX = 0x7FFF_FFFF
+
+
+def synthetic_setup_header(cmdline_size: int = SYNTHETIC_CMDLINE_SIZE) -> bytes:
+    """The first sectors of a bzImage with only a setup header in them."""
+    hdr = bytearray((DEFAULT_SETUP_SECTS + 2) * SECTOR_SIZE)
+    put_field(hdr, "boot_flag", BOOT_FLAG_MAGIC)
+    hdr[JUMP_OFFSET] = 0xEB  # jmp: its offset byte gives the header's end
+    hdr[JUMP_OFFSET + 1] = MIN_HEADER_END_64 + 4 - HEADER_MAGIC_OFFSET
+    hdr[HEADER_MAGIC_OFFSET : HEADER_MAGIC_OFFSET + 4] = HDRS_MAGIC
+    put_field(hdr, "version", SYNTHETIC_PROTOCOL)
+    put_field(hdr, "loadflags", LoadFlags.LOADED_HIGH)
+    put_field(hdr, "xloadflags", XLoadFlags.XLF_KERNEL_64 | XLoadFlags.XLF_CAN_BE_LOADED_ABOVE_4G)
+    put_field(hdr, "kernel_alignment", SYNTHETIC_KERNEL_ALIGNMENT)
+    put_field(hdr, "initrd_addr_max", SYNTHETIC_INITRD_ADDR_MAX)
+    put_field(hdr, "cmdline_size", cmdline_size)
+    return bytes(hdr)
+
+
+def _physical_entry(elf) -> int:
+    """The ELF's entry as a physical address (x86-64 vmlinux: phys_startup_64 already)."""
+    for seg in elf.load_segments():
+        if seg.p_vaddr <= elf.e_entry < seg.p_vaddr + seg.p_memsz:
+            return seg.p_paddr + (elf.e_entry - seg.p_vaddr)
+    return elf.e_entry
+
+
+def load_vmlinux(
+    mem,
+    image: bytes | memoryview,
+    cmdline: str,
+    initrd: bytes | memoryview | None = None,
+    *,
+    setup: bytes | memoryview | None = None,
+    rsdp: int = 0,
+) -> BootCpuState:
+    """Load a 64-bit vmlinux ELF (+ initrd) and enter startup_64 with boot_params.
+
+    `setup` is the image whose setup header goes into boot_params: the bzImage the
+    vmlinux came from, or None for a synthetic header (a bare vmlinux). Segments load at
+    their physical addresses, where an unrelocated kernel expects to run. Everything is
+    checked before guest memory is written.
+    """
+    elf = parse_elf(image)
+    if elf.e_machine != ElfMachine.EM_X86_64:
+        raise BootError("kernel ELF is not an x86-64 vmlinux (e_machine): its 64-bit entry cannot be used")
+    segments = elf.load_segments()
+    if not segments:
+        raise BootError("kernel ELF has no PT_LOAD segments: nothing to load")
+    header_source = setup if setup is not None else synthetic_setup_header()
+    info = bzimage_info(header_source)
+    if setup is not None:
+        _check_64bit_kernel(info)
+    ram_end = layout.low_ram_end(mem)
+    for seg in segments:
+        start, end = seg.p_paddr, seg.p_paddr + seg.p_memsz
+        if layout.overlaps(start, seg.p_memsz, layout.BOOT_AREA_START, layout.BOOT_AREA_END - layout.BOOT_AREA_START):
+            raise BootError(
+                f"kernel segment {seg.index} at {start:#x}-{end:#x} overlaps the boot structures at "
+                f"{layout.BOOT_AREA_START:#x}-{layout.BOOT_AREA_END:#x}"
+            )
+        if end > ram_end:
+            raise BootError(
+                f"kernel segment {seg.index} at {start:#x}-{end:#x} needs at least {-(-end // MiB)} MiB of guest "
+                f"memory; the guest has {mem.size // MiB} MiB"
+            )
+    entry = _physical_entry(elf)
+    if not any(s.p_paddr <= entry < s.p_paddr + s.p_memsz for s in segments):
+        raise BootError(f"kernel ELF entry {elf.e_entry:#x} is in none of its segments")
+    kernel_end = max(s.p_paddr + s.p_memsz for s in segments)
+
+    cmdline_bytes = cmdline.encode()
+    if b"\0" in cmdline_bytes:
+        raise BootError("kernel command line contains a NUL character")
+    limit = min(info.cmdline_size, layout.CMDLINE_SIZE - 1)
+    if len(cmdline_bytes) > limit:
+        raise BootError(f"kernel command line is {len(cmdline_bytes)} bytes; this kernel accepts at most {limit}")
+
+    initrd_addr = initrd_size = 0
+    if initrd:
+        initrd_size = len(initrd)
+        floor = layout.align_up(kernel_end, layout.PAGE_SIZE)
+        placed = layout.place_high(initrd_size, floor, min(info.initrd_addr_max + 1, ram_end))
+        if placed is None:
+            need = -(-(floor + initrd_size) // MiB)
+            raise BootError(
+                f"kernel and initrd ({initrd_size} bytes) need at least {need} MiB of guest memory; "
+                f"the guest has {mem.size // MiB} MiB"
+            )
+        initrd_addr = placed
+
+    e820 = mem.e820()
+    if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
+        raise BootError(f"memory map has {len(e820)} entries; boot_params holds at most {E820_MAX_ENTRIES_ZEROPAGE}")
+    zero_page = build_boot_params(header_source, info, layout.CMDLINE_START, initrd_addr, initrd_size, e820, rsdp)
+
+    # -- everything checked: write --------------------------------------------------
+    for seg in segments:
+        mem.write(seg.p_paddr, elf.segment_data(seg))
+        tail = seg.p_memsz - seg.p_filesz
+        if tail:
+            mem.write(seg.p_paddr + seg.p_filesz, bytes(tail))  # .bss, .brk
+    mem.write(layout.ZERO_PAGE_START, zero_page)
+    mem.write(layout.CMDLINE_START, cmdline_bytes + b"\0")
+    if initrd_size:
+        mem.write(initrd_addr, initrd)
+    write_gdt(mem, layout.GDT_START)
+    cr3 = write_identity_page_tables(mem, layout.PML4_START)
+    return long_mode_64(entry=entry, rsi=layout.ZERO_PAGE_START, gdt_base=layout.GDT_START, pml4=cr3)

@@ -20,6 +20,7 @@ from .elf import parse_elf
 
 
 class XenElfNote(IntEnum):  # xen/include/public/elfnote.h
+    XEN_ELFNOTE_GUEST_OS = 6  # "linux" in a Linux kernel built with Xen support
     XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 

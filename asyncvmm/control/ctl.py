@@ -40,6 +40,7 @@ usage: asyncvmm ctl list [--json]
        asyncvmm ctl stats NAME [--json]
        asyncvmm ctl pause NAME [--json]
        asyncvmm ctl resume NAME [--json]
+       asyncvmm ctl sysrq NAME KEY [--json]
        asyncvmm ctl destroy NAME [--timeout S] [--force] [--json]
        asyncvmm ctl --vm=NAME [--cpu=N] [bhyvectl options]
 
@@ -53,6 +54,8 @@ commands:
              console counters
   pause      stop every vCPU from running guest code
   resume     let them run again
+  sysrq      the kernel's magic SysRq on the serial console: a break on COM1, then
+             KEY (one character: h help, t tasks, m memory, b reboot, o power off...)
   destroy    ask the guest to power off, stop it hard after --timeout S (default 30);
              --force stops it at once. Returns once the VMM has ended.
   --json     print the VM's answer as JSON instead of text
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not argv:
             raise ConfigError(
-                "ctl needs a command: list, state, regs, stats, pause, resume, destroy "
+                "ctl needs a command: list, state, regs, stats, pause, resume, sysrq, destroy "
                 "(or bhyvectl's --vm=NAME ...); see asyncvmm ctl --help"
             )
         if argv[0] in ("-h", "--help", "help") or (argv[0].startswith("--") and ("--help" in argv or "-h" in argv)):
@@ -168,6 +171,8 @@ def _parser() -> _Parser:
     command("stats", "exits, times, port and console counters")
     command("pause", "stop every vCPU from running guest code")
     command("resume", "let the vCPUs run again")
+    sysrq = command("sysrq", "a break on COM1, then KEY: the kernel's serial SysRq")
+    sysrq.add_argument("key", metavar="KEY", help="the SysRq key, one character (h: help)")
     destroy = command("destroy", "power the guest off, or stop it hard")
     destroy.add_argument(
         "--timeout", type=float, default=DESTROY_TIMEOUT, metavar="S",
@@ -198,6 +203,11 @@ def _command(argv: list[str]) -> int:
     elif args.command in ("pause", "resume"):
         result = client.request(args.command)
         _out(_json(result) if args.json else _paused_line(client.name, args.command, result))
+    elif args.command == "sysrq":
+        if len(args.key) != 1 or not args.key.isprintable() or not args.key.isascii():
+            raise ConfigError(f"sysrq {args.key!r}: the key is one printable character (h for help)")
+        result = client.request("sysrq", key=args.key)
+        _out(_json(result) if args.json else f"VM {client.name}: SysRq {args.key} sent (a break, then {args.key!r})")
     elif args.command == "destroy":
         if not 0 <= args.timeout <= MAX_TIMEOUT:
             raise ConfigError(f"--timeout {args.timeout:g}: a number of seconds from 0 to {MAX_TIMEOUT:g}")

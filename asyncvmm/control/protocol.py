@@ -12,6 +12,8 @@ Commands (request fields besides "cmd"):
                             (the vCPUs are paused for the read if they were running)
     stats                   per-vCPU exits and times, port ranges, console counters
     pause | resume          → state
+    sysrq    key=K          the kernel's serial SysRq: a break on COM1, then the key K
+                            (one character) → {"key": K}
     destroy  timeout=S force=B
                             ask the guest to power off (ACPI, when the VM has it), wait up
                             to S seconds, then stop it hard; force stops it at once
@@ -27,7 +29,7 @@ import re
 SOCKET_SUFFIX = ".sock"
 # A VM's name becomes a file name: keep it to what needs no quoting anywhere.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-COMMANDS = ("state", "regs", "stats", "pause", "resume", "destroy")
+COMMANDS = ("state", "regs", "stats", "pause", "resume", "sysrq", "destroy")
 MAX_LINE = 64 * 1024
 
 

@@ -126,6 +126,12 @@ class ControlServer:
             elif cmd == "resume":
                 await self.vm.resume()
                 result = self.vm.state_info()
+            elif cmd == "sysrq":
+                key = req.get("key")
+                if not isinstance(key, str):
+                    raise ValueError("sysrq needs a key: one character")
+                await self.vm.sysrq(key)
+                result = {"key": key}
             elif cmd == "destroy":
                 how = await self.vm.destroy(float(req.get("timeout", 30)), force=bool(req.get("force", False)))
                 result = {"how": how}

@@ -45,6 +45,10 @@ def kernel(guests):
         (["-p", "3:0"], ["no vCPU 3"]),
         (["-p", "x"], ["VCPU:HOSTCPU"]),
         (["--cpu", "fast"], ["invalid choice"]),
+        (["--decompress", "maybe"], ["invalid choice"]),
+        (["--profile-rip", "0.01"], ["--profile-rip 0.01", "from 0.1"]),
+        (["--profile-rip", "often"], ["invalid float"]),
+        (["--symbols", "/no/such/System.map"], ["--symbols /no/such/System.map", "no such file"]),
     ],
 )
 def test_bad_flags(kernel, args, words):
@@ -130,3 +134,18 @@ def test_help_documents_the_exit_statuses():
     assert r.status == 0
     for line in ("0  the guest powered off", "3  the guest triple-faulted", "2  bad command line"):
         assert line in r.out
+
+
+def test_profile_and_decompress_flags_reach_the_config(kernel):
+    from asyncvmm.cli import _parser, config_from_args
+
+    cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "--profile-rip", "--decompress", "vmm"]))
+    assert (cfg.profile_boot, cfg.profile_rip_ms, cfg.decompress) == (True, 2.0, "vmm")
+    cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel]))
+    assert (cfg.profile_boot, cfg.profile_rip_ms, cfg.decompress) == (False, 0.0, "auto")
+
+
+def test_help_explains_the_decompress_default():
+    r = run_vmm("run", "--help")
+    assert "--decompress" in r.out and "emulates guest code" in r.out and "KASLR" in r.out
+    assert "--profile-boot" in r.out and "--profile-rip" in r.out
