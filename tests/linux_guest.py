@@ -1,0 +1,194 @@
+"""A Linux guest for the slow tier: find or build the small kernel, boot it in the
+background with `asyncvmm run`, keep a timestamped transcript, wait for patterns, send
+SysRq through `asyncvmm ctl`.
+
+    kernel = small_kernel()                          # tools/kernel/build-small-kernel, cached
+    with LinuxGuest(kernel / "bzImage", initrd=spin_initramfs(), cmdline="console=ttyS0") as g:
+        g.wait_for(rb"Run /init as init process", timeout=600)
+        g.sysrq("h")
+        g.wait_for(rb"sysrq: HELP")
+        g.sysrq("b")                                 # the kernel resets; --no-reboot ends the VMM
+        assert g.wait_exit(60) == 0
+
+Boots cost a minute or more on an emulating KVM and CI may boot Linux at most twice:
+tests/linux_boot.py does one boot for the whole slow tier and its tests read
+what it recorded. The guest's console is the VMM's stdout (a pipe), its log the VMM's
+stderr; both are read by threads into `console` and `log` as (seconds since start, line).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_TOOLS = ROOT / "tools" / "kernel"
+BUILD_TIMEOUT = 45 * 60  # a first build of the small kernel: 4-11 minutes on 2 cores
+
+
+class GuestError(AssertionError):
+    """A wait that failed: the message carries the end of the transcript."""
+
+
+def _tool(name: str, timeout: float) -> Path:
+    """Run a tools/kernel builder (cached: seconds when built); its last stdout line is
+    the result's directory. Its progress lines go to our stderr."""
+    p = subprocess.run(
+        [str(KERNEL_TOOLS / name)], stdout=subprocess.PIPE, stderr=None, timeout=timeout, text=True, cwd=ROOT
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"tools/kernel/{name} failed with status {p.returncode} (its log is above)")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+def small_kernel() -> Path:
+    """The small kernel's cache directory (bzImage, vmlinux, System.map, config)."""
+    return _tool("build-small-kernel", BUILD_TIMEOUT)
+
+
+def spin_initramfs() -> Path:
+    """An initramfs whose /init never makes a system call (tools/kernel/spin-init.S)."""
+    return _tool("build-spin-initramfs", 120) / "initramfs.cpio.gz"
+
+
+class LinuxGuest:
+    """`asyncvmm run` of a Linux kernel in the background. See the module docstring."""
+
+    def __init__(self, kernel: Path | str, *, initrd: Path | str | None = None, cmdline: str = "console=ttyS0",
+                 memory: str = "256M", flags: tuple[str, ...] = (), name: str | None = None):
+        self.name = name or f"linux-{os.getpid()}"
+        self.args = ["run", "-m", memory, "--no-reboot", "--kernel", str(kernel), "--cmdline", cmdline]
+        if initrd is not None:
+            self.args += ["--initrd", str(initrd)]
+        self.args += [*flags, self.name]
+        self.console: list[tuple[float, str]] = []
+        self.log: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._proc: subprocess.Popen | None = None
+        self._threads: list[threading.Thread] = []
+        self._positions = {"console": 0, "log": 0}  # where the next wait_for starts
+        self.started = 0.0
+        self.status: int | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> "LinuxGuest":
+        self.started = time.monotonic()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncvmm", *self.args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        )
+        for stream, lines in ((self._proc.stdout, self.console), (self._proc.stderr, self.log)):
+            t = threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __enter__(self) -> "LinuxGuest":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End the VMM if it still runs (SIGTERM, then SIGKILL) and join the readers."""
+        p = self._proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p.stdin:
+            p.stdin.close()
+        for t in self._threads:
+            t.join(5)
+        self.status = p.returncode
+
+    def _read(self, stream, lines: list) -> None:
+        partial = b""
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            now = time.monotonic() - self.started
+            partial += chunk
+            *complete, partial = partial.split(b"\n")
+            with self._cond:
+                lines.extend((now, line.decode(errors="replace").rstrip("\r")) for line in complete)
+                self._cond.notify_all()
+        with self._cond:
+            if partial:
+                lines.append((time.monotonic() - self.started, partial.decode(errors="replace")))
+            self._cond.notify_all()
+        stream.close()
+
+    # -- waiting --------------------------------------------------------------------------
+    def wait_for(self, pattern: bytes | str, timeout: float = 60, *, stream: str = "console") -> re.Match:
+        """The first line (after the last match in that stream) that matches `pattern`;
+        GuestError with the transcript's end if the VMM ends or `timeout` passes first."""
+        rx = re.compile(pattern.decode() if isinstance(pattern, bytes) else pattern)
+        lines = self.console if stream == "console" else self.log
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._positions[stream] < len(lines):
+                    t, line = lines[self._positions[stream]]
+                    self._positions[stream] += 1
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if self._proc.poll() is not None and all(not t.is_alive() for t in self._threads):
+                    raise GuestError(f"the VMM ended (status {self._proc.returncode}) before {rx.pattern!r}\n{self.tail()}")
+                if left <= 0:
+                    raise GuestError(f"{rx.pattern!r} not seen within {timeout:g} s\n{self.tail()}")
+                self._cond.wait(min(left, 1.0))
+
+    def when(self, pattern: str, stream: str = "console") -> float | None:
+        """Seconds since start of the first line matching `pattern`, or None."""
+        rx = re.compile(pattern)
+        with self._cond:
+            return next((t for t, line in (self.console if stream == "console" else self.log) if rx.search(line)), None)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"the VMM did not end within {timeout:g} s\n{self.tail()}") from None
+        for t in self._threads:
+            t.join(10)
+        self.status = self._proc.returncode
+        return self.status
+
+    # -- talking to it ----------------------------------------------------------------------
+    def sysrq(self, key: str) -> str:
+        """`asyncvmm ctl sysrq NAME KEY`: a break on COM1, then the key."""
+        p = subprocess.run([sys.executable, "-m", "asyncvmm", "ctl", "sysrq", self.name, key],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        if p.returncode != 0:
+            raise GuestError(f"ctl sysrq {key} failed ({p.returncode}): {p.stderr.strip()}\n{self.tail()}")
+        return p.stdout.strip()
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "asyncvmm", "ctl", *args, self.name],
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+    # -- transcripts --------------------------------------------------------------------------
+    def console_text(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.console)
+
+    def log_text(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.log)
+
+    def tail(self, n: int = 40) -> str:
+        with self._cond:
+            console = [f"{t:8.2f} | {line}" for t, line in self.console[-n:]]
+            log = [f"{t:8.2f} | {line}" for t, line in self.log[-15:]]
+        return "--- console (last lines) ---\n" + "\n".join(console) + "\n--- VMM log ---\n" + "\n".join(log)
