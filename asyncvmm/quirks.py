@@ -239,19 +239,23 @@ class BoundedRatePit:
     the last IRQ0 was less than `min_interval_ns` ago.
     """
 
-    def __init__(self, vm, gsi: int, min_interval_ns: int = PIT_MIN_IRQ_INTERVAL_NS):
+    def __init__(self, vm, gsi: int, min_interval_ns: int = PIT_MIN_IRQ_INTERVAL_NS, clock=time.monotonic_ns):
         self.min_interval_ns = min_interval_ns
+        self._clock = clock
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             vm.irqfd(self.efd, gsi)
         except BaseException:
             os.close(self.efd)
             raise
-        self.model = I8254(time.monotonic_ns, changed=self._on_write)
+        self.model = I8254(clock, changed=self._rearm)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_irq = -min_interval_ns
-        self._since = time.monotonic_ns()  # edges after this are not delivered yet
+        # Edges after this are not delivered yet: the last IRQ0. Never the time of a
+        # write: a count of a few clocks (Linux's min_delta is 15, 12.6 us) may already
+        # have run out when the callback looks, and its edge must not be lost.
+        self._since = clock()
         self.irqs = 0  # IRQ0 edges raised
         self.deferred = 0  # times an edge came sooner than min_interval_ns and waited
 
@@ -265,17 +269,13 @@ class BoundedRatePit:
             self._timer.cancel()
             self._timer = None
 
-    def _on_write(self) -> None:
-        self._since = time.monotonic_ns()
-        self._rearm()
-
     def _rearm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._loop is None or self.efd < 0:
             return
-        now = time.monotonic_ns()
+        now = self._clock()
         # The first edge not delivered yet: one that passed while the loop was busy (or
         # before attach) is delivered at once; several such are one edge.
         edge = self.model.next_edge(0, self._since)
@@ -291,7 +291,7 @@ class BoundedRatePit:
         if self.efd < 0:
             return
         os.eventfd_write(self.efd, 1)  # an edge on IRQ0 (the irqfd pulses the line)
-        self._last_irq = self._since = time.monotonic_ns()
+        self._last_irq = self._since = self._clock()
         self.irqs += 1
         self._rearm()
 

@@ -109,3 +109,13 @@ def test_report_when_init_is_not_reached():
     names = [name for name, _, _ in p.phases()]
     assert names == ["VMM set-up", "kernel (init not reached)"]
     assert "total" in p.report()
+
+
+def test_entry_to_kernel_from_the_first_high_rip_sample():
+    p = BootProfile(created=1.0, images=1.1, built=1.2, started=2.0, stopped=30.0, stop_message="guest reset")
+    p.stats = {"vcpus": [{"first_high_rip_ns": 22_500_000_000}]}  # the decompressor ran 20.5 s
+    p.console.feed(b"[    0.100000] Linux version 6.1\n", now=25.0)
+    p.console.feed(b"[    3.000000] Run /init as init process\n", now=27.0)
+    phases = {name: (round(seconds, 3), what) for name, seconds, what in p.phases()}
+    assert phases["entry to kernel"][0] == 20.5 and "first RIP sample" in phases["entry to kernel"][1]
+    assert phases["kernel to init"][0] == 4.5

@@ -145,3 +145,33 @@ def test_bounded_pit_is_quiet_when_stopped():
         assert edges(pit) == 0
     finally:
         pit.close()
+
+
+class SlowClock:
+    """A clock that moves 50 us each time it is read: a busy loop between a guest write
+    and the callback that looks at it."""
+
+    def __init__(self):
+        self.ns = 10**12
+
+    def __call__(self):
+        self.ns += 50_000
+        return self.ns
+
+
+def test_a_count_that_runs_out_before_the_callback_looks_still_raises_irq0():
+    # Linux's min_delta: mode 4 with 15 clocks (12.6 us), shorter than the callback's delay.
+    pit = BoundedRatePit(FakeVm(), 0, clock=SlowClock())
+    try:
+        async def main():
+            pit.attach(asyncio.get_running_loop())
+            pit.model.write(Port.CONTROL, 0x38)
+            pit.model.write(Port.CHANNEL0, 15)
+            pit.model.write(Port.CHANNEL0, 0)
+            assert pit._timer is not None  # the edge is owed, not lost
+            await asyncio.sleep(0.05)
+            pit.detach()
+        asyncio.run(main())
+        assert edges(pit) == 1
+    finally:
+        pit.close()

@@ -201,10 +201,12 @@ class _Counter:
         return self.counting or self.offset > 0
 
     def next_edge(self, now: int) -> int | None:
-        """When OUT next rises after `now` (ns), or None if it will not on its own."""
+        """When OUT next rises after `now` (ns), or None if it will not on its own.
+
+        A `now` before the count started means the first edge of this count."""
         if not self.loaded or not self.counting:
             return None
-        t = self.elapsed(now)
+        t = self.elapsed(max(now, self.start_ns))
         n = self.reload
         mode = self.mode
         if mode in (Mode.INTERRUPT_ON_TERMINAL_COUNT, Mode.ONE_SHOT):
