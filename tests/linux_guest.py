@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TOOLS = ROOT / "tools" / "kernel"
+PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\] ?")
 BUILD_TIMEOUT = 45 * 60  # a first build of the small kernel: 4-11 minutes on 2 cores
 
 
@@ -179,9 +180,14 @@ class LinuxGuest:
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
 
     # -- transcripts --------------------------------------------------------------------------
-    def console_text(self) -> str:
+    def console_text(self, timestamps: bool = True) -> str:
+        """The console so far; without the kernel's printk timestamps if asked (a message
+        printed in pieces, as SysRq's are, then reads as it was meant)."""
         with self._cond:
-            return "\n".join(line for _, line in self.console)
+            lines = [line for _, line in self.console]
+        if not timestamps:
+            lines = [PRINTK_TIME.sub("", line) for line in lines]
+        return "\n".join(lines)
 
     def log_text(self) -> str:
         with self._cond:
