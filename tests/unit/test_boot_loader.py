@@ -158,3 +158,48 @@ def test_synthetic_header_parses_as_a_64_bit_kernel():
     info = bzimage_info(synthetic_setup_header())
     assert info.version == 0x020F and info.header_end == 0x26C and info.cmdline_size == 2047
     assert info.xloadflags & 1
+
+
+def test_unpacking_runs_off_the_loop(tmp_path, monkeypatch):
+    """read_images unpacks in a worker thread, and the loop goes on meanwhile."""
+    import asyncio
+    import os
+    import threading
+    import time
+
+    from asyncvmm.config import VmConfig
+    from asyncvmm.machine import read_images
+
+    elf = build_elf(segments=((0x1000000, os.urandom(1 << 20) * 2, 2 << 20),), notes=(LINUX_NOTE,))
+    payload = gzip.compress(elf, compresslevel=1, mtime=0)
+    path = tmp_path / "bzImage"
+    path.write_bytes(bzimage(payload=payload, pm_size=len(payload) + 0x1000))
+    cfg = VmConfig(kernel=str(path), decompress="vmm")
+    threads = []
+    real = loader.unpack_bzimage
+
+    def unpack(image):
+        threads.append(threading.current_thread())
+        return real(image)
+
+    monkeypatch.setattr(loader, "unpack_bzimage", unpack)
+
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        images = await read_images(cfg)
+        ticker.cancel()
+        return images, ticks
+
+    images, ticks = asyncio.run(main())
+    assert images.prepared.unpacked.vmlinux == elf
+    assert threads and threads[0] is not threading.main_thread()
+    assert ticks >= 1
