@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import log
-from .boot import cpuid, loader
+from .boot import cpuid, linux, loader
 from .bus import Bus, ByteRegisters, Sink
 from .config import VmConfig
 from .console import Console
@@ -153,7 +153,7 @@ async def read_images(cfg: VmConfig) -> BootImages:
 def _prepare(cfg: VmConfig, kernel: bytes) -> loader.Prepared:
     mode = cfg.decompress
     emulating = False
-    if mode == loader.Decompress.AUTO and loader.linux.kernel_kind(kernel) == "bzimage":
+    if mode == loader.Decompress.AUTO and linux.kernel_kind(kernel) == "bzimage":
         emulating = probe.probe().emulating
     return loader.prepare(kernel, mode, emulating)
 
@@ -259,7 +259,7 @@ class Machine:
 
     def _load_kernel(self, cfg: VmConfig):
         images = self.images
-        if loader.linux.kernel_kind(images.kernel) is None:
+        if linux.kernel_kind(images.kernel) is None:
             raise BootError(f"{cfg.kernel} is not a kernel: neither an ELF with a PVH entry nor a bzImage")
         boot = loader.load(
             self.mem, images.kernel, images.initrd, cfg.cmdline,
