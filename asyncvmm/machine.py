@@ -243,6 +243,8 @@ class Machine:
         if self._cvm == ffi.NULL:
             raise KvmError("cannot allocate the vCPU threads' state")
         entries = self.quirks.adjust_cpuid(cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template))
+        if self.quirks.hidden_pv_features:
+            log.info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(self.quirks.hidden_pv_features)}")
         msrs = self.kvm.msr_index_list()
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)

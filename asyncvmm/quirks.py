@@ -164,6 +164,7 @@ class Quirks:
     enabled: bool
     reason: str = ""
     applied: dict[str, int] = field(default_factory=dict)
+    hidden_pv_features: list[str] = field(default_factory=list)  # what kvm-pv-hypercalls hid
 
     def _count(self, name: str, n: int = 1) -> None:
         self.applied[name] = self.applied.get(name, 0) + n
@@ -182,6 +183,7 @@ class Quirks:
         for e in entries:
             if e["function"] == leaf:
                 e[reg] |= 1 << bit
+        self.hidden_pv_features = [f.name for f in cpuid.KVM_HYPERCALL_FEATURES if cpuid.feature_enabled(entries, f)]
         return cpuid.hide(entries, cpuid.KVM_HYPERCALL_FEATURES)
 
     def linux_cmdline(self, cmdline: str) -> tuple[str, list[str]]:

@@ -25,6 +25,8 @@ def test_the_log_says_how_it_booted(linux_boot, emulating_kvm):
     log = linux_boot.guest.log_text()
     if emulating_kvm:
         assert "quirks for an emulating KVM on" in log
+        assert "quirks: kvm-pv-hypercalls: hidden from the guest: kvm_pv_unhalt" in log
+        assert "quirks: vmm-pit:" in log
         assert re.search(r"payload unpacked by the VMM \(lz4, [\d.]+ MB -> [\d.]+ MB in [\d.]+ s\), "
                          r"entered through the vmlinux's PVH entry", log), log
     else:

@@ -175,3 +175,9 @@ def test_a_count_that_runs_out_before_the_callback_looks_still_raises_irq0():
         assert edges(pit) == 1
     finally:
         pit.close()
+
+
+def test_the_hidden_pv_features_are_named():
+    q = Quirks(True)
+    q.adjust_cpuid(kvm_features(0x1007EFB))
+    assert q.hidden_pv_features == ["kvm_pv_unhalt", "kvm_pv_send_ipi", "kvm_pv_sched_yield"]
