@@ -30,6 +30,8 @@ from .devices.legacy.rtc import Rtc
 from .devices.legacy.uart16550 import Uart16550
 from .disasm import disassemble
 from .errors import BootError, ConfigError, KvmError
+from . import platform
+from .irq import IrqRouter
 from .platform import COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT
 from .quirks import Quirks
 from .vstate import probe
@@ -173,6 +175,8 @@ class Machine:
         self.exits_served = 0
         self._uart_fast = None
         self._console_timer: asyncio.TimerHandle | None = None
+        self.pci = None
+        self.irq: IrqRouter | None = None
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
@@ -258,6 +262,32 @@ class Machine:
         self.rtc = Rtc(mem_below_4g=below, mem_above_4g=above)
         self.pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
         self.pio.register(POST_PORT, 1, Sink(), "post")  # POST codes, and a delay port
+        self._build_pci(cfg)
+
+    def _build_pci(self, cfg: VmConfig) -> None:
+        """The PCI root on bus 0, its config mechanisms, and the -s devices, BARs placed."""
+        from .devices import slots  # noqa: PLC0415 (device models load the data path)
+        from .devices.pci.device import PciBuses  # noqa: PLC0415
+        from .devices.pci.root import PciRoot, install  # noqa: PLC0415
+        from .devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
+
+        self.irq = IrqRouter(self.vm)
+        self.irq.commit()  # the default routes, before any MSI exists
+        any_length = self.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
+        ctx = slots.BuildContext(cfg, self.mem, self.irq, NotifyBinder(self.vm, any_length))
+        self.pci = PciRoot(PciBuses(self.mmio, self.pio))
+        install(self.pci, self.pio, self.mmio)
+        for s in cfg.slots:
+            driver = slots.DRIVERS[s.driver]
+            if driver.build is None:
+                continue
+            dev = driver.build(s, ctx)
+            try:
+                self.pci.add(s.slot, s.function, dev)
+            except BaseException:
+                dev.close()
+                raise
+        self.pci.assign_bars(platform.pci_mmio64_window(platform.ram_top(self.mem.regions)))
 
     # -- the UART's wiring ---------------------------------------------------------------
     def _uart_irq(self, level: bool) -> None:
@@ -564,6 +594,7 @@ class Machine:
             "mmio": dict(self.mmio.accesses),
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
+            "pci": {dev.name: dev.stats() for _, dev in self.pci.devices() if hasattr(dev, "stats")} if self.pci else {},
             "quirks": dict(self.quirks.applied),
             "loop": {
                 "wakeups": self.loop_wakeups,
@@ -603,6 +634,13 @@ class Machine:
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()
+        if self.pci is not None:  # devices first: I/O in flight points into guest RAM
+            for _, dev in self.pci.devices():
+                dev.close()
+            self.pci = None
+        if self.irq is not None:
+            self.irq.close()
+            self.irq = None
         for name in ("_notify_efd", "_console_efd", "_uart_irq_efd"):
             fd = getattr(self, name)
             if fd >= 0:
