@@ -32,6 +32,8 @@ from .disasm import disassemble
 from .errors import BootError, ConfigError, KvmError
 from . import platform
 from .irq import IrqRouter
+from . import poll
+from .poll import PollWindow
 from .platform import COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT
 from .quirks import Quirks
 from .vstate import probe
@@ -44,10 +46,6 @@ from ._native import ffi, lib
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
 
-# Busy polling for the next exit on the loop's thread (see Machine._on_exits).
-POLL_MIN_NS = 5_000
-POLL_MAX_NS = 50_000
-POLL_SLICE_NS = 2_000_000  # at most this long in one callback: other loop work goes on
 
 AVMM_EXIT_IO, AVMM_EXIT_MMIO = lib.AVMM_EXIT_IO, lib.AVMM_EXIT_MMIO
 
@@ -167,9 +165,7 @@ class Machine:
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._closed = False
         self.paused = False
-        self.poll_max_ns = POLL_MAX_NS if config.poll else 0
-        self._poll_ns = 0
-        self._idle_since = 0  # when the loop last stopped polling for exits
+        self.exit_poll = PollWindow(poll.POLL_MAX_NS if config.poll else 0)
         self.loop_wakeups = 0  # times the loop was woken for exits
         self.exit_batches = 0  # collections of posted exits (a wake-up, or a poll that hit)
         self.exits_served = 0
@@ -396,25 +392,16 @@ class Machine:
         self.sync_uart_fast_path()
 
     def _on_exits(self) -> None:
-        """Serve posted exits; keep serving (busy-polling) while they come fast.
-
-        The poll window adapts as KVM's halt polling does: when the loop had to be woken
-        for an exit that came soon after the window closed, the window grows; when the wait
-        was long, polling would not have helped and it shrinks — so a quiet guest costs no
-        CPU and an exit-heavy one pays no thread wake-up per exit.
-        """
+        """Serve posted exits; keep serving (busy-polling, asyncvmm.poll) while they come
+        fast, so an exit-heavy guest pays no thread wake-up per exit."""
         cvm, ids, ncpus = self._cvm, self._ids, self.config.cpus
         n = lib.avmm_vm_collect(cvm, ids, ncpus, 0)
         if not n:
             return
         now = time.monotonic_ns()
-        if self._idle_since:
-            poll = self._poll_ns
-            if now - self._idle_since <= self.poll_max_ns:
-                self._poll_ns = min(max(poll * 2, POLL_MIN_NS), self.poll_max_ns)
-            elif poll:
-                self._poll_ns = poll // 2 if poll // 2 >= POLL_MIN_NS else 0
-        deadline = now + POLL_SLICE_NS
+        window = self.exit_poll
+        window.woken(now)
+        deadline = now + poll.POLL_SLICE_NS
         self.loop_wakeups += 1
         while True:
             # Bytes the fast path took from THR come before whatever these exits do; the
@@ -429,11 +416,10 @@ class Machine:
                 self._serve_exit(ids[k])
             if self.stopping:
                 return
-            poll = self._poll_ns
             # Past the deadline, exits still posted wake the loop again through the eventfd.
-            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll) if poll and time.monotonic_ns() < deadline else 0
+            n = lib.avmm_vm_collect(cvm, ids, ncpus, window.ns) if window.ns and time.monotonic_ns() < deadline else 0
             if not n:
-                self._idle_since = time.monotonic_ns()
+                window.gave_up()
                 return
 
     def _serve_exit(self, i: int) -> None:
@@ -601,7 +587,7 @@ class Machine:
                 "batches": self.exit_batches,
                 "exits": self.exits_served,
                 "mean_batch": round(self.exits_served / self.exit_batches, 2) if self.exit_batches else 0.0,
-                "poll_window_ns": self._poll_ns,
+                "poll_window_ns": self.exit_poll.ns,
             },
             "uptime_s": round(time.monotonic() - self.timeline.started, 3) if self.timeline.started else 0.0,
         }

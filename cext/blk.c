@@ -7,6 +7,7 @@
 #include <linux/virtio_blk.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "blk.h"
 
@@ -485,4 +486,29 @@ int avmm_blk_complete(struct avmm_blk *b)
             avmm_blk_kick(b, i);
     }
     return total;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns)
+{
+    uint64_t deadline = now_ns() + max_ns;
+    do {
+        for (int spin = 0; spin < 16; spin++) {
+            if (avmm_engine_ready(b->engine))
+                return avmm_blk_complete(b);
+            for (int i = 0; i < b->cfg.nqueues; i++) {
+                struct avmm_vq *q = &b->q[i];
+                if (q->size && !q->broken && avmm_vq_pending(q))
+                    return avmm_blk_kick(b, i);
+            }
+            __builtin_ia32_pause();
+        }
+    } while (now_ns() < deadline);
+    return 0;
 }

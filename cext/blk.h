@@ -74,6 +74,11 @@ int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t des
 int avmm_blk_kick(struct avmm_blk *b, int qi);
 /* Finish completed I/O: requests completed. */
 int avmm_blk_complete(struct avmm_blk *b);
+/* Busy-poll up to max_ns for work — completions, or buffers on an active queue — and
+ * serve the first that comes: requests handled, 0 if nothing came, -1 if a ring broke.
+ * (QEMU's iothreads poll the same way: a wake-up through an eventfd costs more than
+ * the microseconds a busy device takes to come back.) */
+int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
 /* Device reset: forget the queues; I/O in flight completes into nothing. */
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);

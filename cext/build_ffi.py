@@ -250,11 +250,26 @@ int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t des
                          uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
 int avmm_blk_kick(struct avmm_blk *b, int qi);
 int avmm_blk_complete(struct avmm_blk *b);
+int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);
 int avmm_blk_needs_reset(const struct avmm_blk *b);
 struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b);
 struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi);
+
+/* the benchmark's driver: cext/testdrv.h */
+struct vring_avail;
+struct vring_used;
+struct avmm_testdrv_cfg {
+    struct vring_desc *desc; struct vring_avail *avail; struct vring_used *used;
+    uint16_t size; uint16_t qd; uint32_t block_size; int32_t kick_fd; int32_t irq_fd; int32_t write;
+    int32_t random; int32_t event_idx; uint64_t nreq; uint64_t capacity_sectors; uint64_t seed;
+    uint8_t *hva; uint64_t hva_gpa; uint64_t hdr_gpa; uint64_t buf_gpa; uint64_t status_gpa;
+};
+struct avmm_testdrv_result {
+    uint64_t completed, errors, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
+};
+int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_result *res, uint32_t *lat_ns);
 
 struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd);
 void avmm_vm_free(struct avmm_vm *vm);
@@ -289,9 +304,9 @@ ffibuilder.set_source(
     "#include <linux/kvm.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
     "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
     "#include <linux/virtio_blk.h>\n"
-    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n'
+    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n'
     f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
-    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c"],
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],
     libraries=["pthread", "uring"],

@@ -103,6 +103,11 @@ int avmm_engine_fd(const struct avmm_engine *e) { return e->efd; }
 unsigned avmm_engine_inflight(const struct avmm_engine *e) { return e->inflight; }
 struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e) { return &e->stats; }
 
+unsigned avmm_engine_ready(struct avmm_engine *e)
+{
+    return e->kind == AVMM_ENGINE_SYNC ? e->cq_n : io_uring_cq_ready(&e->ring);
+}
+
 int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op)
 {
     if (e->inflight >= e->entries)

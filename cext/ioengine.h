@@ -66,6 +66,8 @@ int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op);
 int avmm_engine_submit(struct avmm_engine *e);
 /* Take up to max completions (resets the eventfd first). */
 int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max);
+/* Completions waiting to be reaped (a cheap check: no syscall). */
+unsigned avmm_engine_ready(struct avmm_engine *e);
 /* Ops queued or in flight. */
 unsigned avmm_engine_inflight(const struct avmm_engine *e);
 /* Wait until nothing is in flight (teardown: buffers in guest RAM must outlive the I/O). */

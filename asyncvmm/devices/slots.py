@@ -41,7 +41,8 @@ def _blk_build(slot: PciSlot, ctx: BuildContext):
     from .virtio.transport_pci import VirtioPciDevice  # noqa: PLC0415
 
     opts = BlockOptions.parse(slot.options, _where(slot))
-    blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}")
+    blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
+                    poll=ctx.config.poll)
     try:
         return VirtioPciDevice(blk, ctx.router, ctx.notify)
     except BaseException:

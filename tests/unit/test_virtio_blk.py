@@ -402,3 +402,33 @@ def test_queue_registers_after_driver_ok_need_reset(image, engine):
             assert b.drv.status & Status.NEEDS_RESET
             assert b.drv.common_read(Common.QUEUE_SIZE, 2) != 16
     run(go())
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A block device (a loop device over a file), detached afterwards."""
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 << 20)
+    r = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    yield dev
+    subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_a_block_device_as_the_disk(loop_device, engine):
+    async def go():
+        async with Blk(loop_device, engine) as b:
+            capacity = b.drv.config_read(0, 4) | b.drv.config_read(4, 4) << 32
+            assert capacity == (8 << 20) // 512
+            assert (await b.c.run(T_OUT, 2048, data=b"L" * 4096))[0] == S_OK
+            assert (await b.c.run(T_FLUSH))[0] == S_OK
+            assert (await b.c.run(T_IN, 2048, in_len=4096))[2] == b"L" * 4096
+            assert (await b.c.run(T_DISCARD, payload=BLK_SEGMENT.pack(2048, 8, 0)))[0] == S_OK
+            assert (await b.c.run(T_IN, 2048, in_len=4096))[2] == bytes(4096)
+            assert (await b.c.run(T_IN, capacity, in_len=512))[0] == S_IOERR
+    run(go())
+    with open(loop_device, "rb") as f:
+        assert f.read(512) == bytes(512)

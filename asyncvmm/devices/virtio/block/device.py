@@ -14,12 +14,14 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from ...._native import ffi, lib
 from ....errors import ConfigError
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
 from ..device import DeviceError, QueueConfig, VirtioDevice
+from ....poll import POLL_MAX_NS, POLL_SLICE_NS, PollWindow
 from ..spec import DeviceId, Feature, VqError, bits
 from .image import BlockOptions, DiskImage, default_serial
 
@@ -50,8 +52,10 @@ class VirtioBlk(VirtioDevice):
     device_id = DeviceId.BLOCK
     pci_class = ClassCode.MASS_STORAGE_OTHER
 
-    def __init__(self, opts: BlockOptions, mem: GuestMemory, *, queues: int, name: str = "virtio-blk"):
+    def __init__(self, opts: BlockOptions, mem: GuestMemory, *, queues: int, name: str = "virtio-blk",
+                 poll: bool = True):
         super().__init__(opts.queues or queues, QUEUE_SIZE)
+        self.window = PollWindow(POLL_MAX_NS if poll else 0)
         self.name = name
         self.opts = opts
         self.mem = mem
@@ -150,13 +154,36 @@ class VirtioBlk(VirtioDevice):
             self._kick(q.index)  # doorbells rung before DRIVER_OK
 
     def _kick(self, qi: int) -> None:
+        self.window.woken(time.monotonic_ns())
         if lib.avmm_blk_kick(self._blk, qi) < 0:
-            vq = lib.avmm_blk_queue(self._blk, qi)
-            self._stop_queues()
-            self.needs_reset(f"queue {qi}: the driver broke the ring ({VqError(vq.last_error).name.lower()})")
+            self._broken()
+            return
+        self._poll()
 
     def _complete(self) -> None:
+        self.window.woken(time.monotonic_ns())
         lib.avmm_blk_complete(self._blk)
+        self._poll()
+
+    def _poll(self) -> None:
+        """Spin briefly for the next kick or completion (asyncvmm.poll) while work comes."""
+        w, blk = self.window, self._blk
+        deadline = time.monotonic_ns() + POLL_SLICE_NS
+        while w.ns and time.monotonic_ns() < deadline:
+            n = lib.avmm_blk_poll(blk, w.ns)
+            if n < 0:
+                self._broken()
+                return
+            if n == 0:
+                break
+        w.gave_up()
+
+    def _broken(self) -> None:
+        broken = [qi for qi in range(self.num_queues) if lib.avmm_blk_queue(self._blk, qi).broken]
+        self._stop_queues()
+        for qi in broken:
+            vq = lib.avmm_blk_queue(self._blk, qi)
+            self.needs_reset(f"queue {qi}: the driver broke the ring ({VqError(vq.last_error).name.lower()})")
 
     def _stop_queues(self) -> None:
         if self._loop is not None:
@@ -193,6 +220,7 @@ class VirtioBlk(VirtioDevice):
             "requests": {f: getattr(s, f) for f in fields},
             "engine_ops": {"ops": e.ops, "submits": e.submits, "reaps": e.reaps},
             "inflight": lib.avmm_blk_inflight(self._blk),
+            "poll_window_ns": self.window.ns,
             "queues": queues,
         }
 
