@@ -15,7 +15,7 @@ from .errors import ConfigError
 MiB = 1 << 20
 
 # bhyve's -s drivers asyncvmm does not have (yet); those it has are in devices/slots.py.
-PLANNED_DRIVERS = {"virtio-net", "lpc", "ahci-hd", "passthru", "xhci"}
+PLANNED_DRIVERS = {"lpc", "ahci-hd", "passthru", "xhci", "virtio-rnd", "virtio-console"}
 
 
 @dataclass(frozen=True)

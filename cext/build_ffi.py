@@ -88,6 +88,23 @@ VIRTIO_BLK_F_CONFIG_WCE
 VIRTIO_BLK_T_IN VIRTIO_BLK_T_OUT VIRTIO_BLK_T_FLUSH VIRTIO_BLK_T_GET_ID VIRTIO_BLK_T_DISCARD
 VIRTIO_BLK_T_WRITE_ZEROES VIRTIO_BLK_S_OK VIRTIO_BLK_S_IOERR VIRTIO_BLK_S_UNSUPP
 VIRTIO_BLK_ID_BYTES VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+VIRTIO_NET_F_CSUM VIRTIO_NET_F_GUEST_CSUM VIRTIO_NET_F_CTRL_GUEST_OFFLOADS VIRTIO_NET_F_MTU VIRTIO_NET_F_MAC
+VIRTIO_NET_F_GUEST_TSO4 VIRTIO_NET_F_GUEST_TSO6 VIRTIO_NET_F_GUEST_ECN VIRTIO_NET_F_GUEST_UFO
+VIRTIO_NET_F_HOST_TSO4 VIRTIO_NET_F_HOST_TSO6 VIRTIO_NET_F_HOST_ECN VIRTIO_NET_F_HOST_UFO
+VIRTIO_NET_F_MRG_RXBUF VIRTIO_NET_F_STATUS VIRTIO_NET_F_CTRL_VQ VIRTIO_NET_F_CTRL_RX
+VIRTIO_NET_F_CTRL_VLAN VIRTIO_NET_F_CTRL_RX_EXTRA VIRTIO_NET_F_GUEST_ANNOUNCE VIRTIO_NET_F_MQ
+VIRTIO_NET_F_CTRL_MAC_ADDR VIRTIO_NET_F_SPEED_DUPLEX VIRTIO_NET_S_LINK_UP VIRTIO_NET_S_ANNOUNCE
+VIRTIO_NET_HDR_F_NEEDS_CSUM VIRTIO_NET_HDR_F_DATA_VALID VIRTIO_NET_HDR_GSO_NONE VIRTIO_NET_HDR_GSO_TCPV4
+VIRTIO_NET_HDR_GSO_UDP VIRTIO_NET_HDR_GSO_TCPV6 VIRTIO_NET_HDR_GSO_ECN VIRTIO_NET_OK VIRTIO_NET_ERR
+VIRTIO_NET_CTRL_RX VIRTIO_NET_CTRL_RX_PROMISC VIRTIO_NET_CTRL_RX_ALLMULTI VIRTIO_NET_CTRL_RX_ALLUNI
+VIRTIO_NET_CTRL_RX_NOMULTI VIRTIO_NET_CTRL_RX_NOUNI VIRTIO_NET_CTRL_RX_NOBCAST VIRTIO_NET_CTRL_MAC
+VIRTIO_NET_CTRL_MAC_TABLE_SET VIRTIO_NET_CTRL_MAC_ADDR_SET VIRTIO_NET_CTRL_VLAN VIRTIO_NET_CTRL_VLAN_ADD
+VIRTIO_NET_CTRL_VLAN_DEL VIRTIO_NET_CTRL_ANNOUNCE VIRTIO_NET_CTRL_ANNOUNCE_ACK VIRTIO_NET_CTRL_MQ
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX
+VIRTIO_NET_CTRL_GUEST_OFFLOADS VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET
+TUNSETIFF TUNGETIFF TUNSETOFFLOAD TUNSETVNETHDRSZ TUNSETQUEUE TUNSETPERSIST IFF_TAP IFF_NO_PI IFF_VNET_HDR
+IFF_MULTI_QUEUE IFF_ATTACH_QUEUE IFF_DETACH_QUEUE IFF_TUN_EXCL TUN_F_CSUM TUN_F_TSO4 TUN_F_TSO6
+TUN_F_TSO_ECN TUN_F_UFO
 """.split()
 
 CDEF = """
@@ -151,6 +168,11 @@ struct virtio_pci_notify_cap { struct virtio_pci_cap cap; __u32 notify_off_multi
 struct virtio_pci_common_cfg { ...; };
 struct vring_desc { __u64 addr; __u32 len; __u16 flags; __u16 next; };
 struct vring_used_elem { __u32 id; __u32 len; };
+struct virtio_net_hdr_v1 {
+    __u8 flags; __u8 gso_type; __u16 hdr_len; __u16 gso_size; __u16 csum_start; __u16 csum_offset;
+    __u16 num_buffers;
+};
+struct virtio_net_config { __u8 mac[6]; __u16 status; __u16 max_virtqueue_pairs; __u16 mtu; ...; };
 struct virtio_blk_outhdr { __u32 type; __u32 ioprio; __u64 sector; };
 struct virtio_blk_discard_write_zeroes { __u64 sector; __u32 num_sectors; __u32 flags; };
 struct virtio_blk_config {
@@ -238,6 +260,7 @@ void avmm_vq_publish(struct avmm_vq *q);
 int avmm_vq_enable_notify(struct avmm_vq *q);
 void avmm_vq_disable_notify(struct avmm_vq *q);
 uint16_t avmm_vq_pending(const struct avmm_vq *q);
+void avmm_vq_drain_kick(struct avmm_vq *q);
 struct avmm_engine *avmm_engine_new(int kind, unsigned entries);
 void avmm_engine_free(struct avmm_engine *e);
 int avmm_engine_fd(const struct avmm_engine *e);
@@ -271,6 +294,28 @@ struct avmm_testdrv_result {
 };
 int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_result *res, uint32_t *lat_ns);
 
+/* virtio-net: cext/net.h */
+#define AVMM_NET_MAX_PAIRS ...
+#define AVMM_NET_HDR_LEN ...
+enum avmm_net_state { AVMM_NET_RX_NO_BUFFERS, AVMM_NET_RX_EMPTY, AVMM_NET_TX_BLOCKED, AVMM_NET_BUDGET };
+enum avmm_net_flags { AVMM_NET_MRG_RXBUF };
+struct avmm_net_stats {
+    uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes, rx_batches, tx_batches;
+    uint64_t rx_no_buffers, rx_held, rx_too_long, rx_bad_chains, rx_errors, tx_bad_chains, tx_errors, tx_blocked;
+};
+struct avmm_net;
+struct avmm_net *avmm_net_new(const struct avmm_gmem *mem, uint16_t npairs, uint16_t queue_size_max);
+void avmm_net_free(struct avmm_net *n);
+void avmm_net_set_tap(struct avmm_net *n, int pair, int fd);
+void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max);
+int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
+void avmm_net_reset(struct avmm_net *n);
+int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state);
+int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state);
+struct avmm_vq *avmm_net_queue(struct avmm_net *n, int qi);
+struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair);
+
 struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd);
 void avmm_vm_free(struct avmm_vm *vm);
 int avmm_vcpu_attach(struct avmm_vm *vm, int idx, int vcpu_fd, size_t mmap_size);
@@ -303,10 +348,10 @@ ffibuilder.set_source(
     "asyncvmm._native",
     "#include <linux/kvm.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
     "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
-    "#include <linux/virtio_blk.h>\n"
-    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n'
+    "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/if_tun.h>\n"
+    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n#include "net.h"\n'
     f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
-    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c"],
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c", "cext/net.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],
     libraries=["pthread", "uring"],

@@ -50,6 +50,28 @@ def _blk_build(slot: PciSlot, ctx: BuildContext):
         raise
 
 
+def _net_check(slot: PciSlot, cfg: VmConfig) -> None:
+    from .virtio.net.tap import NetOptions  # noqa: PLC0415
+
+    NetOptions.parse(slot.options, _where(slot))
+
+
+def _net_build(slot: PciSlot, ctx: BuildContext):
+    from .virtio.net.device import VirtioNet  # noqa: PLC0415
+    from .virtio.net.tap import NetOptions, stable_mac  # noqa: PLC0415
+    from .virtio.transport_pci import VirtioPciDevice  # noqa: PLC0415
+
+    opts = NetOptions.parse(slot.options, _where(slot))
+    where = f"{slot.slot}.{slot.function}"
+    net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
+                    name=f"virtio-net@{where}")
+    try:
+        return VirtioPciDevice(net, ctx.router, ctx.notify)
+    except BaseException:
+        net.close()
+        raise
+
+
 def _hostbridge_check(slot: PciSlot, cfg: VmConfig) -> None:
     if (slot.slot, slot.function) != (0, 0) or slot.options:
         raise ConfigError(f"-s {_where(slot)}hostbridge: the host bridge is always 0:0 and takes no options")
@@ -63,6 +85,7 @@ class Driver:
 
 DRIVERS: dict[str, Driver] = {
     "virtio-blk": Driver(_blk_check, _blk_build),
+    "virtio-net": Driver(_net_check, _net_build),
     "hostbridge": Driver(_hostbridge_check, None),  # bhyve's `-s 0,hostbridge`: ours is always there
 }
 
