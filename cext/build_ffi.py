@@ -293,6 +293,17 @@ struct avmm_testdrv_result {
     uint64_t completed, errors, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
 };
 int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_result *res, uint32_t *lat_ns);
+enum avmm_testdrv_net_mode { AVMM_TESTDRV_NET_TX, AVMM_TESTDRV_NET_RX, AVMM_TESTDRV_NET_PING };
+struct avmm_testdrv_net_cfg {
+    struct vring_desc *rx_desc, *tx_desc; struct vring_avail *rx_avail, *tx_avail;
+    struct vring_used *rx_used, *tx_used; uint16_t size; uint16_t mode; int32_t rx_kick_fd, tx_kick_fd;
+    int32_t rx_irq_fd, tx_irq_fd; int32_t event_idx; uint64_t count; uint8_t *hva; uint64_t hva_gpa;
+    uint64_t frame_gpa; uint32_t frame_len; uint32_t rx_buf_len; uint64_t rx_bufs_gpa; uint32_t timeout_ms;
+};
+struct avmm_testdrv_net_result {
+    uint64_t frames, bytes, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
+};
+int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testdrv_net_result *res, uint32_t *lat_ns);
 
 /* virtio-net: cext/net.h */
 #define AVMM_NET_MAX_PAIRS ...

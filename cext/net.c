@@ -211,7 +211,7 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
             /* A frame read earlier waits: it goes first, once the buffers hold it. */
             if (room < p->held_len && nchains < q->size) {
                 avmm_vq_unpop(q, (uint16_t)nchains);
-                if (avmm_vq_enable_notify(q) && avmm_vq_pending(q) > nchains)
+                if (avmm_vq_enable_notify_more(q)) /* the buffers there are not enough */
                     continue;
                 *state |= AVMM_NET_RX_NO_BUFFERS;
                 p->stats.rx_no_buffers++;

@@ -37,4 +37,39 @@ struct avmm_testdrv_result {
 
 int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_result *res, uint32_t *lat_ns);
 
+
+/* The benchmark's virtio-net driver: one queue pair. */
+enum avmm_testdrv_net_mode {
+    AVMM_TESTDRV_NET_TX = 1,   /* send `count` frames as fast as the ring allows */
+    AVMM_TESTDRV_NET_RX = 2,   /* receive `count` frames (buffers kept posted) */
+    AVMM_TESTDRV_NET_PING = 3, /* send one frame, wait for one back, `count` times */
+};
+
+struct avmm_testdrv_net_cfg {
+    struct vring_desc *rx_desc, *tx_desc;
+    struct vring_avail *rx_avail, *tx_avail;
+    struct vring_used *rx_used, *tx_used;
+    uint16_t size;
+    uint16_t mode;
+    int32_t rx_kick_fd, tx_kick_fd;
+    int32_t rx_irq_fd, tx_irq_fd;
+    int32_t event_idx;
+    uint64_t count;
+    uint8_t *hva;          /* host address of guest physical hva_gpa */
+    uint64_t hva_gpa;
+    uint64_t frame_gpa;    /* the frame to send: vnet header + frame, frame_len bytes */
+    uint32_t frame_len;
+    uint32_t rx_buf_len;   /* each RX buffer */
+    uint64_t rx_bufs_gpa;  /* size RX buffers of rx_buf_len */
+    uint32_t timeout_ms;
+};
+
+struct avmm_testdrv_net_result {
+    uint64_t frames, bytes, kicks, interrupts, timeouts;
+    uint64_t ns;
+    uint64_t driver_cpu_ns;
+};
+
+int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testdrv_net_result *res, uint32_t *lat_ns);
+
 #endif

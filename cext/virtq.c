@@ -258,6 +258,19 @@ int avmm_vq_enable_notify(struct avmm_vq *q)
     return __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE) != q->last_avail;
 }
 
+int avmm_vq_enable_notify_more(struct avmm_vq *q)
+{
+    if (!q->size || q->broken)
+        return 0;
+    uint16_t seen = __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE);
+    if (q->flags & AVMM_VQ_EVENT_IDX)
+        __atomic_store_n(avail_event(q), seen, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&q->used->flags, (uint16_t)(q->used->flags & ~VRING_USED_F_NO_NOTIFY), __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE) != seen;
+}
+
 void avmm_vq_disable_notify(struct avmm_vq *q)
 {
     if (!q->size || (q->flags & AVMM_VQ_EVENT_IDX))

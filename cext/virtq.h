@@ -146,6 +146,9 @@ void avmm_vq_publish(struct avmm_vq *q);
 void avmm_vq_drain_kick(struct avmm_vq *q);
 /* Tell the driver to notify us for the next buffer; returns 1 if buffers arrived meanwhile. */
 int avmm_vq_enable_notify(struct avmm_vq *q);
+/* Tell the driver to notify us when it adds buffers beyond those available now (the
+ * device waits for more than it has: vhost's vhost_enable_notify); 1 if some came. */
+int avmm_vq_enable_notify_more(struct avmm_vq *q);
 /* Ask the driver not to notify (polling mode; without EVENT_IDX only). */
 void avmm_vq_disable_notify(struct avmm_vq *q);
 /* Buffers available and not yet popped. */

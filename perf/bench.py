@@ -759,13 +759,13 @@ def bench_memory(samples: int, qemu: str | None, notes: list[str]) -> tuple[str,
 
 # ---------------------------------------------------------------------------------------
 
-BENCHMARKS = ("startup", "exits", "memory", "blk")
+BENCHMARKS = ("startup", "exits", "memory", "blk", "net")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="asyncvmm machine-core benchmarks vs their anchors (see perf/README.md)")
     ap.add_argument("--quick", action="store_true", help="fewer runs and n=20000 exits (< 30 s)")
-    ap.add_argument("--only", default="startup,exits,memory,blk", metavar="LIST",
+    ap.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
                     help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
     ap.add_argument("--child-exits", metavar="JSON", help=argparse.SUPPRESS)
@@ -821,10 +821,14 @@ def main(argv: list[str] | None = None) -> int:
                     text, figs = bench_exits(20000 if args.quick else 200000, 3, kind, notes)
                 elif name == "memory":
                     text, figs = bench_memory(2 if args.quick else 3, qemu, notes)
-                else:
+                elif name == "blk":
                     from blk import bench_blk  # noqa: PLC0415 (perf/blk.py)
 
                     text, figs = bench_blk(args.quick, notes)
+                else:
+                    from net import bench_net  # noqa: PLC0415 (perf/net.py)
+
+                    text, figs = bench_net(args.quick, notes)
             except (BenchError, RuntimeError) as e:
                 text, figs = f"{name}: FAILED: {e}", {}
                 notes.append(f"{name}: {e}")
