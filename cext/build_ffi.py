@@ -324,6 +324,7 @@ int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t des
 void avmm_net_reset(struct avmm_net *n);
 int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state);
 int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state);
+int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair);
 struct avmm_vq *avmm_net_queue(struct avmm_net *n, int qi);
 struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair);
 

@@ -1,9 +1,11 @@
 /* virtio-net's data path on TAP devices: see net.h. Frame layout: virtio 1.2, 5.1.6. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "net.h"
@@ -296,6 +298,8 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
     int frames = 0;
     for (;;) {
         if (frames == BUDGET) {
+            /* The caller comes back; meanwhile a doorbell must still come for what is next. */
+            avmm_vq_enable_notify(q);
             *state |= AVMM_NET_BUDGET;
             break;
         }
@@ -339,4 +343,49 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
         p->stats.tx_batches++;
     avmm_vq_publish(q);
     return frames;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair)
+{
+    struct pollfd fds[AVMM_NET_MAX_PAIRS];
+    int nfds = 0, map[AVMM_NET_MAX_PAIRS];
+    if (npairs > n->npairs)
+        npairs = n->npairs;
+    *state = 0;
+    uint64_t deadline = now_ns() + max_ns;
+    do {
+        /* TX buffers are a memory read away; a frame on a TAP costs a poll() to see. */
+        for (int spin = 0; spin < 64; spin++) {
+            for (int i = 0; i < npairs; i++) {
+                struct avmm_vq *tx = &n->q[2 * i + 1];
+                if (tx->size && !tx->broken && avmm_vq_pending(tx)) {
+                    *pair = i;
+                    return avmm_net_tx(n, i, state);
+                }
+            }
+            __builtin_ia32_pause();
+        }
+        nfds = 0;
+        for (int i = 0; i < npairs; i++) {
+            struct avmm_vq *rx = &n->q[2 * i];
+            if (rx->size && !rx->broken && n->p[i].fd >= 0 && avmm_vq_pending(rx)) {
+                fds[nfds] = (struct pollfd){.fd = n->p[i].fd, .events = POLLIN};
+                map[nfds++] = i;
+            }
+        }
+        if (nfds && poll(fds, (nfds_t)nfds, 0) > 0)
+            for (int k = 0; k < nfds; k++)
+                if (fds[k].revents & POLLIN) {
+                    *pair = map[k];
+                    return avmm_net_rx(n, map[k], state);
+                }
+    } while (now_ns() < deadline);
+    return 0;
 }

@@ -64,7 +64,7 @@ def _net_build(slot: PciSlot, ctx: BuildContext):
     opts = NetOptions.parse(slot.options, _where(slot))
     where = f"{slot.slot}.{slot.function}"
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
-                    name=f"virtio-net@{where}")
+                    name=f"virtio-net@{where}", poll=ctx.config.poll)
     try:
         return VirtioPciDevice(net, ctx.router, ctx.notify)
     except BaseException:

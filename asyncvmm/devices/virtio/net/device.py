@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 from ...._native import ffi, lib
 from ....vstate.memory import GuestMemory
+from ....poll import POLL_MAX_NS, POLL_SLICE_NS, PollWindow
 from ...pci.regs import ClassCode
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..spec import DeviceId, Feature, VqError, bits
@@ -101,7 +103,8 @@ class VirtioNet(VirtioDevice):
     device_id = DeviceId.NET
     pci_class = ClassCode.ETHERNET
 
-    def __init__(self, opts: NetOptions, mem: GuestMemory, *, mac: bytes, queues: int, name: str = "virtio-net"):
+    def __init__(self, opts: NetOptions, mem: GuestMemory, *, mac: bytes, queues: int, name: str = "virtio-net",
+                 poll: bool = True):
         self.pairs = min(opts.queues or queues, lib.AVMM_NET_MAX_PAIRS)
         super().__init__(2 * self.pairs + 1, QUEUE_SIZE)
         self.name = name
@@ -130,6 +133,9 @@ class VirtioNet(VirtioDevice):
         self._ctrl_vq = ffi.new("struct avmm_vq *")
         self._ctrl_iov = ffi.new("struct iovec[]", 64)
         self._ctrl_fd = -1
+        self.window = PollWindow(POLL_MAX_NS if poll else 0)
+        self._state = ffi.new("uint32_t *")
+        self._pair = ffi.new("int *")
 
     # -- what the transport asks ---------------------------------------------------------
     def features(self) -> int:
@@ -223,14 +229,22 @@ class VirtioNet(VirtioDevice):
             self._readers.discard(fd)
 
     def _rx(self, pair: int) -> None:
-        state = ffi.new("uint32_t *")
+        self.window.woken(time.monotonic_ns())
+        self._rx_batch(pair)
+        self._poll()
+
+    def _rx_batch(self, pair: int) -> None:
+        state = self._state
         while True:
             if lib.avmm_net_rx(self._net, pair, state) < 0:
                 self._broken()
                 return
             if not state[0] & lib.AVMM_NET_BUDGET:
                 break
-        if state[0] & lib.AVMM_NET_RX_NO_BUFFERS and not self._rx_stopped[pair]:
+        self._after_rx(pair, state[0])
+
+    def _after_rx(self, pair: int, state: int) -> None:
+        if state & lib.AVMM_NET_RX_NO_BUFFERS and not self._rx_stopped[pair]:
             # No buffers: frames wait in the TAP until the guest posts some (the RX doorbell).
             self._rx_stopped[pair] = True
             self._remove_reader(self.tap.fds[pair])
@@ -244,23 +258,47 @@ class VirtioNet(VirtioDevice):
         self._rx(pair)
 
     def _tx(self, pair: int) -> None:
-        state = ffi.new("uint32_t *")
+        self.window.woken(time.monotonic_ns())
+        self._tx_batch(pair)
+        self._poll()
+
+    def _tx_batch(self, pair: int) -> None:
+        state = self._state
         while True:
             if lib.avmm_net_tx(self._net, pair, state) < 0:
                 self._broken()
                 return
             if not state[0] & lib.AVMM_NET_BUDGET:
                 break
+        self._after_tx(pair, state[0])
+
+    def _after_tx(self, pair: int, state: int) -> None:
         fd = self.tap.fds[pair]
-        if state[0] & lib.AVMM_NET_TX_BLOCKED and fd not in self._writers:
+        if state & lib.AVMM_NET_TX_BLOCKED and fd not in self._writers:
             self._loop.add_writer(fd, self._tx_writable, pair)
             self._writers.add(fd)
+
+    def _poll(self) -> None:
+        """Spin briefly for the next frame either way (asyncvmm.poll) while traffic flows."""
+        w = self.window
+        deadline = time.monotonic_ns() + POLL_SLICE_NS
+        while w.ns and time.monotonic_ns() < deadline and self._readers:
+            n = lib.avmm_net_poll(self._net, self.active_pairs, w.ns, self._state, self._pair)
+            if n < 0:
+                self._broken()
+                return
+            if n == 0:
+                break
+            state, pair = self._state[0], self._pair[0]
+            self._after_rx(pair, state)
+            self._after_tx(pair, state)
+        w.gave_up()
 
     def _tx_writable(self, pair: int) -> None:
         fd = self.tap.fds[pair]
         self._loop.remove_writer(fd)
         self._writers.discard(fd)
-        self._tx(pair)
+        self._tx_batch(pair)
 
     def _broken(self) -> None:
         broken = [qi for qi in range(2 * self.pairs) if lib.avmm_net_queue(self._net, qi).broken]
@@ -387,6 +425,7 @@ class VirtioNet(VirtioDevice):
             "tap": self.tap.name,
             "mac": format_mac(self.mac),
             "active_pairs": self.active_pairs,
+            "poll_window_ns": self.window.ns,
             "rx_mode": dict(self.rx_mode),
             "control": dict(self.counters),
             "pairs": pairs,
