@@ -241,7 +241,7 @@ def fadt(facs_address: int, dsdt_address: int) -> bytes:
         ("<B", acpi_pm.RESET_VALUE),
         ("<H", 0),  # ARM_BOOT_ARCH
         ("<B", FADT_MINOR_REVISION),
-        ("<Q", facs_address),  # X_FIRMWARE_CTRL
+        ("<Q", 0),  # X_FIRMWARE_CTRL: must be 0 when FIRMWARE_CTRL is set (the FACS is below 4 GiB)
         ("<Q", dsdt_address),  # X_DSDT
         ("", pm1_evt),  # X_PM1a_EVT_BLK
         ("", NO_GAS),  # X_PM1b_EVT_BLK
