@@ -46,6 +46,7 @@ class ExtOp(enum.IntEnum):
 
 
 NULL_NAME = b"\x00"
+_PACKAGE = bytes([Op.PACKAGE])
 _SEGMENT = re.compile(r"^[A-Z_][A-Z0-9_]{0,3}$")
 
 
@@ -98,17 +99,20 @@ def name_string(path: str) -> bytes:
     return bytes(out)
 
 
+_INTEGER_FORMS = tuple((int(prefix), 1 << (8 * size), size) for prefix, size in (
+    (Op.BYTE_PREFIX, 1), (Op.WORD_PREFIX, 2), (Op.DWORD_PREFIX, 4), (Op.QWORD_PREFIX, 8)))
+_ZERO, _ONE = bytes([Op.ZERO]), bytes([Op.ONE])
+
+
 def integer(value: int) -> bytes:
     """The shortest encoding of an integer constant (ZeroOp, OneOp or a prefixed one)."""
     if value < 0 or value >> 64:
         raise ValueError(f"{value} is not a 64-bit unsigned AML integer")
-    if value == 0:
-        return bytes([Op.ZERO])
-    if value == 1:
-        return bytes([Op.ONE])
-    for prefix, fmt in ((Op.BYTE_PREFIX, "<B"), (Op.WORD_PREFIX, "<H"), (Op.DWORD_PREFIX, "<I"), (Op.QWORD_PREFIX, "<Q")):
-        if value < 1 << (8 * struct.calcsize(fmt)):
-            return bytes([prefix]) + struct.pack(fmt, value)
+    if value <= 1:
+        return _ONE if value else _ZERO
+    for prefix, limit, size in _INTEGER_FORMS:  # (a DSDT has thousands: this is its hot path)
+        if value < limit:
+            return bytes((prefix,)) + value.to_bytes(size, "little")
     raise AssertionError("unreachable")
 
 
@@ -131,6 +135,8 @@ def eisa_id(text: str) -> bytes:
 
 def _data(value) -> bytes:
     """A package element or Name value: an int, a str, or an already encoded term."""
+    if type(value) is int:
+        return integer(value)
     if isinstance(value, bool):
         raise TypeError("AML has no booleans: use 0 or 1")
     if isinstance(value, int):
@@ -161,8 +167,8 @@ def device(path: str, *terms: bytes) -> bytes:
 def package(*elements) -> bytes:
     if len(elements) > 255:
         raise ValueError(f"a Package holds at most 255 elements, not {len(elements)} (VarPackage is not encoded)")
-    body = bytes([len(elements)]) + b"".join(_data(e) for e in elements)
-    return bytes([Op.PACKAGE]) + pkg_length(len(body)) + body
+    body = bytes((len(elements),)) + b"".join([_data(e) for e in elements])
+    return _PACKAGE + pkg_length(len(body)) + body
 
 
 def buffer(data: bytes) -> bytes:
