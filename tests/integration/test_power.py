@@ -132,6 +132,35 @@ def test_no_acpi_leaves_the_tables_and_the_pm_block_out(guests):
     assert "ACPI:" not in r.err
 
 
+@pytest.mark.parametrize("acpi_on", [True, False], ids=["acpi", "no-acpi"])
+def test_both_boot_protocols_are_given_the_rsdp(guests, acpi_on):
+    """PVH's hvm_start_info.rsdp_paddr and bzImage's boot_params.acpi_rsdp_addr, as the
+    loaders left them in guest RAM (the machine built, not run)."""
+    import struct
+
+    from asyncvmm.boot import layout, linux, pvh
+    from asyncvmm.console import Console
+    from asyncvmm.machine import BootImages, Machine
+
+    want = platform.ACPI_TABLES_START if acpi_on else 0
+    for kernel in ("acpi.elf", "bzimage64.bin"):
+        cfg = VmConfig(memory=64 << 20, kernel=str(guests / kernel), acpi=acpi_on)
+        m = Machine(cfg, Console(), BootImages.load(cfg))
+        try:
+            m.build()
+            if kernel.endswith(".elf"):
+                start_info = pvh.HVM_START_INFO.unpack(m.mem.read(layout.PVH_START_INFO_START, pvh.HVM_START_INFO.size))
+                rsdp = start_info[6]  # rsdp_paddr
+            else:
+                offset, fmt = linux.FIELDS["acpi_rsdp_addr"]
+                (rsdp,) = struct.unpack("<" + fmt, m.mem.read(layout.ZERO_PAGE_START + offset, 8))
+            assert rsdp == want, kernel
+            assert (m.mem.read(platform.ACPI_TABLES_START, 8) == b"RSD PTR ") is acpi_on
+            assert (m.pio.find(platform.ACPI_PM_PORT) is not None) is acpi_on
+        finally:
+            m.close()
+
+
 # -- power off: SIGTERM, ctl destroy, the API -------------------------------------------------
 def test_sigterm_presses_the_power_button_and_the_guest_powers_off_through_s5(guests):
     with Vmm(*acpi_guest(guests, "power", "-c", "2")) as vmm:
