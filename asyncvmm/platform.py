@@ -8,7 +8,7 @@ Guest physical addresses (x86-64):
     0xC000_0000 .. 0xE000_0000       PCI 32-bit memory window (32-bit BARs)
     0xE000_0000 .. 0xF000_0000       PCI ECAM: config space of buses 0..255 (MCFG)
     0xFEC0_0000                      IOAPIC (in-kernel)
-    0xFED0_0000 .. 0xFED0_1000       platform MMIO page (ACPI GED, if used)
+    0xFED0_0000 .. 0xFED0_1000       platform MMIO page (unused: ACPI has the PM1 port block)
     0xFEE0_0000                      LAPIC (in-kernel)
     0xFFFB_C000 .. 0xFFFC_0000       KVM's own pages on Intel (identity map, TSS)
     0x1_0000_0000 ..                 the RAM above 3 GiB, if any
