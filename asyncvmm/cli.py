@@ -26,7 +26,8 @@ STATUS_HELP = """exit status:
   4  stopped hard from the host (SIGINT, SIGHUP, a second SIGTERM, Ctrl-A x on the console)
 
 signals: SIGTERM presses the ACPI power button, as bhyve does (the guest then powers off,
-status 0); if the guest does not listen for it, or on a second SIGTERM, the VM is stopped.
+status 0); if the guest does not listen for it, or on a second SIGTERM, the VM is stopped
+(status 4).
 
 console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A.
 """
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="COM1 to stdio (default), to a file PATH, or to socket=PATH",
     )
     run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help="a PCI device")
-    run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin a vCPU's thread")
+    run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin vCPU VCPU's thread to host CPU HOSTCPU (repeatable)")
     run.add_argument(
         "--no-reboot", action="store_true",
         help="end when the guest resets or triple-faults, instead of restarting it",
