@@ -89,6 +89,7 @@ class Bus:
         return None
 
     UNCLAIMED_KEYS = 4096  # distinct addresses counted; a guest cannot grow this further
+    CACHE_KEYS = 4096  # addresses remembered by `access` (a guest can touch 256 MiB of ECAM)
 
     def _count_unclaimed(self, addr: int, n: int, size: int, is_write: bool) -> None:
         if addr in self.unclaimed or len(self.unclaimed) < self.UNCLAIMED_KEYS:
@@ -106,7 +107,8 @@ class Bus:
             if r is None or addr + size > r.end:
                 self._count_unclaimed(addr, 1, size, is_write)
                 return 0 if is_write else (1 << (8 * size)) - 1
-            self._cache[addr] = r  # hits only: the guest chooses the misses' addresses
+            if len(self._cache) < self.CACHE_KEYS:  # bounded: a guest picks the addresses
+                self._cache[addr] = r
         elif addr + size > r.start + r.length:
             self._count_unclaimed(addr, 1, size, is_write)
             return 0 if is_write else (1 << (8 * size)) - 1

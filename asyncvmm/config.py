@@ -15,9 +15,8 @@ from .errors import ConfigError
 
 MiB = 1 << 20
 
-# bhyve's -s drivers that asyncvmm will have; none is built yet.
-PLANNED_DRIVERS = {"virtio-blk", "virtio-net", "hostbridge", "lpc", "ahci-hd", "passthru", "xhci"}
-AVAILABLE_DRIVERS: set[str] = set()
+# bhyve's -s drivers asyncvmm does not have (yet); those it has are in devices/slots.py.
+PLANNED_DRIVERS = {"virtio-net", "lpc", "ahci-hd", "passthru", "xhci"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,9 @@ class VmConfig:
                 raise ConfigError(f"-p {vcpu}:{cpu}: CPU {cpu} is not one this process may run on ({cpus})")
         if self.cpu_template not in ("", "host", "baseline"):
             raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
+        from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
+
+        check_slots(self)
         return self
 
 
@@ -190,7 +192,9 @@ def parse_slot(text: str) -> PciSlot:
     bus, slot, func = (0, nums[0], 0) if len(nums) == 1 else (0, nums[0], nums[1]) if len(nums) == 2 else nums
     if bus > 255 or slot > 31 or func > 7:
         raise ConfigError(f"-s {text}: bus 0-255, slot 0-31, function 0-7")
-    if driver not in AVAILABLE_DRIVERS:
+    from .devices.slots import DRIVERS  # noqa: PLC0415
+
+    if driver not in DRIVERS:
         if driver in PLANNED_DRIVERS:
             raise ConfigError(f"-s {text}: the {driver} driver is not available in this version of asyncvmm yet")
         raise ConfigError(f"-s {text}: no such driver {driver!r}")

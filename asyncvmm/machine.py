@@ -31,9 +31,12 @@ from .devices.legacy.rtc import Rtc
 from .devices.legacy.uart16550 import Uart16550
 from .disasm import disassemble
 from .errors import BootError, ConfigError, KvmError
+from . import platform
+from .irq import IrqRouter
+from . import poll
+from .poll import PollWindow
 from .platform import (
     ACPI_PM_PORT, ACPI_PM_SIZE, ACPI_SCI_IRQ, COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT,
-    ram_top,
 )
 from .quirks import Quirks
 from .vstate import probe
@@ -46,10 +49,6 @@ from ._native import ffi, lib
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
 
-# Busy polling for the next exit on the loop's thread (see Machine._on_exits).
-POLL_MIN_NS = 5_000
-POLL_MAX_NS = 50_000
-POLL_SLICE_NS = 2_000_000  # at most this long in one callback: other loop work goes on
 
 AVMM_EXIT_IO, AVMM_EXIT_MMIO = lib.AVMM_EXIT_IO, lib.AVMM_EXIT_MMIO
 
@@ -172,14 +171,14 @@ class Machine:
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._closed = False
         self.paused = False
-        self.poll_max_ns = POLL_MAX_NS if config.poll else 0
-        self._poll_ns = 0
-        self._idle_since = 0  # when the loop last stopped polling for exits
+        self.exit_poll = PollWindow(poll.POLL_MAX_NS if config.poll else 0)
         self.loop_wakeups = 0  # times the loop was woken for exits
         self.exit_batches = 0  # collections of posted exits (a wake-up, or a poll that hit)
         self.exits_served = 0
         self._uart_fast = None
         self._console_timer: asyncio.TimerHandle | None = None
+        self.pci = None
+        self.irq: IrqRouter | None = None
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
@@ -219,7 +218,7 @@ class Machine:
         rsdp = 0
         if cfg.acpi:
             t0 = time.perf_counter()
-            self.acpi_tables = acpi.build(topology.apic_ids(), ram_top(self.mem.regions))
+            self.acpi_tables = acpi.build(topology.apic_ids(), platform.ram_top(self.mem.regions))
             self.acpi_tables.write(self.mem)
             self.acpi_build_s = time.perf_counter() - t0
             rsdp = self.acpi_tables.rsdp
@@ -288,6 +287,32 @@ class Machine:
                 reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the ACPI reset register")),
             )
             self.pio.register(ACPI_PM_PORT, ACPI_PM_SIZE, self.acpi_pm, "acpi-pm")
+        self._build_pci(cfg)
+
+    def _build_pci(self, cfg: VmConfig) -> None:
+        """The PCI root on bus 0, its config mechanisms, and the -s devices, BARs placed."""
+        from .devices import slots  # noqa: PLC0415 (device models load the data path)
+        from .devices.pci.device import PciBuses  # noqa: PLC0415
+        from .devices.pci.root import PciRoot, install  # noqa: PLC0415
+        from .devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
+
+        self.irq = IrqRouter(self.vm)
+        self.irq.commit()  # the default routes, before any MSI exists
+        any_length = self.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
+        ctx = slots.BuildContext(cfg, self.mem, self.irq, NotifyBinder(self.vm, any_length))
+        self.pci = PciRoot(PciBuses(self.mmio, self.pio))
+        install(self.pci, self.pio, self.mmio)
+        for s in cfg.slots:
+            driver = slots.DRIVERS[s.driver]
+            if driver.build is None:
+                continue
+            dev = driver.build(s, ctx)
+            try:
+                self.pci.add(s.slot, s.function, dev)
+            except BaseException:
+                dev.close()
+                raise
+        self.pci.assign_bars(platform.pci_mmio64_window(platform.ram_top(self.mem.regions)))
 
     # -- ACPI --------------------------------------------------------------------------
     def _sci(self, level: bool) -> None:
@@ -409,25 +434,16 @@ class Machine:
         self.sync_uart_fast_path()
 
     def _on_exits(self) -> None:
-        """Serve posted exits; keep serving (busy-polling) while they come fast.
-
-        The poll window adapts as KVM's halt polling does: when the loop had to be woken
-        for an exit that came soon after the window closed, the window grows; when the wait
-        was long, polling would not have helped and it shrinks — so a quiet guest costs no
-        CPU and an exit-heavy one pays no thread wake-up per exit.
-        """
+        """Serve posted exits; keep serving (busy-polling, asyncvmm.poll) while they come
+        fast, so an exit-heavy guest pays no thread wake-up per exit."""
         cvm, ids, ncpus = self._cvm, self._ids, self.config.cpus
         n = lib.avmm_vm_collect(cvm, ids, ncpus, 0)
         if not n:
             return
         now = time.monotonic_ns()
-        if self._idle_since:
-            poll = self._poll_ns
-            if now - self._idle_since <= self.poll_max_ns:
-                self._poll_ns = min(max(poll * 2, POLL_MIN_NS), self.poll_max_ns)
-            elif poll:
-                self._poll_ns = poll // 2 if poll // 2 >= POLL_MIN_NS else 0
-        deadline = now + POLL_SLICE_NS
+        window = self.exit_poll
+        window.woken(now)
+        deadline = now + poll.POLL_SLICE_NS
         self.loop_wakeups += 1
         while True:
             # Bytes the fast path took from THR come before whatever these exits do; the
@@ -442,11 +458,10 @@ class Machine:
                 self._serve_exit(ids[k])
             if self.stopping:
                 return
-            poll = self._poll_ns
             # Past the deadline, exits still posted wake the loop again through the eventfd.
-            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll) if poll and time.monotonic_ns() < deadline else 0
+            n = lib.avmm_vm_collect(cvm, ids, ncpus, window.ns) if window.ns and time.monotonic_ns() < deadline else 0
             if not n:
-                self._idle_since = time.monotonic_ns()
+                window.gave_up()
                 return
 
     def _serve_exit(self, i: int) -> None:
@@ -611,6 +626,7 @@ class Machine:
             "mmio": dict(self.mmio.accesses),
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
+            "pci": {dev.name: dev.stats() for _, dev in self.pci.devices() if hasattr(dev, "stats")} if self.pci else {},
             "quirks": dict(self.quirks.applied),
             "acpi": dict(self.acpi_pm.counters) if self.acpi_pm is not None else {},
             "loop": {
@@ -618,7 +634,7 @@ class Machine:
                 "batches": self.exit_batches,
                 "exits": self.exits_served,
                 "mean_batch": round(self.exits_served / self.exit_batches, 2) if self.exit_batches else 0.0,
-                "poll_window_ns": self._poll_ns,
+                "poll_window_ns": self.exit_poll.ns,
             },
             "uptime_s": round(time.monotonic() - self.timeline.started, 3) if self.timeline.started else 0.0,
         }
@@ -651,6 +667,13 @@ class Machine:
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()
+        if self.pci is not None:  # devices first: I/O in flight points into guest RAM
+            for _, dev in self.pci.devices():
+                dev.close()
+            self.pci = None
+        if self.irq is not None:
+            self.irq.close()
+            self.irq = None
         for name in ("_notify_efd", "_console_efd", "_uart_irq_efd"):
             fd = getattr(self, name)
             if fd >= 0:

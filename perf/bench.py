@@ -788,11 +788,14 @@ def bench_memory(samples: int, qemu: str | None, notes: list[str]) -> tuple[str,
 
 # ---------------------------------------------------------------------------------------
 
+BENCHMARKS = ("startup", "exits", "memory", "blk")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="asyncvmm machine-core benchmarks vs their anchors (see perf/README.md)")
     ap.add_argument("--quick", action="store_true", help="fewer runs and n=20000 exits (< 30 s)")
-    ap.add_argument("--only", default="startup,exits,memory", metavar="LIST",
-                    help="comma-separated subset of startup,exits,memory")
+    ap.add_argument("--only", default="startup,exits,memory,blk", metavar="LIST",
+                    help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
     ap.add_argument("--child-exits", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -800,9 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         return exits_child(args.child_exits)
 
     which = [w.strip() for w in args.only.split(",") if w.strip()]
-    bad = [w for w in which if w not in ("startup", "exits", "memory")]
+    bad = [w for w in which if w not in BENCHMARKS]
     if bad or not which:
-        ap.error(f"--only: unknown benchmark(s) {', '.join(bad) or '(none)'}; choose from startup,exits,memory")
+        ap.error(f"--only: unknown benchmark(s) {', '.join(bad) or '(none)'}; choose from {','.join(BENCHMARKS)}")
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -845,9 +848,13 @@ def main(argv: list[str] | None = None) -> int:
                     text, figs = bench_startup(3 if args.quick else 7, qemu, notes)
                 elif name == "exits":
                     text, figs = bench_exits(20000 if args.quick else 200000, 3, kind, notes)
-                else:
+                elif name == "memory":
                     text, figs = bench_memory(2 if args.quick else 3, qemu, notes)
-            except BenchError as e:
+                else:
+                    from blk import bench_blk  # noqa: PLC0415 (perf/blk.py)
+
+                    text, figs = bench_blk(args.quick, notes)
+            except (BenchError, RuntimeError) as e:
                 text, figs = f"{name}: FAILED: {e}", {}
                 notes.append(f"{name}: {e}")
                 status = 1

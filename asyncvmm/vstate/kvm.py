@@ -16,7 +16,7 @@ from .._native import ffi, lib
 KVM_DEVICE = "/dev/kvm"
 
 # The C core's ABI this Python code was written for (cext/build_ffi.py ABI_VERSION).
-NATIVE_ABI = 2
+NATIVE_ABI = 3
 if lib.AVMM_ABI_VERSION != NATIVE_ABI:
     raise ImportError(
         f"asyncvmm._native is built for ABI {lib.AVMM_ABI_VERSION}, this code needs {NATIVE_ABI}: "
@@ -134,6 +134,16 @@ class VmFd:
         """Raise `gsi` (an edge: level 1 then 0) each time `efd` is written."""
         req = ffi.new("struct kvm_irqfd *", {"fd": efd, "gsi": gsi, "flags": 1 if deassign else 0})
         _check(lib.avmm_ioctl(self.fd, lib.KVM_IRQFD, req), f"KVM_IRQFD gsi {gsi}")
+
+    def ioeventfd(self, efd: int, addr: int, length: int, *, pio: bool = False, deassign: bool = False) -> None:
+        """Signal `efd` on guest writes to [addr, addr+length) instead of exiting to us.
+
+        length 0 matches a write of any size (MMIO only, KVM_CAP_IOEVENTFD_ANY_LENGTH).
+        """
+        flags = (lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (lib.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        req = ffi.new("struct kvm_ioeventfd *", {"addr": addr, "len": length, "fd": efd, "flags": flags})
+        what = "unbinding" if deassign else "binding"
+        _check(lib.avmm_ioctl(self.fd, lib.KVM_IOEVENTFD, req), f"KVM_IOEVENTFD {what} {addr:#x}+{length}")
 
     def irq_line(self, irq: int, level: bool) -> None:
         req = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})

@@ -83,10 +83,7 @@ def test_console_specs():
             parse_console(bad)
 
 
-def test_slot_forms(monkeypatch):
-    import asyncvmm.config as c
-
-    monkeypatch.setattr(c, "AVAILABLE_DRIVERS", {"virtio-blk"})
+def test_slot_forms():
     assert parse_slot("3,virtio-blk,disk.img,ro") == PciSlot(0, 3, 0, "virtio-blk", "disk.img,ro")
     assert parse_slot("3:1,virtio-blk,d") == PciSlot(0, 3, 1, "virtio-blk", "d")
     assert parse_slot("1:3:2,virtio-blk") == PciSlot(1, 3, 2, "virtio-blk", "")
