@@ -21,11 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from . import log
-from .boot import acpi, cpuid
+from .boot import cpuid
 from .bus import Bus, ByteRegisters, Sink, UnclaimedAccess
 from .config import VmConfig
 from .console import Console
-from .devices.legacy.acpi_pm import AcpiPm
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.rtc import Rtc
 from .devices.legacy.uart16550 import Uart16550
@@ -161,8 +160,8 @@ class Machine:
         self._console_efd = -1
         self._uart_irq_efd = -1
         self._uart_level = False
-        self.acpi_pm: AcpiPm | None = None
-        self.acpi_tables: acpi.Tables | None = None
+        self.acpi_pm = None  # devices.legacy.acpi_pm.AcpiPm, with ACPI
+        self.acpi_tables = None  # boot.acpi.Tables, with ACPI
         self.acpi_build_s = 0.0  # what generating the ACPI tables took
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future | None = None
@@ -217,6 +216,8 @@ class Machine:
 
         rsdp = 0
         if cfg.acpi:
+            from .boot import acpi  # noqa: PLC0415 (--no-acpi pays nothing for it)
+
             t0 = time.perf_counter()
             self.acpi_tables = acpi.build(topology.apic_ids(), platform.ram_top(self.mem.regions))
             self.acpi_tables.write(self.mem)
@@ -281,6 +282,8 @@ class Machine:
         self.pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
         self.pio.register(POST_PORT, 1, Sink(), "post")  # POST codes, and a delay port
         if cfg.acpi:
+            from .devices.legacy.acpi_pm import AcpiPm  # noqa: PLC0415
+
             self.acpi_pm = AcpiPm(
                 sci=self._sci,
                 power_off=lambda: self.request_stop(Stop(StopReason.POWEROFF, "guest powered off through ACPI S5")),

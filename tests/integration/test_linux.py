@@ -2,7 +2,7 @@
 
 CI may boot Linux at most twice, so every Linux check shares this run:
 
-    boot 1   -c 2; FIRST_BOOT_CHECKS read its log
+    boot 1   -c 2 and a virtio-blk disk; FIRST_BOOT_CHECKS read its log
     SysRq b  the kernel resets through the ACPI reset register; the VM restarts it
     boot 2   SECOND_BOOT_CHECKS read its log
     SysRq o  the kernel powers off through ACPI S5: the VM ends, status 0
@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from asyncvmm import VM, VmConfig
+from asyncvmm.config import parse_slot
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
 from asyncvmm.runner import STATUS
@@ -37,6 +38,8 @@ from conftest import ROOT, needs_kvm
 pytestmark = [pytest.mark.slow, needs_kvm]
 
 CPUS = 2
+DISK_SLOT = 3  # a virtio-blk disk, so the PCI root the DSDT describes has a device behind it
+DISK_SECTORS = 16384
 CMDLINE = "console=ttyS0 panic=-1"
 # What the kernel needs on an emulating KVM only (../shared/KVM-HERE.md; issue 3 makes the
 # VMM add these itself). `nopv`: this KVM's vmcall never returns, and the kernel's PV IPIs
@@ -112,7 +115,20 @@ def check_acpi_is_clean(log: str) -> None:
         assert line in log, f"missing from the log: {line!r}"
 
 
-FIRST_BOOT_CHECKS = [check_cpus_came_up, check_acpi_is_clean]
+def check_every_pci_device_was_found(log: str) -> None:
+    """The host bridge and the disk enumerated on bus 0 behind the DSDT's root (Linux
+    takes ECAM, as the MCFG says, for the extended config space), their BARs inside the
+    root's windows."""
+    for slot in (0, DISK_SLOT):
+        found = re.search(rf"pci 0000:00:{slot:02x}\.0: \[[0-9a-f]{{4}}:[0-9a-f]{{4}}\]", log)
+        assert found, f"no device at 00:{slot:02x}.0"
+    bad = [line for line in log.splitlines()
+           if re.search(r"can't claim|no space for|failed to assign|BAR \d+: .*conflict", line)]
+    assert not bad, "\n".join(bad)
+    assert f"virtio_blk virtio0: [vda] {DISK_SECTORS} 512-byte logical blocks" in log
+
+
+FIRST_BOOT_CHECKS = [check_cpus_came_up, check_acpi_is_clean, check_every_pci_device_was_found]
 SECOND_BOOT_CHECKS = [check_cpus_came_up]
 
 
@@ -144,9 +160,11 @@ def test_linux_smp_acpi_reset_and_power_off(tmp_path, capfd, emulating_kvm):
     kernel = small_kernel()
     initrd = tmp_path / "initrd.cpio"
     initrd.write_bytes(cpio_newc({"init": (0o100755, spinning_init())}))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(DISK_SECTORS * 512))
     cmdline = f"{CMDLINE} {EMULATING_KVM_CMDLINE}" if emulating_kvm else CMDLINE
     cfg = VmConfig(name="linux-slow", cpus=CPUS, memory=256 << 20, kernel=str(kernel), initrd=str(initrd),
-                   cmdline=cmdline)
+                   cmdline=cmdline, slots=[parse_slot(f"{DISK_SLOT},virtio-blk,{disk}")])
     failures: list[str] = []
     times: dict[str, float] = {}
     console_log = tmp_path / "console.log"
