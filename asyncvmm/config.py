@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .boot.cpuid import Topology
 from .errors import ConfigError
 
 MiB = 1 << 20
@@ -44,6 +45,14 @@ class VmConfig:
     poll: bool = True  # busy-poll briefly for the next exit on the loop's thread
     slots: list[PciSlot] = field(default_factory=list)
     pins: dict[int, int] = field(default_factory=dict)  # vCPU → host CPU
+    topology: Topology | None = None  # -c sockets=,cores=,threads= (None: `cpus` sockets)
+    acpi: bool = True  # -A: ACPI tables (--no-acpi leaves them out)
+    strict_io: bool = False  # -e: an access nothing emulates stops the VM
+    force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
+
+    @property
+    def cpu_topology(self) -> Topology:
+        return self.topology or Topology.of(self.cpus)
 
     def validate(self) -> "VmConfig":
         if not self.kernel:
@@ -53,16 +62,28 @@ class VmConfig:
             check_readable(self.initrd, "initrd")
         if self.cpus < 1:
             raise ConfigError(f"-c {self.cpus}: a VM needs at least one vCPU")
+        topo = self.cpu_topology
+        if topo.cpus != self.cpus:
+            raise ConfigError(f"-c: {self.cpus} vCPUs do not match sockets*cores*threads={topo.cpus}")
+        if topo.apic_id(self.cpus - 1) > MAX_APIC_ID:
+            raise ConfigError(
+                f"-c: sockets={topo.sockets},cores={topo.cores},threads={topo.threads} needs APIC IDs up to "
+                f"{topo.apic_id(self.cpus - 1)}; at most {MAX_APIC_ID} (xAPIC) are supported"
+            )
         if self.memory < 2 * MiB:
             raise ConfigError(f"-m {format_size(self.memory)}: a VM needs at least 2 MiB of memory")
         host = host_memory()
         if host and self.memory > host:
             raise ConfigError(f"-m {format_size(self.memory)} is more than this host's {format_size(host)} of memory")
+        allowed = os.sched_getaffinity(0) if self.pins else set()
         for vcpu, cpu in self.pins.items():
             if vcpu >= self.cpus:
                 raise ConfigError(f"-p {vcpu}:{cpu}: the VM has no vCPU {vcpu}")
             if cpu >= (os.cpu_count() or 1):
                 raise ConfigError(f"-p {vcpu}:{cpu}: this host has no CPU {cpu}")
+            if cpu not in allowed:
+                cpus = ",".join(map(str, sorted(allowed)))
+                raise ConfigError(f"-p {vcpu}:{cpu}: CPU {cpu} is not one this process may run on ({cpus})")
         if self.cpu_template not in ("", "host", "baseline"):
             raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
         from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
@@ -115,10 +136,20 @@ def parse_memory(text: str) -> int:
     return size
 
 
+MAX_APIC_ID = 254  # the MADT's xAPIC entries (255 is the broadcast ID)
+
+
 def parse_cpus(text: str) -> int:
-    """bhyve's -c: N, or cpus=N,sockets=S,cores=C,threads=T."""
+    """bhyve's -c: N, or cpus=N,sockets=S,cores=C,threads=T: the number of vCPUs."""
+    return parse_topology(text).cpus
+
+
+def parse_topology(text: str) -> Topology:
+    """bhyve's -c as a topology: N alone is N sockets (bhyve's default); a field not
+    given is 1; cpus=, if given with the others, must be their product."""
     if text.isdigit():
         n = int(text)
+        topo = Topology.of(n)
     else:
         fields = {}
         for part in text.split(","):
@@ -126,13 +157,16 @@ def parse_cpus(text: str) -> int:
             if not sep or key not in ("cpus", "sockets", "cores", "threads") or not value.isdigit():
                 raise ConfigError(f"-c {text}: use N or cpus=N,sockets=S,cores=C,threads=T")
             fields[key] = int(value)
-        topo = fields.get("sockets", 1) * fields.get("cores", 1) * fields.get("threads", 1)
-        n = fields.get("cpus", topo)
-        if n != topo and any(k in fields for k in ("sockets", "cores", "threads")):
-            raise ConfigError(f"-c {text}: cpus={n} does not match sockets*cores*threads={topo}")
-    if n < 1:
+        given = any(k in fields for k in ("sockets", "cores", "threads"))
+        topo = Topology(fields.get("sockets", 1), fields.get("cores", 1), fields.get("threads", 1))
+        n = fields.get("cpus", topo.cpus)
+        if not given:
+            topo = Topology.of(n)
+        elif n != topo.cpus:
+            raise ConfigError(f"-c {text}: cpus={n} does not match sockets*cores*threads={topo.cpus}")
+    if n < 1 or topo.cpus < 1:
         raise ConfigError(f"-c {text}: a VM needs at least one vCPU")
-    return n
+    return topo
 
 
 def parse_console(text: str) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import log
 from .boot import cpuid
-from .bus import Bus, ByteRegisters, Sink
+from .bus import Bus, ByteRegisters, Sink, UnclaimedAccess
 from .config import VmConfig
 from .console import Console
 from .devices.legacy.i8042 import I8042
@@ -34,7 +34,9 @@ from . import platform
 from .irq import IrqRouter
 from . import poll
 from .poll import PollWindow
-from .platform import COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT
+from .platform import (
+    ACPI_PM_PORT, ACPI_PM_SIZE, ACPI_SCI_IRQ, COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, POST_PORT, RTC_PORT,
+)
 from .quirks import Quirks
 from .vstate import probe
 from .vstate.kvm import Kvm, VcpuFd, VmFd
@@ -158,6 +160,9 @@ class Machine:
         self._console_efd = -1
         self._uart_irq_efd = -1
         self._uart_level = False
+        self.acpi_pm = None  # devices.legacy.acpi_pm.AcpiPm, with ACPI
+        self.acpi_tables = None  # boot.acpi.Tables, with ACPI
+        self.acpi_build_s = 0.0  # what generating the ACPI tables took
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future | None = None
         self._stop_before_run: Stop | None = None
@@ -188,6 +193,7 @@ class Machine:
         self.kvm = Kvm()
         if cfg.cpus > self.kvm.max_vcpus():
             raise ConfigError(f"-c {cfg.cpus}: this KVM supports at most {self.kvm.max_vcpus()} vCPUs")
+        topology = cfg.cpu_topology
         kind = probe.probe(self.kvm)
         self.quirks = Quirks(kind.emulating and cfg.quirks, kind.detail)
         if cfg.cpu_template:
@@ -206,8 +212,24 @@ class Machine:
         self.mem = GuestMemory(cfg.memory)
         for r in self.mem.regions:
             self.vm.set_memory_region(r.slot, r.gpa, r.size, r.hva)
+        self.pio.strict = self.mmio.strict = cfg.strict_io
 
-        state = self._load_kernel(cfg)
+        rsdp = 0
+        if cfg.acpi:
+            from .boot import acpi  # noqa: PLC0415 (--no-acpi pays nothing for it)
+
+            t0 = time.perf_counter()
+            self.acpi_tables = acpi.build(topology.apic_ids(), platform.ram_top(self.mem.regions))
+            self.acpi_tables.write(self.mem)
+            self.acpi_build_s = time.perf_counter() - t0
+            rsdp = self.acpi_tables.rsdp
+            ids = topology.apic_ids()
+            log.info(
+                f"ACPI: tables at {rsdp:#x} ({len(self.acpi_tables.image)} bytes, {self.acpi_build_s * 1e3:.1f} ms); "
+                f"vCPUs {topology.sockets}x{topology.cores}x{topology.threads} (sockets x cores x threads), "
+                f"APIC IDs {ids[0]}..{ids[-1]}"
+            )
+        state = self._load_kernel(cfg, rsdp)
 
         self._notify_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._console_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -217,29 +239,30 @@ class Machine:
         entries = self.quirks.adjust_cpuid(cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template))
         msrs = self.kvm.msr_index_list()
         for i in range(cfg.cpus):
-            vcpu = self.vm.create_vcpu(i)
+            # KVM's vCPU ID is the initial APIC ID: the one the MADT and CPUID give.
+            vcpu = self.vm.create_vcpu(i, topology.apic_id(i))
             self.vcpus.append(vcpu)
             r = lib.avmm_vcpu_attach(self._cvm, i, vcpu.fd, self.kvm.vcpu_mmap_size)
             if r < 0:
                 raise KvmError(f"cannot map kvm_run of vCPU {i}: {os.strerror(-r)}")
-            vcpu.set_cpuid(cpuid.for_vcpu(entries, i, cfg.cpus))
+            vcpu.set_cpuid(cpuid.for_vcpu(entries, topology, i))
             set_boot_msrs(vcpu, msrs)
         # The boot processor starts at the kernel's entry; the others wait for INIT/SIPI
         # from it, in the in-kernel LAPIC.
         apply_boot_state(self.vcpus[0], state)
         self._build_devices(cfg)
 
-    def _load_kernel(self, cfg: VmConfig):
+    def _load_kernel(self, cfg: VmConfig, rsdp: int = 0):
         from .boot import linux, pvh  # noqa: PLC0415
 
         image, initrd = self.images.kernel, self.images.initrd
         kind = linux.kernel_kind(image)
         if kind == "elf":
             modules = [(initrd, "initrd")] if initrd is not None else []
-            state = pvh.load_pvh(self.mem, image, cfg.cmdline, modules)
+            state = pvh.load_pvh(self.mem, image, cfg.cmdline, modules, rsdp=rsdp)
             log.info(f"boot: {cfg.kernel} through its PVH entry")
         elif kind == "bzimage":
-            state = linux.load_bzimage(self.mem, image, cfg.cmdline, initrd)
+            state = linux.load_bzimage(self.mem, image, cfg.cmdline, initrd, rsdp=rsdp)
             log.info(f"boot: {cfg.kernel} through the Linux 64-bit boot protocol")
         else:
             raise BootError(f"{cfg.kernel} is not a kernel: neither an ELF with a PVH entry nor a bzImage")
@@ -258,6 +281,15 @@ class Machine:
         self.rtc = Rtc(mem_below_4g=below, mem_above_4g=above)
         self.pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
         self.pio.register(POST_PORT, 1, Sink(), "post")  # POST codes, and a delay port
+        if cfg.acpi:
+            from .devices.legacy.acpi_pm import AcpiPm  # noqa: PLC0415
+
+            self.acpi_pm = AcpiPm(
+                sci=self._sci,
+                power_off=lambda: self.request_stop(Stop(StopReason.POWEROFF, "guest powered off through ACPI S5")),
+                reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the ACPI reset register")),
+            )
+            self.pio.register(ACPI_PM_PORT, ACPI_PM_SIZE, self.acpi_pm, "acpi-pm")
         self._build_pci(cfg)
 
     def _build_pci(self, cfg: VmConfig) -> None:
@@ -284,6 +316,19 @@ class Machine:
                 dev.close()
                 raise
         self.pci.assign_bars(platform.pci_mmio64_window(platform.ram_top(self.mem.regions)))
+
+    # -- ACPI --------------------------------------------------------------------------
+    def _sci(self, level: bool) -> None:
+        # A level interrupt: KVM_IRQ_LINE holds the IOAPIC pin (and the PIC's) until the
+        # guest clears the status bit; the IOAPIC redelivers it after EOI while it is held.
+        self.vm.irq_line(ACPI_SCI_IRQ, level)
+
+    def press_power_button(self) -> bool:
+        """Press the ACPI power button; True if the guest has enabled its event (so it
+        will hear it), False if it cannot (no ACPI, or the guest does not listen)."""
+        if self.acpi_pm is None or self._closed:
+            return False
+        return self.acpi_pm.press_power_button()
 
     # -- the UART's wiring ---------------------------------------------------------------
     def _uart_irq(self, level: bool) -> None:
@@ -425,6 +470,10 @@ class Machine:
     def _serve_exit(self, i: int) -> None:
         try:
             self._serve_exit_unguarded(i)
+        except UnclaimedAccess as exc:  # -e: the first access nothing emulates stops the VM
+            rip = self._rip(self.vcpus[i])
+            self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: {exc}, at RIP {rip:#x} (-e)", i))
+            lib.avmm_vcpu_complete(self._cvm, i, AVMM_ACTION_QUIT)
         except Exception as exc:  # a bug in a device model: stop the VM, never hang a vCPU
             where = f"{type(exc).__name__}: {exc}"
             self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: internal error serving an exit: {where}", i))
@@ -582,6 +631,7 @@ class Machine:
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
             "pci": {dev.name: dev.stats() for _, dev in self.pci.devices() if hasattr(dev, "stats")} if self.pci else {},
             "quirks": dict(self.quirks.applied),
+            "acpi": dict(self.acpi_pm.counters) if self.acpi_pm is not None else {},
             "loop": {
                 "wakeups": self.loop_wakeups,
                 "batches": self.exit_batches,

@@ -394,6 +394,8 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
                    "-serial", "stdio", "-display", "none", "-nodefaults", "-monitor", "none"]
     cands = [
         ("asyncvmm", "asyncvmm", [ASYNCVMM, "run", "-m", "64", "--kernel", hello, "--cmdline", cmdline, "--no-reboot", "-q"], 30),
+        ("asyncvmm_no_acpi", "asyncvmm --no-acpi",
+         [ASYNCVMM, "run", "-m", "64", "--kernel", hello, "--cmdline", cmdline, "--no-reboot", "-q", "--no-acpi"], 30),
         ("qemu_kvm", "qemu -accel kvm", None if not qemu else [qemu, "-accel", "kvm", *qemu_common], 90),
         ("qemu_tcg", "qemu -accel tcg", None if not qemu else [qemu, "-accel", "tcg", *qemu_common], 60),
         ("rawkvm", "rawkvm (raw C floor)", [RAWKVM, hello, cmdline], 20),
@@ -454,10 +456,37 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
             figs[f"startup.ratio_asyncvmm_{key}.guest_first_byte"] = round(r_gb, 4)
             figs[f"startup.ratio_asyncvmm_{key}.exit"] = round(r_ex, 4)
             ratio_lines.append(f"  asyncvmm / {label}: guest's first byte {r_gb:.3f}×, exit {r_ex:.3f}×")
+    no_acpi = figs.get("startup.asyncvmm_no_acpi.exit_s")
+    if a_ex is not None and no_acpi is not None:
+        figs["startup.acpi_added_ms"] = round((a_ex - no_acpi) * 1e3, 2)
+        ratio_lines.append(f"  the ACPI tables and PM block: asyncvmm - asyncvmm --no-acpi = {(a_ex - no_acpi) * 1e3:+.1f} ms"
+                           f" to exit ({ratio(a_ex, no_acpi):.3f}×)")
+    build_ms = acpi_build_ms()
+    for cpus, ms in build_ms.items():
+        figs[f"startup.acpi_build_{cpus}cpus_ms"] = round(ms, 3)
+    ratio_lines.append("  building the tables in the VMM (median of 200): "
+                       + ", ".join(f"-c {c}: {ms:.2f} ms" for c, ms in build_ms.items()))
     out += ratio_lines
     out.append("  (QEMU's first byte is SeaBIOS's banner: it boots the PVH ELF through its firmware;"
                " 'guest's 1st byte' is the first byte of \"hello from the guest\".)")
     return "\n".join(out), figs
+
+
+def acpi_build_ms(cpus=(1, 2, 16), n: int = 200) -> dict[int, float]:
+    """What asyncvmm.boot.acpi.build costs per boot, timed in a child of the venv's Python."""
+    code = (
+        "import statistics, sys, time\n"
+        "from asyncvmm.boot import acpi\n"
+        f"for c in {tuple(cpus)!r}:\n"
+        "    ts = []\n"
+        f"    for _ in range({n}):\n"
+        "        t = time.perf_counter(); acpi.build(list(range(c)), 256 << 20); ts.append(time.perf_counter() - t)\n"
+        "    print(c, statistics.median(ts) * 1e3)\n"
+    )
+    status, out, err = run_capture([VENV_PY, "-c", code], 60)
+    if status != 0:
+        return {}
+    return {int(c): float(ms) for c, ms in (line.split() for line in out.splitlines())}
 
 
 # ---------------------------------------------------------------------------------------

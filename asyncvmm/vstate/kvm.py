@@ -153,8 +153,10 @@ class VmFd:
         req = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args) + [0] * (4 - len(args))})
         return lib.avmm_ioctl(self.fd, lib.KVM_ENABLE_CAP, req) == 0
 
-    def create_vcpu(self, idx: int) -> "VcpuFd":
-        fd = _check(lib.avmm_ioctl_val(self.fd, lib.KVM_CREATE_VCPU, idx), f"KVM_CREATE_VCPU {idx}")
+    def create_vcpu(self, idx: int, vcpu_id: int | None = None) -> "VcpuFd":
+        """vCPU `idx` (ours), with KVM's vCPU ID `vcpu_id` (its initial APIC ID; default idx)."""
+        vcpu_id = idx if vcpu_id is None else vcpu_id
+        fd = _check(lib.avmm_ioctl_val(self.fd, lib.KVM_CREATE_VCPU, vcpu_id), f"KVM_CREATE_VCPU {vcpu_id}")
         return VcpuFd(fd, idx)
 
     def close(self) -> None:

@@ -51,6 +51,8 @@ def kernel(guests):
         (["-p", "3:0"], ["no vCPU 3"]),
         (["-p", "x"], ["VCPU:HOSTCPU"]),
         (["--cpu", "fast"], ["invalid choice"]),
+        (["-c", "sockets=129,cores=2"], ["APIC IDs up to 257", "at most 254"]),
+        (["-c", "2", "-p", "1:9999"], ["-p 1:9999", "no CPU 9999"]),
     ],
 )
 def test_bad_flags(kernel, args, words):
@@ -134,5 +136,26 @@ def test_no_permission_on_dev_kvm(kernel):
 def test_help_documents_the_exit_statuses():
     r = run_vmm("run", "--help")
     assert r.status == 0
-    for line in ("0  the guest powered off", "3  the guest triple-faulted", "2  bad command line"):
+    for line in ("0  the guest powered off (ACPI S5)", "3  the guest triple-faulted, with --no-reboot",
+                 "2  bad command line", "4  stopped hard from the host", "SIGTERM presses the ACPI power button"):
         assert line in r.out
+
+
+def test_help_says_which_bhyve_flags_kvm_already_honours():
+    out = " ".join(run_vmm("run", "--help").out.split())
+    assert "-H yield the vCPU's thread on HLT: KVM always does" in out
+    assert "-P exit on PAUSE: KVM already does" in out
+    for flag in ("-A, --acpi", "--no-acpi", "-e, --strict-io", "-W, --force-msi"):
+        assert flag in out
+
+
+def test_bhyve_flags_reach_the_config():
+    from asyncvmm.boot.cpuid import Topology
+    from asyncvmm.cli import _parser, config_from_args
+
+    kernel = str(ROOT / "pyproject.toml")  # any readable file: nothing is booted
+    cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "-c", "sockets=1,cores=2,threads=2",
+                                                 "-e", "-W", "-H", "-P", "-A"]))
+    assert (cfg.cpus, cfg.topology, cfg.strict_io, cfg.force_msi, cfg.acpi) == (4, Topology(1, 2, 2), True, True, True)
+    cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "--no-acpi"]))
+    assert (cfg.acpi, cfg.strict_io, cfg.force_msi, cfg.cpu_topology) == (False, False, False, Topology(1, 1, 1))

@@ -2,7 +2,12 @@
 
 import pytest
 
-from asyncvmm.config import PciSlot, parse_console, parse_cpus, parse_memory, parse_pin, parse_slot
+import os
+
+from asyncvmm.boot.cpuid import Topology
+from asyncvmm.config import (
+    PciSlot, VmConfig, parse_console, parse_cpus, parse_memory, parse_pin, parse_slot, parse_topology,
+)
 from asyncvmm.errors import ConfigError
 
 MiB = 1 << 20
@@ -36,6 +41,37 @@ def test_cpus_forms():
     for bad in ("0", "cpus=0", "cpus=3,cores=2", "cores=x", "dies=2"):
         with pytest.raises(ConfigError):
             parse_cpus(bad)
+
+
+def test_cpus_topology():
+    assert parse_topology("4") == Topology(sockets=4)  # bhyve: N alone is N sockets
+    assert parse_topology("cpus=4") == Topology(sockets=4)
+    assert parse_topology("sockets=2,cores=3") == Topology(2, 3, 1)
+    assert parse_topology("cpus=8,sockets=1,cores=4,threads=2") == Topology(1, 4, 2)
+    assert parse_topology("threads=2") == Topology(1, 1, 2)
+
+
+def test_config_checks_the_topology(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x")
+    cfg = VmConfig(kernel=str(kernel), cpus=6, topology=Topology(2, 3, 1))
+    assert cfg.validate().cpu_topology.apic_ids() == [0, 1, 2, 4, 5, 6]
+    assert VmConfig(kernel=str(kernel), cpus=3).cpu_topology == Topology(3, 1, 1)
+    with pytest.raises(ConfigError, match="do not match"):
+        VmConfig(kernel=str(kernel), cpus=4, topology=Topology(2, 3, 1)).validate()
+    with pytest.raises(ConfigError, match="APIC IDs up to 257"):  # 129 sockets of 2 cores
+        VmConfig(kernel=str(kernel), cpus=258, topology=Topology(129, 2, 1)).validate()
+
+
+def test_pins_must_be_cpus_this_process_may_use(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x")
+    allowed = sorted(os.sched_getaffinity(0))
+    assert VmConfig(kernel=str(kernel), pins={0: allowed[-1]}).validate()
+    with pytest.raises(ConfigError, match="no vCPU 1"):
+        VmConfig(kernel=str(kernel), pins={1: allowed[0]}).validate()
+    with pytest.raises(ConfigError, match="this host has no CPU"):
+        VmConfig(kernel=str(kernel), pins={0: os.cpu_count()}).validate()
 
 
 def test_console_specs():
