@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "-e", "--strict-io", action="store_true",
         help="stop the VM at an access to a port or address nothing emulates (debugging)",
     )
-    run.add_argument("-W", "--force-msi", action="store_true", help="virtio-pci devices offer MSI instead of MSI-X (not honoured yet)")
+    run.add_argument("-W", "--force-msi", action="store_true", help="virtio-pci devices offer one MSI instead of MSI-X (Linux then uses INTx)")
     run.add_argument(
         "-H", dest="yield_on_hlt", action="store_true",
         help="yield the vCPU's thread on HLT: KVM always does (its in-kernel LAPIC sleeps a halted vCPU)",

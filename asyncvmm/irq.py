@@ -85,6 +85,57 @@ class MsiVector:
             self.c.efd = -1
 
 
+class IntxLine:
+    """A PCI INTx pin — level-triggered, shared — on the GSI the DSDT's _PRT gives its slot.
+
+    The line follows the virtio ISR, as on real hardware: up while the device has cause
+    (the ISR is not 0), down when the driver reads the ISR. The C data path raises it
+    (KVM_IRQ_LINE, level 1, once); the transport's ISR read takes it down. Masked
+    (COMMAND.INTX_DISABLE, or MSI/MSI-X in use) it stays down, keeping a pending interrupt.
+    Without a VM (the harness) a raise writes the eventfd instead.
+    """
+
+    def __init__(self, router: "IrqRouter", gsi: int):
+        self.router = router
+        self.gsi = gsi
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.isr = ffi.new("uint8_t *")
+        vm = router.vm
+        self.c = ffi.new("struct avmm_irq *", {"efd": self.efd, "masked": 0, "isr": self.isr, "level": int(vm is not None),
+                                               "line_fd": vm.fd if vm is not None else -1, "gsi": gsi})
+
+    def trigger(self) -> None:
+        """Raise it from Python (a configuration change); the data path does it in C."""
+        lib.avmm_irq_raise(self.c)
+
+    def lower(self) -> None:
+        if self.c.asserted:
+            self.c.asserted = 0
+            if self.router.vm is not None and self.router.vm.fd >= 0:
+                self.router.vm.irq_line(self.gsi, False)
+
+    def set_masked(self, masked: bool) -> None:
+        if masked == bool(self.c.masked):
+            return
+        self.c.masked = int(masked)
+        if masked:
+            if self.c.asserted:
+                self.c.pending = 1
+            self.lower()
+        elif self.c.pending or self.isr[0]:
+            self.c.pending = 0
+            self.trigger()
+
+    def close(self) -> None:
+        if self.efd >= 0:
+            self.lower()
+            os.close(self.efd)
+            self.efd = -1
+            self.c.efd = -1
+            self.c.level = 0
+            self.c.line_fd = -1
+
+
 class IrqRouter:
     """The VM's GSI routing table and its MSI vectors."""
 

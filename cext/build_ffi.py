@@ -62,6 +62,8 @@ PCI_MSIX_FLAGS PCI_MSIX_FLAGS_QSIZE PCI_MSIX_FLAGS_MASKALL PCI_MSIX_FLAGS_ENABLE
 PCI_MSIX_TABLE_BIR PCI_MSIX_TABLE_OFFSET PCI_MSIX_PBA PCI_MSIX_PBA_BIR PCI_MSIX_PBA_OFFSET
 PCI_CAP_MSIX_SIZEOF PCI_MSIX_ENTRY_SIZE PCI_MSIX_ENTRY_LOWER_ADDR PCI_MSIX_ENTRY_UPPER_ADDR
 PCI_MSIX_ENTRY_DATA PCI_MSIX_ENTRY_VECTOR_CTRL PCI_MSIX_ENTRY_CTRL_MASKBIT
+PCI_MSI_FLAGS PCI_MSI_FLAGS_ENABLE PCI_MSI_FLAGS_QMASK PCI_MSI_FLAGS_QSIZE PCI_MSI_FLAGS_64BIT PCI_MSI_FLAGS_MASKBIT
+PCI_MSI_ADDRESS_LO PCI_MSI_ADDRESS_HI PCI_MSI_DATA_64 PCI_MSI_MASK_64 PCI_MSI_PENDING_64
 """.split()
 
 # <linux/virtio_*.h>: status, features, the PCI transport, the ring, the block device.
@@ -224,7 +226,8 @@ enum avmm_engine_kind { AVMM_ENGINE_URING, AVMM_ENGINE_SYNC };
 enum avmm_blk_flags { AVMM_BLK_RO, AVMM_BLK_WRITETHROUGH };
 struct avmm_gmem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
 struct avmm_gmem { uint32_t nregions; struct avmm_gmem_region r[...]; };
-struct avmm_irq { int32_t efd; uint32_t masked; uint32_t pending; uint64_t raised; uint64_t held; ...; };
+struct avmm_irq { int32_t efd; uint32_t masked; uint32_t pending; uint64_t raised; uint64_t held; uint8_t *isr;
+                  uint32_t level; int32_t line_fd; uint32_t gsi; uint32_t asserted; ...; };
 struct avmm_vq_stats { uint64_t chains; uint64_t notifies; uint64_t interrupts; uint64_t suppressed; uint64_t errors[...]; };
 struct avmm_vq {
     uint16_t size; uint16_t last_avail; uint16_t used_idx; uint8_t broken; uint32_t last_error;

@@ -9,7 +9,9 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/kvm.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "virtq.h"
@@ -21,6 +23,17 @@ void avmm_irq_raise(struct avmm_irq *v)
     if (__atomic_load_n(&v->masked, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&v->pending, 1, __ATOMIC_SEQ_CST);
         v->held++;
+        return;
+    }
+    if (v->level) {
+        /* A level line: up until the driver reads the ISR (the transport takes it down). */
+        if (!v->asserted) {
+            struct kvm_irq_level l = {.irq = v->gsi, .level = 1};
+            if (ioctl(v->line_fd, KVM_IRQ_LINE, &l) == 0) {
+                v->asserted = 1;
+                v->raised++;
+            }
+        }
         return;
     }
     uint64_t one = 1;
@@ -230,6 +243,8 @@ void avmm_vq_publish(struct avmm_vq *q)
     }
     if (need) {
         q->stats.interrupts++;
+        if (q->irq && q->irq->isr) /* INTx or one shared MSI: the ISR says it was a queue */
+            __atomic_or_fetch(q->irq->isr, 1, __ATOMIC_SEQ_CST);
         avmm_irq_raise(q->irq);
     } else {
         q->stats.suppressed++;

@@ -49,9 +49,11 @@ static inline void *avmm_gmem_ptr(const struct avmm_gmem *m, uint64_t gpa, uint6
 
 /* ---- interrupt vectors -------------------------------------------------------------- */
 
-/* One MSI-X vector as the data path raises it: an eventfd (bound to a GSI with
- * KVM_IRQFD, or read by the test harness). While the guest has it masked, raising only
- * sets `pending` (the PBA bit); the MSI-X model delivers it on unmask. */
+/* One interrupt as the data path raises it: an eventfd (bound to a GSI with KVM_IRQFD, or
+ * read by the test harness) — an MSI-X or MSI vector, or a level INTx line (an irqfd with
+ * a resample fd). While the guest has it masked, raising only sets `pending` (the PBA
+ * bit); its model delivers it on unmask. With `isr`, a queue's interrupt also sets the
+ * virtio ISR's queue bit, which a driver on INTx (or one shared MSI) reads to learn why. */
 struct avmm_irq {
     int32_t efd;
     uint32_t masked;  /* atomic: the vector's or the function's mask bit */
@@ -59,6 +61,12 @@ struct avmm_irq {
     uint32_t unused;
     uint64_t raised;    /* interrupts sent */
     uint64_t held;      /* raises that found the vector masked */
+    uint8_t *isr;       /* INTx or a shared MSI: the ISR status byte, bit 0 set on each raise */
+    uint32_t level;     /* 1: an INTx line under KVM: a raise asserts `gsi` with KVM_IRQ_LINE on
+                         * line_fd (the VM fd) instead of writing efd */
+    int32_t line_fd;
+    uint32_t gsi;
+    uint32_t asserted;  /* INTx: the line is up (it goes down when the driver reads the ISR) */
 };
 
 void avmm_irq_raise(struct avmm_irq *v);

@@ -44,7 +44,7 @@ def _blk_build(slot: PciSlot, ctx: BuildContext):
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
                     poll=ctx.config.poll)
     try:
-        return VirtioPciDevice(blk, ctx.router, ctx.notify)
+        return VirtioPciDevice(blk, ctx.router, ctx.notify, msi=ctx.config.force_msi)
     except BaseException:
         blk.close()
         raise
@@ -66,7 +66,7 @@ def _net_build(slot: PciSlot, ctx: BuildContext):
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
                     name=f"virtio-net@{where}", poll=ctx.config.poll)
     try:
-        return VirtioPciDevice(net, ctx.router, ctx.notify)
+        return VirtioPciDevice(net, ctx.router, ctx.notify, msi=ctx.config.force_msi)
     except BaseException:
         net.close()
         raise

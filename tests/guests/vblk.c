@@ -12,7 +12,9 @@
  *   IN sector <past the end>          -> prints "past end: status N" (1 = IOERR)
  * each waiting for its MSI-X interrupt (sti; hlt), and prints the interrupt count.
  * Command line: bar=0xC0000000 (where to put BAR0); stay=1 halts at the end instead of
- * resetting (so the host can read the VM's counters).
+ * resetting (so the host can read the VM's counters); irq=0 MSI-X (default), irq=1 INTx
+ * (the pin's GSI from Interrupt Line, through the IOAPIC, level and active low, the ISR read
+ * in the handler), irq=2 MSI (for -W). Prints "irq: msix|intx|msi".
  */
 #include "rt.h"
 
@@ -26,10 +28,13 @@
 #define PCI_BAR0 0x10
 #define PCI_CAP_ID_VNDR 0x09
 #define PCI_CAP_ID_MSIX 0x11
+#define PCI_CAP_ID_MSI 0x05
+#define PCI_INTERRUPT_LINE 0x3C
 /* virtio_pci.h */
 #define CAP_COMMON 1
 #define CAP_NOTIFY 2
 #define CAP_DEVICE 4
+#define CAP_ISR 3
 #define C_DFSELECT 0
 #define C_DF 4
 #define C_GFSELECT 8
@@ -69,7 +74,8 @@ static u16 cfg_read16(u32 slot, u32 reg) { outl(0xCF8, cfg_addr(slot, reg)); ret
 static void cfg_write32(u32 slot, u32 reg, u32 v) { outl(0xCF8, cfg_addr(slot, reg)); outl(0xCFC, v); }
 static void cfg_write16(u32 slot, u32 reg, u16 v) { outl(0xCF8, cfg_addr(slot, reg)); outw(0xCFC + (reg & 2), v); }
 
-static u32 common, notify, devcfg, notify_mult, msix_table;
+static u32 common, notify, devcfg, notify_mult, msix_table, isr, msi_cap, msix_cap;
+static volatile u32 isr_seen, isr_empty;
 
 static void w8(u32 a, u8 v) { *(volatile u8 *)a = v; }
 static void w16(u32 a, u16 v) { *(volatile u16 *)a = v; }
@@ -82,6 +88,9 @@ void vblk_irq(struct rt_frame *f)
 {
     (void)f;
     irqs++;
+    u8 v = *(volatile u8 *)isr; /* reading clears it (and, on INTx, is why the line drops) */
+    isr_seen |= v;
+    isr_empty += !v;
     lapic_eoi();
 }
 RT_ISR(isr_vblk, vblk_irq);
@@ -162,12 +171,17 @@ void guest_main(const struct hvm_start_info *si)
                 notify_mult = cfg_read32(slot, c + 16);
             } else if (type == CAP_DEVICE)
                 devcfg = bar + off;
+            else if (type == CAP_ISR)
+                isr = bar + off;
         } else if (id == PCI_CAP_ID_MSIX) {
+            msix_cap = c;
             msix_table = bar + (cfg_read32(slot, c + 4) & ~7u);
-            cfg_write16(slot, c + 2, 0x8000 | cfg_read16(slot, c + 2)); /* MSI-X enable */
+        } else if (id == PCI_CAP_ID_MSI) {
+            msi_cap = c;
         }
     }
-    if (!common || !notify || !devcfg || !msix_table) {
+    u32 mode = cmdline_u32(si, "irq", 0);
+    if (!common || !notify || !devcfg || !isr || (mode == 0 && !msix_table) || (mode == 2 && !msi_cap)) {
         puts("vblk: capabilities missing\n");
         reset();
     }
@@ -177,11 +191,31 @@ void guest_main(const struct hvm_start_info *si)
     idt_set_gate(SPURIOUS, isr_spurious);
     idt_load();
     lapic_enable(SPURIOUS);
-    /* MSI-X entry 1: the LAPIC's MSI window, APIC ID 0, vector VECTOR; unmasked */
-    w32(msix_table + 16 + 0, 0xFEE00000u);
-    w32(msix_table + 16 + 4, 0);
-    w32(msix_table + 16 + 8, VECTOR);
-    w32(msix_table + 16 + 12, 0);
+    u16 qvector = 0xFFFF;
+    if (mode == 0) {
+        cfg_write16(slot, msix_cap + 2, 0x8000 | cfg_read16(slot, msix_cap + 2)); /* MSI-X enable */
+        /* MSI-X entry 1: the LAPIC's MSI window, APIC ID 0, vector VECTOR; unmasked */
+        w32(msix_table + 16 + 0, 0xFEE00000u);
+        w32(msix_table + 16 + 4, 0);
+        w32(msix_table + 16 + 8, VECTOR);
+        w32(msix_table + 16 + 12, 0);
+        qvector = 1;
+        puts("irq: msix\n");
+    } else if (mode == 1) {
+        u32 gsi = cfg_read8(slot, PCI_INTERRUPT_LINE);
+        /* the pin's redirection entry: VECTOR, fixed, physical, active low, level, dest APIC 0 */
+        ioapic_write(0x11 + 2 * gsi, 0u << 24);
+        ioapic_write(0x10 + 2 * gsi, VECTOR | 1u << 13 | 1u << 15);
+        puts("irq: intx gsi ");
+        print_dec(gsi);
+        puts("\n");
+    } else {
+        cfg_write32(slot, msi_cap + 4, 0xFEE00000u);
+        cfg_write32(slot, msi_cap + 8, 0);
+        cfg_write16(slot, msi_cap + 12, VECTOR);
+        cfg_write16(slot, msi_cap + 2, 1 | cfg_read16(slot, msi_cap + 2)); /* MSI enable */
+        puts("irq: msi\n");
+    }
 
     w8(common + C_STATUS, 0);
     w8(common + C_STATUS, S_ACK);
@@ -200,8 +234,8 @@ void guest_main(const struct hvm_start_info *si)
     w16(common + C_MSIX, 0xFFFF);
     w16(common + C_QSELECT, 0);
     w16(common + C_QSIZE, QSIZE);
-    w16(common + C_QMSIX, 1);
-    if (r16(common + C_QMSIX) != 1) {
+    w16(common + C_QMSIX, qvector);
+    if (r16(common + C_QMSIX) != qvector) {
         puts("vblk: vector refused\n");
         reset();
     }
@@ -240,6 +274,10 @@ void guest_main(const struct hvm_start_info *si)
     puts("\n");
     puts("interrupts ");
     print_dec(irqs);
+    puts(" isr ");
+    print_hex(isr_seen);
+    puts(" empty ");
+    print_dec(isr_empty);
     puts("\nvblk done\n");
     if (cmdline_u32(si, "stay", 0))
         for (;;) {

@@ -173,7 +173,8 @@ def test_identity_and_capability_list(virtio):
     assert drv.pci_read(8, 4) >> 8 == 0x018000
     assert drv.pci_read(Reg.SUBSYSTEM_VENDOR_ID, 2) == 0x1AF4
     assert drv.pci_read(Reg.STATUS, 2) & PciStatus.CAP_LIST
-    assert drv.pci_read(Reg.INTERRUPT_PIN, 1) == 0
+    assert drv.pci_read(Reg.INTERRUPT_PIN, 1) == 1  # INTA#
+    assert drv.pci_read(Reg.INTERRUPT_LINE, 1) == platform.pci_intx_gsi(dev.location[1], 0)
     caps = capabilities(drv)
     virtio_caps = {}
     for off, cap_id, raw in caps:
@@ -323,3 +324,65 @@ def test_gsi_routing_table():
         assert r.allocate().gsi == platform.FIRST_MSI_GSI  # freed GSIs are reused
     finally:
         r.close()
+
+
+def test_intx_when_the_driver_enables_no_msix(virtio):
+    """A driver that does not enable MSI-X gets INTx, and the ISR says why (4.1.4.5)."""
+    h, dev, drv = virtio
+
+    async def go():
+        from asyncvmm.testing.mock_driver import BlkClient
+
+        await drv.setup(msix=False)
+        assert not dev.intx.c.masked
+        st, _, _ = await BlkClient(drv).run(lib.VIRTIO_BLK_T_IN, 0, in_len=512)
+        assert st == 0
+        assert os.eventfd_read(dev.intx.efd) >= 1
+        assert drv.read(tp.ISR_OFFSET, 1) == 1  # a queue interrupt ...
+        assert drv.read(tp.ISR_OFFSET, 1) == 0  # ... and reading cleared it
+        dev.config_changed()
+        assert drv.read(tp.ISR_OFFSET, 1) == 2 and os.eventfd_read(dev.intx.efd) == 1
+        drv.pci_write(Reg.COMMAND, 2, drv.pci_read(Reg.COMMAND, 2) | Command.INTX_DISABLE)
+        assert dev.intx.c.masked
+    asyncio.run(go())
+
+
+def test_msix_enabled_silences_intx(virtio):
+    h, dev, drv = virtio
+    asyncio.run(drv.setup())
+    assert dev.intx.c.masked
+
+
+def test_msi_instead_of_msix(tmp_path):
+    """-W: one MSI message, no MSI-X capability; every queue raises it, the ISR says why."""
+    from asyncvmm.devices.pci.msi import ADDRESS_LO, DATA, FLAGS_ENABLE, MASK
+    from asyncvmm.testing.mock_driver import BlkClient
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    with Harness() as h:
+        blk = VirtioBlk(BlockOptions(str(img)), h.mem, queues=1)
+        dev = tp.VirtioPciDevice(blk, h.router, h.notify, msi=True)
+        h.root.add(5, 0, dev)
+        h.devices.append(dev)
+        h.root.assign_bars(platform.pci_mmio64_window(platform.ram_top(h.mem.regions)))
+        drv = VirtioDriver(h, dev)
+        assert dev.msix is None and [c for _, c, _ in capabilities(drv)].count(CapId.MSI) == 1
+        cap = dev.msi.cap
+        drv.pci_write(cap + ADDRESS_LO, 4, 0xFEE0_0000)
+        drv.pci_write(cap + DATA, 2, 0x45)
+        drv.pci_write(cap + 2, 2, FLAGS_ENABLE)
+        assert dev.msi.vector.message == MsiMessage(0xFEE0_0000, 0x45) and not dev.msi.vector.masked
+
+        async def go():
+            await drv.setup(msix=False)
+            assert dev.intx.c.masked  # MSI is on: INTx stays quiet
+            st, _, _ = await BlkClient(drv).run(lib.VIRTIO_BLK_T_IN, 0, in_len=512)
+            assert st == 0 and os.eventfd_read(dev.msi.vector.efd) >= 1
+            assert drv.read(tp.ISR_OFFSET, 1) == 1
+            drv.pci_write(cap + MASK, 4, 1)  # per-vector mask: held as pending
+            dev.config_changed()
+            assert dev.msi.vector.pending and drv.pci_read(cap + MASK + 4, 4) == 1
+            drv.pci_write(cap + MASK, 4, 0)
+            assert os.eventfd_read(dev.msi.vector.efd) == 1
+        asyncio.run(go())

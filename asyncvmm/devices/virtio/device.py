@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ...irq import MsiVector
+from ...irq import IntxLine, MsiVector
 
 
 @dataclass
@@ -34,7 +34,7 @@ class QueueConfig:
     desc: int
     driver: int  # the avail ring
     device: int  # the used ring
-    vector: MsiVector | None  # None: the driver asked for no interrupt
+    vector: MsiVector | IntxLine | None  # what the queue raises (.c: its struct avmm_irq); None: nothing
     kick_fd: int  # the queue's notify eventfd
 
 

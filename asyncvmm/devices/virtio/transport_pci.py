@@ -26,12 +26,13 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from ... import log
-from ...irq import IrqRouter
+from ... import log, platform
+from ...irq import IntxLine, IrqRouter
 from ..pci.config_space import Bar, BarKind, ConfigSpace
 from ..pci.device import PciDevice
+from ..pci.msi import Msi
 from ..pci.msix import Msix
-from ..pci.regs import CapId, VendorId
+from ..pci.regs import CapId, Command, Reg, VendorId
 from .device import DeviceError, QueueConfig, VirtioDevice
 from .spec import (
     COMMON_CFG_SIZE,
@@ -60,6 +61,7 @@ REGION = 0x1000
 NOTIFY_MULTIPLIER = 4
 MAX_QUEUES = REGION // NOTIFY_MULTIPLIER
 CONFIG_VECTOR = 0  # the MSI-X vector asyncvmm suggests for configuration changes (the driver picks)
+INTX_PIN_A = 1  # Interrupt Pin register: 1 = INTA#
 
 # struct virtio_pci_cap: cap_vndr, cap_next, cap_len, cfg_type, bar, id, padding[2], offset, length
 VIRTIO_PCI_CAP = struct.Struct("<BBBBxxII")  # from cap_len on (add_capability writes vndr, next)
@@ -100,7 +102,13 @@ class QueueState:
 
 
 class VirtioPciDevice(PciDevice):
-    def __init__(self, device: VirtioDevice, router: IrqRouter, notify: NotifyBinder, *, msix: bool = True):
+    """Interrupts: MSI-X (one vector per queue and one for configuration changes), or with
+    msi=True (bhyve's -W) one MSI message instead; INTx (pin A, level, the GSI the _PRT
+    gives the slot) whenever neither is enabled by the driver. Which one a queue uses is
+    decided at DRIVER_OK, from what the driver enabled."""
+
+    def __init__(self, device: VirtioDevice, router: IrqRouter, notify: NotifyBinder, *, msix: bool = True,
+                 msi: bool = False):
         if not 1 <= device.num_queues <= MAX_QUEUES:
             raise ValueError(f"{device.name}: {device.num_queues} queues (1..{MAX_QUEUES})")
         if device.queue_max_size > MAX_QUEUE_SIZE or device.queue_max_size & (device.queue_max_size - 1):
@@ -112,10 +120,12 @@ class VirtioPciDevice(PciDevice):
             revision=PCI_REVISION_MODERN,
             subsystem_vendor_id=VendorId.RED_HAT_QUMRANET,
             subsystem_id=PCI_DEVICE_ID_BASE + device.device_id,
+            interrupt_pin=INTX_PIN_A,
         )
         super().__init__(config, device.name)
         self.device = device
         self.notify = notify
+        self.router = router
         self.bar = Bar(BAR_INDEX, BAR_SIZE, BarKind.MEM64)
         config.add_bar(self.bar)
         self._add_virtio_cap(PciCapType.COMMON_CFG, COMMON_OFFSET, COMMON_CFG_SIZE)
@@ -132,16 +142,19 @@ class VirtioPciDevice(PciDevice):
         cfg_mask = bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 8 + b"\xff" * 4
         self.cfg_cap = self._add_virtio_cap(PciCapType.PCI_CFG, 0, 0, extra=bytes(4), writable=cfg_mask)
         self.msix: Msix | None = None
-        if msix:
+        self.msi: Msi | None = None
+        if msi:
+            self.msi = Msi(config, router)
+        elif msix:
             self.msix = Msix(config, router, device.num_queues + 1, bar=BAR_INDEX,
                              table_offset=MSIX_TABLE_OFFSET, pba_offset=MSIX_PBA_OFFSET)
+        self.intx: IntxLine | None = None  # made at attach: its GSI depends on the slot
         self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(device.num_queues)]
         self._bound: list[tuple[int, int]] = []  # (efd, address) bound with KVM
         device.bind(self.set_needs_reset)
         self.counters: Counter[str] = Counter()
         self.config_generation = 0
         self._reset_state()
-        self.isr = 0
         self._status_before_reset = 0
         self._closed = False
 
@@ -181,9 +194,44 @@ class VirtioPciDevice(PciDevice):
         """Tell the driver the configuration changed (a config interrupt)."""
         self.config_generation = (self.config_generation + 1) & 0xFF
         self.isr |= ISR_CONFIG
-        v = self._vector(self.config_vector)
-        if v is not None:
-            v.trigger()
+        if self.msix is not None and self.msix.enabled:
+            v = self._vector(self.config_vector)
+            if v is not None:
+                v.trigger()
+        elif self.msi is not None and self.msi.enabled:
+            self.msi.vector.trigger()
+        elif self.intx is not None:
+            self.intx.trigger()
+
+    # -- INTx and the ISR ------------------------------------------------------------------
+    def attach(self, buses, location) -> None:
+        super().attach(buses, location)
+        if self.intx is None:
+            gsi = platform.pci_intx_gsi(location[1], INTX_PIN_A - 1)
+            self.intx = IntxLine(self.router, gsi)
+            self.config.put(Reg.INTERRUPT_LINE, 1, gsi)  # what firmware would note for the OS
+            if self.msi is not None:
+                self.msi.vector.c.isr = self.intx.isr  # one message for everything: the ISR says why
+            self._sync_intx_mask()
+
+    @property
+    def isr(self) -> int:
+        return self.intx.isr[0] if self.intx is not None else 0
+
+    @isr.setter
+    def isr(self, value: int) -> None:
+        if self.intx is not None:
+            self.intx.isr[0] = value
+            if not value:
+                self.intx.lower()  # the driver read it: INTx goes down
+
+    def _sync_intx_mask(self) -> None:
+        """INTx is silent while COMMAND.INTX_DISABLE is set or MSI/MSI-X is enabled."""
+        if self.intx is None:
+            return
+        off = bool(self.config.command & Command.INTX_DISABLE)
+        off |= bool(self.msix is not None and self.msix.enabled) or bool(self.msi is not None and self.msi.enabled)
+        self.intx.set_masked(off)
 
     def _where(self) -> str:
         b, s, f = self.location
@@ -196,6 +244,8 @@ class VirtioPciDevice(PciDevice):
 
     # -- configuration space -------------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
+        if self.msi is not None and self.msi.touches_capability(offset, size):
+            self.msi.control_written()  # refresh the pending bit
         data = self.cfg_cap + VIRTIO_PCI_CAP_LEN
         if offset >= data and offset + size <= data + 4:
             self._cfg_window(read=True)
@@ -204,6 +254,9 @@ class VirtioPciDevice(PciDevice):
     def config_written(self, offset: int, size: int) -> None:
         if self.msix is not None and self.msix.touches_capability(offset, size):
             self.msix.control_written()
+        if self.msi is not None and self.msi.touches_capability(offset, size):
+            self.msi.control_written()
+        self._sync_intx_mask()
         data = self.cfg_cap + VIRTIO_PCI_CAP_LEN
         if offset >= data and offset + size <= data + 4:
             self._cfg_window(read=False)
@@ -413,7 +466,7 @@ class VirtioPciDevice(PciDevice):
             if not q.size or q.size & (q.size - 1) or q.size > self.device.queue_max_size:
                 self.set_needs_reset(f"queue {i} has size {q.size}")
                 return
-            queues.append(QueueConfig(i, q.size, q.desc, q.driver, q.device, self._vector(q.vector), self.kick_fds[i]))
+            queues.append(QueueConfig(i, q.size, q.desc, q.driver, q.device, self._queue_irq(q), self.kick_fds[i]))
         try:
             self.device.activate(self.driver_features, queues)
         except DeviceError as e:
@@ -421,6 +474,14 @@ class VirtioPciDevice(PciDevice):
             return
         self.active = True
         self.counters["activations"] += 1
+
+    def _queue_irq(self, q: QueueState):
+        """What a queue raises: its MSI-X vector, the one MSI message, or INTx."""
+        if self.msix is not None and self.msix.enabled:
+            return self._vector(q.vector)
+        if self.msi is not None and self.msi.enabled:
+            return self.msi.vector
+        return self.intx
 
     def reset(self) -> None:
         """Device reset (status 0): the device stops and forgets the driver's setup."""
@@ -454,6 +515,10 @@ class VirtioPciDevice(PciDevice):
         self._unbind_all()
         if self.msix is not None:
             self.msix.close()
+        if self.msi is not None:
+            self.msi.close()
+        if self.intx is not None:
+            self.intx.close()
         for efd in self.kick_fds:
             os.close(efd)
         self.kick_fds = []
