@@ -7,9 +7,9 @@
 #include <linux/virtio_blk.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "blk.h"
+#include "util.h"
 
 #define SECTOR 512u
 #define HDR_BYTES sizeof(struct virtio_blk_outhdr)
@@ -488,16 +488,9 @@ int avmm_blk_complete(struct avmm_blk *b)
     return total;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns)
 {
-    uint64_t deadline = now_ns() + max_ns;
+    uint64_t deadline = avmm_now_ns() + max_ns;
     do {
         for (int spin = 0; spin < 16; spin++) {
             if (avmm_engine_ready(b->engine))
@@ -509,6 +502,6 @@ int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns)
             }
             __builtin_ia32_pause();
         }
-    } while (now_ns() < deadline);
+    } while (avmm_now_ns() < deadline);
     return 0;
 }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "ioengine.h"
+#include "util.h"
 
 struct avmm_engine {
     int kind;
@@ -28,15 +29,6 @@ struct avmm_engine {
     struct avmm_io_cqe *cq;
     unsigned cq_head, cq_n;
 };
-
-static void signal_efd(int efd)
-{
-    uint64_t one = 1;
-    ssize_t r;
-    do {
-        r = write(efd, &one, sizeof(one));
-    } while (r < 0 && errno == EINTR);
-}
 
 struct avmm_engine *avmm_engine_new(int kind, unsigned entries)
 {
@@ -178,7 +170,7 @@ int avmm_engine_submit(struct avmm_engine *e)
         }
         e->sq_n = 0;
         e->stats.submits++;
-        signal_efd(e->efd);
+        avmm_efd_signal(e->efd);
         return (int)n;
     }
     if (!e->unsubmitted)
@@ -206,7 +198,7 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
             e->cq_n--;
         }
         if (e->cq_n)
-            signal_efd(e->efd); /* more than max: come back */
+            avmm_efd_signal(e->efd); /* more than max: come back */
     } else {
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
@@ -221,7 +213,7 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
         }
         io_uring_cq_advance(&e->ring, seen);
         if (n == max && io_uring_cq_ready(&e->ring))
-            signal_efd(e->efd);
+            avmm_efd_signal(e->efd);
     }
     e->inflight -= (unsigned)n;
     e->stats.reaps += (uint64_t)n;

@@ -5,10 +5,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "net.h"
+#include "util.h"
 
 #define BUDGET 256          /* frames per call: the loop gets its turn between batches */
 #define RX_MAX_CHAINS 64    /* chains a mergeable frame may span */
@@ -345,13 +345,6 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
     return frames;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair)
 {
     struct pollfd fds[AVMM_NET_MAX_PAIRS];
@@ -359,7 +352,7 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
     if (npairs > n->npairs)
         npairs = n->npairs;
     *state = 0;
-    uint64_t deadline = now_ns() + max_ns;
+    uint64_t deadline = avmm_now_ns() + max_ns;
     do {
         /* TX buffers are a memory read away; a frame on a TAP costs a poll() to see. */
         for (int spin = 0; spin < 64; spin++) {
@@ -386,6 +379,6 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
                     *pair = map[k];
                     return avmm_net_rx(n, map[k], state);
                 }
-    } while (now_ns() < deadline);
+    } while (avmm_now_ns() < deadline);
     return 0;
 }

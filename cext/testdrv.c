@@ -20,13 +20,7 @@
 #include <unistd.h>
 
 #include "testdrv.h"
-
-static uint64_t now_ns(clockid_t clock)
-{
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+#include "util.h"
 
 static uint64_t next_rand(uint64_t *s)
 {
@@ -74,7 +68,7 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
     if (!c->qd || c->qd > AVMM_TESTDRV_MAX_QD || 3u * c->qd > size)
         return -EINVAL;
     memset(res, 0, sizeof(*res));
-    uint64_t cpu0 = now_ns(CLOCK_THREAD_CPUTIME_ID), t_start = now_ns(CLOCK_MONOTONIC);
+    uint64_t cpu0 = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID), t_start = avmm_clock_ns(CLOCK_MONOTONIC);
 
     /* publish `n` new requests (their heads are already in the ring) and ring if asked */
     uint16_t old_idx = avail_idx;
@@ -95,7 +89,7 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
         prepare(c, slots, i, &seq, &rng);
         c->avail->ring[avail_idx % size] = (uint16_t)(3 * i);
         avail_idx++;
-        slots[i].t0 = now_ns(CLOCK_MONOTONIC);
+        slots[i].t0 = avmm_clock_ns(CLOCK_MONOTONIC);
     }
     __atomic_store_n(used_event, last_used, __ATOMIC_RELAXED);
     PUBLISH();
@@ -119,7 +113,7 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
                 res->interrupts += cnt;
             continue;
         }
-        uint64_t t = now_ns(CLOCK_MONOTONIC);
+        uint64_t t = avmm_clock_ns(CLOCK_MONOTONIC);
         int added = 0;
         while (last_used != used_idx) {
             struct vring_used_elem *e = &c->used->ring[last_used % size];
@@ -135,7 +129,7 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
                 prepare(c, slots, i, &seq, &rng);
                 c->avail->ring[avail_idx % size] = (uint16_t)(3 * i);
                 avail_idx++;
-                slots[i].t0 = now_ns(CLOCK_MONOTONIC);
+                slots[i].t0 = avmm_clock_ns(CLOCK_MONOTONIC);
                 issued++;
                 added++;
             }
@@ -145,8 +139,8 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
     }
 #undef PUBLISH
     res->completed = done;
-    res->ns = now_ns(CLOCK_MONOTONIC) - t_start;
-    res->driver_cpu_ns = now_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    res->ns = avmm_clock_ns(CLOCK_MONOTONIC) - t_start;
+    res->driver_cpu_ns = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     return 0;
 }
 
@@ -204,7 +198,7 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
     tx.old_idx = tx.avail_idx;
     memset(res, 0, sizeof(*res));
     uint16_t size = c->size;
-    uint64_t cpu0 = now_ns(CLOCK_THREAD_CPUTIME_ID), t0 = now_ns(CLOCK_MONOTONIC);
+    uint64_t cpu0 = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID), t0 = avmm_clock_ns(CLOCK_MONOTONIC);
 
     /* RX: every buffer posted once; each used one goes straight back. */
     if (c->mode != AVMM_TESTDRV_NET_TX) {
@@ -246,14 +240,14 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
         if (c->mode == AVMM_TESTDRV_NET_PING) {
             tx.avail->ring[tx.avail_idx % size] = (uint16_t)(tx.avail_idx % size);
             tx.avail_idx++;
-            sent_at = now_ns(CLOCK_MONOTONIC);
+            sent_at = avmm_clock_ns(CLOCK_MONOTONIC);
             ring_publish(&tx, c->event_idx, res);
         }
         while (res->frames < c->count) {
             if (!ring_wait(&rx, (int)c->timeout_ms, res))
                 break;
             uint16_t used = __atomic_load_n(&rx.used->idx, __ATOMIC_ACQUIRE);
-            uint64_t t = now_ns(CLOCK_MONOTONIC);
+            uint64_t t = avmm_clock_ns(CLOCK_MONOTONIC);
             while (rx.last_used != used) {
                 struct vring_used_elem *e = &rx.used->ring[rx.last_used % size];
                 rx.last_used++;
@@ -277,7 +271,7 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
                         tx.last_used = __atomic_load_n(&tx.used->idx, __ATOMIC_ACQUIRE);
                         tx.avail->ring[tx.avail_idx % size] = (uint16_t)(tx.avail_idx % size);
                         tx.avail_idx++;
-                        sent_at = now_ns(CLOCK_MONOTONIC);
+                        sent_at = avmm_clock_ns(CLOCK_MONOTONIC);
                         ring_publish(&tx, c->event_idx, res);
                     }
                 }
@@ -285,7 +279,7 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
             ring_publish(&rx, c->event_idx, res);
         }
     }
-    res->ns = now_ns(CLOCK_MONOTONIC) - t0;
-    res->driver_cpu_ns = now_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    res->ns = avmm_clock_ns(CLOCK_MONOTONIC) - t0;
+    res->driver_cpu_ns = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     return 0;
 }

@@ -14,6 +14,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include "util.h"
 #include "virtq.h"
 
 void avmm_irq_raise(struct avmm_irq *v)
@@ -36,11 +37,7 @@ void avmm_irq_raise(struct avmm_irq *v)
         }
         return;
     }
-    uint64_t one = 1;
-    ssize_t r;
-    do {
-        r = write(v->efd, &one, sizeof(one));
-    } while (r < 0 && errno == EINTR);
+    avmm_efd_signal(v->efd);
     v->raised++;
 }
 
@@ -260,30 +257,31 @@ void avmm_vq_drain_kick(struct avmm_vq *q)
     }
 }
 
-int avmm_vq_enable_notify(struct avmm_vq *q)
+/* Ask for a doorbell once the driver makes entry `idx` available; 1 if the avail index
+ * has moved past `seen` meanwhile (the re-check after the barrier, 2.7.10). */
+static int request_notify(struct avmm_vq *q, uint16_t idx, uint16_t seen)
 {
     if (!q->size || q->broken)
         return 0;
     if (q->flags & AVMM_VQ_EVENT_IDX)
-        __atomic_store_n(avail_event(q), q->last_avail, __ATOMIC_RELAXED);
-    else
-        __atomic_store_n(&q->used->flags, (uint16_t)(q->used->flags & ~VRING_USED_F_NO_NOTIFY), __ATOMIC_RELAXED);
-    /* Our request to be notified before the driver's next look at it (2.7.10). */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE) != q->last_avail;
-}
-
-int avmm_vq_enable_notify_more(struct avmm_vq *q)
-{
-    if (!q->size || q->broken)
-        return 0;
-    uint16_t seen = __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE);
-    if (q->flags & AVMM_VQ_EVENT_IDX)
-        __atomic_store_n(avail_event(q), seen, __ATOMIC_RELAXED);
+        __atomic_store_n(avail_event(q), idx, __ATOMIC_RELAXED);
     else
         __atomic_store_n(&q->used->flags, (uint16_t)(q->used->flags & ~VRING_USED_F_NO_NOTIFY), __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE) != seen;
+}
+
+int avmm_vq_enable_notify(struct avmm_vq *q)
+{
+    return request_notify(q, q->last_avail, q->last_avail);
+}
+
+int avmm_vq_enable_notify_more(struct avmm_vq *q)
+{
+    if (!q->size)
+        return 0;
+    uint16_t seen = __atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE);
+    return request_notify(q, seen, seen);
 }
 
 void avmm_vq_disable_notify(struct avmm_vq *q)
@@ -300,7 +298,8 @@ uint16_t avmm_vq_pending(const struct avmm_vq *q)
     return (uint16_t)(__atomic_load_n(&q->avail->idx, __ATOMIC_ACQUIRE) - q->last_avail);
 }
 
-size_t avmm_iov_to_buf(const struct iovec *iov, uint32_t n, size_t skip, void *buf, size_t len)
+/* Copy between a buffer and an iovec range starting `skip` bytes in: bytes copied. */
+static size_t iov_copy(const struct iovec *iov, uint32_t n, size_t skip, void *buf, size_t len, int to_iov)
 {
     size_t done = 0;
     for (uint32_t i = 0; i < n && done < len; i++) {
@@ -310,26 +309,23 @@ size_t avmm_iov_to_buf(const struct iovec *iov, uint32_t n, size_t skip, void *b
             continue;
         }
         size_t take = l - skip < len - done ? l - skip : len - done;
-        memcpy((uint8_t *)buf + done, (uint8_t *)iov[i].iov_base + skip, take);
+        uint8_t *at = (uint8_t *)iov[i].iov_base + skip;
+        if (to_iov)
+            memcpy(at, (uint8_t *)buf + done, take);
+        else
+            memcpy((uint8_t *)buf + done, at, take);
         done += take;
         skip = 0;
     }
     return done;
 }
 
+size_t avmm_iov_to_buf(const struct iovec *iov, uint32_t n, size_t skip, void *buf, size_t len)
+{
+    return iov_copy(iov, n, skip, buf, len, 0);
+}
+
 size_t avmm_buf_to_iov(const struct iovec *iov, uint32_t n, size_t skip, const void *buf, size_t len)
 {
-    size_t done = 0;
-    for (uint32_t i = 0; i < n && done < len; i++) {
-        size_t l = iov[i].iov_len;
-        if (skip >= l) {
-            skip -= l;
-            continue;
-        }
-        size_t take = l - skip < len - done ? l - skip : len - done;
-        memcpy((uint8_t *)iov[i].iov_base + skip, (const uint8_t *)buf + done, take);
-        done += take;
-        skip = 0;
-    }
-    return done;
+    return iov_copy(iov, n, skip, (void *)buf, len, 1);
 }

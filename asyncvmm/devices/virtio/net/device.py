@@ -234,14 +234,20 @@ class VirtioNet(VirtioDevice):
         self._poll()
 
     def _rx_batch(self, pair: int) -> None:
+        state = self._run(lib.avmm_net_rx, pair)
+        if state is not None:
+            self._after_rx(pair, state)
+
+    def _run(self, move, pair: int) -> int | None:
+        """avmm_net_rx/tx until a call ends short of its budget; its state, or None if a
+        ring broke."""
         state = self._state
         while True:
-            if lib.avmm_net_rx(self._net, pair, state) < 0:
+            if move(self._net, pair, state) < 0:
                 self._broken()
-                return
+                return None
             if not state[0] & lib.AVMM_NET_BUDGET:
-                break
-        self._after_rx(pair, state[0])
+                return state[0]
 
     def _after_rx(self, pair: int, state: int) -> None:
         if state & lib.AVMM_NET_RX_NO_BUFFERS and not self._rx_stopped[pair]:
@@ -263,14 +269,9 @@ class VirtioNet(VirtioDevice):
         self._poll()
 
     def _tx_batch(self, pair: int) -> None:
-        state = self._state
-        while True:
-            if lib.avmm_net_tx(self._net, pair, state) < 0:
-                self._broken()
-                return
-            if not state[0] & lib.AVMM_NET_BUDGET:
-                break
-        self._after_tx(pair, state[0])
+        state = self._run(lib.avmm_net_tx, pair)
+        if state is not None:
+            self._after_tx(pair, state)
 
     def _after_tx(self, pair: int, state: int) -> None:
         fd = self.tap.fds[pair]
