@@ -242,7 +242,8 @@ class VM:
                 if self.profile is not None:
                     self.profile.finish(self.machine, stop)
                 self.machine.close()
-                if stop.reason is StopReason.RESET and not self.config.no_reboot and self._state != "stopping":
+                restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
+                if restart and not self.config.no_reboot and self._state != "stopping":
                     log.info(f"{stop.message}: restarting the guest")
                     self.machine = self._build(images)
                     self._state = "running"
@@ -273,20 +274,42 @@ class VM:
         self.request_stop(Stop(StopReason.HOST, "killed from the host"))
         return await self.wait()
 
+    def power_button(self) -> bool:
+        """Press the guest's ACPI power button. True if the guest listens for it (it has
+        enabled the power button event), so it may now power off by itself; False if it
+        cannot hear it (no ACPI, not listening yet, or the VM is not running)."""
+        if self.machine is None or self._state not in ("running", "paused"):
+            return False
+        return self.machine.press_power_button()
+
     async def shutdown(self, timeout: float = 30.0) -> Stop:
         """Ask the guest to power off, wait up to `timeout`, then stop it hard."""
         await self.destroy(timeout)
         return await self.wait()
 
     async def destroy(self, timeout: float = 30.0, *, force: bool = False) -> str:
-        """End the VM; returns how: 'acpi' (the guest powered off) or 'hard'.
+        """End the VM; returns how: 'acpi' (the guest powered off through ACPI S5 after
+        its power button was pressed) or 'hard' (stopped from outside).
 
-        This machine has no ACPI power button yet, so the guest cannot be asked: it is
-        stopped hard at once.
+        Unless `force`, the power button is pressed and the guest has `timeout` seconds
+        to power off. A guest that does not listen for the button (no ACPI, still booting,
+        or an OS without ACPI) cannot hear it, so it is stopped at once instead of after
+        a wait that could not end otherwise.
         """
         if self._state in ("stopped", "closed"):
             return "hard"
-        self.request_stop(Stop(StopReason.HOST, "destroyed from the host" + (" (forced)" if force else "")))
+        why = "destroyed from the host"
+        if force or timeout <= 0:
+            self.request_stop(Stop(StopReason.HOST, f"{why} (forced)"))
+        elif not self.power_button():
+            self.request_stop(Stop(StopReason.HOST, f"{why} (the guest does not listen for the ACPI power button)"))
+        else:
+            log.info(f"VM {self.config.name}: pressed the ACPI power button; the guest has {timeout:g} s to power off")
+            try:
+                stop = await asyncio.wait_for(self.wait(), timeout)
+                return "acpi" if stop.reason is StopReason.POWEROFF else "hard"
+            except asyncio.TimeoutError:
+                self.request_stop(Stop(StopReason.HOST, f"{why} (the guest did not power off within {timeout:g} s)"))
         await self.wait()
         return "hard"
 

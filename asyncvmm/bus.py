@@ -2,7 +2,8 @@
 
 A bus holds non-overlapping ranges. `dispatch` is a pure function of an exit and a bus, so
 exit handling is tested with a fake device and no KVM. Accesses nothing claims are
-answered as an empty ISA bus does (reads all ones, writes dropped) and counted.
+answered as an empty ISA bus does (reads all ones, writes dropped) and counted; on a
+strict bus (bhyve's -e) they raise UnclaimedAccess instead, and the machine stops.
 
 Device interface (synchronous, on the loop's thread):
     read(offset, size) -> int          offset from the range's start
@@ -38,6 +39,19 @@ class BusConflict(ValueError):
     pass
 
 
+class UnclaimedAccess(Exception):
+    """An access to an address nothing on a strict bus emulates."""
+
+    def __init__(self, bus: str, addr: int, size: int, is_write: bool):
+        super().__init__(bus, addr, size, is_write)
+        self.bus, self.addr, self.size, self.is_write = bus, addr, size, is_write
+
+    def __str__(self) -> str:
+        where = f"port {self.addr:#x}" if self.bus == "pio" else f"address {self.addr:#x}"
+        what = "write" if self.is_write else "read"
+        return f"{what} of {self.size} byte{'s' if self.size != 1 else ''} at {where}, which nothing emulates"
+
+
 class Bus:
     """Ranges of one address space (ports, or guest physical MMIO)."""
 
@@ -49,6 +63,7 @@ class Bus:
         self._cache: dict[int, Range | None] = {}  # address → range, for `access`
         self.accesses: Counter[str] = Counter()  # range name → accesses served
         self.unclaimed_other = 0  # unclaimed accesses past UNCLAIMED_KEYS addresses
+        self.strict = False  # raise UnclaimedAccess instead of answering as an empty bus
 
     def register(self, start: int, length: int, device: Device, name: str) -> None:
         i = bisect.bisect_right(self._starts, start)
@@ -74,12 +89,15 @@ class Bus:
         return None
 
     UNCLAIMED_KEYS = 4096  # distinct addresses counted; a guest cannot grow this further
+    CACHE_KEYS = 4096  # addresses remembered by `access` (a guest can touch 256 MiB of ECAM)
 
-    def _count_unclaimed(self, addr: int, n: int) -> None:
+    def _count_unclaimed(self, addr: int, n: int, size: int, is_write: bool) -> None:
         if addr in self.unclaimed or len(self.unclaimed) < self.UNCLAIMED_KEYS:
             self.unclaimed[addr] += n
         else:
             self.unclaimed_other += n
+        if self.strict:
+            raise UnclaimedAccess(self.name, addr, size, is_write)
 
     def access(self, addr: int, size: int, is_write: bool, value: int = 0) -> int:
         """One access (the hot path): a write of `value`, or a read's result."""
@@ -87,11 +105,12 @@ class Bus:
         if r is None:
             r = self.find(addr)
             if r is None or addr + size > r.end:
-                self._count_unclaimed(addr, 1)
+                self._count_unclaimed(addr, 1, size, is_write)
                 return 0 if is_write else (1 << (8 * size)) - 1
-            self._cache[addr] = r  # hits only: the guest chooses the misses' addresses
+            if len(self._cache) < self.CACHE_KEYS:  # bounded: a guest picks the addresses
+                self._cache[addr] = r
         elif addr + size > r.start + r.length:
-            self._count_unclaimed(addr, 1)
+            self._count_unclaimed(addr, 1, size, is_write)
             return 0 if is_write else (1 << (8 * size)) - 1
         self.accesses[r.name] += 1
         if is_write:
@@ -107,7 +126,7 @@ class Bus:
         """
         r = self.find(addr)
         if r is None or addr + size > r.end:
-            self._count_unclaimed(addr, count)
+            self._count_unclaimed(addr, count, size, is_write)
             if not is_write:
                 data[: size * count] = b"\xff" * (size * count)
             return False

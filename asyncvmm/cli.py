@@ -7,22 +7,27 @@ import os
 import sys
 
 from . import log
-from .config import VmConfig, parse_console, parse_cpus, parse_memory, parse_pin, parse_slot
+from .config import VmConfig, parse_console, parse_memory, parse_pin, parse_slot, parse_topology
 from .errors import ConfigError, VmmError
 
 # Exit statuses of `asyncvmm run` (also in --help).
-EXIT_OK = 0  # the guest powered off, or reset with --no-reboot
+EXIT_OK = 0  # the guest powered off (ACPI S5), or reset with --no-reboot
 EXIT_ERROR = 1  # the VM stopped on an error: emulation failure, KVM error, unhandled exit
 EXIT_USAGE = 2  # bad command line or configuration: nothing was started
-EXIT_TRIPLE_FAULT = 3  # the guest triple-faulted
-EXIT_HOST = 4  # stopped from the host: SIGINT, SIGTERM, SIGHUP, the console Ctrl-A x
+EXIT_TRIPLE_FAULT = 3  # the guest triple-faulted with --no-reboot (without it, it restarts)
+EXIT_HOST = 4  # stopped hard from the host: SIGINT, a second SIGTERM, SIGHUP, the console Ctrl-A x
 
 STATUS_HELP = """exit status:
-  0  the guest powered off, or reset with --no-reboot
-  1  the VM stopped on an error (emulation failure, KVM error, unhandled exit)
+  0  the guest powered off (ACPI S5), or reset with --no-reboot (a reset through the ACPI
+     reset register or the i8042, or a triple fault, restarts the guest without it)
+  1  the VM stopped on an error (emulation failure, KVM error, unhandled exit, -e)
   2  bad command line or configuration (nothing was started)
-  3  the guest triple-faulted
-  4  stopped from the host (SIGINT, SIGTERM, SIGHUP, Ctrl-A x on the console)
+  3  the guest triple-faulted, with --no-reboot
+  4  stopped hard from the host (SIGINT, SIGHUP, a second SIGTERM, Ctrl-A x on the console)
+
+signals: SIGTERM presses the ACPI power button, as bhyve does (the guest then powers off,
+status 0); if the guest does not listen for it, or on a second SIGTERM, the VM is stopped
+(status 4).
 
 console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A.
 """
@@ -55,8 +60,26 @@ def _parser() -> argparse.ArgumentParser:
         help="COM1 to stdio (default), to a file PATH, or to socket=PATH",
     )
     run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help="a PCI device")
-    run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin a vCPU's thread")
-    run.add_argument("--no-reboot", action="store_true", help="end when the guest resets, instead of restarting it")
+    run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin vCPU VCPU's thread to host CPU HOSTCPU (repeatable)")
+    run.add_argument(
+        "--no-reboot", action="store_true",
+        help="end when the guest resets or triple-faults, instead of restarting it",
+    )
+    run.add_argument("-A", "--acpi", action="store_true", default=True, help="ACPI tables (the default)")
+    run.add_argument("--no-acpi", dest="acpi", action="store_false", help="no ACPI tables (and no power button)")
+    run.add_argument(
+        "-e", "--strict-io", action="store_true",
+        help="stop the VM at an access to a port or address nothing emulates (debugging)",
+    )
+    run.add_argument("-W", "--force-msi", action="store_true", help="virtio-pci devices offer one MSI instead of MSI-X (Linux then uses INTx)")
+    run.add_argument(
+        "-H", dest="yield_on_hlt", action="store_true",
+        help="yield the vCPU's thread on HLT: KVM always does (its in-kernel LAPIC sleeps a halted vCPU)",
+    )
+    run.add_argument(
+        "-P", dest="exit_on_pause", action="store_true",
+        help="exit on PAUSE: KVM already does (pause-loop exiting yields a spinning vCPU in the kernel)",
+    )
     run.add_argument("--cpu", choices=("host", "baseline"), help="CPU template (default: chosen by probing KVM)")
     run.add_argument("--no-quirks", action="store_true", help="no workarounds even on an emulating KVM")
     run.add_argument(
@@ -83,9 +106,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> VmConfig:
+    topology = parse_topology(args.cpus)
     cfg = VmConfig(
         name=args.name or f"asyncvmm-{os.getpid()}",
-        cpus=parse_cpus(args.cpus),
+        cpus=topology.cpus,
+        topology=topology,
         memory=parse_memory(args.memory),
         kernel=args.kernel or "",
         initrd=args.initrd or "",
@@ -99,6 +124,9 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         symbols=args.symbols or "",
         slots=[parse_slot(s) for s in args.slot],
         pins=dict(parse_pin(p) for p in args.pin),
+        acpi=args.acpi,
+        strict_io=args.strict_io,
+        force_msi=args.force_msi,
     )
     for spec in args.console:
         cfg.console = parse_console(spec)

@@ -10,15 +10,15 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .boot.cpuid import Topology
 from .errors import ConfigError
 
 MiB = 1 << 20
 MIN_RIP_PERIOD_MS = 0.1  # --profile-rip: a sample costs a KVM_RUN exit and KVM_GET_REGS
 MAX_RIP_PERIOD_MS = 10_000.0
 
-# bhyve's -s drivers that asyncvmm will have; none is built yet.
-PLANNED_DRIVERS = {"virtio-blk", "virtio-net", "hostbridge", "lpc", "ahci-hd", "passthru", "xhci"}
-AVAILABLE_DRIVERS: set[str] = set()
+# bhyve's -s drivers asyncvmm does not have (yet); those it has are in devices/slots.py.
+PLANNED_DRIVERS = {"lpc", "ahci-hd", "passthru", "xhci", "virtio-rnd", "virtio-console"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,14 @@ class VmConfig:
     symbols: str = ""  # System.map or vmlinux naming the sampled RIPs (default: found)
     slots: list[PciSlot] = field(default_factory=list)
     pins: dict[int, int] = field(default_factory=dict)  # vCPU → host CPU
+    topology: Topology | None = None  # -c sockets=,cores=,threads= (None: `cpus` sockets)
+    acpi: bool = True  # -A: ACPI tables (--no-acpi leaves them out)
+    strict_io: bool = False  # -e: an access nothing emulates stops the VM
+    force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
+
+    @property
+    def cpu_topology(self) -> Topology:
+        return self.topology or Topology.of(self.cpus)
 
     def validate(self) -> "VmConfig":
         if not self.kernel:
@@ -60,16 +68,28 @@ class VmConfig:
             check_readable(self.initrd, "initrd")
         if self.cpus < 1:
             raise ConfigError(f"-c {self.cpus}: a VM needs at least one vCPU")
+        topo = self.cpu_topology
+        if topo.cpus != self.cpus:
+            raise ConfigError(f"-c: {self.cpus} vCPUs do not match sockets*cores*threads={topo.cpus}")
+        if topo.apic_id(self.cpus - 1) > MAX_APIC_ID:
+            raise ConfigError(
+                f"-c: sockets={topo.sockets},cores={topo.cores},threads={topo.threads} needs APIC IDs up to "
+                f"{topo.apic_id(self.cpus - 1)}; at most {MAX_APIC_ID} (xAPIC) are supported"
+            )
         if self.memory < 2 * MiB:
             raise ConfigError(f"-m {format_size(self.memory)}: a VM needs at least 2 MiB of memory")
         host = host_memory()
         if host and self.memory > host:
             raise ConfigError(f"-m {format_size(self.memory)} is more than this host's {format_size(host)} of memory")
+        allowed = os.sched_getaffinity(0) if self.pins else set()
         for vcpu, cpu in self.pins.items():
             if vcpu >= self.cpus:
                 raise ConfigError(f"-p {vcpu}:{cpu}: the VM has no vCPU {vcpu}")
             if cpu >= (os.cpu_count() or 1):
                 raise ConfigError(f"-p {vcpu}:{cpu}: this host has no CPU {cpu}")
+            if cpu not in allowed:
+                cpus = ",".join(map(str, sorted(allowed)))
+                raise ConfigError(f"-p {vcpu}:{cpu}: CPU {cpu} is not one this process may run on ({cpus})")
         if self.cpu_template not in ("", "host", "baseline"):
             raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
         if self.decompress not in ("auto", "vmm", "kernel"):
@@ -80,6 +100,9 @@ class VmConfig:
             )
         if self.symbols:
             check_readable(self.symbols, "--symbols")
+        from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
+
+        check_slots(self)
         return self
 
 
@@ -127,10 +150,20 @@ def parse_memory(text: str) -> int:
     return size
 
 
+MAX_APIC_ID = 254  # the MADT's xAPIC entries (255 is the broadcast ID)
+
+
 def parse_cpus(text: str) -> int:
-    """bhyve's -c: N, or cpus=N,sockets=S,cores=C,threads=T."""
+    """bhyve's -c: N, or cpus=N,sockets=S,cores=C,threads=T: the number of vCPUs."""
+    return parse_topology(text).cpus
+
+
+def parse_topology(text: str) -> Topology:
+    """bhyve's -c as a topology: N alone is N sockets (bhyve's default); a field not
+    given is 1; cpus=, if given with the others, must be their product."""
     if text.isdigit():
         n = int(text)
+        topo = Topology.of(n)
     else:
         fields = {}
         for part in text.split(","):
@@ -138,13 +171,16 @@ def parse_cpus(text: str) -> int:
             if not sep or key not in ("cpus", "sockets", "cores", "threads") or not value.isdigit():
                 raise ConfigError(f"-c {text}: use N or cpus=N,sockets=S,cores=C,threads=T")
             fields[key] = int(value)
-        topo = fields.get("sockets", 1) * fields.get("cores", 1) * fields.get("threads", 1)
-        n = fields.get("cpus", topo)
-        if n != topo and any(k in fields for k in ("sockets", "cores", "threads")):
-            raise ConfigError(f"-c {text}: cpus={n} does not match sockets*cores*threads={topo}")
-    if n < 1:
+        given = any(k in fields for k in ("sockets", "cores", "threads"))
+        topo = Topology(fields.get("sockets", 1), fields.get("cores", 1), fields.get("threads", 1))
+        n = fields.get("cpus", topo.cpus)
+        if not given:
+            topo = Topology.of(n)
+        elif n != topo.cpus:
+            raise ConfigError(f"-c {text}: cpus={n} does not match sockets*cores*threads={topo.cpus}")
+    if n < 1 or topo.cpus < 1:
         raise ConfigError(f"-c {text}: a VM needs at least one vCPU")
-    return n
+    return topo
 
 
 def parse_console(text: str) -> str:
@@ -170,7 +206,9 @@ def parse_slot(text: str) -> PciSlot:
     bus, slot, func = (0, nums[0], 0) if len(nums) == 1 else (0, nums[0], nums[1]) if len(nums) == 2 else nums
     if bus > 255 or slot > 31 or func > 7:
         raise ConfigError(f"-s {text}: bus 0-255, slot 0-31, function 0-7")
-    if driver not in AVAILABLE_DRIVERS:
+    from .devices.slots import DRIVERS  # noqa: PLC0415
+
+    if driver not in DRIVERS:
         if driver in PLANNED_DRIVERS:
             raise ConfigError(f"-s {text}: the {driver} driver is not available in this version of asyncvmm yet")
         raise ConfigError(f"-s {text}: no such driver {driver!r}")

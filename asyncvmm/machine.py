@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import log
 from .boot import cpuid, linux, loader
-from .bus import Bus, ByteRegisters, Sink
+from .bus import Bus, ByteRegisters, Sink, UnclaimedAccess
 from .config import VmConfig
 from .console import Console
 from .devices.legacy.i8042 import I8042
@@ -30,8 +30,13 @@ from .devices.legacy.rtc import Rtc
 from .devices.legacy.uart16550 import Uart16550
 from .disasm import disassemble
 from .errors import BootError, ConfigError, KvmError, VmmError
+from . import platform
+from .irq import IrqRouter
+from . import poll
+from .poll import PollWindow
 from .platform import (
-    COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, PIT_IRQ, PIT_PORT, POST_PORT, RTC_PORT, SPEAKER_PORT,
+    ACPI_PM_PORT, ACPI_PM_SIZE, ACPI_SCI_IRQ, COM1_IRQ, COM1_PORT, I8042_CMD_PORT, I8042_DATA_PORT, PIT_IRQ, PIT_PORT,
+    POST_PORT, RTC_PORT, SPEAKER_PORT,
 )
 from .quirks import BoundedRatePit, Quirks
 from .vstate import probe
@@ -44,10 +49,6 @@ from ._native import ffi, lib
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
 
-# Busy polling for the next exit on the loop's thread (see Machine._on_exits).
-POLL_MIN_NS = 5_000
-POLL_MAX_NS = 50_000
-POLL_SLICE_NS = 2_000_000  # at most this long in one callback: other loop work goes on
 
 AVMM_EXIT_IO, AVMM_EXIT_MMIO = lib.AVMM_EXIT_IO, lib.AVMM_EXIT_MMIO
 
@@ -181,6 +182,9 @@ class Machine:
         self._console_efd = -1
         self._uart_irq_efd = -1
         self._uart_level = False
+        self.acpi_pm = None  # devices.legacy.acpi_pm.AcpiPm, with ACPI
+        self.acpi_tables = None  # boot.acpi.Tables, with ACPI
+        self.acpi_build_s = 0.0  # what generating the ACPI tables took
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future | None = None
         self._stop_before_run: Stop | None = None
@@ -188,14 +192,14 @@ class Machine:
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._closed = False
         self.paused = False
-        self.poll_max_ns = POLL_MAX_NS if config.poll else 0
-        self._poll_ns = 0
-        self._idle_since = 0  # when the loop last stopped polling for exits
+        self.exit_poll = PollWindow(poll.POLL_MAX_NS if config.poll else 0)
         self.loop_wakeups = 0  # times the loop was woken for exits
         self.exit_batches = 0  # collections of posted exits (a wake-up, or a poll that hit)
         self.exits_served = 0
         self._uart_fast = None
         self._console_timer: asyncio.TimerHandle | None = None
+        self.pci = None
+        self.irq: IrqRouter | None = None
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
@@ -211,6 +215,7 @@ class Machine:
         self.kvm = Kvm()
         if cfg.cpus > self.kvm.max_vcpus():
             raise ConfigError(f"-c {cfg.cpus}: this KVM supports at most {self.kvm.max_vcpus()} vCPUs")
+        topology = cfg.cpu_topology
         kind = probe.probe(self.kvm)
         self.quirks = Quirks(kind.emulating and cfg.quirks, kind.detail)
         if cfg.cpu_template:
@@ -234,8 +239,24 @@ class Machine:
         self.mem = GuestMemory(cfg.memory)
         for r in self.mem.regions:
             self.vm.set_memory_region(r.slot, r.gpa, r.size, r.hva)
+        self.pio.strict = self.mmio.strict = cfg.strict_io
 
-        state = self._load_kernel(cfg)
+        rsdp = 0
+        if cfg.acpi:
+            from .boot import acpi  # noqa: PLC0415 (--no-acpi pays nothing for it)
+
+            t0 = time.perf_counter()
+            self.acpi_tables = acpi.build(topology.apic_ids(), platform.ram_top(self.mem.regions))
+            self.acpi_tables.write(self.mem)
+            self.acpi_build_s = time.perf_counter() - t0
+            rsdp = self.acpi_tables.rsdp
+            ids = topology.apic_ids()
+            log.info(
+                f"ACPI: tables at {rsdp:#x} ({len(self.acpi_tables.image)} bytes, {self.acpi_build_s * 1e3:.1f} ms); "
+                f"vCPUs {topology.sockets}x{topology.cores}x{topology.threads} (sockets x cores x threads), "
+                f"APIC IDs {ids[0]}..{ids[-1]}"
+            )
+        state = self._load_kernel(cfg, rsdp)
 
         self._notify_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._console_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -247,25 +268,26 @@ class Machine:
             log.info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(self.quirks.hidden_pv_features)}")
         msrs = self.kvm.msr_index_list()
         for i in range(cfg.cpus):
-            vcpu = self.vm.create_vcpu(i)
+            # KVM's vCPU ID is the initial APIC ID: the one the MADT and CPUID give.
+            vcpu = self.vm.create_vcpu(i, topology.apic_id(i))
             self.vcpus.append(vcpu)
             r = lib.avmm_vcpu_attach(self._cvm, i, vcpu.fd, self.kvm.vcpu_mmap_size)
             if r < 0:
                 raise KvmError(f"cannot map kvm_run of vCPU {i}: {os.strerror(-r)}")
-            vcpu.set_cpuid(cpuid.for_vcpu(entries, i, cfg.cpus))
+            vcpu.set_cpuid(cpuid.for_vcpu(entries, topology, i))
             set_boot_msrs(vcpu, msrs)
         # The boot processor starts at the kernel's entry; the others wait for INIT/SIPI
         # from it, in the in-kernel LAPIC.
         apply_boot_state(self.vcpus[0], state)
         self._build_devices(cfg)
 
-    def _load_kernel(self, cfg: VmConfig):
+    def _load_kernel(self, cfg: VmConfig, rsdp: int = 0):
         images = self.images
         if linux.kernel_kind(images.kernel) is None:
             raise BootError(f"{cfg.kernel} is not a kernel: neither an ELF with a PVH entry nor a bzImage")
         boot = loader.load(
             self.mem, images.kernel, images.initrd, cfg.cmdline,
-            prepared=images.prepared, linux_cmdline=self.quirks.linux_cmdline,
+            prepared=images.prepared, linux_cmdline=self.quirks.linux_cmdline, rsdp=rsdp,
         )
         self.boot = boot
         log.info(f"boot: {cfg.kernel} {boot.path}")
@@ -290,6 +312,17 @@ class Machine:
             self.pio.register(PIT_PORT, 4, PortOffsets(self.pit.model, PIT_PORT), "pit")
             self.pio.register(SPEAKER_PORT, 1, PortOffsets(self.pit.model, SPEAKER_PORT), "port61")
 
+        if cfg.acpi:
+            from .devices.legacy.acpi_pm import AcpiPm  # noqa: PLC0415
+
+            self.acpi_pm = AcpiPm(
+                sci=self._sci,
+                power_off=lambda: self.request_stop(Stop(StopReason.POWEROFF, "guest powered off through ACPI S5")),
+                reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the ACPI reset register")),
+            )
+            self.pio.register(ACPI_PM_PORT, ACPI_PM_SIZE, self.acpi_pm, "acpi-pm")
+        self._build_pci(cfg)
+
     def _rx_space_available(self) -> None:
         # A SysRq key waiting behind its break goes first, then held console input.
         if self._sysrq_key is not None and self.uart.rx_room():
@@ -301,6 +334,44 @@ class Machine:
         if self.console_observer is not None:
             self.console_observer(data)
         self.console.write(data)
+
+    def _build_pci(self, cfg: VmConfig) -> None:
+        """The PCI root on bus 0, its config mechanisms, and the -s devices, BARs placed."""
+        from .devices import slots  # noqa: PLC0415 (device models load the data path)
+        from .devices.pci.device import PciBuses  # noqa: PLC0415
+        from .devices.pci.root import PciRoot, install  # noqa: PLC0415
+        from .devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
+
+        self.irq = IrqRouter(self.vm)
+        self.irq.commit()  # the default routes, before any MSI exists
+        any_length = self.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
+        ctx = slots.BuildContext(cfg, self.mem, self.irq, NotifyBinder(self.vm, any_length))
+        self.pci = PciRoot(PciBuses(self.mmio, self.pio))
+        install(self.pci, self.pio, self.mmio)
+        for s in cfg.slots:
+            driver = slots.DRIVERS[s.driver]
+            if driver.build is None:
+                continue
+            dev = driver.build(s, ctx)
+            try:
+                self.pci.add(s.slot, s.function, dev)
+            except BaseException:
+                dev.close()
+                raise
+        self.pci.assign_bars(platform.pci_mmio64_window(platform.ram_top(self.mem.regions)))
+
+    # -- ACPI --------------------------------------------------------------------------
+    def _sci(self, level: bool) -> None:
+        # A level interrupt: KVM_IRQ_LINE holds the IOAPIC pin (and the PIC's) until the
+        # guest clears the status bit; the IOAPIC redelivers it after EOI while it is held.
+        self.vm.irq_line(ACPI_SCI_IRQ, level)
+
+    def press_power_button(self) -> bool:
+        """Press the ACPI power button; True if the guest has enabled its event (so it
+        will hear it), False if it cannot (no ACPI, or the guest does not listen)."""
+        if self.acpi_pm is None or self._closed:
+            return False
+        return self.acpi_pm.press_power_button()
 
     # -- the UART's wiring ---------------------------------------------------------------
     def _uart_irq(self, level: bool) -> None:
@@ -440,25 +511,16 @@ class Machine:
         self.sync_uart_fast_path()
 
     def _on_exits(self) -> None:
-        """Serve posted exits; keep serving (busy-polling) while they come fast.
-
-        The poll window adapts as KVM's halt polling does: when the loop had to be woken
-        for an exit that came soon after the window closed, the window grows; when the wait
-        was long, polling would not have helped and it shrinks — so a quiet guest costs no
-        CPU and an exit-heavy one pays no thread wake-up per exit.
-        """
+        """Serve posted exits; keep serving (busy-polling, asyncvmm.poll) while they come
+        fast, so an exit-heavy guest pays no thread wake-up per exit."""
         cvm, ids, ncpus = self._cvm, self._ids, self.config.cpus
         n = lib.avmm_vm_collect(cvm, ids, ncpus, 0)
         if not n:
             return
         now = time.monotonic_ns()
-        if self._idle_since:
-            poll = self._poll_ns
-            if now - self._idle_since <= self.poll_max_ns:
-                self._poll_ns = min(max(poll * 2, POLL_MIN_NS), self.poll_max_ns)
-            elif poll:
-                self._poll_ns = poll // 2 if poll // 2 >= POLL_MIN_NS else 0
-        deadline = now + POLL_SLICE_NS
+        window = self.exit_poll
+        window.woken(now)
+        deadline = now + poll.POLL_SLICE_NS
         self.loop_wakeups += 1
         while True:
             # Bytes the fast path took from THR come before whatever these exits do; the
@@ -473,16 +535,19 @@ class Machine:
                 self._serve_exit(ids[k])
             if self.stopping:
                 return
-            poll = self._poll_ns
             # Past the deadline, exits still posted wake the loop again through the eventfd.
-            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll) if poll and time.monotonic_ns() < deadline else 0
+            n = lib.avmm_vm_collect(cvm, ids, ncpus, window.ns) if window.ns and time.monotonic_ns() < deadline else 0
             if not n:
-                self._idle_since = time.monotonic_ns()
+                window.gave_up()
                 return
 
     def _serve_exit(self, i: int) -> None:
         try:
             self._serve_exit_unguarded(i)
+        except UnclaimedAccess as exc:  # -e: the first access nothing emulates stops the VM
+            rip = self._rip(self.vcpus[i])
+            self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: {exc}, at RIP {rip:#x} (-e)", i))
+            lib.avmm_vcpu_complete(self._cvm, i, AVMM_ACTION_QUIT)
         except Exception as exc:  # a bug in a device model: stop the VM, never hang a vCPU
             where = f"{type(exc).__name__}: {exc}"
             self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: internal error serving an exit: {where}", i))
@@ -644,14 +709,16 @@ class Machine:
             "mmio": dict(self.mmio.accesses),
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
+            "pci": {dev.name: dev.stats() for _, dev in self.pci.devices() if hasattr(dev, "stats")} if self.pci else {},
             "quirks": dict(self.quirks.applied),
             **({"pit": self.pit.stats()} if self.pit is not None else {}),
+            "acpi": dict(self.acpi_pm.counters) if self.acpi_pm is not None else {},
             "loop": {
                 "wakeups": self.loop_wakeups,
                 "batches": self.exit_batches,
                 "exits": self.exits_served,
                 "mean_batch": round(self.exits_served / self.exit_batches, 2) if self.exit_batches else 0.0,
-                "poll_window_ns": self._poll_ns,
+                "poll_window_ns": self.exit_poll.ns,
             },
             "uptime_s": round(time.monotonic() - self.timeline.started, 3) if self.timeline.started else 0.0,
         }
@@ -688,6 +755,13 @@ class Machine:
         self.vcpus.clear()
         if self.pit is not None:
             self.pit.close()
+        if self.pci is not None:  # devices first: I/O in flight points into guest RAM
+            for _, dev in self.pci.devices():
+                dev.close()
+            self.pci = None
+        if self.irq is not None:
+            self.irq.close()
+            self.irq = None
         for name in ("_notify_efd", "_console_efd", "_uart_irq_efd"):
             fd = getattr(self, name)
             if fd >= 0:

@@ -8,7 +8,7 @@ Guest physical addresses (x86-64):
     0xC000_0000 .. 0xE000_0000       PCI 32-bit memory window (32-bit BARs)
     0xE000_0000 .. 0xF000_0000       PCI ECAM: config space of buses 0..255 (MCFG)
     0xFEC0_0000                      IOAPIC (in-kernel)
-    0xFED0_0000 .. 0xFED0_1000       platform MMIO page (ACPI GED, if used)
+    0xFED0_0000 .. 0xFED0_1000       platform MMIO page (unused: ACPI has the PM1 port block)
     0xFEE0_0000                      LAPIC (in-kernel)
     0xFFFB_C000 .. 0xFFFC_0000       KVM's own pages on Intel (identity map, TSS)
     0x1_0000_0000 ..                 the RAM above 3 GiB, if any
@@ -45,6 +45,7 @@ PCI_MMIO64_ALIGN = GiB
 PCI_MMIO64_SIZE = 64 * GiB
 
 assert PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START
+assert ACPI_TABLES_START % 16 == 0  # the RSDP is found on a 16-byte boundary
 assert PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START < MMIO_HOLE_END
 
 
@@ -67,8 +68,13 @@ I8042_CMD_PORT = 0x64
 RTC_PORT = 0x70  # index, data
 POST_PORT = 0x80
 COM1_PORT = 0x3F8
-ACPI_PM_PORT = 0x600  # the ACPI PM register block (64 ports), if the FADT uses one
+ACPI_PM_PORT = 0x600  # the ACPI PM register block (64 ports; devices/legacy/acpi_pm.py)
 ACPI_PM_SIZE = 0x40
+ACPI_PM1_EVT_PORT = ACPI_PM_PORT  # PM1a_EVT_BLK: PM1_STS (2 ports), then PM1_EN (2 ports)
+ACPI_PM1_EVT_LEN = 4
+ACPI_PM1_CNT_PORT = ACPI_PM_PORT + 4  # PM1a_CNT_BLK: PM1_CNT (2 ports)
+ACPI_PM1_CNT_LEN = 2
+ACPI_RESET_PORT = ACPI_PM_PORT + 8  # the FADT's RESET_REG (1 port)
 PCI_CONFIG_ADDRESS_PORT = 0xCF8  # 0xCF8 address, 0xCFC..0xCFF data
 PCI_CONFIG_PORTS = 8
 RESET_CONTROL_PORT = 0xCF9

@@ -28,11 +28,21 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     running: list[VM] = []
+    pressed = []  # the power button was pressed for a SIGTERM already
 
     def on_signal(sig: signal.Signals) -> None:
         stop = Stop(StopReason.HOST, f"stopped by {sig.name}")
         if running and running[0].state in ("running", "paused"):
-            running[0].request_stop(stop)
+            vm = running[0]
+            # SIGTERM asks the guest, as bhyve does: the ACPI power button. A guest that
+            # does not listen for it is stopped at once, and so is one that got a SIGTERM.
+            if sig == signal.SIGTERM and not pressed:
+                pressed.append(True)
+                if vm.power_button():
+                    log.info("SIGTERM: pressed the ACPI power button (SIGINT or another SIGTERM stops the VM at once)")
+                    return
+                stop = Stop(StopReason.HOST, "stopped by SIGTERM (the guest does not listen for the ACPI power button)")
+            vm.request_stop(stop)
         else:  # still starting, or already ending: unwind, restoring the terminal
             main.cancel(stop.message)
 

@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -39,6 +39,77 @@ KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
 KVM_CPUID_SIGNATURE KVM_CPUID_FEATURES
 KVM_FEATURE_PV_UNHALT KVM_FEATURE_PV_SEND_IPI KVM_FEATURE_PV_SCHED_YIELD
 KVM_FEATURE_HC_MAP_GPA_RANGE KVM_FEATURE_MIGRATION_CONTROL
+KVM_SET_GSI_ROUTING KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI KVM_IRQCHIP_PIC_MASTER
+KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO
+KVM_IOEVENTFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_DEASSIGN KVM_CAP_IRQ_ROUTING KVM_CAP_IOEVENTFD_ANY_LENGTH
+""".split()
+
+# <linux/pci_regs.h>: the configuration header, capability IDs, MSI-X.
+PCI_CONSTANTS = """
+PCI_CFG_SPACE_SIZE PCI_CFG_SPACE_EXP_SIZE PCI_STD_NUM_BARS
+PCI_VENDOR_ID PCI_DEVICE_ID PCI_COMMAND PCI_STATUS PCI_CLASS_REVISION PCI_REVISION_ID
+PCI_CLASS_PROG PCI_CLASS_DEVICE PCI_CACHE_LINE_SIZE PCI_LATENCY_TIMER PCI_HEADER_TYPE PCI_BIST
+PCI_BASE_ADDRESS_0 PCI_BASE_ADDRESS_5 PCI_SUBSYSTEM_VENDOR_ID PCI_SUBSYSTEM_ID PCI_ROM_ADDRESS
+PCI_CAPABILITY_LIST PCI_INTERRUPT_LINE PCI_INTERRUPT_PIN PCI_MIN_GNT PCI_MAX_LAT
+PCI_COMMAND_IO PCI_COMMAND_MEMORY PCI_COMMAND_MASTER PCI_COMMAND_SPECIAL PCI_COMMAND_INVALIDATE
+PCI_COMMAND_VGA_PALETTE PCI_COMMAND_PARITY PCI_COMMAND_WAIT PCI_COMMAND_SERR PCI_COMMAND_FAST_BACK
+PCI_COMMAND_INTX_DISABLE
+PCI_STATUS_INTERRUPT PCI_STATUS_CAP_LIST PCI_STATUS_66MHZ PCI_STATUS_FAST_BACK PCI_STATUS_PARITY
+PCI_STATUS_SIG_TARGET_ABORT PCI_STATUS_REC_TARGET_ABORT PCI_STATUS_REC_MASTER_ABORT
+PCI_STATUS_SIG_SYSTEM_ERROR PCI_STATUS_DETECTED_PARITY
+PCI_HEADER_TYPE_NORMAL PCI_HEADER_TYPE_MASK
+PCI_BASE_ADDRESS_SPACE_IO PCI_BASE_ADDRESS_SPACE_MEMORY PCI_BASE_ADDRESS_MEM_TYPE_32
+PCI_BASE_ADDRESS_MEM_TYPE_64 PCI_BASE_ADDRESS_MEM_PREFETCH
+PCI_CAP_LIST_ID PCI_CAP_LIST_NEXT PCI_CAP_ID_MSI PCI_CAP_ID_VNDR PCI_CAP_ID_EXP PCI_CAP_ID_MSIX
+PCI_MSIX_FLAGS PCI_MSIX_FLAGS_QSIZE PCI_MSIX_FLAGS_MASKALL PCI_MSIX_FLAGS_ENABLE PCI_MSIX_TABLE
+PCI_MSIX_TABLE_BIR PCI_MSIX_TABLE_OFFSET PCI_MSIX_PBA PCI_MSIX_PBA_BIR PCI_MSIX_PBA_OFFSET
+PCI_CAP_MSIX_SIZEOF PCI_MSIX_ENTRY_SIZE PCI_MSIX_ENTRY_LOWER_ADDR PCI_MSIX_ENTRY_UPPER_ADDR
+PCI_MSIX_ENTRY_DATA PCI_MSIX_ENTRY_VECTOR_CTRL PCI_MSIX_ENTRY_CTRL_MASKBIT
+PCI_MSI_FLAGS PCI_MSI_FLAGS_ENABLE PCI_MSI_FLAGS_QMASK PCI_MSI_FLAGS_QSIZE PCI_MSI_FLAGS_64BIT PCI_MSI_FLAGS_MASKBIT
+PCI_MSI_ADDRESS_LO PCI_MSI_ADDRESS_HI PCI_MSI_DATA_64 PCI_MSI_MASK_64 PCI_MSI_PENDING_64
+""".split()
+
+# <linux/virtio_*.h>: status, features, the PCI transport, the ring, the block device.
+VIRTIO_CONSTANTS = """
+VIRTIO_CONFIG_S_ACKNOWLEDGE VIRTIO_CONFIG_S_DRIVER VIRTIO_CONFIG_S_DRIVER_OK
+VIRTIO_CONFIG_S_FEATURES_OK VIRTIO_CONFIG_S_NEEDS_RESET VIRTIO_CONFIG_S_FAILED
+VIRTIO_F_NOTIFY_ON_EMPTY VIRTIO_F_ANY_LAYOUT VIRTIO_F_VERSION_1 VIRTIO_F_ACCESS_PLATFORM
+VIRTIO_F_RING_PACKED VIRTIO_F_IN_ORDER VIRTIO_F_ORDER_PLATFORM VIRTIO_F_SR_IOV VIRTIO_F_RING_RESET
+VIRTIO_RING_F_INDIRECT_DESC VIRTIO_RING_F_EVENT_IDX
+VRING_DESC_F_NEXT VRING_DESC_F_WRITE VRING_DESC_F_INDIRECT VRING_USED_F_NO_NOTIFY
+VRING_AVAIL_F_NO_INTERRUPT
+VIRTIO_ID_NET VIRTIO_ID_BLOCK
+VIRTIO_PCI_CAP_COMMON_CFG VIRTIO_PCI_CAP_NOTIFY_CFG VIRTIO_PCI_CAP_ISR_CFG VIRTIO_PCI_CAP_DEVICE_CFG
+VIRTIO_PCI_CAP_PCI_CFG VIRTIO_MSI_NO_VECTOR VIRTIO_PCI_ISR_CONFIG
+VIRTIO_PCI_COMMON_DFSELECT VIRTIO_PCI_COMMON_DF VIRTIO_PCI_COMMON_GFSELECT VIRTIO_PCI_COMMON_GF
+VIRTIO_PCI_COMMON_MSIX VIRTIO_PCI_COMMON_NUMQ VIRTIO_PCI_COMMON_STATUS VIRTIO_PCI_COMMON_CFGGENERATION
+VIRTIO_PCI_COMMON_Q_SELECT VIRTIO_PCI_COMMON_Q_SIZE VIRTIO_PCI_COMMON_Q_MSIX VIRTIO_PCI_COMMON_Q_ENABLE
+VIRTIO_PCI_COMMON_Q_NOFF VIRTIO_PCI_COMMON_Q_DESCLO VIRTIO_PCI_COMMON_Q_DESCHI
+VIRTIO_PCI_COMMON_Q_AVAILLO VIRTIO_PCI_COMMON_Q_AVAILHI VIRTIO_PCI_COMMON_Q_USEDLO
+VIRTIO_PCI_COMMON_Q_USEDHI
+VIRTIO_BLK_F_SIZE_MAX VIRTIO_BLK_F_SEG_MAX VIRTIO_BLK_F_GEOMETRY VIRTIO_BLK_F_RO VIRTIO_BLK_F_BLK_SIZE
+VIRTIO_BLK_F_TOPOLOGY VIRTIO_BLK_F_MQ VIRTIO_BLK_F_DISCARD VIRTIO_BLK_F_WRITE_ZEROES VIRTIO_BLK_F_FLUSH
+VIRTIO_BLK_F_CONFIG_WCE
+VIRTIO_BLK_T_IN VIRTIO_BLK_T_OUT VIRTIO_BLK_T_FLUSH VIRTIO_BLK_T_GET_ID VIRTIO_BLK_T_DISCARD
+VIRTIO_BLK_T_WRITE_ZEROES VIRTIO_BLK_S_OK VIRTIO_BLK_S_IOERR VIRTIO_BLK_S_UNSUPP
+VIRTIO_BLK_ID_BYTES VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+VIRTIO_NET_F_CSUM VIRTIO_NET_F_GUEST_CSUM VIRTIO_NET_F_CTRL_GUEST_OFFLOADS VIRTIO_NET_F_MTU VIRTIO_NET_F_MAC
+VIRTIO_NET_F_GUEST_TSO4 VIRTIO_NET_F_GUEST_TSO6 VIRTIO_NET_F_GUEST_ECN VIRTIO_NET_F_GUEST_UFO
+VIRTIO_NET_F_HOST_TSO4 VIRTIO_NET_F_HOST_TSO6 VIRTIO_NET_F_HOST_ECN VIRTIO_NET_F_HOST_UFO
+VIRTIO_NET_F_MRG_RXBUF VIRTIO_NET_F_STATUS VIRTIO_NET_F_CTRL_VQ VIRTIO_NET_F_CTRL_RX
+VIRTIO_NET_F_CTRL_VLAN VIRTIO_NET_F_CTRL_RX_EXTRA VIRTIO_NET_F_GUEST_ANNOUNCE VIRTIO_NET_F_MQ
+VIRTIO_NET_F_CTRL_MAC_ADDR VIRTIO_NET_F_SPEED_DUPLEX VIRTIO_NET_S_LINK_UP VIRTIO_NET_S_ANNOUNCE
+VIRTIO_NET_HDR_F_NEEDS_CSUM VIRTIO_NET_HDR_F_DATA_VALID VIRTIO_NET_HDR_GSO_NONE VIRTIO_NET_HDR_GSO_TCPV4
+VIRTIO_NET_HDR_GSO_UDP VIRTIO_NET_HDR_GSO_TCPV6 VIRTIO_NET_HDR_GSO_ECN VIRTIO_NET_OK VIRTIO_NET_ERR
+VIRTIO_NET_CTRL_RX VIRTIO_NET_CTRL_RX_PROMISC VIRTIO_NET_CTRL_RX_ALLMULTI VIRTIO_NET_CTRL_RX_ALLUNI
+VIRTIO_NET_CTRL_RX_NOMULTI VIRTIO_NET_CTRL_RX_NOUNI VIRTIO_NET_CTRL_RX_NOBCAST VIRTIO_NET_CTRL_MAC
+VIRTIO_NET_CTRL_MAC_TABLE_SET VIRTIO_NET_CTRL_MAC_ADDR_SET VIRTIO_NET_CTRL_VLAN VIRTIO_NET_CTRL_VLAN_ADD
+VIRTIO_NET_CTRL_VLAN_DEL VIRTIO_NET_CTRL_ANNOUNCE VIRTIO_NET_CTRL_ANNOUNCE_ACK VIRTIO_NET_CTRL_MQ
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX
+VIRTIO_NET_CTRL_GUEST_OFFLOADS VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET
+TUNSETIFF TUNGETIFF TUNSETOFFLOAD TUNSETVNETHDRSZ TUNSETQUEUE TUNSETPERSIST IFF_TAP IFF_NO_PI IFF_VNET_HDR
+IFF_MULTI_QUEUE IFF_ATTACH_QUEUE IFF_DETACH_QUEUE IFF_TUN_EXCL TUN_F_CSUM TUN_F_TSO4 TUN_F_TSO6
+TUN_F_TSO_ECN TUN_F_UFO
 """.split()
 
 CDEF = """
@@ -84,6 +155,39 @@ struct kvm_translation {
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_mp_state { __u32 mp_state; };
 struct kvm_fpu { __u16 fcw; __u16 fsw; ...; };
+struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
+struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 devid; };
+struct kvm_irq_routing_entry {
+    __u32 gsi; __u32 type; __u32 flags;
+    union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi; __u32 pad[8]; } u;
+    ...;
+};
+struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; };
+
+/* virtio and PCI layouts the Python models read and write (offsets from the C compiler) */
+struct virtio_pci_cap {
+    __u8 cap_vndr; __u8 cap_next; __u8 cap_len; __u8 cfg_type; __u8 bar; __u8 id;
+    __u32 offset; __u32 length; ...;
+};
+struct virtio_pci_notify_cap { struct virtio_pci_cap cap; __u32 notify_off_multiplier; ...; };
+struct virtio_pci_common_cfg { ...; };
+struct vring_desc { __u64 addr; __u32 len; __u16 flags; __u16 next; };
+struct vring_used_elem { __u32 id; __u32 len; };
+struct virtio_net_hdr_v1 {
+    __u8 flags; __u8 gso_type; __u16 hdr_len; __u16 gso_size; __u16 csum_start; __u16 csum_offset;
+    __u16 num_buffers;
+};
+struct virtio_net_config { __u8 mac[6]; __u16 status; __u16 max_virtqueue_pairs; __u16 mtu; ...; };
+struct virtio_blk_outhdr { __u32 type; __u32 ioprio; __u64 sector; };
+struct virtio_blk_discard_write_zeroes { __u64 sector; __u32 num_sectors; __u32 flags; };
+struct virtio_blk_config {
+    __u64 capacity; __u32 size_max; __u32 seg_max;
+    __u32 blk_size; __u8 physical_block_exp; __u8 alignment_offset; __u16 min_io_size;
+    __u32 opt_io_size; __u8 wce; __u16 num_queues; __u32 max_discard_sectors;
+    __u32 max_discard_seg; __u32 discard_sector_alignment; __u32 max_write_zeroes_sectors;
+    __u32 max_write_zeroes_seg; __u8 write_zeroes_may_unmap; ...;
+};
+
 struct kvm_vcpu_events {
     struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending; __u32 error_code; } exception;
     struct { __u8 injected; __u8 nr; __u8 soft; __u8 shadow; } interrupt;
@@ -113,6 +217,124 @@ struct avmm_vcpu_stats {
 };
 struct avmm_vm;
 
+/* the data path: cext/virtq.h, ioengine.h, blk.h */
+#define AVMM_GMEM_MAX_REGIONS ...
+#define AVMM_CHAIN_MAX_IOV ...
+#define AVMM_BLK_MAX_QUEUES ...
+enum avmm_vq_flags { AVMM_VQ_EVENT_IDX, AVMM_VQ_INDIRECT };
+enum avmm_vq_error {
+    AVMM_VQ_OK, AVMM_VQ_E_HEAD_RANGE, AVMM_VQ_E_AVAIL_IDX, AVMM_VQ_E_NEXT_RANGE, AVMM_VQ_E_LOOP,
+    AVMM_VQ_E_INDIRECT, AVMM_VQ_E_BUFFER, AVMM_VQ_E_ORDER, AVMM_VQ_E_TOO_MANY, AVMM_VQ_NR_ERRORS
+};
+enum avmm_engine_kind { AVMM_ENGINE_URING, AVMM_ENGINE_SYNC };
+enum avmm_blk_flags { AVMM_BLK_RO, AVMM_BLK_WRITETHROUGH };
+struct avmm_gmem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
+struct avmm_gmem { uint32_t nregions; struct avmm_gmem_region r[...]; };
+struct avmm_irq { int32_t efd; uint32_t masked; uint32_t pending; uint64_t raised; uint64_t held; uint8_t *isr;
+                  uint32_t level; int32_t line_fd; uint32_t gsi; uint32_t asserted; ...; };
+struct avmm_vq_stats { uint64_t chains; uint64_t notifies; uint64_t interrupts; uint64_t suppressed; uint64_t errors[...]; };
+struct avmm_vq {
+    uint16_t size; uint16_t last_avail; uint16_t used_idx; uint8_t broken; uint32_t last_error;
+    struct avmm_vq_stats stats; ...;
+};
+struct iovec { void *iov_base; size_t iov_len; };
+struct avmm_chain {
+    uint16_t head; uint16_t ndesc; uint32_t nout, nin; uint64_t out_len, in_len; uint32_t err;
+    uint8_t *last_in; struct iovec *iov; uint32_t iov_cap;
+};
+struct avmm_engine_stats { uint64_t ops; uint64_t submits; uint64_t reaps; uint64_t reap_calls; };
+struct avmm_blk_config {
+    int32_t fd; int32_t fd_buffered; uint32_t dio_align; uint32_t flags; uint64_t capacity;
+    uint32_t seg_max; uint32_t max_discard_sectors; uint32_t max_write_zeroes_sectors;
+    uint16_t nqueues; uint16_t queue_size_max; uint8_t serial[...];
+};
+struct avmm_blk_stats {
+    uint64_t reads, writes, flushes, get_ids, discards, write_zeroes;
+    uint64_t bytes_read, bytes_written;
+    uint64_t unsupported, bad_requests, out_of_range, ro_writes, host_errors, short_retries, bounced;
+    uint64_t batches, completion_batches;
+};
+struct avmm_engine;
+struct avmm_blk;
+
+void avmm_irq_raise(struct avmm_irq *v);
+int avmm_vq_setup(struct avmm_vq *q, const struct avmm_gmem *m, uint16_t size, uint64_t desc_gpa,
+                  uint64_t avail_gpa, uint64_t used_gpa, uint32_t flags, struct avmm_irq *irq, int kick_fd);
+int avmm_vq_pop(struct avmm_vq *q, const struct avmm_gmem *m, struct avmm_chain *c);
+void avmm_vq_unpop(struct avmm_vq *q, uint16_t n);
+void avmm_vq_push(struct avmm_vq *q, uint16_t head, uint32_t len);
+void avmm_vq_publish(struct avmm_vq *q);
+int avmm_vq_enable_notify(struct avmm_vq *q);
+void avmm_vq_disable_notify(struct avmm_vq *q);
+uint16_t avmm_vq_pending(const struct avmm_vq *q);
+void avmm_vq_drain_kick(struct avmm_vq *q);
+struct avmm_engine *avmm_engine_new(int kind, unsigned entries);
+void avmm_engine_free(struct avmm_engine *e);
+int avmm_engine_fd(const struct avmm_engine *e);
+unsigned avmm_engine_inflight(const struct avmm_engine *e);
+struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e);
+struct avmm_blk *avmm_blk_new(const struct avmm_blk_config *cfg, const struct avmm_gmem *mem, struct avmm_engine *engine);
+void avmm_blk_free(struct avmm_blk *b);
+void avmm_blk_set_flags(struct avmm_blk *b, uint32_t flags);
+int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
+int avmm_blk_kick(struct avmm_blk *b, int qi);
+int avmm_blk_complete(struct avmm_blk *b);
+int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
+void avmm_blk_reset(struct avmm_blk *b);
+unsigned avmm_blk_inflight(const struct avmm_blk *b);
+int avmm_blk_needs_reset(const struct avmm_blk *b);
+struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b);
+struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi);
+
+/* the benchmark's driver: cext/testdrv.h */
+struct vring_avail;
+struct vring_used;
+struct avmm_testdrv_cfg {
+    struct vring_desc *desc; struct vring_avail *avail; struct vring_used *used;
+    uint16_t size; uint16_t qd; uint32_t block_size; int32_t kick_fd; int32_t irq_fd; int32_t write;
+    int32_t random; int32_t event_idx; uint64_t nreq; uint64_t capacity_sectors; uint64_t seed;
+    uint8_t *hva; uint64_t hva_gpa; uint64_t hdr_gpa; uint64_t buf_gpa; uint64_t status_gpa;
+};
+struct avmm_testdrv_result {
+    uint64_t completed, errors, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
+};
+int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_result *res, uint32_t *lat_ns);
+enum avmm_testdrv_net_mode { AVMM_TESTDRV_NET_TX, AVMM_TESTDRV_NET_RX, AVMM_TESTDRV_NET_PING };
+struct avmm_testdrv_net_cfg {
+    struct vring_desc *rx_desc, *tx_desc; struct vring_avail *rx_avail, *tx_avail;
+    struct vring_used *rx_used, *tx_used; uint16_t size; uint16_t mode; int32_t rx_kick_fd, tx_kick_fd;
+    int32_t rx_irq_fd, tx_irq_fd; int32_t event_idx; uint64_t count; uint8_t *hva; uint64_t hva_gpa;
+    uint64_t frame_gpa; uint32_t frame_len; uint32_t rx_buf_len; uint64_t rx_bufs_gpa; uint32_t timeout_ms;
+};
+struct avmm_testdrv_net_result {
+    uint64_t frames, bytes, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
+};
+int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testdrv_net_result *res, uint32_t *lat_ns);
+
+/* virtio-net: cext/net.h */
+#define AVMM_NET_MAX_PAIRS ...
+#define AVMM_NET_HDR_LEN ...
+enum avmm_net_state { AVMM_NET_RX_NO_BUFFERS, AVMM_NET_RX_EMPTY, AVMM_NET_TX_BLOCKED, AVMM_NET_BUDGET };
+enum avmm_net_flags { AVMM_NET_MRG_RXBUF };
+struct avmm_net_stats {
+    uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes, rx_batches, tx_batches;
+    uint64_t rx_no_buffers, rx_held, rx_too_long, rx_bad_chains, rx_errors, tx_bad_chains, tx_errors, tx_blocked;
+};
+struct avmm_net;
+struct avmm_net *avmm_net_new(const struct avmm_gmem *mem, uint16_t npairs, uint16_t queue_size_max);
+void avmm_net_free(struct avmm_net *n);
+void avmm_net_set_tap(struct avmm_net *n, int pair, int fd);
+void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max);
+int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
+void avmm_net_reset(struct avmm_net *n);
+int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state);
+int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state);
+int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair);
+struct avmm_vq *avmm_net_queue(struct avmm_net *n, int qi);
+struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair);
+
 struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd);
 void avmm_vm_free(struct avmm_vm *vm);
 int avmm_vcpu_attach(struct avmm_vm *vm, int idx, int vcpu_fd, size_t mmap_size);
@@ -140,16 +362,20 @@ void avmm_unmap(void *addr, size_t size);
 ffibuilder = FFI()
 ffibuilder.cdef(
     CDEF
-    + "".join(f"#define {name} ...\n" for name in KVM_CONSTANTS)
+    + "".join(f"#define {name} ...\n" for name in KVM_CONSTANTS + PCI_CONSTANTS + VIRTIO_CONSTANTS)
     + AVMM_CDEF
 )
 ffibuilder.set_source(
     "asyncvmm._native",
-    f'#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include "avmm.h"\n#define AVMM_ABI_VERSION {ABI_VERSION}\n',
-    sources=["cext/vcpu_loop.c"],
+    "#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
+    "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
+    "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/if_tun.h>\n"
+    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n#include "net.h"\n'
+    f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c", "cext/net.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],
-    libraries=["pthread"],
+    libraries=["pthread", "uring"],
 )
 
 if __name__ == "__main__":

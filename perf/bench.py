@@ -394,6 +394,8 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
                    "-serial", "stdio", "-display", "none", "-nodefaults", "-monitor", "none"]
     cands = [
         ("asyncvmm", "asyncvmm", [ASYNCVMM, "run", "-m", "64", "--kernel", hello, "--cmdline", cmdline, "--no-reboot", "-q"], 30),
+        ("asyncvmm_no_acpi", "asyncvmm --no-acpi",
+         [ASYNCVMM, "run", "-m", "64", "--kernel", hello, "--cmdline", cmdline, "--no-reboot", "-q", "--no-acpi"], 30),
         ("qemu_kvm", "qemu -accel kvm", None if not qemu else [qemu, "-accel", "kvm", *qemu_common], 90),
         ("qemu_tcg", "qemu -accel tcg", None if not qemu else [qemu, "-accel", "tcg", *qemu_common], 60),
         ("rawkvm", "rawkvm (raw C floor)", [RAWKVM, hello, cmdline], 20),
@@ -454,10 +456,37 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
             figs[f"startup.ratio_asyncvmm_{key}.guest_first_byte"] = round(r_gb, 4)
             figs[f"startup.ratio_asyncvmm_{key}.exit"] = round(r_ex, 4)
             ratio_lines.append(f"  asyncvmm / {label}: guest's first byte {r_gb:.3f}×, exit {r_ex:.3f}×")
+    no_acpi = figs.get("startup.asyncvmm_no_acpi.exit_s")
+    if a_ex is not None and no_acpi is not None:
+        figs["startup.acpi_added_ms"] = round((a_ex - no_acpi) * 1e3, 2)
+        ratio_lines.append(f"  the ACPI tables and PM block: asyncvmm - asyncvmm --no-acpi = {(a_ex - no_acpi) * 1e3:+.1f} ms"
+                           f" to exit ({ratio(a_ex, no_acpi):.3f}×)")
+    build_ms = acpi_build_ms()
+    for cpus, ms in build_ms.items():
+        figs[f"startup.acpi_build_{cpus}cpus_ms"] = round(ms, 3)
+    ratio_lines.append("  building the tables in the VMM (median of 200): "
+                       + ", ".join(f"-c {c}: {ms:.2f} ms" for c, ms in build_ms.items()))
     out += ratio_lines
     out.append("  (QEMU's first byte is SeaBIOS's banner: it boots the PVH ELF through its firmware;"
                " 'guest's 1st byte' is the first byte of \"hello from the guest\".)")
     return "\n".join(out), figs
+
+
+def acpi_build_ms(cpus=(1, 2, 16), n: int = 200) -> dict[int, float]:
+    """What asyncvmm.boot.acpi.build costs per boot, timed in a child of the venv's Python."""
+    code = (
+        "import statistics, sys, time\n"
+        "from asyncvmm.boot import acpi\n"
+        f"for c in {tuple(cpus)!r}:\n"
+        "    ts = []\n"
+        f"    for _ in range({n}):\n"
+        "        t = time.perf_counter(); acpi.build(list(range(c)), 256 << 20); ts.append(time.perf_counter() - t)\n"
+        "    print(c, statistics.median(ts) * 1e3)\n"
+    )
+    status, out, err = run_capture([VENV_PY, "-c", code], 60)
+    if status != 0:
+        return {}
+    return {int(c): float(ms) for c, ms in (line.split() for line in out.splitlines())}
 
 
 # ---------------------------------------------------------------------------------------
@@ -759,11 +788,14 @@ def bench_memory(samples: int, qemu: str | None, notes: list[str]) -> tuple[str,
 
 # ---------------------------------------------------------------------------------------
 
+BENCHMARKS = ("startup", "exits", "memory", "blk", "net")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="asyncvmm machine-core benchmarks vs their anchors (see perf/README.md)")
     ap.add_argument("--quick", action="store_true", help="fewer runs and n=20000 exits (< 30 s)")
-    ap.add_argument("--only", default="startup,exits,memory", metavar="LIST",
-                    help="comma-separated subset of startup,exits,memory")
+    ap.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
+                    help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
     ap.add_argument("--child-exits", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -771,9 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         return exits_child(args.child_exits)
 
     which = [w.strip() for w in args.only.split(",") if w.strip()]
-    bad = [w for w in which if w not in ("startup", "exits", "memory")]
+    bad = [w for w in which if w not in BENCHMARKS]
     if bad or not which:
-        ap.error(f"--only: unknown benchmark(s) {', '.join(bad) or '(none)'}; choose from startup,exits,memory")
+        ap.error(f"--only: unknown benchmark(s) {', '.join(bad) or '(none)'}; choose from {','.join(BENCHMARKS)}")
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -816,9 +848,17 @@ def main(argv: list[str] | None = None) -> int:
                     text, figs = bench_startup(3 if args.quick else 7, qemu, notes)
                 elif name == "exits":
                     text, figs = bench_exits(20000 if args.quick else 200000, 3, kind, notes)
-                else:
+                elif name == "memory":
                     text, figs = bench_memory(2 if args.quick else 3, qemu, notes)
-            except BenchError as e:
+                elif name == "blk":
+                    from blk import bench_blk  # noqa: PLC0415 (perf/blk.py)
+
+                    text, figs = bench_blk(args.quick, notes)
+                else:
+                    from net import bench_net  # noqa: PLC0415 (perf/net.py)
+
+                    text, figs = bench_net(args.quick, notes)
+            except (BenchError, RuntimeError) as e:
                 text, figs = f"{name}: FAILED: {e}", {}
                 notes.append(f"{name}: {e}")
                 status = 1

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from linux_boot import linux_boot  # noqa: F401  (the slow tier's one Linux boot, tests/linux_boot.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS_SRC = ROOT / "tests" / "guests"

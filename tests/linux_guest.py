@@ -1,6 +1,6 @@
-"""A Linux guest for the slow tier: find or build the small kernel, boot it in the
-background with `asyncvmm run`, keep a timestamped transcript, wait for patterns, send
-SysRq through `asyncvmm ctl`.
+"""Guests in the background for tests: find or build the small kernel and the spinning
+initramfs (tools/kernel, cached), run any guest with `asyncvmm run`, keep a timestamped
+transcript, wait for patterns, send SysRq through `asyncvmm ctl`.
 
     kernel = small_kernel()                          # tools/kernel/build-small-kernel, cached
     with LinuxGuest(kernel / "bzImage", initrd=spin_initramfs(), cmdline="console=ttyS0") as g:
@@ -10,10 +10,11 @@ SysRq through `asyncvmm ctl`.
         g.sysrq("b")                                 # the kernel resets; --no-reboot ends the VMM
         assert g.wait_exit(60) == 0
 
-Boots cost a minute or more on an emulating KVM and CI may boot Linux at most twice:
-tests/linux_boot.py does one boot for the whole slow tier and its tests read
-what it recorded. The guest's console is the VMM's stdout (a pipe), its log the VMM's
-stderr; both are read by threads into `console` and `log` as (seconds since start, line).
+Boots cost a minute or more on an emulating KVM and CI may boot Linux at most twice: the
+slow tier's one VM run (tests/integration/test_linux.py) takes its kernel and initramfs
+from here; the fast tier runs test guests with LinuxGuest. The guest's console is the
+VMM's stdout (a pipe), its log the VMM's stderr; both are read by threads into `console`
+and `log` as (seconds since start, line).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Each hidden feature is a row naming the leaf, register and bit as the SDM/APM do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 
 from .._native import lib
 
@@ -145,21 +145,137 @@ def hide(entries: list[dict], features: tuple[Feature, ...]) -> list[dict]:
     return entries
 
 
-def for_vcpu(entries: list[dict], vcpu: int, nvcpus: int) -> list[dict]:
-    """Per-vCPU identity: the initial APIC ID where CPUID reports it."""
-    out = [dict(e) for e in entries]
-    for e in out:
+@dataclass(frozen=True)
+class Topology:
+    """The vCPUs as sockets x cores x threads (bhyve's -c cpus=N,sockets=S,cores=C,threads=T).
+
+    vCPU i is thread i % T of core (i // T) % C of socket i // (C*T). Its APIC ID packs
+    those as the SDM's "APIC ID topology" does: the thread in the low `thread_bits`,
+    the core above it, the socket on top, each field as wide as its count needs (so
+    3 cores take 2 bits and the IDs have gaps). KVM's vCPU ID is the APIC ID, the
+    MADT lists the same IDs, and CPUID reports the same fields (for_vcpu).
+    """
+
+    sockets: int = 1
+    cores: int = 1
+    threads: int = 1
+
+    @classmethod
+    def of(cls, cpus: int) -> "Topology":
+        """bhyve's default for -c N: N sockets of one single-threaded core."""
+        return cls(sockets=cpus)
+
+    @property
+    def cpus(self) -> int:
+        return self.sockets * self.cores * self.threads
+
+    @property
+    def thread_bits(self) -> int:
+        return (self.threads - 1).bit_length()
+
+    @property
+    def core_bits(self) -> int:
+        return (self.cores - 1).bit_length()
+
+    @property
+    def package_bits(self) -> int:
+        """APIC ID bits below the socket's: log2 of the logical processors a package can hold."""
+        return self.thread_bits + self.core_bits
+
+    def place(self, vcpu: int) -> tuple[int, int, int]:
+        """(socket, core, thread) of vCPU `vcpu`."""
+        return vcpu // (self.cores * self.threads), (vcpu // self.threads) % self.cores, vcpu % self.threads
+
+    def apic_id(self, vcpu: int) -> int:
+        socket, core, thread = self.place(vcpu)
+        return socket << self.package_bits | core << self.thread_bits | thread
+
+    def apic_ids(self) -> list[int]:
+        return [self.apic_id(i) for i in range(self.cpus)]
+
+
+class LevelType(IntEnum):
+    """CPUID 0xB/0x1F ECX[15:8]: the topology level a subleaf describes."""
+
+    INVALID = 0
+    SMT = 1
+    CORE = 2
+
+
+# Leaf 4 / 0x8000001D EAX[7:5]: the cache level.
+CACHE_LEVEL_SHIFT = 5
+CACHE_LEVEL_MASK = 0b111
+CACHE_TYPE_MASK = 0b11111  # EAX[4:0]: 0 = no more caches
+CACHE_SHARING_SHIFT, CACHE_SHARING_MASK = 14, 0xFFF  # EAX[25:14]: logical processors sharing - 1
+CORES_SHIFT, CORES_MASK = 26, 0x3F  # leaf 4 EAX[31:26]: cores per package - 1
+TOPOLOGY_LEAVES = (0xB, 0x1F)
+
+
+def for_vcpu(entries: list[dict], topology: Topology, vcpu: int) -> list[dict]:
+    """vCPU `vcpu`'s CPUID: `entries` with its APIC ID and the topology where CPUID says them.
+
+    Intel and AMD leaves both, as a guest reads whichever its vendor has: leaf 1 EBX
+    (initial APIC ID, logical processors per package) and HTT; leaf 4 and AMD's 0x8000001D
+    (which processors share each cache); leaves 0xB and 0x1F (the x2APIC topology, rebuilt
+    whole); AMD's 0x80000008 ECX (cores per package) and 0x8000001E (extended APIC ID,
+    core and node).
+    """
+    apic_id = topology.apic_id(vcpu)
+    socket, core, _thread = topology.place(vcpu)
+    per_package = 1 << topology.package_bits  # addressable IDs in a package
+    out = []
+    for e in entries:
+        e = dict(e)
         fn = e["function"]
+        if fn in TOPOLOGY_LEAVES:
+            continue  # rebuilt below
         if fn == 0x1:
-            # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-            e["ebx"] = (e["ebx"] & 0x0000_FFFF) | (vcpu << 24) | (min(nvcpus, 255) << 16)
-            if nvcpus > 1:
-                e["edx"] |= 1 << 28  # HTT: the EBX[23:16] count is valid
-        elif fn in (0xB, 0x1F):
-            e["edx"] = vcpu  # x2APIC ID
+            # EBX[31:24] initial APIC ID, EBX[23:16] addressable logical processors per package.
+            e["ebx"] = (e["ebx"] & 0x0000_FFFF) | (apic_id & 0xFF) << 24 | min(per_package, 255) << 16
+            if topology.cores * topology.threads > 1:
+                e["edx"] |= 1 << 28  # HTT: more than one logical processor per package
+            else:
+                e["edx"] &= ~(1 << 28)
+        elif fn in (0x4, 0x8000_001D) and e["eax"] & CACHE_TYPE_MASK:
+            level = e["eax"] >> CACHE_LEVEL_SHIFT & CACHE_LEVEL_MASK
+            # L1 and L2 belong to a core (its threads share them), L3 to the package.
+            sharing = 1 << topology.thread_bits if level <= 2 else per_package
+            eax = e["eax"] & ~(CACHE_SHARING_MASK << CACHE_SHARING_SHIFT) | (sharing - 1) << CACHE_SHARING_SHIFT
+            if fn == 0x4:
+                cores = 1 << topology.core_bits
+                eax = eax & ~(CORES_MASK << CORES_SHIFT) | (min(cores, 64) - 1) << CORES_SHIFT
+            e["eax"] = eax
+        elif fn == 0x8000_0008:
+            # ECX[15:12] APIC ID bits of the logical processor within the package, ECX[7:0] its count - 1.
+            e["ecx"] = e["ecx"] & ~0xF0FF | topology.package_bits << 12 | (topology.cores * topology.threads - 1)
         elif fn == 0x8000_001E:
-            e["eax"] = vcpu  # AMD extended APIC ID
+            e["eax"] = apic_id  # extended APIC ID
+            e["ebx"] = e["ebx"] & ~0xFFFF | (topology.threads - 1) << 8 | core  # threads per core - 1, core ID
+            e["ecx"] = e["ecx"] & ~0x7FF | socket  # one node per package: node ID
+        out.append(e)
+    for fn in TOPOLOGY_LEAVES:
+        # Only a leaf KVM reports (it does 0xB when the host has it, 0x1F likewise); its
+        # flags say the subleaves are indexed.
+        flags = next((e["flags"] for e in entries if e["function"] == fn), None)
+        if flags is not None:
+            out += _topology_leaf(fn, flags, topology, apic_id)
     return out
+
+
+def _topology_leaf(fn: int, flags: int, topology: Topology, apic_id: int) -> list[dict]:
+    """Leaf 0xB/0x1F subleaves: the SMT level, the core level, then the invalid level that
+    ends the list. EAX[4:0] is the shift to the next level's ID, EBX[15:0] the logical
+    processors at this level, ECX the level type and number, EDX the x2APIC ID."""
+    levels = [
+        (LevelType.SMT, topology.thread_bits, topology.threads),
+        (LevelType.CORE, topology.package_bits, topology.cores * topology.threads),
+        (LevelType.INVALID, 0, 0),
+    ]
+    return [
+        {"function": fn, "index": i, "flags": flags, "eax": shift, "ebx": count,
+         "ecx": level << 8 | i, "edx": apic_id}
+        for i, (level, shift, count) in enumerate(levels)
+    ]
 
 
 def feature_enabled(entries: list[dict], feature: Feature) -> bool:

@@ -58,6 +58,11 @@ commands:
              KEY (one character: h help, t tasks, m memory, b reboot, o power off...)
   destroy    ask the guest to power off, stop it hard after --timeout S (default 30);
              --force stops it at once. Returns once the VMM has ended.
+  destroy    press the guest's ACPI power button, stop it hard if it has not powered
+             off (S5) after --timeout S (default 30); a guest that does not listen for
+             the button is stopped at once, and so with --force. Says which happened
+             ("powered off" or "stopped hard"; --json: "how": "acpi" or "hard").
+             Returns once the VMM has ended.
   --json     print the VM's answer as JSON instead of text
 
 bhyvectl's spellings (bhyvectl(8)):

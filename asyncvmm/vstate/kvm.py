@@ -16,7 +16,7 @@ from .._native import ffi, lib
 KVM_DEVICE = "/dev/kvm"
 
 # The C core's ABI this Python code was written for (cext/build_ffi.py ABI_VERSION).
-NATIVE_ABI = 3
+NATIVE_ABI = 4
 if lib.AVMM_ABI_VERSION != NATIVE_ABI:
     raise ImportError(
         f"asyncvmm._native is built for ABI {lib.AVMM_ABI_VERSION}, this code needs {NATIVE_ABI}: "
@@ -135,6 +135,16 @@ class VmFd:
         req = ffi.new("struct kvm_irqfd *", {"fd": efd, "gsi": gsi, "flags": 1 if deassign else 0})
         _check(lib.avmm_ioctl(self.fd, lib.KVM_IRQFD, req), f"KVM_IRQFD gsi {gsi}")
 
+    def ioeventfd(self, efd: int, addr: int, length: int, *, pio: bool = False, deassign: bool = False) -> None:
+        """Signal `efd` on guest writes to [addr, addr+length) instead of exiting to us.
+
+        length 0 matches a write of any size (MMIO only, KVM_CAP_IOEVENTFD_ANY_LENGTH).
+        """
+        flags = (lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (lib.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        req = ffi.new("struct kvm_ioeventfd *", {"addr": addr, "len": length, "fd": efd, "flags": flags})
+        what = "unbinding" if deassign else "binding"
+        _check(lib.avmm_ioctl(self.fd, lib.KVM_IOEVENTFD, req), f"KVM_IOEVENTFD {what} {addr:#x}+{length}")
+
     def irq_line(self, irq: int, level: bool) -> None:
         req = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})
         _check(lib.avmm_ioctl(self.fd, lib.KVM_IRQ_LINE, req), f"KVM_IRQ_LINE {irq}")
@@ -143,8 +153,10 @@ class VmFd:
         req = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args) + [0] * (4 - len(args))})
         return lib.avmm_ioctl(self.fd, lib.KVM_ENABLE_CAP, req) == 0
 
-    def create_vcpu(self, idx: int) -> "VcpuFd":
-        fd = _check(lib.avmm_ioctl_val(self.fd, lib.KVM_CREATE_VCPU, idx), f"KVM_CREATE_VCPU {idx}")
+    def create_vcpu(self, idx: int, vcpu_id: int | None = None) -> "VcpuFd":
+        """vCPU `idx` (ours), with KVM's vCPU ID `vcpu_id` (its initial APIC ID; default idx)."""
+        vcpu_id = idx if vcpu_id is None else vcpu_id
+        fd = _check(lib.avmm_ioctl_val(self.fd, lib.KVM_CREATE_VCPU, vcpu_id), f"KVM_CREATE_VCPU {vcpu_id}")
         return VcpuFd(fd, idx)
 
     def close(self) -> None:

@@ -68,6 +68,7 @@ class GuestMemory:
         from .._native import ffi, lib  # noqa: PLC0415 (the extension loads lazily)
 
         self.size = size
+        self._c_table = None
         self._maps: list[mmap.mmap] = []
         self.regions: list[Region] = []
         self._views: list[memoryview] = []
@@ -88,6 +89,7 @@ class GuestMemory:
             self._views.append(memoryview(m))
             self.regions.append(Region(slot, gpa, length, hva))
         self._lib = lib
+        self._ffi = ffi
 
     # -- lookup -----------------------------------------------------------------------
     def _find(self, gpa: int, length: int) -> tuple[int, int]:
@@ -136,6 +138,17 @@ class GuestMemory:
             table.append((r.gpa, r.size, E820_RAM))
         return table
 
+    def c_table(self):
+        """The regions as the C data path's `struct avmm_gmem` (cext/virtq.h), built once."""
+        if self._c_table is None:
+            t = self._ffi.new("struct avmm_gmem *")
+            t.nregions = len(self.regions)
+            for i, r in enumerate(self.regions):
+                t.r[i].gpa, t.r[i].size = r.gpa, r.size
+                t.r[i].hva = self._ffi.cast("uint8_t *", r.hva)
+            self._c_table = t
+        return self._c_table
+
     def touched_bytes(self) -> int:
         """Guest RAM the host has actually backed (resident), from /proc/self/smaps."""
         starts = {r.hva for r in self.regions}
@@ -161,6 +174,9 @@ class GuestMemory:
                 pass
         self._maps.clear()
         self.regions.clear()
+        if self._c_table is not None:
+            self._c_table.nregions = 0  # a data path still holding it now finds no RAM
+            self._c_table = None
 
     def __enter__(self) -> "GuestMemory":
         return self

@@ -156,8 +156,10 @@ def test_exit_heavy_guest_through_the_loop(guests, monkeypatch):
     at the deadline, so an exit collected but left unserved would hang the vCPU."""
     import asyncvmm.machine as machine_mod
 
-    for slice_ns in (machine_mod.POLL_SLICE_NS, 0):
-        monkeypatch.setattr(machine_mod, "POLL_SLICE_NS", slice_ns)
+    from asyncvmm import poll as poll_mod
+
+    for slice_ns in (poll_mod.POLL_SLICE_NS, 0):
+        monkeypatch.setattr(poll_mod, "POLL_SLICE_NS", slice_ns)
 
         async def main():
             m, console = machine(guests, "exitbench", "n=20000 port=0x3ff")

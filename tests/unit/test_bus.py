@@ -114,3 +114,24 @@ def test_a_guest_cannot_grow_the_bus_without_bound():
     assert len(b.unclaimed) == Bus.UNCLAIMED_KEYS
     assert sum(b.unclaimed.values()) + b.unclaimed_other == 20000
     assert len(b._cache) == 0  # misses are not cached
+
+
+def test_a_strict_bus_refuses_what_nothing_emulates():
+    """bhyve's -e: the first unclaimed access raises, naming the access."""
+    from asyncvmm.bus import UnclaimedAccess
+
+    b = Bus("pio")
+    b.register(0x100, 2, Recorder(), "dev")
+    b.strict = True
+    assert b.access(0x100, 2, False) == 0x5678  # claimed accesses are unaffected
+    with pytest.raises(UnclaimedAccess, match=r"^write of 1 byte at port 0x1234, which nothing emulates$"):
+        b.access(0x1234, 1, True, 7)
+    with pytest.raises(UnclaimedAccess, match=r"^read of 2 bytes at port 0x101"):
+        b.access(0x101, 2, False)  # straddles the end
+    with pytest.raises(UnclaimedAccess, match="read of 4 bytes at port 0x200"):
+        b.dispatch(0x200, 4, False, bytearray(8), 2)
+    assert b.unclaimed[0x1234] == 1 and b.unclaimed[0x200] == 2  # still counted
+    m = Bus("mmio")
+    m.strict = True
+    with pytest.raises(UnclaimedAccess, match="read of 8 bytes at address 0xfed00000"):
+        m.access(0xFED0_0000, 8, False)

@@ -37,7 +37,13 @@ def kernel(guests):
         (["-m", "100T"], ["more than this host"]),
         (["-m", "1"], ["at least 2 MiB"]),
         (["--bogus"], ["unrecognized arguments: --bogus"]),
-        (["-s", "3,virtio-blk,disk.img"], ["virtio-blk", "not available"]),
+        (["-s", "3,virtio-blk,disk.img"], ["disk.img", "no such file"]),
+        (["-s", "3,virtio-blk,/dev/null,bogus"], ["unknown option", "bogus"]),
+        (["-s", "0,virtio-blk,/dev/null"], ["host bridge"]),
+        (["-s", "1:3:0,virtio-blk,/dev/null"], ["bus 0"]),
+        (["-s", "3,virtio-rnd"], ["virtio-rnd", "not available"]),
+        (["-s", "3,virtio-net,tap0,mac=01:00:00:00:00:01"], ["multicast"]),
+        (["-s", "3,virtio-net,bad/name"], ["not an interface name"]),
         (["-s", "3,nosuch"], ["no such driver"]),
         (["-s", "40,virtio-net,tap0"], ["slot 0-31"]),
         (["-l", "com2,stdio"], ["only com1"]),
@@ -49,6 +55,8 @@ def kernel(guests):
         (["--profile-rip", "0.01"], ["--profile-rip 0.01", "from 0.1"]),
         (["--profile-rip", "often"], ["invalid float"]),
         (["--symbols", "/no/such/System.map"], ["--symbols /no/such/System.map", "no such file"]),
+        (["-c", "sockets=129,cores=2"], ["APIC IDs up to 257", "at most 254"]),
+        (["-c", "2", "-p", "1:9999"], ["-p 1:9999", "no CPU 9999"]),
     ],
 )
 def test_bad_flags(kernel, args, words):
@@ -132,7 +140,8 @@ def test_no_permission_on_dev_kvm(kernel):
 def test_help_documents_the_exit_statuses():
     r = run_vmm("run", "--help")
     assert r.status == 0
-    for line in ("0  the guest powered off", "3  the guest triple-faulted", "2  bad command line"):
+    for line in ("0  the guest powered off (ACPI S5)", "3  the guest triple-faulted, with --no-reboot",
+                 "2  bad command line", "4  stopped hard from the host", "SIGTERM presses the ACPI power button"):
         assert line in r.out
 
 
@@ -149,3 +158,21 @@ def test_help_explains_the_decompress_default():
     r = run_vmm("run", "--help")
     assert "--decompress" in r.out and "emulates guest code" in r.out and "KASLR" in r.out
     assert "--profile-boot" in r.out and "--profile-rip" in r.out
+def test_help_says_which_bhyve_flags_kvm_already_honours():
+    out = " ".join(run_vmm("run", "--help").out.split())
+    assert "-H yield the vCPU's thread on HLT: KVM always does" in out
+    assert "-P exit on PAUSE: KVM already does" in out
+    for flag in ("-A, --acpi", "--no-acpi", "-e, --strict-io", "-W, --force-msi"):
+        assert flag in out
+
+
+def test_bhyve_flags_reach_the_config():
+    from asyncvmm.boot.cpuid import Topology
+    from asyncvmm.cli import _parser, config_from_args
+
+    kernel = str(ROOT / "pyproject.toml")  # any readable file: nothing is booted
+    cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "-c", "sockets=1,cores=2,threads=2",
+                                                 "-e", "-W", "-H", "-P", "-A"]))
+    assert (cfg.cpus, cfg.topology, cfg.strict_io, cfg.force_msi, cfg.acpi) == (4, Topology(1, 2, 2), True, True, True)
+    cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "--no-acpi"]))
+    assert (cfg.acpi, cfg.strict_io, cfg.force_msi, cfg.cpu_topology) == (False, False, False, Topology(1, 1, 1))

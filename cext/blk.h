@@ -1,0 +1,89 @@
+/*
+ * virtio-blk's data path (virtio 1.2, 5.2.6): requests from the queues to an I/O engine
+ * and back, with no Python per request.
+ *
+ *   avmm_blk_kick(q)     the queue's ioeventfd fired: pop every chain, turn each request
+ *                        into engine ops, one submit for the batch
+ *   avmm_blk_complete()  the engine's eventfd fired: reap every completion, write status
+ *                        bytes and used entries, one interrupt per queue per batch
+ *
+ * A request the guest got wrong (a bad buffer, a sector past the end, an unknown type, a
+ * write to a read-only disk) gets the status the spec says and is counted; a ring that
+ * breaks the rules makes the device ask for a reset (avmm_blk_needs_reset). Data reaches
+ * the image through the engine only: a completed write is in the host's page cache (or on
+ * the device with `direct`), a completed FLUSH on stable storage.
+ *
+ * Thread ownership: the loop's thread only.
+ */
+#ifndef AVMM_BLK_H
+#define AVMM_BLK_H
+
+#include <stdint.h>
+
+#include "ioengine.h"
+#include "virtq.h"
+
+#define AVMM_BLK_MAX_QUEUES 64
+#define AVMM_BLK_ID_BYTES 20 /* VIRTIO_BLK_ID_BYTES */
+
+enum avmm_blk_flags {
+    AVMM_BLK_RO = 1,           /* VIRTIO_BLK_F_RO: writes fail */
+    AVMM_BLK_WRITETHROUGH = 2, /* FLUSH not negotiated: every write is durable (RWF_DSYNC) */
+};
+
+struct avmm_blk_config {
+    int32_t fd;          /* the image (O_DIRECT with `direct`) */
+    int32_t fd_buffered; /* the same image without O_DIRECT, for unaligned buffers; or -1 */
+    uint32_t dio_align;  /* with O_DIRECT: the alignment buffers and offsets need; else 0 */
+    uint32_t flags;      /* enum avmm_blk_flags */
+    uint64_t capacity;   /* 512-byte sectors */
+    uint32_t seg_max;    /* data buffers per request (config seg_max) */
+    uint32_t max_discard_sectors;
+    uint32_t max_write_zeroes_sectors;
+    uint16_t nqueues;
+    uint16_t queue_size_max;
+    uint8_t serial[AVMM_BLK_ID_BYTES];
+};
+
+struct avmm_blk_stats {
+    uint64_t reads, writes, flushes, get_ids, discards, write_zeroes;
+    uint64_t bytes_read, bytes_written;
+    uint64_t unsupported;   /* unknown request types or flags: VIRTIO_BLK_S_UNSUPP */
+    uint64_t bad_requests;  /* malformed: no header, no status byte, bad buffers, misaligned */
+    uint64_t out_of_range;  /* sectors past the end of the disk */
+    uint64_t ro_writes;     /* writes to a read-only disk */
+    uint64_t host_errors;   /* the host's I/O failed: VIRTIO_BLK_S_IOERR */
+    uint64_t short_retries; /* partial transfers continued */
+    uint64_t bounced;       /* unaligned requests on a `direct` disk served through the page cache */
+    uint64_t batches;       /* kicks that submitted something */
+    uint64_t completion_batches;
+};
+
+struct avmm_blk;
+
+struct avmm_blk *avmm_blk_new(const struct avmm_blk_config *cfg, const struct avmm_gmem *mem,
+                              struct avmm_engine *engine);
+/* Waits for in-flight I/O, then frees (the engine is the caller's). */
+void avmm_blk_free(struct avmm_blk *b);
+/* Driver features that change the data path (enum avmm_blk_flags bits; RO stays). */
+void avmm_blk_set_flags(struct avmm_blk *b, uint32_t flags);
+/* Configure queue qi (avmm_vq_setup's arguments); 0 or -errno. */
+int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
+/* Serve queue qi's available requests: requests started, or -1 if the ring is broken. */
+int avmm_blk_kick(struct avmm_blk *b, int qi);
+/* Finish completed I/O: requests completed. */
+int avmm_blk_complete(struct avmm_blk *b);
+/* Busy-poll up to max_ns for work — completions, or buffers on an active queue — and
+ * serve the first that comes: requests handled, 0 if nothing came, -1 if a ring broke.
+ * (QEMU's iothreads poll the same way: a wake-up through an eventfd costs more than
+ * the microseconds a busy device takes to come back.) */
+int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
+/* Device reset: forget the queues; I/O in flight completes into nothing. */
+void avmm_blk_reset(struct avmm_blk *b);
+unsigned avmm_blk_inflight(const struct avmm_blk *b);
+int avmm_blk_needs_reset(const struct avmm_blk *b);
+struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b);
+struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi);
+
+#endif

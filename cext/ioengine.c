@@ -1,0 +1,242 @@
+/* Storage engines: io_uring and synchronous syscalls behind one interface (ioengine.h). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "ioengine.h"
+#include "util.h"
+
+struct avmm_engine {
+    int kind;
+    int efd;
+    unsigned entries;
+    unsigned inflight; /* queued + submitted, not yet reaped */
+    struct avmm_engine_stats stats;
+    /* URING */
+    struct io_uring ring;
+    int ring_ok;
+    unsigned unsubmitted;
+    /* SYNC: ops waiting for submit, completions waiting for reap */
+    struct avmm_io_op *sq;
+    unsigned sq_n;
+    struct avmm_io_cqe *cq;
+    unsigned cq_head, cq_n;
+};
+
+struct avmm_engine *avmm_engine_new(int kind, unsigned entries)
+{
+    if (entries == 0 || entries > 32768 || (kind != AVMM_ENGINE_URING && kind != AVMM_ENGINE_SYNC)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct avmm_engine *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    e->kind = kind;
+    e->entries = entries;
+    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->efd < 0)
+        goto fail;
+    if (kind == AVMM_ENGINE_URING) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof(p));
+        /* Completions may outnumber the SQ while a batch is reaped: twice as many CQEs. */
+        p.flags = IORING_SETUP_CQSIZE;
+        p.cq_entries = entries * 2;
+        int r = io_uring_queue_init_params(entries, &e->ring, &p);
+        if (r < 0) {
+            errno = -r;
+            goto fail;
+        }
+        e->ring_ok = 1;
+        r = io_uring_register_eventfd(&e->ring, e->efd);
+        if (r < 0) {
+            errno = -r;
+            goto fail;
+        }
+    } else {
+        e->sq = calloc(entries, sizeof(*e->sq));
+        e->cq = calloc(entries, sizeof(*e->cq));
+        if (!e->sq || !e->cq)
+            goto fail;
+    }
+    return e;
+fail: {
+    int saved = errno;
+    avmm_engine_free(e);
+    errno = saved;
+    return NULL;
+}
+}
+
+void avmm_engine_free(struct avmm_engine *e)
+{
+    if (!e)
+        return;
+    avmm_engine_drain(e);
+    if (e->ring_ok)
+        io_uring_queue_exit(&e->ring);
+    if (e->efd >= 0)
+        close(e->efd);
+    free(e->sq);
+    free(e->cq);
+    free(e);
+}
+
+int avmm_engine_kind(const struct avmm_engine *e) { return e->kind; }
+int avmm_engine_fd(const struct avmm_engine *e) { return e->efd; }
+unsigned avmm_engine_inflight(const struct avmm_engine *e) { return e->inflight; }
+struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e) { return &e->stats; }
+
+unsigned avmm_engine_ready(struct avmm_engine *e)
+{
+    return e->kind == AVMM_ENGINE_SYNC ? e->cq_n : io_uring_cq_ready(&e->ring);
+}
+
+int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op)
+{
+    if (e->inflight >= e->entries)
+        return -EBUSY;
+    if (e->kind == AVMM_ENGINE_SYNC) {
+        e->sq[e->sq_n++] = *op;
+    } else {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+        if (!sqe)
+            return -EBUSY;
+        switch (op->opcode) {
+        case AVMM_IO_READV:
+            io_uring_prep_readv2(sqe, op->fd, op->iov, op->niov, op->off, op->flags);
+            break;
+        case AVMM_IO_WRITEV:
+            io_uring_prep_writev2(sqe, op->fd, op->iov, op->niov, op->off, op->flags);
+            break;
+        case AVMM_IO_FSYNC:
+            io_uring_prep_fsync(sqe, op->fd, IORING_FSYNC_DATASYNC);
+            break;
+        case AVMM_IO_FALLOCATE:
+            io_uring_prep_fallocate(sqe, op->fd, op->flags, (off_t)op->off, (off_t)op->len);
+            break;
+        default:
+            return -EINVAL;
+        }
+        io_uring_sqe_set_data64(sqe, op->user_data);
+        e->unsubmitted++;
+    }
+    e->inflight++;
+    e->stats.ops++;
+    return 0;
+}
+
+static int64_t run_sync(const struct avmm_io_op *op)
+{
+    ssize_t r;
+    switch (op->opcode) {
+    case AVMM_IO_READV:
+        r = preadv2(op->fd, op->iov, (int)op->niov, (off_t)op->off, op->flags);
+        break;
+    case AVMM_IO_WRITEV:
+        r = pwritev2(op->fd, op->iov, (int)op->niov, (off_t)op->off, op->flags);
+        break;
+    case AVMM_IO_FSYNC:
+        r = fdatasync(op->fd);
+        break;
+    case AVMM_IO_FALLOCATE:
+        r = fallocate(op->fd, op->flags, (off_t)op->off, (off_t)op->len);
+        break;
+    default:
+        errno = EINVAL;
+        r = -1;
+    }
+    return r < 0 ? -(int64_t)errno : (int64_t)r;
+}
+
+int avmm_engine_submit(struct avmm_engine *e)
+{
+    if (e->kind == AVMM_ENGINE_SYNC) {
+        unsigned n = e->sq_n;
+        if (!n)
+            return 0;
+        for (unsigned i = 0; i < n; i++) {
+            struct avmm_io_cqe *c = &e->cq[(e->cq_head + e->cq_n++) % e->entries];
+            c->user_data = e->sq[i].user_data;
+            c->res = run_sync(&e->sq[i]);
+        }
+        e->sq_n = 0;
+        e->stats.submits++;
+        avmm_efd_signal(e->efd);
+        return (int)n;
+    }
+    if (!e->unsubmitted)
+        return 0;
+    int r = io_uring_submit(&e->ring);
+    if (r < 0)
+        return r;
+    e->unsubmitted -= (unsigned)r;
+    e->stats.submits++;
+    return r;
+}
+
+int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
+{
+    uint64_t counter;
+    int n = 0;
+    e->stats.reap_calls++;
+    if (read(e->efd, &counter, sizeof(counter)) < 0) {
+        /* EAGAIN: nothing signalled; completions may still be there */
+    }
+    if (e->kind == AVMM_ENGINE_SYNC) {
+        while (e->cq_n && n < max) {
+            out[n++] = e->cq[e->cq_head];
+            e->cq_head = (e->cq_head + 1) % e->entries;
+            e->cq_n--;
+        }
+        if (e->cq_n)
+            avmm_efd_signal(e->efd); /* more than max: come back */
+    } else {
+        struct io_uring_cqe *cqe;
+        unsigned head, seen = 0;
+        io_uring_for_each_cqe(&e->ring, head, cqe)
+        {
+            if (n == max)
+                break;
+            out[n].user_data = io_uring_cqe_get_data64(cqe);
+            out[n].res = cqe->res;
+            n++;
+            seen++;
+        }
+        io_uring_cq_advance(&e->ring, seen);
+        if (n == max && io_uring_cq_ready(&e->ring))
+            avmm_efd_signal(e->efd);
+    }
+    e->inflight -= (unsigned)n;
+    e->stats.reaps += (uint64_t)n;
+    return n;
+}
+
+void avmm_engine_drain(struct avmm_engine *e)
+{
+    if (e->kind == AVMM_ENGINE_SYNC) {
+        avmm_engine_submit(e);
+        e->inflight -= e->cq_n;
+        e->cq_n = 0;
+        return;
+    }
+    if (!e->ring_ok)
+        return;
+    if (e->unsubmitted)
+        io_uring_submit(&e->ring);
+    while (e->inflight) {
+        struct io_uring_cqe *cqe;
+        if (io_uring_wait_cqe(&e->ring, &cqe) < 0)
+            break;
+        io_uring_cqe_seen(&e->ring, cqe);
+        e->inflight--;
+    }
+}

@@ -1,0 +1,384 @@
+/* virtio-net's data path on TAP devices: see net.h. Frame layout: virtio 1.2, 5.1.6. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "net.h"
+#include "util.h"
+
+#define BUDGET 256          /* frames per call: the loop gets its turn between batches */
+#define RX_MAX_CHAINS 64    /* chains a mergeable frame may span */
+#define RX_IOV 256          /* buffers of those chains */
+#define TX_IOV 128          /* buffers of one TX chain (Linux uses up to MAX_SKB_FRAGS + 2) */
+#define SCRATCH (65536 + 256) /* a whole frame: 64 KiB of IP packet, Ethernet and VLAN headers, the vnet header */
+#define NUM_BUFFERS_OFFSET 10 /* virtio_net_hdr_v1.num_buffers */
+
+struct pair {
+    int fd;
+    uint32_t held_len; /* a frame read into `held` that waits for enough RX buffers */
+    uint8_t *held;
+    struct avmm_net_stats stats;
+};
+
+struct avmm_net {
+    const struct avmm_gmem *mem;
+    uint16_t npairs;
+    uint16_t queue_size_max;
+    uint32_t flags;
+    uint32_t rx_frame_max; /* the largest frame (header included) the guest may be given */
+    struct avmm_vq q[2 * AVMM_NET_MAX_PAIRS];
+    struct pair p[AVMM_NET_MAX_PAIRS];
+    struct iovec rx_iov[RX_IOV + 1];
+    struct avmm_chain rx_chain[RX_MAX_CHAINS];
+    struct iovec tx_iov[TX_IOV];
+    uint8_t scratch[SCRATCH];
+};
+
+struct avmm_net *avmm_net_new(const struct avmm_gmem *mem, uint16_t npairs, uint16_t queue_size_max)
+{
+    if (!npairs || npairs > AVMM_NET_MAX_PAIRS || !queue_size_max) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct avmm_net *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->mem = mem;
+    n->npairs = npairs;
+    n->queue_size_max = queue_size_max;
+    n->rx_frame_max = AVMM_NET_HDR_LEN + 1514;
+    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++)
+        n->p[i].fd = -1;
+    for (int i = 0; i < 2 * AVMM_NET_MAX_PAIRS; i++)
+        n->q[i].kick_fd = -1;
+    return n;
+}
+
+void avmm_net_free(struct avmm_net *n)
+{
+    if (!n)
+        return;
+    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++)
+        free(n->p[i].held);
+    free(n);
+}
+
+void avmm_net_set_tap(struct avmm_net *n, int pair, int fd)
+{
+    if (pair >= 0 && pair < n->npairs)
+        n->p[pair].fd = fd;
+}
+
+void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max)
+{
+    n->flags = flags;
+    n->rx_frame_max = rx_frame_max > SCRATCH ? SCRATCH : rx_frame_max;
+}
+
+int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd)
+{
+    if (qi < 0 || qi >= 2 * n->npairs || size > n->queue_size_max)
+        return -EINVAL;
+    int r = avmm_vq_setup(&n->q[qi], n->mem, size, desc, avail, used, vq_flags, irq, kick_fd);
+    n->q[qi].index = (uint16_t)qi;
+    return r;
+}
+
+void avmm_net_reset(struct avmm_net *n)
+{
+    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++)
+        n->p[i].held_len = 0; /* a frame waiting for buffers is dropped with the rings */
+    for (int i = 0; i < 2 * AVMM_NET_MAX_PAIRS; i++) {
+        memset(&n->q[i], 0, sizeof(n->q[i]));
+        n->q[i].kick_fd = -1;
+    }
+}
+
+struct avmm_vq *avmm_net_queue(struct avmm_net *n, int qi)
+{
+    return qi >= 0 && qi < 2 * AVMM_NET_MAX_PAIRS ? &n->q[qi] : NULL;
+}
+
+struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair)
+{
+    return pair >= 0 && pair < AVMM_NET_MAX_PAIRS ? &n->p[pair].stats : NULL;
+}
+
+/* ---- receive: TAP -> guest ------------------------------------------------------------ */
+
+/* Pop RX chains until they hold rx_frame_max bytes (one chain without MRG_RXBUF).
+ * Returns chains popped, -1 if the ring broke. Bad chains are answered on the spot. */
+static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *niov, uint64_t *room)
+{
+    int nchains = 0;
+    *niov = 0;
+    *room = 0;
+    int mrg = n->flags & AVMM_NET_MRG_RXBUF;
+    while (nchains < RX_MAX_CHAINS && *room < n->rx_frame_max && *niov < RX_IOV) {
+        struct avmm_chain *c = &n->rx_chain[nchains];
+        c->iov = &n->rx_iov[*niov];
+        c->iov_cap = RX_IOV - *niov;
+        int r = avmm_vq_pop(q, n->mem, c);
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            break;
+        /* RX buffers are device-writable, and there must be room for the header. A bad
+         * chain is answered (empty) only when it comes first: the chains gathered are
+         * always consecutive in the ring, so giving them back is one unpop. */
+        if (c->err || c->nout || (nchains == 0 && c->in_len < AVMM_NET_HDR_LEN)) {
+            if (nchains) {
+                avmm_vq_unpop(q, 1);
+                break;
+            }
+            p->stats.rx_bad_chains++;
+            avmm_vq_push(q, c->head, 0);
+            continue;
+        }
+        *niov += c->nin;
+        *room += c->in_len;
+        nchains++;
+        if (!mrg)
+            break;
+    }
+    return nchains;
+}
+
+/* A frame of `len` bytes is in the first chains (or, `copy` != NULL, still to be copied
+ * there): hand the guest as many chains as it fills, num_buffers saying how many; the
+ * rest go back to the ring. */
+static void deliver(struct avmm_net *n, struct avmm_vq *q, struct pair *p, int nchains, const uint8_t *copy,
+                    uint32_t len, uint64_t room)
+{
+    (void)room;
+    uint64_t left = len;
+    uint16_t used = 0;
+    for (int i = 0; i < nchains && left; i++) {
+        struct avmm_chain *c = &n->rx_chain[i];
+        uint64_t take = left < c->in_len ? left : c->in_len;
+        if (copy)
+            avmm_buf_to_iov(c->iov, c->nin, 0, copy + (len - left), take);
+        left -= take;
+        used++;
+    }
+    uint16_t num_buffers = used;
+    avmm_buf_to_iov(n->rx_chain[0].iov, n->rx_chain[0].nin, NUM_BUFFERS_OFFSET, &num_buffers, 2);
+    left = len;
+    for (int i = 0; i < used; i++) {
+        uint64_t take = left < n->rx_chain[i].in_len ? left : n->rx_chain[i].in_len;
+        avmm_vq_push(q, n->rx_chain[i].head, (uint32_t)take);
+        left -= take;
+    }
+    avmm_vq_unpop(q, (uint16_t)(nchains - used));
+    p->stats.rx_packets++;
+    p->stats.rx_bytes += len - AVMM_NET_HDR_LEN;
+}
+
+int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
+{
+    *state = 0;
+    if (pair < 0 || pair >= n->npairs)
+        return 0;
+    struct avmm_vq *q = &n->q[2 * pair];
+    struct pair *p = &n->p[pair];
+    if (!q->size || p->fd < 0)
+        return 0;
+    int frames = 0;
+    for (;;) {
+        if (frames == BUDGET) {
+            *state |= AVMM_NET_BUDGET;
+            break;
+        }
+        uint32_t niov;
+        uint64_t room;
+        int nchains = gather_rx(n, q, p, &niov, &room);
+        if (nchains < 0) {
+            avmm_vq_publish(q);
+            return -1;
+        }
+        if (nchains == 0) {
+            /* Out of buffers: ask for the doorbell, and check once more (2.7.10). */
+            if (avmm_vq_enable_notify(q))
+                continue;
+            *state |= AVMM_NET_RX_NO_BUFFERS;
+            p->stats.rx_no_buffers++;
+            break;
+        }
+        if (p->held_len) {
+            /* A frame read earlier waits: it goes first, once the buffers hold it. */
+            if (room < p->held_len && nchains < q->size) {
+                avmm_vq_unpop(q, (uint16_t)nchains);
+                if (avmm_vq_enable_notify_more(q)) /* the buffers there are not enough */
+                    continue;
+                *state |= AVMM_NET_RX_NO_BUFFERS;
+                p->stats.rx_no_buffers++;
+                break;
+            }
+            if (room < p->held_len) { /* all the guest can post does not hold it */
+                p->stats.rx_too_long++;
+                avmm_vq_unpop(q, (uint16_t)nchains);
+            } else {
+                deliver(n, q, p, nchains, p->held, p->held_len, room);
+                frames++;
+            }
+            p->held_len = 0;
+            continue;
+        }
+        if ((n->flags & AVMM_NET_MRG_RXBUF) && room < n->rx_frame_max && nchains < q->size) {
+            /* Fewer buffers than the largest frame could need, and the frame's size is known
+             * only once it is read: read it aside, then give it the buffers it needs (now or
+             * when the guest posts more). Only this case copies. */
+            avmm_vq_unpop(q, (uint16_t)nchains);
+            if (!p->held && !(p->held = malloc(SCRATCH))) {
+                *state |= AVMM_NET_RX_EMPTY;
+                break;
+            }
+            ssize_t len = read(p->fd, p->held, SCRATCH);
+            if (len < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    p->stats.rx_errors++;
+                *state |= AVMM_NET_RX_EMPTY;
+                break;
+            }
+            if (len < AVMM_NET_HDR_LEN)
+                continue;
+            p->held_len = (uint32_t)len;
+            p->stats.rx_held++;
+            continue;
+        }
+        /* The scratch buffer catches what does not fit, so a frame too large is seen. */
+        n->rx_iov[niov].iov_base = n->scratch;
+        n->rx_iov[niov].iov_len = SCRATCH;
+        ssize_t len = readv(p->fd, n->rx_iov, (int)niov + 1);
+        if (len < 0) {
+            avmm_vq_unpop(q, (uint16_t)nchains);
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                *state |= AVMM_NET_RX_EMPTY;
+            } else if (errno != EINTR) {
+                p->stats.rx_errors++;
+                *state |= AVMM_NET_RX_EMPTY;
+            }
+            if (errno != EINTR)
+                break;
+            continue;
+        }
+        if ((uint64_t)len > room || len < AVMM_NET_HDR_LEN) {
+            p->stats.rx_too_long += (uint64_t)len > room;
+            avmm_vq_unpop(q, (uint16_t)nchains); /* the buffers stay the guest's: try the next frame */
+            continue;
+        }
+        deliver(n, q, p, nchains, NULL, (uint32_t)len, room);
+        frames++;
+    }
+    if (frames)
+        p->stats.rx_batches++;
+    avmm_vq_publish(q);
+    return frames;
+}
+
+/* ---- transmit: guest -> TAP ----------------------------------------------------------- */
+
+int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
+{
+    *state = 0;
+    if (pair < 0 || pair >= n->npairs)
+        return 0;
+    struct avmm_vq *q = &n->q[2 * pair + 1];
+    struct pair *p = &n->p[pair];
+    if (!q->size || p->fd < 0)
+        return 0;
+    avmm_vq_drain_kick(q);
+    int frames = 0;
+    for (;;) {
+        if (frames == BUDGET) {
+            /* The caller comes back; meanwhile a doorbell must still come for what is next. */
+            avmm_vq_enable_notify(q);
+            *state |= AVMM_NET_BUDGET;
+            break;
+        }
+        struct avmm_chain c = {.iov = n->tx_iov, .iov_cap = TX_IOV};
+        int r = avmm_vq_pop(q, n->mem, &c);
+        if (r < 0) {
+            avmm_vq_publish(q);
+            return -1;
+        }
+        if (r == 0) {
+            if (avmm_vq_enable_notify(q))
+                continue;
+            break;
+        }
+        if (c.err || c.nin || c.out_len < AVMM_NET_HDR_LEN) {
+            p->stats.tx_bad_chains++;
+            avmm_vq_push(q, c.head, 0);
+            continue;
+        }
+        ssize_t w = writev(p->fd, c.iov, (int)c.nout);
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            avmm_vq_unpop(q, 1); /* kept in the ring: sent when the TAP is writable again */
+            p->stats.tx_blocked++;
+            *state |= AVMM_NET_TX_BLOCKED;
+            break;
+        }
+        if (w < 0 && errno == EINTR) {
+            avmm_vq_unpop(q, 1);
+            continue;
+        }
+        if (w < 0)
+            p->stats.tx_errors++; /* the TAP refused the frame (EINVAL: a bad vnet header) */
+        else {
+            p->stats.tx_packets++;
+            p->stats.tx_bytes += c.out_len - AVMM_NET_HDR_LEN;
+            frames++;
+        }
+        avmm_vq_push(q, c.head, 0);
+    }
+    if (frames)
+        p->stats.tx_batches++;
+    avmm_vq_publish(q);
+    return frames;
+}
+
+int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair)
+{
+    struct pollfd fds[AVMM_NET_MAX_PAIRS];
+    int nfds = 0, map[AVMM_NET_MAX_PAIRS];
+    if (npairs > n->npairs)
+        npairs = n->npairs;
+    *state = 0;
+    uint64_t deadline = avmm_now_ns() + max_ns;
+    do {
+        /* TX buffers are a memory read away; a frame on a TAP costs a poll() to see. */
+        for (int spin = 0; spin < 64; spin++) {
+            for (int i = 0; i < npairs; i++) {
+                struct avmm_vq *tx = &n->q[2 * i + 1];
+                if (tx->size && !tx->broken && avmm_vq_pending(tx)) {
+                    *pair = i;
+                    return avmm_net_tx(n, i, state);
+                }
+            }
+            __builtin_ia32_pause();
+        }
+        nfds = 0;
+        for (int i = 0; i < npairs; i++) {
+            struct avmm_vq *rx = &n->q[2 * i];
+            if (rx->size && !rx->broken && n->p[i].fd >= 0 && avmm_vq_pending(rx)) {
+                fds[nfds] = (struct pollfd){.fd = n->p[i].fd, .events = POLLIN};
+                map[nfds++] = i;
+            }
+        }
+        if (nfds && poll(fds, (nfds_t)nfds, 0) > 0)
+            for (int k = 0; k < nfds; k++)
+                if (fds[k].revents & POLLIN) {
+                    *pair = map[k];
+                    return avmm_net_rx(n, map[k], state);
+                }
+    } while (avmm_now_ns() < deadline);
+    return 0;
+}

@@ -1,0 +1,118 @@
+"""PCI and virtio-blk with a real vCPU: the `vblk` test guest drives the device itself.
+
+vblk (tests/guests/vblk.c) enumerates bus 0 through ports 0xCF8/0xCFC, moves the device's
+64-bit BAR into the 32-bit window (it runs with paging off), sets virtio up, and does a
+read, a write, a FLUSH and a read past the end, each waiting for its MSI-X interrupt.
+So these tests cover what the host-side harness cannot: KVM's ioeventfd and irqfd with a
+guest writing the doorbell, GSI routes for the vector the guest programmed, BARs the guest
+moved, MMIO exits to the transport.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from asyncvmm import VM, VmConfig
+from asyncvmm.config import parse_slot
+from asyncvmm.loop import run as run_loop
+
+from conftest import ROOT, needs_kvm, open_fds as fds, run_vmm, vcpu_threads
+
+pytestmark = needs_kvm
+
+SECTOR0 = b"sector zero says hi".ljust(512, b".")
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "vblk.img"
+    path.write_bytes(SECTOR0 + bytes(1 << 20))
+    return path
+
+
+def test_a_guest_reads_and_writes_through_virtio_blk(guests, image):
+    r = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "--no-reboot",
+                "-s", f"3,virtio-blk,{image}")
+    assert r.status == 0, r.err
+    assert "pci 00:03.0 1af4:1042" in r.out
+    assert "bar0 size 0x8000" in r.out
+    assert f"capacity {(512 + (1 << 20)) // 512} sectors" in r.out
+    assert "read: status 0 sector zero says" in r.out
+    assert "write: status 0" in r.out and "flush: status 0" in r.out
+    assert "past end: status 1" in r.out  # VIRTIO_BLK_S_IOERR
+    assert "irq: msix" in r.out and "interrupts 4 isr 0x0 empty 4" in r.out  # MSI-X: the ISR is not used
+    assert image.read_bytes()[512:528] == b"written by vblk\n"
+
+
+@pytest.mark.parametrize("mode,flags,expect", [
+    ("1", [], "irq: intx gsi 19"),  # slot 3, INTA: GSI 16 + 3 (the DSDT's _PRT)
+    ("2", ["-W"], "irq: msi"),
+])
+def test_intx_and_msi_with_a_real_vcpu(guests, image, mode, flags, expect):
+    """INTx: a level GSI through a resample irqfd, the handler reading the ISR; MSI: -W."""
+    r = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "--cmdline", f"irq={mode}", "--no-reboot",
+                *flags, "-s", f"3,virtio-blk,{image}")
+    assert r.status == 0, r.err
+    assert expect in r.out
+    assert "read: status 0 sector zero says" in r.out and "past end: status 1" in r.out
+    m = re.search(r"interrupts (\d+) isr (0x\d+) empty (\d+)", r.out)
+    assert m and m.group(2) == "0x1", r.out  # the handler saw the ISR's queue bit
+    # One interrupt per request; on INTx, kvm_pvm's in-kernel IOAPIC delivers a level line
+    # once more after the EOI even though the line went down when the ISR was read (the
+    # extra one finds the ISR empty, as a shared line's other users would).
+    assert int(m.group(1)) - int(m.group(3)) == 4, r.out
+
+
+def test_doorbells_and_interrupts_bypass_the_loop(guests, image):
+    """The guest's notify writes go to the ioeventfd (no MMIO exit reaches the transport)
+    and its interrupts come through the MSI route it programmed."""
+    async def main():
+        # Warm up: the default executor and libuv keep a few fds per process once used.
+        async with VM(VmConfig(name="vblk-warmup", memory=64 << 20, kernel=str(guests / "hello.elf"),
+                               no_reboot=True)) as vm:
+            await vm.wait()
+        before_fds, before_threads = fds(), vcpu_threads()
+        cfg = VmConfig(name="vblk-stats", memory=64 << 20, kernel=str(guests / "vblk.elf"), cmdline="stay=1",
+                       slots=[parse_slot(f"3,virtio-blk,{image}")])
+        async with VM(cfg) as vm:
+            await vm.console.expect(rb"vblk done\n", timeout=30)
+            s = vm.stats()["pci"]["virtio-blk@3.0"]
+            assert s["transport"].get("notify_exits", 0) == 0
+            assert s["transport"]["activations"] == 1
+            assert s["requests"]["reads"] == 1 and s["requests"]["writes"] == 1 and s["requests"]["flushes"] == 1
+            assert s["requests"]["out_of_range"] == 1
+            assert s["queues"][0]["interrupts"] == 4
+            assert s["location"] == "00:03.0"
+            assert vm.machine.irq.commits >= 2  # the default table, then the guest's vector
+            assert any(kind == "msi" for _, kind, _ in vm.machine.irq.routes())
+        assert fds() == before_fds and vcpu_threads() == before_threads  # eventfds, io_uring, image: gone
+    run_loop(main())
+
+
+def test_an_image_in_use_is_refused_at_start(guests, image):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "vblk.elf"),
+         "--cmdline", "stay=1", "-s", f"3,virtio-blk,{image}", "holder"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        out = b""
+        while b"vblk done" not in out and time.monotonic() < deadline:
+            out += first.stdout.read1(4096)
+        assert b"vblk done" in out
+        r = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "-s", f"4,virtio-blk,{image}", "second")
+        assert r.status == 2
+        assert "in use by another VM" in r.err and "Traceback" not in r.err
+        ro = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "-s", f"4,virtio-blk,{image},ro", "third")
+        assert ro.status == 2 and "in use by another VM" in ro.err
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+        first.stderr.close()

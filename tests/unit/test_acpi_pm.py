@@ -1,0 +1,126 @@
+"""The ACPI PM1 block and reset register driven directly, as ACPICA and our guest do."""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncvmm import platform
+from asyncvmm.devices.legacy.acpi_pm import (
+    RESET_VALUE, SLP_TYP_SHIFT, AcpiPm, Pm1Control, Pm1Enable, Pm1Status, Register, SleepType,
+)
+
+STS, EN, CNT, RST = Register.PM1_STS, Register.PM1_EN, Register.PM1_CNT, Register.RESET
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.sci_levels: list[bool] = []
+        self.events: list[str] = []
+        self.pm = AcpiPm(sci=self.sci_levels.append, power_off=lambda: self.events.append("off"),
+                         reset=lambda: self.events.append("reset"))
+
+    @property
+    def sci(self) -> bool:
+        return bool(self.sci_levels) and self.sci_levels[-1]
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def test_register_layout_matches_the_platform_ports():
+    assert platform.ACPI_PM_PORT + STS == platform.ACPI_PM1_EVT_PORT
+    assert platform.ACPI_PM_PORT + EN == platform.ACPI_PM1_EVT_PORT + platform.ACPI_PM1_EVT_LEN // 2
+    assert platform.ACPI_PM_PORT + CNT == platform.ACPI_PM1_CNT_PORT
+    assert platform.ACPI_PM_PORT + RST == platform.ACPI_RESET_PORT
+    assert max(Register) < platform.ACPI_PM_SIZE
+
+
+def test_reset_state(h: Harness):
+    assert h.pm.read(STS, 2) == 0
+    assert h.pm.read(EN, 2) == 0
+    assert h.pm.read(CNT, 2) == Pm1Control.SCI_EN  # no SMI_CMD: always in ACPI mode
+    assert h.pm.read(STS, 4) == 0  # the event block as one dword: STS | EN << 16
+    assert h.pm.read(0x20, 1) == 0xFF  # the rest of the block decodes nothing
+    assert not h.pm.listening and h.sci_levels == []
+
+
+def test_power_button_raises_the_sci_only_when_enabled(h: Harness):
+    assert h.pm.press_power_button() is False  # nobody listens yet
+    assert h.pm.read(STS, 2) == Pm1Status.PWRBTN_STS  # the press is latched anyway
+    assert h.sci_levels == []
+    h.pm.write(EN, 2, Pm1Enable.PWRBTN_EN)  # enabling a pending event raises the SCI at once
+    assert h.sci and h.pm.listening
+    h.pm.write(STS, 2, Pm1Status.PWRBTN_STS)  # write 1 to clear: the level drops
+    assert h.sci_levels == [True, False]
+    assert h.pm.read(STS, 2) == 0
+    assert h.pm.press_power_button() is True
+    assert h.sci_levels == [True, False, True]
+    assert h.pm.counters["power_button"] == 2 and h.pm.counters["sci_raised"] == 2
+
+
+def test_status_write_of_zero_clears_nothing(h: Harness):
+    h.pm.write(EN, 2, Pm1Enable.PWRBTN_EN)
+    h.pm.press_power_button()
+    h.pm.write(STS, 2, 0)
+    h.pm.write(STS, 2, Pm1Status.WAK_STS)  # another bit's 1 clears only that bit
+    assert h.pm.read(STS, 2) == Pm1Status.PWRBTN_STS and h.sci
+
+
+def test_byte_accesses_reach_the_right_half(h: Harness):
+    h.pm.write(EN + 1, 1, Pm1Enable.PWRBTN_EN >> 8)  # high byte of PM1_EN
+    assert h.pm.read(EN, 2) == Pm1Enable.PWRBTN_EN
+    h.pm.press_power_button()
+    assert h.pm.read(STS + 1, 1) == Pm1Status.PWRBTN_STS >> 8
+    h.pm.write(STS, 1, 0xFF)  # the low byte holds no PWRBTN_STS: it stays
+    assert h.sci
+    h.pm.write(STS + 1, 1, 0x01)
+    assert not h.sci
+
+
+def test_event_block_as_one_dword(h: Harness):
+    h.pm.write(STS, 4, Pm1Enable.PWRBTN_EN << 16)  # EN through the high word
+    assert h.pm.read(EN, 2) == Pm1Enable.PWRBTN_EN
+
+
+def test_every_enable_sticks_as_acpica_checks(h: Harness):
+    # ACPICA enables GBL_EN to see whether the global lock hardware answers.
+    h.pm.write(EN, 2, 0xFFFF)
+    assert h.pm.read(EN, 2) == (Pm1Enable.TMR_EN | Pm1Enable.GBL_EN | Pm1Enable.PWRBTN_EN | Pm1Enable.SLPBTN_EN
+                                | Pm1Enable.RTC_EN | Pm1Enable.PCIEXP_WAKE_DIS)
+    assert h.sci_levels == []  # no status bit is set: no SCI
+
+
+def test_s5_powers_off_on_the_write_with_slp_en(h: Harness):
+    typ = SleepType.S5 << SLP_TYP_SHIFT
+    h.pm.write(CNT, 2, typ)  # ACPICA writes SLP_TYP first ...
+    assert h.events == []
+    assert h.pm.read(CNT, 2) == typ | Pm1Control.SCI_EN
+    h.pm.write(CNT, 2, typ | Pm1Control.SLP_EN)  # ... then with SLP_EN
+    assert h.events == ["off"]
+    assert not h.pm.read(CNT, 2) & Pm1Control.SLP_EN  # write-only
+
+
+def test_s5_through_the_high_byte_alone(h: Harness):
+    h.pm.write(CNT + 1, 1, (SleepType.S5 << SLP_TYP_SHIFT | Pm1Control.SLP_EN) >> 8)
+    assert h.events == ["off"]
+
+
+@pytest.mark.parametrize("typ", [0, 1, 3, 4, 7])
+def test_other_sleep_states_do_nothing(h: Harness, typ: int):
+    h.pm.write(CNT, 2, typ << SLP_TYP_SHIFT | Pm1Control.SLP_EN)
+    assert h.events == [] and h.pm.counters["sleeps_refused"] == 1
+
+
+def test_sci_en_cannot_be_cleared(h: Harness):
+    h.pm.write(CNT, 2, 0)
+    assert h.pm.read(CNT, 2) & Pm1Control.SCI_EN
+
+
+def test_reset_register(h: Harness):
+    h.pm.write(RST, 1, 0x01)
+    assert h.events == []
+    h.pm.write(RST, 1, RESET_VALUE)
+    assert h.events == ["reset"]
+    assert h.pm.read(RST, 1) == 0
