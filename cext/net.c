@@ -368,6 +368,10 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
         nfds = 0;
         for (int i = 0; i < npairs; i++) {
             struct avmm_vq *rx = &n->q[2 * i];
+            if (n->p[i].held_len && rx->size && !rx->broken && avmm_vq_pending(rx)) {
+                *pair = i; /* a frame held for buffers, and buffers came */
+                return avmm_net_rx(n, i, state);
+            }
             if (rx->size && !rx->broken && n->p[i].fd >= 0 && avmm_vq_pending(rx)) {
                 fds[nfds] = (struct pollfd){.fd = n->p[i].fd, .events = POLLIN};
                 map[nfds++] = i;

@@ -207,6 +207,35 @@ def git_commit() -> str:
 _VMM_RE = re.compile(rb"asyncvmm|qemu-system|rawkvm|pytest|perf/bench\.py")
 
 
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _related(pid: int, me: int) -> bool:
+    """`pid` is this run's own: a descendant (fio's job processes, `ip netns exec`
+    children) or an ancestor (a `timeout` wrapping the run)."""
+    p = pid
+    for _ in range(64):
+        if p in (0, 1):
+            break
+        if p == me:
+            return True
+        p = _parent(p)
+    p = _parent(me)
+    for _ in range(64):
+        if p in (0, 1):
+            return False
+        if p == pid:
+            return True
+        p = _parent(p)
+    return False
+
+
 def other_load() -> list[str]:
     """Other VMMs (and test runs) on this host that are not ours: they skew every figure."""
     while True:
@@ -228,7 +257,7 @@ def other_load() -> list[str]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) < 3 or fields[0] == "Z" or int(fields[1]) == me or int(fields[2]) in mine:
+        if len(fields) < 3 or fields[0] == "Z" or int(fields[2]) in mine or _related(int(entry), me):
             continue
         if _VMM_RE.search(cmd):
             text = cmd.replace(b"\0", b" ").decode(errors="replace").strip()
