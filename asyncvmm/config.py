@@ -44,7 +44,7 @@ class VmConfig:
     no_reboot: bool = False
     cpu_template: str = ""  # "" = chosen by probing KVM
     quirks: bool = True  # workarounds for an emulating KVM, when one is detected
-    poll: bool = True  # busy-poll briefly for the next exit on the loop's thread
+    poll: bool = True  # busy-poll briefly for the next exit, and (with a CPU to spare) for device I/O
     decompress: str = "auto"  # who unpacks a bzImage: auto | vmm | kernel (boot/loader.py)
     profile_boot: bool = False  # report where the boot's wall time went (profile.py)
     profile_rip_ms: float = 0.0  # sample guest RIPs this often for the profile (0: no)

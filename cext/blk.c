@@ -434,7 +434,13 @@ int avmm_blk_kick(struct avmm_blk *b, int qi)
         avmm_engine_submit(b->engine);
     }
     avmm_vq_publish(q);
-    return q->broken ? -1 : started;
+    if (q->broken)
+        return -1;
+    /* Reads the page cache holds (and errors) complete inside the submit: answer them now,
+     * not one trip around the loop later through the engine's eventfd. */
+    if (started && avmm_engine_ready(b->engine))
+        avmm_blk_complete(b);
+    return started;
 }
 
 static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)

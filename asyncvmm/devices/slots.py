@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..config import PciSlot, VmConfig, check_readable
 from ..errors import ConfigError
+from ..poll import devices_may_poll
 
 
 @dataclass
@@ -42,7 +43,7 @@ def _blk_build(slot: PciSlot, ctx: BuildContext):
 
     opts = BlockOptions.parse(slot.options, _where(slot))
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
-                    poll=ctx.config.poll)
+                    poll=ctx.config.poll and devices_may_poll(ctx.config.cpus))
     try:
         return VirtioPciDevice(blk, ctx.router, ctx.notify, msi=ctx.config.force_msi)
     except BaseException:
@@ -64,7 +65,7 @@ def _net_build(slot: PciSlot, ctx: BuildContext):
     opts = NetOptions.parse(slot.options, _where(slot))
     where = f"{slot.slot}.{slot.function}"
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
-                    name=f"virtio-net@{where}", poll=ctx.config.poll)
+                    name=f"virtio-net@{where}", poll=ctx.config.poll and devices_may_poll(ctx.config.cpus))
     try:
         return VirtioPciDevice(net, ctx.router, ctx.notify, msi=ctx.config.force_msi)
     except BaseException:

@@ -386,3 +386,28 @@ def test_msi_instead_of_msix(tmp_path):
             drv.pci_write(cap + MASK, 4, 0)
             assert os.eventfd_read(dev.msi.vector.efd) == 1
         asyncio.run(go())
+
+
+def test_status_reads_0_only_once_the_device_has_drained():
+    """4.1.4.3.2: after a reset (status 0) the driver reads status until it is 0; a device
+    with I/O still in flight into guest memory must not say 0 before it is done."""
+    from asyncvmm.devices.virtio.device import VirtioDevice
+
+    class Draining(VirtioDevice):
+        device_id, name, pci_class = 2, "draining", 0xFF0000
+        inflight = 0
+
+        def activate(self, features, queues):
+            self.inflight = 3
+
+        def quiesced(self):
+            return self.inflight == 0
+
+    with Harness() as h:
+        dev = h.add(Draining(1, 8))
+        drv = VirtioDriver(h, dev)
+        asyncio.run(drv.setup())
+        drv.set_status(0)
+        assert drv.status != 0  # still draining
+        dev.device.inflight = 0
+        assert drv.status == 0

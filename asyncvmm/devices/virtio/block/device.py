@@ -53,7 +53,7 @@ class VirtioBlk(VirtioDevice):
     pci_class = ClassCode.MASS_STORAGE_OTHER
 
     def __init__(self, opts: BlockOptions, mem: GuestMemory, *, queues: int, name: str = "virtio-blk",
-                 poll: bool = True):
+                 poll: bool = False):
         super().__init__(opts.queues or queues, QUEUE_SIZE)
         self.window = PollWindow(POLL_MAX_NS if poll else 0)
         self.name = name

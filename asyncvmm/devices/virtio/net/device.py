@@ -104,7 +104,7 @@ class VirtioNet(VirtioDevice):
     pci_class = ClassCode.ETHERNET
 
     def __init__(self, opts: NetOptions, mem: GuestMemory, *, mac: bytes, queues: int, name: str = "virtio-net",
-                 poll: bool = True):
+                 poll: bool = False):
         self.pairs = min(opts.queues or queues, lib.AVMM_NET_MAX_PAIRS)
         super().__init__(2 * self.pairs + 1, QUEUE_SIZE)
         self.name = name
