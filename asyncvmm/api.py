@@ -29,6 +29,7 @@ from .config import VmConfig
 from .console import Console
 from .control.server import ControlServer, claim_socket
 from .errors import VmmError
+from .devices.slots import HostResources
 from .machine import BootImages, Machine, Stop, StopReason, read_images
 from .profile import BootProfile
 
@@ -170,6 +171,7 @@ class VM:
         self.console: ConsoleStream | Console | None = console
         self._control_wanted = control_socket
         self.control: ControlServer | None = None
+        self.host = HostResources()  # host-side device resources kept across guest resets
         self.machine: Machine | None = None
         self.boots = 0
         self._task: asyncio.Task | None = None
@@ -229,7 +231,7 @@ class VM:
         self._task = loop.create_task(self._run(images), name=f"asyncvmm {self.config.name}")
 
     def _build(self, images: BootImages) -> Machine:
-        m = Machine(self.config, self.console, images)
+        m = Machine(self.config, self.console, images, self.host)
         m.build()
         self.boots += 1
         return m
@@ -335,6 +337,7 @@ class VM:
         self._state = "closed"
         if self.machine is not None:
             self.machine.close()
+        self.host.close()  # the TAPs: after the devices that use them
         if self.control is not None:
             await self.control.close()
         if self.console is not None and self._console_given is None:

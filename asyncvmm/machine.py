@@ -160,10 +160,11 @@ def _prepare(cfg: VmConfig, kernel: bytes) -> loader.Prepared:
 
 
 class Machine:
-    def __init__(self, config: VmConfig, console: Console, images: BootImages):
+    def __init__(self, config: VmConfig, console: Console, images: BootImages, host=None):
         self.config = config
         self.console = console
         self.images = images
+        self.host = host  # devices.slots.HostResources: what outlives this boot (TAPs)
         self.timeline = Timeline()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -345,7 +346,7 @@ class Machine:
         self.irq = IrqRouter(self.vm)
         self.irq.commit()  # the default routes, before any MSI exists
         any_length = self.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
-        ctx = slots.BuildContext(cfg, self.mem, self.irq, NotifyBinder(self.vm, any_length))
+        ctx = slots.BuildContext(cfg, self.mem, self.irq, NotifyBinder(self.vm, any_length), self.host)
         self.pci = PciRoot(PciBuses(self.mmio, self.pio))
         install(self.pci, self.pio, self.mmio)
         for s in cfg.slots:

@@ -15,6 +15,20 @@ from ..errors import ConfigError
 from ..poll import devices_may_poll
 
 
+class HostResources:
+    """Host-side things a device keeps across guest resets (a reset builds a new machine,
+    but a TAP that the user bridged or moved must not be recreated): owned by the VM,
+    closed when it ends."""
+
+    def __init__(self):
+        self.taps: dict[tuple[int, int], object] = {}
+
+    def close(self) -> None:
+        for tap in self.taps.values():
+            tap.close()
+        self.taps.clear()
+
+
 @dataclass
 class BuildContext:
     """What a driver gets from the machine to build its device."""
@@ -23,6 +37,7 @@ class BuildContext:
     mem: object  # GuestMemory
     router: object  # IrqRouter
     notify: object  # NotifyBinder
+    host: HostResources | None = None
 
 
 def _where(slot: PciSlot) -> str:
@@ -59,13 +74,20 @@ def _net_check(slot: PciSlot, cfg: VmConfig) -> None:
 
 def _net_build(slot: PciSlot, ctx: BuildContext):
     from .virtio.net.device import VirtioNet  # noqa: PLC0415
-    from .virtio.net.tap import NetOptions, stable_mac  # noqa: PLC0415
+    from .virtio.net.tap import NetOptions, Tap, stable_mac  # noqa: PLC0415
     from .virtio.transport_pci import VirtioPciDevice  # noqa: PLC0415
 
     opts = NetOptions.parse(slot.options, _where(slot))
     where = f"{slot.slot}.{slot.function}"
+    pairs = min(opts.queues or ctx.config.cpus, VirtioNet.MAX_PAIRS)
+    tap = None
+    if ctx.host is not None:  # the TAP outlives the boot: a reset reuses it
+        key = (slot.slot, slot.function)
+        tap = ctx.host.taps.get(key)
+        if tap is None:
+            tap = ctx.host.taps[key] = Tap(opts.tap, pairs)
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
-                    name=f"virtio-net@{where}", poll=ctx.config.poll and devices_may_poll(ctx.config.cpus))
+                    name=f"virtio-net@{where}", poll=ctx.config.poll and devices_may_poll(ctx.config.cpus), tap=tap)
     try:
         return VirtioPciDevice(net, ctx.router, ctx.notify, msi=ctx.config.force_msi)
     except BaseException:

@@ -10,6 +10,8 @@ moved, MMIO exits to the transport.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -116,3 +118,24 @@ def test_an_image_in_use_is_refused_at_start(guests, image):
         first.wait()
         first.stdout.close()
         first.stderr.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0, reason="needs /dev/net/tun and root")
+def test_a_tap_outlives_guest_resets(guests):
+    """A reset builds the machine anew, but not the TAP: a user may have bridged it or moved
+    it into a namespace. It goes when the VM does (asyncvmm created it)."""
+    tap = f"avr{os.getpid() % 100000}"
+    ifindex = f"/sys/class/net/{tap}/ifindex"
+
+    async def main():
+        cfg = VmConfig(name="tap-resets", memory=64 << 20, kernel=str(guests / "hello.elf"),
+                       slots=[parse_slot(f"3,virtio-net,{tap}")])
+        async with VM(cfg) as vm:
+            first = open(ifindex).read()
+            deadline = time.monotonic() + 30
+            while vm.boots < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert vm.boots >= 3, "the guest did not reset twice"
+            assert open(ifindex).read() == first
+    run_loop(main())
+    assert not os.path.exists(ifindex)

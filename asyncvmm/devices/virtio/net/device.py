@@ -103,18 +103,23 @@ class VirtioNet(VirtioDevice):
     device_id = DeviceId.NET
     pci_class = ClassCode.ETHERNET
 
+    MAX_PAIRS = lib.AVMM_NET_MAX_PAIRS
+
     def __init__(self, opts: NetOptions, mem: GuestMemory, *, mac: bytes, queues: int, name: str = "virtio-net",
-                 poll: bool = False):
+                 poll: bool = False, tap: Tap | None = None):
+        """`tap`: one opened already (kept by the VM across guest resets; not closed here)."""
         self.pairs = min(opts.queues or queues, lib.AVMM_NET_MAX_PAIRS)
         super().__init__(2 * self.pairs + 1, QUEUE_SIZE)
         self.name = name
         self.opts = opts
         self.mem = mem
         self.mac0 = self.mac = opts.mac or mac
-        self.tap = Tap(opts.tap, self.pairs)
+        self._owns_tap = tap is None
+        self.tap = Tap(opts.tap, self.pairs) if tap is None else tap
         self._net = lib.avmm_net_new(mem.c_table(), self.pairs, QUEUE_SIZE)
         if self._net == ffi.NULL:
-            self.tap.close()
+            if self._owns_tap:
+                self.tap.close()
             raise DeviceError("cannot allocate the network data path")
         for p, fd in enumerate(self.tap.fds):
             lib.avmm_net_set_tap(self._net, p, fd)
@@ -437,4 +442,5 @@ class VirtioNet(VirtioDevice):
         if self._net != ffi.NULL:
             lib.avmm_net_free(self._net)
             self._net = ffi.NULL
-        self.tap.close()
+        if self._owns_tap:
+            self.tap.close()
