@@ -22,6 +22,7 @@ from ..errors import BootError
 from ..vstate.memory import MiB
 from . import layout
 from .cpu_state import BootCpuState, long_mode_64, write_gdt, write_identity_page_tables
+from .pvh import kernel_segments
 from .elf import ElfMachine, is_elf, parse_elf
 from .pvh import XEN_NOTE_NAME, XenElfNote
 
@@ -368,37 +369,10 @@ def load_bzimage(
             f"and decompresses into {run_start:#x}-{run_end:#x}); the guest has {mem.size // MiB} MiB"
         )
 
-    cmdline_bytes = cmdline.encode()
-    if b"\0" in cmdline_bytes:
-        raise BootError("kernel command line contains a NUL character")
-    limit = min(info.cmdline_size, layout.CMDLINE_SIZE - 1)
-    if len(cmdline_bytes) > limit:
-        raise BootError(f"kernel command line is {len(cmdline_bytes)} bytes; this kernel accepts at most {limit}")
+    cmdline_bytes = _cmdline_bytes(info, cmdline)
 
-    # The initrd goes as high as it can: below initrd_addr_max (the highest byte it may
-    # occupy) and the end of low RAM, above everything the kernel uses.
-    initrd_addr = initrd_size = 0
-    if initrd:
-        initrd_size = len(initrd)
-        ceiling = min(info.initrd_addr_max + 1, ram_end)
-        floor = layout.align_up(kernel_end, layout.PAGE_SIZE)
-        placed = layout.place_high(initrd_size, floor, ceiling)
-        if placed is None:
-            if ceiling < ram_end:
-                raise BootError(
-                    f"initrd of {initrd_size} bytes does not fit between the kernel's end at {floor:#x} and "
-                    f"the kernel's initrd_addr_max {info.initrd_addr_max:#x}"
-                )
-            need = -(-(floor + initrd_size) // MiB)
-            raise BootError(
-                f"kernel and initrd ({initrd_size} bytes) need at least {need} MiB of guest memory; "
-                f"the guest has {mem.size // MiB} MiB"
-            )
-        initrd_addr = placed
-
-    e820 = mem.e820()
-    if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
-        raise BootError(f"memory map has {len(e820)} entries; boot_params holds at most {E820_MAX_ENTRIES_ZEROPAGE}")
+    initrd_addr, initrd_size = _place_initrd(mem, info, initrd, kernel_end, ram_end)
+    e820 = _e820(mem)
 
     zero_page = build_boot_params(image, info, layout.CMDLINE_START, initrd_addr, initrd_size, e820, rsdp)
 
@@ -414,6 +388,48 @@ def load_bzimage(
         entry=load_address + ENTRY_64_OFFSET, rsi=layout.ZERO_PAGE_START, gdt_base=layout.GDT_START, pml4=cr3
     )
 
+
+
+def _cmdline_bytes(info: "BzImageInfo", cmdline: str) -> bytes:
+    """The command line as the kernel gets it (NUL added by the caller), checked."""
+    cmdline_bytes = cmdline.encode()
+    if b"\0" in cmdline_bytes:
+        raise BootError("kernel command line contains a NUL character")
+    limit = min(info.cmdline_size, layout.CMDLINE_SIZE - 1)
+    if len(cmdline_bytes) > limit:
+        raise BootError(f"kernel command line is {len(cmdline_bytes)} bytes; this kernel accepts at most {limit}")
+    return cmdline_bytes
+
+
+def _place_initrd(mem, info: "BzImageInfo", initrd, kernel_end: int, ram_end: int) -> tuple[int, int]:
+    """(address, size) of the initrd, (0, 0) without one. It goes as high as it can: below
+    initrd_addr_max (the highest byte it may occupy) and the end of low RAM, above
+    everything the kernel uses."""
+    if not initrd:
+        return 0, 0
+    size = len(initrd)
+    ceiling = min(info.initrd_addr_max + 1, ram_end)
+    floor = layout.align_up(kernel_end, layout.PAGE_SIZE)
+    placed = layout.place_high(size, floor, ceiling)
+    if placed is None:
+        if ceiling < ram_end:
+            raise BootError(
+                f"initrd of {size} bytes does not fit between the kernel's end at {floor:#x} and "
+                f"the kernel's initrd_addr_max {info.initrd_addr_max:#x}"
+            )
+        need = -(-(floor + size) // MiB)
+        raise BootError(
+            f"kernel and initrd ({size} bytes) need at least {need} MiB of guest memory; "
+            f"the guest has {mem.size // MiB} MiB"
+        )
+    return placed, size
+
+
+def _e820(mem) -> list[tuple[int, int, int]]:
+    e820 = mem.e820()
+    if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
+        raise BootError(f"memory map has {len(e820)} entries; boot_params holds at most {E820_MAX_ENTRIES_ZEROPAGE}")
+    return e820
 
 def build_boot_params(
     image: bytes | memoryview,
@@ -501,54 +517,21 @@ def load_vmlinux(
     elf = parse_elf(image)
     if elf.e_machine != ElfMachine.EM_X86_64:
         raise BootError("kernel ELF is not an x86-64 vmlinux (e_machine): its 64-bit entry cannot be used")
-    segments = elf.load_segments()
-    if not segments:
-        raise BootError("kernel ELF has no PT_LOAD segments: nothing to load")
     header_source = setup if setup is not None else synthetic_setup_header()
     info = bzimage_info(header_source)
     if setup is not None:
         _check_64bit_kernel(info)
     ram_end = layout.low_ram_end(mem)
-    for seg in segments:
-        start, end = seg.p_paddr, seg.p_paddr + seg.p_memsz
-        if layout.overlaps(start, seg.p_memsz, layout.BOOT_AREA_START, layout.BOOT_AREA_END - layout.BOOT_AREA_START):
-            raise BootError(
-                f"kernel segment {seg.index} at {start:#x}-{end:#x} overlaps the boot structures at "
-                f"{layout.BOOT_AREA_START:#x}-{layout.BOOT_AREA_END:#x}"
-            )
-        if end > ram_end:
-            raise BootError(
-                f"kernel segment {seg.index} at {start:#x}-{end:#x} needs at least {-(-end // MiB)} MiB of guest "
-                f"memory; the guest has {mem.size // MiB} MiB"
-            )
+    segments = kernel_segments(elf, mem, ram_end)
     entry = _physical_entry(elf)
     if not any(s.p_paddr <= entry < s.p_paddr + s.p_memsz for s in segments):
         raise BootError(f"kernel ELF entry {elf.e_entry:#x} is in none of its segments")
     kernel_end = max(s.p_paddr + s.p_memsz for s in segments)
 
-    cmdline_bytes = cmdline.encode()
-    if b"\0" in cmdline_bytes:
-        raise BootError("kernel command line contains a NUL character")
-    limit = min(info.cmdline_size, layout.CMDLINE_SIZE - 1)
-    if len(cmdline_bytes) > limit:
-        raise BootError(f"kernel command line is {len(cmdline_bytes)} bytes; this kernel accepts at most {limit}")
+    cmdline_bytes = _cmdline_bytes(info, cmdline)
 
-    initrd_addr = initrd_size = 0
-    if initrd:
-        initrd_size = len(initrd)
-        floor = layout.align_up(kernel_end, layout.PAGE_SIZE)
-        placed = layout.place_high(initrd_size, floor, min(info.initrd_addr_max + 1, ram_end))
-        if placed is None:
-            need = -(-(floor + initrd_size) // MiB)
-            raise BootError(
-                f"kernel and initrd ({initrd_size} bytes) need at least {need} MiB of guest memory; "
-                f"the guest has {mem.size // MiB} MiB"
-            )
-        initrd_addr = placed
-
-    e820 = mem.e820()
-    if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
-        raise BootError(f"memory map has {len(e820)} entries; boot_params holds at most {E820_MAX_ENTRIES_ZEROPAGE}")
+    initrd_addr, initrd_size = _place_initrd(mem, info, initrd, kernel_end, ram_end)
+    e820 = _e820(mem)
     zero_page = build_boot_params(header_source, info, layout.CMDLINE_START, initrd_addr, initrd_size, e820, rsdp)
 
     # -- everything checked: write --------------------------------------------------

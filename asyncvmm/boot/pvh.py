@@ -74,6 +74,24 @@ def _needs_ram(what: str, start: int, end: int, mem) -> BootError:
     return BootError(f"{what} at {start:#x}-{end:#x} is not in guest RAM (RAM below 4 GiB ends at {MMIO_HOLE_START:#x})")
 
 
+def kernel_segments(elf, mem, ram_end: int | None = None) -> list:
+    """The ELF's PT_LOAD segments, each checked to lie in guest RAM (below `ram_end`, if
+    given) and clear of the boot structures."""
+    segments = elf.load_segments()
+    if not segments:
+        raise BootError("kernel ELF has no PT_LOAD segments: nothing to load")
+    for seg in segments:
+        start, end = seg.p_paddr, seg.p_paddr + seg.p_memsz
+        if layout.overlaps(start, seg.p_memsz, layout.BOOT_AREA_START, layout.BOOT_AREA_END - layout.BOOT_AREA_START):
+            raise BootError(
+                f"kernel segment {seg.index} at {start:#x}-{end:#x} overlaps the boot structures at "
+                f"{layout.BOOT_AREA_START:#x}-{layout.BOOT_AREA_END:#x}"
+            )
+        if not mem.contains(start, seg.p_memsz) or (ram_end is not None and end > ram_end):
+            raise _needs_ram(f"kernel segment {seg.index}", start, end, mem)
+    return segments
+
+
 def load_pvh(
     mem,
     image: bytes | memoryview,
@@ -92,18 +110,7 @@ def load_pvh(
         raise BootError("kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); it is not a PVH-bootable ELF")
     entry = _entry_from_desc(note.desc)
 
-    segments = elf.load_segments()
-    if not segments:
-        raise BootError("kernel ELF has no PT_LOAD segments: nothing to load")
-    for seg in segments:
-        start, end = seg.p_paddr, seg.p_paddr + seg.p_memsz
-        if layout.overlaps(start, seg.p_memsz, layout.BOOT_AREA_START, layout.BOOT_AREA_END - layout.BOOT_AREA_START):
-            raise BootError(
-                f"kernel segment {seg.index} at {start:#x}-{end:#x} overlaps the boot structures at "
-                f"{layout.BOOT_AREA_START:#x}-{layout.BOOT_AREA_END:#x}"
-            )
-        if not mem.contains(start, seg.p_memsz):
-            raise _needs_ram(f"kernel segment {seg.index}", start, end, mem)
+    segments = kernel_segments(elf, mem)
     if not mem.contains(entry):
         raise _needs_ram("kernel's PVH entry point", entry, entry + 1, mem)
     image_end = max(seg.p_paddr + seg.p_memsz for seg in segments)

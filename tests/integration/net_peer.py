@@ -63,6 +63,28 @@ def tcp_frame(dst: bytes, src: bytes, payload: bytes, seq: int) -> bytes:
     return dst + src + b"\x08\x00" + ip + tcp + payload
 
 
+def received(s: socket.socket, cmd: dict, default_timeout: float):
+    """(vnet header, frame) of frames arriving on `s` until cmd["count"] or the timeout;
+    our own sends and frames of another cmd["ethertype"] are skipped."""
+    want, deadline = cmd["count"], time.monotonic() + cmd.get("timeout", default_timeout)
+    ethertype, n = cmd.get("ethertype"), 0
+    while n < want:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([s], [], [], left)[0]:
+            return
+        try:
+            data, addr = s.recvfrom(1 << 17)
+        except BlockingIOError:
+            continue
+        if addr[2] == socket.PACKET_OUTGOING:
+            continue  # our own sends, seen on the way out
+        head, frame = (data[:VNET], data[VNET:]) if cmd.get("vnet") else (b"", data)
+        if ethertype is not None and int.from_bytes(frame[12:14], "big") != ethertype:
+            continue
+        n += 1
+        yield head, frame
+
+
 def main(iface: str) -> None:
     plain, vnet = open_socket(iface, False), open_socket(iface, True)
     print(json.dumps({"ready": iface}), flush=True)  # bound: from now on no frame is missed
@@ -86,25 +108,9 @@ def main(iface: str) -> None:
                 n += 1
             print(json.dumps({"sent": n}), flush=True)
         elif op == "recv":
-            s = vnet if cmd.get("vnet") else plain
-            want, deadline = cmd["count"], time.monotonic() + cmd.get("timeout", 5)
-            ethertype = cmd.get("ethertype")
-            out = []
-            while len(out) < want:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([s], [], [], left)[0]:
-                    break
-                try:
-                    data, addr = s.recvfrom(1 << 17)
-                except BlockingIOError:
-                    continue
-                if addr[2] == socket.PACKET_OUTGOING:
-                    continue  # our own sends, seen on the way out
-                head, frame = (data[:VNET], data[VNET:]) if cmd.get("vnet") else (b"", data)
-                if ethertype is not None and int.from_bytes(frame[12:14], "big") != ethertype:
-                    continue
-                out.append([len(frame), hashlib.sha256(frame).hexdigest(),
-                            frame.hex() if cmd.get("data") else None, head.hex() if head else None])
+            out = [[len(frame), hashlib.sha256(frame).hexdigest(), frame.hex() if cmd.get("data") else None,
+                    head.hex() if head else None]
+                   for head, frame in received(vnet if cmd.get("vnet") else plain, cmd, 5)]
             print(json.dumps({"frames": out}), flush=True)
         elif op == "gen":
             rng = random.Random(cmd["seed"])
@@ -129,22 +135,8 @@ def main(iface: str) -> None:
                         select.select([], [s], [], 1)
             print(json.dumps({"sent": cmd["count"], "sha256": h.hexdigest()}), flush=True)
         elif op == "drain":
-            s = vnet if cmd.get("vnet") else plain
-            want, deadline = cmd["count"], time.monotonic() + cmd.get("timeout", 10)
             h, n, total = hashlib.sha256(), 0, 0
-            while n < want:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([s], [], [], left)[0]:
-                    break
-                try:
-                    data, addr = s.recvfrom(1 << 17)
-                except BlockingIOError:
-                    continue
-                if addr[2] == socket.PACKET_OUTGOING:
-                    continue
-                frame = data[VNET:] if cmd.get("vnet") else data
-                if int.from_bytes(frame[12:14], "big") != cmd["ethertype"]:
-                    continue
+            for _, frame in received(vnet if cmd.get("vnet") else plain, cmd, 10):
                 if cmd["ethertype"] == 0x0800:
                     h.update(frame[54:])  # TCP payload (no options)
                     total += len(frame) - 54
