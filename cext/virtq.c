@@ -117,10 +117,12 @@ static int walk(struct avmm_vq *q, const struct avmm_gmem *m, struct avmm_chain 
 
         if (d.flags & VRING_DESC_F_INDIRECT) {
             /* 2.7.5.3: only if negotiated, never nested, never with NEXT; the table is a
-             * whole number of descriptors. The WRITE flag of this descriptor is ignored. */
+             * whole number of descriptors. The WRITE flag of this descriptor is ignored.
+             * A table is no longer than the longest chain any device takes (Linux may make
+             * one longer than the queue): its walk is bounded by that, not by the guest. */
             void *t;
             if (indirect || !(q->flags & AVMM_VQ_INDIRECT) || (d.flags & VRING_DESC_F_NEXT) || d.len == 0 ||
-                (d.len & 15) || !ring_fits(m, d.addr, d.len, &t)) {
+                (d.len & 15) || d.len / 16 > AVMM_CHAIN_MAX_IOV || !ring_fits(m, d.addr, d.len, &t)) {
                 chain_error(q, c, AVMM_VQ_E_INDIRECT);
                 return 0;
             }
@@ -155,6 +157,7 @@ static int walk(struct avmm_vq *q, const struct avmm_gmem *m, struct avmm_chain 
                 }
             }
         }
+        /* Walk on after an error: the device answers it in the chain's last writable byte */
         if (!(d.flags & VRING_DESC_F_NEXT))
             return 0;
         i = d.next;

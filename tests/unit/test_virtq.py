@@ -237,6 +237,14 @@ def test_nested_indirect_and_loops_inside_a_table_fail_the_request(ring):
     ring.q.write_desc(looping, 1, buf, 8, VRING_DESC_F_NEXT, 0)
     _indirect_head(ring, looping, 32)
     assert ring.pop() == 1 and ring.chain.err == VqError.INDIRECT
+    huge = ring.heap.alloc(32 << 20, 16)  # a self-loop in a 2M-entry table: refused before any walk
+    ring.q.write_desc(huge, 0, buf, 8, VRING_DESC_F_NEXT, 0)
+    _indirect_head(ring, huge, 32 << 20)
+    assert ring.pop() == 1 and ring.chain.err == VqError.INDIRECT and ring.chain.ndesc == 1
+    longest = ring.heap.alloc(16 * lib.AVMM_CHAIN_MAX_IOV, 16)  # the longest table: walked to its end at most
+    ring.q.write_desc(longest, 0, buf, 0, VRING_DESC_F_NEXT, 0)  # empty buffers: no iovs run out first
+    _indirect_head(ring, longest, 16 * lib.AVMM_CHAIN_MAX_IOV)
+    assert ring.pop() == 1 and ring.chain.err == VqError.INDIRECT and ring.chain.ndesc == 1 + lib.AVMM_CHAIN_MAX_IOV
     escaping = ring.heap.alloc(16, 16)
     ring.q.write_desc(escaping, 0, buf, 8, VRING_DESC_F_NEXT, 5)  # next past the table's 1 entry
     _indirect_head(ring, escaping, 16)
