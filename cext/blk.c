@@ -15,6 +15,7 @@
 #define HDR_BYTES sizeof(struct virtio_blk_outhdr)
 #define SEG_BYTES sizeof(struct virtio_blk_discard_write_zeroes)
 #define REAP_BATCH 256
+#define BUDGET 128 /* requests popped per call: the loop gets its turn between batches (blk.h) */
 #define NO_SLOT UINT32_MAX
 
 struct blk_req {
@@ -49,7 +50,8 @@ struct avmm_blk {
     struct blk_req *slots;
     struct iovec *iov_pool;
     struct avmm_vq q[AVMM_BLK_MAX_QUEUES];
-    uint8_t stalled[AVMM_BLK_MAX_QUEUES]; /* ran out of slots: kick again on completion */
+    uint8_t stalled[AVMM_BLK_MAX_QUEUES]; /* ran out of slots: served again on completion */
+    uint8_t again[AVMM_BLK_MAX_QUEUES];   /* spent its budget: served again by avmm_blk_resume */
     struct avmm_io_cqe cqes[REAP_BATCH];
     struct avmm_blk_stats stats;
 };
@@ -128,6 +130,7 @@ void avmm_blk_reset(struct avmm_blk *b)
         memset(&b->q[i], 0, sizeof(b->q[i]));
         b->q[i].kick_fd = -1;
         b->stalled[i] = 0;
+        b->again[i] = 0;
     }
 }
 
@@ -393,54 +396,104 @@ static void start_request(struct avmm_blk *b, struct blk_req *r, struct avmm_cha
     }
 }
 
-int avmm_blk_kick(struct avmm_blk *b, int qi)
+/* Pop and start up to `budget` of queue qi's requests, one submit for them: requests
+ * started, -1 if the ring broke. Marks the queue stalled (out of slots) or again (budget
+ * spent). Completes nothing: kick and complete never call each other, so a guest that
+ * keeps the ring full cannot grow the stack. */
+static int serve_queue(struct avmm_blk *b, int qi, int budget)
 {
-    if (qi < 0 || qi >= b->cfg.nqueues)
-        return 0;
     struct avmm_vq *q = &b->q[qi];
-    if (!q->size)
-        return 0;
-    avmm_vq_drain_kick(q);
-    int started = 0;
+    int popped = 0, got = 0;
     b->stalled[qi] = 0;
+    b->again[qi] = 0;
     for (;;) {
-        struct blk_req *r;
-        while ((r = slot_get(b))) {
+        while (popped < budget) {
+            struct blk_req *r = slot_get(b);
+            if (!r) {
+                b->stalled[qi] = 1;
+                goto out;
+            }
             struct avmm_chain c = {.iov = r->iov, .iov_cap = b->iov_cap};
-            int got = avmm_vq_pop(q, b->mem, &c);
+            got = avmm_vq_pop(q, b->mem, &c);
             if (got <= 0) {
                 slot_put(b, r);
-                if (got < 0)
-                    b->needs_reset = 1;
                 break;
             }
             r->gen = b->gen;
             r->qi = (uint16_t)qi;
             r->head = c.head;
-            started++;
+            popped++;
             start_request(b, r, &c);
         }
-        if (q->broken)
-            break;
-        if (!r) {
-            b->stalled[qi] = 1; /* every slot busy: completions will come back here */
-            break;
+        if (got < 0) {
+            b->needs_reset = 1;
+            goto out;
+        }
+        if (popped >= budget) {
+            b->again[qi] = 1;
+            goto out;
         }
         if (!avmm_vq_enable_notify(q))
-            break;
+            goto out;
     }
-    if (started) {
+out:
+    if (popped) {
         b->stats.batches++;
         avmm_engine_submit(b->engine);
     }
     avmm_vq_publish(q);
-    if (q->broken)
-        return -1;
-    /* Reads the page cache holds (and errors) complete inside the submit: answer them now,
-     * not one trip around the loop later through the engine's eventfd. */
-    if (started && avmm_engine_ready(b->engine))
-        avmm_blk_complete(b);
-    return started;
+    return q->broken ? -1 : popped;
+}
+
+static int complete_batch(struct avmm_blk *b);
+
+int avmm_blk_kick(struct avmm_blk *b, int qi)
+{
+    if (qi < 0 || qi >= b->cfg.nqueues || !b->q[qi].size)
+        return 0;
+    avmm_vq_drain_kick(&b->q[qi]);
+    int total = 0;
+    for (;;) {
+        int n = serve_queue(b, qi, BUDGET - total);
+        if (n < 0)
+            return -1;
+        total += n;
+        /* Reads the page cache holds (and errors) complete inside the submit: answer them
+         * now, not one trip around the loop later through the engine's eventfd; their
+         * slots then serve what is left in the ring. */
+        if (!n || !avmm_engine_ready(b->engine))
+            break;
+        complete_batch(b);
+        if (!b->stalled[qi])
+            break;
+        if (total >= BUDGET) {
+            b->again[qi] = 1;
+            break;
+        }
+    }
+    return total;
+}
+
+int avmm_blk_again(const struct avmm_blk *b)
+{
+    for (int i = 0; i < b->cfg.nqueues; i++)
+        if (b->again[i])
+            return 1;
+    return 0;
+}
+
+int avmm_blk_resume(struct avmm_blk *b)
+{
+    int total = 0;
+    for (int i = 0; i < b->cfg.nqueues; i++) {
+        if (!b->again[i])
+            continue;
+        int n = avmm_blk_kick(b, i);
+        if (n < 0)
+            return -1;
+        total += n;
+    }
+    return total;
 }
 
 static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)
@@ -473,7 +526,8 @@ static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)
     finish(b, r, VIRTIO_BLK_S_OK);
 }
 
-int avmm_blk_complete(struct avmm_blk *b)
+/* Reap and finish what the engine completed: requests finished. */
+static int complete_batch(struct avmm_blk *b)
 {
     int total = 0, n;
     do {
@@ -481,17 +535,25 @@ int avmm_blk_complete(struct avmm_blk *b)
         for (int i = 0; i < n; i++)
             complete_one(b, &b->cqes[i]);
         total += n;
-    } while (n == REAP_BATCH);
+    } while (n == REAP_BATCH && total < (int)b->nslots);
     if (!total)
         return 0;
     b->stats.completion_batches++;
     avmm_engine_submit(b->engine); /* continued partial transfers */
-    for (int i = 0; i < b->cfg.nqueues; i++) {
+    for (int i = 0; i < b->cfg.nqueues; i++)
         avmm_vq_publish(&b->q[i]);
-        if (b->stalled[i])
-            avmm_blk_kick(b, i);
-    }
     return total;
+}
+
+int avmm_blk_complete(struct avmm_blk *b)
+{
+    int total = complete_batch(b), broken = 0;
+    if (!total)
+        return 0;
+    for (int i = 0; i < b->cfg.nqueues; i++)
+        if (b->stalled[i] && b->q[i].size && serve_queue(b, i, BUDGET) < 0)
+            broken = 1;
+    return broken ? -1 : total;
 }
 
 int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns)

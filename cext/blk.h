@@ -70,10 +70,17 @@ void avmm_blk_set_flags(struct avmm_blk *b, uint32_t flags);
 /* Configure queue qi (avmm_vq_setup's arguments); 0 or -errno. */
 int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
                          uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
-/* Serve queue qi's available requests: requests started, or -1 if the ring is broken. */
+/* Serve queue qi's available requests, at most a budget of them: requests started, or -1
+ * if the ring is broken. A queue that spent its budget is left for avmm_blk_resume, so a
+ * guest that keeps posting cannot keep the loop's thread to itself. */
 int avmm_blk_kick(struct avmm_blk *b, int qi);
-/* Finish completed I/O: requests completed. */
+/* Finish completed I/O, and serve queues that waited for the slots it frees: requests
+ * completed, or -1 if a ring broke. */
 int avmm_blk_complete(struct avmm_blk *b);
+/* 1 if some queue spent its budget with requests maybe left: call avmm_blk_resume soon. */
+int avmm_blk_again(const struct avmm_blk *b);
+/* Serve those queues (a budget each): requests started, or -1 if a ring broke. */
+int avmm_blk_resume(struct avmm_blk *b);
 /* Busy-poll up to max_ns for work — completions, or buffers on an active queue — and
  * serve the first that comes: requests handled, 0 if nothing came, -1 if a ring broke.
  * (QEMU's iothreads poll the same way: a wake-up through an eventfd costs more than

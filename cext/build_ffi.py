@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -280,6 +280,8 @@ int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t des
                          uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
 int avmm_blk_kick(struct avmm_blk *b, int qi);
 int avmm_blk_complete(struct avmm_blk *b);
+int avmm_blk_again(const struct avmm_blk *b);
+int avmm_blk_resume(struct avmm_blk *b);
 int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);

@@ -208,6 +208,10 @@ class MockQueue:
         except BlockingIOError:
             return 0
 
+    def watch_used(self) -> "UsedWatch":
+        """Record used->idx once per turn of the loop (stop() the watch when done)."""
+        return UsedWatch(self)
+
     async def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
         got: list[tuple[int, int]] = []
         deadline = time.monotonic() + timeout
@@ -346,6 +350,27 @@ class VirtioDriver:
 
     def has(self, feature: int) -> bool:
         return bool(self.features & bits(feature))
+
+
+class UsedWatch:
+    """A queue's used index as the guest sees it between the loop's callbacks: a device that
+    serves a long batch in steps shows the steps, one that serves it in one callback does not."""
+
+    def __init__(self, q: MockQueue):
+        self.q = q
+        self.seen: list[int] = []
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        idx = self.q.used_idx()
+        if not self.seen or self.seen[-1] != idx:
+            self.seen.append(idx)
+        self._handle = self._loop.call_soon(self._tick)
+
+    def stop(self) -> list[int]:
+        self._handle.cancel()
+        return self.seen
 
 
 BLK_OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector

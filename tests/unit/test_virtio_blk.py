@@ -248,6 +248,24 @@ def test_a_batch_is_one_submit_and_one_interrupt(image, engine):
     run(go())
 
 
+def test_a_full_ring_is_served_a_budget_at_a_time(image, engine):
+    # A guest that keeps the ring full (bad requests are answered at once, their slots come
+    # straight back) must not keep the loop to itself: the loop runs between batches.
+    async def go():
+        async with Blk(image, engine) as b:
+            q = b.c.q
+            statuses = [b.c.build(0x77, 0, in_len=512, indirect=True)[1] for _ in range(200)]
+            watch = q.watch_used()
+            q.kick()
+            await q.wait_used(200)
+            seen = watch.stop()
+            assert any(0 < idx < 200 for idx in seen), seen  # the guest saw a batch before the rest
+            assert all(b.h.mem.read(st, 1)[0] == S_UNSUPP for st in statuses)
+            assert b.stats["unsupported"] == 200 and b.stats["batches"] == 2
+            assert (await b.c.run(T_IN, 0, in_len=512))[0] == S_OK
+    run(go())
+
+
 def test_multiqueue(image, engine):
     async def go():
         async with Blk(image, engine, queues=4) as b:

@@ -2,8 +2,9 @@
 
 Python builds the device and answers the driver's setup; the requests themselves never
 reach Python. At DRIVER_OK each queue's ioeventfd becomes a reader on the loop that calls
-avmm_blk_kick (cext/blk.c: pop the whole batch, one submit), and the engine's eventfd one
-that calls avmm_blk_complete (reap the whole batch, one interrupt per queue).
+avmm_blk_kick (cext/blk.c: pop the batch, one submit), and the engine's eventfd one that
+calls avmm_blk_complete (reap the whole batch, one interrupt per queue). A queue that keeps
+coming is served a budget at a time, the loop's other callbacks in between.
 
 Features offered: SEG_MAX, SIZE_MAX, BLK_SIZE, TOPOLOGY, FLUSH, DISCARD, WRITE_ZEROES, MQ,
 RO for `ro`, and the transport's VERSION_1, RING_EVENT_IDX, INDIRECT_DESC. A driver that
@@ -65,6 +66,7 @@ class VirtioBlk(VirtioDevice):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: list[int] = []
         self._completion_reader = False
+        self._resume: asyncio.Handle | None = None
         try:
             self._build()
         except BaseException:
@@ -155,15 +157,25 @@ class VirtioBlk(VirtioDevice):
 
     def _kick(self, qi: int) -> None:
         self.window.woken(time.monotonic_ns())
-        if lib.avmm_blk_kick(self._blk, qi) < 0:
-            self._broken()
-            return
-        self._poll()
+        self._served(lib.avmm_blk_kick(self._blk, qi))
 
     def _complete(self) -> None:
         self.window.woken(time.monotonic_ns())
-        lib.avmm_blk_complete(self._blk)
+        self._served(lib.avmm_blk_complete(self._blk))
+
+    def _served(self, n: int) -> None:
+        """After a C call that served a batch: poll for the next, and come back soon to a
+        queue that spent its budget (other callbacks run first)."""
+        if n < 0:
+            self._broken()
+            return
         self._poll()
+        if self._resume is None and self._blk != ffi.NULL and lib.avmm_blk_again(self._blk):
+            self._resume = self._loop.call_soon(self._resumed)
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self._served(lib.avmm_blk_resume(self._blk))
 
     def _poll(self) -> None:
         """Spin briefly for the next kick or completion (asyncvmm.poll) while work comes."""
@@ -190,6 +202,9 @@ class VirtioBlk(VirtioDevice):
             for fd in self._readers:
                 self._loop.remove_reader(fd)
         self._readers.clear()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
 
     def reset(self) -> None:
         self._stop_queues()
