@@ -10,7 +10,7 @@
 #include "net.h"
 #include "util.h"
 
-#define BUDGET 256          /* frames per call: the loop gets its turn between batches */
+#define BUDGET 128          /* chains per call, good or bad: the loop gets its turn between batches */
 #define RX_MAX_CHAINS 64    /* chains a mergeable frame may span */
 #define RX_IOV 256          /* buffers of those chains */
 #define TX_IOV 128          /* buffers of one TX chain (Linux uses up to MAX_SKB_FRAGS + 2) */
@@ -112,22 +112,28 @@ struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair)
 /* ---- receive: TAP -> guest ------------------------------------------------------------ */
 
 /* Pop RX chains until they hold rx_frame_max bytes (one chain without MRG_RXBUF).
- * Returns chains popped, -1 if the ring broke. Bad chains are answered on the spot. */
-static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *niov, uint64_t *room)
+ * Returns chains popped, -1 if the ring broke. Bad chains are answered on the spot, each
+ * one more unit of `work`. `*dry`: it stopped because the ring had no more or the budget is
+ * spent (rather than at a limit or at a bad chain behind good ones): coming back can help. */
+static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *niov, uint64_t *room,
+                     int *work, int *dry)
 {
     int nchains = 0;
     *niov = 0;
     *room = 0;
+    *dry = 0;
     int mrg = n->flags & AVMM_NET_MRG_RXBUF;
-    while (nchains < RX_MAX_CHAINS && *room < n->rx_frame_max && *niov < RX_IOV) {
+    while (nchains < RX_MAX_CHAINS && *room < n->rx_frame_max && *niov < RX_IOV && *work < BUDGET) {
         struct avmm_chain *c = &n->rx_chain[nchains];
         c->iov = &n->rx_iov[*niov];
         c->iov_cap = RX_IOV - *niov;
         int r = avmm_vq_pop(q, n->mem, c);
         if (r < 0)
             return -1;
-        if (r == 0)
+        if (r == 0) {
+            *dry = 1;
             break;
+        }
         /* RX buffers are device-writable, and there must be room for the header. A bad
          * chain is answered (empty) only when it comes first: the chains gathered are
          * always consecutive in the ring, so giving them back is one unpop. */
@@ -138,6 +144,7 @@ static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint
             }
             p->stats.rx_bad_chains++;
             avmm_vq_push(q, c->head, 0);
+            (*work)++;
             continue;
         }
         *niov += c->nin;
@@ -146,6 +153,8 @@ static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint
         if (!mrg)
             break;
     }
+    if (*work >= BUDGET)
+        *dry = 1;
     return nchains;
 }
 
@@ -188,15 +197,16 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
     struct pair *p = &n->p[pair];
     if (!q->size || p->fd < 0)
         return 0;
-    int frames = 0;
-    for (;;) {
-        if (frames == BUDGET) {
+    int frames = 0, work = 0;
+    for (;; work++) {
+        if (work >= BUDGET) {
             *state |= AVMM_NET_BUDGET;
             break;
         }
         uint32_t niov;
         uint64_t room;
-        int nchains = gather_rx(n, q, p, &niov, &room);
+        int dry;
+        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry);
         if (nchains < 0) {
             avmm_vq_publish(q);
             return -1;
@@ -211,7 +221,7 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
         }
         if (p->held_len) {
             /* A frame read earlier waits: it goes first, once the buffers hold it. */
-            if (room < p->held_len && nchains < q->size) {
+            if (room < p->held_len && dry && nchains < q->size) {
                 avmm_vq_unpop(q, (uint16_t)nchains);
                 if (avmm_vq_enable_notify_more(q)) /* the buffers there are not enough */
                     continue;
@@ -219,7 +229,7 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
                 p->stats.rx_no_buffers++;
                 break;
             }
-            if (room < p->held_len) { /* all the guest can post does not hold it */
+            if (room < p->held_len) { /* all the guest can post (or we take) does not hold it */
                 p->stats.rx_too_long++;
                 avmm_vq_unpop(q, (uint16_t)nchains);
             } else {
@@ -246,6 +256,10 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
                     p->stats.rx_errors++;
                 *state |= AVMM_NET_RX_EMPTY;
                 break;
+            }
+            if ((uint64_t)len > n->rx_frame_max) { /* no buffers the guest posts may take it */
+                p->stats.rx_too_long++;
+                continue;
             }
             if (len < AVMM_NET_HDR_LEN)
                 continue;
@@ -296,8 +310,8 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
         return 0;
     avmm_vq_drain_kick(q);
     int frames = 0;
-    for (;;) {
-        if (frames == BUDGET) {
+    for (int work = 0;; work++) {
+        if (work >= BUDGET) {
             /* The caller comes back; meanwhile a doorbell must still come for what is next. */
             avmm_vq_enable_notify(q);
             *state |= AVMM_NET_BUDGET;

@@ -323,6 +323,57 @@ def test_chains_the_guest_got_wrong():
     run(go())
 
 
+def test_a_full_tx_ring_of_bad_chains_is_served_a_budget_at_a_time():
+    # Bad chains count against the budget as frames do: a guest that keeps the ring full of
+    # them shares the loop (the guest sees the first batch answered before the rest).
+    async def go():
+        async with Net() as n:
+            q, heap = n.c.tx, n.h.heap
+            for _ in range(200):
+                q.add([(heap.alloc(64), 64, True)], publish=True)  # device-writable: not a TX buffer
+            watch = q.watch_used()
+            q.kick()
+            await n.c.sent(200)
+            seen = watch.stop()
+            assert any(0 < idx < 200 for idx in seen), seen
+            assert n.stats["tx_bad_chains"] == 200
+            n.c.send(n.frame(b"after"))
+            await n.c.sent(1)
+            (_, _, data, _), = n.peer.recv(1, ethertype=ETHERTYPE, data=True)
+            assert bytes.fromhex(data).endswith(b"after")
+    run(go())
+
+
+def _features_without_guest_gso() -> int:
+    async def probe():
+        async with Net() as p:
+            return p.dev.offered & ~bits(NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_UFO,
+                                         NetFeature.GUEST_USO4, NetFeature.GUEST_USO6)
+    return run(probe())
+
+
+def test_a_frame_no_buffers_can_take_is_dropped_not_waited_for():
+    feats = _features_without_guest_gso()  # mergeable buffers, frames of 1518 bytes at most
+
+    async def go():
+        async with Net(features=feats) as n:
+            # Longer than any frame the guest agreed to (the host's MTU is 9000), and too few
+            # buffers posted to know that before reading it: it is dropped, the next one
+            # takes the buffer.
+            n.c.post_rx(1, size=1024)
+            n.peer.send([n.frame(os.urandom(3000), to_host=False), n.frame(b"next", to_host=False)])
+            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE, repost=False)
+            assert f.endswith(b"next") and n.stats["rx_too_long"] == 1
+            # Buffers so small that the most chains taken at once (64) cannot hold a full
+            # frame: the frame that needs more is dropped, the small one behind it delivered.
+            n.c.post_rx(100, size=16)
+            n.peer.send([n.frame(os.urandom(1400), to_host=False), n.frame(b"small", to_host=False)])
+            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
+            assert f.endswith(b"small") and n.stats["rx_too_long"] == 2
+            assert n.drv.status & Status.NEEDS_RESET == 0
+    run(go())
+
+
 def test_control_queue():
     async def go():
         async with Net(queues=2) as n:
@@ -352,9 +403,16 @@ def test_control_queue():
             assert await command(lib.VIRTIO_NET_CTRL_GUEST_OFFLOADS, lib.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
                                  struct.pack("<Q", 1 << NetFeature.GUEST_CSUM)) == OK
             assert await command(0x55, 0) == ERR
+            # A command longer than any real one is refused without being copied.
+            out, ack = heap.alloc(2, 16), heap.alloc(1, 1)
+            mem.write(out, bytes([lib.VIRTIO_NET_CTRL_RX, lib.VIRTIO_NET_CTRL_RX_PROMISC]))
+            ctrl.add([(out, 2, False), (0, mem.size, False), (ack, 1, True)])
+            ctrl.kick()
+            await ctrl.wait_used()
+            assert mem.read(ack, 1)[0] == ERR
             s = n.dev.device.stats()
             assert s["rx_mode"] == {"promisc": True} and s["active_pairs"] == 2
-            assert s["control"] == {"ctrl_commands": 8, "ctrl_errors": 3}
+            assert s["control"] == {"ctrl_commands": 8, "ctrl_errors": 4}
     run(go())
 
 

@@ -30,6 +30,10 @@ from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, format_mac
 
 QUEUE_SIZE = 256
 CTRL_QUEUE_SIZE = 64
+# A control command's readable part: class, command, data. The largest is a MAC table;
+# 64 KiB holds ten thousand addresses (QEMU keeps 64 and filters no more past that).
+CTRL_OUT_MAX = 64 << 10
+CTRL_BUDGET = 16  # commands per callback: a guest that keeps the queue full shares the loop
 FRAME_MAX = 1514 + 4  # an Ethernet frame with a VLAN tag, without segmentation offload
 GSO_FRAME_MAX = 65535 + 14 + 4  # a 64 KiB IP packet in one frame, with segmentation offload
 HDR_LEN = lib.AVMM_NET_HDR_LEN
@@ -135,9 +139,11 @@ class VirtioNet(VirtioDevice):
         self._readers: set[int] = set()
         self._writers: set[int] = set()
         self._rx_stopped = [False] * self.pairs
+        self._again: dict[tuple[bool, int], asyncio.Handle] = {}  # (tx, pair): a batch to continue
         self._ctrl_vq = ffi.new("struct avmm_vq *")
         self._ctrl_iov = ffi.new("struct iovec[]", 64)
         self._ctrl_fd = -1
+        self._ctrl_resume: asyncio.Handle | None = None
         self.window = PollWindow(POLL_MAX_NS if poll else 0)
         self._state = ffi.new("uint32_t *")
         self._pair = ffi.new("int *")
@@ -239,26 +245,33 @@ class VirtioNet(VirtioDevice):
         self._poll()
 
     def _rx_batch(self, pair: int) -> None:
-        state = self._run(lib.avmm_net_rx, pair)
+        state = self._move(lib.avmm_net_rx, pair)
         if state is not None:
             self._after_rx(pair, state)
 
-    def _run(self, move, pair: int) -> int | None:
-        """avmm_net_rx/tx until a call ends short of its budget; its state, or None if a
-        ring broke."""
-        state = self._state
-        while True:
-            if move(self._net, pair, state) < 0:
-                self._broken()
-                return None
-            if not state[0] & lib.AVMM_NET_BUDGET:
-                return state[0]
+    def _move(self, move, pair: int) -> int | None:
+        """One avmm_net_rx/tx batch: its state, or None if a ring broke."""
+        if move(self._net, pair, self._state) < 0:
+            self._broken()
+            return None
+        return self._state[0]
+
+    def _continue_soon(self, tx: bool, pair: int) -> None:
+        """A batch stopped at its budget: the rest after the loop's other callbacks."""
+        if (tx, pair) not in self._again:
+            self._again[tx, pair] = self._loop.call_soon(self._continue, tx, pair)
+
+    def _continue(self, tx: bool, pair: int) -> None:
+        del self._again[tx, pair]
+        (self._tx_batch if tx else self._rx_batch)(pair)
 
     def _after_rx(self, pair: int, state: int) -> None:
         if state & lib.AVMM_NET_RX_NO_BUFFERS and not self._rx_stopped[pair]:
             # No buffers: frames wait in the TAP until the guest posts some (the RX doorbell).
             self._rx_stopped[pair] = True
             self._remove_reader(self.tap.fds[pair])
+        if state & lib.AVMM_NET_BUDGET:
+            self._continue_soon(False, pair)
 
     def _rx_kick(self, pair: int) -> None:
         vq = lib.avmm_net_queue(self._net, 2 * pair)
@@ -274,7 +287,7 @@ class VirtioNet(VirtioDevice):
         self._poll()
 
     def _tx_batch(self, pair: int) -> None:
-        state = self._run(lib.avmm_net_tx, pair)
+        state = self._move(lib.avmm_net_tx, pair)
         if state is not None:
             self._after_tx(pair, state)
 
@@ -283,6 +296,8 @@ class VirtioNet(VirtioDevice):
         if state & lib.AVMM_NET_TX_BLOCKED and fd not in self._writers:
             self._loop.add_writer(fd, self._tx_writable, pair)
             self._writers.add(fd)
+        if state & lib.AVMM_NET_BUDGET:
+            self._continue_soon(True, pair)
 
     def _poll(self) -> None:
         """Spin briefly for the next frame either way (asyncvmm.poll) while traffic flows."""
@@ -318,7 +333,7 @@ class VirtioNet(VirtioDevice):
         vq = self._ctrl_vq
         lib.avmm_vq_drain_kick(vq)
         mem_table = self.mem.c_table()
-        while True:
+        for _ in range(CTRL_BUDGET):
             chain = ffi.new("struct avmm_chain *", {"iov": self._ctrl_iov, "iov_cap": 64})
             r = lib.avmm_vq_pop(vq, mem_table, chain)
             if r < 0:
@@ -330,7 +345,8 @@ class VirtioNet(VirtioDevice):
                     continue
                 break
             ack = Ctrl.ERR
-            if not chain.err and chain.nin >= 1 and chain.out_len >= 2 and chain.last_in != ffi.NULL:
+            if (not chain.err and chain.nin >= 1 and 2 <= chain.out_len <= CTRL_OUT_MAX
+                    and chain.last_in != ffi.NULL):
                 out = b"".join(bytes(ffi.buffer(self._ctrl_iov[i].iov_base, self._ctrl_iov[i].iov_len))
                                for i in range(chain.nout))
                 ack = self._command(out[0], out[1], out[2:])
@@ -339,7 +355,14 @@ class VirtioNet(VirtioDevice):
             if chain.last_in != ffi.NULL:
                 chain.last_in[0] = ack
             lib.avmm_vq_push(vq, chain.head, 1 if chain.last_in != ffi.NULL else 0)
+        else:  # the budget is spent: the rest after the loop's other callbacks
+            if self._ctrl_resume is None:
+                self._ctrl_resume = self._loop.call_soon(self._ctrl_again)
         lib.avmm_vq_publish(vq)
+
+    def _ctrl_again(self) -> None:
+        self._ctrl_resume = None
+        self._ctrl()
 
     def _command(self, cls: int, cmd: int, data: bytes) -> int:
         self.counters["ctrl_commands"] += 1
@@ -408,6 +431,11 @@ class VirtioNet(VirtioDevice):
             for fd in list(self._writers):
                 self._loop.remove_writer(fd)
             self._writers.clear()
+        for handle in [*self._again.values(), self._ctrl_resume]:
+            if handle is not None:
+                handle.cancel()
+        self._again.clear()
+        self._ctrl_resume = None
         self._rx_stopped = [False] * self.pairs
 
     def reset(self) -> None:
