@@ -104,6 +104,9 @@ int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op)
 {
     if (e->inflight >= e->entries)
         return -EBUSY;
+    if (op->opcode != AVMM_IO_READV && op->opcode != AVMM_IO_WRITEV && op->opcode != AVMM_IO_FSYNC &&
+        op->opcode != AVMM_IO_FALLOCATE)
+        return -EINVAL; /* before an SQE is taken: one left unfilled would still be submitted */
     if (e->kind == AVMM_ENGINE_SYNC) {
         e->sq[e->sq_n++] = *op;
     } else {
@@ -123,8 +126,6 @@ int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op)
         case AVMM_IO_FALLOCATE:
             io_uring_prep_fallocate(sqe, op->fd, op->flags, (off_t)op->off, (off_t)op->len);
             break;
-        default:
-            return -EINVAL;
         }
         io_uring_sqe_set_data64(sqe, op->user_data);
         e->unsubmitted++;
@@ -230,9 +231,15 @@ void avmm_engine_drain(struct avmm_engine *e)
     }
     if (!e->ring_ok)
         return;
-    if (e->unsubmitted)
-        io_uring_submit(&e->ring);
     while (e->inflight) {
+        /* Everything queued must be submitted, or the wait below never ends. */
+        if (e->unsubmitted) {
+            int n = io_uring_submit(&e->ring);
+            if (n > 0)
+                e->unsubmitted -= (unsigned)n;
+            else if (n < 0 && n != -EAGAIN && n != -EINTR && n != -EBUSY)
+                break;
+        }
         struct io_uring_cqe *cqe;
         if (io_uring_wait_cqe(&e->ring, &cqe) < 0)
             break;
