@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 PREFIX = "asyncvmm: "
 _quiet = False
+
+# What a guest can make us say is rate-limited as printk_ratelimit() is: a burst, then
+# quiet until the interval is over (and a count of what was left unsaid).
+GUEST_BURST = 10
+GUEST_INTERVAL_S = 5.0
+_guest_window = {"start": float("-inf"), "said": 0, "suppressed": 0}
 
 
 def set_quiet(quiet: bool) -> None:
@@ -17,6 +24,20 @@ def set_quiet(quiet: bool) -> None:
 def info(msg: str) -> None:
     if not _quiet:
         _emit(msg)
+
+
+def guest(msg: str) -> None:
+    """info() for what the guest caused: a guest that keeps doing it cannot flood the log."""
+    w, now = _guest_window, time.monotonic()
+    if now - w["start"] >= GUEST_INTERVAL_S:
+        if w["suppressed"]:
+            info(f"{w['suppressed']} more messages about the guest left out")
+        w.update(start=now, said=0, suppressed=0)
+    if w["said"] < GUEST_BURST:
+        w["said"] += 1
+        info(msg)
+    else:
+        w["suppressed"] += 1
 
 
 def error(msg: str) -> None:

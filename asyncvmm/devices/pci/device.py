@@ -115,7 +115,7 @@ class PciDevice:
             # A real bus would answer both devices and corrupt the reads; we answer the
             # first, and say so once per placement.
             self.conflicts += 1
-            log.info(f"{self.name}: BAR{bar.index} at {address:#x} not decoded: {e}")
+            log.guest(f"{self.name}: BAR{bar.index} at {address:#x} not decoded: {e}")
             return
         self.mapped[bar.index] = BarMapping(address, bus)
         self.bar_mapped(bar, address)

@@ -185,7 +185,7 @@ class VirtioPciDevice(PciDevice):
         self.counters["needs_reset"] += 1
         if self.status & Status.NEEDS_RESET:
             return
-        log.info(f"{self.name} {self._where()}: device needs reset: {why}")
+        log.guest(f"{self.name} {self._where()}: device needs reset: {why}")
         self.status |= Status.NEEDS_RESET
         if self.status & Status.DRIVER_OK:
             self.config_changed()
@@ -447,7 +447,7 @@ class VirtioPciDevice(PciDevice):
             if unknown or not self.driver_features & bits(Feature.VERSION_1):
                 why = f"unoffered features {unknown:#x}" if unknown else "no VERSION_1"
                 self.counters["features_refused"] += 1
-                log.info(f"{self.name} {self._where()}: refusing the driver's features: {why}")
+                log.guest(f"{self.name} {self._where()}: refusing the driver's features: {why}")
                 new &= ~Status.FEATURES_OK  # the driver re-reads status and gives up
         self.status = int(new) | (self.status & Status.NEEDS_RESET)
         if added & Status.DRIVER_OK and not self.status & Status.NEEDS_RESET:
