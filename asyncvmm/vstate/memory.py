@@ -84,6 +84,15 @@ class GuestMemory:
             # Guest RAM is not inherited by child processes (the console helper, QEMU in perf).
             if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTFORK"):
                 m.madvise(mmap.MADV_DONTFORK)
+            # Transparent huge pages where the host allows them (Debian's default is
+            # "madvise", so without asking there are none), as QEMU asks too: fewer TLB
+            # misses in the guest, and guest buffers that are physically contiguous, so
+            # O_DIRECT I/O from them takes fewer segments on the host's block layer.
+            if not hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    m.madvise(mmap.MADV_HUGEPAGE)
+                except OSError:
+                    pass  # a host kernel built without THP: small pages, nothing lost
             hva = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
             self._maps.append(m)
             self._views.append(memoryview(m))
