@@ -201,6 +201,8 @@ class Machine:
         self._console_timer: asyncio.TimerHandle | None = None
         self.pci = None
         self.irq: IrqRouter | None = None
+        self.emulating = False  # KVM runs guest code in its instruction emulator (vstate/probe.py)
+        self.debugger = None  # gdb.target.Target, with -g/-G: sees the debug exits first
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
@@ -219,6 +221,7 @@ class Machine:
         topology = cfg.cpu_topology
         kind = probe.probe(self.kvm)
         self.quirks = Quirks(kind.emulating and cfg.quirks, kind.detail)
+        self.emulating = kind.emulating
         if cfg.cpu_template:
             self.cpu_template = cpuid.Template(cfg.cpu_template)
         else:
@@ -577,6 +580,8 @@ class Machine:
         """A vCPU stopped on something other than I/O: serve it, or stop the VM."""
         reason = e.kvm_reason
         vcpu = self.vcpus[i]
+        if reason == lib.KVM_EXIT_DEBUG and e.kind == lib.AVMM_EXIT_STOP and self.debugger is not None:
+            return self.debugger.on_debug_exit(i, e.info[0], e.info[1], e.info[2])
         if e.kind == lib.AVMM_EXIT_ERROR:
             self.request_stop(Stop(StopReason.ERROR, f"vCPU {i}: KVM_RUN failed: {os.strerror(e.err)}", i))
             return False
@@ -588,6 +593,8 @@ class Machine:
             suberror = e.info[0] & 0xFFFF_FFFF
             if suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
                 insn, rip, bits = self._failed_instruction(vcpu, e)
+                if insn[:1] == b"\xcc" and self.debugger is not None and self.debugger.on_int3(i):
+                    return True  # one of gdb's breakpoints
                 if self.quirks.on_emulation_failure(vcpu, insn):
                     return True
                 text, length = disassemble(insn, rip, bits)
