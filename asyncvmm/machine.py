@@ -240,7 +240,7 @@ class Machine:
                      f"{self.pit.min_interval_ns // 1_000_000} ms (no in-kernel PIT)")
         else:
             self.vm.create_pit()
-        self.mem = GuestMemory(cfg.memory)
+        self.mem = GuestMemory(cfg.memory, wired=cfg.wired)
         for r in self.mem.regions:
             self.vm.set_memory_region(r.slot, r.gpa, r.size, r.hva)
         self.pio.strict = self.mmio.strict = cfg.strict_io
@@ -268,6 +268,8 @@ class Machine:
         if self._cvm == ffi.NULL:
             raise KvmError("cannot allocate the vCPU threads' state")
         entries = self.quirks.adjust_cpuid(cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template))
+        if cfg.xapic:
+            entries = cpuid.hide(entries, (cpuid.X2APIC,))
         if self.quirks.hidden_pv_features:
             log.info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(self.quirks.hidden_pv_features)}")
         msrs = self.kvm.msr_index_list()

@@ -2,6 +2,9 @@
  * gdbtarget: a guest to debug with gdb (built with -g).  Prints "value=N round=R" in a
  * loop; a debugger reads and writes `value`, breaks at `tick`, watches `watched`.
  *   spin      no output: a tight loop (a debugger's Ctrl-C stops it)
+ * It first prints "x2apic=B", B being CPUID.1:ECX[21] (x2APIC) as this guest sees it, then
+ * "x2apic-mode=ok" or "x2apic-mode=#GP": what setting IA32_APIC_BASE.EXTD (turning the
+ * local APIC to x2APIC mode) did; a CPU without x2APIC raises #GP (then it stays xAPIC).
  *   paging=32 / paging=pae   turn paging on first: identity-map the first 4 MiB and map
  *             ALIAS_VA to the page holding `value` (a debugger reads it there by its
  *             virtual address)
@@ -19,6 +22,32 @@
 volatile u32 value = 7;        /* printed each round: a debugger writes it */
 volatile u32 watched;          /* written by tick: a hardware watchpoint's target */
 volatile u32 rounds;
+volatile u32 gp_count;
+
+#define IA32_APIC_BASE 0x1B
+#define APIC_BASE_EXTD (1u << 10)  /* x2APIC mode */
+#define GP_VECTOR 13
+
+/* #GP pushes an error code: drop it, step over the 2-byte wrmsr that faulted, count it,
+ * and return as the runtime's stubs do (rt.h RT_IRET_ASM). */
+void gp_stub(void);
+__asm__(".text\n.globl gp_stub\n.type gp_stub, @function\ngp_stub:\n"
+        "  addl $4, %esp\n"
+        "  addl $2, (%esp)\n"
+        "  lock incl gp_count\n"
+        RT_IRET_ASM
+        ".size gp_stub, . - gp_stub\n");
+
+static void x2apic_mode(void)
+{
+    u32 lo, hi;
+    idt_set_gate(GP_VECTOR, gp_stub);
+    idt_load();
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(IA32_APIC_BASE));
+    lo |= APIC_BASE_EXTD;
+    __asm__ volatile("wrmsr" : : "a"(lo), "d"(hi), "c"(IA32_APIC_BASE) : "memory");
+    puts(gp_count ? "x2apic-mode=#GP\n" : "x2apic-mode=ok\n");
+}
 
 /* 32-bit paging: a page directory with 4 MiB pages, and one page table for the alias. */
 static u32 pd32[1024] __attribute__((aligned(4096)));
@@ -72,6 +101,12 @@ void guest_main(const struct hvm_start_info *si)
     u32 delay = cmdline_u32(si, "delay", 20000);
     const char *mode = cmdline_get(si, "paging");
 
+    u32 a = 1, b, c, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "=c"(c), "=d"(d) : "c"(0));
+    puts("x2apic=");
+    print_dec((c >> 21) & 1);
+    putc('\n');
+    x2apic_mode();
     if (mode)
         paging_on(mode);
     if (cmdline_get(si, "spin")) {
