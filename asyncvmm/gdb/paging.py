@@ -20,8 +20,8 @@ tests build page tables in a plain buffer.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 class Cr0(enum.IntFlag):

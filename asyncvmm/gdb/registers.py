@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .paging import Efer
 
 
-class Feature(str, enum.Enum):
+class Feature(enum.StrEnum):
     CORE = "org.gnu.gdb.i386.core"
     SSE = "org.gnu.gdb.i386.sse"
     SEGMENTS = "org.gnu.gdb.i386.segments"

@@ -17,7 +17,7 @@ from .. import log
 from ..errors import ConfigError
 from .options import GdbOptions
 from .packets import Kind, PacketReader, frame
-from .stub import Session, error, E_BAD_PACKET
+from .stub import E_BAD_PACKET, Session, error
 from .target import Target
 
 WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its replies is dropped

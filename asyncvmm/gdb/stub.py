@@ -9,7 +9,7 @@ i+1 is vCPU i (IDs 0 and -1 mean "any" and "all").
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from .. import log
 from .breakpoints import Kind
@@ -290,16 +290,20 @@ class Session:
         return None
 
     def _set_thread(self, p: bytes) -> bytes:
+        """Hg/Hc: the vCPU later requests are for. 0 (any) keeps the current one; -1
+        (all) makes `c`/`s` apply to every vCPU."""
         op, thread = p[1:2], _thread_id(p[2:])
-        vcpu = thread - 1 if thread > 0 else thread
-        if thread > 0 and not 0 <= vcpu < self.target.n:
-            return error(E_TARGET)
-        if op == b"g":
-            self.g_thread = vcpu if vcpu >= 0 else 0
-        elif op == b"c":
-            self.c_thread = vcpu
-        else:
+        if op not in (b"g", b"c"):
             raise BadPacket(p)
+        if thread > 0:
+            if thread > self.target.n:
+                return error(E_TARGET)
+            if op == b"g":
+                self.g_thread = thread - 1
+            else:
+                self.c_thread = thread - 1
+        elif thread == -1 and op == b"c":
+            self.c_thread = -1
         return OK
 
     def _thread_alive(self, p: bytes) -> bytes:

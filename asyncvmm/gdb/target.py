@@ -37,7 +37,13 @@ from .._native import ffi, lib
 from ..errors import GuestMemoryError
 from ..vstate.vcpu import Msr
 from .breakpoints import (
-    INT3, BreakpointError, DebugRegisters, Dr6, HardwareBreakpoint, Kind, SoftwareBreakpoints,
+    INT3,
+    BreakpointError,
+    DebugRegisters,
+    Dr6,
+    HardwareBreakpoint,
+    Kind,
+    SoftwareBreakpoints,
 )
 from .paging import Paging, pages, translate
 from .registers import RegisterFile

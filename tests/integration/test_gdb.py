@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, needs_kvm, run_vmm
 from gdb_rsp import RspClient, wait_for
 

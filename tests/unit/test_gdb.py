@@ -12,7 +12,8 @@ from asyncvmm.errors import ConfigError
 from asyncvmm.gdb import packets
 from asyncvmm.gdb.breakpoints import BreakpointError, DebugRegisters, HardwareBreakpoint, Kind, SoftwareBreakpoints
 from asyncvmm.gdb.options import GdbOptions, parse_gdb
-from asyncvmm.gdb.packets import Kind as Ev, PacketReader, frame
+from asyncvmm.gdb.packets import Kind as Ev
+from asyncvmm.gdb.packets import PacketReader, frame
 from asyncvmm.gdb.paging import Mode, Paging, pages, translate
 from asyncvmm.gdb.registers import G_PACKET_BYTES, LAYOUT, REGNUM, target_xml
 
@@ -166,8 +167,8 @@ def test_target_description_matches_the_layout():
 
 
 class FakeSeg:
-    def __init__(self, selector=8, l=0, base=0):
-        self.selector, self.l, self.base, self.db = selector, l, base, 1
+    def __init__(self, selector=8, long_mode=0, base=0):
+        self.selector, self.l, self.base, self.db = selector, long_mode, base, 1
 
 
 class FakeSregs:
