@@ -221,7 +221,7 @@ def test_memory_by_virtual_address_under_paging(vm_factory, guests, mode, emulat
     if emulating_kvm:
         # Measured on kvm_pvm (2026-12-03): a 32-bit guest's CR0.PG does not stick (gdb reads
         # CR0 0x11 after the guest set it) and loads through its new mappings read all ones.
-        # The walks of every mode are checked in tests/unit/test_gdb.py, 4-level live in the
+        # The walks of every mode are checked in tests/unit/test_gdb_protocol.py, 4-level live in the
         # slow tier's Linux run.
         pytest.skip("this KVM does not run 32-bit guests with paging on")
     vm = vm_factory(cmdline=f"delay=2000 paging={mode}")
