@@ -121,8 +121,10 @@ def vm_factory(guests, tmp_path):
 def test_break_registers_variable_step_detach(vm_factory):
     vm = vm_factory()
     out = vm.gdb(
-        "break tick", "continue", "info registers rip eflags cs cr0", "print value", "set var value = 4242",
-        "print value", "stepi", "next", "info registers rip", "delete", "detach",
+        "break tick", "continue", "info registers rip eflags cs cr0 mxcsr fctrl", "print value", "set var value = 4242",
+        "print value", "stepi", "next", "info registers rip", "delete",
+        # A register write reaches the vCPU before it runs again: step from a RIP set by hand.
+        "x/2i tick", "set $pc = tick", "stepi", "info registers rip", "detach",
     )
     assert re.search(r"Breakpoint 1, tick \(", out), out
     assert re.search(r"rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <tick>", out), out
@@ -130,6 +132,10 @@ def test_break_registers_variable_step_detach(vm_factory):
     assert re.search(r"cr0\s+0x11\s+17", out), out  # PE|ET: 32-bit protected mode, no paging
     assert "$1 = 7" in out and "$2 = 4242" in out, out
     assert re.search(r"^\d+\s+watched = n;\n\d+\s+rounds = n \+ 1;", out, re.M), out  # stepi, then next
+    assert re.search(r"mxcsr\s+0x[0-9a-f]+\s+\[", out) and re.search(r"fctrl\s+0x37f", out), out  # x87 at reset
+    second = re.findall(r"^\s+(0x[0-9a-f]+) <tick\+(\d+)>:", out, re.M)
+    assert second, out
+    assert re.search(rf"rip\s+{second[0][0]}\s+{second[0][0]} <tick\+{second[0][1]}>\n\[Inferior", out), out
     assert "detached" in out, out
     # The write took effect, and the guest runs on after gdb is gone.
     wait_for(lambda: "value=4242" in vm.console(), 15, "the guest to print the new value")
