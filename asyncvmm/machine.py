@@ -24,6 +24,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from . import platform
 from .boot.setup import BootImages, BootSetup, read_images
 from .bus import Bus
 from .config import VmConfig
@@ -52,7 +53,14 @@ class Machine:
         self.config = config
         self.console = console  # COM1's backend
         self.images = images
-        self.host = host  # devices.slots.HostResources: what outlives this boot (TAPs)
+        # devices.slots.HostResources: what outlives this boot (TAPs, COM2-4's consoles);
+        # without one the machine keeps its own, closed with it.
+        self._own_host = host is None
+        if host is None:
+            from .devices.slots import HostResources  # noqa: PLC0415
+
+            host = HostResources()
+        self.host = host
         self.timeline = Timeline()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -73,9 +81,11 @@ class Machine:
         cfg = self.config
         try:
             self.vm = Vm(cfg)
-            self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline)
+            ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
+            self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)
             self.vcpus = Vcpus(self.vm, cfg, self.boot_setup.state, self.pio, self.mmio, self.request_stop)
-            self.legacy = LegacyDevices(self.vm, self.vcpus, cfg, {"com1": self.console}, self.pio, self.request_stop)
+            consoles = {"com1": self.console, **{n: self.host.console(n, spec) for n, spec in cfg.serial.items()}}
+            self.legacy = LegacyDevices(self.vm, self.vcpus, cfg, consoles, self.pio, self.request_stop)
             self.legacy.console_observer = self._console_observer
             self.pci = PciDevices(self.vm, cfg, self.pio, self.mmio, self.host)
         except BaseException:
@@ -234,3 +244,5 @@ class Machine:
         for part in (self.vcpus, self.legacy, self.pci, self.vm):
             if part is not None:
                 part.close()
+        if self._own_host:
+            self.host.close()

@@ -71,7 +71,7 @@ def _read_file(path: str, what: str) -> bytes:
 class BootSetup:
     """The ACPI tables and the loaded kernel of one boot (guest RAM holds both)."""
 
-    def __init__(self, mem, config: VmConfig, images: BootImages, linux_cmdline, serial_ports=()):
+    def __init__(self, mem, config: VmConfig, images: BootImages, linux_cmdline, serial_ports=platform.COM_PORTS[:1]):
         """`linux_cmdline`: the quirks' additions for a Linux kernel; `serial_ports`: the
         COM ports (platform.ComPort) the DSDT lists."""
         self.tables = None  # boot.acpi.Tables, with ACPI
@@ -82,7 +82,7 @@ class BootSetup:
 
             topology = config.cpu_topology
             t0 = time.perf_counter()
-            self.tables = acpi.build(topology.apic_ids(), platform.ram_top(mem.regions))
+            self.tables = acpi.build(topology.apic_ids(), platform.ram_top(mem.regions), serial_ports=serial_ports)
             self.tables.write(mem)
             self.tables_s = time.perf_counter() - t0
             rsdp = self.tables.rsdp
