@@ -329,6 +329,9 @@ class LegacyDevices:
         out = {
             "console": dict(self.uart.counters) if self.uart is not None else {},
             "acpi": dict(self.acpi_pm.counters) if self.acpi_pm is not None else {},
+            "serial": {name: dict(port.uart.counters) for name, port in self.serial.items()},
+            "isa_irqs": {str(irq): {"drivers": list(line.drivers), "edges": line.edges}
+                         for irq, line in self.irq_lines.items()},
         }
         if self.pit is not None:
             out["pit"] = self.pit.stats()
