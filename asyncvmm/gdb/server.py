@@ -59,7 +59,7 @@ class GdbServer:
         """A new boot: its Target (holding every vCPU first if -G w asked, on the first boot)."""
         self._boots += 1
         self.target = Target(machine, wait=self.options.wait and self._boots == 1)
-        machine.debugger = self.target
+        machine.vcpus.debugger = self.target
         if self.connection is not None and self.connection.session is not None:
             self.connection.session.retarget(self.target)
 

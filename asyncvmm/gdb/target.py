@@ -93,10 +93,12 @@ class Target:
 
     def __init__(self, machine, *, wait: bool = False):
         self.m = machine
-        self.n = machine.config.cpus
-        self.sw = SoftwareBreakpoints(machine.mem)
+        self.vcpus = machine.vcpus
+        self.vm = machine.vm
+        self.n = self.vcpus.count
+        self.sw = SoftwareBreakpoints(self.vm.mem)
         self.dr = DebugRegisters()
-        self.emulating = machine.emulating
+        self.emulating = self.vm.emulating
         self.watches: list[EmulatedWatch] = []  # write watchpoints served by stepping
         self.stepping: set[int] = set()
         self.released: set[int] = set(range(self.n))
@@ -111,7 +113,7 @@ class Target:
         self._warned_watch = False
         if wait:  # -G w: nothing runs before a client has looked
             for i in range(self.n):
-                lib.avmm_vcpu_hold(machine._cvm, i, 1)
+                lib.avmm_vcpu_hold(self.vcpus.cvm, i, 1)
             self.released = set()
             self.state = State.STOPPED
             self.pending = [StopEvent(0, Signal.TRAP, "attach")]
@@ -145,7 +147,7 @@ class Target:
 
     def _hold_all(self) -> None:
         for i in range(self.n):
-            lib.avmm_vcpu_hold(self.m._cvm, i, 1)
+            lib.avmm_vcpu_hold(self.vcpus.cvm, i, 1)
         self.released = set()
 
     def _finish_stop(self) -> None:
@@ -158,19 +160,19 @@ class Target:
 
     def settle(self) -> None:
         """Serve what the held vCPUs posted until all are parked; then STOPPED."""
-        if self._settling or self.m._cvm == ffi.NULL:
+        if self._settling or self.vcpus.cvm == ffi.NULL:
             return
         self._settling = True
         try:
             while not self.m.stopping:
-                r = lib.avmm_vm_settle(self.m._cvm, self._ids, self.n, SETTLE_TIMEOUT_NS)
+                r = lib.avmm_vm_settle(self.vcpus.cvm, self._ids, self.n, SETTLE_TIMEOUT_NS)
                 if r == 0:
                     break
                 if r < 0:
                     log.error("gdb: a vCPU did not stop within 2 s; its registers may be stale")
                     break
                 for k in range(r):
-                    self.m._serve_exit(self._ids[k])
+                    self.vcpus.serve_posted(self._ids[k])
         finally:
             self._settling = False
         self.state = State.STOPPED
@@ -200,13 +202,13 @@ class Target:
         self.pending = []
         for i in actions:
             self.released.add(i)
-            lib.avmm_vcpu_hold(self.m._cvm, i, 0)
+            lib.avmm_vcpu_hold(self.vcpus.cvm, i, 0)
 
     def detach(self) -> None:
         """Remove every breakpoint and let every vCPU run, with no debugging."""
         if self.state is State.DETACHED:
             return
-        if self.m._cvm == ffi.NULL or self.m.stopping:
+        if self.vcpus.cvm == ffi.NULL or self.m.stopping:
             self.state = State.DETACHED
             return
         self.stop_now()
@@ -218,11 +220,11 @@ class Target:
         self.watches.clear()
         self.stepping = set()
         for i in range(self.n):
-            self.m.vcpus[i].set_guest_debug(0)
+            self.vcpus.fds[i].set_guest_debug(0)
         self.state = State.DETACHED
         self.pending = []
         for i in range(self.n):
-            lib.avmm_vcpu_hold(self.m._cvm, i, 0)
+            lib.avmm_vcpu_hold(self.vcpus.cvm, i, 0)
         self.released = set(range(self.n))
 
     def _set_guest_debug(self, i: int, step: bool) -> None:
@@ -235,7 +237,7 @@ class Target:
             control |= lib.KVM_GUESTDBG_USE_SW_BP
         if control:
             control |= lib.KVM_GUESTDBG_ENABLE
-        self.m.vcpus[i].set_guest_debug(control, self.dr.debugreg() if self.dr else None)
+        self.vcpus.fds[i].set_guest_debug(control, self.dr.debugreg() if self.dr else None)
 
     # -- the exits that are debug events (Machine calls these) --------------------------
     def on_debug_exit(self, i: int, exception: int, pc: int, dr6: int) -> bool:
@@ -244,8 +246,8 @@ class Target:
             if self.active and self._is_ours(i, pc):
                 self._event(StopEvent(i, Signal.TRAP, "swbreak"))
             else:  # the guest's own int3: deliver #BP as the CPU would have
-                self.m.quirks._skip(self.m.vcpus[i], 1)
-                self.m.quirks._inject(self.m.vcpus[i], BP_VECTOR)
+                self.vm.quirks._skip(self.vcpus.fds[i], 1)
+                self.vm.quirks._inject(self.vcpus.fds[i], BP_VECTOR)
             return True
         if not self.active:
             return True
@@ -267,16 +269,16 @@ class Target:
 
     def on_int3(self, i: int) -> bool:
         """An emulation failure on int3 (an emulating KVM): True if it was ours."""
-        vcpu = self.m.vcpus[i]
+        vcpu = self.vcpus.fds[i]
         sregs = vcpu.get_sregs()
         linear = (sregs.cs.base + vcpu.get_regs().rip) & 0xFFFF_FFFF_FFFF_FFFF
-        gpa = translate(self._paging(sregs), linear, self.m.mem.read)
+        gpa = translate(self._paging(sregs), linear, self.vm.mem.read)
         if self.active and (linear in self.sw.by_linear or gpa in self.sw.by_gpa):
             self._event(StopEvent(i, Signal.TRAP, "swbreak"))
             return True
         if gpa is not None and gpa in self._removed:
             try:
-                if self.m.mem.read(gpa, 1)[0] != INT3:
+                if self.vm.mem.read(gpa, 1)[0] != INT3:
                     return True  # ours a moment ago, now gone: run the real instruction
             except GuestMemoryError:
                 pass
@@ -288,7 +290,7 @@ class Target:
     def _is_ours(self, i: int, pc: int) -> bool:
         if pc in self.sw.by_linear:
             return True
-        gpa = translate(self._paging(self.m.vcpus[i].get_sregs()), pc, self.m.mem.read)
+        gpa = translate(self._paging(self.vcpus.fds[i].get_sregs()), pc, self.vm.mem.read)
         return gpa in self.sw.by_gpa
 
     # -- registers ---------------------------------------------------------------------
@@ -299,7 +301,7 @@ class Target:
             raise TargetError(f"no vCPU {i}")
         rf = self._regfiles.get(i)
         if rf is None:
-            rf = self._regfiles[i] = RegisterFile(self.m.vcpus[i], Msr.KERNEL_GS_BASE)
+            rf = self._regfiles[i] = RegisterFile(self.vcpus.fds[i], Msr.KERNEL_GS_BASE)
         return rf
 
     def _flush_registers(self) -> None:
@@ -314,11 +316,11 @@ class Target:
 
     def _vcpu_paging(self, i: int) -> Paging:
         rf = self._regfiles.get(i)
-        sregs = rf.sregs if rf is not None else self.m.vcpus[i].get_sregs()
+        sregs = rf.sregs if rf is not None else self.vcpus.fds[i].get_sregs()
         return self._paging(sregs)
 
     def _gpa(self, paging: Paging, linear: int) -> int | None:
-        return translate(paging, linear, self.m.mem.read)
+        return translate(paging, linear, self.vm.mem.read)
 
     def read_memory(self, i: int, linear: int, length: int) -> bytes:
         """Up to `length` bytes at `linear` in vCPU i's address space, page by page,
@@ -327,9 +329,9 @@ class Target:
         out = bytearray()
         for lin, n in pages(linear, length):
             gpa = self._gpa(paging, lin)
-            if gpa is None or not self.m.mem.contains(gpa, n):
+            if gpa is None or not self.vm.mem.contains(gpa, n):
                 break
-            chunk = bytearray(self.m.mem.read(gpa, n))
+            chunk = bytearray(self.vm.mem.read(gpa, n))
             self.sw.shadow(gpa, chunk)
             out += chunk
         if length and not out:
@@ -344,7 +346,7 @@ class Target:
         off = 0
         for lin, n in pages(linear, len(data)):
             gpa = self._gpa(paging, lin)
-            if gpa is None or not self.m.mem.contains(gpa, n):
+            if gpa is None or not self.vm.mem.contains(gpa, n):
                 raise TargetError(f"no guest RAM at {lin:#x}")
             if gpa < platform.ACPI_TABLES_END and gpa + n > platform.ACPI_TABLES_START:
                 raise TargetError(f"{lin:#x} is in the BIOS area (read-only)")
@@ -355,13 +357,13 @@ class Target:
             for bp in self.sw.covering(gpa, len(buf)):  # the int3 stays; it will restore this
                 bp.original = buf[bp.gpa - gpa]
                 buf[bp.gpa - gpa] = INT3
-            self.m.mem.write(gpa, bytes(buf))
+            self.vm.mem.write(gpa, bytes(buf))
 
     # -- breakpoints -------------------------------------------------------------------
     def insert(self, i: int, kind: Kind, addr: int, length: int) -> None:
         if kind is Kind.SOFTWARE:
             gpa = self._gpa(self._vcpu_paging(i), addr)
-            if gpa is None or not self.m.mem.contains(gpa, 1):
+            if gpa is None or not self.vm.mem.contains(gpa, 1):
                 raise TargetError(f"no guest RAM at {addr:#x} for a breakpoint")
             self.sw.insert(addr, gpa)
             self._removed.discard(gpa)
@@ -392,22 +394,22 @@ class Target:
         if not 1 <= length <= 8:
             raise TargetError(f"a watchpoint covers 1 to 8 bytes, not {length}")
         gpa = self._gpa(self._vcpu_paging(i), addr)
-        if gpa is None or not self.m.mem.contains(gpa, length):
+        if gpa is None or not self.vm.mem.contains(gpa, length):
             raise TargetError(f"no guest RAM at {addr:#x} to watch")
         if not self._warned_watch:
             self._warned_watch = True
             log.info("gdb: this KVM emulates guest code and does not check data breakpoints (measured): "
                      "write watchpoints are served by single-stepping the vCPUs, one exit per instruction")
         if all((w.linear, w.length) != (addr, length) for w in self.watches):
-            self.watches.append(EmulatedWatch(addr, length, gpa, self.m.mem.read(gpa, length)))
+            self.watches.append(EmulatedWatch(addr, length, gpa, self.vm.mem.read(gpa, length)))
 
     def _refresh_watches(self) -> None:
         for w in self.watches:
-            w.last = self.m.mem.read(w.gpa, w.length)
+            w.last = self.vm.mem.read(w.gpa, w.length)
 
     def _check_watches(self) -> EmulatedWatch | None:
         for w in self.watches:
-            now = self.m.mem.read(w.gpa, w.length)
+            now = self.vm.mem.read(w.gpa, w.length)
             if now != w.last:
                 w.last = now
                 return w
@@ -415,5 +417,5 @@ class Target:
 
     # -- threads -----------------------------------------------------------------------
     def describe(self, i: int) -> str:
-        state = {lib.AVMM_VCPU_PAUSED: "stopped", lib.AVMM_VCPU_DONE: "ended"}.get(self.m.vcpu_state(i), "running")
+        state = {lib.AVMM_VCPU_PAUSED: "stopped", lib.AVMM_VCPU_DONE: "ended"}.get(self.vcpus.state(i), "running")
         return f"vCPU {i} ({state})"
