@@ -10,7 +10,7 @@ paused one does; releasing it lets it run. gdb's all-stop mode is built from tha
     any --detach, client gone--> detached (breakpoints removed, all released)
 
 Stopping holds every vCPU, then *settles*: exits the vCPUs posted meanwhile are served
-(through Machine._serve_exit) until every held vCPU is parked; only then are registers
+(through Vcpus.serve_posted) until every held vCPU is parked; only then are registers
 whole (an I/O exit completes on the vCPU's next KVM_RUN) and the stop is reported. A
 second debug event met while stopping is kept but not reported (a breakpoint hit again
 on the next resume; gdb's all-stop mode reports one at a time).
@@ -245,9 +245,8 @@ class Target:
         if exception == BP_VECTOR:
             if self.active and self._is_ours(i, pc):
                 self._event(StopEvent(i, Signal.TRAP, "swbreak"))
-            else:  # the guest's own int3: deliver #BP as the CPU would have
-                self.vm.quirks._skip(self.vcpus.fds[i], 1)
-                self.vm.quirks._inject(self.vcpus.fds[i], BP_VECTOR)
+            else:  # the guest's own int3 (hardware KVM, USE_SW_BP): deliver #BP as the CPU would
+                self._deliver_breakpoint(self.vcpus.fds[i])
             return True
         if not self.active:
             return True
@@ -266,6 +265,18 @@ class Target:
                 self.stepping.discard(i)
                 self._event(StopEvent(i, Signal.TRAP, "step"))
         return True
+
+    @staticmethod
+    def _deliver_breakpoint(vcpu) -> None:
+        """#BP is a trap: the saved RIP is past the int3."""
+        regs = vcpu.get_regs()
+        regs.rip += 1
+        vcpu.set_regs(regs)
+        events = vcpu.get_events()
+        events.exception.injected = 1
+        events.exception.nr = BP_VECTOR
+        events.exception.has_error_code = 0
+        vcpu.set_events(events)
 
     def on_int3(self, i: int) -> bool:
         """An emulation failure on int3 (an emulating KVM): True if it was ours."""
