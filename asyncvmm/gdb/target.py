@@ -268,10 +268,10 @@ class Target:
 
     @staticmethod
     def _deliver_breakpoint(vcpu) -> None:
-        """#BP is a trap: the saved RIP is past the int3."""
-        regs = vcpu.get_regs()
-        regs.rip += 1
-        vcpu.set_regs(regs)
+        """Pass the #BP on to the guest, as QEMU does: RIP is left at the int3 — KVM
+        injects it as the software exception it intercepted, with that instruction's
+        length, so the guest's handler sees the RIP after it (hardware KVM only: this
+        exit needs KVM_GUESTDBG_USE_SW_BP, which an emulating KVM does not get)."""
         events = vcpu.get_events()
         events.exception.injected = 1
         events.exception.nr = BP_VECTOR
