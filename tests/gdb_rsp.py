@@ -12,7 +12,7 @@ def checksum(payload: bytes) -> bytes:
 
 
 class RspClient:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0):
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.no_ack = False
@@ -53,7 +53,7 @@ class RspClient:
                 self.send_raw(b"+")
             return body
         finally:
-            self.sock.settimeout(10.0)
+            self.sock.settimeout(30.0)
 
     def ask(self, payload: bytes, timeout: float | None = None) -> bytes:
         self.send(payload)

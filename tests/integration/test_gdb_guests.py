@@ -76,7 +76,7 @@ class GuestUnderGdb:
     def rounds_printed(self) -> list[int]:
         return [int(n) for n in re.findall(r"round=(\d+)", self.console())]
 
-    def keeps_running(self, timeout: float = 10.0) -> None:
+    def keeps_running(self, timeout: float = 30.0) -> None:
         before = len(self.rounds_printed())
         wait_for(lambda: len(self.rounds_printed()) > before + 2, timeout, "the guest to print more rounds")
 
