@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -94,6 +95,19 @@ class GuestUnderGdb:
         self.proc.stdout.close()
         self.proc.stderr.close()
         return self.proc.returncode, err
+
+
+def read_until(p: subprocess.Popen, marker: bytes, timeout: float = 30.0) -> bytes:
+    """A child's stdout until `marker` (or the timeout, or its end)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([p.stdout], [], [], max(deadline - time.monotonic(), 0))
+        chunk = os.read(p.stdout.fileno(), 4096) if ready else b""
+        if ready and not chunk:
+            break
+        out += chunk
+    return out
 
 
 def symbol(elf, name: str) -> int:
@@ -362,10 +376,7 @@ def test_dash_a_hides_x2apic(guests):
                               str(guests / "gdbtarget.elf"), "--cmdline", "spin", *flags, "--no-reboot"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         try:
-            out = b""
-            deadline = time.monotonic() + 15
-            while b"spinning" not in out and time.monotonic() < deadline:
-                out += os.read(p.stdout.fileno(), 4096)
+            out = read_until(p, b"spinning")
         finally:
             p.terminate()
             p.communicate(timeout=15)
@@ -380,10 +391,7 @@ def test_dash_s_wires_guest_memory(guests):
                           str(guests / "gdbtarget.elf"), "--cmdline", "spin", "--no-reboot"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        out = b""
-        deadline = time.monotonic() + 15
-        while b"spinning" not in out and time.monotonic() < deadline:
-            out += os.read(p.stdout.fileno(), 4096)
+        read_until(p, b"spinning")
         with open(f"/proc/{p.pid}/status") as f:
             locked_kib = int(next(line for line in f if line.startswith("VmLck:")).split()[1])
     finally:
