@@ -305,3 +305,94 @@ def test_parse_gdb():
             parse_gdb(bad)
     with pytest.raises(ConfigError):
         parse_gdb("w1234", "-g")  # -g takes a port only
+
+
+# -- the stub's commands, against a target that records what it is asked -----------------
+class RecordingTarget:
+    def __init__(self, n=2):
+        from asyncvmm.gdb.target import State
+
+        self.n = n
+        self.state = State.STOPPED
+        self.pending = []
+        self.on_stop = None
+        self.resumed = []
+        self.inserted = []
+
+    def attach(self):
+        pass
+
+    def resume(self, actions):
+        from asyncvmm.gdb.target import State
+
+        self.resumed.append(actions)
+        self.state = State.RUNNING
+
+    def insert(self, vcpu, kind, addr, length):
+        self.inserted.append((vcpu, kind, addr, length))
+
+    def describe(self, i):
+        return f"vCPU {i} (stopped)"
+
+
+def session(n=2):
+    from asyncvmm.gdb.stub import Session
+
+    sent = []
+    t = RecordingTarget(n)
+    return Session(t, sent.append, lambda: sent.append(b"killed")), t, sent
+
+
+def test_vcont_actions_per_vcpu():
+    s, t, _ = session(3)
+    assert s.handle(b"vCont?") == b"vCont;c;C;s;S"
+    assert s.handle(b"vCont;s:2;c") is None  # the reply is the stop, later
+    assert t.resumed[-1] == {1: "s", 0: "c", 2: "c"}
+    from asyncvmm.gdb.target import State
+
+    t.state = State.STOPPED
+    assert s.handle(b"vCont;c:3") is None and t.resumed[-1] == {2: "c"}
+    t.state = State.STOPPED
+    assert s.handle(b"vCont;s:p1.1") is None and t.resumed[-1] == {0: "s"}
+    t.state = State.STOPPED
+    assert s.handle(b"vCont;c:9") == b"E01"  # no such thread
+    assert s.handle(b"vCont;x") == b"E01"
+
+
+def test_threads_and_stop_replies():
+    from asyncvmm.gdb.target import Signal, State, StopEvent
+
+    s, t, sent = session(2)
+
+    def stopped(event):  # what Target does: parked first, then the callback
+        t.state = State.STOPPED
+        t.on_stop(event)
+
+    assert s.handle(b"qfThreadInfo") == b"m1,2" and s.handle(b"qsThreadInfo") == b"l"
+    assert s.handle(b"Hg2") == b"OK" and s.handle(b"qC") == b"QC2"
+    assert s.handle(b"Hg0") == b"OK" and s.handle(b"qC") == b"QC2"  # "any" keeps the current one
+    assert s.handle(b"Hg3") == b"E02"
+    assert s.handle(b"T2") == b"OK" and s.handle(b"T3") == b"E02"
+    assert bytes.fromhex(s.handle(b"qThreadExtraInfo,2").decode()) == b"vCPU 1 (stopped)"
+    assert s.handle(b"c") is None
+    stopped(StopEvent(1, Signal.TRAP, "watch", 0x103004))
+    assert sent[-1] == b"T05watch:103004;thread:2;"
+    assert s.handle(b"qC") == b"QC2"  # the stopped thread is current
+    assert s.handle(b"s") is None and t.resumed[-1] == {1: "s"}
+    stopped(StopEvent(1, Signal.TRAP, "swbreak"))
+    assert sent[-1] == b"T05swbreak:;thread:2;"
+    assert s.handle(b"?") == b"T05swbreak:;thread:2;"
+
+
+def test_breakpoint_packets_and_unknowns():
+    from asyncvmm.gdb.breakpoints import Kind
+
+    s, t, sent = session(1)
+    assert s.handle(b"Z0,100aa8,1") == b"OK"
+    assert s.handle(b"Z2,103004,4;X1,ff") == b"OK"  # conditions after ';' are ignored
+    assert t.inserted == [(0, Kind.SOFTWARE, 0x100aa8, 1), (0, Kind.WRITE_WATCH, 0x103004, 4)]
+    assert s.handle(b"Z5,1,1") == b"E01"
+    assert s.handle(b"qSupported:multiprocess+").startswith(b"PacketSize=4000;")
+    assert s.handle(b"QStartNoAckMode") == b"OK" and s.no_ack
+    assert s.handle(b"vMustReplyEmpty") == b"" and s.handle(b"qTStatus") == b""
+    assert s.handle(b"k") == b"OK" and sent[-1] == b"killed" and s.detached
