@@ -6,7 +6,9 @@ boot each, and every Linux check shares them.
           vdb: a disk with an MBR partition table; a virtio-net on a TAP in a network
           namespace with dnsmasq (DHCP) and a UDP listener for netconsole.
           FIRST_BOOT_CHECKS read its log; SysRq h and q; SysRq s and u (the file system
-          is written out and remounted read-only); SysRq o powers it off through ACPI S5.
+          is written out and remounted read-only); gdb with the vmlinux through -g (a
+          breakpoint on update_process_times, bt, linux_banner read by virtual address);
+          SysRq o powers it off through ACPI S5.
           Then the host reads the image: mount count and time changed, e2fsck -fn clean.
   run 2   vda given ,ro as root=/dev/vda rw: the kernel finds it write-protected and
           mounts it read-only; SysRq b resets through the ACPI reset register and the VM
