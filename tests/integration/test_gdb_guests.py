@@ -44,7 +44,11 @@ class GuestUnderGdb:
              "-l", f"com1,{self.console_path}", "--no-reboot", *flag, *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )
-        wait_for(self._listening, 15, "the gdb server to listen")
+        try:
+            wait_for(self._listening, 15, "the gdb server to listen")
+        except BaseException:
+            self.stop()  # never leave a VMM behind
+            raise
 
     def _listening(self) -> bool:
         """A listening socket on the port (looked up in /proc/net/tcp: a connection
