@@ -140,7 +140,8 @@ class ExtFs(Filesystem):
         path = self.resolve(path)
         out, err = self._debugfs(f'cat "{_quoted(path)}"', limit)
         if err:
-            raise LoaderError(f"{self.where}: {path}: {_short(err)}")
+            err = _short(err)
+            raise LoaderError(f"{self.where}: {err if err.startswith(path + ':') else f'{path}: {err}'}")
         if not out and not self.is_file(path):
             raise LoaderError(f"{self.where}: {path}: not a file")
         return out
