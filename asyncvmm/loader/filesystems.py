@@ -199,7 +199,11 @@ class HostDir(Filesystem):
         host = self._host(path)
         if host is None or not os.path.isdir(host):
             return None
-        return {name: os.path.isdir(os.path.join(host, name)) for name in os.listdir(host)}
+        names = {}
+        for name in os.listdir(host):  # a link that leads out of the directory is not there
+            if self._host(posixpath.join(normalize(path), name)) is not None:
+                names[name] = os.path.isdir(os.path.join(host, name))
+        return names
 
     def read(self, path: str, limit: int) -> bytes:
         host = self._host(path)

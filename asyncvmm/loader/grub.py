@@ -213,8 +213,8 @@ class _Parser:
         self.where = where
 
     def error(self, message: str) -> LoaderError:
-        line = next((t.line for t in self.tokens[self.i :] if isinstance(t, Word)), "end")
-        return LoaderError(f"{self.where} line {line}: {message}")
+        line = next((t.line for t in self.tokens[self.i :] if isinstance(t, Word)), None)
+        return LoaderError(f"{self.where} {'at its end' if line is None else f'line {line}'}: {message}")
 
     def peek_keyword(self) -> str | None:
         while self.i < len(self.tokens) and self.tokens[self.i] is SEP:
@@ -398,6 +398,7 @@ class Grub:
                 status = 0
             else:
                 status = self._menu_block(st)
+            self.vars["?"] = str(status)
         return status
 
     def _if(self, st: If) -> int:
@@ -555,6 +556,14 @@ def _cmd_test(g: Grub, args: list[str]) -> int:
 
 
 def _test(g: Grub, args: list[str]) -> bool:
+    if "-o" in args:  # test(1)'s -o binds looser than -a
+        i = args.index("-o")
+        return _test(g, args[:i]) or _test(g, args[i + 1 :])
+    if "-a" in args:
+        i = args.index("-a")
+        return _test(g, args[:i]) and _test(g, args[i + 1 :])
+    if args and args[0] == "!":
+        return not _test(g, args[1:])
     if not args:
         return False
     if len(args) == 1:

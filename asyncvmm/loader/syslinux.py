@@ -79,7 +79,7 @@ def _read(fs, path: str, labels: list[dict], state: dict, reading: list[str]) ->
 
 
 def _path(config: str, path: str) -> str:
-    return path if path.startswith("/") else posixpath.join(posixpath.dirname(config), path)
+    return posixpath.normpath(path if path.startswith("/") else posixpath.join(posixpath.dirname(config), path))
 
 
 def _entry(fs, config: str, label: dict) -> Entry:
