@@ -17,7 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..boot import linux
+from ..boot import elf, linux
+from ..errors import BootError
 from . import bls, grub, syslinux
 from .disks import Disk, Unsupported, Volumes
 from .errors import LoaderError
@@ -46,10 +47,11 @@ class Selection:
     def log_line(self) -> str:
         e = self.entry
         initrd = f", initrd {' '.join(r.path for r in e.initrds)}" if e.initrds else ""
+        source = self.menu.source
+        menu = source.path if source.fs is e.kernel.fs else source.describe()
         return (
-            f"loader: booting entry {self.path} {e.title!r} of the {self.menu.kind} menu in "
-            f"{self.menu.source.describe()}: kernel {e.kernel.path} from {self.where()}{initrd} "
-            f"({self.seconds * 1e3:.0f} ms)"
+            f"loader: booting entry {self.path} {e.title!r} of the {self.menu.kind} menu {menu}: "
+            f"kernel {e.kernel.path}{initrd} from {self.where()} ({self.seconds * 1e3:.0f} ms)"
         )
 
 
@@ -123,11 +125,9 @@ def read_files(menu: Menu, entry: Entry, path: str, started: float) -> Selection
     if entry.error:
         raise LoaderError(f"entry {path} {entry.title!r}: {entry.error}")
     kernel = entry.kernel.fs.read(entry.kernel.path, MAX_KERNEL)
-    if linux.kernel_kind(kernel) is None:
-        raise LoaderError(
-            f"entry {path} {entry.title!r}: {entry.kernel.describe()} is not a kernel "
-            "(neither an ELF with a PVH entry nor a bzImage)"
-        )
+    why = _not_a_kernel(kernel)
+    if why:
+        raise LoaderError(f"entry {path} {entry.title!r}: {entry.kernel.describe()} is not a kernel ({why})")
     initrd = None
     if entry.initrds:
         parts = []
@@ -136,6 +136,21 @@ def read_files(menu: Menu, entry: Entry, path: str, started: float) -> Selection
             parts.append(data + b"\0" * (-len(data) % 4))  # GRUB places each at a 4-byte boundary
         initrd = b"".join(parts)
     return Selection(menu, entry, path, kernel, initrd, entry.cmdline, time.monotonic() - started)
+
+
+def _not_a_kernel(image: bytes) -> str:
+    """Why `image` cannot be booted, checked as the boot path will check it (headers only)."""
+    kind = linux.kernel_kind(image)
+    if kind is None:
+        return "neither an ELF with a PVH entry nor a bzImage"
+    try:
+        if kind == "elf":
+            elf.parse_elf(image)
+        else:
+            linux.bzimage_info(image)
+    except BootError as e:
+        return str(e)
+    return ""
 
 
 def select(disks: list[str], *, host_dir: str | None = None, entry: str | None = None,
