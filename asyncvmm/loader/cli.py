@@ -129,21 +129,27 @@ def console_menu(menu: Menu) -> str | None:
     return choice or None
 
 
-def boot_from_disks(cfg, args) -> None:
-    """`asyncvmm run` without --kernel: boot what the disks' menu (or --boot-dir) says.
+def boot_from_disks(cfg, args=None, *, entry: str | None = None, assignments: tuple[str, ...] = (),
+                    boot_disk: str | None = None, boot_dir: str | None = None, menu: bool = False) -> None:
+    """`asyncvmm run` without --kernel (`args`: its parsed flags), or a VmConfig from the API
+    (the keywords): boot what the disks' menu (or a host directory) says.
+
     The chosen kernel and initrd are handed to the ordinary Linux boot path as files
-    (memfds named /proc/self/fd/N), the entry's command line as --cmdline (the user's
-    --cmdline is appended to it, as an edited GRUB entry would be)."""
+    (memfds named /proc/self/fd/N), the entry's command line as the config's (the user's
+    --cmdline is appended to it, as an edited GRUB entry would be). LoaderError (status 2)
+    for anything that cannot be booted; nothing has been started then."""
+    if args is not None:
+        entry, assignments, boot_disk, boot_dir, menu = args.entry, args.set, args.boot_disk, args.boot_dir, args.menu
     disks = [_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk"]
-    if not disks and not args.boot_dir:
+    if not disks and not boot_dir:
         return  # nothing to boot from: the config says --kernel is missing
-    if args.boot_disk:
-        disks = [_boot_disk(args.boot_disk, cfg.slots, disks)]
+    if boot_disk:
+        disks = [_boot_disk(boot_disk, cfg.slots, disks)]
     for d in disks:
         _check_disk(d)
-    pinned = dict(parse_assignment(a) for a in args.set)
-    sel = select([] if args.boot_dir else disks, host_dir=args.boot_dir, entry=args.entry, pinned=pinned,
-                 chooser=console_menu if args.menu else None)
+    pinned = dict(parse_assignment(a) for a in assignments)
+    sel = select([] if boot_dir else disks, host_dir=boot_dir, entry=entry, pinned=pinned,
+                 chooser=console_menu if menu else None)
     cfg.kernel = _memfd("kernel", sel.kernel)
     cfg.initrd = _memfd("initrd", sel.initrd) if sel.initrd is not None else ""
     cfg.cmdline = " ".join(p for p in (sel.cmdline, cfg.cmdline) if p)

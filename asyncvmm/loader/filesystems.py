@@ -88,6 +88,7 @@ class ExtFs(Filesystem):
         self.spec = f"{image}?offset={offset}" if offset else image
         self.type, self.uuid, self.label, self.where = found.type, found.uuid, found.label, where
         self._dirs: dict[str, dict[str, bool] | None] = {}
+        self._links: set[str] = set()  # paths listed as symbolic links
 
     def _debugfs(self, request: str, limit: int = CHUNK) -> tuple[bytes, str]:
         out, err = _run_capped(["debugfs", "-c", "-R", request, self.spec], limit, f"{self.where}: {request.split(' ', 1)[-1]}")
@@ -110,6 +111,7 @@ class ExtFs(Filesystem):
                     if len(fields) >= 7 and fields[5] not in (".", ".."):
                         mode = int(fields[2], 8)
                         if mode & 0o170000 == 0o120000:  # a symbolic link: what it names decides
+                            self._links.add(posixpath.join(path, fields[5]))
                             target = self._link_target(posixpath.join(path, fields[5]))
                             entries[fields[5]] = target is not None and self.is_dir(target)
                         else:
@@ -128,9 +130,8 @@ class ExtFs(Filesystem):
     def resolve(self, path: str, depth: int = 0) -> str:
         """The path with symbolic links in its last component followed (/vmlinuz → /boot/vmlinuz-6.1...)."""
         path = normalize(path)
-        parent, name = posixpath.split(path)
-        out, err = self._debugfs(f'stat "{_quoted(path)}"')
-        if not err and b"Type: symlink" in out and depth < 8:
+        self.listdir(posixpath.dirname(path))  # lists the links in it
+        if path in self._links and depth < 8:
             target = self._link_target(path)
             if target:
                 return self.resolve(target, depth + 1)
