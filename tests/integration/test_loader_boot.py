@@ -118,3 +118,48 @@ def test_bad_disks_are_refused_before_anything_starts(tmp_path, guests):
     refused(boot("-s", f"2,virtio-blk,{loop}"), "/boot/grub/grub.cfg sources itself")
     refused(run_vmm("load", "-d", str(tmp_path / "missing.img")), "disk")
     refused(boot(), "no kernel given")
+
+
+def _with_terminal(args: list[str], typed: bytes | None, timeout: float = 30) -> tuple[int, str, str]:
+    """`asyncvmm ARGS` with a terminal as its stdin and stderr (a pty), stdout a pipe."""
+    import os  # noqa: PLC0415
+    import pty  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from conftest import ROOT  # noqa: PLC0415
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "asyncvmm", *args], stdin=slave, stderr=slave,
+                             stdout=subprocess.PIPE, cwd=ROOT)
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while b"Enter boots the default" not in seen and time.monotonic() < deadline:
+            seen += os.read(master, 4096)
+        if typed is not None:
+            os.write(master, typed)
+        out, _ = p.communicate(timeout=timeout)
+        os.set_blocking(master, False)
+        try:
+            seen += os.read(master, 65536)
+        except BlockingIOError:
+            pass
+        return p.returncode, out.decode(), seen.decode(errors="replace")
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_menu_on_a_terminal_takes_a_choice(disk):
+    status, out, term = _with_terminal(["load", "-d", str(disk), "--menu"], b"1>2\n")
+    assert status == 0, term
+    assert " * 0      Debian GNU/Linux" in term and "the default boots in 1 s" in term
+    assert "entry:     1>2 " in out and " single " in out
+
+
+def test_menu_on_a_terminal_boots_the_default_after_its_timeout(disk):
+    status, out, term = _with_terminal(["load", "-d", str(disk), "--menu", "-e", "timeout=0.2"], None)
+    assert status == 0, term
+    assert "the default boots in 0.2 s" in term and "entry:     0 'Debian GNU/Linux'" in out
