@@ -102,7 +102,9 @@ class Volumes:
     def device(self, name: str) -> Filesystem:
         """The filesystem GRUB calls (name): hd0, hd0,gpt2, hd0,msdos5, hd0,1."""
         name = name.strip("()")
-        if name == "host" and self.host:
+        if self.host is not None and (name == "host" or not self.disks):
+            # With only a host directory (bhyveload's -h), every disk GRUB names is it, as
+            # grub-bhyve's device map would make it: a copied grub.cfg's `set root` still works.
             return self.host
         m = _DEVICE.match(name)
         if not m:

@@ -262,6 +262,17 @@ def test_the_first_disk_with_a_menu_boots(tmp_path, debian):
 # -- extlinux.conf and systemd-boot's loader.conf ------------------------------------------------
 
 
+def test_a_copied_debian_boot_in_a_host_directory(tmp_path, kernel):
+    """bhyveload's -h with a directory laid out like /: grub.cfg's `set root='hd0,gpt3'`
+    and its failing `search --fs-uuid` lead to the directory."""
+    cfg = fixture("debian-12-grub-mkconfig.cfg", ROOT_UUID=ROOT_UUID, ROOT_PARTUUID="x", KVER=KVER)
+    (tmp_path / "boot/grub").mkdir(parents=True)
+    (tmp_path / "boot/grub/grub.cfg").write_bytes(cfg.replace(b"insmod ext2", b"insmod ext2\n\tset root='hd0,gpt3'"))
+    (tmp_path / f"boot/vmlinuz-{KVER}").write_bytes(kernel)
+    sel = boot.select([], host_dir=str(tmp_path), entry="1>1")
+    assert sel.entry.kernel.path == f"/boot/vmlinuz-{KVER}" and sel.cmdline.endswith("init=/lib/systemd/systemd")
+
+
 def test_extlinux_conf_in_a_host_directory(tmp_path, kernel):
     (tmp_path / "boot/extlinux").mkdir(parents=True)
     (tmp_path / "boot/vmlinuz-virt").write_bytes(kernel)
