@@ -303,7 +303,7 @@ def qemu_version(qemu: str) -> str:
 
 def check_prerequisites(which: list[str]) -> None:
     need = [(VENV_PY, ".venv (asyncvmm installed)"), (ASYNCVMM, ".venv/bin/asyncvmm")]
-    if "startup" in which:
+    if "startup" in which or "loader" in which:
         need.append((GUESTS / "hello.elf", "the hello guest"))
     if "exits" in which:
         need += [(GUESTS / "exitbench.elf", "the exitbench guest"), (RAWKVM, "perf/rawkvm")]
