@@ -350,7 +350,7 @@ class Machine:
         self.pci = PciRoot(PciBuses(self.mmio, self.pio))
         install(self.pci, self.pio, self.mmio)
         for s in cfg.slots:
-            driver = slots.DRIVERS[s.driver]
+            driver = slots.lookup(s.driver)
             if driver.build is None:
                 continue
             dev = driver.build(s, ctx)
