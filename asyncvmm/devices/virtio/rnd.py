@@ -109,6 +109,9 @@ class VirtioRnd(VirtioDevice):
                 self.vq = Virtqueue.setup(self.mem, q, features, what="requestq")
             except RingSetupError as e:
                 raise DeviceError(str(e)) from None
+            state = self.take_restored()
+            if state is not None:
+                self._apply(state)
             self.worker.start()
             self.worker.serve(self.vq, self._request)
 
@@ -136,11 +139,9 @@ class VirtioRnd(VirtioDevice):
         c = self.counters
         return asdict(RndState(self.vq.state().to_dict() if self.vq else None, c["bytes"], c["requests"], c["waits"]))
 
-    def restore(self, state: dict) -> None:
+    def _apply(self, state: dict) -> None:
         s = RndState(**state)
         if s.queue is not None:
-            if self.vq is None:
-                raise ValueError(f"{self.name}: its queue is not active")
             self.vq.restore(VqState.from_dict(s.queue))
         self.counters.update(bytes=s.bytes, requests=s.requests, waits=s.waits)
 

@@ -146,6 +146,9 @@ class VirtioBlk(VirtioDevice):
                 lib.avmm_blk_reset(self._blk)
                 raise DeviceError(str(e)) from None
             self.queues.append(Virtqueue(lib.avmm_blk_queue(self._blk, q.index), self.mem, q))
+        state = self.take_restored()
+        if state is not None:
+            self._apply(state)
         w = self.worker
         w.start()
         w.watch(lib.avmm_engine_fd(self._engine), self._complete, persistent=True)
@@ -181,8 +184,8 @@ class VirtioBlk(VirtioDevice):
         """The device's state as plain data (with no request in flight: after quiesced())."""
         return {"queues": [vq.state().to_dict() for vq in self.queues]}
 
-    def restore(self, state: dict) -> None:
-        """Carry on from save()'s data, on the queues the driver has set up the same way."""
+    def _apply(self, state: dict) -> None:
+        """save()'s data onto the queues the driver has set up the same way."""
         by_index = {vq.index: vq for vq in self.queues}
         for d in state["queues"]:
             s = VqState.from_dict(d)

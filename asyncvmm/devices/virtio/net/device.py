@@ -199,8 +199,12 @@ class VirtioNet(VirtioDevice):
                     self.ctrl = Virtqueue.setup(self.mem, q, features, iov_max=CTRL_IOV_MAX, what="control queue")
                 except RingSetupError as e:
                     raise DeviceError(str(e)) from None
-                w.serve(self.ctrl, self._ctrl_command, budget=CTRL_BUDGET)
         self.tap.set_active_queues(1)
+        state = self.take_restored()
+        if state is not None:
+            self._apply(state)
+        if self.ctrl is not None:
+            w.serve(self.ctrl, self._ctrl_command, budget=CTRL_BUDGET)
         for q in data:
             pair, tx = divmod(q.index, 2)
             if tx:
@@ -377,8 +381,8 @@ class VirtioNet(VirtioDevice):
             "vlans": sorted(self.vlans),
         }
 
-    def restore(self, state: dict) -> None:
-        """Carry on from save()'s data, on the queues the driver has set up the same way."""
+    def _apply(self, state: dict) -> None:
+        """save()'s data onto the queues the driver has set up the same way."""
         by_index = {vq.index: vq for vq in self.queues}
         if self.ctrl is not None:
             by_index[self.ctrl.index] = self.ctrl
