@@ -234,7 +234,8 @@ enum avmm_blk_flags { AVMM_BLK_RO, AVMM_BLK_WRITETHROUGH };
 struct avmm_gmem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
 struct avmm_gmem { uint32_t nregions; struct avmm_gmem_region r[...]; };
 struct avmm_irq { int32_t efd; uint32_t masked; uint32_t pending; uint64_t raised; uint64_t held; uint8_t *isr;
-                  uint32_t level; int32_t line_fd; uint32_t gsi; uint32_t asserted; ...; };
+                  int (*set_line)(int32_t, uint32_t, uint32_t); int32_t line_fd; uint32_t gsi; uint32_t asserted;
+                  ...; };
 struct avmm_vq_stats { uint64_t chains; uint64_t notifies; uint64_t interrupts; uint64_t suppressed; uint64_t errors[...]; };
 struct avmm_vq {
     uint16_t size; uint16_t index; uint32_t flags; int32_t kick_fd;
@@ -364,6 +365,7 @@ void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow)
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
 long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
+int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level);
 int avmm_run_once(int vcpu_fd, void *run);
 void *avmm_map_run(int vcpu_fd, size_t mmap_size);
 void avmm_unmap(void *addr, size_t size);
