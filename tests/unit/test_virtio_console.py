@@ -9,9 +9,10 @@ import asyncio
 import json
 import os
 import socket
-import struct
 
 import pytest
+from conftest import run_vmm
+from test_cli import assert_usage_error
 
 from asyncvmm.config import VmConfig, parse_slot
 from asyncvmm.devices import registry
@@ -27,12 +28,8 @@ from asyncvmm.devices.virtio.console import (
     rx_queue,
     tx_queue,
 )
-from asyncvmm.devices.virtio.spec import Status, bits
 from asyncvmm.errors import ConfigError
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
-
-from conftest import run_vmm
-from test_cli import assert_usage_error
 
 
 def run(coro):
@@ -45,7 +42,7 @@ class Console:
     def __init__(self, tmp_path, names=("con", "aux")):
         self.paths = [str(tmp_path / f"{n}.sock") for n in names]
         self.h = Harness()
-        self.con = VirtioConsole(ConsoleOptions(tuple(zip(names, self.paths))), self.h.mem)
+        self.con = VirtioConsole(ConsoleOptions(tuple(zip(names, self.paths, strict=True))), self.h.mem)
         self.dev = self.h.add(self.con)
         self.drv = VirtioDriver(self.h, self.dev)
 
@@ -187,7 +184,7 @@ def test_output_backlog_is_bounded_and_the_drop_counted(tmp_path):
             await c.bring_up()
             chunk = bytes(range(256)) * 16  # 4 KiB
             n = OUTPUT_BACKLOG // len(chunk) + 4
-            for i in range(n):
+            for _ in range(n):
                 await c.write(0, chunk)
             assert c.con.stats()["ports"]["con"]["dropped"] == 4 * len(chunk)
             reader, writer = await asyncio.open_unix_connection(c.paths[0])
@@ -224,7 +221,7 @@ def test_input_flow_control_stops_reading_the_client(tmp_path):
             # the guest takes some: reading resumes, nothing is lost
             total = 0
             while total < sent:
-                bufs = c.post_rx(0, 8, 4096)
+                c.post_rx(0, 8, 4096)
                 used = await c.q[rx_queue(0)].wait_used(1)
                 used += c.q[rx_queue(0)].take_used()
                 total += sum(n for _, n in used)

@@ -14,8 +14,15 @@ import pytest
 from asyncvmm.config import VmConfig, parse_slot
 from asyncvmm.devices import registry
 from asyncvmm.devices.virtio.device import QueueConfig
-from asyncvmm.devices.virtio.queue import (RingBroken, RingFlag, RingSetupError, SetupFailure, Virtqueue, VqState,
-                                           ring_flags)
+from asyncvmm.devices.virtio.queue import (
+    RingBroken,
+    RingFlag,
+    RingSetupError,
+    SetupFailure,
+    Virtqueue,
+    VqState,
+    ring_flags,
+)
 from asyncvmm.devices.virtio.rnd import RndOptions, TokenBucket, VirtioRnd
 from asyncvmm.devices.virtio.spec import Feature, Status, VqError, bits
 from asyncvmm.errors import ConfigError
@@ -198,7 +205,7 @@ def test_rnd_serves_a_budget_per_callback():
             r.post(40, 16)
             await r.q.wait_used(40)
             seen = watch.stop()
-            assert max(b - a for a, b in zip(seen, seen[1:])) <= 8  # other callbacks ran between
+            assert max(b - a for a, b in zip(seen, seen[1:], strict=False)) <= 8  # other callbacks ran between
             assert r.rnd.stats()["entropy"]["budget_spent"] >= 4
     run(go())
 

@@ -343,7 +343,7 @@ class VirtioConsole(VirtioDevice):
             raise DeviceError(str(e)) from None
         state = self.take_restored()
         if state is not None:
-            self._apply(state)
+            self._apply_state(state)
         w = self.worker
         w.start()
         loop = w.loop
@@ -438,7 +438,7 @@ class VirtioConsole(VirtioDevice):
                                    [asdict(p) for p in self.ports], self.device_ready,
                                    [m.hex() for m in self._control]))
 
-    def _apply(self, state: dict) -> None:
+    def _apply_state(self, state: dict) -> None:
         s = ConsoleState(**state)
         for d in s.queues:
             q = VqState.from_dict(d)

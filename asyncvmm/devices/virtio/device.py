@@ -23,8 +23,8 @@ A device that finds the driver broke the rules calls `self.needs_reset(why)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ...irq import IntxLine, MsiVector
 

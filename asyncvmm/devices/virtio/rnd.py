@@ -111,7 +111,7 @@ class VirtioRnd(VirtioDevice):
                 raise DeviceError(str(e)) from None
             state = self.take_restored()
             if state is not None:
-                self._apply(state)
+                self._apply_state(state)
             self.worker.start()
             self.worker.serve(self.vq, self._request)
 
@@ -139,7 +139,7 @@ class VirtioRnd(VirtioDevice):
         c = self.counters
         return asdict(RndState(self.vq.state().to_dict() if self.vq else None, c["bytes"], c["requests"], c["waits"]))
 
-    def _apply(self, state: dict) -> None:
+    def _apply_state(self, state: dict) -> None:
         s = RndState(**state)
         if s.queue is not None:
             self.vq.restore(VqState.from_dict(s.queue))

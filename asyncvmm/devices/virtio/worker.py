@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from ...poll import POLL_MAX_NS, POLL_SLICE_NS, PollWindow
 from .queue import Chain, RingBroken, Virtqueue

@@ -24,7 +24,7 @@ from ...registry import register, slot_name
 from ...slots import may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
-from ..spec import DeviceId, Feature, bits
+from ..spec import DeviceId, bits
 from ..transport_pci import VirtioPciDevice
 from ..worker import QueueWorker
 from .image import BlockOptions, DiskImage, default_serial
@@ -148,7 +148,7 @@ class VirtioBlk(VirtioDevice):
             self.queues.append(Virtqueue(lib.avmm_blk_queue(self._blk, q.index), self.mem, q))
         state = self.take_restored()
         if state is not None:
-            self._apply(state)
+            self._apply_state(state)
         w = self.worker
         w.start()
         w.watch(lib.avmm_engine_fd(self._engine), self._complete, persistent=True)
@@ -184,7 +184,7 @@ class VirtioBlk(VirtioDevice):
         """The device's state as plain data (with no request in flight: after quiesced())."""
         return {"queues": [vq.state().to_dict() for vq in self.queues]}
 
-    def _apply(self, state: dict) -> None:
+    def _apply_state(self, state: dict) -> None:
         """save()'s data onto the queues the driver has set up the same way."""
         by_index = {vq.index: vq for vq in self.queues}
         for d in state["queues"]:

@@ -202,7 +202,7 @@ class VirtioNet(VirtioDevice):
         self.tap.set_active_queues(1)
         state = self.take_restored()
         if state is not None:
-            self._apply(state)
+            self._apply_state(state)
         if self.ctrl is not None:
             w.serve(self.ctrl, self._ctrl_command, budget=CTRL_BUDGET)
         for q in data:
@@ -381,7 +381,7 @@ class VirtioNet(VirtioDevice):
             "vlans": sorted(self.vlans),
         }
 
-    def _apply(self, state: dict) -> None:
+    def _apply_state(self, state: dict) -> None:
         """save()'s data onto the queues the driver has set up the same way."""
         by_index = {vq.index: vq for vq in self.queues}
         if self.ctrl is not None:
