@@ -369,7 +369,10 @@ class VirtioConsole(VirtioDevice):
     def _port_tx(self, port: int, chain: Chain) -> int:
         """The guest wrote on the port: to its socket (or its backlog)."""
         if port < len(self.sockets):
-            self.sockets[port].output(chain.read())
+            sock = self.sockets[port]
+            data = chain.read(OUTPUT_BACKLOG)  # more than the backlog holds would be dropped anyway
+            sock.counters["dropped"] += chain.out_len - len(data)
+            sock.output(data)
         return 0
 
     def _port_rx(self, port: int, chain: Chain) -> int | None:
