@@ -42,7 +42,7 @@ enum avmm_vcpu_state {
     AVMM_VCPU_DONE = 4,    /* the thread has ended */
 };
 
-/* The UART fast path: which of COM1's registers C may serve without the loop. */
+/* The UART fast path: which of a UART's registers C may serve without the loop. */
 enum avmm_uart_fast {
     AVMM_UART_FAST_THR = 1, /* THR writes are appended to the console buffer */
     AVMM_UART_FAST_LSR = 2, /* LSR reads return lsr_shadow */
@@ -102,6 +102,13 @@ int avmm_vm_collect(struct avmm_vm *vm, int *out, int max, uint64_t poll_ns);
 /* Stop every vCPU from entering the guest; returns when none runs guest code. */
 void avmm_vm_pause(struct avmm_vm *vm);
 void avmm_vm_resume(struct avmm_vm *vm);
+/* A debugger's hold on one vCPU: on, it leaves the guest (kicked) and parks as a paused
+ * one does, whatever pause/resume say; off, it runs again unless the VM is paused. */
+void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on);
+/* Loop side, after holding vCPUs: wait (up to timeout_ns) until every held vCPU is parked
+ * or has ended. Returns 0 when they are, the count of vCPUs with a posted exit (listed in
+ * out, as avmm_vm_collect does: the loop serves them, then calls again), or -ETIMEDOUT. */
+int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns);
 /* End every vCPU thread and join them. Waiting vCPUs are told to quit. */
 void avmm_vm_stop(struct avmm_vm *vm);
 
@@ -112,8 +119,9 @@ int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity
 /* Copy up to max of vCPU idx's samples, from the first, into out; returns how many. */
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
 
-/* COM1 fast path (see enum avmm_uart_fast). base 0 turns it off. */
-void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);
+/* UART fast path (see enum avmm_uart_fast), at the ports of THR and LSR the UART model
+ * names. thr_port 0 turns it off. */
+void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow);
 /* Move bytes written through the fast path into out; returns how many. */
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 

@@ -1,8 +1,8 @@
 /*
  * Native vCPU threads: KVM_RUN without the GIL, exits handed to the asyncio loop.
  *
- * A vCPU thread loops on KVM_RUN. Exits it can serve alone (COM1's THR writes and LSR
- * reads, when the UART model armed that) never leave C. Any other exit is posted: the
+ * A vCPU thread loops on KVM_RUN. Exits it can serve alone (a UART's THR writes and LSR
+ * reads, at the ports the UART model armed) never leave C. Any other exit is posted: the
  * thread fills its exit slot, writes the VM's notify eventfd (a reader on the loop) and
  * waits on a futex until the loop completes it. Pause, resume and stop kick the threads
  * out of KVM_RUN with a signal and kvm_run.immediate_exit.
@@ -34,7 +34,7 @@
 
 #include "avmm.h"
 
-/* Bytes the COM1 fast path may hold before the vCPU must wait for the loop to drain. */
+/* Bytes the UART fast path may hold before the vCPU must wait for the loop to drain. */
 #define CONSOLE_CAP 65536
 /* How long a waiting vCPU spins before it sleeps: the loop usually answers within
  * microseconds, and a futex wake-up costs more than that (much more in a nested guest). */
@@ -53,6 +53,7 @@ struct avmm_vcpu {
     _Atomic uint32_t posted;   /* an exit waits to be collected */
     _Atomic uint32_t action;   /* enum avmm_action; futex word for the vCPU */
     _Atomic uint32_t sleeping; /* the vCPU sleeps on `action` */
+    _Atomic uint32_t held;     /* parked for a debugger, whatever pause_req says */
     struct avmm_exit exit;
     struct avmm_vcpu_stats stats;
     uint64_t *samples;       /* RIP samples (sampling on), written by the vCPU thread only */
@@ -66,12 +67,15 @@ struct avmm_vm {
     int notify_efd;
     int console_efd;
     struct avmm_vcpu *vcpus;
-    _Atomic uint32_t pause_req; /* futex word for paused vCPUs */
+    _Atomic uint32_t pause_req;
+    _Atomic uint32_t park_gen;  /* futex word for parked vCPUs: bumped when pause_req, a
+                                 * vCPU's `held` or quit changes */
     _Atomic uint32_t quit;
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
     size_t sample_capacity;
-    /* COM1 fast path */
-    _Atomic uint32_t uart_base;
+    /* UART fast path: the ports of THR and LSR, as the UART model gave them */
+    _Atomic uint32_t uart_thr_port;
+    _Atomic uint32_t uart_lsr_port;
     _Atomic uint32_t uart_flags;
     _Atomic uint32_t lsr_shadow;
     pthread_mutex_t console_lock;
@@ -124,24 +128,24 @@ static void notify(int efd)
 static void set_state(struct avmm_vcpu *v, uint32_t state)
 {
     atomic_store(&v->state, state);
-    if (atomic_load(&v->vm->pause_req) || atomic_load(&v->vm->quit))
+    if (atomic_load(&v->vm->pause_req) || atomic_load(&v->held) || atomic_load(&v->vm->quit))
         futex_wake_all(&v->state);
 }
 
-/* ---- COM1 fast path ---------------------------------------------------------------- */
+/* ---- UART fast path ---------------------------------------------------------------- */
 
 static int serve_fast_io(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
     struct kvm_run *run = v->run;
-    uint32_t base = atomic_load_explicit(&vm->uart_base, memory_order_acquire);
-    if (!base || run->io.size != 1)
+    uint32_t thr_port = atomic_load_explicit(&vm->uart_thr_port, memory_order_acquire);
+    if (!thr_port || run->io.size != 1)
         return 0;
     uint32_t flags = atomic_load_explicit(&vm->uart_flags, memory_order_acquire);
     uint8_t *data = (uint8_t *)run + run->io.data_offset;
     uint32_t count = run->io.count;
 
-    if (run->io.port == base && run->io.direction == KVM_EXIT_IO_OUT && (flags & AVMM_UART_FAST_THR)) {
+    if (run->io.port == thr_port && run->io.direction == KVM_EXIT_IO_OUT && (flags & AVMM_UART_FAST_THR)) {
         int was_empty;
         pthread_mutex_lock(&vm->console_lock);
         if (vm->console_len + count > CONSOLE_CAP) {
@@ -156,21 +160,22 @@ static int serve_fast_io(struct avmm_vcpu *v)
             notify(vm->console_efd);
         return 1;
     }
-    if (run->io.port == base + 5 && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
+    if (run->io.port == atomic_load(&vm->uart_lsr_port) && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
         memset(data, (int)atomic_load(&vm->lsr_shadow), count);
         return 1;
     }
     return 0;
 }
 
-void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow)
+void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow)
 {
     /* A vCPU that read the old flags may still use the shadow: when LSR leaves the fast
      * path, the last valid value stays. */
     if (flags & AVMM_UART_FAST_LSR)
         atomic_store(&vm->lsr_shadow, (uint32_t)lsr_shadow);
     atomic_store(&vm->uart_flags, (uint32_t)flags);
-    atomic_store(&vm->uart_base, (uint32_t)base);
+    atomic_store(&vm->uart_lsr_port, (uint32_t)lsr_port);
+    atomic_store(&vm->uart_thr_port, (uint32_t)thr_port);
 }
 
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap)
@@ -246,6 +251,13 @@ static void fill_exit(struct avmm_vcpu *v, int err)
         e->kind = AVMM_EXIT_STOP;
         e->info[0] = run->system_event.type;
         break;
+    case KVM_EXIT_DEBUG: /* a guest debug event (KVM_SET_GUEST_DEBUG): #DB or #BP */
+        e->kind = AVMM_EXIT_STOP;
+        e->info[0] = run->debug.arch.exception;
+        e->info[1] = run->debug.arch.pc;
+        e->info[2] = run->debug.arch.dr6;
+        e->info[3] = run->debug.arch.dr7;
+        break;
     default:
         e->kind = AVMM_EXIT_STOP;
         break;
@@ -298,6 +310,12 @@ static uint32_t post_and_wait(struct avmm_vcpu *v, int err)
     return a;
 }
 
+/* Whether the vCPU must stay out of the guest: the VM is paused, or a debugger holds it. */
+static int parked(struct avmm_vcpu *v)
+{
+    return atomic_load(&v->vm->pause_req) || atomic_load(&v->held);
+}
+
 static void park_while_paused(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
@@ -309,9 +327,19 @@ static void park_while_paused(struct avmm_vcpu *v)
     ioctl(v->fd, KVM_RUN, 0);
     v->run->immediate_exit = 0;
     set_state(v, AVMM_VCPU_PAUSED);
-    while (atomic_load(&vm->pause_req) && !atomic_load(&vm->quit))
-        futex_wait(&vm->pause_req, 1);
+    for (;;) {
+        uint32_t gen = atomic_load(&vm->park_gen);
+        if (!parked(v) || atomic_load(&vm->quit))
+            break;
+        futex_wait(&vm->park_gen, gen);
+    }
     atomic_store(&v->state, AVMM_VCPU_RUNNING);
+}
+
+static void unpark(struct avmm_vm *vm)
+{
+    atomic_fetch_add(&vm->park_gen, 1);
+    futex_wake_all(&vm->park_gen);
 }
 
 /* ---- RIP sampling ------------------------------------------------------------------ */
@@ -391,7 +419,7 @@ static void *vcpu_main(void *arg)
             tick_pending = 0;
             take_sample(v);
         }
-        if (atomic_load(&vm->pause_req)) {
+        if (parked(v)) {
             park_while_paused(v);
             continue;
         }
@@ -606,6 +634,7 @@ static void kick_all(struct avmm_vm *vm)
 void avmm_vm_pause(struct avmm_vm *vm)
 {
     atomic_store(&vm->pause_req, 1);
+    atomic_fetch_add(&vm->park_gen, 1);
     kick_all(vm);
     for (int i = 0; i < vm->nvcpus; i++) {
         struct avmm_vcpu *v = &vm->vcpus[i];
@@ -620,14 +649,56 @@ void avmm_vm_pause(struct avmm_vm *vm)
 void avmm_vm_resume(struct avmm_vm *vm)
 {
     atomic_store(&vm->pause_req, 0);
-    futex_wake_all(&vm->pause_req);
+    unpark(vm);
+}
+
+void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on)
+{
+    struct avmm_vcpu *v = &vm->vcpus[idx];
+    atomic_store(&v->held, on ? 1u : 0u);
+    if (on) {
+        if (v->started) {
+            v->run->immediate_exit = 1;
+            pthread_kill(v->thread, kick_signal);
+        }
+    } else {
+        unpark(vm);
+    }
+}
+
+int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns)
+{
+    uint64_t deadline = now_ns() + timeout_ns;
+    for (;;) {
+        int n = collect_posted(vm, out, max);
+        if (n)
+            return n;
+        int moving = 0;
+        for (int i = 0; i < vm->nvcpus; i++) {
+            struct avmm_vcpu *v = &vm->vcpus[i];
+            uint32_t s = atomic_load(&v->state);
+            if (!v->started || !atomic_load(&v->held) || s == AVMM_VCPU_PAUSED || s == AVMM_VCPU_DONE)
+                continue;
+            moving = 1;
+            if (s == AVMM_VCPU_RUNNING) { /* re-kick: the signal may have come before KVM_RUN */
+                v->run->immediate_exit = 1;
+                pthread_kill(v->thread, kick_signal);
+            }
+        }
+        if (!moving)
+            return 0;
+        if (now_ns() >= deadline)
+            return -ETIMEDOUT;
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 void avmm_vm_stop(struct avmm_vm *vm)
 {
     atomic_store(&vm->quit, 1);
     kick_all(vm);
-    futex_wake_all(&vm->pause_req);
+    unpark(vm);
     for (int i = 0; i < vm->nvcpus; i++) {
         struct avmm_vcpu *v = &vm->vcpus[i];
         if (!v->started)

@@ -30,6 +30,7 @@ from ..errors import ConfigError
 # module, and its name here.
 PROVIDERS = (
     "asyncvmm.devices.slots",  # hostbridge
+    "asyncvmm.devices.pci.lpc",
     "asyncvmm.devices.virtio.block.device",
     "asyncvmm.devices.virtio.net.device",
     "asyncvmm.devices.virtio.rnd",

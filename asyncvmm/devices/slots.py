@@ -25,11 +25,23 @@ class HostResources:
 
     def __init__(self):
         self.taps: dict[tuple[int, int], object] = {}
+        self.consoles: dict[str, object] = {}  # COM2..COM4's backends (console.Console), by port
+
+    def console(self, name: str, spec: str):
+        """The backend of COM port `name` (-l NAME,SPEC), opened on first use."""
+        if name not in self.consoles:
+            from ..console import open_console  # noqa: PLC0415
+
+            self.consoles[name] = open_console(spec)
+        return self.consoles[name]
 
     def close(self) -> None:
         for tap in self.taps.values():
             tap.close()
         self.taps.clear()
+        for console in self.consoles.values():
+            console.close()
+        self.consoles.clear()
 
 
 @dataclass
