@@ -11,14 +11,15 @@ import re
 from dataclasses import dataclass, field
 
 from .boot.cpuid import Topology
+from .devices.registry import check_slots, lookup
 from .errors import ConfigError
 
 MiB = 1 << 20
 MIN_RIP_PERIOD_MS = 0.1  # --profile-rip: a sample costs a KVM_RUN exit and KVM_GET_REGS
 MAX_RIP_PERIOD_MS = 10_000.0
 
-# bhyve's -s drivers asyncvmm does not have (yet); those it has are in devices/slots.py.
-PLANNED_DRIVERS = {"ahci-hd", "passthru", "xhci", "virtio-rnd", "virtio-console"}
+# bhyve's -s drivers asyncvmm does not have (yet); those it has register in devices/registry.py.
+PLANNED_DRIVERS = {"ahci-hd", "passthru", "xhci"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,6 @@ class VmConfig:
         if self.symbols:
             check_readable(self.symbols, "--symbols")
         check_serial(self, com1_open=com1_open)
-        from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
-
         check_slots(self)
         return self
 
@@ -263,9 +262,7 @@ def parse_slot(text: str) -> PciSlot:
     bus, slot, func = (0, nums[0], 0) if len(nums) == 1 else (0, nums[0], nums[1]) if len(nums) == 2 else nums
     if bus > 255 or slot > 31 or func > 7:
         raise ConfigError(f"-s {text}: bus 0-255, slot 0-31, function 0-7")
-    from .devices.slots import DRIVERS  # noqa: PLC0415
-
-    if driver not in DRIVERS:
+    if lookup(driver) is None:
         if driver in PLANNED_DRIVERS:
             raise ConfigError(f"-s {text}: the {driver} driver is not available in this version of asyncvmm yet")
         raise ConfigError(f"-s {text}: no such driver {driver!r}")

@@ -90,7 +90,8 @@ class IntxLine:
 
     The line follows the virtio ISR, as on real hardware: up while the device has cause
     (the ISR is not 0), down when the driver reads the ISR. The C data path raises it
-    (KVM_IRQ_LINE, level 1, once); the transport's ISR read takes it down. Masked
+    through the function handed to it in the struct avmm_irq (avmm_kvm_irq_line:
+    KVM_IRQ_LINE, level 1, once); the transport's ISR read takes it down. Masked
     (COMMAND.INTX_DISABLE, or MSI/MSI-X in use) it stays down, keeping a pending interrupt.
     Without a VM (the harness) a raise writes the eventfd instead.
     """
@@ -101,7 +102,9 @@ class IntxLine:
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.isr = ffi.new("uint8_t *")
         vm = router.vm
-        self.c = ffi.new("struct avmm_irq *", {"efd": self.efd, "masked": 0, "isr": self.isr, "level": int(vm is not None),
+        # The data path asserts the line through what is handed to it here: KVM_IRQ_LINE on the VM.
+        set_line = ffi.addressof(lib, "avmm_kvm_irq_line") if vm is not None else ffi.NULL
+        self.c = ffi.new("struct avmm_irq *", {"efd": self.efd, "masked": 0, "isr": self.isr, "set_line": set_line,
                                                "line_fd": vm.fd if vm is not None else -1, "gsi": gsi})
 
     def trigger(self) -> None:
@@ -132,7 +135,7 @@ class IntxLine:
             os.close(self.efd)
             self.efd = -1
             self.c.efd = -1
-            self.c.level = 0
+            self.c.set_line = ffi.NULL
             self.c.line_fd = -1
 
 

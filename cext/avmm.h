@@ -129,6 +129,10 @@ size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
 long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
 
+/* KVM_IRQ_LINE on a VM fd: a level interrupt line up (1) or down (0); 0 or -errno. What
+ * a PCI transport puts in a level line's struct avmm_irq (virtq.h) as its set_line. */
+int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level);
+
 /* One KVM_RUN on a vCPU with no thread of ours (the KVM probe). Returns exit_reason or -errno. */
 int avmm_run_once(int vcpu_fd, void *run);
 void *avmm_map_run(int vcpu_fd, size_t mmap_size);

@@ -80,7 +80,10 @@ VIRTIO_F_RING_PACKED VIRTIO_F_IN_ORDER VIRTIO_F_ORDER_PLATFORM VIRTIO_F_SR_IOV V
 VIRTIO_RING_F_INDIRECT_DESC VIRTIO_RING_F_EVENT_IDX
 VRING_DESC_F_NEXT VRING_DESC_F_WRITE VRING_DESC_F_INDIRECT VRING_USED_F_NO_NOTIFY
 VRING_AVAIL_F_NO_INTERRUPT
-VIRTIO_ID_NET VIRTIO_ID_BLOCK
+VIRTIO_ID_NET VIRTIO_ID_BLOCK VIRTIO_ID_CONSOLE VIRTIO_ID_RNG
+VIRTIO_CONSOLE_F_SIZE VIRTIO_CONSOLE_F_MULTIPORT VIRTIO_CONSOLE_F_EMERG_WRITE VIRTIO_CONSOLE_BAD_ID
+VIRTIO_CONSOLE_DEVICE_READY VIRTIO_CONSOLE_PORT_ADD VIRTIO_CONSOLE_PORT_REMOVE VIRTIO_CONSOLE_PORT_READY
+VIRTIO_CONSOLE_CONSOLE_PORT VIRTIO_CONSOLE_RESIZE VIRTIO_CONSOLE_PORT_OPEN VIRTIO_CONSOLE_PORT_NAME
 VIRTIO_PCI_CAP_COMMON_CFG VIRTIO_PCI_CAP_NOTIFY_CFG VIRTIO_PCI_CAP_ISR_CFG VIRTIO_PCI_CAP_DEVICE_CFG
 VIRTIO_PCI_CAP_PCI_CFG VIRTIO_MSI_NO_VECTOR VIRTIO_PCI_ISR_CONFIG
 VIRTIO_PCI_COMMON_DFSELECT VIRTIO_PCI_COMMON_DF VIRTIO_PCI_COMMON_GFSELECT VIRTIO_PCI_COMMON_GF
@@ -238,10 +241,13 @@ enum avmm_blk_flags { AVMM_BLK_RO, AVMM_BLK_WRITETHROUGH };
 struct avmm_gmem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
 struct avmm_gmem { uint32_t nregions; struct avmm_gmem_region r[...]; };
 struct avmm_irq { int32_t efd; uint32_t masked; uint32_t pending; uint64_t raised; uint64_t held; uint8_t *isr;
-                  uint32_t level; int32_t line_fd; uint32_t gsi; uint32_t asserted; ...; };
+                  int (*set_line)(int32_t, uint32_t, uint32_t); int32_t line_fd; uint32_t gsi; uint32_t asserted;
+                  ...; };
 struct avmm_vq_stats { uint64_t chains; uint64_t notifies; uint64_t interrupts; uint64_t suppressed; uint64_t errors[...]; };
 struct avmm_vq {
-    uint16_t size; uint16_t last_avail; uint16_t used_idx; uint8_t broken; uint32_t last_error;
+    uint16_t size; uint16_t index; uint32_t flags; int32_t kick_fd;
+    uint16_t last_avail; uint16_t used_idx; uint16_t signalled_used; uint8_t signalled_valid;
+    uint8_t broken; uint32_t unpublished; uint32_t last_error;
     struct avmm_vq_stats stats; ...;
 };
 struct iovec { void *iov_base; size_t iov_len; };
@@ -272,6 +278,9 @@ void avmm_vq_unpop(struct avmm_vq *q, uint16_t n);
 void avmm_vq_push(struct avmm_vq *q, uint16_t head, uint32_t len);
 void avmm_vq_publish(struct avmm_vq *q);
 int avmm_vq_enable_notify(struct avmm_vq *q);
+int avmm_vq_enable_notify_more(struct avmm_vq *q);
+size_t avmm_iov_to_buf(const struct iovec *iov, uint32_t n, size_t skip, void *buf, size_t len);
+size_t avmm_buf_to_iov(const struct iovec *iov, uint32_t n, size_t skip, const void *buf, size_t len);
 void avmm_vq_disable_notify(struct avmm_vq *q);
 uint16_t avmm_vq_pending(const struct avmm_vq *q);
 void avmm_vq_drain_kick(struct avmm_vq *q);
@@ -365,6 +374,7 @@ void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flag
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
 long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
+int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level);
 int avmm_run_once(int vcpu_fd, void *run);
 void *avmm_map_run(int vcpu_fd, size_t mmap_size);
 void avmm_unmap(void *addr, size_t size);
@@ -380,7 +390,7 @@ ffibuilder.set_source(
     "asyncvmm._native",
     "#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
     "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
-    "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/if_tun.h>\n"
+    "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/virtio_console.h>\n#include <linux/if_tun.h>\n"
     f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n#include "net.h"\n'
     f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
     sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c", "cext/net.c"],

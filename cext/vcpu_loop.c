@@ -766,3 +766,9 @@ int avmm_run_once(int vcpu_fd, void *run)
         return -errno;
     return (int)((struct kvm_run *)run)->exit_reason;
 }
+
+int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level)
+{
+    struct kvm_irq_level l = {.irq = gsi, .level = level};
+    return ioctl(vm_fd, KVM_IRQ_LINE, &l) < 0 ? -errno : 0;
+}

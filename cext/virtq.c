@@ -9,9 +9,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <linux/kvm.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "util.h"
@@ -26,11 +24,10 @@ void avmm_irq_raise(struct avmm_irq *v)
         v->held++;
         return;
     }
-    if (v->level) {
+    if (v->set_line) {
         /* A level line: up until the driver reads the ISR (the transport takes it down). */
         if (!v->asserted) {
-            struct kvm_irq_level l = {.irq = v->gsi, .level = 1};
-            if (ioctl(v->line_fd, KVM_IRQ_LINE, &l) == 0) {
+            if (v->set_line(v->line_fd, v->gsi, 1) == 0) {
                 v->asserted = 1;
                 v->raised++;
             }

@@ -50,10 +50,14 @@ static inline void *avmm_gmem_ptr(const struct avmm_gmem *m, uint64_t gpa, uint6
 /* ---- interrupt vectors -------------------------------------------------------------- */
 
 /* One interrupt as the data path raises it: an eventfd (bound to a GSI with KVM_IRQFD, or
- * read by the test harness) — an MSI-X or MSI vector, or a level INTx line (an irqfd with
- * a resample fd). While the guest has it masked, raising only sets `pending` (the PBA
- * bit); its model delivers it on unmask. With `isr`, a queue's interrupt also sets the
- * virtio ISR's queue bit, which a driver on INTx (or one shared MSI) reads to learn why. */
+ * read by the test harness) — an MSI-X or MSI vector — or a level INTx line, asserted
+ * through the function the transport set in `set_line` (KVM_IRQ_LINE on the VM fd: the
+ * queue code knows no KVM). While the guest has it masked, raising only sets `pending`
+ * (the PBA bit); its model delivers it on unmask. With `isr`, a queue's interrupt also
+ * sets the virtio ISR's queue bit, which a driver on INTx (or one shared MSI) reads to
+ * learn why. */
+typedef int (*avmm_set_line_fn)(int32_t line_fd, uint32_t gsi, uint32_t level);
+
 struct avmm_irq {
     int32_t efd;
     uint32_t masked;  /* atomic: the vector's or the function's mask bit */
@@ -62,8 +66,8 @@ struct avmm_irq {
     uint64_t raised;    /* interrupts sent */
     uint64_t held;      /* raises that found the vector masked */
     uint8_t *isr;       /* INTx or a shared MSI: the ISR status byte, bit 0 set on each raise */
-    uint32_t level;     /* 1: an INTx line under KVM: a raise asserts `gsi` with KVM_IRQ_LINE on
-                         * line_fd (the VM fd) instead of writing efd */
+    avmm_set_line_fn set_line; /* a level line: a raise asserts `gsi` with set_line(line_fd,
+                                * gsi, 1) instead of writing efd (0 on success); NULL: an edge */
     int32_t line_fd;
     uint32_t gsi;
     uint32_t asserted;  /* INTx: the line is up (it goes down when the driver reads the ISR) */

@@ -1,7 +1,7 @@
 """The PCI root of one boot and the `-s` devices behind it.
 
 `PciDevices(vm, config, pio, mmio, host)` builds the GSI routing table, the root on bus 0
-(0xCF8/0xCFC and ECAM), each `-s` slot's device through its driver (devices/slots.py),
+(0xCF8/0xCFC and ECAM), each `-s` slot's device through its driver (devices/registry.py),
 and places their BARs in the 64-bit window above RAM. `close()` closes the devices first
 (I/O in flight points into guest RAM), then the interrupt routes.
 """
@@ -34,7 +34,7 @@ class PciDevices:
             self.root = PciRoot(PciBuses(mmio, pio))
             install(self.root, pio, mmio)
             for s in config.slots:
-                driver = slots.DRIVERS[s.driver]
+                driver = slots.lookup(s.driver)
                 if driver.build is None:
                     continue
                 dev = driver.build(s, ctx)

@@ -4,7 +4,9 @@ boot each, and every Linux check shares them.
 
   run 1   -c 2; vda: an ext4 image made here, mounted by the kernel as root=/dev/vda rw;
           vdb: a disk with an MBR partition table; a virtio-net on a TAP in a network
-          namespace with dnsmasq (DHCP) and a UDP listener for netconsole.
+          namespace with dnsmasq (DHCP) and a UDP listener for netconsole; a virtio-rnd (the
+          kernel's hwrng reads it: ctl stats counts the bytes) and a virtio-console whose
+          first port is hvc0 (console=hvc0: the kernel's log arrives on its Unix socket).
           FIRST_BOOT_CHECKS read its log; SysRq h and q; SysRq s and u (the file system
           is written out and remounted read-only); gdb with the vmlinux through -g (a
           breakpoint on update_process_times, bt, linux_banner read by virtual address);
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import socket
@@ -59,13 +62,14 @@ from netns import Netns
 pytestmark = [pytest.mark.slow, needs_kvm]
 
 CPUS = 2
-ROOT_SLOT, PARTS_SLOT, NET_SLOT = 3, 4, 5
+ROOT_SLOT, PARTS_SLOT, NET_SLOT, RND_SLOT, CONSOLE_SLOT = 3, 4, 5, 6, 7
 ROOT_MIB = 32
 PARTS_SECTORS = 16384
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.1"
 NETCONSOLE_PORT = 6666
 # What a user types: the VMM adds what this KVM needs.
-CMDLINE = (f"console=ttyS0 panic=-1 root=/dev/vda rw ip=dhcp "
+# console=hvc0 first: the kernel logs on both, /dev/console is the last (ttyS0, for SysRq).
+CMDLINE = (f"console=hvc0 console=ttyS0 panic=-1 root=/dev/vda rw ip=dhcp "
            f"netconsole=6665@{GUEST_IP}/eth0,{NETCONSOLE_PORT}@{HOST_IP}/")
 RIP_SAMPLE_MS = 5
 BOOT_TIMEOUT = 420.0  # one boot, seconds of wall time (about 60-200 s here, loaded)
@@ -100,7 +104,8 @@ def check_every_pci_device_was_found(log: str) -> None:
     """The host bridge and the disk enumerated on bus 0 behind the DSDT's root (Linux
     takes ECAM, as the MCFG says, for the extended config space), their BARs inside the
     root's windows."""
-    for slot, ids in ((0, "1b36:0008"), (ROOT_SLOT, "1af4:1042"), (PARTS_SLOT, "1af4:1042"), (NET_SLOT, "1af4:1041")):
+    for slot, ids in ((0, "1b36:0008"), (ROOT_SLOT, "1af4:1042"), (PARTS_SLOT, "1af4:1042"), (NET_SLOT, "1af4:1041"),
+                      (RND_SLOT, "1af4:1044"), (CONSOLE_SLOT, "1af4:1043")):
         assert f"pci 0000:00:{slot:02x}.0: [{ids}]" in log, f"no {ids} at 00:{slot:02x}.0"
     bad = [line for line in log.splitlines()
            if re.search(r"can't claim|no space for|failed to assign|BAR \d+: .*conflict", line)]
@@ -284,23 +289,35 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     name = "linux-slow"
     tap = f"avl{os.getpid() % 100000}"
     mac = stable_mac(name, f"{NET_SLOT}.0")
+    hvc = tmp_path / "hvc0.sock"
     cfg = VmConfig(name=name, cpus=CPUS, memory=256 << 20, kernel=str(kernel), cmdline=CMDLINE,
                    slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root}"), parse_slot(f"{PARTS_SLOT},virtio-blk,{parts}"),
-                          parse_slot(f"{NET_SLOT},virtio-net,{tap}")],
+                          parse_slot(f"{NET_SLOT},virtio-net,{tap}"), parse_slot(f"{RND_SLOT},virtio-rnd"),
+                          parse_slot(f"{CONSOLE_SLOT},virtio-console,console={hvc}")],
                    profile_boot=True, profile_rip_ms=RIP_SAMPLE_MS, gdb=GdbOptions(free_port()))
     failures: list[str] = []
     times: dict[str, float] = {}
     console_log = tmp_path / "console.log"
     report: list[str] = []
     net_stats: list[dict] = []
+    hvc_out = bytearray()  # what arrived on virtio-console's first port (hvc0)
+    ctl_stats: list[dict] = []
+
+    async def read_hvc(reader: asyncio.StreamReader) -> None:
+        while data := await reader.read(65536):
+            hvc_out.extend(data)
 
     async def main(net: Network):
         async with VM(cfg) as vm:
             net.start()
+            reader, writer = await asyncio.open_unix_connection(str(hvc))  # a client, as a user's
+            hvc_task = asyncio.ensure_future(read_hvc(reader))
             try:
                 return await steps(vm)
             finally:  # the whole console, for whoever reads a failure
                 console_log.write_bytes(bytes(vm.console.transcript))
+                hvc_task.cancel()
+                writer.close()
 
     async def steps(vm: VM):
         t0 = time.monotonic()
@@ -321,6 +338,10 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
         await sysrq_output(vm, b"s", rb"sysrq: Emergency Sync", rb"Emergency Sync complete")
         await sysrq_output(vm, b"u", rb"sysrq: Emergency Remount R/O", rb"Emergency Remount complete")
         net_stats.append(vm.stats()["pci"][f"virtio-net@{NET_SLOT}.0"])
+        ctl = await asyncio.create_subprocess_exec(sys.executable, "-m", "asyncvmm", "ctl", "stats", name, "--json",
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(ctl.communicate(), 60)
+        ctl_stats.append(json.loads(out) if ctl.returncode == 0 else {"status": ctl.returncode})
         t1 = time.monotonic()
         await check_gdb(cfg.gdb.port, failures)
         times["gdb"] = time.monotonic() - t1
@@ -351,6 +372,14 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     for line in (b"Linux version 6.1", b"IP-Config: Complete:", b"Run /sbin/init as init process"):
         if line not in netconsole:
             failures.append(f"netconsole: {line!r} did not arrive over UDP ({len(netconsole)} bytes did)")
+    # virtio-console: the kernel's log on hvc0 (printk replays it when hvc0 registers).
+    for line in (b"Linux version 6.1", b"virtio-pci", b"Run /sbin/init as init process"):
+        if line not in hvc_out:
+            failures.append(f"virtio-console: {line!r} did not arrive on hvc0's socket ({len(hvc_out)} bytes did)")
+    # virtio-rnd: the kernel's hwrng read entropy from it; `asyncvmm ctl stats` shows it.
+    entropy = ctl_stats[0].get("pci", {}).get(f"virtio-rnd@{RND_SLOT}.0", {}).get("entropy", {}) if ctl_stats else {}
+    if not entropy.get("bytes", 0) > 0:
+        failures.append(f"virtio-rnd: no entropy served in ctl stats: {ctl_stats[:1]}")
     if format_mac(mac) not in leases or GUEST_IP not in leases:
         failures.append(f"dnsmasq's lease file: {leases!r}")
     pairs = net_stats[0]["pairs"][0] if net_stats else {}

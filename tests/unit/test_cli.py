@@ -41,7 +41,7 @@ def kernel(guests):
         (["-s", "3,virtio-blk,/dev/null,bogus"], ["unknown option", "bogus"]),
         (["-s", "0,virtio-blk,/dev/null"], ["host bridge"]),
         (["-s", "1:3:0,virtio-blk,/dev/null"], ["bus 0"]),
-        (["-s", "3,virtio-rnd"], ["virtio-rnd", "not available"]),
+        (["-s", "3,xhci"], ["xhci", "not available"]),
         (["-s", "3,virtio-net,tap0,mac=01:00:00:00:00:01"], ["multicast"]),
         (["-s", "3,virtio-net,bad/name"], ["not an interface name"]),
         (["-s", "3,nosuch"], ["no such driver"]),

@@ -205,7 +205,7 @@ def test_the_lpc_bridge_is_an_isa_bridge_on_bus_0():
 
 
 def test_lpc_options_and_a_second_bridge_are_refused(tmp_path):
-    from asyncvmm.devices.slots import check_slots
+    from asyncvmm.devices.registry import check_slots
 
     kernel = tmp_path / "k"
     kernel.write_bytes(b"x")

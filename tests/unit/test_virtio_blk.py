@@ -7,6 +7,7 @@ the same, so a difference between them is a bug in one.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from asyncvmm._native import lib
 from asyncvmm.devices.virtio.block.device import SEG_MAX, VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
+from asyncvmm.devices.virtio.device import QueueConfig
 from asyncvmm.devices.virtio.spec import Common, Feature, Status, bits
 from asyncvmm.errors import ConfigError
 from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, Harness, VirtioDriver
@@ -433,3 +435,33 @@ def test_a_block_device_as_the_disk(loop_device, engine):
     run(go())
     with open(loop_device, "rb") as f:
         assert f.read(512) == bytes(512)
+
+
+def test_state_out_and_back_in(image, engine):
+    """A second virtio-blk restored from the first's state carries on on the same rings:
+    no request is served twice, the used ring goes on where it was."""
+    async def go():
+        async with Blk(image, engine) as b:
+            for i in range(3):
+                st, _, _ = await b.c.run(T_OUT, 200 + i, data=bytes([i]) * 512)
+                assert st == S_OK
+            state = json.loads(json.dumps(b.dev.device.save()))  # plain data
+            assert state["queues"][0]["last_avail"] == 3 and state["queues"][0]["used_idx"] == 3
+            b.dev.device.reset()
+            b.dev.device.close()  # the image's lock goes with it
+            second = VirtioBlk(BlockOptions(str(image), engine=engine), b.h.mem, queues=1)
+            kick = os.eventfd(0, os.EFD_NONBLOCK)
+            try:
+                q = b.c.q
+                second.restore(state)  # taken at activate, before the queue is served
+                second.activate(b.drv.features, [QueueConfig(0, q.size, q.desc, q.avail, q.used, None, kick)])
+                head, status, data = b.c.build(T_IN, 201, in_len=512)
+                os.eventfd_write(kick, 1)
+                assert await q.wait_used(1) == [(head, 513)]
+                assert b.h.mem.read(status, 1)[0] == S_OK and b.h.mem.read(data, 512) == bytes([1]) * 512
+                assert q.used_idx() == 4
+                assert second.stats()["requests"]["writes"] == 0  # the three writes were not done again
+            finally:
+                second.close()
+                os.close(kick)
+    run(go())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ...config import PciSlot, VmConfig
 from ...errors import ConfigError
+from ..registry import register
 from .config_space import ConfigSpace
 from .device import PciDevice
 from .regs import ClassCode, VendorId
@@ -41,3 +42,6 @@ def check(slot: PciSlot, cfg: VmConfig) -> None:
 
 def build(slot: PciSlot, ctx) -> LpcBridge:
     return LpcBridge(f"lpc@{slot.slot}.{slot.function}")
+
+
+register("lpc", check, build)

@@ -127,6 +127,7 @@ class ClassCode(IntEnum):
     ISA_BRIDGE = 0x06_01_00  # the LPC bridge (bhyve's -s N,lpc)
     MASS_STORAGE_OTHER = 0x01_80_00  # what virtio-blk reports, as QEMU's does
     ETHERNET = 0x02_00_00
+    COMMUNICATION_OTHER = 0x07_80_00  # what virtio-console reports, as QEMU's does
     OTHER = 0xFF_00_00
 
 

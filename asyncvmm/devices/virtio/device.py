@@ -10,6 +10,10 @@ Call order (the transport's):
     features()                         any time: what the device offers
     read_config/write_config           any time
     activate(features, queues)         at DRIVER_OK, with the queues the driver enabled
+    save() -> dict                     any time the device is quiesced: its state, plain data
+    restore(state)                     before activate: the next activate carries on from it
+                                       (queue indices, what the driver set) before it serves
+                                       any queue
     reset()                            on a device reset (status 0); then quiesced() until
                                        in-flight work has drained, and activate() again
     close()                            when the VM goes away
@@ -19,8 +23,8 @@ A device that finds the driver broke the rules calls `self.needs_reset(why)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ...irq import IntxLine, MsiVector
 
@@ -52,6 +56,7 @@ class VirtioDevice:
         self.num_queues = num_queues
         self.queue_max_size = queue_max_size
         self._needs_reset: Callable[[str], None] = lambda why: None
+        self._restored: dict | None = None
 
     def bind(self, needs_reset: Callable[[str], None]) -> None:
         """The transport's hook for a device that breaks down."""
@@ -62,6 +67,19 @@ class VirtioDevice:
 
     def features(self) -> int:
         return 0
+
+    def save(self) -> dict:
+        """The device's state as plain data (JSON-able)."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Carry on from save()'s data at the next activate (on the same rings)."""
+        self._restored = state
+
+    def take_restored(self) -> dict | None:
+        """For activate: the state restore() left, once."""
+        state, self._restored = self._restored, None
+        return state
 
     def read_config(self, offset: int, size: int) -> int:
         return 0

@@ -35,8 +35,12 @@ def bits(*features: int) -> int:
 
 
 class DeviceId(IntEnum):
+    """Device types (5): the PCI device ID is 0x1040 + this."""
+
     NET = lib.VIRTIO_ID_NET
     BLOCK = lib.VIRTIO_ID_BLOCK
+    CONSOLE = lib.VIRTIO_ID_CONSOLE
+    RNG = lib.VIRTIO_ID_RNG  # the entropy device (5.4)
 
 
 # 4.1.2.1: modern PCI device IDs are 0x1040 + the virtio device ID.

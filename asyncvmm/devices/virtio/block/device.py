@@ -1,10 +1,11 @@
 """virtio-blk (virtio 1.2, 5.2): configuration, features, and the queues handed to C.
 
 Python builds the device and answers the driver's setup; the requests themselves never
-reach Python. At DRIVER_OK each queue's ioeventfd becomes a reader on the loop that calls
-avmm_blk_kick (cext/blk.c: pop the batch, one submit), and the engine's eventfd one that
-calls avmm_blk_complete (reap the whole batch, one interrupt per queue). A queue that keeps
-coming is served a budget at a time, the loop's other callbacks in between.
+reach Python. At DRIVER_OK each queue's ioeventfd becomes a reader on the loop (the
+device's QueueWorker, ../worker.py) that calls avmm_blk_kick (cext/blk.c: pop the batch,
+one submit), and the engine's eventfd one that calls avmm_blk_complete (reap the whole
+batch, one interrupt per queue). A queue that keeps coming is served a budget at a time,
+the loop's other callbacks in between (the worker's continuation).
 
 Features offered: SEG_MAX, SIZE_MAX, BLK_SIZE, TOPOLOGY, FLUSH, DISCARD, WRITE_ZEROES, MQ,
 RO for `ro`, and the transport's VERSION_1, RING_EVENT_IDX, INDIRECT_DESC. A driver that
@@ -14,16 +15,18 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from ...._native import ffi, lib
+from ....config import PciSlot, VmConfig, check_readable
 from ....errors import ConfigError
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
+from ...registry import register, slot_name
+from ...slots import may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
-from ....poll import POLL_MAX_NS, POLL_SLICE_NS, PollWindow
-from ..spec import DeviceId, Feature, VqError, bits
+from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
+from ..spec import DeviceId, bits
+from ..transport_pci import VirtioPciDevice
+from ..worker import QueueWorker
 from .image import BlockOptions, DiskImage, default_serial
 
 QUEUE_SIZE = 256
@@ -56,17 +59,14 @@ class VirtioBlk(VirtioDevice):
     def __init__(self, opts: BlockOptions, mem: GuestMemory, *, queues: int, name: str = "virtio-blk",
                  poll: bool = False):
         super().__init__(opts.queues or queues, QUEUE_SIZE)
-        self.window = PollWindow(POLL_MAX_NS if poll else 0)
         self.name = name
         self.opts = opts
         self.mem = mem
+        self.worker = QueueWorker(name, self.needs_reset, poll=poll)
+        self.queues: list[Virtqueue] = []  # the active ones (C's), for counters, state, breakdown
         self.image = DiskImage(opts)
         self._engine = ffi.NULL
         self._blk = ffi.NULL
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._readers: list[int] = []
-        self._completion_reader = False
-        self._resume: asyncio.Handle | None = None
         try:
             self._build()
         except BaseException:
@@ -133,83 +133,71 @@ class VirtioBlk(VirtioDevice):
         return int.from_bytes(self._config[offset : offset + size], "little")
 
     def activate(self, features: int, queues: list[QueueConfig]) -> None:
-        vq_flags = (lib.AVMM_VQ_EVENT_IDX if features & bits(Feature.RING_EVENT_IDX) else 0) | (
-            lib.AVMM_VQ_INDIRECT if features & bits(Feature.RING_INDIRECT_DESC) else 0
-        )
         writethrough = not features & bits(BlkFeature.FLUSH)
         lib.avmm_blk_set_flags(self._blk, lib.AVMM_BLK_WRITETHROUGH if writethrough else 0)
+        self.queues = []
         for q in queues:
             irq = q.vector.c if q.vector is not None else ffi.NULL
-            r = lib.avmm_blk_queue_setup(self._blk, q.index, q.size, q.desc, q.driver, q.device, vq_flags, irq,
-                                         q.kick_fd)
-            if r < 0:
+            r = lib.avmm_blk_queue_setup(self._blk, q.index, q.size, q.desc, q.driver, q.device,
+                                         ring_flags(features), irq, q.kick_fd)
+            try:
+                check_setup(r, q)
+            except RingSetupError as e:
                 lib.avmm_blk_reset(self._blk)
-                why = "not aligned" if r == -22 else "not in guest RAM"
-                raise DeviceError(f"queue {q.index}: its rings at {q.desc:#x}/{q.driver:#x}/{q.device:#x} are {why}")
-        self._loop = loop = asyncio.get_running_loop()
-        if not self._completion_reader:
-            loop.add_reader(lib.avmm_engine_fd(self._engine), self._complete)
-            self._completion_reader = True
+                raise DeviceError(str(e)) from None
+            self.queues.append(Virtqueue(lib.avmm_blk_queue(self._blk, q.index), self.mem, q))
+        state = self.take_restored()
+        if state is not None:
+            self._apply_state(state)
+        w = self.worker
+        w.start()
+        w.watch(lib.avmm_engine_fd(self._engine), self._complete, persistent=True)
         for q in queues:
-            loop.add_reader(q.kick_fd, self._kick, q.index)
-            self._readers.append(q.kick_fd)
+            w.watch(q.kick_fd, self._kick, q.index)
             self._kick(q.index)  # doorbells rung before DRIVER_OK
 
     def _kick(self, qi: int) -> None:
-        self.window.woken(time.monotonic_ns())
+        self.worker.woken()
         self._served(lib.avmm_blk_kick(self._blk, qi))
 
     def _complete(self) -> None:
-        self.window.woken(time.monotonic_ns())
+        self.worker.woken()
         self._served(lib.avmm_blk_complete(self._blk))
 
     def _served(self, n: int) -> None:
         """After a C call that served a batch: poll for the next, and come back soon to a
         queue that spent its budget (other callbacks run first)."""
-        if n < 0:
-            self._broken()
+        if n < 0 or not self.worker.poll(self._poll_step):
+            self.worker.broken(self.queues)
             return
-        self._poll()
-        if self._resume is None and self._blk != ffi.NULL and lib.avmm_blk_again(self._blk):
-            self._resume = self._loop.call_soon(self._resumed)
+        if self._blk != ffi.NULL and lib.avmm_blk_again(self._blk):
+            self.worker.soon("resume", self._resumed)
+
+    def _poll_step(self, max_ns: int) -> int:
+        return lib.avmm_blk_poll(self._blk, max_ns)
 
     def _resumed(self) -> None:
-        self._resume = None
         self._served(lib.avmm_blk_resume(self._blk))
 
-    def _poll(self) -> None:
-        """Spin briefly for the next kick or completion (asyncvmm.poll) while work comes."""
-        w, blk = self.window, self._blk
-        deadline = time.monotonic_ns() + POLL_SLICE_NS
-        while w.ns and time.monotonic_ns() < deadline:
-            n = lib.avmm_blk_poll(blk, w.ns)
-            if n < 0:
-                self._broken()
-                return
-            if n == 0:
-                break
-        w.gave_up()
+    # -- state -------------------------------------------------------------------------
+    def save(self) -> dict:
+        """The device's state as plain data (with no request in flight: after quiesced())."""
+        return {"queues": [vq.state().to_dict() for vq in self.queues]}
 
-    def _broken(self) -> None:
-        broken = [qi for qi in range(self.num_queues) if lib.avmm_blk_queue(self._blk, qi).broken]
-        self._stop_queues()
-        for qi in broken:
-            vq = lib.avmm_blk_queue(self._blk, qi)
-            self.needs_reset(f"queue {qi}: the driver broke the ring ({VqError(vq.last_error).name.lower()})")
-
-    def _stop_queues(self) -> None:
-        if self._loop is not None:
-            for fd in self._readers:
-                self._loop.remove_reader(fd)
-        self._readers.clear()
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
+    def _apply_state(self, state: dict) -> None:
+        """save()'s data onto the queues the driver has set up the same way."""
+        by_index = {vq.index: vq for vq in self.queues}
+        for d in state["queues"]:
+            s = VqState.from_dict(d)
+            if s.index not in by_index:
+                raise ValueError(f"{self.name}: queue {s.index} is not active")
+            by_index[s.index].restore(s)
 
     def reset(self) -> None:
-        self._stop_queues()
+        self.worker.stop()
+        self.queues = []
         if self._blk != ffi.NULL:
-            lib.avmm_blk_reset(self._blk)
+            lib.avmm_blk_reset(self._blk)  # requests in flight still complete (the persistent reader)
 
     def quiesced(self) -> bool:
         return self._blk == ffi.NULL or lib.avmm_blk_inflight(self._blk) == 0
@@ -222,28 +210,20 @@ class VirtioBlk(VirtioDevice):
         fields = ("reads", "writes", "flushes", "get_ids", "discards", "write_zeroes", "bytes_read",
                   "bytes_written", "unsupported", "bad_requests", "out_of_range", "ro_writes", "host_errors",
                   "short_retries", "bounced", "batches", "completion_batches")
-        queues = []
-        for qi in range(self.num_queues):
-            vq = lib.avmm_blk_queue(self._blk, qi)
-            st = vq.stats
-            errors = {VqError(i).name.lower(): st.errors[i] for i in range(1, lib.AVMM_VQ_NR_ERRORS) if st.errors[i]}
-            queues.append({"chains": st.chains, "notifies": st.notifies, "interrupts": st.interrupts,
-                           "suppressed": st.suppressed, "errors": errors})
+        queues = [Virtqueue(lib.avmm_blk_queue(self._blk, qi), self.mem,
+                            QueueConfig(qi, 0, 0, 0, 0, None, -1)).stats() for qi in range(self.num_queues)]
         return {
             "disk": self.image.path,
             "engine": self.opts.engine,
             "requests": {f: getattr(s, f) for f in fields},
             "engine_ops": {"ops": e.ops, "submits": e.submits, "reaps": e.reaps},
             "inflight": lib.avmm_blk_inflight(self._blk),
-            "poll_window_ns": self.window.ns,
+            "poll_window_ns": self.worker.window.ns,
             "queues": queues,
         }
 
     def close(self) -> None:
-        self._stop_queues()
-        if self._loop is not None and self._completion_reader and self._engine != ffi.NULL:
-            self._loop.remove_reader(lib.avmm_engine_fd(self._engine))
-            self._completion_reader = False
+        self.worker.stop(closing=True)
         if self._blk != ffi.NULL:
             lib.avmm_blk_free(self._blk)  # waits for I/O still in flight into guest RAM
             self._blk = ffi.NULL
@@ -251,3 +231,23 @@ class VirtioBlk(VirtioDevice):
             lib.avmm_engine_free(self._engine)
             self._engine = ffi.NULL
         self.image.close()
+
+
+# -- `-s N,virtio-blk,PATH[,ro][,direct][,serial=ID][,queues=N][,engine=uring|sync]` ------
+def _check(slot: PciSlot, cfg: VmConfig) -> None:
+    opts = BlockOptions.parse(slot.options, slot_name(slot))
+    check_readable(opts.path, "disk")
+
+
+def _build(slot: PciSlot, ctx):
+    opts = BlockOptions.parse(slot.options, slot_name(slot))
+    blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
+                    poll=may_poll(ctx))
+    try:
+        return VirtioPciDevice(blk, ctx.router, ctx.notify, msi=ctx.config.force_msi)
+    except BaseException:
+        blk.close()
+        raise
+
+
+register("virtio-blk", _check, _build)

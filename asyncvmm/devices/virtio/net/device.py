@@ -1,6 +1,7 @@
 """virtio-net (virtio 1.2, 5.1) on a TAP: features, config, the control queue, wiring.
 
-Frames never reach Python: per queue pair, the TAP fd is a reader on the loop that calls
+Frames never reach Python: per queue pair, the TAP fd is a reader on the loop (the
+device's QueueWorker, ../worker.py) that calls
 avmm_net_rx (cext/net.c: frames straight into the guest's RX buffers) and the TX doorbell
 one that calls avmm_net_tx (chains written to the TAP as they lie in guest memory).
 Flow control is asyncio's: with no RX buffers posted the TAP reader is removed — frames
@@ -8,25 +9,28 @@ wait in the TAP's queue (the kernel drops what overflows it, and counts it) — 
 RX doorbell brings buffers; a TAP that takes no more makes the pair wait for writability
 (add_writer) with the frame still in the ring.
 
-The control queue (CTRL_VQ) is served here, in Python: it carries a few commands at
-start-up. RX mode and MAC filter commands are acknowledged and recorded — the TAP gives
+The control queue (CTRL_VQ) is served here, in Python, through the runtime (a Virtqueue
+served by the worker): it carries a few commands at start-up. RX mode and MAC filter commands are acknowledged and recorded — the TAP gives
 the guest every frame the host sends it, so filtering would only drop what the host
 chose to send —; MQ, GUEST_OFFLOADS and MAC_ADDR_SET take effect.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
-import time
 
 from ...._native import ffi, lib
+from ....config import PciSlot, VmConfig
 from ....vstate.memory import GuestMemory
-from ....poll import POLL_MAX_NS, POLL_SLICE_NS, PollWindow
 from ...pci.regs import ClassCode
+from ...registry import register, slot_name
+from ...slots import may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
-from ..spec import DeviceId, Feature, VqError, bits
-from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, format_mac
+from ..queue import Chain, RingSetupError, Virtqueue, VqState, check_setup, ring_flags
+from ..spec import DeviceId, bits
+from ..transport_pci import VirtioPciDevice
+from ..worker import QueueWorker
+from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, format_mac, stable_mac
 
 QUEUE_SIZE = 256
 CTRL_QUEUE_SIZE = 64
@@ -34,6 +38,7 @@ CTRL_QUEUE_SIZE = 64
 # 64 KiB holds ten thousand addresses (QEMU keeps 64 and filters no more past that).
 CTRL_OUT_MAX = 64 << 10
 CTRL_BUDGET = 16  # commands per callback: a guest that keeps the queue full shares the loop
+CTRL_IOV_MAX = 64
 FRAME_MAX = 1514 + 4  # an Ethernet frame with a VLAN tag, without segmentation offload
 GSO_FRAME_MAX = 65535 + 14 + 4  # a 64 KiB IP packet in one frame, with segmentation offload
 HDR_LEN = lib.AVMM_NET_HDR_LEN
@@ -135,16 +140,10 @@ class VirtioNet(VirtioDevice):
         self.vlans: set[int] = set()
         self.counters = {"ctrl_commands": 0, "ctrl_errors": 0}
         self._features = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._readers: set[int] = set()
-        self._writers: set[int] = set()
+        self.worker = QueueWorker(name, self.needs_reset, poll=poll)
+        self.queues: list[Virtqueue] = []  # the active data queues (C's)
+        self.ctrl: Virtqueue | None = None
         self._rx_stopped = [False] * self.pairs
-        self._again: dict[tuple[bool, int], asyncio.Handle] = {}  # (tx, pair): a batch to continue
-        self._ctrl_vq = ffi.new("struct avmm_vq *")
-        self._ctrl_iov = ffi.new("struct iovec[]", 64)
-        self._ctrl_fd = -1
-        self._ctrl_resume: asyncio.Handle | None = None
-        self.window = PollWindow(POLL_MAX_NS if poll else 0)
         self._state = ffi.new("uint32_t *")
         self._pair = ffi.new("int *")
 
@@ -174,9 +173,6 @@ class VirtioNet(VirtioDevice):
     def activate(self, features: int, queues: list[QueueConfig]) -> None:
         self._features = features
         self.active_pairs = 1
-        vq_flags = (lib.AVMM_VQ_EVENT_IDX if features & bits(Feature.RING_EVENT_IDX) else 0) | (
-            lib.AVMM_VQ_INDIRECT if features & bits(Feature.RING_INDIRECT_DESC) else 0
-        )
         gso = any(features & bits(f) for f in GSO_FEATURES)
         mrg = features & bits(NetFeature.MRG_RXBUF)
         lib.avmm_net_set_flags(self._net, lib.AVMM_NET_MRG_RXBUF if mrg else 0,
@@ -184,31 +180,38 @@ class VirtioNet(VirtioDevice):
         self._set_offloads(features)
         ctrl = 2 * self.pairs
         data = [q for q in queues if q.index < ctrl]
+        self.queues = []
         for q in data:
             irq = q.vector.c if q.vector is not None else ffi.NULL
-            r = lib.avmm_net_queue_setup(self._net, q.index, q.size, q.desc, q.driver, q.device, vq_flags, irq,
-                                         q.kick_fd)
-            if r < 0:
+            r = lib.avmm_net_queue_setup(self._net, q.index, q.size, q.desc, q.driver, q.device,
+                                         ring_flags(features), irq, q.kick_fd)
+            try:
+                check_setup(r, q)
+            except RingSetupError as e:
                 lib.avmm_net_reset(self._net)
-                raise DeviceError(f"queue {q.index}: its rings are {'not aligned' if r == -22 else 'not in guest RAM'}")
-        self._loop = loop = asyncio.get_running_loop()
+                raise DeviceError(str(e)) from None
+            self.queues.append(Virtqueue(lib.avmm_net_queue(self._net, q.index), self.mem, q))
+        w = self.worker
+        w.start()
         for q in queues:
             if q.index == ctrl and features & bits(NetFeature.CTRL_VQ):
-                irq = q.vector.c if q.vector is not None else ffi.NULL
-                r = lib.avmm_vq_setup(self._ctrl_vq, self.mem.c_table(), q.size, q.desc, q.driver, q.device,
-                                      vq_flags, irq, q.kick_fd)
-                if r < 0:
-                    raise DeviceError(f"control queue: its rings are {'not aligned' if r == -22 else 'not in guest RAM'}")
-                self._ctrl_fd = q.kick_fd
-                self._add_reader(q.kick_fd, self._ctrl)
+                try:
+                    self.ctrl = Virtqueue.setup(self.mem, q, features, iov_max=CTRL_IOV_MAX, what="control queue")
+                except RingSetupError as e:
+                    raise DeviceError(str(e)) from None
         self.tap.set_active_queues(1)
+        state = self.take_restored()
+        if state is not None:
+            self._apply_state(state)
+        if self.ctrl is not None:
+            w.serve(self.ctrl, self._ctrl_command, budget=CTRL_BUDGET)
         for q in data:
             pair, tx = divmod(q.index, 2)
             if tx:
-                self._add_reader(q.kick_fd, self._tx, pair)
+                w.watch(q.kick_fd, self._tx, pair)
             else:
-                self._add_reader(q.kick_fd, self._rx_kick, pair)
-                self._add_reader(self.tap.fds[pair], self._rx, pair)
+                w.watch(q.kick_fd, self._rx_kick, pair)
+                w.watch(self.tap.fds[pair], self._rx, pair)
         for q in data:  # doorbells rung before DRIVER_OK
             pair, tx = divmod(q.index, 2)
             (self._tx if tx else self._rx)(pair)
@@ -230,17 +233,8 @@ class VirtioNet(VirtioDevice):
             raise DeviceError(f"the TAP refused offloads {flags:#x}: {e.strerror}") from None
 
     # -- the loop's side ------------------------------------------------------------------
-    def _add_reader(self, fd: int, cb, *args) -> None:
-        self._loop.add_reader(fd, cb, *args)
-        self._readers.add(fd)
-
-    def _remove_reader(self, fd: int) -> None:
-        if fd in self._readers:
-            self._loop.remove_reader(fd)
-            self._readers.discard(fd)
-
     def _rx(self, pair: int) -> None:
-        self.window.woken(time.monotonic_ns())
+        self.worker.woken()
         self._rx_batch(pair)
         self._poll()
 
@@ -252,37 +246,27 @@ class VirtioNet(VirtioDevice):
     def _move(self, move, pair: int) -> int | None:
         """One avmm_net_rx/tx batch: its state, or None if a ring broke."""
         if move(self._net, pair, self._state) < 0:
-            self._broken()
+            self.worker.broken(self.queues)
             return None
         return self._state[0]
-
-    def _continue_soon(self, tx: bool, pair: int) -> None:
-        """A batch stopped at its budget: the rest after the loop's other callbacks."""
-        if (tx, pair) not in self._again:
-            self._again[tx, pair] = self._loop.call_soon(self._continue, tx, pair)
-
-    def _continue(self, tx: bool, pair: int) -> None:
-        del self._again[tx, pair]
-        (self._tx_batch if tx else self._rx_batch)(pair)
 
     def _after_rx(self, pair: int, state: int) -> None:
         if state & lib.AVMM_NET_RX_NO_BUFFERS and not self._rx_stopped[pair]:
             # No buffers: frames wait in the TAP until the guest posts some (the RX doorbell).
             self._rx_stopped[pair] = True
-            self._remove_reader(self.tap.fds[pair])
-        if state & lib.AVMM_NET_BUDGET:
-            self._continue_soon(False, pair)
+            self.worker.unwatch(self.tap.fds[pair])
+        if state & lib.AVMM_NET_BUDGET:  # the rest after the loop's other callbacks
+            self.worker.soon((False, pair), self._rx_batch, pair)
 
     def _rx_kick(self, pair: int) -> None:
-        vq = lib.avmm_net_queue(self._net, 2 * pair)
-        lib.avmm_vq_drain_kick(vq)
+        lib.avmm_vq_drain_kick(lib.avmm_net_queue(self._net, 2 * pair))
         if self._rx_stopped[pair]:
             self._rx_stopped[pair] = False
-            self._add_reader(self.tap.fds[pair], self._rx, pair)
+            self.worker.watch(self.tap.fds[pair], self._rx, pair)
         self._rx(pair)
 
     def _tx(self, pair: int) -> None:
-        self.window.woken(time.monotonic_ns())
+        self.worker.woken()
         self._tx_batch(pair)
         self._poll()
 
@@ -292,77 +276,41 @@ class VirtioNet(VirtioDevice):
             self._after_tx(pair, state)
 
     def _after_tx(self, pair: int, state: int) -> None:
-        fd = self.tap.fds[pair]
-        if state & lib.AVMM_NET_TX_BLOCKED and fd not in self._writers:
-            self._loop.add_writer(fd, self._tx_writable, pair)
-            self._writers.add(fd)
+        if state & lib.AVMM_NET_TX_BLOCKED:
+            self.worker.watch_write(self.tap.fds[pair], self._tx_writable, pair)
         if state & lib.AVMM_NET_BUDGET:
-            self._continue_soon(True, pair)
+            self.worker.soon((True, pair), self._tx_batch, pair)
 
     def _poll(self) -> None:
         """Spin briefly for the next frame either way (asyncvmm.poll) while traffic flows."""
-        w = self.window
-        deadline = time.monotonic_ns() + POLL_SLICE_NS
-        while w.ns and time.monotonic_ns() < deadline and self._readers:
-            n = lib.avmm_net_poll(self._net, self.active_pairs, w.ns, self._state, self._pair)
-            if n < 0:
-                self._broken()
-                return
-            if n == 0:
-                break
+        if not self.worker.poll(self._poll_step):
+            self.worker.broken(self.queues)
+
+    def _poll_step(self, max_ns: int) -> int:
+        n = lib.avmm_net_poll(self._net, self.active_pairs, max_ns, self._state, self._pair)
+        if n > 0:
             state, pair = self._state[0], self._pair[0]
             self._after_rx(pair, state)
             self._after_tx(pair, state)
-        w.gave_up()
+        return n
 
     def _tx_writable(self, pair: int) -> None:
-        fd = self.tap.fds[pair]
-        self._loop.remove_writer(fd)
-        self._writers.discard(fd)
+        self.worker.unwatch_write(self.tap.fds[pair])
         self._tx_batch(pair)
 
-    def _broken(self) -> None:
-        broken = [qi for qi in range(2 * self.pairs) if lib.avmm_net_queue(self._net, qi).broken]
-        self._stop()
-        for qi in broken:
-            vq = lib.avmm_net_queue(self._net, qi)
-            self.needs_reset(f"queue {qi}: the driver broke the ring ({VqError(vq.last_error).name.lower()})")
-
     # -- the control queue --------------------------------------------------------------
-    def _ctrl(self) -> None:
-        vq = self._ctrl_vq
-        lib.avmm_vq_drain_kick(vq)
-        mem_table = self.mem.c_table()
-        for _ in range(CTRL_BUDGET):
-            chain = ffi.new("struct avmm_chain *", {"iov": self._ctrl_iov, "iov_cap": 64})
-            r = lib.avmm_vq_pop(vq, mem_table, chain)
-            if r < 0:
-                self._stop()
-                self.needs_reset(f"control queue: the driver broke the ring ({VqError(vq.last_error).name.lower()})")
-                return
-            if r == 0:
-                if lib.avmm_vq_enable_notify(vq):
-                    continue
-                break
+    def _ctrl_command(self, chain: Chain) -> int:
+        """One command (5.1.6.5): class, command, data out; the ack in the last writable byte."""
+        if chain.nin >= 1 and 2 <= chain.out_len <= CTRL_OUT_MAX:
+            out = chain.read()
+            ack = self._command(out[0], out[1], out[2:])
+        else:
+            self.counters["ctrl_errors"] += 1
             ack = Ctrl.ERR
-            if (not chain.err and chain.nin >= 1 and 2 <= chain.out_len <= CTRL_OUT_MAX
-                    and chain.last_in != ffi.NULL):
-                out = b"".join(bytes(ffi.buffer(self._ctrl_iov[i].iov_base, self._ctrl_iov[i].iov_len))
-                               for i in range(chain.nout))
-                ack = self._command(out[0], out[1], out[2:])
-            else:
-                self.counters["ctrl_errors"] += 1
-            if chain.last_in != ffi.NULL:
-                chain.last_in[0] = ack
-            lib.avmm_vq_push(vq, chain.head, 1 if chain.last_in != ffi.NULL else 0)
-        else:  # the budget is spent: the rest after the loop's other callbacks
-            if self._ctrl_resume is None:
-                self._ctrl_resume = self._loop.call_soon(self._ctrl_again)
-        lib.avmm_vq_publish(vq)
-
-    def _ctrl_again(self) -> None:
-        self._ctrl_resume = None
-        self._ctrl()
+        if chain.nin < 1:
+            return 0
+        chain.write(bytes([ack]), chain.in_len - 1)
+        return 1
 
     def _command(self, cls: int, cmd: int, data: bytes) -> int:
         self.counters["ctrl_commands"] += 1
@@ -423,26 +371,44 @@ class VirtioNet(VirtioDevice):
             off += n * ETH_ALEN
         return (tables[0], tables[1]) if off == len(data) else None
 
+    # -- state -------------------------------------------------------------------------
+    def save(self) -> dict:
+        """The device's state as plain data: queues, and what the control queue set."""
+        return {
+            "queues": [vq.state().to_dict() for vq in self.queues],
+            "ctrl": self.ctrl.state().to_dict() if self.ctrl is not None else None,
+            "mac": self.mac.hex(), "active_pairs": self.active_pairs, "rx_mode": dict(self.rx_mode),
+            "vlans": sorted(self.vlans),
+        }
+
+    def _apply_state(self, state: dict) -> None:
+        """save()'s data onto the queues the driver has set up the same way."""
+        by_index = {vq.index: vq for vq in self.queues}
+        if self.ctrl is not None:
+            by_index[self.ctrl.index] = self.ctrl
+        for d in [*state["queues"], *([state["ctrl"]] if state["ctrl"] else [])]:
+            s = VqState.from_dict(d)
+            if s.index not in by_index:
+                raise ValueError(f"{self.name}: queue {s.index} is not active")
+            by_index[s.index].restore(s)
+        self.mac = bytes.fromhex(state["mac"])
+        self.rx_mode = dict(state["rx_mode"])
+        self.vlans = set(state["vlans"])
+        if state["active_pairs"] != self.active_pairs:
+            self.active_pairs = state["active_pairs"]
+            self.tap.set_active_queues(self.active_pairs)
+
     # -- reset, stats, close --------------------------------------------------------------
     def _stop(self) -> None:
-        if self._loop is not None:
-            for fd in list(self._readers):
-                self._remove_reader(fd)
-            for fd in list(self._writers):
-                self._loop.remove_writer(fd)
-            self._writers.clear()
-        for handle in [*self._again.values(), self._ctrl_resume]:
-            if handle is not None:
-                handle.cancel()
-        self._again.clear()
-        self._ctrl_resume = None
+        self.worker.stop()
         self._rx_stopped = [False] * self.pairs
 
     def reset(self) -> None:
         self._stop()
         if self._net != ffi.NULL:
             lib.avmm_net_reset(self._net)
-        self._ctrl_vq = ffi.new("struct avmm_vq *")
+        self.queues = []
+        self.ctrl = None
         self._features = 0
         self.mac = self.mac0
 
@@ -459,16 +425,43 @@ class VirtioNet(VirtioDevice):
             "tap": self.tap.name,
             "mac": format_mac(self.mac),
             "active_pairs": self.active_pairs,
-            "poll_window_ns": self.window.ns,
+            "poll_window_ns": self.worker.window.ns,
             "rx_mode": dict(self.rx_mode),
             "control": dict(self.counters),
             "pairs": pairs,
         }
 
     def close(self) -> None:
-        self._stop()
+        self.worker.stop(closing=True)
         if self._net != ffi.NULL:
             lib.avmm_net_free(self._net)
             self._net = ffi.NULL
         if self._owns_tap:
             self.tap.close()
+
+
+# -- `-s N,virtio-net,TAPNAME[,mac=52:54:..][,queues=N]` -------------------------------------
+def _check(slot: PciSlot, cfg: VmConfig) -> None:
+    NetOptions.parse(slot.options, slot_name(slot))
+
+
+def _build(slot: PciSlot, ctx):
+    opts = NetOptions.parse(slot.options, slot_name(slot))
+    where = f"{slot.slot}.{slot.function}"
+    pairs = min(opts.queues or ctx.config.cpus, VirtioNet.MAX_PAIRS)
+    tap = None
+    if ctx.host is not None:  # the TAP outlives the boot: a reset reuses it
+        key = (slot.slot, slot.function)
+        tap = ctx.host.taps.get(key)
+        if tap is None:
+            tap = ctx.host.taps[key] = Tap(opts.tap, pairs)
+    net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
+                    name=f"virtio-net@{where}", poll=may_poll(ctx), tap=tap)
+    try:
+        return VirtioPciDevice(net, ctx.router, ctx.notify, msi=ctx.config.force_msi)
+    except BaseException:
+        net.close()
+        raise
+
+
+register("virtio-net", _check, _build)

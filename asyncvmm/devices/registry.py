@@ -1,0 +1,97 @@
+"""The `-s SLOT,DRIVER[,CONF]` drivers: each device registers its name beside itself.
+
+A device module ends with its registration:
+
+    register("virtio-rnd", check=_check, build=_build)
+
+`check(slot, cfg)` parses the slot's CONF when the configuration is validated (a bad
+option is refused before anything starts: ConfigError, one line); `build(slot, ctx)`
+makes the PCI function when the machine is built (slots.BuildContext). Configuration
+validation asks this registry (`lookup`); it does not import the devices itself: the
+registry loads the modules in PROVIDERS the first time it is asked.
+
+`check_slots` is the whole `-s` check config validation runs: bus 0 only, a slot taken
+once, 0:0 the host bridge's, a known driver, then the driver's own check.
+
+This module imports nothing of asyncvmm's but its errors: config.py and the devices both
+import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+# The modules that register drivers (imported on the first lookup). A new device: its
+# module, and its name here.
+PROVIDERS = (
+    "asyncvmm.devices.slots",  # hostbridge
+    "asyncvmm.devices.pci.lpc",
+    "asyncvmm.devices.virtio.block.device",
+    "asyncvmm.devices.virtio.net.device",
+    "asyncvmm.devices.virtio.rnd",
+    "asyncvmm.devices.virtio.console",
+)
+
+
+@dataclass(frozen=True)
+class Driver:
+    name: str
+    check: Callable[[Any, Any], None]  # (PciSlot, VmConfig)
+    build: Callable[[Any, Any], Any] | None  # (PciSlot, BuildContext) -> PciDevice; None: nothing to add
+
+
+DRIVERS: dict[str, Driver] = {}
+_loaded = False
+
+
+def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any, Any], Any] | None) -> Driver:
+    if name in DRIVERS and DRIVERS[name].check is not check:
+        raise ValueError(f"-s driver {name!r} registered twice")
+    DRIVERS[name] = d = Driver(name, check, build)
+    return d
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in PROVIDERS:
+            importlib.import_module(module)
+
+
+def lookup(name: str) -> Driver | None:
+    _load()
+    return DRIVERS.get(name)
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(DRIVERS)
+
+
+def slot_name(slot) -> str:
+    """How the user wrote the slot, for messages: `3,` or `3:1,`."""
+    return f"{slot.slot}:{slot.function}," if slot.function else f"{slot.slot},"
+
+
+def check_slots(cfg) -> None:
+    """Every `-s` of a VmConfig (ConfigError: one line naming the option)."""
+    seen: dict[tuple[int, int], str] = {}
+    for s in cfg.slots:
+        where = slot_name(s)
+        if s.bus != 0:
+            raise ConfigError(f"-s {s.bus}:{s.slot}:{s.function},{s.driver}: only PCI bus 0 exists")
+        if (s.slot, s.function) in seen:
+            raise ConfigError(f"-s {where}{s.driver}: slot {s.slot}:{s.function} is taken by {seen[(s.slot, s.function)]}")
+        if (s.slot, s.function) == (0, 0) and s.driver != "hostbridge":
+            raise ConfigError(f"-s {where}{s.driver}: slot 0:0 is the host bridge's")
+        seen[(s.slot, s.function)] = s.driver
+        driver = lookup(s.driver)
+        if driver is None:
+            raise ConfigError(f"-s {where}{s.driver}: no such driver {s.driver!r}")
+        driver.check(s, cfg)
