@@ -39,7 +39,7 @@ from .platform import (
     POST_PORT, RTC_PORT, SPEAKER_PORT,
 )
 from .quirks import BoundedRatePit, Quirks
-from .vstate import probe
+from .vstate import probe, registers
 from .vstate.kvm import Kvm, VcpuFd, VmFd
 from .vstate.memory import GuestMemory
 from .vstate.vcpu import apply_boot_state, set_boot_msrs
@@ -698,11 +698,69 @@ class Machine:
         for name in ("gdt", "idt"):
             table = getattr(sregs, name)
             out[name] = {"base": table.base, "limit": table.limit}
+        try:
+            dbg = vcpu.get_debugregs()
+            out.update({f"dr{k}": dbg.db[k] for k in range(4)}, dr6=dbg.dr6, dr7=dbg.dr7)
+        except KvmError:
+            pass  # a KVM without KVM_GET_DEBUGREGS: the dump has no debug registers
         return {"vcpu": i, "state": VCPU_STATES.get(self.vcpu_state(i), "?"), "registers": out}
+
+    # -- changing a stopped vCPU (ctl set/nmi/msr; the caller has paused the VM) --------
+    def vcpus_in_exit(self) -> list[int]:
+        """The vCPUs waiting for the loop to finish an exit: their registers are not whole
+        until they have been served and have parked (the pause in C finishes the exit)."""
+        return [i for i in range(len(self.vcpus)) if self.vcpu_state(i) == lib.AVMM_VCPU_WAITING]
+
+    def write_registers(self, i: int, changes: dict) -> None:
+        """Write registers of a parked vCPU (names and values as vstate.registers.normalize
+        gives them); checked as a whole first: ConfigError and nothing written if the state
+        it would leave is not one a CPU can be in."""
+        vcpu = self.vcpus[i]
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        wants_debug = any(name in registers.DEBUG for name in changes)
+        dbg = vcpu.get_debugregs() if wants_debug else None
+        touched = registers.apply(regs, sregs, dbg, changes)
+        old_sregs = vcpu.get_sregs()
+        if "sregs" in touched:
+            vcpu.set_sregs(sregs)
+        try:
+            if "regs" in touched:
+                vcpu.set_regs(regs)
+            if "debugregs" in touched:
+                vcpu.set_debugregs(dbg)
+        except KvmError:
+            vcpu.set_sregs(old_sregs)  # all or nothing
+            raise
+
+    def inject_nmi(self, i: int) -> None:
+        self.vcpus[i].nmi()
+
+    def vcpu_events(self, i: int) -> dict:
+        """What KVM_GET_VCPU_EVENTS says is pending or being delivered on vCPU i."""
+        ev = self.vcpus[i].get_events()
+        return {
+            "exception": {"injected": ev.exception.injected, "pending": ev.exception.pending,
+                          "vector": ev.exception.nr, "has_error_code": ev.exception.has_error_code,
+                          "error_code": ev.exception.error_code},
+            "interrupt": {"injected": ev.interrupt.injected, "vector": ev.interrupt.nr, "soft": ev.interrupt.soft,
+                          "shadow": ev.interrupt.shadow},
+            "nmi": {"injected": ev.nmi.injected, "pending": ev.nmi.pending, "masked": ev.nmi.masked},
+        }
+
+    def read_msrs(self, i: int, indices: list[int]) -> dict[int, int]:
+        """The MSRs KVM gives of `indices` (it stops at the first it does not know)."""
+        return self.vcpus[i].get_msrs(indices)
+
+    def write_msr(self, i: int, index: int, value: int) -> bool:
+        """False if KVM refuses the value (or the MSR)."""
+        return self.vcpus[i].set_msrs({index: value}) == 1
 
     def stats(self) -> dict:
         """The counters of this boot (cheap to read: the hot paths only increment)."""
         vcpus = [self.vcpu_stats(i) for i in range(self.config.cpus)] if self._cvm != ffi.NULL else []
+        for s in vcpus:  # the first kernel-half RIP sample, as seconds after the vCPUs started
+            if s["first_high_rip_ns"] and self.timeline.started:
+                s["first_high_rip_after_s"] = round(s["first_high_rip_ns"] / 1e9 - self.timeline.started, 3)
         return {
             "vcpus": vcpus,
             "ports": dict(self.pio.accesses),
@@ -711,7 +769,7 @@ class Machine:
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "console": dict(self.uart.counters) if hasattr(self, "uart") else {},
             "pci": {dev.name: dev.stats() for _, dev in self.pci.devices() if hasattr(dev, "stats")} if self.pci else {},
-            "quirks": dict(self.quirks.applied),
+            "quirks": {"on": self.quirks.in_effect(), "applied": dict(self.quirks.applied)},
             **({"pit": self.pit.stats()} if self.pit is not None else {}),
             "acpi": dict(self.acpi_pm.counters) if self.acpi_pm is not None else {},
             "loop": {

@@ -86,6 +86,8 @@ class ControlClient:
                 raise VmmError(f"VM {self.name} sent a result that is not a JSON object for {cmd!r}")
             return result
         if answer.get("ok") is False:
+            if answer.get("usage") is True:  # the request, not the VM: status 2
+                raise ConfigError(str(answer.get("error") or f"VM {self.name} refused {cmd!r}"))
             raise VmmError(str(answer.get("error") or f"VM {self.name} refused {cmd!r} and gave no reason"))
         raise VmmError(f"VM {self.name} sent an answer with no \"ok\": {line[:80]!r}")
 
