@@ -487,3 +487,206 @@ def test_a_killed_vmm_leaves_a_stale_socket_that_the_next_vm_replaces(guests, ru
         assert r.status == 0, r.err
         assert json.loads(r.out)["pid"] == second.proc.pid
         assert second.socket.exists()
+
+
+# -- changing a VM: registers, NMIs, the RTC, MSRs, reset and power-off ----------------------------
+
+
+def regs_json(g: Guest) -> dict:
+    r = g.ctl("regs", g.name, "--json")
+    assert r.status == 0, r.err
+    return json.loads(r.out)
+
+
+@needs_kvm
+def test_set_rip_on_a_paused_guest_runs_that_code_after_resume(guests, run_dir):
+    with Guest(guests, "poke1", run_dir, guest="poke") as g:
+        g.wait_ready()
+        poked = g.symbol("poked")
+        assert g.ctl("pause", g.name).status == 0
+
+        # A register set, then read back with bhyvectl's --get- (the VM stays paused).
+        r = g.ctl("set", g.name, "rbx=0x5a5a5a5a", "rcx=7", "rflags=0x2")
+        assert r.status == 0, r.err
+        assert r.out.strip() == ("vCPU 0: set rbx 0x000000005a5a5a5a, rcx 0x0000000000000007, "
+                                 "rflags 0x0000000000000002 (it stays paused)"), r.out
+        r = g.ctl(f"--vm={g.name}", "--get-rbx", "--get-rcx", "--get-rflags")
+        assert r.status == 0, r.err
+        assert r.out == "rbx[0]\t0x000000005a5a5a5a\nrcx[0]\t0x0000000000000007\nrflags[0]\t0x0000000000000002\n"
+        r = g.ctl("set", g.name, "rdx=0x1122334455667788", "--json")
+        assert r.status == 0, r.err
+        after = json.loads(r.out)
+        assert (after["rdx"], after["rbx"], after["state"]) == (0x1122334455667788, 0x5A5A5A5A, "paused")
+        assert json.loads(g.ctl("state", g.name, "--json").out)["state"] == "paused"
+
+        r = g.ctl("set", g.name, f"rip={poked:#x}", "rax=0x1234abcd")
+        assert r.status == 0, r.err
+        time.sleep(0.3)
+        assert b"poked" not in g.output()  # still paused: nothing ran yet
+        assert regs_json(g)["rip"] == poked
+        assert g.ctl("resume", g.name).status == 0
+        g.expect(rb"poked 0x1234abcd\n")
+        g.expect(rb"poked tick 2\n")
+
+
+@needs_kvm
+def test_bhyvectl_set_on_a_running_guest_pauses_writes_and_resumes(guests, run_dir):
+    with Guest(guests, "poke2", run_dir, guest="poke") as g:
+        g.wait_ready()
+        r = g.ctl(f"--vm={g.name}", f"--set-rip={g.symbol('poked')}", "--set-rax=0xbeef")
+        assert (r.status, r.out, r.err) == (0, "", "")  # as bhyvectl: a write prints nothing
+        g.expect(rb"poked 0xbeef\n")
+        assert json.loads(g.ctl("state", g.name, "--json").out)["state"] == "running"
+        g.expect(rb"poked tick 3\n")
+
+
+@needs_kvm
+def test_bad_register_values_are_refused_and_nothing_is_written(guests, run_dir):
+    with Guest(guests, "poke3", run_dir, guest="poke") as g:
+        g.wait_ready()
+        assert g.ctl("pause", g.name).status == 0
+        before = regs_json(g)
+        for args, needle in (
+            (["rip=0x100000000"], "rip=0x100000000: beyond 32 bits"),
+            (["rax=1", "rip=0x100000000"], "rip=0x100000000"),  # all or nothing: rax is not written either
+            (["cr0=0x80000000"], "paging (PG) needs protected mode (PE)"),
+            ([f"cr0={before['cr0'] | 1 << 40:#x}"], "reserved bits 0x10000000000 set"),
+            (["cr4=0x8000"], "cr4=0x8000: reserved bits 0x8000 set"),
+            (["efer=0x2"], "efer=0x2: reserved bits 0x2 set"),
+            (["rflags=0"], "bit 1 is always 1"),
+            (["cs.access=0x200"], "cs.access=0x200: reserved bits set"),
+            (["rzz=1"], "rzz: no such register"),
+            (["rip=zz"], "'zz' is not a number"),
+            (["rip"], "give REG=VALUE"),
+            (["cr8=16"], "the task priority is 0 to 15"),
+        ):
+            r = g.ctl("set", g.name, *args)
+            assert r.status == 2, (args, r.err)
+            one_error_line(r, needle)
+        r = g.ctl(f"--vm={g.name}", "--set-rip=0xffff800000000000")
+        assert r.status == 2
+        one_error_line(r, "rip=0xffff800000000000: beyond 32 bits")
+        assert regs_json(g) == before  # the vCPU untouched
+        assert g.ctl("resume", g.name).status == 0
+        ticks = g.ticks()
+        g.expect(rb"tick %d\n" % (ticks + 3))
+        assert b"poked" not in g.output()
+
+
+@needs_kvm
+def test_nmi_runs_the_guests_nmi_handler(guests, run_dir):
+    with Guest(guests, "poke4", run_dir, guest="poke") as g:
+        g.wait_ready()
+        r = g.ctl("nmi", g.name)
+        assert r.status == 0, r.err
+        assert r.out.strip() == "VM poke4: NMI delivered to vCPU 0"
+        g.expect(rb"nmi 1\n")
+        # The handler returns without IRET (KVM's emulator has none in protected mode, see
+        # tests/guests/rt.h), so NMIs stay blocked: the next one waits, pending.
+        r = g.ctl("events", g.name)
+        assert r.status == 0, r.err
+        assert "  NMI: none; masked (the guest is in its NMI handler, until its IRET)" in r.out.splitlines(), r.out
+        r = g.ctl(f"--vm={g.name}", "--inject-nmi", "--get-intinfo")
+        assert r.status == 0, r.err
+        assert r.out == "pending:\tnmi vector 2\ncurrent:\tn/a\n", r.out
+        events = json.loads(g.ctl("events", g.name, "--json").out)
+        assert events["nmi"] == {"injected": 0, "pending": 1, "masked": 1}, events
+        assert g.output().count(b"nmi ") == 1
+
+
+@needs_kvm
+def test_rtc_time_set_through_ctl_is_what_the_guest_reads(guests, run_dir):
+    with Guest(guests, "cmos1", run_dir, guest="cmos", cmdline="every=20000", ready=b"rtc: ") as g:
+        g.wait_ready()
+        r = g.ctl("rtc", g.name, "--set", "2001-02-03 04:05:06")
+        assert r.status == 0, r.err
+        assert re.fullmatch(r"RTC: 2001-02-03 04:05:0\d UTC \(98117310\d s since 1970\)\n", r.out), r.out
+        start = len(g.output())
+        g.expect(rb"rtc: 2001-02-03 04:05:(0\d|1\d)\n", start=start)
+
+        r = g.ctl(f"--vm={g.name}", "--set-rtc-time=1000000000", "--get-rtc-time")  # 2001-09-09 01:46:40 UTC
+        assert r.status == 0, r.err
+        assert re.fullmatch(r"rtc time 0x3b9aca0\w: Sun Sep 09 01:46:4\d 2001\n", r.out), r.out
+        g.expect(rb"rtc: 2001-09-09 01:46:", start=len(g.output()))
+
+        r = g.ctl(f"--vm={g.name}", "--rtc-nvram-offset=20", "--set-rtc-nvram=0x5a", "--get-rtc-nvram")
+        assert (r.status, r.out) == (0, "rtc nvram[020]: 0x5a\n"), r.err
+        r = g.ctl("rtc", g.name, "--nvram", "20", "--json")
+        assert r.status == 0, r.err
+        assert json.loads(r.out)["value"] == 0x5A and json.loads(r.out)["offset"] == 20
+        for args, needle in ((["--nvram", "0=1"], "that byte is the clock's"), (["--nvram", "128"], "0 to 127"),
+                             (["--set", "tomorrow"], "a time as seconds since 1970"),
+                             (["--nvram", "20=256"], "255")):
+            r = g.ctl("rtc", g.name, *args)
+            assert r.status == 2, args
+            one_error_line(r, needle)
+
+
+@needs_kvm
+def test_msrs_and_topology(vm):
+    r = vm.ctl(f"--vm={vm.name}", "--get-guest-pat", "--get-guest-sysenter", "--get-cpu-topology")
+    assert r.status == 0, r.err
+    lines = r.out.splitlines()
+    assert re.fullmatch(r"guest_pat\[0\]\t\t0x[0-9a-f]{16}", lines[0]), r.out
+    assert [line.split("\t")[0] for line in lines[1:4]] == ["guest_sysenter_cs[0]", "guest_sysenter_sp[0]",
+                                                            "guest_sysenter_ip[0]"]
+    assert lines[4] == "cpu_topology:\tsockets=1, cores=1, threads=1, maxcpus=1"
+
+    r = vm.ctl("msr", vm.name, "pat", "0x174")
+    assert r.status == 0, r.err
+    assert re.fullmatch(r"vCPU 0 MSR 0x277: 0x[0-9a-f]{16}\nvCPU 0 MSR 0x174: 0x[0-9a-f]{16}\n", r.out), r.out
+    r = vm.ctl("msr", vm.name, "ia32_sysenter_esp=0x8000", "--json")  # the counter guest never uses it
+    assert r.status == 0, r.err
+    assert json.loads(r.out) == {"vcpu": 0, "msrs": {"0x175": 0x8000}}
+    for args, needle in ((["0x12345678"], "KVM does not give it"), (["nosuchmsr"], "a number (0x277) or a name"),
+                         (["pat=1", "lstar"], "an MSR write names one MSR")):
+        r = vm.ctl("msr", vm.name, *args)
+        assert r.status == 2, args
+        one_error_line(r, needle)
+
+    r = vm.ctl("topology", vm.name)
+    assert (r.status, r.out) == (0, "1 socket(s) x 1 core(s) x 1 thread(s): 1 vCPU(s)\n"), r.err
+    assert json.loads(vm.ctl("topology", vm.name, "--json").out) == {"sockets": 1, "cores": 1, "threads": 1, "maxcpus": 1}
+
+
+@needs_kvm
+def test_every_command_answers_json(vm):
+    for args in (["state"], ["regs"], ["events"], ["msr", "pat"], ["rtc"], ["topology"], ["stats"]):
+        r = vm.ctl(args[0], vm.name, *args[1:], "--json")
+        assert r.status == 0, (args, r.err)
+        assert isinstance(json.loads(r.out), dict), args
+    r = vm.ctl(f"--vm={vm.name}", "--get-rip", "--get-intinfo", "--get-rtc-time", "--json")
+    assert r.status == 0, r.err
+    answer = json.loads(r.out)
+    assert set(answer) == {"regs", "events", "rtc"} and answer["regs"]["rip"] in GUEST_RIP
+    r = vm.ctl("events", vm.name)
+    assert r.out.splitlines()[:3] == ["vCPU 0", "  exception: none", "  interrupt: none"], r.out
+
+
+@needs_kvm
+@pytest.mark.parametrize("spelling", [["reset", "{name}"], ["--vm={name}", "--force-reset"]], ids=["ours", "bhyvectl"])
+def test_reset_boots_the_guest_again(guests, run_dir, spelling):
+    with Guest(guests, "resetme", run_dir) as g:
+        g.wait_ready()
+        r = g.ctl(*(a.format(name=g.name) for a in spelling))
+        assert r.status == 0, r.err
+        assert r.out.strip() == "VM resetme reset: the guest boots again"
+        deadline = time.monotonic() + 15
+        while json.loads(g.ctl("state", g.name, "--json").out)["boots"] != 2:
+            assert time.monotonic() < deadline, g.stderr()
+            time.sleep(0.05)
+        assert "reset from the host: restarting the guest" in g.stderr()
+        assert g.proc.poll() is None
+
+
+@needs_kvm
+@pytest.mark.parametrize("spelling", [["poweroff", "{name}"], ["--vm={name}", "--force-poweroff"]],
+                         ids=["ours", "bhyvectl"])
+def test_forced_poweroff_ends_the_vm_as_a_guest_poweroff(guests, run_dir, spelling):
+    with Guest(guests, "offme", run_dir) as g:
+        g.wait_ready()
+        r = g.ctl(*(a.format(name=g.name) for a in spelling))
+        assert r.status == 0, r.err
+        assert r.out.strip() == "VM offme powered off (forced: the guest was not asked)"
+        assert g.wait_exit() == 0, g.stderr()
+        assert not g.socket.exists()
