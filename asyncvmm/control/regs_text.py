@@ -140,7 +140,8 @@ def format_set(result: dict, names: list[str]) -> str:
     for name in names:
         seg = regs.segment(name)
         if seg is not None:
-            fields = [f"{f} {hex_or_dash(seg_field(seg, f))}" for f in ("selector", "base", "limit") if f in seg]
+            widths = {"selector": 4, "base": 16, "limit": 8}
+            fields = [f"{f} {hex_or_dash(seg_field(seg, f), widths[f])}" for f in widths if f in seg]
             access = segment_access(seg)
             if name not in TABLES and access is not None:
                 fields.append(f"access 0x{access:x}")

@@ -218,7 +218,7 @@ def _vcpu_lines(i: int, s: dict) -> list[str]:
     lines.append(f"  exits: {_number(total)}")
     if exits or ns_exits:
         kinds = sorted(set(exits) | set(ns_exits), key=lambda k: (-exits.get(k, 0), k))
-        width = max(len(k) for k in kinds)
+        width = max([len("kind")] + [len(k) for k in kinds])
         lines.append(f"    {'kind':<{width}}  {'count':>10}  {'time serving, ms':>16}")
         for k in kinds:
             lines.append(f"    {k:<{width}}  {_number(exits.get(k, 0)):>10}  {_number(round(ns_exits.get(k, 0) * 1e-6, 3)):>16}")

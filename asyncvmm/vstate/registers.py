@@ -156,7 +156,7 @@ class Access(IntFlag):
 
 def _all(flags) -> int:
     n = 0
-    for f in flags:
+    for f in flags.__members__.values():  # multi-bit fields too (iteration skips them)
         n |= int(f)
     return n
 
