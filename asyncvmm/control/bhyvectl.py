@@ -283,7 +283,7 @@ def _rtc(client: ControlClient, req: BhyveRequest, answers: dict) -> list[str]:
 def rtc_time_line(seconds: int) -> str:
     """bhyvectl's "rtc time 0x...: Wed Dec 03 13:45:00 2026"."""
     try:
-        t = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+        t = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
         when = t.strftime("%a %b %d %H:%M:%S ") + str(t.year)
     except (OverflowError, OSError, ValueError):
         when = "out of range"

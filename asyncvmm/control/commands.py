@@ -10,8 +10,9 @@ import json
 import os
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 from ..errors import ConfigError, VmmError
 from ..vstate import registers
@@ -44,11 +45,11 @@ class Command:
     name: str
     help: str  # what it does, one line (the help is generated from these)
     request: Callable[[argparse.Namespace], dict] = lambda a: {}  # the request's fields
-    text: Callable[[dict, argparse.Namespace, str], str] = lambda r, a, n: report.format_state(r)
-    arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+    text: Callable[[Any, argparse.Namespace, str], str] = lambda r, a, n: report.format_state(r)
+    arguments: Callable[[argparse.ArgumentParser], object] = lambda p: None
     vcpu: bool = False  # takes --vcpu N
     with_name: bool = True
-    run: Callable[[ControlClient | None, argparse.Namespace], dict | list] | None = None  # instead of one request
+    run: Callable[[Any, argparse.Namespace], Any] | None = None  # instead of one request
     details: str = ""  # more help, shown by `ctl COMMAND --help`
 
 
@@ -96,7 +97,7 @@ def parse_time(text: str) -> int:
     except ValueError:
         raise ConfigError(f"{text!r}: a time as seconds since 1970 or YYYY-MM-DD[ HH:MM:SS] (UTC)") from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=datetime.timezone.utc)
+        t = t.replace(tzinfo=datetime.UTC)
     return int(t.timestamp())
 
 

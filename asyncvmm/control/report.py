@@ -80,7 +80,7 @@ def format_list(vms: list[dict]) -> str:
             str(vm.get("pid", "-")),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 # -- stats ---------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def format_msrs(result: dict) -> str:
 
 def rtc_date(seconds: int) -> str:
     try:
-        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
         return "out of range"
 
