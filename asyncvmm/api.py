@@ -365,13 +365,24 @@ class VM:
             raise ConfigError(f"the VM has no vCPU {vcpu} (it has {have})")
         return vcpu
 
+    @property
+    def _vcpu_lock(self) -> asyncio.Lock:
+        """One pause/resume or register access at a time: a resume must not land in the
+        middle of another request's write."""
+        lock = self.__dict__.get("_vcpu_lock_")
+        if lock is None:
+            lock = self.__dict__["_vcpu_lock_"] = asyncio.Lock()
+        return lock
+
     async def pause(self) -> None:
         """Stop every vCPU from running guest code (returns once none does)."""
-        self._live("it cannot be paused").pause()
+        async with self._vcpu_lock:
+            self._live("it cannot be paused").pause()
 
     async def resume(self) -> None:
         """Let the vCPUs run guest code again."""
-        self._live("it cannot be resumed").resume()
+        async with self._vcpu_lock:
+            self._live("it cannot be resumed").resume()
 
     async def sysrq(self, key: str) -> None:
         """The kernel's serial SysRq on COM1: a break, then `key` (e.g. "h" for help)."""
@@ -384,19 +395,22 @@ class VM:
         the loop for an exit is served first (the loop runs while this waits), so that what
         KVM_RUN still owes it (an IN's value in RAX, RIP past the instruction) is done
         before anything is read or written; a write then takes effect at its next entry."""
-        m = self._live(what)
-        was_paused = m.paused
-        m.pause()
-        try:
-            deadline = time.monotonic() + PARK_TIMEOUT
-            while waiting := m.vcpus_in_exit():
-                if time.monotonic() > deadline:
-                    raise VmmError(f"vCPU {waiting[0]} did not stop within {PARK_TIMEOUT:g} s")
-                await asyncio.sleep(0.001)
-            yield m
-        finally:
-            if not was_paused and self.machine is m and not m.stopping:
-                m.resume()
+        async with self._vcpu_lock:
+            m = self._live(what)
+            was_paused = m.paused
+            m.pause()
+            try:
+                deadline = time.monotonic() + PARK_TIMEOUT
+                while waiting := m.vcpus_in_exit():
+                    if time.monotonic() > deadline:
+                        raise VmmError(f"vCPU {waiting[0]} did not stop within {PARK_TIMEOUT:g} s")
+                    await asyncio.sleep(0.001)
+                if self.machine is not m or m.stopping:  # the guest reset or stopped meanwhile
+                    raise VmmError(f"VM {self.config.name} reset or stopped meanwhile: try again")
+                yield m
+            finally:
+                if not was_paused and self.machine is m and not m.stopping:
+                    m.resume()
 
     async def regs(self, vcpu: int = 0) -> dict:
         """vCPU `vcpu`'s registers, flat: {"rip": ..., "cr0": ..., "cs": {"selector", "base",

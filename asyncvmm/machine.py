@@ -709,6 +709,8 @@ class Machine:
     def vcpus_in_exit(self) -> list[int]:
         """The vCPUs waiting for the loop to finish an exit: their registers are not whole
         until they have been served and have parked (the pause in C finishes the exit)."""
+        if self._cvm == ffi.NULL:
+            return []
         return [i for i in range(len(self.vcpus)) if self.vcpu_state(i) == lib.AVMM_VCPU_WAITING]
 
     def write_registers(self, i: int, changes: dict) -> None:
