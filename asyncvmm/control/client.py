@@ -68,7 +68,7 @@ class ControlClient:
             try:
                 sock.sendall(encode({"cmd": cmd, **fields}))
                 line = self._read_line(sock, deadline)
-            except socket.timeout:
+            except TimeoutError:
                 raise VmmError(f"VM {self.name} did not answer {cmd!r} within {timeout:g} s") from None
             except (ConnectionResetError, BrokenPipeError):
                 raise VmmError(f"VM {self.name} closed the connection before answering {cmd!r}") from None
@@ -110,7 +110,7 @@ class ControlClient:
         except PermissionError:
             sock.close()
             raise ConfigError(f"cannot open VM {self.name}'s control socket {self.path}: permission denied") from None
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise VmmError(f"VM {self.name} did not accept a connection within {timeout:g} s") from None
         except OSError as e:
@@ -123,7 +123,7 @@ class ControlClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             sock.settimeout(left)
             chunk = sock.recv(4096)
             if not chunk:

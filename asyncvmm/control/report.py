@@ -310,9 +310,21 @@ def format_stats(stats: dict) -> str:
         if isinstance(value, dict):
             lines.append(SECTION_TITLES[key])
             lines += _table(value, "  ") if value else ["  none"]
+    serial = stats.get("serial")
+    if isinstance(serial, dict) and serial:
+        lines.append("serial ports")
+        for name, counters in serial.items():
+            lines += _block(str(name), counters, "  ") if isinstance(counters, dict) else []
+    irqs = stats.get("isa_irqs")
+    if isinstance(irqs, dict) and irqs:
+        lines.append("ISA interrupt lines")
+        for irq, line in irqs.items():
+            if isinstance(line, dict):
+                drivers = ", ".join(str(d) for d in line.get("drivers") or []) or "nobody"
+                lines.append(f"  IRQ {irq}: {drivers}; {_number(line.get('edges', 0))} edges raised")
     lines += _quirk_lines(stats.get("quirks"))
     known = {"vcpus", "loop", "ports", "unclaimed_ports", "mmio", "unclaimed_mmio", "pci", "console", "pit", "acpi",
-             "quirks"}
+             "quirks", "serial", "isa_irqs"}
     for key, value in stats.items():
         if key in known:
             continue
