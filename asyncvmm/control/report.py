@@ -305,12 +305,14 @@ def format_stats(stats: dict) -> str:
         for name, d in pci.items():
             if isinstance(d, dict):
                 lines += _device_lines(str(name), d)
+    serial = stats.get("serial")
     for key in ("console", "pit", "acpi"):
         value = stats.get(key)
+        if key == "console" and isinstance(serial, dict) and value in serial.values():
+            continue  # the same counters as its port's, below
         if isinstance(value, dict):
             lines.append(SECTION_TITLES[key])
             lines += _table(value, "  ") if value else ["  none"]
-    serial = stats.get("serial")
     if isinstance(serial, dict) and serial:
         lines.append("serial ports")
         for name, counters in serial.items():

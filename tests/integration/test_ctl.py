@@ -313,8 +313,9 @@ def test_stats_are_a_readable_report(vm):
     assert re.search(r"^00:03\.0 virtio-blk$", r.out, re.M), r.out  # per device
     assert re.search(r"^  disk: +\S+disk\.img$", r.out, re.M), r.out
     assert re.search(r"^  queue 0: chains \d+", r.out, re.M), r.out  # per queue
-    assert re.search(r"^console \(COM1\)$", r.out, re.M), r.out
-    assert re.search(r"^  tx bytes: +[1-9][\d,]*$", r.out, re.M), r.out
+    assert re.search(r"^serial ports\n  com1:\n    tx bytes: +[1-9][\d,]*$", r.out, re.M), r.out  # per port
+    assert "console (COM1)" not in r.out  # COM1's counters once
+    assert re.search(r"^  IRQ 4: com1; [\d,]+ edges raised$", r.out, re.M), r.out
     assert "{" not in r.out and "first high rip" not in r.out and " ns:" not in r.out, r.out
     quirks = re.search(r"^quirks on: (.*)$", r.out, re.M)
     assert quirks, r.out
