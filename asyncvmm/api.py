@@ -20,6 +20,8 @@ cancellation — stops the vCPU threads and releases every fd and the control so
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import os
 import re
 import time
@@ -28,7 +30,7 @@ from . import log
 from .config import VmConfig
 from .console import Console
 from .control.server import ControlServer, claim_socket
-from .errors import VmmError
+from .errors import ConfigError, VmmError
 from .devices.slots import HostResources
 from .machine import BootImages, Machine, Stop, StopReason, read_images
 from .profile import BootProfile
@@ -300,10 +302,10 @@ class VM:
 
     async def shutdown(self, timeout: float = 30.0) -> Stop:
         """Ask the guest to power off, wait up to `timeout`, then stop it hard."""
-        await self.destroy(timeout)
+        await self.destroy(timeout, why="stopped hard by shutdown()")
         return await self.wait()
 
-    async def destroy(self, timeout: float = 30.0, *, force: bool = False) -> str:
+    async def destroy(self, timeout: float = 30.0, *, force: bool = False, why: str = "destroyed from the host") -> str:
         """End the VM; returns how: 'acpi' (the guest powered off through ACPI S5 after
         its power button was pressed) or 'hard' (stopped from outside).
 
@@ -314,7 +316,6 @@ class VM:
         """
         if self._state in ("stopped", "closed"):
             return "hard"
-        why = "destroyed from the host"
         if force or timeout <= 0:
             self.request_stop(Stop(StopReason.HOST, f"{why} (forced)"))
         elif not self.power_button():
@@ -360,50 +361,178 @@ class VM:
         if self.console is not None and self._console_given is None:
             self.console.close()
 
-    # -- control -------------------------------------------------------------------------
+    # -- control (what `asyncvmm ctl` asks through the control socket, one implementation) --
     @property
-    def state(self) -> str:
+    def state(self) -> "VmState":
+        """created, starting, running, paused, stopping, stopped or closed (a str)."""
         if self._state == "running" and self.machine is not None and self.machine.paused:
-            return "paused"
-        return self._state
+            return VmState.PAUSED
+        return VmState(self._state)
+
+    def _live(self, what: str) -> Machine:
+        if self.state not in (VmState.RUNNING, VmState.PAUSED) or self.machine is None:
+            raise VmmError(f"VM {self.config.name} is {self.state}: {what}")
+        return self.machine
+
+    def _vcpu(self, vcpu) -> int:
+        if isinstance(vcpu, bool) or not isinstance(vcpu, int):
+            raise ConfigError(f"vCPU {vcpu!r}: a vCPU's number")
+        if not 0 <= vcpu < self.config.cpus:
+            have = "vCPU 0" if self.config.cpus == 1 else f"vCPUs 0 to {self.config.cpus - 1}"
+            raise ConfigError(f"the VM has no vCPU {vcpu} (it has {have})")
+        return vcpu
+
+    @property
+    def _vcpu_lock(self) -> asyncio.Lock:
+        """One pause/resume or register access at a time: a resume must not land in the
+        middle of another request's write."""
+        lock = self.__dict__.get("_vcpu_lock_")
+        if lock is None:
+            lock = self.__dict__["_vcpu_lock_"] = asyncio.Lock()
+        return lock
 
     async def pause(self) -> None:
-        if self.state not in ("running", "paused"):
-            raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be paused")
-        self.machine.pause()
+        """Stop every vCPU from running guest code (returns once none does)."""
+        async with self._vcpu_lock:
+            self._live("it cannot be paused").pause()
 
     async def resume(self) -> None:
-        if self.state not in ("running", "paused"):
-            raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be resumed")
-        self.machine.resume()
+        """Let the vCPUs run guest code again."""
+        async with self._vcpu_lock:
+            self._live("it cannot be resumed").resume()
 
     async def sysrq(self, key: str) -> None:
         """The kernel's serial SysRq on COM1: a break, then `key` (e.g. "h" for help)."""
-        if self.state not in ("running", "paused"):
-            raise VmmError(f"VM {self.config.name} is {self.state}: no console to send a SysRq to")
-        self.machine.send_sysrq(key)
+        self._live("no console to send a SysRq to").send_sysrq(key)
+
+    @contextlib.asynccontextmanager
+    async def _vcpus_stopped(self, what: str):
+        """The vCPUs out of KVM_RUN with their registers whole, for a read or a write; as
+        bhyvectl does, a running VM is paused for it and resumed after. A vCPU waiting on
+        the loop for an exit is served first (the loop runs while this waits), so that what
+        KVM_RUN still owes it (an IN's value in RAX, RIP past the instruction) is done
+        before anything is read or written; a write then takes effect at its next entry."""
+        async with self._vcpu_lock:
+            m = self._live(what)
+            was_paused = m.paused
+            m.pause()
+            try:
+                deadline = time.monotonic() + PARK_TIMEOUT
+                while waiting := m.vcpus_in_exit():
+                    if time.monotonic() > deadline:
+                        raise VmmError(f"vCPU {waiting[0]} did not stop within {PARK_TIMEOUT:g} s")
+                    await asyncio.sleep(0.001)
+                if self.machine is not m or m.stopping:  # the guest reset or stopped meanwhile
+                    raise VmmError(f"VM {self.config.name} reset or stopped meanwhile: try again")
+                yield m
+            finally:
+                if not was_paused and self.machine is m and not m.stopping:
+                    m.resume()
 
     async def regs(self, vcpu: int = 0) -> dict:
-        """vCPU `vcpu`'s registers (the vCPUs are paused for the read if they run)."""
-        if self.state not in ("running", "paused"):
-            raise VmmError(f"VM {self.config.name} is {self.state}: no registers to read")
-        if not 0 <= vcpu < self.config.cpus:
-            raise VmmError(f"the VM has no vCPU {vcpu} (it has {self.config.cpus})")
-        m = self.machine
-        was_paused = m.paused
-        m.pause()
-        try:
-            return m.read_registers(vcpu)
-        finally:
-            if not was_paused:
-                m.resume()
+        """vCPU `vcpu`'s registers, flat: {"rip": ..., "cr0": ..., "cs": {"selector", "base",
+        "limit", "type", ...}, "gdt": {"base", "limit"}, ..., "vcpu": N, "state": the VM's
+        state ("running" if it ran: it is paused only for the read)}."""
+        vcpu = self._vcpu(vcpu)
+        state = self.state
+        async with self._vcpus_stopped("no registers to read") as m:
+            answer = m.read_registers(vcpu)
+        return {"vcpu": vcpu, "state": str(state), **answer["registers"]}
+
+    async def set_registers(self, changes: dict | None = None, /, *, vcpu: int = 0, **regs) -> dict:
+        """Write registers of vCPU `vcpu`: `set_registers(rip=0x100000, rax=1)`, or a dict
+        `{"cs": {"selector": 8, "base": 0, "limit": 0xffffffff, "access": 0xc09b}}` (access
+        rights in VMX's layout, as bhyvectl's --desc-access). Checked as a whole first (a
+        non-canonical RIP, reserved bits in CR0/CR4/EFER/RFLAGS, long mode without PAE...):
+        ConfigError and nothing written. The VM is paused for the write if it runs; the
+        values take effect when the vCPU next runs. Returns the registers after."""
+        from .vstate import registers  # noqa: PLC0415
+
+        vcpu = self._vcpu(vcpu)
+        wanted = registers.normalize({**(changes or {}), **regs})
+        state = self.state
+        async with self._vcpus_stopped("no registers to write") as m:
+            m.write_registers(vcpu, wanted)
+            answer = m.read_registers(vcpu)
+        log.info(f"VM {self.config.name}: vCPU {vcpu}: set {', '.join(wanted)} from the host")
+        return {"vcpu": vcpu, "state": str(state), **answer["registers"]}
+
+    async def nmi(self, vcpu: int = 0) -> None:
+        """Deliver an NMI to vCPU `vcpu` (KVM_NMI), as bhyvectl's --inject-nmi."""
+        vcpu = self._vcpu(vcpu)
+        async with self._vcpus_stopped("no vCPU to deliver an NMI to") as m:
+            m.inject_nmi(vcpu)
+
+    async def events(self, vcpu: int = 0) -> dict:
+        """The exception, interrupt and NMI pending or being delivered on vCPU `vcpu`
+        (KVM_GET_VCPU_EVENTS; bhyvectl's --get-intinfo)."""
+        vcpu = self._vcpu(vcpu)
+        async with self._vcpus_stopped("no vCPU events to read") as m:
+            return {"vcpu": vcpu, **m.vcpu_events(vcpu)}
+
+    async def read_msrs(self, indices, vcpu: int = 0) -> dict[int, int]:
+        """MSRs of vCPU `vcpu` by index; ConfigError naming the first one KVM does not give."""
+        vcpu = self._vcpu(vcpu)
+        wanted = [int(i) for i in indices]
+        for index in wanted:
+            if not 0 <= index <= 0xFFFF_FFFF:
+                raise ConfigError(f"MSR {index:#x}: an MSR's index is 32 bits")
+        async with self._vcpus_stopped("no MSRs to read") as m:
+            got = m.read_msrs(vcpu, wanted)
+        missing = [i for i in wanted if i not in got]
+        if missing:
+            raise ConfigError(f"MSR {missing[0]:#x}: KVM does not give it for vCPU {vcpu}")
+        return got
+
+    async def write_msr(self, index: int, value: int, vcpu: int = 0) -> None:
+        """Write an MSR of vCPU `vcpu`; ConfigError if KVM refuses the MSR or the value."""
+        vcpu = self._vcpu(vcpu)
+        if not 0 <= index <= 0xFFFF_FFFF or not 0 <= value < 1 << 64:
+            raise ConfigError(f"MSR {index:#x}={value:#x}: a 32-bit index and a 64-bit value")
+        async with self._vcpus_stopped("no MSRs to write") as m:
+            if not m.write_msr(vcpu, index, value):
+                raise ConfigError(f"MSR {index:#x}: KVM refuses {value:#x} for vCPU {vcpu}")
+        log.info(f"VM {self.config.name}: vCPU {vcpu}: MSR {index:#x} set to {value:#x} from the host")
+
+    def rtc_time(self) -> int:
+        """The guest's RTC as a Unix time (seconds, UTC)."""
+        return self._live("no RTC to read").rtc.now()
+
+    def set_rtc_time(self, seconds: int) -> None:
+        """Set the guest's RTC to a Unix time (seconds, UTC), as bhyvectl's --set-rtc-time."""
+        self._live("no RTC to set").rtc.set_now(seconds)
+        log.info(f"VM {self.config.name}: RTC set to {seconds} from the host")
+
+    def rtc_nvram(self, offset: int) -> int:
+        """One byte of the RTC's CMOS (0-127)."""
+        return self._live("no RTC to read").rtc.nvram_read(offset)
+
+    def set_rtc_nvram(self, offset: int, value: int) -> None:
+        """Write one byte of the RTC's CMOS: not the clock or its status registers."""
+        self._live("no RTC to write").rtc.nvram_write(offset, value)
+
+    def topology(self) -> dict:
+        """The vCPUs as sockets x cores x threads (bhyvectl's --get-cpu-topology)."""
+        t = self.config.cpu_topology
+        return {"sockets": t.sockets, "cores": t.cores, "threads": t.threads, "maxcpus": self.config.cpus}
+
+    def reset(self) -> None:
+        """Reset the guest as its reset line would (bhyvectl's --force-reset): the VM
+        boots again, unless it runs with no_reboot (then it ends, as for a guest reset)."""
+        self._live("it cannot be reset").request_stop(Stop(StopReason.RESET, "reset from the host"))
+
+    def power_off(self) -> None:
+        """End the VM as if the guest had powered off, without asking it (bhyvectl's
+        --force-poweroff)."""
+        self._live("it cannot be powered off")
+        self.request_stop(Stop(StopReason.POWEROFF, "powered off from the host (forced)"))
 
     def state_info(self) -> dict:
         cfg = self.config
         m = self.machine
         return {
             "name": cfg.name,
-            "state": self.state,
+            "state": str(self.state),
             "pid": os.getpid(),
             "vcpus": cfg.cpus,
             "memory": cfg.memory,
@@ -412,7 +541,15 @@ class VM:
             "emulating_kvm": m.quirks.enabled if m else None,
             "boots": self.boots,
             "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
+            "devices": self.devices(),
         }
+
+    def devices(self) -> list[dict]:
+        """The PCI slots: where, which driver, and what of the host it uses (disk, TAP)."""
+        out = []
+        for s in self.config.slots:
+            out.append({"slot": f"{s.bus}:{s.slot}:{s.function}", "driver": s.driver, "options": s.options})
+        return out
 
     def stats(self) -> dict:
         """Counters of the current boot: vCPU exits and times, port ranges, the console."""
@@ -420,3 +557,18 @@ class VM:
         if m is None:
             return {}
         return m.stats()
+
+
+class VmState(enum.StrEnum):
+    """A VM's life (see the module docstring); each compares equal to its name as a str."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
+
+PARK_TIMEOUT = 2.0  # seconds the vCPUs have to leave an exit and park for a register access

@@ -181,6 +181,32 @@ class Machine:
         """vCPU i's registers as plain ints (the vCPU must not be running guest code)."""
         return self.vcpus.read_registers(i)
 
+    # -- changing a stopped vCPU (ctl set/nmi/msr; the caller has paused the VM) --------
+    def vcpus_in_exit(self) -> list[int]:
+        return self.vcpus.in_exit() if self.vcpus is not None else []
+
+    def write_registers(self, i: int, changes: dict) -> None:
+        self.vcpus.write_registers(i, changes)
+
+    def inject_nmi(self, i: int) -> None:
+        self.vcpus.inject_nmi(i)
+
+    def vcpu_events(self, i: int) -> dict:
+        return self.vcpus.events(i)
+
+    def read_msrs(self, i: int, indices: list[int]) -> dict[int, int]:
+        return self.vcpus.read_msrs(i, indices)
+
+    def write_msr(self, i: int, index: int, value: int) -> bool:
+        return self.vcpus.write_msr(i, index, value)
+
+    @property
+    def rtc(self):
+        """The RTC model (ctl rtc reads and sets it)."""
+        if self.legacy is None or self.legacy.rtc is None:
+            raise VmmError("the VM has no RTC yet")
+        return self.legacy.rtc
+
     def enable_sampling(self, period_ns: int, capacity: int) -> None:
         """RIP samples every `period_ns` on each vCPU (before run())."""
         self.vcpus.enable_sampling(period_ns, capacity)
@@ -192,14 +218,19 @@ class Machine:
     def stats(self) -> dict:
         """The counters of this boot (cheap to read: the hot paths only increment)."""
         legacy = self.legacy.stats() if self.legacy is not None else {"console": {}, "acpi": {}}
+        vcpus = self.vcpus.stats() if self.vcpus is not None else []
+        for s in vcpus:  # the first kernel-half RIP sample, as seconds after the vCPUs started
+            if s["first_high_rip_ns"] and self.timeline.started:
+                s["first_high_rip_after_s"] = round(s["first_high_rip_ns"] / 1e9 - self.timeline.started, 3)
         return {
-            "vcpus": self.vcpus.stats() if self.vcpus is not None else [],
+            "vcpus": vcpus,
             "ports": dict(self.pio.accesses),
             "unclaimed_ports": {f"{port:#x}": n for port, n in self.pio.unclaimed.most_common(32)},
             "mmio": dict(self.mmio.accesses),
             "unclaimed_mmio": {f"{addr:#x}": n for addr, n in self.mmio.unclaimed.most_common(32)},
             "pci": self.pci.stats() if self.pci is not None else {},
-            "quirks": dict(self.vm.quirks.applied) if self.vm is not None else {},
+            "quirks": {"on": self.vm.quirks.in_effect(), "applied": dict(self.vm.quirks.applied)}
+            if self.vm is not None else {},
             **legacy,
             "loop": self.vcpus.loop_stats() if self.vcpus is not None else {},
             "uptime_s": round(time.monotonic() - self.timeline.started, 3) if self.timeline.started else 0.0,

@@ -206,7 +206,7 @@ class BootProfile:
         ports = self.stats.get("ports") or {}
         if ports:
             lines.append("  accesses by device: " + ", ".join(f"{k} {v}" for k, v in sorted(ports.items(), key=lambda kv: -kv[1])))
-        quirks = self.stats.get("quirks") or {}
+        quirks = (self.stats.get("quirks") or {}).get("applied") or {}
         if quirks:
             lines.append("  quirks applied: " + ", ".join(f"{k} {v}" for k, v in quirks.items()))
         pit = self.stats.get("pit")

@@ -169,6 +169,18 @@ class Quirks:
     def _count(self, name: str, n: int = 1) -> None:
         self.applied[name] = self.applied.get(name, 0) + n
 
+    def in_effect(self) -> list[str]:
+        """The quirks on for this VM, by the names the README and the log use (those that
+        act on an event, int3-as-#BP and fwait, are armed; `applied` counts their uses)."""
+        if not self.enabled:
+            return []
+        on = ["int3-as-#BP", "fwait", "xsaveerptr", "vmm-pit"]
+        if self.hidden_pv_features:
+            on.append("kvm-pv-hypercalls")
+        if "linux-cmdline" in self.applied:
+            on.append("linux-cmdline")
+        return on
+
     # -- what the machine asks ---------------------------------------------------------
     @property
     def vmm_pit(self) -> bool:

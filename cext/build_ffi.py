@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -23,6 +23,7 @@ KVM_CREATE_VCPU KVM_SET_USER_MEMORY_REGION KVM_SET_TSS_ADDR KVM_SET_IDENTITY_MAP
 KVM_CREATE_IRQCHIP KVM_CREATE_PIT2 KVM_IRQ_LINE KVM_IRQFD KVM_IOEVENTFD KVM_ENABLE_CAP
 KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_SET_CPUID2 KVM_GET_CPUID2
 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_TRANSLATE
+KVM_NMI KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_GET_FPU KVM_SET_FPU KVM_GET_LAPIC KVM_SET_LAPIC
 KVM_CAP_IRQCHIP KVM_CAP_USER_MEMORY KVM_CAP_NR_VCPUS KVM_CAP_MAX_VCPUS KVM_CAP_IRQFD
 KVM_CAP_PIT2 KVM_CAP_IOEVENTFD KVM_CAP_IMMEDIATE_EXIT KVM_CAP_EXT_CPUID
@@ -145,6 +146,7 @@ struct kvm_cpuid_entry2 {
 };
 struct kvm_cpuid2 { __u32 nent; struct kvm_cpuid_entry2 entries[]; ...; };
 struct kvm_msr_entry { __u32 index; __u64 data; ...; };
+struct kvm_debugregs { __u64 db[4]; __u64 dr6; __u64 dr7; __u64 flags; ...; };
 struct kvm_msrs { __u32 nmsrs; struct kvm_msr_entry entries[]; ...; };
 struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; };
 struct kvm_userspace_memory_region {

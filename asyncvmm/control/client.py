@@ -68,7 +68,7 @@ class ControlClient:
             try:
                 sock.sendall(encode({"cmd": cmd, **fields}))
                 line = self._read_line(sock, deadline)
-            except socket.timeout:
+            except TimeoutError:
                 raise VmmError(f"VM {self.name} did not answer {cmd!r} within {timeout:g} s") from None
             except (ConnectionResetError, BrokenPipeError):
                 raise VmmError(f"VM {self.name} closed the connection before answering {cmd!r}") from None
@@ -86,6 +86,8 @@ class ControlClient:
                 raise VmmError(f"VM {self.name} sent a result that is not a JSON object for {cmd!r}")
             return result
         if answer.get("ok") is False:
+            if answer.get("usage") is True:  # the request, not the VM: status 2
+                raise ConfigError(str(answer.get("error") or f"VM {self.name} refused {cmd!r}"))
             raise VmmError(str(answer.get("error") or f"VM {self.name} refused {cmd!r} and gave no reason"))
         raise VmmError(f"VM {self.name} sent an answer with no \"ok\": {line[:80]!r}")
 
@@ -108,7 +110,7 @@ class ControlClient:
         except PermissionError:
             sock.close()
             raise ConfigError(f"cannot open VM {self.name}'s control socket {self.path}: permission denied") from None
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise VmmError(f"VM {self.name} did not accept a connection within {timeout:g} s") from None
         except OSError as e:
@@ -121,7 +123,7 @@ class ControlClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             sock.settimeout(left)
             chunk = sock.recv(4096)
             if not chunk:

@@ -5,19 +5,11 @@ One request per connection line, one answer line, both JSON objects:
     → {"cmd": "state"}
     ← {"ok": true, "result": {...}}       or  {"ok": false, "error": "what went wrong"}
 
-Commands (request fields besides "cmd"):
-    state                   name, state (running|paused|stopping), pid, vcpus, memory,
-                            kernel, cpu_template, boots, uptime_s, emulating_kvm
-    regs     vcpu=N         general registers, segment and control registers of vCPU N
-                            (the vCPUs are paused for the read if they were running)
-    stats                   per-vCPU exits and times, port ranges, console counters
-    pause | resume          → state
-    sysrq    key=K          the kernel's serial SysRq: a break on COM1, then the key K
-                            (one character) → {"key": K}
-    destroy  timeout=S force=B
-                            ask the guest to power off (ACPI, when the VM has it), wait up
-                            to S seconds, then stop it hard; force stops it at once
-                            → {"how": "acpi"|"hard"}
+An answer {"ok": false, "usage": true, ...} refuses the request itself (no such vCPU, a
+value no register can hold): `ctl` exits with status 2 for it, 1 for any other error.
+
+The commands and their fields are the table in handlers.py (HANDLERS); each one's
+docstring there, and `asyncvmm ctl --help`, say what it takes and answers.
 """
 
 from __future__ import annotations
@@ -29,7 +21,6 @@ import re
 SOCKET_SUFFIX = ".sock"
 # A VM's name becomes a file name: keep it to what needs no quoting anywhere.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-COMMANDS = ("state", "regs", "stats", "pause", "resume", "sysrq", "destroy")
 MAX_LINE = 64 * 1024
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, VmmError
 from . import protocol
+from .handlers import HANDLERS
 
 if TYPE_CHECKING:
     from ..api import VM
@@ -113,30 +114,14 @@ class ControlServer:
         except (ValueError, RecursionError) as e:
             return {"ok": False, "error": f"bad request: {e}"}
         cmd = req.get("cmd")
+        handle = HANDLERS.get(cmd) if isinstance(cmd, str) else None
+        if handle is None:
+            return {"ok": False, "error": f"unknown command {cmd!r} (known: {', '.join(sorted(HANDLERS))})",
+                    "usage": True}
         try:
-            if cmd == "state":
-                result = self.vm.state_info()
-            elif cmd == "regs":
-                result = await self.vm.regs(int(req.get("vcpu", 0)))
-            elif cmd == "stats":
-                result = self.vm.stats()
-            elif cmd == "pause":
-                await self.vm.pause()
-                result = self.vm.state_info()
-            elif cmd == "resume":
-                await self.vm.resume()
-                result = self.vm.state_info()
-            elif cmd == "sysrq":
-                key = req.get("key")
-                if not isinstance(key, str):
-                    raise ValueError("sysrq needs a key: one character")
-                await self.vm.sysrq(key)
-                result = {"key": key}
-            elif cmd == "destroy":
-                how = await self.vm.destroy(float(req.get("timeout", 30)), force=bool(req.get("force", False)))
-                result = {"how": how}
-            else:
-                return {"ok": False, "error": f"unknown command {cmd!r} (known: {', '.join(protocol.COMMANDS)})"}
+            result = await handle(self.vm, req)
+        except ConfigError as e:  # the request, not the VM: `ctl` says so with status 2
+            return {"ok": False, "error": str(e), "usage": True}
         except (VmmError, ValueError, TypeError, OverflowError) as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a bug must not cost the client its answer

@@ -16,7 +16,7 @@ from .._native import ffi, lib
 KVM_DEVICE = "/dev/kvm"
 
 # The C core's ABI this Python code was written for (cext/build_ffi.py ABI_VERSION).
-NATIVE_ABI = 7
+NATIVE_ABI = 8
 if lib.AVMM_ABI_VERSION != NATIVE_ABI:
     raise ImportError(
         f"asyncvmm._native is built for ABI {lib.AVMM_ABI_VERSION}, this code needs {NATIVE_ABI}: "
@@ -212,6 +212,16 @@ class VcpuFd:
 
     def set_events(self, events) -> None:
         self._set(events, lib.KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self):
+        return self._get("struct kvm_debugregs *", lib.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, debugregs) -> None:
+        self._set(debugregs, lib.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS")
+
+    def nmi(self) -> None:
+        """Queue an NMI (KVM_NMI), delivered at the vCPU's next KVM_RUN."""
+        _check(lib.avmm_ioctl_val(self.fd, lib.KVM_NMI, 0), f"KVM_NMI on vCPU {self.idx}")
 
     def set_cpuid(self, entries: list[dict]) -> None:
         n = len(entries)

@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from enum import IntEnum
 
 from ..errors import KvmError
 from .kvm import VcpuFd
-
-
-class Msr(IntEnum):
-    """MSRs a VMM sets before boot (names as in the SDM, vol. 4)."""
-
-    IA32_TSC = 0x10
-    IA32_SYSENTER_CS = 0x174
-    IA32_SYSENTER_ESP = 0x175
-    IA32_SYSENTER_EIP = 0x176
-    IA32_MISC_ENABLE = 0x1A0
-    STAR = 0xC000_0081
-    LSTAR = 0xC000_0082
-    CSTAR = 0xC000_0083
-    SYSCALL_MASK = 0xC000_0084
-    KERNEL_GS_BASE = 0xC000_0102
+from .registers import Msr
 
 
 # IA32_MISC_ENABLE bit 0: fast string operations (rep movs/stos), on at reset on real CPUs.

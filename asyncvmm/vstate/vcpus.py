@@ -30,6 +30,7 @@ from ..disasm import disassemble
 from ..errors import KvmError
 from ..poll import PollWindow
 from .._native import ffi, lib
+from . import registers
 from .kvm import VcpuFd
 from .vcpu import apply_boot_state, set_boot_msrs
 from .vm import Vm
@@ -372,7 +373,63 @@ class Vcpus:
         for name in ("gdt", "idt"):
             table = getattr(sregs, name)
             out[name] = {"base": table.base, "limit": table.limit}
+        try:
+            dbg = vcpu.get_debugregs()
+            out.update({f"dr{k}": dbg.db[k] for k in range(4)}, dr6=dbg.dr6, dr7=dbg.dr7)
+        except KvmError:
+            pass  # a KVM without KVM_GET_DEBUGREGS: the dump has no debug registers
         return {"vcpu": i, "state": VCPU_STATES.get(self.state(i), "?"), "registers": out}
+
+    # -- changing a stopped vCPU (ctl set/nmi/msr; the caller has paused them) ------------
+    def in_exit(self) -> list[int]:
+        """The vCPUs waiting for the loop to finish an exit: their registers are not whole
+        until they have been served and have parked (the pause in C finishes the exit)."""
+        if self.cvm == ffi.NULL:
+            return []
+        return [i for i in range(len(self.fds)) if self.state(i) == lib.AVMM_VCPU_WAITING]
+
+    def write_registers(self, i: int, changes: dict) -> None:
+        """Write registers of a parked vCPU (names and values as registers.normalize gives
+        them); checked as a whole first: ConfigError and nothing written if the state it
+        would leave is not one a CPU can be in."""
+        vcpu = self.fds[i]
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        dbg = vcpu.get_debugregs() if any(name in registers.DEBUG for name in changes) else None
+        touched = registers.apply(regs, sregs, dbg, changes)
+        old_sregs = vcpu.get_sregs()
+        if "sregs" in touched:
+            vcpu.set_sregs(sregs)
+        try:
+            if "regs" in touched:
+                vcpu.set_regs(regs)
+            if "debugregs" in touched:
+                vcpu.set_debugregs(dbg)
+        except KvmError:
+            vcpu.set_sregs(old_sregs)  # all or nothing
+            raise
+
+    def inject_nmi(self, i: int) -> None:
+        self.fds[i].nmi()
+
+    def events(self, i: int) -> dict:
+        """What KVM_GET_VCPU_EVENTS says is pending or being delivered on vCPU i."""
+        ev = self.fds[i].get_events()
+        return {
+            "exception": {"injected": ev.exception.injected, "pending": ev.exception.pending,
+                          "vector": ev.exception.nr, "has_error_code": ev.exception.has_error_code,
+                          "error_code": ev.exception.error_code},
+            "interrupt": {"injected": ev.interrupt.injected, "vector": ev.interrupt.nr, "soft": ev.interrupt.soft,
+                          "shadow": ev.interrupt.shadow},
+            "nmi": {"injected": ev.nmi.injected, "pending": ev.nmi.pending, "masked": ev.nmi.masked},
+        }
+
+    def read_msrs(self, i: int, indices: list[int]) -> dict[int, int]:
+        """The MSRs KVM gives of `indices` (it stops at the first it does not know)."""
+        return self.fds[i].get_msrs(indices)
+
+    def write_msr(self, i: int, index: int, value: int) -> bool:
+        """False if KVM refuses the value (or the MSR)."""
+        return self.fds[i].set_msrs({index: value}) == 1
 
     def enable_sampling(self, period_ns: int, capacity: int) -> None:
         """RIP samples every `period_ns` on each vCPU (before start())."""

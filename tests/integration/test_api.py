@@ -10,6 +10,7 @@ import time
 import pytest
 
 from asyncvmm import VM, VmConfig
+from asyncvmm.api import VmState
 from asyncvmm.control import protocol
 from asyncvmm.errors import BootError, ConfigError
 from asyncvmm.loop import run as run_loop
@@ -59,18 +60,51 @@ def test_pause_resume_regs_stats_and_shutdown(guests):
             await asyncio.sleep(0.4)
             assert len(vm.console.transcript) == seen  # paused: not a byte more
             regs = await vm.regs(0)
-            assert 0x100000 <= regs["registers"]["rip"] < 0x200000
-            assert regs["registers"]["cs"]["db"] == 1  # 32-bit code: the PVH guest
+            assert 0x100000 <= regs["rip"] < 0x200000  # flat: registers by name
+            assert regs["cs"]["db"] == 1  # 32-bit code: the PVH guest
+            assert regs["state"] == "paused"
             await vm.resume()
-            assert vm.state == "running"
+            assert vm.state == "running" and vm.state is VmState.RUNNING and isinstance(vm.state, str)
+            assert f"{vm.state}" == "running"
             await vm.console.expect(rb"tick %d\n" % (int(vm.console.transcript.split(b"tick ")[-1].split(b"\n")[0]) + 2))
             stats = vm.stats()
             assert stats["vcpus"][0]["fast_io"] > 0
             assert stats["console"]["tx_bytes"] > 0
             stop = await vm.shutdown(timeout=5)
             assert stop.reason is StopReason.HOST
+            assert stop.message == "stopped hard by shutdown() (the guest does not listen for the ACPI power button)"
             assert vm.state == "stopped"
         assert vm.state == "closed"
+
+    run_loop(main())
+
+
+def test_set_registers_nmi_and_the_rtc_from_the_api(guests):
+    """The embedding API's control methods are what ctl uses: a write, an NMI, the RTC."""
+    import subprocess
+
+    symbols = subprocess.run(["nm", str(guests / "poke.elf")], capture_output=True, text=True, check=True).stdout
+    poked = next(int(line.split()[0], 16) for line in symbols.splitlines() if line.endswith(" poked"))
+
+    async def main():
+        async with VM(cfg(guests, "api-poke", "poke", "delay=2000")) as vm:
+            await vm.console.expect(rb"tick 2\n")
+            await vm.nmi()
+            await vm.console.expect(rb"nmi 1\n")
+            assert (await vm.events())["nmi"]["masked"] == 1
+            with pytest.raises(ConfigError, match="no vCPU 1"):
+                await vm.nmi(1)
+            with pytest.raises(ConfigError, match="not a canonical|beyond 32 bits"):
+                await vm.set_registers(rax=5, rip=1 << 47)
+            assert vm.state == "running"  # paused for the attempt, resumed after
+            after = await vm.set_registers({"rip": poked}, rax=0xC0FFEE)
+            assert (after["rip"], after["rax"], after["state"]) == (poked, 0xC0FFEE, "running")
+            await vm.console.expect(rb"poked 0xc0ffee\n")
+            vm.set_rtc_time(1_000_000_000)
+            assert vm.rtc_time() in (1_000_000_000, 1_000_000_001)
+            assert vm.topology() == {"sockets": 1, "cores": 1, "threads": 1, "maxcpus": 1}
+            msrs = await vm.read_msrs([0x277])
+            assert set(msrs) == {0x277}
 
     run_loop(main())
 

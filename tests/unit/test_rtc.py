@@ -344,3 +344,36 @@ def test_default_clock_is_wall_time() -> None:
     before = int(time.time())
     now = rtc.now()
     assert before <= now <= int(time.time())
+
+
+# ---- from the host: bhyvectl's --set-rtc-time and --get/--set-rtc-nvram -------------------------
+
+
+def test_the_host_sets_the_time_and_it_runs_on(clock: FakeClock, rtc: Rtc) -> None:
+    from asyncvmm.errors import ConfigError
+
+    rtc.set_now(ts(2001, 9, 9, 1, 46, 40))
+    assert rtc.now() == 1_000_000_000
+    assert time_regs(rtc) == (0x40, 0x46, 0x01, 0x01, 0x09, 0x09, 0x01, 0x20)  # Sunday: weekday 1
+    clock.now += 61
+    assert rtc.now() == 1_000_000_061
+    for bad in (-(10**15), 10**15, "soon", True):
+        with pytest.raises(ConfigError):
+            rtc.set_now(bad)
+
+
+def test_the_host_reads_and_writes_nvram_but_not_the_clock(rtc: Rtc) -> None:
+    from asyncvmm.errors import ConfigError
+
+    rtc.nvram_write(20, 0x5A)
+    assert rtc.nvram_read(20) == 0x5A == rd(rtc, 20)
+    assert rtc.nvram_read(SEC) == rd(rtc, SEC)  # the clock reads as the guest sees it
+    wr(rtc, 0x40, 7)
+    rtc.write(INDEX, 0x40)
+    rtc.nvram_read(20)
+    assert rtc.read(DATA) == 7  # the guest's index is left alone
+    for offset, value in ((SEC, 1), (Reg.STATUS_B, 0), (CENT, 0x19), (CMOS_SIZE, 0), (20, 256), (20, -1)):
+        with pytest.raises(ConfigError):
+            rtc.nvram_write(offset, value)
+    with pytest.raises(ConfigError):
+        rtc.nvram_read(CMOS_SIZE)

@@ -29,6 +29,8 @@ import math
 import time
 from typing import Callable
 
+from ...errors import ConfigError
+
 CMOS_SIZE = 128  # bytes of CMOS, including the clock and status registers
 KiB = 1 << 10
 MiB = 1 << 20
@@ -53,6 +55,9 @@ _EPOCH = datetime.date(1970, 1, 1)
 _EPOCH_WEEKDAY = 5  # 1970-01-01 was a Thursday; the RTC counts Sunday as 1
 _DAYS_PER_WEEK = 7
 _MIN_YEAR, _MAX_YEAR = datetime.MINYEAR, datetime.MAXYEAR
+_MIN_SECONDS = (datetime.date(_MIN_YEAR, 1, 1) - _EPOCH).days * _SECONDS_PER_DAY
+_MAX_SECONDS = ((datetime.date(_MAX_YEAR, 12, 31) - _EPOCH).days + 1) * _SECONDS_PER_DAY - 1
+NVRAM_START = 0x0E  # the first CMOS byte after the clock and its status registers
 
 
 class Port(enum.IntEnum):
@@ -238,6 +243,44 @@ class Rtc:
     def now(self) -> int:
         """The RTC's current time as a Unix timestamp (whole seconds, UTC)."""
         return self._set_to + math.floor(self._clock() - self._set_at)
+
+    def set_now(self, seconds: int) -> None:
+        """Set the clock from the host (bhyvectl's --set-rtc-time): a Unix time, UTC.
+        A guest in the middle of setting the time (SET) keeps its frozen registers."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int):
+            raise ConfigError(f"RTC time {seconds!r}: a number of seconds since 1970-01-01 UTC")
+        if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+            raise ConfigError(f"RTC time {seconds}: the RTC counts years {_MIN_YEAR} to {_MAX_YEAR}")
+        self._set_at = self._clock()
+        self._set_to = seconds
+        self._weekday_shift = 0
+
+    def nvram_read(self, offset: int) -> int:
+        """A CMOS byte as the guest would read it (the clock's registers included)."""
+        self._check_offset(offset)
+        saved, self._index = self._index, offset
+        try:
+            return self.read(Port.DATA)
+        finally:
+            self._index = saved
+
+    def nvram_write(self, offset: int, value: int) -> None:
+        """Write a CMOS byte from the host; the clock, its status registers and the
+        century are refused (as bhyve's vrtc does): set the time with set_now()."""
+        self._check_offset(offset)
+        if offset < NVRAM_START or offset == Reg.CENTURY:
+            raise ConfigError(
+                f"RTC NVRAM offset {offset}: that byte is the clock's (offsets {NVRAM_START}-{CMOS_SIZE - 1}, "
+                f"not {int(Reg.CENTURY)}, are NVRAM)"
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _BYTE_MASK:
+            raise ConfigError(f"RTC NVRAM value {value!r}: a byte (0 to 255)")
+        self._cmos[offset] = value
+
+    @staticmethod
+    def _check_offset(offset: int) -> None:
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < CMOS_SIZE:
+            raise ConfigError(f"RTC NVRAM offset {offset!r}: 0 to {CMOS_SIZE - 1}")
 
     def _write_status_b(self, value: int) -> None:
         old = self._status_b
