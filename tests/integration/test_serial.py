@@ -144,3 +144,47 @@ def test_bhyves_everyday_command_line_boots_a_guest(guests, tmp_path):
     assert r.status == 0, r.err
     assert "hello from the guest" in r.out
     assert "guest reset through the i8042 reset line" in r.err
+
+
+def test_com1_on_tcp_from_the_command_line(guests):
+    """`asyncvmm run -l com1,tcp=...`: the runner opens COM1's listener before the VM
+    validates its configuration again; its own listener is not "in use"."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    port = free_tcp_port()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "echo.elf"), "--no-reboot",
+         "-l", f"com1,tcp=127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert p.poll() is None and time.monotonic() < deadline, p.stderr.read().decode()
+                time.sleep(0.05)
+        got = b""
+        while b"echo ready" not in got:
+            got += s.recv(4096)
+        s.sendall(b"tcpq")
+        while b"bye" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        assert p.wait(timeout=20) == 0, p.stderr.read().decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    assert b"TCP" in got
