@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import platform
+from .._native import ffi, lib
 from ..bus import Bus, ByteRegisters, Sink
 from ..config import VmConfig
 from ..console import Console
@@ -33,13 +35,24 @@ from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.uart16550 import Uart16550
 from ..errors import VmmError
 from ..platform import (
-    ACPI_PM_PORT, ACPI_PM_SIZE, ACPI_SCI_IRQ, COM_PORT_SIZE, I8042_CMD_PORT, I8042_DATA_PORT, PIT_IRQ, PIT_PORT,
-    POST_PORT, RTC_PORT, SPEAKER_PORT,
+    ACPI_PM_PORT,
+    ACPI_PM_SIZE,
+    ACPI_SCI_IRQ,
+    COM_PORT_SIZE,
+    I8042_CMD_PORT,
+    I8042_DATA_PORT,
+    PIT_IRQ,
+    PIT_PORT,
+    POST_PORT,
+    RTC_PORT,
+    SPEAKER_PORT,
 )
 from ..quirks import BoundedRatePit
 from ..vstate.vcpus import Stop, StopReason, Vcpus
 from ..vstate.vm import Vm
-from .._native import ffi, lib
+
+if TYPE_CHECKING:
+    from ..devices.legacy.acpi_pm import AcpiPm
 
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
@@ -127,9 +140,9 @@ class LegacyDevices:
         self.i8042: I8042 | None = None
         self.rtc: Rtc | None = None
         self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
-        self.acpi_pm = None  # devices.legacy.acpi_pm.AcpiPm, with ACPI
+        self.acpi_pm: AcpiPm | None = None  # with ACPI
         self._irq_efds: list[int] = []
-        self._fast_state = None  # what the C side was last armed with
+        self._fast_state: tuple[bool, int | None] | None = None  # what the C side was last armed with
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._console_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -19,17 +19,17 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import poll
+from .._native import ffi, lib
 from ..boot import cpuid
 from ..bus import Bus, UnclaimedAccess
 from ..config import VmConfig
 from ..disasm import disassemble
 from ..errors import KvmError
 from ..poll import PollWindow
-from .._native import ffi, lib
 from .kvm import VcpuFd
 from .vcpu import apply_boot_state, set_boot_msrs
 from .vm import Vm

@@ -9,12 +9,11 @@ import asyncio
 import socket
 
 import pytest
+from conftest import needs_kvm, run_vmm
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-
-from conftest import needs_kvm, run_vmm
 
 pytestmark = needs_kvm
 
