@@ -8,11 +8,12 @@ interrupt lines, their consoles, and the UART fast path.
     legacy.detach(loop)            # the guest's last words drained; consoles let go
     legacy.close()                 # eventfds, the PIT's timer (idempotent)
 
-The UART fast path: one COM port (COM1) has its THR writes and LSR reads served in C,
-without the loop, while its model allows (`Uart16550.fast_path`). After every access
-through the loop, and after the host changes the model (input, a break), the model is
-asked again and the C side re-armed with the ports the model names. The other ports are
-served through the loop only: console output on them costs an exit round trip per byte.
+The UART fast path: every COM port has its THR writes and LSR reads served in C (a slot
+each in cext/vcpu_loop.c), without the loop, while its model allows
+(`Uart16550.fast_path`). After every access through the loop, and after the host changes
+the model (input, a break), the model is asked again and its slot re-armed with the ports
+the model names. Bytes C took from THR wait in the slot until the loop hands them to the
+model (`drain_console`): before any posted exit is served, and on the console eventfd.
 
 Threads: the loop's thread only. The vCPU threads reach the models through posted exits.
 """
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
-FAST_PATH_PORT = "com1"  # the COM port whose THR/LSR C serves
 
 
 class PortOffsets:
@@ -88,6 +88,8 @@ class SerialPort:
         self.regs = ByteRegisters(self.uart)
         self.changed = changed
         self.sysrq_key: bytes | None = None  # a SysRq key waiting for its break to be read
+        self.fast_slot = where.uid - 1  # its slot in the C fast path
+        self.fast_state: tuple[bool, int | None] | None = None  # what the slot was last armed with
 
     # the bus's side
     def read(self, offset: int, size: int) -> int:
@@ -136,13 +138,11 @@ class LegacyDevices:
         self.console_observer: Callable[[bytes], None] | None = None  # COM1's output (a boot profile)
         self.irq_lines: dict[int, IsaLine] = {}
         self.serial: dict[str, SerialPort] = {}
-        self.fast: SerialPort | None = None  # the port the C fast path serves
         self.i8042: I8042 | None = None
         self.rtc: Rtc | None = None
         self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
         self.acpi_pm: AcpiPm | None = None  # with ACPI
         self._irq_efds: list[int] = []
-        self._fast_state: tuple[bool, int | None] | None = None  # what the C side was last armed with
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._console_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,15 +170,12 @@ class LegacyDevices:
             if console is None:
                 continue
             line = self._isa_line(where.irq)
-            fast = where.name == FAST_PATH_PORT
             port = SerialPort(
-                where, console, line.driver(where.name),
-                self.sync_fast_path if fast else _nothing,
+                where, console, line.driver(where.name), _nothing,
                 observe=self._observe if where.name == "com1" else None,
             )
+            port.changed = lambda port=port: self.sync_fast_path(port)
             self.serial[where.name] = port
-            if fast:
-                self.fast = port
             pio.register(where.port, COM_PORT_SIZE, port, where.name)
         self.i8042 = I8042(reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the i8042 reset line")))
         pio.register(I8042_DATA_PORT, 1, PortOffsets(self.i8042, I8042_DATA_PORT), "i8042")
@@ -241,7 +238,7 @@ class LegacyDevices:
         loop.add_reader(self.vcpus.console_efd, self._on_console_output)
         for port in self.serial.values():
             port.console.attach(loop, port.feed, on_break=port.send_break, on_quit=on_quit)
-        self.sync_fast_path()
+            self.sync_fast_path(port)
         if self.pit is not None:
             self.pit.attach(loop)
 
@@ -262,29 +259,28 @@ class LegacyDevices:
                 port.console.detach()
 
     # -- the UART fast path --------------------------------------------------------------
-    def sync_fast_path(self) -> None:
-        """Arm (or disarm) C for the fast port as its model allows now."""
-        port = self.fast
-        if port is None or not self.vcpus.alive:  # closed: nothing to arm
+    def sync_fast_path(self, port: SerialPort) -> None:
+        """Arm (or disarm) C for `port` as its model allows now."""
+        if not self.vcpus.alive:  # closed: nothing to arm
             return
         state = port.uart.fast_path()
-        if state == self._fast_state:
+        if state == port.fast_state:
             return
-        self._fast_state = state
+        port.fast_state = state
         thr, lsr = state
         flags = (lib.AVMM_UART_FAST_THR if thr else 0) | (lib.AVMM_UART_FAST_LSR if lsr is not None else 0)
         base = port.where.port
         thr_reg, lsr_reg = port.uart.FAST_PATH_REGS
-        self.vcpus.uart_fast_set(base + thr_reg, base + lsr_reg, flags, lsr or 0)
+        self.vcpus.uart_fast_set(port.fast_slot, base + thr_reg, base + lsr_reg, flags, lsr or 0)
 
     def _on_console_output(self) -> None:
         """The C fast path has bytes from THR.
 
-        A guest waiting for the THR empty interrupt gets it at once. A guest that polls LSR
+        A guest waiting for a THR empty interrupt gets it at once. A guest that polls LSR
         (printk's console) never waits on us: its bytes are gathered for CONSOLE_COALESCE_S
         and written out in one batch, instead of one loop wake-up per byte.
         """
-        if self.fast.uart.tx_interrupt_enabled:
+        if any(port.uart.tx_interrupt_enabled for port in self.serial.values()):
             self._drain_and_sync()
             return
         self._loop.remove_reader(self.vcpus.console_efd)
@@ -300,19 +296,20 @@ class LegacyDevices:
 
     def _drain_and_sync(self) -> None:
         self.drain_console()
-        self.sync_fast_path()
+        for port in self.serial.values():
+            self.sync_fast_path(port)
 
     def drain_console(self) -> None:
-        """Hand what the fast path took from THR to the fast port's model, in order."""
-        if self.fast is None:
-            return
-        while True:
-            n = self.vcpus.console_drain(self._drain_buf, CONSOLE_DRAIN_CHUNK)
-            if not n:
-                return
-            self.fast.uart.tx_batch(bytes(ffi.buffer(self._drain_buf, n)))
-            if n < CONSOLE_DRAIN_CHUNK:
-                return
+        """Hand what the fast path took from THR to each port's model, in order."""
+        self.vcpus.console_ack()
+        for port in self.serial.values():
+            while True:
+                n = self.vcpus.console_drain(port.fast_slot, self._drain_buf, CONSOLE_DRAIN_CHUNK)
+                if not n:
+                    break
+                port.uart.tx_batch(bytes(ffi.buffer(self._drain_buf, n)))
+                if n < CONSOLE_DRAIN_CHUNK:
+                    break
 
     # -- SysRq ---------------------------------------------------------------------------
     def send_sysrq(self, key: str, port_name: str = "com1") -> None:

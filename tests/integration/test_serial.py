@@ -58,7 +58,8 @@ def test_a_guest_writes_on_com2_and_it_arrives_in_a_file(guests, tmp_path):
     assert log.read_bytes() == b"hello on 0x2f8\n"
     assert b"comports: writing on 0x2f8" in com1 and b"hello on" not in com1  # COM1 got none of it
     assert stats["serial"]["com2"]["tx_bytes"] == len(b"hello on 0x2f8\n")
-    assert stats["ports"]["com2"] > 0
+    # COM2's THR writes were served in C (its fast path slot) and handed over in batches
+    assert stats["serial"]["com2"]["tx_batches"] >= 1
 
 
 def test_com4_through_a_unix_socket_both_ways(guests, tmp_path):
