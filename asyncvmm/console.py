@@ -261,12 +261,6 @@ class FileConsole(Console):
             self.fd = -1
 
 
-# Where this process's own socket consoles listen (a Unix path, or tcp=HOST:PORT as
-# format_tcp writes it): a configuration validated again once they are open (the API's VM
-# validates what `asyncvmm run` opened COM1 for) must not find them "in use".
-_LISTENING: set[str] = set()
-
-
 class SocketConsole(Console):
     """A Unix socket the VMM listens on; one client at a time is the terminal.
 
@@ -283,7 +277,6 @@ class SocketConsole(Console):
         self._backlog = bytearray()
         self._listener = self._listen()
         self._listener.listen(1)
-        _LISTENING.add(self.path)
         self._listener.setblocking(False)
         self._listening = False
         self._writing = False
@@ -379,8 +372,6 @@ class SocketConsole(Console):
             self._loop.remove_reader(self._listener.fileno())
             self._listening = False
         self._drop_client()
-        if self._listener.fileno() >= 0:
-            _LISTENING.discard(self.path)
         self._listener.close()
         self._unlink()
 
@@ -490,8 +481,6 @@ def check_console(spec: str, where: str) -> None:
             host, port = parse_tcp(spec[len("tcp=") :])
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if format_tcp(host, port) in _LISTENING:
-            return  # ours, already open
         try:
             tcp_listener(host, port).close()
         except socket.gaierror as e:
@@ -502,8 +491,6 @@ def check_console(spec: str, where: str) -> None:
         return
     if spec.startswith("socket="):
         path = spec[len("socket=") :]
-        if path in _LISTENING:
-            return  # ours, already open
         if os.path.exists(path):
             if not stat.S_ISSOCK(os.stat(path).st_mode):
                 raise ConfigError(f"{where}: {path} exists and is not a socket")
