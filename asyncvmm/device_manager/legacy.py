@@ -75,21 +75,24 @@ class PortOffsets:
 class SerialPort:
     """One COM port: a 16550A on the port bus, its console, its interrupt output.
 
-    After every access through the loop `changed()` runs (the fast path is re-armed for
-    the fast port; nothing for the others)."""
+    After every access through the loop, and every change from the host's side,
+    `on_change(port)` runs (the manager re-arms the port's fast path slot)."""
 
     def __init__(self, where: platform.ComPort, console: Console, irq_output: Callable[[bool], None],
-                 changed: Callable[[], None], observe: Callable[[bytes], None] | None = None):
+                 on_change: Callable[["SerialPort"], None], observe: Callable[[bytes], None] | None = None):
         self.where = where
         self.name = where.name
         self.console = console
         self._observe = observe
         self.uart = Uart16550(irq_output, self._output, self._rx_space_available)
         self.regs = ByteRegisters(self.uart)
-        self.changed = changed
+        self._on_change = on_change
         self.sysrq_key: bytes | None = None  # a SysRq key waiting for its break to be read
         self.fast_slot = where.uid - 1  # its slot in the C fast path
         self.fast_state: tuple[bool, int | None] | None = None  # what the slot was last armed with
+
+    def changed(self) -> None:
+        self._on_change(self)
 
     # the bus's side
     def read(self, offset: int, size: int) -> int:
@@ -171,10 +174,9 @@ class LegacyDevices:
                 continue
             line = self._isa_line(where.irq)
             port = SerialPort(
-                where, console, line.driver(where.name), _nothing,
+                where, console, line.driver(where.name), self.sync_fast_path,
                 observe=self._observe if where.name == "com1" else None,
             )
-            port.changed = lambda port=port: self.sync_fast_path(port)
             self.serial[where.name] = port
             pio.register(where.port, COM_PORT_SIZE, port, where.name)
         self.i8042 = I8042(reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the i8042 reset line")))
@@ -361,6 +363,3 @@ class LegacyDevices:
             os.close(efd)
         self._irq_efds.clear()
 
-
-def _nothing() -> None:
-    pass
