@@ -56,6 +56,9 @@ class VmConfig:
     acpi: bool = True  # -A: ACPI tables (--no-acpi leaves them out)
     strict_io: bool = False  # -e: an access nothing emulates stops the VM
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
+    gdb: object = None  # -g/-G: gdb.options.GdbOptions, a gdb server for the guest
+    xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
+    wired: bool = False  # -S: guest memory wired (mlock'd)
 
     @property
     def cpu_topology(self) -> Topology:
