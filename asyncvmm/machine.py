@@ -15,7 +15,7 @@ Life cycle (one object per boot; a guest reset builds a new Machine):
 
 Threads: vCPU threads live in the C core. Everything here runs on the loop's thread: the
 notify eventfd brings posted exits, which are dispatched to the port/MMIO buses and
-completed; the console eventfd brings bytes the C fast path took from COM1's THR.
+completed; the console eventfd brings bytes the C fast path took from the COM ports' THR.
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ class Machine:
 
     def sync_uart_fast_path(self) -> None:
         if self.legacy is not None:
-            self.legacy.sync_fast_path()
+            for port in self.legacy.serial.values():
+                self.legacy.sync_fast_path(port)
 
     # -- teardown ----------------------------------------------------------------------
     def _stop_vcpus(self) -> None:

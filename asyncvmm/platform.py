@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .vstate.memory import GiB, MMIO_HOLE_END, MMIO_HOLE_START
+from .vstate.memory import MMIO_HOLE_END, MMIO_HOLE_START, GiB
 
 # -- memory ---------------------------------------------------------------------------
 ACPI_TABLES_START = 0x000E_0000

@@ -42,7 +42,9 @@ enum avmm_vcpu_state {
     AVMM_VCPU_DONE = 4,    /* the thread has ended */
 };
 
-/* The UART fast path: which of a UART's registers C may serve without the loop. */
+/* The UART fast path: which of a UART's registers C may serve without the loop, for up
+ * to AVMM_UART_FAST_SLOTS UARTs (one slot each). */
+#define AVMM_UART_FAST_SLOTS 4
 enum avmm_uart_fast {
     AVMM_UART_FAST_THR = 1, /* THR writes are appended to the console buffer */
     AVMM_UART_FAST_LSR = 2, /* LSR reads return lsr_shadow */
@@ -119,11 +121,13 @@ int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity
 /* Copy up to max of vCPU idx's samples, from the first, into out; returns how many. */
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
 
-/* UART fast path (see enum avmm_uart_fast), at the ports of THR and LSR the UART model
- * names. thr_port 0 turns it off. */
-void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow);
-/* Move bytes written through the fast path into out; returns how many. */
-size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
+/* UART fast path (see enum avmm_uart_fast) of one slot, at the ports of THR and LSR the
+ * UART model names. thr_port 0 turns it off. 0 or -EINVAL (no such slot). */
+int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow);
+/* The console eventfd says some slot has bytes: reset it, then drain every slot. */
+void avmm_console_ack(struct avmm_vm *vm);
+/* Move bytes written through a slot's fast path into out; returns how many. */
+size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap);
 
 /* Thin wrappers: return the result, or -errno. */
 long avmm_ioctl(int fd, unsigned long request, void *arg);

@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -215,6 +215,7 @@ enum avmm_exit_kind { AVMM_EXIT_NONE, AVMM_EXIT_IO, AVMM_EXIT_MMIO, AVMM_EXIT_ST
 enum avmm_action { AVMM_ACTION_NONE, AVMM_ACTION_RESUME, AVMM_ACTION_QUIT };
 enum avmm_vcpu_state { AVMM_VCPU_IDLE, AVMM_VCPU_RUNNING, AVMM_VCPU_WAITING, AVMM_VCPU_PAUSED, AVMM_VCPU_DONE };
 enum avmm_uart_fast { AVMM_UART_FAST_THR, AVMM_UART_FAST_LSR };
+#define AVMM_UART_FAST_SLOTS ...
 #define AVMM_NR_REASONS ...
 #define AVMM_ABI_VERSION ...
 
@@ -372,8 +373,9 @@ void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on);
 int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns);
 int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
-void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow);
-size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
+int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow);
+void avmm_console_ack(struct avmm_vm *vm);
+size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
 long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level);

@@ -62,6 +62,18 @@ struct avmm_vcpu {
     int has_timer;
 };
 
+/* One UART the fast path serves: the ports of its THR and LSR, as the UART model gave
+ * them, and the bytes taken from THR until the loop drains them. */
+struct avmm_uart_fast_slot {
+    _Atomic uint32_t thr_port; /* 0: not armed */
+    _Atomic uint32_t lsr_port;
+    _Atomic uint32_t flags;
+    _Atomic uint32_t lsr_shadow;
+    pthread_mutex_t lock;
+    size_t len;
+    uint8_t buf[CONSOLE_CAP];
+};
+
 struct avmm_vm {
     int nvcpus;
     int notify_efd;
@@ -73,14 +85,7 @@ struct avmm_vm {
     _Atomic uint32_t quit;
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
     size_t sample_capacity;
-    /* UART fast path: the ports of THR and LSR, as the UART model gave them */
-    _Atomic uint32_t uart_thr_port;
-    _Atomic uint32_t uart_lsr_port;
-    _Atomic uint32_t uart_flags;
-    _Atomic uint32_t lsr_shadow;
-    pthread_mutex_t console_lock;
-    size_t console_len;
-    uint8_t console_buf[CONSOLE_CAP];
+    struct avmm_uart_fast_slot uart[AVMM_UART_FAST_SLOTS];
 };
 
 static int kick_signal;
@@ -138,63 +143,78 @@ static int serve_fast_io(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
     struct kvm_run *run = v->run;
-    uint32_t thr_port = atomic_load_explicit(&vm->uart_thr_port, memory_order_acquire);
-    if (!thr_port || run->io.size != 1)
+    if (run->io.size != 1)
         return 0;
-    uint32_t flags = atomic_load_explicit(&vm->uart_flags, memory_order_acquire);
     uint8_t *data = (uint8_t *)run + run->io.data_offset;
     uint32_t count = run->io.count;
+    uint32_t port = run->io.port;
 
-    if (run->io.port == thr_port && run->io.direction == KVM_EXIT_IO_OUT && (flags & AVMM_UART_FAST_THR)) {
-        int was_empty;
-        pthread_mutex_lock(&vm->console_lock);
-        if (vm->console_len + count > CONSOLE_CAP) {
-            pthread_mutex_unlock(&vm->console_lock);
-            return 0; /* full: the loop drains, then serves this write itself */
+    for (int i = 0; i < AVMM_UART_FAST_SLOTS; i++) {
+        struct avmm_uart_fast_slot *u = &vm->uart[i];
+        uint32_t thr_port = atomic_load_explicit(&u->thr_port, memory_order_acquire);
+        if (!thr_port)
+            continue;
+        uint32_t flags = atomic_load_explicit(&u->flags, memory_order_acquire);
+        if (port == thr_port && run->io.direction == KVM_EXIT_IO_OUT && (flags & AVMM_UART_FAST_THR)) {
+            int was_empty;
+            pthread_mutex_lock(&u->lock);
+            if (u->len + count > CONSOLE_CAP) {
+                pthread_mutex_unlock(&u->lock);
+                return 0; /* full: the loop drains, then serves this write itself */
+            }
+            was_empty = u->len == 0;
+            memcpy(u->buf + u->len, data, count);
+            u->len += count;
+            pthread_mutex_unlock(&u->lock);
+            if (was_empty)
+                notify(vm->console_efd);
+            return 1;
         }
-        was_empty = vm->console_len == 0;
-        memcpy(vm->console_buf + vm->console_len, data, count);
-        vm->console_len += count;
-        pthread_mutex_unlock(&vm->console_lock);
-        if (was_empty)
-            notify(vm->console_efd);
-        return 1;
-    }
-    if (run->io.port == atomic_load(&vm->uart_lsr_port) && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
-        memset(data, (int)atomic_load(&vm->lsr_shadow), count);
-        return 1;
+        if (port == atomic_load(&u->lsr_port) && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
+            memset(data, (int)atomic_load(&u->lsr_shadow), count);
+            return 1;
+        }
     }
     return 0;
 }
 
-void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow)
+int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow)
 {
+    if (slot < 0 || slot >= AVMM_UART_FAST_SLOTS)
+        return -EINVAL;
+    struct avmm_uart_fast_slot *u = &vm->uart[slot];
     /* A vCPU that read the old flags may still use the shadow: when LSR leaves the fast
      * path, the last valid value stays. */
     if (flags & AVMM_UART_FAST_LSR)
-        atomic_store(&vm->lsr_shadow, (uint32_t)lsr_shadow);
-    atomic_store(&vm->uart_flags, (uint32_t)flags);
-    atomic_store(&vm->uart_lsr_port, (uint32_t)lsr_port);
-    atomic_store(&vm->uart_thr_port, (uint32_t)thr_port);
+        atomic_store(&u->lsr_shadow, (uint32_t)lsr_shadow);
+    atomic_store(&u->flags, (uint32_t)flags);
+    atomic_store(&u->lsr_port, (uint32_t)lsr_port);
+    atomic_store(&u->thr_port, (uint32_t)thr_port);
+    return 0;
 }
 
-size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap)
+void avmm_console_ack(struct avmm_vm *vm)
 {
     uint64_t counter;
-    size_t n;
-    pthread_mutex_lock(&vm->console_lock);
-    /* Reset the eventfd under the lock: a writer that finds the buffer empty after
-     * this drain will signal again. */
+    /* Reset before the drains: a vCPU that appends to a slot drained empty afterwards
+     * finds it empty and signals again. */
     if (read(vm->console_efd, &counter, sizeof(counter)) < 0) {
         /* EAGAIN: nothing signalled */
     }
-    n = vm->console_len < cap ? vm->console_len : cap;
-    memcpy(out, vm->console_buf, n);
-    memmove(vm->console_buf, vm->console_buf + n, vm->console_len - n);
-    vm->console_len -= n;
-    if (vm->console_len)
-        notify(vm->console_efd);
-    pthread_mutex_unlock(&vm->console_lock);
+}
+
+size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap)
+{
+    size_t n;
+    if (slot < 0 || slot >= AVMM_UART_FAST_SLOTS)
+        return 0;
+    struct avmm_uart_fast_slot *u = &vm->uart[slot];
+    pthread_mutex_lock(&u->lock);
+    n = u->len < cap ? u->len : cap;
+    memcpy(out, u->buf, n);
+    memmove(u->buf, u->buf + n, u->len - n);
+    u->len -= n;
+    pthread_mutex_unlock(&u->lock);
     return n;
 }
 
@@ -491,7 +511,8 @@ struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd)
     vm->nvcpus = nvcpus;
     vm->notify_efd = notify_efd;
     vm->console_efd = console_efd;
-    pthread_mutex_init(&vm->console_lock, NULL);
+    for (int i = 0; i < AVMM_UART_FAST_SLOTS; i++)
+        pthread_mutex_init(&vm->uart[i].lock, NULL);
     for (int i = 0; i < nvcpus; i++) {
         vm->vcpus[i].vm = vm;
         vm->vcpus[i].idx = i;
@@ -730,7 +751,8 @@ void avmm_vm_free(struct avmm_vm *vm)
             munmap(vm->vcpus[i].run, vm->vcpus[i].run_size);
         free(vm->vcpus[i].samples);
     }
-    pthread_mutex_destroy(&vm->console_lock);
+    for (int i = 0; i < AVMM_UART_FAST_SLOTS; i++)
+        pthread_mutex_destroy(&vm->uart[i].lock);
     free(vm->vcpus);
     free(vm);
 }

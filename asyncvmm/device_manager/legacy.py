@@ -8,11 +8,12 @@ interrupt lines, their consoles, and the UART fast path.
     legacy.detach(loop)            # the guest's last words drained; consoles let go
     legacy.close()                 # eventfds, the PIT's timer (idempotent)
 
-The UART fast path: one COM port (COM1) has its THR writes and LSR reads served in C,
-without the loop, while its model allows (`Uart16550.fast_path`). After every access
-through the loop, and after the host changes the model (input, a break), the model is
-asked again and the C side re-armed with the ports the model names. The other ports are
-served through the loop only: console output on them costs an exit round trip per byte.
+The UART fast path: every COM port has its THR writes and LSR reads served in C (a slot
+each in cext/vcpu_loop.c), without the loop, while its model allows
+(`Uart16550.fast_path`). After every access through the loop, and after the host changes
+the model (input, a break), the model is asked again and its slot re-armed with the ports
+the model names. Bytes C took from THR wait in the slot until the loop hands them to the
+model (`drain_console`): before any posted exit is served, and on the console eventfd.
 
 Threads: the loop's thread only. The vCPU threads reach the models through posted exits.
 """
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import platform
+from .._native import ffi, lib
 from ..bus import Bus, ByteRegisters, Sink
 from ..config import VmConfig
 from ..console import Console
@@ -33,17 +36,27 @@ from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.uart16550 import Uart16550
 from ..errors import VmmError
 from ..platform import (
-    ACPI_PM_PORT, ACPI_PM_SIZE, ACPI_SCI_IRQ, COM_PORT_SIZE, I8042_CMD_PORT, I8042_DATA_PORT, PIT_IRQ, PIT_PORT,
-    POST_PORT, RTC_PORT, SPEAKER_PORT,
+    ACPI_PM_PORT,
+    ACPI_PM_SIZE,
+    ACPI_SCI_IRQ,
+    COM_PORT_SIZE,
+    I8042_CMD_PORT,
+    I8042_DATA_PORT,
+    PIT_IRQ,
+    PIT_PORT,
+    POST_PORT,
+    RTC_PORT,
+    SPEAKER_PORT,
 )
 from ..quirks import BoundedRatePit
 from ..vstate.vcpus import Stop, StopReason, Vcpus
 from ..vstate.vm import Vm
-from .._native import ffi, lib
+
+if TYPE_CHECKING:
+    from ..devices.legacy.acpi_pm import AcpiPm
 
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
-FAST_PATH_PORT = "com1"  # the COM port whose THR/LSR C serves
 
 
 class PortOffsets:
@@ -62,19 +75,24 @@ class PortOffsets:
 class SerialPort:
     """One COM port: a 16550A on the port bus, its console, its interrupt output.
 
-    After every access through the loop `changed()` runs (the fast path is re-armed for
-    the fast port; nothing for the others)."""
+    After every access through the loop, and every change from the host's side,
+    `on_change(port)` runs (the manager re-arms the port's fast path slot)."""
 
     def __init__(self, where: platform.ComPort, console: Console, irq_output: Callable[[bool], None],
-                 changed: Callable[[], None], observe: Callable[[bytes], None] | None = None):
+                 on_change: Callable[["SerialPort"], None], observe: Callable[[bytes], None] | None = None):
         self.where = where
         self.name = where.name
         self.console = console
         self._observe = observe
         self.uart = Uart16550(irq_output, self._output, self._rx_space_available)
         self.regs = ByteRegisters(self.uart)
-        self.changed = changed
+        self._on_change = on_change
         self.sysrq_key: bytes | None = None  # a SysRq key waiting for its break to be read
+        self.fast_slot = where.uid - 1  # its slot in the C fast path
+        self.fast_state: tuple[bool, int | None] | None = None  # what the slot was last armed with
+
+    def changed(self) -> None:
+        self._on_change(self)
 
     # the bus's side
     def read(self, offset: int, size: int) -> int:
@@ -123,13 +141,11 @@ class LegacyDevices:
         self.console_observer: Callable[[bytes], None] | None = None  # COM1's output (a boot profile)
         self.irq_lines: dict[int, IsaLine] = {}
         self.serial: dict[str, SerialPort] = {}
-        self.fast: SerialPort | None = None  # the port the C fast path serves
         self.i8042: I8042 | None = None
         self.rtc: Rtc | None = None
         self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
-        self.acpi_pm = None  # devices.legacy.acpi_pm.AcpiPm, with ACPI
+        self.acpi_pm: AcpiPm | None = None  # with ACPI
         self._irq_efds: list[int] = []
-        self._fast_state = None  # what the C side was last armed with
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._console_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,15 +173,11 @@ class LegacyDevices:
             if console is None:
                 continue
             line = self._isa_line(where.irq)
-            fast = where.name == FAST_PATH_PORT
             port = SerialPort(
-                where, console, line.driver(where.name),
-                self.sync_fast_path if fast else _nothing,
+                where, console, line.driver(where.name), self.sync_fast_path,
                 observe=self._observe if where.name == "com1" else None,
             )
             self.serial[where.name] = port
-            if fast:
-                self.fast = port
             pio.register(where.port, COM_PORT_SIZE, port, where.name)
         self.i8042 = I8042(reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the i8042 reset line")))
         pio.register(I8042_DATA_PORT, 1, PortOffsets(self.i8042, I8042_DATA_PORT), "i8042")
@@ -228,7 +240,7 @@ class LegacyDevices:
         loop.add_reader(self.vcpus.console_efd, self._on_console_output)
         for port in self.serial.values():
             port.console.attach(loop, port.feed, on_break=port.send_break, on_quit=on_quit)
-        self.sync_fast_path()
+            self.sync_fast_path(port)
         if self.pit is not None:
             self.pit.attach(loop)
 
@@ -249,29 +261,28 @@ class LegacyDevices:
                 port.console.detach()
 
     # -- the UART fast path --------------------------------------------------------------
-    def sync_fast_path(self) -> None:
-        """Arm (or disarm) C for the fast port as its model allows now."""
-        port = self.fast
-        if port is None or not self.vcpus.alive:  # closed: nothing to arm
+    def sync_fast_path(self, port: SerialPort) -> None:
+        """Arm (or disarm) C for `port` as its model allows now."""
+        if not self.vcpus.alive:  # closed: nothing to arm
             return
         state = port.uart.fast_path()
-        if state == self._fast_state:
+        if state == port.fast_state:
             return
-        self._fast_state = state
+        port.fast_state = state
         thr, lsr = state
         flags = (lib.AVMM_UART_FAST_THR if thr else 0) | (lib.AVMM_UART_FAST_LSR if lsr is not None else 0)
         base = port.where.port
         thr_reg, lsr_reg = port.uart.FAST_PATH_REGS
-        self.vcpus.uart_fast_set(base + thr_reg, base + lsr_reg, flags, lsr or 0)
+        self.vcpus.uart_fast_set(port.fast_slot, base + thr_reg, base + lsr_reg, flags, lsr or 0)
 
     def _on_console_output(self) -> None:
         """The C fast path has bytes from THR.
 
-        A guest waiting for the THR empty interrupt gets it at once. A guest that polls LSR
+        A guest waiting for a THR empty interrupt gets it at once. A guest that polls LSR
         (printk's console) never waits on us: its bytes are gathered for CONSOLE_COALESCE_S
         and written out in one batch, instead of one loop wake-up per byte.
         """
-        if self.fast.uart.tx_interrupt_enabled:
+        if any(port.uart.tx_interrupt_enabled for port in self.serial.values()):
             self._drain_and_sync()
             return
         self._loop.remove_reader(self.vcpus.console_efd)
@@ -287,19 +298,20 @@ class LegacyDevices:
 
     def _drain_and_sync(self) -> None:
         self.drain_console()
-        self.sync_fast_path()
+        for port in self.serial.values():
+            self.sync_fast_path(port)
 
     def drain_console(self) -> None:
-        """Hand what the fast path took from THR to the fast port's model, in order."""
-        if self.fast is None:
-            return
-        while True:
-            n = self.vcpus.console_drain(self._drain_buf, CONSOLE_DRAIN_CHUNK)
-            if not n:
-                return
-            self.fast.uart.tx_batch(bytes(ffi.buffer(self._drain_buf, n)))
-            if n < CONSOLE_DRAIN_CHUNK:
-                return
+        """Hand what the fast path took from THR to each port's model, in order."""
+        self.vcpus.console_ack()
+        for port in self.serial.values():
+            while True:
+                n = self.vcpus.console_drain(port.fast_slot, self._drain_buf, CONSOLE_DRAIN_CHUNK)
+                if not n:
+                    break
+                port.uart.tx_batch(bytes(ffi.buffer(self._drain_buf, n)))
+                if n < CONSOLE_DRAIN_CHUNK:
+                    break
 
     # -- SysRq ---------------------------------------------------------------------------
     def send_sysrq(self, key: str, port_name: str = "com1") -> None:
@@ -351,6 +363,3 @@ class LegacyDevices:
             os.close(efd)
         self._irq_efds.clear()
 
-
-def _nothing() -> None:
-    pass

@@ -8,12 +8,14 @@ and places their BARs in the 64-bit window above RAM. `close()` closes the devic
 
 from __future__ import annotations
 
+from typing import cast
+
 from .. import platform
+from .._native import lib
 from ..bus import Bus
 from ..config import VmConfig
 from ..irq import IrqRouter
 from ..vstate.vm import Vm
-from .._native import lib
 
 
 class PciDevices:
@@ -21,7 +23,7 @@ class PciDevices:
 
     def __init__(self, vm: Vm, config: VmConfig, pio: Bus, mmio: Bus, host=None):
         from ..devices import slots  # noqa: PLC0415 (device models load the data path)
-        from ..devices.pci.device import PciBuses  # noqa: PLC0415
+        from ..devices.pci.device import PciBuses, PciDevice  # noqa: PLC0415
         from ..devices.pci.root import PciRoot, install  # noqa: PLC0415
         from ..devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
 
@@ -37,7 +39,7 @@ class PciDevices:
                 driver = slots.lookup(s.driver)
                 if driver.build is None:
                     continue
-                dev = driver.build(s, ctx)
+                dev = cast(PciDevice, driver.build(s, ctx))
                 try:
                     self.root.add(s.slot, s.function, dev)
                 except BaseException:

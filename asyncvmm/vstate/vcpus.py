@@ -19,17 +19,17 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import poll
+from .._native import ffi, lib
 from ..boot import cpuid
 from ..bus import Bus, UnclaimedAccess
 from ..config import VmConfig
 from ..disasm import disassemble
 from ..errors import KvmError
 from ..poll import PollWindow
-from .._native import ffi, lib
 from . import registers
 from .kvm import VcpuFd
 from .vcpu import apply_boot_state, set_boot_msrs
@@ -171,15 +171,22 @@ class Vcpus:
             self.paused = False
 
     # -- the UART fast path's C side (armed and drained by the legacy port devices) ------
-    def uart_fast_set(self, thr_port: int, lsr_port: int, flags: int, lsr: int) -> None:
-        if self.cvm != ffi.NULL:
-            lib.avmm_uart_fast_set(self.cvm, thr_port, lsr_port, flags, lsr)
+    FAST_UART_SLOTS = lib.AVMM_UART_FAST_SLOTS
 
-    def console_drain(self, buf, cap: int) -> int:
-        """Move up to `cap` bytes the fast path took from THR into `buf`; how many."""
+    def uart_fast_set(self, slot: int, thr_port: int, lsr_port: int, flags: int, lsr: int) -> None:
+        if self.cvm != ffi.NULL and lib.avmm_uart_fast_set(self.cvm, slot, thr_port, lsr_port, flags, lsr) < 0:
+            raise ValueError(f"UART fast path slot {slot}: there are {self.FAST_UART_SLOTS}")
+
+    def console_ack(self) -> None:
+        """Reset the console eventfd, before draining every slot."""
+        if self.cvm != ffi.NULL:
+            lib.avmm_console_ack(self.cvm)
+
+    def console_drain(self, slot: int, buf, cap: int) -> int:
+        """Move up to `cap` bytes slot's fast path took from THR into `buf`; how many."""
         if self.cvm == ffi.NULL:
             return 0
-        return lib.avmm_console_drain(self.cvm, buf, cap)
+        return lib.avmm_console_drain(self.cvm, slot, buf, cap)
 
     # -- serving exits -----------------------------------------------------------------
     def _on_exits(self) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 
 import pytest
+from test_acpi import block, needs_iasl, resources
 
 from asyncvmm import platform as p
 from asyncvmm.boot import acpi
@@ -17,8 +18,6 @@ from asyncvmm.config import PciSlot, VmConfig, check_serial, parse_serial, seria
 from asyncvmm.devices.legacy.isa_line import IsaLine
 from asyncvmm.devices.legacy.uart16550 import Ier, Mcr, Reg, Uart16550
 from asyncvmm.errors import ConfigError
-
-from test_acpi import block, needs_iasl, resources
 
 MiB = 1 << 20
 
@@ -30,7 +29,7 @@ def test_the_pc_com_ports():
     ]
     assert p.COM1_PORT == p.COM_PORTS[0].port and p.COM1_IRQ == p.COM_PORTS[0].irq
     spans = sorted((c.port, c.port + p.COM_PORT_SIZE) for c in p.COM_PORTS)
-    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
 
 
 def _dsdt_text(tmp_path, ports) -> str:

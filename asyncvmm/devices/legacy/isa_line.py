@@ -15,7 +15,7 @@ Pure: no fds, no KVM; `pulse` is what reaches the controller (an irqfd write).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class IsaLine:
