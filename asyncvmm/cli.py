@@ -8,14 +8,7 @@ import sys
 
 from . import log
 from .config import VmConfig, parse_console, parse_memory, parse_pin, parse_slot, parse_topology
-from .errors import ConfigError, VmmError
-
-# Exit statuses of `asyncvmm run` (also in --help).
-EXIT_OK = 0  # the guest powered off (ACPI S5), or reset with --no-reboot
-EXIT_ERROR = 1  # the VM stopped on an error: emulation failure, KVM error, unhandled exit
-EXIT_USAGE = 2  # bad command line or configuration: nothing was started
-EXIT_TRIPLE_FAULT = 3  # the guest triple-faulted with --no-reboot (without it, it restarts)
-EXIT_HOST = 4  # stopped hard from the host: SIGINT, a second SIGTERM, SIGHUP, the console Ctrl-A x
+from .errors import EXIT_ERROR, EXIT_HOST, EXIT_OK, EXIT_TRIPLE_FAULT, EXIT_USAGE, ConfigError, VmmError  # noqa: F401
 
 STATUS_HELP = """exit status:
   0  the guest powered off (ACPI S5), or reset with --no-reboot (a reset through the ACPI

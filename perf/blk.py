@@ -212,7 +212,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                 ])
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    from bench import table  # noqa: PLC0415 (perf/bench.py's formatter)
+    from table import table  # noqa: PLC0415 (perf/table.py)
 
     headers = ["mode", "workload", "IOPS", "fio IOPS", "ratio", "MB/s", "p50 µs", "fio p50", "added",
                "p99 µs", "fio p99", "VMM CPU µs/req", "fio CPU µs/req", "req/batch", "target"]

@@ -220,7 +220,7 @@ def _may_poll() -> bool:
 def bench_net(quick: bool, notes: list[str], reps: int = 3) -> tuple[str, dict]:
     if not TAPBENCH.exists():
         raise RuntimeError("build/perf/tapbench missing: run tools/setup")
-    from bench import table  # noqa: PLC0415
+    from table import table  # noqa: PLC0415 (perf/table.py)
 
     reps = 1 if quick else reps
     rows, figs = [], {}
