@@ -28,13 +28,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from asyncvmm._native import ffi, lib
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.spec import Feature
 from asyncvmm.loop import run as run_loop
 from asyncvmm.poll import devices_may_poll
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
+from testdrv import ffi, lib  # perf/testdrv.py: the test-only driver
 
 MiB = 1 << 20
 
