@@ -24,7 +24,7 @@ import os
 import re
 import time
 
-from . import log
+from .log import get_logger
 from .config import VmConfig
 from .console import Console
 from .control.server import ControlServer, claim_socket
@@ -32,6 +32,8 @@ from .errors import VmmError
 from .devices.slots import HostResources
 from .machine import BootImages, Machine, Stop, StopReason, read_images
 from .profile import BootProfile
+
+log = get_logger(__name__)
 
 
 class ConsoleStream(Console):
@@ -232,6 +234,7 @@ class VM:
 
     def _build(self, images: BootImages) -> Machine:
         m = Machine(self.config, self.console, images, self.host)
+        m.announce = self.boots == 0  # a reset is one line ("...: restarting the guest"), not the whole story again
         m.build()
         self.boots += 1
         return m
@@ -246,7 +249,7 @@ class VM:
                 self.machine.close()
                 restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
                 if restart and not self.config.no_reboot and self._state != "stopping":
-                    log.info(f"{stop.message}: restarting the guest")
+                    log.info(f"{stop.message}: restarting the guest (boot {self.boots + 1})")
                     self.machine = self._build(images)
                     self._state = "running"
                     continue

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import log
+from . import __version__, cli_help, log
 from .config import VmConfig, parse_console, parse_memory, parse_pin, parse_slot, parse_topology
 from .errors import EXIT_ERROR, EXIT_HOST, EXIT_OK, EXIT_TRIPLE_FAULT, EXIT_USAGE, ConfigError, VmmError  # noqa: F401
 
@@ -22,7 +22,10 @@ signals: SIGTERM presses the ACPI power button, as bhyve does (the guest then po
 status 0); if the guest does not listen for it, or on a second SIGTERM, the VM is stopped
 (status 4).
 
-console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A.
+console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A,
+Ctrl-A h lists these keys (Ctrl-A c: there is no monitor; use asyncvmm ctl).
+
+-s help lists the PCI drivers, -l help the console devices (as bhyve's).
 """
 
 
@@ -32,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="asyncvmm", description="A virtual machine monitor for Linux/KVM, on asyncio.")
+    p = _Parser(prog="asyncvmm", description="A virtual machine monitor for Linux/KVM, on asyncio.", allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"asyncvmm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     sub.add_parser("ctl", help="control a running VM (asyncvmm ctl --help)", add_help=False)
@@ -42,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Boot a guest kernel on KVM (flags after bhyve's).",
         epilog=STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --no-reboo is a typo, not --no-reboot
     )
     run.add_argument("-c", "--cpus", default="1", metavar="N", help="vCPUs: N or cpus=N,sockets=S,cores=C,threads=T")
     run.add_argument("-m", "--memory", default="256M", metavar="SIZE", help="guest RAM: MiB, or with a suffix (64M, 2G)")
@@ -50,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", default="", metavar="STR", help="kernel command line")
     run.add_argument(
         "-l", "--console", action="append", default=[], metavar="com1,SPEC",
-        help="COM1 to stdio (default), to a file PATH, or to socket=PATH",
+        help="COM1 to stdio (default), to a file PATH, or to socket=PATH (-l help lists them)",
     )
-    run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help="a PCI device")
+    run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help=cli_help.slot_flag_help())
     run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin vCPU VCPU's thread to host CPU HOSTCPU (repeatable)")
     run.add_argument(
         "--no-reboot", action="store_true",
@@ -100,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     topology = parse_topology(args.cpus)
+    if parse_memory(args.memory) < 2 << 20:  # said as it was written: "-m 0", not "0 bytes"
+        raise ConfigError(f"-m {args.memory}: a VM needs at least 2 MiB of memory")
     cfg = VmConfig(
         name=args.name or f"asyncvmm-{os.getpid()}",
         cpus=topology.cpus,
@@ -123,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     )
     for spec in args.console:
         cfg.console = parse_console(spec)
-    return cfg.validate()
+    return cfg.validate(cli=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,10 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         from .control.ctl import main as ctl_main  # noqa: PLC0415
 
         return ctl_main(argv[1:])
+    log.use_cli_output()
     try:
-        args = _parser().parse_args(argv)
+        args, extra = _parser().parse_known_args(argv)
+        if extra:  # bhyve's flags that are not here yet say so; anything else is argparse's error
+            raise ConfigError(cli_help.not_yet(extra) or f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "run":
             log.set_quiet(args.quiet)
+            if "help" in args.slot or "help" in args.console:  # bhyve's -s help, -l help
+                print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
+                return EXIT_OK
             cfg = config_from_args(args)
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import log
+from .log import get_logger
 from .boot import cpuid, linux, loader
 from .bus import Bus, ByteRegisters, Sink, UnclaimedAccess
 from .config import VmConfig
@@ -44,6 +44,9 @@ from .vstate.kvm import Kvm, VcpuFd, VmFd
 from .vstate.memory import GuestMemory
 from .vstate.vcpu import apply_boot_state, set_boot_msrs
 from ._native import ffi, lib
+
+log = get_logger(__name__)
+quirks_log = get_logger("asyncvmm.quirks")  # what is done differently on an emulating KVM
 
 
 CONSOLE_DRAIN_CHUNK = 65536
@@ -152,6 +155,10 @@ async def read_images(cfg: VmConfig) -> BootImages:
 
 
 def _prepare(cfg: VmConfig, kernel: bytes) -> loader.Prepared:
+    try:
+        loader.check(kernel)
+    except BootError as e:  # say which file
+        raise BootError(f"kernel {cfg.kernel}: {e}") from None
     mode = cfg.decompress
     emulating = False
     if mode == loader.Decompress.AUTO and linux.kernel_kind(kernel) == "bzimage":
@@ -192,6 +199,7 @@ class Machine:
         self._ids = ffi.new("int[]", max(config.cpus, 1))
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._closed = False
+        self.announce = True  # say the probe, quirks and boot path (a VM's later boots, after a reset, do not)
         self.paused = False
         self.exit_poll = PollWindow(poll.POLL_MAX_NS if config.poll else 0)
         self.loop_wakeups = 0  # times the loop was woken for exits
@@ -203,6 +211,10 @@ class Machine:
         self.irq: IrqRouter | None = None
 
     # -- build -------------------------------------------------------------------------
+    def _say(self, logger, msg: str) -> None:
+        if self.announce:
+            logger.info(msg)
+
     def build(self) -> None:
         cfg = self.config
         try:
@@ -223,7 +235,7 @@ class Machine:
             self.cpu_template = cpuid.Template(cfg.cpu_template)
         else:
             self.cpu_template = cpuid.Template.BASELINE if kind.emulating else cpuid.Template.HOST
-        log.info(
+        self._say(log,
             f"KVM: {kind.detail}; CPU template {self.cpu_template.value}"
             + ("" if cfg.cpu_template else " (chosen by probing KVM)")
             + ("; quirks for an emulating KVM on" if self.quirks.enabled else "")
@@ -233,7 +245,7 @@ class Machine:
         self.vm.create_irqchip()
         if self.quirks.vmm_pit:
             self.pit = BoundedRatePit(self.vm, PIT_IRQ)
-            log.info("quirks: vmm-pit: the PIT is the VMM's, IRQ0 at most every "
+            self._say(quirks_log, "quirks: vmm-pit: the PIT is the VMM's, IRQ0 at most every "
                      f"{self.pit.min_interval_ns // 1_000_000} ms (no in-kernel PIT)")
         else:
             self.vm.create_pit()
@@ -252,7 +264,7 @@ class Machine:
             self.acpi_build_s = time.perf_counter() - t0
             rsdp = self.acpi_tables.rsdp
             ids = topology.apic_ids()
-            log.info(
+            self._say(log,
                 f"ACPI: tables at {rsdp:#x} ({len(self.acpi_tables.image)} bytes, {self.acpi_build_s * 1e3:.1f} ms); "
                 f"vCPUs {topology.sockets}x{topology.cores}x{topology.threads} (sockets x cores x threads), "
                 f"APIC IDs {ids[0]}..{ids[-1]}"
@@ -266,7 +278,7 @@ class Machine:
             raise KvmError("cannot allocate the vCPU threads' state")
         entries = self.quirks.adjust_cpuid(cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template))
         if self.quirks.hidden_pv_features:
-            log.info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(self.quirks.hidden_pv_features)}")
+            self._say(quirks_log, f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(self.quirks.hidden_pv_features)}")
         msrs = self.kvm.msr_index_list()
         for i in range(cfg.cpus):
             # KVM's vCPU ID is the initial APIC ID: the one the MADT and CPUID give.
@@ -291,9 +303,9 @@ class Machine:
             prepared=images.prepared, linux_cmdline=self.quirks.linux_cmdline, rsdp=rsdp,
         )
         self.boot = boot
-        log.info(f"boot: {cfg.kernel} {boot.path}")
+        self._say(log, f"boot: {cfg.kernel} {boot.path}")
         if boot.appended:
-            log.info(f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(boot.appended)}")
+            self._say(quirks_log, f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(boot.appended)}")
         return boot.state
 
     def _build_devices(self, cfg: VmConfig) -> None:
@@ -360,6 +372,9 @@ class Machine:
                 dev.close()
                 raise
         self.pci.assign_bars(platform.pci_mmio64_window(platform.ram_top(self.mem.regions)))
+        attached = [d for d in (slots.describe(s, cfg, self.host) for s in cfg.slots) if d]
+        if attached:
+            self._say(log, f"devices: {'; '.join(attached)}")
 
     # -- ACPI --------------------------------------------------------------------------
     def _sci(self, level: bool) -> None:

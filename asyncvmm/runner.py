@@ -6,13 +6,15 @@ import asyncio
 import signal
 import sys
 
-from . import log
+from .log import get_logger
 from .api import VM
 from .config import VmConfig
 from .console import open_console
 from .errors import EXIT_ERROR, EXIT_HOST, EXIT_OK, EXIT_TRIPLE_FAULT
 from .loop import run as run_loop
 from .machine import Stop, StopReason
+
+log = get_logger(__name__)
 
 STATUS = {
     StopReason.POWEROFF: EXIT_OK,

@@ -7,6 +7,7 @@ machine is built (that is when images are opened and locked).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +50,22 @@ def _blk_check(slot: PciSlot, cfg: VmConfig) -> None:
 
     opts = BlockOptions.parse(slot.options, _where(slot))
     check_readable(opts.path, "disk")
+    for other in cfg.slots:  # the image's lock would refuse it at start, as if another VM held it
+        if other is slot:
+            break
+        if other.driver == "virtio-blk":
+            theirs = BlockOptions.parse(other.options, _where(other))
+            if _same_file(theirs.path, opts.path) and not (theirs.readonly and opts.readonly):
+                raise ConfigError(f"-s {_where(slot)}virtio-blk,{slot.options}: {opts.path} is already the disk in "
+                                  f"slot {other.slot}:{other.function} (one image, one writable disk; "
+                                  "read-only ones, ,ro, may share it)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _blk_build(slot: PciSlot, ctx: BuildContext):
@@ -67,9 +84,10 @@ def _blk_build(slot: PciSlot, ctx: BuildContext):
 
 
 def _net_check(slot: PciSlot, cfg: VmConfig) -> None:
-    from .virtio.net.tap import NetOptions  # noqa: PLC0415
+    from .virtio.net.tap import NetOptions, check_is_tap  # noqa: PLC0415
 
-    NetOptions.parse(slot.options, _where(slot))
+    opts = NetOptions.parse(slot.options, _where(slot))
+    check_is_tap(opts.tap, f"-s {_where(slot)}virtio-net,{slot.options}")
 
 
 def _net_build(slot: PciSlot, ctx: BuildContext):
@@ -111,6 +129,33 @@ DRIVERS: dict[str, Driver] = {
     "virtio-net": Driver(_net_check, _net_build),
     "hostbridge": Driver(_hostbridge_check, None),  # bhyve's `-s 0,hostbridge`: ours is always there
 }
+
+
+def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | None:
+    """One phrase for the log on what the slot attached (the image, the TAP); None for
+    what attaches nothing of the host's."""
+    where = f"{slot.slot}:{slot.function}"
+    if slot.driver == "virtio-blk":
+        from .virtio.block.image import BlockOptions  # noqa: PLC0415
+
+        opts = BlockOptions.parse(slot.options, _where(slot))
+        how = [w for w, on in (("read-only", opts.readonly), ("O_DIRECT", opts.direct),
+                               (f"engine {opts.engine}", opts.engine != "uring")) if on]
+        return f"{where} virtio-blk {opts.path}" + (f" ({', '.join(how)})" if how else "")
+    if slot.driver == "virtio-net":
+        from .virtio.net.tap import NetOptions, format_mac, stable_mac  # noqa: PLC0415
+
+        opts = NetOptions.parse(slot.options, _where(slot))
+        tap = host.taps.get((slot.slot, slot.function)) if host is not None else None
+        made = "" if tap is None else " (created)" if tap.created else " (existing)"
+        mac = format_mac(opts.mac or stable_mac(cfg.name, f"{slot.slot}.{slot.function}"))
+        return f"{where} virtio-net TAP {opts.tap}{made}, MAC {mac}"
+    return None
+
+
+def driver_names() -> list[str]:
+    """The -s drivers there are (for help and errors), in order."""
+    return sorted(DRIVERS)
 
 
 def check_slots(cfg: VmConfig) -> None:

@@ -81,8 +81,13 @@ def test_missing_initrd(kernel, tmp_path):
 
 @needs_kvm
 def test_not_a_kernel():
-    r = run_vmm("run", "-q", "--kernel", str(ROOT / "pyproject.toml"))
-    assert_usage_error(r, "is not a kernel")
+    """Checked before anything starts: one line (no KVM probe, no ACPI line) naming the file."""
+    r = run_vmm("run", "--kernel", str(ROOT / "pyproject.toml"))
+    assert_usage_error(r, "kernel " + str(ROOT / "pyproject.toml"), "not a kernel")
+
+
+def test_an_elf_that_is_not_a_kernel_is_named():
+    assert_usage_error(run_vmm("run", "--kernel", "/bin/true"), "kernel /bin/true:", "not an executable")
 
 
 @needs_kvm

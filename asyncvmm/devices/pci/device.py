@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ... import log
+from ...log import get_logger
 from ...bus import Bus, BusConflict
 from .config_space import Bar, BarKind, ConfigSpace
+
+log = get_logger(__name__)
 
 
 @dataclass

@@ -26,7 +26,8 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from ... import log, platform
+from ... import platform
+from ...log import get_logger
 from ...irq import IntxLine, IrqRouter
 from ..pci.config_space import Bar, BarKind, ConfigSpace
 from ..pci.device import PciDevice
@@ -48,6 +49,8 @@ from .spec import (
     Status,
     bits,
 )
+
+log = get_logger(__name__)
 
 BAR_INDEX = 0
 BAR_SIZE = 0x8000
