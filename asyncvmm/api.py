@@ -62,18 +62,21 @@ class ConsoleStream(Console):
     TRANSCRIPT = 1 << 20  # the transcript keeps the last MiB of output
 
     def write(self, data: bytes) -> None:
+        """The guest's output (called by the machine): to `reader` and the transcript."""
         self.transcript += data
         if len(self.transcript) > 2 * self.TRANSCRIPT:
             del self.transcript[: -self.TRANSCRIPT]
         self.reader.feed_data(data)
 
     def resume_input(self) -> None:
+        """The UART has room again (called by the machine): pass on held input."""
         super().resume_input()
         if self._writer_paused and len(self._held) <= self.LOW_WATER:
             self._writer_paused = False
             self._protocol.resume_writing()
 
     def attach(self, loop, feed, on_break=None, on_quit=None) -> None:
+        """A boot's machine takes the input (called by the machine)."""
         super().attach(loop, feed, on_break, on_quit)
         if self._held:
             self.resume_input()
@@ -94,10 +97,12 @@ class ConsoleStream(Console):
             self._protocol.pause_writing()
 
     def send_break(self) -> None:
+        """A break on the serial line (a Linux guest then takes the next key as SysRq)."""
         if self._on_break is not None:
             self._on_break()
 
     def close(self) -> None:
+        """End of the VM: `reader` reaches EOF, a writer waiting in drain() is released."""
         super().close()
         self._held.clear()
         if not self.reader.at_eof():
@@ -165,9 +170,22 @@ class _UartTransport(asyncio.WriteTransport):
 
 
 class VM:
-    """One virtual machine on the running loop. See the module docstring."""
+    """One virtual machine on the running loop (the module docstring has the call order).
+
+    VM(config, *, console=None, control_socket=True)
+
+    config: a VmConfig; checked here, so a bad one raises ConfigError before anything
+        starts (its messages name the field: `memory=1`).
+    console: where COM1 goes; by default `vm.console`, a ConsoleStream (`reader`,
+        `writer`, `expect()`).
+    control_socket: serve `asyncvmm ctl NAME` on the VM's control socket.
+
+    The VMM's messages go to the logging module's "asyncvmm" loggers (asyncvmm.machine,
+    asyncvmm.quirks, ...): logging.basicConfig(level=logging.INFO) shows them.
+    """
 
     def __init__(self, config: VmConfig, *, console: Console | None = None, control_socket: bool = True):
+        """See the class docstring."""
         self.config = config.validate()
         self._console_given = console
         self.console: ConsoleStream | Console | None = console
@@ -189,10 +207,12 @@ class VM:
 
     # -- life cycle ------------------------------------------------------------------
     async def __aenter__(self) -> "VM":
+        """`async with VM(cfg) as vm`: start() it."""
         await self.start()
         return self
 
     async def __aexit__(self, *exc) -> None:
+        """Leaving `async with` (also by an exception or a cancellation): close() it."""
         await self.close()
 
     async def start(self) -> None:
@@ -270,6 +290,8 @@ class VM:
         return await asyncio.shield(self._stopped)
 
     def request_stop(self, stop: Stop) -> None:
+        """Stop the vCPUs without waiting; wait() then returns `stop`. For a signal
+        handler or a callback, which cannot await (kill() is the awaitable form)."""
         if self.machine is not None and self._state in ("running", "paused"):
             self._state = "stopping"
             self.machine.request_stop(stop)  # paused vCPUs are told to quit too
@@ -349,16 +371,20 @@ class VM:
     # -- control -------------------------------------------------------------------------
     @property
     def state(self) -> str:
+        """Where the VM is: created, starting, running, paused, stopping, stopped, closed."""
         if self._state == "running" and self.machine is not None and self.machine.paused:
             return "paused"
         return self._state
 
     async def pause(self) -> None:
+        """Stop the vCPUs from running guest code (the devices stay as they are); returns
+        once none runs. VmmError unless the VM runs or is paused already."""
         if self.state not in ("running", "paused"):
             raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be paused")
         self.machine.pause()
 
     async def resume(self) -> None:
+        """Let paused vCPUs run again. VmmError unless the VM runs or is paused."""
         if self.state not in ("running", "paused"):
             raise VmmError(f"VM {self.config.name} is {self.state}: it cannot be resumed")
         self.machine.resume()
@@ -385,6 +411,8 @@ class VM:
                 m.resume()
 
     def state_info(self) -> dict:
+        """What `asyncvmm ctl state` shows: name, state, pid, vCPUs, memory, kernel, CPU
+        template, whether KVM emulates, boots so far, uptime."""
         cfg = self.config
         m = self.machine
         return {

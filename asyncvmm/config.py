@@ -107,6 +107,7 @@ class VmConfig:
 
     @property
     def cpu_topology(self) -> Topology:
+        """`topology`, or `cpus` sockets of one core when it is None."""
         return self.topology or Topology.of(self.cpus)
 
     def validate(self, cli: bool = False) -> "VmConfig":

@@ -57,6 +57,18 @@ def kernel(guests):
         (["--symbols", "/no/such/System.map"], ["--symbols /no/such/System.map", "no such file"]),
         (["-c", "sockets=129,cores=2"], ["APIC IDs up to 257", "at most 254"]),
         (["-c", "2", "-p", "1:9999"], ["-p 1:9999", "no CPU 9999"]),
+        (["-m", "0"], ["-m 0:", "at least 2 MiB"]),
+        (["-s", "3,virtio-blck,x"], ["no such driver 'virtio-blck'", "drivers: hostbridge, virtio-blk, virtio-net"]),
+        (["-s", "4,virtio-net,lo"], ["lo is a network interface of the host", "name a TAP"]),
+        (["-s", "4,virtio-net,tap0,queues=0"], ["queues=0: a number of queue pairs from 1 to"]),
+        (["-s", "4,virtio-blk,/dev/null,queues=0"], ["queues=0: a number of queues from 1 to 64"]),
+        (["-s", "3,virtio-blk,/dev/null", "-s", "4,virtio-blk,/dev/../dev/null"],
+         ["-s 4,virtio-blk,/dev/../dev/null", "already the disk in slot 3:0"]),
+        (["--no-reboo"], ["unrecognized arguments: --no-reboo"]),  # no abbreviations
+        (["-a"], ["-a: bhyve's -a", "not in asyncvmm yet"]),
+        (["-I"], ["-I: bhyve's -I", "always there"]),
+        (["-g", "1234"], ["-g: bhyve's -g", "gdb"]),
+        (["-S"], ["-S: bhyve's -S", "not in asyncvmm yet"]),
     ],
 )
 def test_bad_flags(kernel, args, words):
@@ -181,3 +193,37 @@ def test_bhyve_flags_reach_the_config():
     assert (cfg.cpus, cfg.topology, cfg.strict_io, cfg.force_msi, cfg.acpi) == (4, Topology(1, 2, 2), True, True, True)
     cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "--no-acpi"]))
     assert (cfg.acpi, cfg.strict_io, cfg.force_msi, cfg.cpu_topology) == (False, False, False, Topology(1, 1, 1))
+
+
+@needs_kvm
+def test_read_only_disks_may_share_an_image(kernel, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    r = run_vmm("run", "--kernel", kernel, "-s", f"3,virtio-blk,{image},ro", "-s", f"4,virtio-blk,{image}")
+    assert_usage_error(r, "already the disk in slot 3:0")
+    r = run_vmm("run", "-q", "--no-reboot", "-m", "64", "--kernel", kernel,
+                "-s", f"3,virtio-blk,{image},ro", "-s", f"4,virtio-blk,{image},ro")
+    assert r.status == 0, r.err
+
+
+def test_version():
+    r = run_vmm("--version")
+    assert r.status == 0 and r.out.strip().startswith("asyncvmm ")
+
+
+def test_bhyve_help_lists_the_drivers_and_console_devices():
+    r = run_vmm("run", "-s", "help")  # as bhyve's: no kernel needed
+    assert r.status == 0, r.err
+    assert [line.strip() for line in r.out.splitlines()[1:4]] == ["hostbridge", "virtio-blk", "virtio-net"]
+    r = run_vmm("run", "-l", "help")
+    assert r.status == 0 and "com1" in r.out and "socket=PATH" in r.out, r.err
+    assert "virtio-blk" in run_vmm("run", "--help").out.replace("\n", " ")
+
+
+@needs_kvm
+def test_the_log_names_the_disks_attached(kernel, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    r = run_vmm("run", "--no-reboot", "-m", "64", "--kernel", kernel, "-s", f"3,virtio-blk,{image},ro")
+    assert r.status == 0, r.err
+    assert f"asyncvmm: devices: 3:0 virtio-blk {image} (read-only)" in r.err.splitlines()
