@@ -79,3 +79,17 @@ def test_two_unnamed_vms_in_one_process(guests):
             await b.console.expect(rb"tick 1\n", timeout=20)
 
     run_loop(main())
+
+
+def test_the_readme_snippet_runs_from_any_directory(guests, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("import asyncio, re")
+    snippet = readme[start : readme.index("```", start)]
+    p = subprocess.run([sys.executable, "-c", snippet], capture_output=True, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode().strip() == "42"
