@@ -6,11 +6,11 @@ import asyncio
 import signal
 import sys
 
-from .log import get_logger
 from .api import VM
 from .config import VmConfig
 from .console import open_console
 from .errors import EXIT_ERROR, EXIT_HOST, EXIT_OK, EXIT_TRIPLE_FAULT
+from .log import get_logger
 from .loop import run as run_loop
 from .machine import Stop, StopReason
 

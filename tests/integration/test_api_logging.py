@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from conftest import needs_kvm
+
 from asyncvmm import VM, VmConfig
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-
-from conftest import needs_kvm
 
 pytestmark = needs_kvm
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from conftest import ROOT
 
 import asyncvmm
 from asyncvmm import VM, ConfigError, PciSlot, VmConfig, parse_slot
 from asyncvmm.config import MiB
-
-from conftest import ROOT
 
 KERNEL = str(ROOT / "pyproject.toml")  # readable: enough for what is checked before start
 

@@ -33,7 +33,7 @@ async def run_in_guest(command: str) -> str:
 async def main(commands: list[str]) -> None:
     # One guest per command, all at once, on this one loop.
     outputs = await asyncio.gather(*(run_in_guest(c) for c in commands))
-    for command, output in zip(commands, outputs):
+    for command, output in zip(commands, outputs, strict=True):
         print(f"$ {command}\n{output}", end="")
 
 
