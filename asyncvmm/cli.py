@@ -135,11 +135,11 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    log.use_cli_output()  # the VMM's messages (the logging module's) as one line each on stderr
     if argv and argv[0] == "ctl":  # bhyvectl's analogue has its own parser
         from .control.ctl import main as ctl_main  # noqa: PLC0415
 
         return ctl_main(argv[1:])
-    log.use_cli_output()
     try:
         args, extra = _parser().parse_known_args(argv)
         if extra:  # bhyve's flags that are not here yet say so; anything else is argparse's error
