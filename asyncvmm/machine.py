@@ -212,16 +212,30 @@ class Machine:
 
     # -- build -------------------------------------------------------------------------
     def _say(self, logger, msg: str) -> None:
+        # Held until the machine is built: a configuration refused on the way (a disk in
+        # use, a TAP not permitted) is then one line, as every bad input is.
         if self.announce:
+            self._said.append((logger, msg))
+
+    def _flush_said(self) -> None:
+        said, self._said = self._said, []
+        for logger, msg in said:
             logger.info(msg)
 
     def build(self) -> None:
         cfg = self.config
+        self._said: list = []
         try:
             self._build(cfg)
-        except BaseException:
+        except ConfigError:
+            self._said = []  # the error says it all
             self.close()
             raise
+        except BaseException:
+            self._flush_said()  # what led up to a KVM or boot failure
+            self.close()
+            raise
+        self._flush_said()
         self.timeline.built = time.monotonic()
 
     def _build(self, cfg: VmConfig) -> None:

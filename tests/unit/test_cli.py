@@ -227,3 +227,17 @@ def test_the_log_names_the_disks_attached(kernel, tmp_path):
     r = run_vmm("run", "--no-reboot", "-m", "64", "--kernel", kernel, "-s", f"3,virtio-blk,{image},ro")
     assert r.status == 0, r.err
     assert f"asyncvmm: devices: 3:0 virtio-blk {image} (read-only)" in r.err.splitlines()
+
+
+@needs_kvm
+def test_an_input_refused_while_the_machine_is_built_is_still_one_line(kernel, tmp_path):
+    """A disk another VM holds is found only when it is opened: the KVM probe and ACPI
+    lines said on the way are left out, so status 2 is one line."""
+    import fcntl
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    with open(image, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another VM's does
+        r = run_vmm("run", "--no-reboot", "-m", "64", "--kernel", kernel, "-s", f"3,virtio-blk,{image}")
+    assert_usage_error(r, f"disk {image} is in use by another VM")
