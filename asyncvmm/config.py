@@ -81,7 +81,7 @@ class VmConfig:
 
     name: str = field(default_factory=default_name)
     cpus: int = 1
-    memory: int | str = 256 * MiB
+    memory: int = 256 * MiB  # bytes; a size string ("64M") is turned into them at construction
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
@@ -102,8 +102,9 @@ class VmConfig:
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
 
     def __post_init__(self):
-        if isinstance(self.memory, str):  # "64M", as -m takes it
-            self.memory = parse_memory(self.memory, f"memory={self.memory!r}")
+        memory: object = self.memory
+        if isinstance(memory, str):  # "64M", as -m takes it
+            self.memory = parse_memory(memory, f"memory={memory!r}")
 
     @property
     def cpu_topology(self) -> Topology:

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .log import get_logger
+from .log import VmmLogger, get_logger
 from .boot import cpuid, linux, loader
 from .bus import Bus, ByteRegisters, Sink, UnclaimedAccess
 from .config import VmConfig
@@ -200,6 +200,7 @@ class Machine:
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._closed = False
         self.announce = True  # say the probe, quirks and boot path (a VM's later boots, after a reset, do not)
+        self._said: list[tuple[VmmLogger, str]] = []  # (logger, message) held until the machine is built
         self.paused = False
         self.exit_poll = PollWindow(poll.POLL_MAX_NS if config.poll else 0)
         self.loop_wakeups = 0  # times the loop was woken for exits
@@ -224,7 +225,7 @@ class Machine:
 
     def build(self) -> None:
         cfg = self.config
-        self._said: list = []
+        self._said = []
         try:
             self._build(cfg)
         except ConfigError:

@@ -138,18 +138,18 @@ def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | 
     if slot.driver == "virtio-blk":
         from .virtio.block.image import BlockOptions  # noqa: PLC0415
 
-        opts = BlockOptions.parse(slot.options, _where(slot))
-        how = [w for w, on in (("read-only", opts.readonly), ("O_DIRECT", opts.direct),
-                               (f"engine {opts.engine}", opts.engine != "uring")) if on]
-        return f"{where} virtio-blk {opts.path}" + (f" ({', '.join(how)})" if how else "")
+        disk = BlockOptions.parse(slot.options, _where(slot))
+        how = [w for w, on in (("read-only", disk.readonly), ("O_DIRECT", disk.direct),
+                               (f"engine {disk.engine}", disk.engine != "uring")) if on]
+        return f"{where} virtio-blk {disk.path}" + (f" ({', '.join(how)})" if how else "")
     if slot.driver == "virtio-net":
         from .virtio.net.tap import NetOptions, format_mac, stable_mac  # noqa: PLC0415
 
-        opts = NetOptions.parse(slot.options, _where(slot))
+        net = NetOptions.parse(slot.options, _where(slot))
         tap = host.taps.get((slot.slot, slot.function)) if host is not None else None
-        made = "" if tap is None else " (created)" if tap.created else " (existing)"
-        mac = format_mac(opts.mac or stable_mac(cfg.name, f"{slot.slot}.{slot.function}"))
-        return f"{where} virtio-net TAP {opts.tap}{made}, MAC {mac}"
+        made = "" if tap is None else " (created)" if getattr(tap, "created", False) else " (existing)"
+        mac = format_mac(net.mac or stable_mac(cfg.name, f"{slot.slot}.{slot.function}"))
+        return f"{where} virtio-net TAP {net.tap}{made}, MAC {mac}"
     return None
 
 
