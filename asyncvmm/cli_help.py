@@ -40,11 +40,15 @@ def slot_help() -> str:
 
 def console_help() -> str:
     """bhyve's `-l help`: the devices -l configures, and their backends."""
+    from .platform import COM_PORTS  # noqa: PLC0415
+
+    ports = [f"  {p.name}    a 16550 UART at {p.port:#x}, IRQ {p.irq} (Linux: console=ttyS{i})"
+             for i, p in enumerate(COM_PORTS)]
     return "\n".join([
         "-l DEVICE,BACKEND, devices:",
-        "  com1    the 16550 UART at 0x3f8, IRQ 4 (Linux: console=ttyS0)",
-        "backends: stdio (a terminal is put in raw mode; Ctrl-A h lists the escape keys), "
-        "a file PATH, socket=PATH (a Unix socket, one client at a time)",
+        *ports,
+        "backends: stdio (a terminal is put in raw mode; Ctrl-A h lists the escape keys), a file PATH, "
+        "socket=PATH (a Unix socket), tcp=HOST:PORT (listening; one client at a time)",
     ])
 
 

@@ -1,9 +1,10 @@
 """The VMM's own messages, apart from the guest's console: through the `logging` module.
 
 Each part logs to a named logger under "asyncvmm" — asyncvmm.machine (the KVM probe, the
-boot, the devices attached), asyncvmm.quirks (what is done differently on an emulating
-KVM), asyncvmm.api, asyncvmm.devices... — so a program that embeds asyncvmm routes them
-as it routes its own:
+ACPI tables, the boot path, the devices attached), asyncvmm.quirks (what is done
+differently on an emulating KVM), asyncvmm.api (the control socket, resets),
+asyncvmm.devices... (what a guest made a device say) — so a program that embeds asyncvmm
+routes them as it routes its own:
 
     logging.getLogger("asyncvmm").addHandler(my_handler)   # or logging.basicConfig(level=logging.INFO)
 
@@ -22,6 +23,8 @@ The module-level info(), guest() and error() log to the "asyncvmm" logger itself
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -47,6 +50,10 @@ class VmmLogger:
         self.logger = logging.getLogger(name)
 
     def info(self, msg: str) -> None:
+        held = _held.get()
+        if held is not None:  # inside held(): said when the block is over, or not at all
+            held.append((self, msg))
+            return
         self.logger.info(msg)
 
     def warning(self, msg: str) -> None:
@@ -67,6 +74,38 @@ class VmmLogger:
             self.info(msg)
         else:
             w["suppressed"] += 1
+
+
+_held: contextvars.ContextVar[list | None] = contextvars.ContextVar("asyncvmm_log_held", default=None)
+
+
+@contextlib.contextmanager
+def held(say: bool = True):
+    """Hold what is said at INFO inside the block (in this thread or task): said when it
+    ends well (if `say`), dropped when it raises a ConfigError (the error is then the one
+    line a bad input gets), said before any other exception goes on (what led up to a
+    KVM failure). Errors are never held."""
+    from .errors import ConfigError  # noqa: PLC0415
+
+    said: list[tuple[VmmLogger, str]] = []
+    token = _held.set(said)
+    try:
+        yield
+    except ConfigError:
+        _held.reset(token)
+        raise
+    except BaseException:
+        _held.reset(token)
+        _say(said)
+        raise
+    _held.reset(token)
+    if say:
+        _say(said)
+
+
+def _say(said: list) -> None:
+    for logger, msg in said:
+        logger.info(msg)
 
 
 def get_logger(name: str) -> VmmLogger:

@@ -46,7 +46,7 @@ def kernel(guests):
         (["-s", "3,virtio-net,bad/name"], ["not an interface name"]),
         (["-s", "3,nosuch"], ["no such driver"]),
         (["-s", "40,virtio-net,tap0"], ["slot 0-31"]),
-        (["-l", "com2,stdio"], ["only com1"]),
+        (["-l", "com5,stdio"], ["no such port"]),
         (["-l", "com1"], ["say where com1 goes"]),
         (["-p", "3:0"], ["no vCPU 3"]),
         (["-p", "x"], ["VCPU:HOSTCPU"]),
@@ -58,7 +58,7 @@ def kernel(guests):
         (["-c", "sockets=129,cores=2"], ["APIC IDs up to 257", "at most 254"]),
         (["-c", "2", "-p", "1:9999"], ["-p 1:9999", "no CPU 9999"]),
         (["-m", "0"], ["-m 0:", "at least 2 MiB"]),
-        (["-s", "3,virtio-blck,x"], ["no such driver 'virtio-blck'", "drivers: hostbridge, virtio-blk, virtio-net"]),
+        (["-s", "3,virtio-blck,x"], ["no such driver 'virtio-blck'", "drivers: hostbridge, ", "virtio-blk, virtio-net"]),
         (["-s", "4,virtio-net,lo"], ["lo is a network interface of the host", "name a TAP"]),
         (["-s", "4,virtio-net,tap0,queues=0"], ["queues=0: a number of queue pairs from 1 to"]),
         (["-s", "4,virtio-blk,/dev/null,queues=0"], ["queues=0: a number of queues from 1 to 64"]),
@@ -214,9 +214,14 @@ def test_version():
 def test_bhyve_help_lists_the_drivers_and_console_devices():
     r = run_vmm("run", "-s", "help")  # as bhyve's: no kernel needed
     assert r.status == 0, r.err
-    assert [line.strip() for line in r.out.splitlines()[1:4]] == ["hostbridge", "virtio-blk", "virtio-net"]
+    from asyncvmm.devices.slots import driver_names
+
+    names = driver_names()
+    assert {"hostbridge", "virtio-blk", "virtio-net"} <= set(names)
+    assert [line.strip() for line in r.out.splitlines()[1 : 1 + len(names)]] == names
     r = run_vmm("run", "-l", "help")
-    assert r.status == 0 and "com1" in r.out and "socket=PATH" in r.out, r.err
+    assert r.status == 0 and "socket=PATH" in r.out, r.err
+    assert all(f"com{i}" in r.out for i in range(1, 5)), r.out
     assert "virtio-blk" in run_vmm("run", "--help").out.replace("\n", " ")
 
 
