@@ -8,11 +8,7 @@ from .config import PLANNED_DRIVERS
 # bhyve's run flags asyncvmm does not take yet: flag -> (what it is in bhyve, what to do
 # meanwhile). Delete a flag's entry when it lands.
 NOT_YET: dict[str, tuple[str, str]] = {
-    "-a": ("the local APIC in xAPIC mode", "the guest's LAPIC starts in xAPIC mode anyway: leave -a out"),
     "-I": ("an I/O APIC", "the I/O APIC is always there (KVM's in-kernel irqchip): leave -I out"),
-    "-g": ("a gdb stub on a TCP port", "no debug server yet; asyncvmm ctl regs NAME reads a vCPU's registers"),
-    "-G": ("a gdb stub on a TCP port", "no debug server yet; asyncvmm ctl regs NAME reads a vCPU's registers"),
-    "-S": ("wired (locked) guest memory", "guest memory is not locked yet"),
 }
 
 

@@ -79,6 +79,9 @@ class VmConfig:
     acpi: ACPI tables [-A; --no-acpi]
     strict_io: an access to a port or address nothing emulates stops the VM [-e]
     force_msi: virtio-pci devices offer one MSI, not MSI-X [-W]
+    gdb: a gdb server for the guest (gdb.options.GdbOptions; None: none) [-g PORT, -G]
+    xapic: the local APIC in xAPIC mode, x2APIC hidden from CPUID [-a]
+    wired: guest memory wired (mlock'd: never swapped or moved) [-S]
     """
 
     name: str = field(default_factory=default_name)
@@ -103,6 +106,9 @@ class VmConfig:
     acpi: bool = True  # -A: ACPI tables (--no-acpi leaves them out)
     strict_io: bool = False  # -e: an access nothing emulates stops the VM
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
+    gdb: object = None  # -g/-G: gdb.options.GdbOptions, a gdb server for the guest
+    xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
+    wired: bool = False  # -S: guest memory wired (mlock'd)
 
     def __post_init__(self):
         memory: object = self.memory
@@ -114,9 +120,10 @@ class VmConfig:
         """`topology`, or `cpus` sockets of one core when it is None."""
         return self.topology or Topology.of(self.cpus)
 
-    def validate(self, cli: bool = False) -> "VmConfig":
+    def validate(self, cli: bool = False, *, com1_open: bool = False) -> "VmConfig":
         """Check the whole; ConfigError names the culprit as the command line spells it
-        (`cli`) or as a Python caller does (`kernel=`). Returns self."""
+        (`cli`) or as a Python caller does (`kernel=`). `com1_open`: COM1's backend is a
+        console the caller opened already. Returns self."""
 
         def said(field: str, value) -> str:  # "-m 1 MiB" / "memory=1048576"
             return f"{CLI_FLAGS[field]} {value}" if cli else f"{field}={value!r}"
@@ -173,7 +180,7 @@ class VmConfig:
             )
         if self.symbols:
             check_readable(self.symbols, CLI_FLAGS["symbols"] if cli else "symbols")
-        check_serial(self)
+        check_serial(self, com1_open=com1_open)
         from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
 
         check_slots(self)
@@ -299,8 +306,10 @@ def serial_config(options: list[str], cfg: "VmConfig") -> None:
     cfg.serial = given
 
 
-def check_serial(cfg: "VmConfig") -> None:
-    """The COM ports' backends, before anything starts (console.check_console)."""
+def check_serial(cfg: "VmConfig", *, com1_open: bool = False) -> None:
+    """The COM ports' backends, before anything starts (console.check_console).
+    `com1_open`: COM1's backend is a console the caller opened already (its socket or port
+    is ours, not another process's)."""
     from .console import check_console  # noqa: PLC0415
     from .platform import COM_PORT_BY_NAME  # noqa: PLC0415
 
@@ -315,7 +324,8 @@ def check_serial(cfg: "VmConfig") -> None:
             raise ConfigError(f"{where}: {seen[spec]} already goes to {what}")
         if spec:
             seen[spec] = name
-        check_console(spec, where)
+        if not (name == "com1" and com1_open):
+            check_console(spec, where)
 
 
 def parse_slot(text: str) -> PciSlot:
