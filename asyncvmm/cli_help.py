@@ -8,7 +8,7 @@ from .config import PLANNED_DRIVERS
 # bhyve's run flags asyncvmm does not take yet: flag -> (what it is in bhyve, what to do
 # meanwhile). Delete a flag's entry when it lands.
 NOT_YET: dict[str, tuple[str, str]] = {
-    "-I": ("an I/O APIC", "the I/O APIC is always there (KVM's in-kernel irqchip): leave -I out"),
+    "-I": ("an I/O APIC", "the I/O APIC is always there (KVM's in-kernel irqchip), leave -I out"),
 }
 
 
@@ -19,7 +19,7 @@ def not_yet(extra: list[str]) -> str | None:
         flag = arg[:2]  # -g1234 as well as -g 1234
         if arg.startswith("-") and not arg.startswith("--") and flag in NOT_YET:
             what, meanwhile = NOT_YET[flag]
-            return f"{flag}: bhyve's {flag} ({what}) is not in asyncvmm yet ({meanwhile})"
+            return f"{flag}: bhyve's {flag} ({what}) is not an asyncvmm option: {meanwhile}"
     return None
 
 
