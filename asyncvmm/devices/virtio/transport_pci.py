@@ -27,8 +27,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ... import platform
-from ...log import get_logger
 from ...irq import IntxLine, IrqRouter
+from ...log import get_logger
 from ..pci.config_space import Bar, BarKind, ConfigSpace
 from ..pci.device import PciDevice
 from ..pci.msi import Msi
