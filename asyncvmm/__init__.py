@@ -3,11 +3,15 @@
 vCPUs run in native threads (cext/); all device work runs on one asyncio loop.
 
     from asyncvmm import VM, VmConfig
-    async with VM(VmConfig(kernel="guest.elf")) as vm: ...
+    async with VM(VmConfig(kernel="guest.elf", memory="64M")) as vm: ...
+
+Errors are VmmError's: ConfigError (a configuration that cannot work), KvmError, BootError.
+The VMM's messages go to the logging module's "asyncvmm" loggers.
 """
 
 __version__ = "0.1.0"
-__all__ = ["VM", "VmConfig", "Stop", "StopReason"]
+__all__ = ["VM", "VmConfig", "PciSlot", "parse_slot", "Stop", "StopReason", "VmmError", "ConfigError", "KvmError",
+           "BootError"]
 
 
 def __getattr__(name: str):
@@ -16,10 +20,14 @@ def __getattr__(name: str):
         from .api import VM
 
         return VM
-    if name == "VmConfig":
-        from .config import VmConfig
+    if name in ("VmConfig", "PciSlot", "parse_slot"):
+        from . import config
 
-        return VmConfig
+        return getattr(config, name)
+    if name in ("VmmError", "ConfigError", "KvmError", "BootError"):
+        from . import errors
+
+        return getattr(errors, name)
     if name in ("Stop", "StopReason"):
         from . import machine
 

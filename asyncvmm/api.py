@@ -26,7 +26,7 @@ import os
 import re
 import time
 
-from . import log
+from .log import get_logger
 from .config import VmConfig
 from .console import Console
 from .control.server import ControlServer, claim_socket
@@ -34,6 +34,8 @@ from .errors import ConfigError, VmmError
 from .devices.slots import HostResources
 from .machine import BootImages, Machine, Stop, StopReason, read_images
 from .profile import BootProfile
+
+log = get_logger(__name__)
 
 
 class ConsoleStream(Console):
@@ -62,18 +64,21 @@ class ConsoleStream(Console):
     TRANSCRIPT = 1 << 20  # the transcript keeps the last MiB of output
 
     def write(self, data: bytes) -> None:
+        """The guest's output (called by the machine): to `reader` and the transcript."""
         self.transcript += data
         if len(self.transcript) > 2 * self.TRANSCRIPT:
             del self.transcript[: -self.TRANSCRIPT]
         self.reader.feed_data(data)
 
     def resume_input(self) -> None:
+        """The UART has room again (called by the machine): pass on held input."""
         super().resume_input()
         if self._writer_paused and len(self._held) <= self.LOW_WATER:
             self._writer_paused = False
             self._protocol.resume_writing()
 
     def attach(self, loop, feed, on_break=None, on_quit=None) -> None:
+        """A boot's machine takes the input (called by the machine)."""
         super().attach(loop, feed, on_break, on_quit)
         if self._held:
             self.resume_input()
@@ -94,10 +99,12 @@ class ConsoleStream(Console):
             self._protocol.pause_writing()
 
     def send_break(self) -> None:
+        """A break on the serial line (a Linux guest then takes the next key as SysRq)."""
         if self._on_break is not None:
             self._on_break()
 
     def close(self) -> None:
+        """End of the VM: `reader` reaches EOF, a writer waiting in drain() is released."""
         super().close()
         self._held.clear()
         if not self.reader.at_eof():
@@ -168,9 +175,22 @@ class _UartTransport(asyncio.WriteTransport):
 
 
 class VM:
-    """One virtual machine on the running loop. See the module docstring."""
+    """One virtual machine on the running loop (the module docstring has the call order).
+
+    VM(config, *, console=None, control_socket=True)
+
+    config: a VmConfig; checked here, so a bad one raises ConfigError before anything
+        starts (its messages name the field: `memory=1`).
+    console: where COM1 goes; by default `vm.console`, a ConsoleStream (`reader`,
+        `writer`, `expect()`).
+    control_socket: serve `asyncvmm ctl NAME` on the VM's control socket.
+
+    The VMM's messages go to the logging module's "asyncvmm" loggers (asyncvmm.machine,
+    asyncvmm.quirks, ...): logging.basicConfig(level=logging.INFO) shows them.
+    """
 
     def __init__(self, config: VmConfig, *, console: Console | None = None, control_socket: bool = True):
+        """See the class docstring."""
         self.config = config.validate(com1_open=console is not None)
         self._console_given = console
         self.console: ConsoleStream | Console | None = console
@@ -193,10 +213,12 @@ class VM:
 
     # -- life cycle ------------------------------------------------------------------
     async def __aenter__(self) -> "VM":
+        """`async with VM(cfg) as vm`: start() it."""
         await self.start()
         return self
 
     async def __aexit__(self, *exc) -> None:
+        """Leaving `async with` (also by an exception or a cancellation): close() it."""
         await self.close()
 
     async def start(self) -> None:
@@ -244,6 +266,7 @@ class VM:
 
     def _build(self, images: BootImages) -> Machine:
         m = Machine(self.config, self.console, images, self.host)
+        m.announce = self.boots == 0  # a reset is one line ("...: restarting the guest"), not the whole story again
         m.build()
         self.boots += 1
         if self.gdb is not None:
@@ -260,7 +283,7 @@ class VM:
                 self.machine.close()
                 restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
                 if restart and not self.config.no_reboot and self._state != "stopping":
-                    log.info(f"{stop.message}: restarting the guest")
+                    log.info(f"{stop.message}: restarting the guest (boot {self.boots + 1})")
                     self.machine = self._build(images)
                     self._state = "running"
                     continue
@@ -283,6 +306,8 @@ class VM:
         return await asyncio.shield(self._stopped)
 
     def request_stop(self, stop: Stop) -> None:
+        """Stop the vCPUs without waiting; wait() then returns `stop`. For a signal
+        handler or a callback, which cannot await (kill() is the awaitable form)."""
         if self.machine is not None and self._state in ("running", "paused"):
             self._state = "stopping"
             self.machine.request_stop(stop)  # paused vCPUs are told to quit too
@@ -364,7 +389,8 @@ class VM:
     # -- control (what `asyncvmm ctl` asks through the control socket, one implementation) --
     @property
     def state(self) -> "VmState":
-        """created, starting, running, paused, stopping, stopped or closed (a str)."""
+        """Where the VM is: created, starting, running, paused, stopping, stopped or closed
+        (a VmState, which is a str)."""
         if self._state == "running" and self.machine is not None and self.machine.paused:
             return VmState.PAUSED
         return VmState(self._state)
@@ -528,6 +554,8 @@ class VM:
         self.request_stop(Stop(StopReason.POWEROFF, "powered off from the host (forced)"))
 
     def state_info(self) -> dict:
+        """What `asyncvmm ctl state` shows: name, state, pid, vCPUs, memory, kernel, CPU
+        template, whether KVM emulates, boots so far, uptime."""
         cfg = self.config
         m = self.machine
         return {

@@ -6,16 +6,9 @@ import argparse
 import os
 import sys
 
-from . import log
+from . import __version__, cli_help, log
 from .config import VmConfig, parse_memory, parse_pin, parse_slot, parse_topology, serial_config
-from .errors import ConfigError, VmmError
-
-# Exit statuses of `asyncvmm run` (also in --help).
-EXIT_OK = 0  # the guest powered off (ACPI S5), or reset with --no-reboot
-EXIT_ERROR = 1  # the VM stopped on an error: emulation failure, KVM error, unhandled exit
-EXIT_USAGE = 2  # bad command line or configuration: nothing was started
-EXIT_TRIPLE_FAULT = 3  # the guest triple-faulted with --no-reboot (without it, it restarts)
-EXIT_HOST = 4  # stopped hard from the host: SIGINT, a second SIGTERM, SIGHUP, the console Ctrl-A x
+from .errors import EXIT_ERROR, EXIT_HOST, EXIT_OK, EXIT_TRIPLE_FAULT, EXIT_USAGE, ConfigError, VmmError  # noqa: F401
 
 STATUS_HELP = """exit status:
   0  the guest powered off (ACPI S5), or reset with --no-reboot (a reset through the ACPI
@@ -29,7 +22,10 @@ signals: SIGTERM presses the ACPI power button, as bhyve does (the guest then po
 status 0); if the guest does not listen for it, or on a second SIGTERM, the VM is stopped
 (status 4).
 
-console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A.
+console: on a terminal, Ctrl-A x quits, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends Ctrl-A,
+Ctrl-A h lists these keys (Ctrl-A c: there is no monitor; use asyncvmm ctl).
+
+-s help lists the PCI drivers, -l help the console devices (as bhyve's).
 """
 
 
@@ -39,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="asyncvmm", description="A virtual machine monitor for Linux/KVM, on asyncio.")
+    p = _Parser(prog="asyncvmm", description="A virtual machine monitor for Linux/KVM, on asyncio.", allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"asyncvmm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     sub.add_parser("ctl", help="control a running VM (asyncvmm ctl --help)", add_help=False)
@@ -50,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Boot a guest kernel on KVM (flags after bhyve's).",
         epilog=STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --no-reboo is a typo, not --no-reboot
     )
     run.add_argument("-c", "--cpus", default="1", metavar="N", help="vCPUs: N or cpus=N,sockets=S,cores=C,threads=T")
     run.add_argument("-m", "--memory", default="256M", metavar="SIZE", help="guest RAM: MiB, or with a suffix (64M, 2G)")
@@ -59,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-l", "--console", action="append", default=[], metavar="comN,SPEC",
         help="a COM port (com1..com4) to stdio, a file PATH, socket=PATH or tcp=HOST:PORT "
-        "(COM1 goes to stdio without one; repeatable)",
+        "(COM1 goes to stdio without one; repeatable; -l help lists them)",
     )
-    run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help="a PCI device")
+    run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help=cli_help.slot_flag_help())
     run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin vCPU VCPU's thread to host CPU HOSTCPU (repeatable)")
     run.add_argument(
         "--no-reboot", action="store_true",
@@ -119,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     topology = parse_topology(args.cpus)
+    if parse_memory(args.memory) < 2 << 20:  # said as it was written: "-m 0", not "0 bytes"
+        raise ConfigError(f"-m {args.memory}: a VM needs at least 2 MiB of memory")
     cfg = VmConfig(
         name=args.name or f"asyncvmm-{os.getpid()}",
         cpus=topology.cpus,
@@ -153,11 +153,12 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         from .loader.cli import boot_from_disks  # noqa: PLC0415
 
         boot_from_disks(cfg, args)  # the disks' boot menu names the kernel
-    return cfg.validate()
+    return cfg.validate(cli=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    log.use_cli_output()  # the VMM's messages (the logging module's) as one line each on stderr
     if argv and argv[0] == "ctl":  # bhyvectl's analogue has its own parser
         from .control.ctl import main as ctl_main  # noqa: PLC0415
 
@@ -167,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_load(argv[1:])
     try:
-        args = _parser().parse_args(argv)
+        args, extra = _parser().parse_known_args(argv)
+        if extra:  # bhyve's flags that are not here yet say so; anything else is argparse's error
+            raise ConfigError(cli_help.not_yet(extra) or f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "run":
             log.set_quiet(args.quiet)
+            if "help" in args.slot or "help" in args.console:  # bhyve's -s help, -l help
+                print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
+                return EXIT_OK
             cfg = config_from_args(args)
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 

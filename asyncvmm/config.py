@@ -1,17 +1,20 @@
 """A VM's configuration: one dataclass, built by `asyncvmm run` and by the Python API alike.
 
 The parse_* functions turn bhyve-style option strings into values and raise ConfigError
-with a message naming the option; `VmConfig.validate` checks the whole.
+with a message naming the option; `VmConfig.validate` checks the whole, and names what is
+wrong as its caller wrote it: a flag (`-m 1`) for the command line, a keyword
+(`memory=1`) for a Python caller.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
 
 from .boot.cpuid import Topology
-from .devices.registry import check_slots, lookup
+from .devices.registry import check_slots, lookup, names
 from .errors import ConfigError
 
 MiB = 1 << 20
@@ -24,7 +27,8 @@ PLANNED_DRIVERS = {"ahci-hd", "passthru", "xhci"}
 
 @dataclass(frozen=True)
 class PciSlot:
-    """One `-s` option: a device at bus:slot:function."""
+    """One `-s` option: a device at bus:slot:function (parse_slot("3,virtio-blk,disk.img")
+    makes one from bhyve's spelling)."""
 
     bus: int
     slot: int
@@ -33,11 +37,57 @@ class PciSlot:
     options: str = ""
 
 
+_unnamed = itertools.count(1)
+
+
+def default_name() -> str:
+    """A name no other VM of this process has: asyncvmm-PID-N."""
+    return f"asyncvmm-{os.getpid()}-{next(_unnamed)}"
+
+
+# How the command line spells each field in an error (validate(cli=True)); a Python
+# caller reads the field's own name (`memory=1`).
+CLI_FLAGS = {
+    "name": "NAME", "cpus": "-c", "memory": "-m", "kernel": "--kernel", "initrd": "--initrd", "pins": "-p",
+    "cpu_template": "--cpu", "decompress": "--decompress", "profile_rip_ms": "--profile-rip", "symbols": "--symbols",
+}
+
+
 @dataclass
 class VmConfig:
-    name: str = "asyncvmm"
+    """What a VM is made of: `asyncvmm run`'s flags as fields (the flag in brackets).
+
+    name: the VM's name, for `asyncvmm ctl` and its control socket (letters, digits, '.',
+        '_', '-'; default: asyncvmm-PID-N, unique in this process) [NAME]
+    cpus: vCPUs [-c N]
+    memory: guest RAM in bytes (64 << 20), or a size string as -m takes it ("64M", "2G");
+        at least 2 MiB. A number below 1 MiB is refused: it is bytes, not MiB [-m]
+    kernel: path of the kernel: a bzImage, a vmlinux, or an ELF with a PVH entry [--kernel]
+    initrd, cmdline: the initial ramdisk's path and the kernel command line [--initrd, --cmdline]
+    console: where COM1 goes: "stdio", a file PATH, "socket=PATH", "tcp=HOST:PORT", or ""
+        (nowhere); the API's VM gives it to `vm.console` (a stream pair) unless a Console
+        is passed [-l com1,SPEC]
+    serial: COM2-COM4: port name -> SPEC as for console, e.g. {"com2": "socket=/run/c2"} [-l comN,SPEC]
+    no_reboot: end when the guest resets or triple-faults, instead of restarting it [--no-reboot]
+    cpu_template: "host" or "baseline"; "" chooses by probing KVM [--cpu]
+    quirks: workarounds for an emulating KVM, when one is detected [not --no-quirks]
+    poll: busy-poll briefly for the next exit and, with a CPU to spare, for device I/O
+    decompress: who unpacks a bzImage: "auto", "vmm" or "kernel" [--decompress]
+    profile_boot, profile_rip_ms, symbols: the boot profile [--profile-boot, --profile-rip, --symbols]
+    slots: PCI devices, e.g. [parse_slot("3,virtio-blk,disk.img")] [-s]
+    pins: vCPU -> host CPU its thread runs on [-p VCPU:HOSTCPU]
+    topology: sockets, cores and threads (None: `cpus` sockets) [-c cpus=,sockets=,...]
+    acpi: ACPI tables [-A; --no-acpi]
+    strict_io: an access to a port or address nothing emulates stops the VM [-e]
+    force_msi: virtio-pci devices offer one MSI, not MSI-X [-W]
+    gdb: a gdb server for the guest (gdb.options.GdbOptions; None: none) [-g PORT, -G]
+    xapic: the local APIC in xAPIC mode, x2APIC hidden from CPUID [-a]
+    wired: guest memory wired (mlock'd: never swapped or moved) [-S]
+    """
+
+    name: str = field(default_factory=default_name)
     cpus: int = 1
-    memory: int = 256 * MiB
+    memory: int = 256 * MiB  # bytes; a size string ("64M") is turned into them at construction
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
@@ -61,50 +111,76 @@ class VmConfig:
     xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
     wired: bool = False  # -S: guest memory wired (mlock'd)
 
+    def __post_init__(self):
+        memory: object = self.memory
+        if isinstance(memory, str):  # "64M", as -m takes it
+            self.memory = parse_memory(memory, f"memory={memory!r}")
+
     @property
     def cpu_topology(self) -> Topology:
+        """`topology`, or `cpus` sockets of one core when it is None."""
         return self.topology or Topology.of(self.cpus)
 
-    def validate(self, *, com1_open: bool = False) -> "VmConfig":
+    def validate(self, cli: bool = False, *, com1_open: bool = False) -> "VmConfig":
+        """Check the whole; ConfigError names the culprit as the command line spells it
+        (`cli`) or as a Python caller does (`kernel=`). `com1_open`: COM1's backend is a
+        console the caller opened already. Returns self."""
+
+        def said(field: str, value) -> str:  # "-m 1 MiB" / "memory=1048576"
+            return f"{CLI_FLAGS[field]} {value}" if cli else f"{field}={value!r}"
+
+        from .control.protocol import NAME_RE  # noqa: PLC0415 (the control socket's names)
+
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+            raise ConfigError(f"VM name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
         if not self.kernel:
-            raise ConfigError("no kernel given: use --kernel PATH")
+            raise ConfigError("no kernel given: use --kernel PATH" if cli else "no kernel given: VmConfig(kernel=PATH)")
         check_readable(self.kernel, "kernel")
         if self.initrd:
             check_readable(self.initrd, "initrd")
         if self.cpus < 1:
-            raise ConfigError(f"-c {self.cpus}: a VM needs at least one vCPU")
+            raise ConfigError(f"{said('cpus', self.cpus)}: a VM needs at least one vCPU")
         topo = self.cpu_topology
         if topo.cpus != self.cpus:
-            raise ConfigError(f"-c: {self.cpus} vCPUs do not match sockets*cores*threads={topo.cpus}")
+            raise ConfigError(f"{CLI_FLAGS['cpus'] if cli else 'topology'}: {self.cpus} vCPUs do not match "
+                              f"sockets*cores*threads={topo.cpus}")
         if topo.apic_id(self.cpus - 1) > MAX_APIC_ID:
             raise ConfigError(
-                f"-c: sockets={topo.sockets},cores={topo.cores},threads={topo.threads} needs APIC IDs up to "
+                f"{CLI_FLAGS['cpus'] if cli else 'topology'}: sockets={topo.sockets},cores={topo.cores},"
+                f"threads={topo.threads} needs APIC IDs up to "
                 f"{topo.apic_id(self.cpus - 1)}; at most {MAX_APIC_ID} (xAPIC) are supported"
             )
+        if not cli and self.memory < MiB:  # a Python caller who meant MiB, as -m takes them
+            raise ConfigError(f"memory={self.memory!r} is bytes, too few for a VM: give bytes "
+                              f"({self.memory} << 20) or a size string (\"{self.memory}M\")")
         if self.memory < 2 * MiB:
-            raise ConfigError(f"-m {format_size(self.memory)}: a VM needs at least 2 MiB of memory")
+            raise ConfigError(f"{said('memory', format_size(self.memory) if cli else self.memory)}: "
+                              "a VM needs at least 2 MiB of memory")
         host = host_memory()
         if host and self.memory > host:
-            raise ConfigError(f"-m {format_size(self.memory)} is more than this host's {format_size(host)} of memory")
+            raise ConfigError(f"{said('memory', format_size(self.memory) if cli else self.memory)} is more than "
+                              f"this host's {format_size(host)} of memory")
         allowed = os.sched_getaffinity(0) if self.pins else set()
         for vcpu, cpu in self.pins.items():
+            pin = f"-p {vcpu}:{cpu}" if cli else f"pins={{{vcpu}: {cpu}}}"
             if vcpu >= self.cpus:
-                raise ConfigError(f"-p {vcpu}:{cpu}: the VM has no vCPU {vcpu}")
+                raise ConfigError(f"{pin}: the VM has no vCPU {vcpu}")
             if cpu >= (os.cpu_count() or 1):
-                raise ConfigError(f"-p {vcpu}:{cpu}: this host has no CPU {cpu}")
+                raise ConfigError(f"{pin}: this host has no CPU {cpu}")
             if cpu not in allowed:
                 cpus = ",".join(map(str, sorted(allowed)))
-                raise ConfigError(f"-p {vcpu}:{cpu}: CPU {cpu} is not one this process may run on ({cpus})")
+                raise ConfigError(f"{pin}: CPU {cpu} is not one this process may run on ({cpus})")
         if self.cpu_template not in ("", "host", "baseline"):
-            raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
+            raise ConfigError(f"{said('cpu_template', self.cpu_template)}: choose host or baseline")
         if self.decompress not in ("auto", "vmm", "kernel"):
-            raise ConfigError(f"--decompress {self.decompress}: choose auto, vmm or kernel")
+            raise ConfigError(f"{said('decompress', self.decompress)}: choose auto, vmm or kernel")
         if self.profile_rip_ms and not MIN_RIP_PERIOD_MS <= self.profile_rip_ms <= MAX_RIP_PERIOD_MS:
             raise ConfigError(
-                f"--profile-rip {self.profile_rip_ms:g}: a period from {MIN_RIP_PERIOD_MS:g} to {MAX_RIP_PERIOD_MS:g} ms"
+                f"{said('profile_rip_ms', format(self.profile_rip_ms, 'g'))}: a period from "
+                f"{MIN_RIP_PERIOD_MS:g} to {MAX_RIP_PERIOD_MS:g} ms"
             )
         if self.symbols:
-            check_readable(self.symbols, "--symbols")
+            check_readable(self.symbols, CLI_FLAGS["symbols"] if cli else "symbols")
         check_serial(self, com1_open=com1_open)
         check_slots(self)
         return self
@@ -143,14 +219,16 @@ _SIZE = re.compile(r"^(\d+)([kKmMgGtT]?)[bB]?$")
 _UNITS = {"": MiB, "k": 1 << 10, "m": MiB, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_memory(text: str) -> int:
-    """bhyve's -m: a number of MiB, or a number with a K/M/G/T suffix."""
+def parse_memory(text: str, what: str = "") -> int:
+    """bhyve's -m: a number of MiB, or a number with a K/M/G/T suffix. `what` names it
+    in errors (default: "-m TEXT")."""
+    what = what or f"-m {text}"
     m = _SIZE.match(text.strip())
     if not m:
-        raise ConfigError(f"-m {text}: not a size (use MiB, or a suffix: 512M, 2G)")
+        raise ConfigError(f"{what}: not a size (use MiB, or a suffix: 512M, 2G)")
     size = int(m.group(1)) * _UNITS[m.group(2).lower()]
     if size % 4096:
-        raise ConfigError(f"-m {text}: not a whole number of 4 KiB pages")
+        raise ConfigError(f"{what}: not a whole number of 4 KiB pages")
     return size
 
 
@@ -265,7 +343,7 @@ def parse_slot(text: str) -> PciSlot:
     if lookup(driver) is None:
         if driver in PLANNED_DRIVERS:
             raise ConfigError(f"-s {text}: the {driver} driver is not available in this version of asyncvmm yet")
-        raise ConfigError(f"-s {text}: no such driver {driver!r}")
+        raise ConfigError(f"-s {text}: no such driver {driver!r} (drivers: {', '.join(names())})")
     return PciSlot(bus, slot, func, driver, options)
 
 

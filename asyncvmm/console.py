@@ -28,6 +28,15 @@ from .errors import ConfigError
 # Escape sequence on a terminal, as QEMU's: Ctrl-A then a key.
 ESCAPE = 0x01
 ESCAPE_HELP = "Ctrl-A x: quit   Ctrl-A b: send a break   Ctrl-A Ctrl-A: send Ctrl-A"
+# What Ctrl-A h prints, as QEMU's does (the keys asyncvmm has).
+ESCAPE_KEYS = (
+    "C-a h    print this help",
+    "C-a x    exit the VMM (the VM is stopped at once: status 4)",
+    "C-a b    send a break (with a Linux guest's console on ttyS0: a SysRq key follows)",
+    "C-a c    (QEMU's monitor: none here; asyncvmm ctl list, then asyncvmm ctl --help)",
+    "C-a C-a  send C-a",
+)
+NO_MONITOR = "no monitor on this console: control the VM from another terminal with asyncvmm ctl (asyncvmm ctl list)"
 
 
 class Console:
@@ -173,6 +182,7 @@ class StdioConsole(Console):
         self._out = OutputThread(stdout_fd, "console-stdout")
         self._saved_tty = None
         self._escape = False
+        self._line_open = False  # the last byte written to the terminal was not a newline
         try:
             st = os.fstat(stdin_fd)
         except OSError:
@@ -191,9 +201,17 @@ class StdioConsole(Console):
         return self._saved_tty is not None
 
     def write(self, data: bytes) -> None:
+        if data:
+            self._line_open = not data.endswith(b"\n")
         if self.is_tty:
             data = data.replace(b"\n", b"\r\n")  # raw mode: the terminal no longer adds CR
         self._out.put(data)
+
+    def _say(self, lines) -> None:
+        """Our own lines on the terminal, between the guest's (from a line of their own)."""
+        text = ("\r\n" if self._line_open else "") + "".join(f"{line}\r\n" for line in lines)
+        self._line_open = False
+        self._out.put(text.encode())
 
     def _filter(self, data: bytes) -> bytes:
         if not self.is_tty:
@@ -210,6 +228,12 @@ class StdioConsole(Console):
                     if self._on_break:
                         self._on_break()
                     continue
+                if b in (ord("h"), ord("?")):
+                    self._say(ESCAPE_KEYS)
+                    continue
+                if b == ord("c"):
+                    self._say([NO_MONITOR])
+                    continue
                 if b == ESCAPE:
                     out.append(ESCAPE)
                 continue
@@ -221,6 +245,8 @@ class StdioConsole(Console):
 
     def close(self) -> None:
         super().close()
+        if self._line_open and os.isatty(self.out_fd):  # what the VMM says next starts a line
+            self._out.put(b"\r\n" if self.is_tty else b"\n")
         self._out.close()
         restore_terminal(self)
 

@@ -24,7 +24,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from . import platform
+from . import log, platform
 from .boot.setup import BootImages, BootSetup, read_images
 from .bus import Bus
 from .config import VmConfig
@@ -75,9 +75,17 @@ class Machine:
         self._stopped: asyncio.Future | None = None
         self._stop_before_run: Stop | None = None
         self._closed = False
+        self.announce = True  # say the probe, quirks and boot path (a VM's later boots, after a reset, do not)
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
+        """Build the machine. What its parts say (the probe, the tables, the boot path, the
+        devices) is said once it is built, and only if `announce` (a VM's first boot: a
+        reset is one line); an input refused on the way is then the one line said."""
+        with log.held(say=self.announce):
+            self._build()
+
+    def _build(self) -> None:
         cfg = self.config
         try:
             self.vm = Vm(cfg)

@@ -6,19 +6,22 @@ import asyncio
 import signal
 import sys
 
-from . import cli, log
 from .api import VM
 from .config import VmConfig
 from .console import open_console
+from .errors import EXIT_ERROR, EXIT_HOST, EXIT_OK, EXIT_TRIPLE_FAULT
+from .log import get_logger
 from .loop import run as run_loop
 from .machine import Stop, StopReason
 
+log = get_logger(__name__)
+
 STATUS = {
-    StopReason.POWEROFF: cli.EXIT_OK,
-    StopReason.RESET: cli.EXIT_OK,
-    StopReason.ERROR: cli.EXIT_ERROR,
-    StopReason.TRIPLE_FAULT: cli.EXIT_TRIPLE_FAULT,
-    StopReason.HOST: cli.EXIT_HOST,
+    StopReason.POWEROFF: EXIT_OK,
+    StopReason.RESET: EXIT_OK,
+    StopReason.ERROR: EXIT_ERROR,
+    StopReason.TRIPLE_FAULT: EXIT_TRIPLE_FAULT,
+    StopReason.HOST: EXIT_HOST,
 }
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

@@ -1,19 +1,30 @@
 """cffi build of asyncvmm._native (API mode).
 
-The KVM structs and constants come from <linux/kvm.h> through the C compiler: the cdef
-below only names the fields Python uses and ends each struct with `...;`, and every
-constant is `...`, so no layout or number is re-typed here.
+Our own C core's declarations are read from its headers (cext/cdef.py): nothing of
+cext/*.h is re-typed here. The KVM structs and constants come from <linux/kvm.h> through
+the C compiler: KVM_CDEF below only names the fields Python uses and ends each struct with
+`...;`, and every constant is `...`, so no layout or number is re-typed either.
+
+The benchmarks' virtio driver (testdrv.c) is not in this extension: build_testdrv.py
+builds it apart, for perf/ only.
 """
 
+import re
+import sys
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cdef import SYSTEM_CDEF, header_cdef  # noqa: E402 (cext/cdef.py)
 
-# Bumped whenever the C side changes in a way the Python side depends on;
-# asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 9
+# The one place the ABI version is written: asyncvmm/_abi.py (asyncvmm.vstate.kvm refuses
+# an extension built for another one).
+ABI_VERSION = int(re.search(r"^ABI_VERSION = (\d+)", (HERE.parent / "asyncvmm" / "_abi.py").read_text(), re.M).group(1))
+
+# The headers of the product's C core, in the order they build on one another.
+HEADERS = ("avmm.h", "virtq.h", "ioengine.h", "blk.h", "net.h")
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -118,7 +129,7 @@ IFF_MULTI_QUEUE IFF_ATTACH_QUEUE IFF_DETACH_QUEUE IFF_TUN_EXCL TUN_F_CSUM TUN_F_
 TUN_F_TSO_ECN TUN_F_UFO
 """.split()
 
-CDEF = """
+KVM_CDEF = """
 typedef unsigned char __u8;
 typedef unsigned short __u16;
 typedef unsigned int __u32;
@@ -183,7 +194,6 @@ struct virtio_pci_cap {
 };
 struct virtio_pci_notify_cap { struct virtio_pci_cap cap; __u32 notify_off_multiplier; ...; };
 struct virtio_pci_common_cfg { ...; };
-struct vring_desc { __u64 addr; __u32 len; __u16 flags; __u16 next; };
 struct vring_used_elem { __u32 id; __u32 len; };
 struct virtio_net_hdr_v1 {
     __u8 flags; __u8 gso_type; __u16 hdr_len; __u16 gso_size; __u16 csum_start; __u16 csum_offset;
@@ -210,194 +220,22 @@ struct kvm_vcpu_events {
 };
 """
 
-AVMM_CDEF = """
-enum avmm_exit_kind { AVMM_EXIT_NONE, AVMM_EXIT_IO, AVMM_EXIT_MMIO, AVMM_EXIT_STOP, AVMM_EXIT_ERROR };
-enum avmm_action { AVMM_ACTION_NONE, AVMM_ACTION_RESUME, AVMM_ACTION_QUIT };
-enum avmm_vcpu_state { AVMM_VCPU_IDLE, AVMM_VCPU_RUNNING, AVMM_VCPU_WAITING, AVMM_VCPU_PAUSED, AVMM_VCPU_DONE };
-enum avmm_uart_fast { AVMM_UART_FAST_THR, AVMM_UART_FAST_LSR };
-#define AVMM_UART_FAST_SLOTS ...
-#define AVMM_NR_REASONS ...
-#define AVMM_ABI_VERSION ...
-
-struct avmm_exit {
-    uint32_t kind; uint32_t kvm_reason; uint64_t addr; uint32_t size; uint32_t count;
-    uint32_t is_write; int32_t err; uint8_t *data; uint64_t value; uint64_t info[18];
-};
-struct avmm_vcpu_stats {
-    uint64_t exits[...]; uint64_t fast_io; uint64_t posted; uint64_t kicks;
-    uint64_t ns_in_run; uint64_t ns_waiting; uint64_t ns_exits[...]; uint64_t ns_fast_io;
-    uint64_t samples; uint64_t samples_dropped; uint64_t first_high_rip_ns;
-};
-struct avmm_vm;
-
-/* the data path: cext/virtq.h, ioengine.h, blk.h */
-#define AVMM_GMEM_MAX_REGIONS ...
-#define AVMM_CHAIN_MAX_IOV ...
-#define AVMM_BLK_MAX_QUEUES ...
-enum avmm_vq_flags { AVMM_VQ_EVENT_IDX, AVMM_VQ_INDIRECT };
-enum avmm_vq_error {
-    AVMM_VQ_OK, AVMM_VQ_E_HEAD_RANGE, AVMM_VQ_E_AVAIL_IDX, AVMM_VQ_E_NEXT_RANGE, AVMM_VQ_E_LOOP,
-    AVMM_VQ_E_INDIRECT, AVMM_VQ_E_BUFFER, AVMM_VQ_E_ORDER, AVMM_VQ_E_TOO_MANY, AVMM_VQ_NR_ERRORS
-};
-enum avmm_engine_kind { AVMM_ENGINE_URING, AVMM_ENGINE_SYNC };
-enum avmm_blk_flags { AVMM_BLK_RO, AVMM_BLK_WRITETHROUGH };
-struct avmm_gmem_region { uint64_t gpa; uint64_t size; uint8_t *hva; };
-struct avmm_gmem { uint32_t nregions; struct avmm_gmem_region r[...]; };
-struct avmm_irq { int32_t efd; uint32_t masked; uint32_t pending; uint64_t raised; uint64_t held; uint8_t *isr;
-                  int (*set_line)(int32_t, uint32_t, uint32_t); int32_t line_fd; uint32_t gsi; uint32_t asserted;
-                  ...; };
-struct avmm_vq_stats { uint64_t chains; uint64_t notifies; uint64_t interrupts; uint64_t suppressed; uint64_t errors[...]; };
-struct avmm_vq {
-    uint16_t size; uint16_t index; uint32_t flags; int32_t kick_fd;
-    uint16_t last_avail; uint16_t used_idx; uint16_t signalled_used; uint8_t signalled_valid;
-    uint8_t broken; uint32_t unpublished; uint32_t last_error;
-    struct avmm_vq_stats stats; ...;
-};
-struct iovec { void *iov_base; size_t iov_len; };
-struct avmm_chain {
-    uint16_t head; uint16_t ndesc; uint32_t nout, nin; uint64_t out_len, in_len; uint32_t err;
-    uint8_t *last_in; struct iovec *iov; uint32_t iov_cap;
-};
-struct avmm_engine_stats { uint64_t ops; uint64_t submits; uint64_t reaps; uint64_t reap_calls; };
-struct avmm_blk_config {
-    int32_t fd; int32_t fd_buffered; uint32_t dio_align; uint32_t flags; uint64_t capacity;
-    uint32_t seg_max; uint32_t max_discard_sectors; uint32_t max_write_zeroes_sectors;
-    uint16_t nqueues; uint16_t queue_size_max; uint8_t serial[...];
-};
-struct avmm_blk_stats {
-    uint64_t reads, writes, flushes, get_ids, discards, write_zeroes;
-    uint64_t bytes_read, bytes_written;
-    uint64_t unsupported, bad_requests, out_of_range, ro_writes, host_errors, short_retries, bounced;
-    uint64_t batches, completion_batches;
-};
-struct avmm_engine;
-struct avmm_blk;
-
-void avmm_irq_raise(struct avmm_irq *v);
-int avmm_vq_setup(struct avmm_vq *q, const struct avmm_gmem *m, uint16_t size, uint64_t desc_gpa,
-                  uint64_t avail_gpa, uint64_t used_gpa, uint32_t flags, struct avmm_irq *irq, int kick_fd);
-int avmm_vq_pop(struct avmm_vq *q, const struct avmm_gmem *m, struct avmm_chain *c);
-void avmm_vq_unpop(struct avmm_vq *q, uint16_t n);
-void avmm_vq_push(struct avmm_vq *q, uint16_t head, uint32_t len);
-void avmm_vq_publish(struct avmm_vq *q);
-int avmm_vq_enable_notify(struct avmm_vq *q);
-int avmm_vq_enable_notify_more(struct avmm_vq *q);
-size_t avmm_iov_to_buf(const struct iovec *iov, uint32_t n, size_t skip, void *buf, size_t len);
-size_t avmm_buf_to_iov(const struct iovec *iov, uint32_t n, size_t skip, const void *buf, size_t len);
-void avmm_vq_disable_notify(struct avmm_vq *q);
-uint16_t avmm_vq_pending(const struct avmm_vq *q);
-void avmm_vq_drain_kick(struct avmm_vq *q);
-struct avmm_engine *avmm_engine_new(int kind, unsigned entries);
-void avmm_engine_free(struct avmm_engine *e);
-int avmm_engine_fd(const struct avmm_engine *e);
-unsigned avmm_engine_inflight(const struct avmm_engine *e);
-struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e);
-struct avmm_blk *avmm_blk_new(const struct avmm_blk_config *cfg, const struct avmm_gmem *mem, struct avmm_engine *engine);
-void avmm_blk_free(struct avmm_blk *b);
-void avmm_blk_set_flags(struct avmm_blk *b, uint32_t flags);
-int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
-                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
-int avmm_blk_kick(struct avmm_blk *b, int qi);
-int avmm_blk_complete(struct avmm_blk *b);
-int avmm_blk_again(const struct avmm_blk *b);
-int avmm_blk_resume(struct avmm_blk *b);
-int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
-void avmm_blk_reset(struct avmm_blk *b);
-unsigned avmm_blk_inflight(const struct avmm_blk *b);
-int avmm_blk_needs_reset(const struct avmm_blk *b);
-struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b);
-struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi);
-
-/* the benchmark's driver: cext/testdrv.h */
-struct vring_avail;
-struct vring_used;
-struct avmm_testdrv_cfg {
-    struct vring_desc *desc; struct vring_avail *avail; struct vring_used *used;
-    uint16_t size; uint16_t qd; uint32_t block_size; int32_t kick_fd; int32_t irq_fd; int32_t write;
-    int32_t random; int32_t event_idx; uint64_t nreq; uint64_t capacity_sectors; uint64_t seed;
-    uint8_t *hva; uint64_t hva_gpa; uint64_t hdr_gpa; uint64_t buf_gpa; uint64_t status_gpa;
-};
-struct avmm_testdrv_result {
-    uint64_t completed, errors, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
-};
-int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_result *res, uint32_t *lat_ns);
-enum avmm_testdrv_net_mode { AVMM_TESTDRV_NET_TX, AVMM_TESTDRV_NET_RX, AVMM_TESTDRV_NET_PING };
-struct avmm_testdrv_net_cfg {
-    struct vring_desc *rx_desc, *tx_desc; struct vring_avail *rx_avail, *tx_avail;
-    struct vring_used *rx_used, *tx_used; uint16_t size; uint16_t mode; int32_t rx_kick_fd, tx_kick_fd;
-    int32_t rx_irq_fd, tx_irq_fd; int32_t event_idx; uint64_t count; uint8_t *hva; uint64_t hva_gpa;
-    uint64_t frame_gpa; uint32_t frame_len; uint32_t rx_buf_len; uint64_t rx_bufs_gpa; uint32_t timeout_ms;
-};
-struct avmm_testdrv_net_result {
-    uint64_t frames, bytes, kicks, interrupts, timeouts; uint64_t ns; uint64_t driver_cpu_ns;
-};
-int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testdrv_net_result *res, uint32_t *lat_ns);
-
-/* virtio-net: cext/net.h */
-#define AVMM_NET_MAX_PAIRS ...
-#define AVMM_NET_HDR_LEN ...
-enum avmm_net_state { AVMM_NET_RX_NO_BUFFERS, AVMM_NET_RX_EMPTY, AVMM_NET_TX_BLOCKED, AVMM_NET_BUDGET };
-enum avmm_net_flags { AVMM_NET_MRG_RXBUF };
-struct avmm_net_stats {
-    uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes, rx_batches, tx_batches;
-    uint64_t rx_no_buffers, rx_held, rx_too_long, rx_bad_chains, rx_errors, tx_bad_chains, tx_errors, tx_blocked;
-};
-struct avmm_net;
-struct avmm_net *avmm_net_new(const struct avmm_gmem *mem, uint16_t npairs, uint16_t queue_size_max);
-void avmm_net_free(struct avmm_net *n);
-void avmm_net_set_tap(struct avmm_net *n, int pair, int fd);
-void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max);
-int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,
-                         uint32_t vq_flags, struct avmm_irq *irq, int kick_fd);
-void avmm_net_reset(struct avmm_net *n);
-int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state);
-int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state);
-int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair);
-struct avmm_vq *avmm_net_queue(struct avmm_net *n, int qi);
-struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair);
-
-struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd);
-void avmm_vm_free(struct avmm_vm *vm);
-int avmm_vcpu_attach(struct avmm_vm *vm, int idx, int vcpu_fd, size_t mmap_size);
-void *avmm_vcpu_run_struct(struct avmm_vm *vm, int idx);
-int avmm_vcpu_start(struct avmm_vm *vm, int idx, int host_cpu);
-struct avmm_exit *avmm_vcpu_exit(struct avmm_vm *vm, int idx);
-struct avmm_vcpu_stats *avmm_vcpu_stats(struct avmm_vm *vm, int idx);
-int avmm_vcpu_state(struct avmm_vm *vm, int idx);
-void avmm_vcpu_complete(struct avmm_vm *vm, int idx, int action);
-int avmm_vm_collect(struct avmm_vm *vm, int *out, int max, uint64_t poll_ns);
-void avmm_vm_pause(struct avmm_vm *vm);
-void avmm_vm_resume(struct avmm_vm *vm);
-void avmm_vm_stop(struct avmm_vm *vm);
-void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on);
-int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns);
-int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
-size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
-int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow);
-void avmm_console_ack(struct avmm_vm *vm);
-size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap);
-long avmm_ioctl(int fd, unsigned long request, void *arg);
-long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
-int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level);
-int avmm_run_once(int vcpu_fd, void *run);
-void *avmm_map_run(int vcpu_fd, size_t mmap_size);
-void avmm_unmap(void *addr, size_t size);
-"""
-
 ffibuilder = FFI()
 ffibuilder.cdef(
-    CDEF
+    KVM_CDEF
     + "".join(f"#define {name} ...\n" for name in KVM_CONSTANTS + PCI_CONSTANTS + VIRTIO_CONSTANTS)
-    + AVMM_CDEF
+    + SYSTEM_CDEF
+    + "#define AVMM_ABI_VERSION ...\n"
+    + header_cdef(*HEADERS)
 )
 ffibuilder.set_source(
     "asyncvmm._native",
     "#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
     "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
     "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/virtio_console.h>\n#include <linux/if_tun.h>\n"
-    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n#include "net.h"\n'
-    f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
-    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c", "cext/net.c"],
+    + "".join(f'#include "{h}"\n' for h in HEADERS)
+    + f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/net.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],
     libraries=["pthread", "uring"],

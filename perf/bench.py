@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from table import table  # perf/table.py
+
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "build" / "guests"
 RAWKVM = ROOT / "build" / "perf" / "rawkvm"
@@ -337,19 +339,6 @@ def verdict(value, limit):
     if value is None:
         return ""
     return "ok" if value <= limit else "MISS"
-
-
-def table(headers: list[str], rows: list[list[str]], align: str) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        out = []
-        for i, c in enumerate(cells):
-            out.append(c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i]))
-        return "  " + "  ".join(out).rstrip()
-
-    sep = "  " + "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
 
 
 # ---------------------------------------------------------------------------------------

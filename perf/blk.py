@@ -28,13 +28,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from asyncvmm._native import ffi, lib
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.spec import Feature
 from asyncvmm.loop import run as run_loop
 from asyncvmm.poll import devices_may_poll
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
+from testdrv import ffi, lib  # perf/testdrv.py: the test-only driver
 
 MiB = 1 << 20
 
@@ -212,7 +212,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                 ])
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    from bench import table  # noqa: PLC0415 (perf/bench.py's formatter)
+    from table import table  # noqa: PLC0415 (perf/table.py)
 
     headers = ["mode", "workload", "IOPS", "fio IOPS", "ratio", "MB/s", "p50 µs", "fio p50", "added",
                "p99 µs", "fio p99", "VMM CPU µs/req", "fio CPU µs/req", "req/batch", "target"]

@@ -78,7 +78,8 @@ def _json_line(p: subprocess.Popen, timeout: float) -> dict:
 def child(mode: str, length: int, count: int, mss: int) -> None:
     import asyncio  # noqa: PLC0415
 
-    from asyncvmm._native import ffi, lib  # noqa: PLC0415
+    from asyncvmm._native import lib as native  # noqa: PLC0415
+    from testdrv import ffi, lib  # noqa: PLC0415 (perf/testdrv.py: the test-only driver)
     from asyncvmm.devices.virtio.net.device import VirtioNet  # noqa: PLC0415
     from asyncvmm.devices.virtio.net.tap import NetOptions  # noqa: PLC0415
     from asyncvmm.devices.virtio.spec import Feature  # noqa: PLC0415
@@ -97,7 +98,7 @@ def child(mode: str, length: int, count: int, mss: int) -> None:
             rxq, txq = drv.queues[0], drv.queues[1]
             frame = bytearray(NET_HDR.size + length)
             if mss:
-                hdr = NET_HDR.pack(lib.VIRTIO_NET_HDR_F_NEEDS_CSUM, lib.VIRTIO_NET_HDR_GSO_TCPV4, 54, mss, 34, 16, 0)
+                hdr = NET_HDR.pack(native.VIRTIO_NET_HDR_F_NEEDS_CSUM, native.VIRTIO_NET_HDR_GSO_TCPV4, 54, mss, 34, 16, 0)
                 body = bytes.fromhex("020000000001") + mac + b"\x08\x00" + bytes([0x45, 0]) + (length - 14).to_bytes(2, "big")
                 body += bytes([0, 0, 0x40, 0, 64, 6, 0, 0, 10, 99, 0, 2, 10, 99, 0, 1])
                 body += bytes([0x13, 0x89, 0x9C, 0x40]) + bytes(8) + bytes([0x50, 0x18, 0xFF, 0xFF, 0, 0, 0, 0])
@@ -220,7 +221,7 @@ def _may_poll() -> bool:
 def bench_net(quick: bool, notes: list[str], reps: int = 3) -> tuple[str, dict]:
     if not TAPBENCH.exists():
         raise RuntimeError("build/perf/tapbench missing: run tools/setup")
-    from bench import table  # noqa: PLC0415
+    from table import table  # noqa: PLC0415 (perf/table.py)
 
     reps = 1 if quick else reps
     rows, figs = [], {}

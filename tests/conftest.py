@@ -52,6 +52,16 @@ def private_run_dir(tmp_path_factory):
         os.environ["ASYNCVMM_RUN_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vmm_messages_on_stderr():
+    """The VMM's messages (the logging module's, under "asyncvmm") printed as `asyncvmm run`
+    prints them, for the VMs tests start in this process: a failure shows them, and tests
+    read them from stderr."""
+    from asyncvmm import log
+
+    log.use_cli_output()
+
+
 @pytest.fixture(scope="session")
 def guests() -> Path:
     """The directory of built test guests (make is incremental, so this is quick)."""

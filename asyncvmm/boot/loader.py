@@ -63,6 +63,20 @@ def prepare(kernel: bytes, mode: str, emulating: bool) -> Prepared:
     return Prepared(unpacked, f"payload unpacked by the VMM ({unpacked.describe()})")
 
 
+def check(kernel: bytes) -> None:
+    """Refuse an image load() would refuse for what it is, before anything is built (so a
+    wrong file is one line: no KVM probe, no machine). What depends on the guest's RAM is
+    load()'s to say."""
+    kind = linux.kernel_kind(kernel)
+    if kind is None:
+        raise BootError("not a kernel: neither an ELF with a PVH entry nor a bzImage")
+    if kind == "elf":
+        if pvh.pvh_entry(kernel) is None and not linux.is_linux(kernel):  # parses the ELF headers
+            raise BootError("kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) and is not a Linux vmlinux")
+    else:
+        linux.bzimage_info(kernel)
+
+
 @dataclass(frozen=True)
 class Boot:
     """How the kernel was loaded."""

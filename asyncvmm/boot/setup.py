@@ -12,11 +12,15 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from .. import log, platform
+from .. import platform
 from ..config import VmConfig
 from ..errors import BootError, ConfigError
+from ..log import get_logger
 from ..vstate import probe
 from . import linux, loader
+
+log = get_logger("asyncvmm.machine")
+quirks_log = get_logger("asyncvmm.quirks")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ async def read_images(cfg: VmConfig) -> BootImages:
 
 
 def _prepare(cfg: VmConfig, kernel: bytes) -> loader.Prepared:
+    try:
+        loader.check(kernel)  # before anything is built: a wrong file is one line
+    except BootError as e:  # say which file
+        raise BootError(f"kernel {cfg.kernel}: {e}") from None
     mode = cfg.decompress
     emulating = False
     if mode == loader.Decompress.AUTO and linux.kernel_kind(kernel) == "bzimage":
@@ -100,7 +108,7 @@ class BootSetup:
         )
         log.info(f"boot: {config.kernel} {self.loaded.path}")
         if self.loaded.appended:
-            log.info(f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(self.loaded.appended)}")
+            quirks_log.info(f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(self.loaded.appended)}")
 
     @property
     def state(self):

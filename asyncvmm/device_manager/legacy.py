@@ -159,10 +159,10 @@ class LegacyDevices:
     def _create(self, cfg: VmConfig, consoles: dict[str, Console]) -> None:
         vm, pio = self.vm, self.pio
         if vm.quirks.vmm_pit:
-            from .. import log  # noqa: PLC0415
+            from ..log import get_logger  # noqa: PLC0415
 
             self.pit = BoundedRatePit(vm.fd, PIT_IRQ)
-            log.info("quirks: vmm-pit: the PIT is the VMM's, IRQ0 at most every "
+            get_logger("asyncvmm.quirks").info("quirks: vmm-pit: the PIT is the VMM's, IRQ0 at most every "
                      f"{self.pit.min_interval_ns // 1_000_000} ms (no in-kernel PIT)")
             pio.register(PIT_PORT, 4, PortOffsets(self.pit.model, PIT_PORT), "pit")
             pio.register(SPEAKER_PORT, 1, PortOffsets(self.pit.model, SPEAKER_PORT), "port61")

@@ -15,7 +15,10 @@ from .._native import lib
 from ..bus import Bus
 from ..config import VmConfig
 from ..irq import IrqRouter
+from ..log import get_logger
 from ..vstate.vm import Vm
+
+log = get_logger("asyncvmm.machine")
 
 
 class PciDevices:
@@ -46,6 +49,9 @@ class PciDevices:
                     dev.close()
                     raise
             self.root.assign_bars(platform.pci_mmio64_window(platform.ram_top(vm.mem.regions)))
+            attached = [d for d in (slots.describe(s, config, host) for s in config.slots) if d]
+            if attached:
+                log.info(f"devices: {'; '.join(attached)}")
         except BaseException:
             self.close()
             raise

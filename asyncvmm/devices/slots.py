@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from ..config import PciSlot, VmConfig
 from ..errors import ConfigError
 from ..poll import devices_may_poll
-from .registry import DRIVERS, lookup, register, slot_name
+from .registry import DRIVERS, lookup, names, register, slot_name
 
-__all__ = ["DRIVERS", "BuildContext", "HostResources", "lookup", "slot_name", "may_poll"]
+__all__ = ["DRIVERS", "BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
 
 
 class HostResources:
@@ -66,3 +66,30 @@ def _hostbridge_check(slot: PciSlot, cfg: VmConfig) -> None:
 
 
 register("hostbridge", _hostbridge_check, None)  # bhyve's `-s 0,hostbridge`: ours is always there
+
+
+def driver_names() -> list[str]:
+    """The -s drivers there are (for help and errors), in order."""
+    return names()
+
+
+def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | None:
+    """One phrase for the log on what the slot attached (the image, the TAP); None for
+    what attaches nothing of the host's."""
+    where = f"{slot.slot}:{slot.function}"
+    if slot.driver == "virtio-blk":
+        from .virtio.block.image import BlockOptions  # noqa: PLC0415
+
+        disk = BlockOptions.parse(slot.options, slot_name(slot))
+        how = [w for w, on in (("read-only", disk.readonly), ("O_DIRECT", disk.direct),
+                               (f"engine {disk.engine}", disk.engine != "uring")) if on]
+        return f"{where} virtio-blk {disk.path}" + (f" ({', '.join(how)})" if how else "")
+    if slot.driver == "virtio-net":
+        from .virtio.net.tap import NetOptions, format_mac, stable_mac  # noqa: PLC0415
+
+        net = NetOptions.parse(slot.options, slot_name(slot))
+        tap = host.taps.get((slot.slot, slot.function)) if host is not None else None
+        made = "" if tap is None else " (created)" if getattr(tap, "created", False) else " (existing)"
+        mac = format_mac(net.mac or stable_mac(cfg.name, f"{slot.slot}.{slot.function}"))
+        return f"{where} virtio-net TAP {net.tap}{made}, MAC {mac}"
+    return None

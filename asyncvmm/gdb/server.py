@@ -13,12 +13,14 @@ import asyncio
 import errno
 import socket
 
-from .. import log
 from ..errors import ConfigError
+from ..log import get_logger
 from .options import GdbOptions
 from .packets import Kind, PacketReader, frame
 from .stub import E_BAD_PACKET, Session, error
 from .target import Target
+
+log = get_logger("asyncvmm.gdb")
 
 WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its replies is dropped
 

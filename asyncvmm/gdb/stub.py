@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .. import log
+from ..log import get_logger
 from .breakpoints import Kind
 from .packets import PACKET_SIZE, unescape
 from .registers import G_PACKET_BYTES, LAYOUT, REGNUM, target_xml
 from .target import Signal, State, StopEvent, Target, TargetError
+
+log = get_logger("asyncvmm.gdb")
 
 OK = b"OK"
 EMPTY = b""  # "not supported"

@@ -32,9 +32,10 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
-from .. import log, platform
+from .. import platform
 from .._native import ffi, lib
 from ..errors import GuestMemoryError
+from ..log import get_logger
 from ..vstate.vcpu import Msr
 from .breakpoints import (
     INT3,
@@ -47,6 +48,8 @@ from .breakpoints import (
 )
 from .paging import Paging, pages, translate
 from .registers import RegisterFile
+
+log = get_logger("asyncvmm.gdb")
 
 BP_VECTOR = 3  # #BP
 DB_VECTOR = 1  # #DB

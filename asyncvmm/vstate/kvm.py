@@ -11,12 +11,11 @@ import errno
 import os
 
 from ..errors import ConfigError, KvmError
+from .._abi import ABI_VERSION as NATIVE_ABI
 from .._native import ffi, lib
 
 KVM_DEVICE = "/dev/kvm"
 
-# The C core's ABI this Python code was written for (cext/build_ffi.py ABI_VERSION).
-NATIVE_ABI = 8
 if lib.AVMM_ABI_VERSION != NATIVE_ABI:
     raise ImportError(
         f"asyncvmm._native is built for ABI {lib.AVMM_ABI_VERSION}, this code needs {NATIVE_ABI}: "

@@ -112,9 +112,9 @@ class Vcpus:
         if cfg.xapic:
             entries = cpuid.hide(entries, (cpuid.X2APIC,))
         if quirks.hidden_pv_features:
-            from .. import log  # noqa: PLC0415
+            from ..log import get_logger  # noqa: PLC0415
 
-            log.info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(quirks.hidden_pv_features)}")
+            get_logger("asyncvmm.quirks").info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(quirks.hidden_pv_features)}")
         msrs = vm.kvm.msr_index_list()
         topology = cfg.cpu_topology
         for i in range(cfg.cpus):

@@ -11,14 +11,16 @@ in-kernel one or the VMM's, as the quirks say.
 
 from __future__ import annotations
 
-from .. import log
 from ..boot import cpuid
 from ..config import VmConfig
 from ..errors import ConfigError
+from ..log import get_logger
 from ..quirks import Quirks
 from . import probe
 from .kvm import Kvm, VmFd
 from .memory import GuestMemory
+
+log = get_logger("asyncvmm.machine")  # the machine's story: the probe first
 
 
 class Vm:

@@ -214,14 +214,15 @@ def test_the_default_asyncio_loop_works_too(guests):
     assert stop.reason is StopReason.RESET
 
 
-def test_the_readme_example_service(guests):
-    """tools/examples/shell_service.py, the README's example, as a user runs it."""
+def test_the_readme_example_service(guests, tmp_path):
+    """tools/examples/shell_service.py, the README's example, as a user runs it (from a
+    directory of their own)."""
     import subprocess
     import sys
 
     p = subprocess.run(
-        [sys.executable, "tools/examples/shell_service.py", "echo hello", "add 2 40", "mem"],
-        capture_output=True, cwd=ROOT, timeout=60,
+        [sys.executable, str(ROOT / "tools/examples/shell_service.py"), "echo hello", "add 2 40", "mem"],
+        capture_output=True, cwd=tmp_path, timeout=60,
     )
     assert p.returncode == 0, p.stderr.decode()
     assert p.stdout.decode() == "$ echo hello\nhello\n$ add 2 40\n42\n$ mem\nram=65151 KiB\n"

@@ -253,6 +253,14 @@ def test_terminal_raw_mode_escape_and_restore(guests):
         during = termios.tcgetattr(slave)
         assert not during[3] & termios.ICANON and not during[3] & termios.ECHO  # raw
         assert b"\r\n" in got  # raw mode: the VMM adds the CR the terminal no longer does
+        for keys, answer in ((b"\x01h", b"C-a x    exit"), (b"\x01c", b"no monitor on this console")):
+            os.write(master, keys)  # as QEMU's Ctrl-A h: the escape keys, on a line of their own
+            got = b""
+            while answer not in got and time.monotonic() < deadline:
+                if select.select([master], [], [], 1)[0]:
+                    got += os.read(master, 4096)
+            assert answer in got, got
+            assert re.search(rb"(^|\r\n)" + re.escape(answer), got), got
         os.write(master, b"\x01x")
         p.wait(timeout=10)
     finally:
@@ -265,3 +273,39 @@ def test_terminal_raw_mode_escape_and_restore(guests):
     assert p.returncode == 4
     assert b"quit from the console" in p.stderr.read()
     assert after == before
+
+
+def test_the_quit_message_starts_a_line(guests):
+    """Ctrl-A x after a prompt (no newline): the VMM's last word is on a line of its own."""
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "tinysh.elf")],
+        stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+    )
+    got = b""
+    try:
+        deadline = time.monotonic() + 20
+        while not got.endswith(b"# ") and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                got += os.read(master, 4096)
+        assert got.endswith(b"# "), got
+        os.write(master, b"\x01x")
+        p.wait(timeout=10)
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+        os.close(slave)
+    assert p.returncode == 4
+    assert b"# \r\nasyncvmm: quit from the console" in got, got[-200:]

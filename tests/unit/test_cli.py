@@ -57,6 +57,15 @@ def kernel(guests):
         (["--symbols", "/no/such/System.map"], ["--symbols /no/such/System.map", "no such file"]),
         (["-c", "sockets=129,cores=2"], ["APIC IDs up to 257", "at most 254"]),
         (["-c", "2", "-p", "1:9999"], ["-p 1:9999", "no CPU 9999"]),
+        (["-m", "0"], ["-m 0:", "at least 2 MiB"]),
+        (["-s", "3,virtio-blck,x"], ["no such driver 'virtio-blck'", "drivers: hostbridge, ", "virtio-blk, virtio-net"]),
+        (["-s", "4,virtio-net,lo"], ["lo is a network interface of the host", "name a TAP"]),
+        (["-s", "4,virtio-net,tap0,queues=0"], ["queues=0: a number of queue pairs from 1 to"]),
+        (["-s", "4,virtio-blk,/dev/null,queues=0"], ["queues=0: a number of queues from 1 to 64"]),
+        (["-s", "3,virtio-blk,/dev/null", "-s", "4,virtio-blk,/dev/../dev/null"],
+         ["-s 4,virtio-blk,/dev/../dev/null", "already the disk in slot 3:0"]),
+        (["--no-reboo"], ["unrecognized arguments: --no-reboo"]),  # no abbreviations
+        (["-I"], ["-I: bhyve's -I (an I/O APIC) is not an asyncvmm option", "always there"]),
     ],
 )
 def test_bad_flags(kernel, args, words):
@@ -81,8 +90,13 @@ def test_missing_initrd(kernel, tmp_path):
 
 @needs_kvm
 def test_not_a_kernel():
-    r = run_vmm("run", "-q", "--kernel", str(ROOT / "pyproject.toml"))
-    assert_usage_error(r, "is not a kernel")
+    """Checked before anything starts: one line (no KVM probe, no ACPI line) naming the file."""
+    r = run_vmm("run", "--kernel", str(ROOT / "pyproject.toml"))
+    assert_usage_error(r, "kernel " + str(ROOT / "pyproject.toml"), "not a kernel")
+
+
+def test_an_elf_that_is_not_a_kernel_is_named():
+    assert_usage_error(run_vmm("run", "--kernel", "/bin/true"), "kernel /bin/true:", "not an executable")
 
 
 @needs_kvm
@@ -176,3 +190,56 @@ def test_bhyve_flags_reach_the_config():
     assert (cfg.cpus, cfg.topology, cfg.strict_io, cfg.force_msi, cfg.acpi) == (4, Topology(1, 2, 2), True, True, True)
     cfg = config_from_args(_parser().parse_args(["run", "--kernel", kernel, "--no-acpi"]))
     assert (cfg.acpi, cfg.strict_io, cfg.force_msi, cfg.cpu_topology) == (False, False, False, Topology(1, 1, 1))
+
+
+@needs_kvm
+def test_read_only_disks_may_share_an_image(kernel, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    r = run_vmm("run", "--kernel", kernel, "-s", f"3,virtio-blk,{image},ro", "-s", f"4,virtio-blk,{image}")
+    assert_usage_error(r, "already the disk in slot 3:0")
+    r = run_vmm("run", "-q", "--no-reboot", "-m", "64", "--kernel", kernel,
+                "-s", f"3,virtio-blk,{image},ro", "-s", f"4,virtio-blk,{image},ro")
+    assert r.status == 0, r.err
+
+
+def test_version():
+    r = run_vmm("--version")
+    assert r.status == 0 and r.out.strip().startswith("asyncvmm ")
+
+
+def test_bhyve_help_lists_the_drivers_and_console_devices():
+    r = run_vmm("run", "-s", "help")  # as bhyve's: no kernel needed
+    assert r.status == 0, r.err
+    from asyncvmm.devices.slots import driver_names
+
+    names = driver_names()
+    assert {"hostbridge", "virtio-blk", "virtio-net"} <= set(names)
+    assert [line.strip() for line in r.out.splitlines()[1 : 1 + len(names)]] == names
+    r = run_vmm("run", "-l", "help")
+    assert r.status == 0 and "socket=PATH" in r.out, r.err
+    assert all(f"com{i}" in r.out for i in range(1, 5)), r.out
+    assert "virtio-blk" in run_vmm("run", "--help").out.replace("\n", " ")
+
+
+@needs_kvm
+def test_the_log_names_the_disks_attached(kernel, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    r = run_vmm("run", "--no-reboot", "-m", "64", "--kernel", kernel, "-s", f"3,virtio-blk,{image},ro")
+    assert r.status == 0, r.err
+    assert f"asyncvmm: devices: 3:0 virtio-blk {image} (read-only)" in r.err.splitlines()
+
+
+@needs_kvm
+def test_an_input_refused_while_the_machine_is_built_is_still_one_line(kernel, tmp_path):
+    """A disk another VM holds is found only when it is opened: the KVM probe and ACPI
+    lines said on the way are left out, so status 2 is one line."""
+    import fcntl
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    with open(image, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another VM's does
+        r = run_vmm("run", "--no-reboot", "-m", "64", "--kernel", kernel, "-s", f"3,virtio-blk,{image}")
+    assert_usage_error(r, f"disk {image} is in use by another VM")

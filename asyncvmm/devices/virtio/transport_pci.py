@@ -26,8 +26,9 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from ... import log, platform
+from ... import platform
 from ...irq import IntxLine, IrqRouter
+from ...log import get_logger
 from ..pci.config_space import Bar, BarKind, ConfigSpace
 from ..pci.device import PciDevice
 from ..pci.msi import Msi
@@ -48,6 +49,8 @@ from .spec import (
     Status,
     bits,
 )
+
+log = get_logger(__name__)
 
 BAR_INDEX = 0
 BAR_SIZE = 0x8000

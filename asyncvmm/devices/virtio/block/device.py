@@ -15,6 +15,8 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 
 from __future__ import annotations
 
+import os
+
 from ...._native import ffi, lib
 from ....config import PciSlot, VmConfig, check_readable
 from ....errors import ConfigError
@@ -237,6 +239,22 @@ class VirtioBlk(VirtioDevice):
 def _check(slot: PciSlot, cfg: VmConfig) -> None:
     opts = BlockOptions.parse(slot.options, slot_name(slot))
     check_readable(opts.path, "disk")
+    for other in cfg.slots:  # the image's lock would refuse it at start, as if another VM held it
+        if other is slot:
+            break
+        if other.driver == "virtio-blk":
+            theirs = BlockOptions.parse(other.options, slot_name(other))
+            if _same_file(theirs.path, opts.path) and not (theirs.readonly and opts.readonly):
+                raise ConfigError(f"-s {slot_name(slot)}virtio-blk,{slot.options}: {opts.path} is already the disk in "
+                                  f"slot {other.slot}:{other.function} (one image, one writable disk; "
+                                  "read-only ones, ,ro, may share it)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _build(slot: PciSlot, ctx):

@@ -51,7 +51,9 @@ class BlockOptions:
                 if len(value.encode()) > 20 or not value.isprintable():
                     raise ConfigError(f"{what}: serial={value}: at most 20 printable bytes")
                 opts["serial"] = value
-            elif key == "queues" and sep and value.isdigit() and 1 <= int(value) <= 64:
+            elif key == "queues" and sep:
+                if not (value.isdigit() and 1 <= int(value) <= 64):
+                    raise ConfigError(f"{what}: queues={value}: a number of queues from 1 to 64")
                 opts["queues"] = int(value)
             elif key == "engine" and value in ENGINES:
                 opts["engine"] = value

@@ -30,7 +30,7 @@ from ..queue import Chain, RingSetupError, Virtqueue, VqState, check_setup, ring
 from ..spec import DeviceId, bits
 from ..transport_pci import VirtioPciDevice
 from ..worker import QueueWorker
-from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, format_mac, stable_mac
+from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, check_is_tap, format_mac, stable_mac
 
 QUEUE_SIZE = 256
 CTRL_QUEUE_SIZE = 64
@@ -442,7 +442,8 @@ class VirtioNet(VirtioDevice):
 
 # -- `-s N,virtio-net,TAPNAME[,mac=52:54:..][,queues=N]` -------------------------------------
 def _check(slot: PciSlot, cfg: VmConfig) -> None:
-    NetOptions.parse(slot.options, slot_name(slot))
+    opts = NetOptions.parse(slot.options, slot_name(slot))
+    check_is_tap(opts.tap, f"-s {slot_name(slot)}virtio-net,{slot.options}")
 
 
 def _build(slot: PciSlot, ctx):

@@ -61,12 +61,24 @@ class NetOptions:
                 mac = bytes(int(b, 16) for b in value.split(":"))
                 if mac[0] & 1:
                     raise ConfigError(f"{what}: mac={value} is a multicast address")
-            elif key == "queues" and value.isdigit() and 1 <= int(value) <= lib.AVMM_NET_MAX_PAIRS:
+            elif key == "queues" and sep:
+                if not (value.isdigit() and 1 <= int(value) <= lib.AVMM_NET_MAX_PAIRS):
+                    raise ConfigError(f"{what}: queues={value}: a number of queue pairs from 1 to {lib.AVMM_NET_MAX_PAIRS}")
                 queues = int(value)
             else:
                 raise ConfigError(f"{what}: unknown option {p!r} (mac=XX:XX:XX:XX:XX:XX, "
                                   f"queues=1-{lib.AVMM_NET_MAX_PAIRS})")
         return cls(name, mac, queues)
+
+
+def check_is_tap(name: str, what: str) -> None:
+    """A network interface `name` that exists must be a TUN/TAP device (one that does not
+    is created at start). Its sysfs directory has `tun_flags` if it is one."""
+    sysfs = f"/sys/class/net/{name}"
+    if os.path.exists(sysfs) and not os.path.exists(f"{sysfs}/tun_flags"):
+        kind = "a bridge" if os.path.isdir(f"{sysfs}/bridge") else "a loopback" if name == "lo" else "not a TAP"
+        raise ConfigError(f"{what}: {name} is a network interface of the host, {kind}: name a TAP "
+                          "(ip tuntap add NAME mode tap vnet_hdr), or a new name to have one created")
 
 
 def stable_mac(vm_name: str, slot: str) -> bytes:

@@ -1,0 +1,30 @@
+"""The benchmarks' virtio driver is a test-only extension, apart from the product's.
+
+cext/testdrv.c is built by tools/setup into build/native (cext/build_testdrv.py), not into
+asyncvmm._native; perf/blk.py drives a real virtio-blk with it (no guest CPU).
+"""
+
+import sys
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parents[2] / "perf"
+
+
+def test_the_product_extension_has_no_test_driver():
+    from asyncvmm._native import lib
+
+    assert not any(name.startswith("avmm_testdrv") for name in dir(lib))
+    assert hasattr(lib, "avmm_vq_pop")  # read from cext/virtq.h, not re-declared
+
+
+def test_the_test_driver_drives_virtio_blk(tmp_path):
+    sys.path.insert(0, str(PERF))
+    try:
+        import blk
+    finally:
+        sys.path.remove(str(PERF))
+    image = tmp_path / "disk.img"
+    blk.make_image(str(image), 8 << 20)
+    w = blk.Workload("randread-4k-qd4", "randread", 4096, 4, 500)
+    figs = blk.run_asyncvmm(str(image), w, 500, direct=False)
+    assert figs["iops"] > 0 and figs["kicks"] > 0 and figs["batches"] > 0
