@@ -6,7 +6,8 @@ boot each, and every Linux check shares them.
           vdb: a disk with an MBR partition table; a virtio-net on a TAP in a network
           namespace with dnsmasq (DHCP) and a UDP listener for netconsole; a virtio-rnd (the
           kernel's hwrng reads it: ctl stats counts the bytes) and a virtio-console whose
-          first port is hvc0 (console=hvc0: the kernel's log arrives on its Unix socket).
+          first port is hvc0 (console=hvc0: the kernel's log, from when the port is up,
+          arrives on its Unix socket).
           FIRST_BOOT_CHECKS read its log; SysRq h and q; SysRq s and u (the file system
           is written out and remounted read-only); gdb with the vmlinux through -g (a
           breakpoint on update_process_times, bt, linux_banner read by virtual address);
@@ -372,10 +373,16 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     for line in (b"Linux version 6.1", b"IP-Config: Complete:", b"Run /sbin/init as init process"):
         if line not in netconsole:
             failures.append(f"netconsole: {line!r} did not arrive over UDP ({len(netconsole)} bytes did)")
-    # virtio-console: the kernel's log on hvc0 (printk replays it when hvc0 registers).
-    for line in (b"Linux version 6.1", b"virtio-pci", b"Run /sbin/init as init process"):
+    # virtio-console: the kernel's log on hvc0, from when the port is up (the hvc console is
+    # registered at boot with nowhere to write; what it printed before is not replayed): the
+    # root mount and init come after, and every line is one the serial console has too.
+    hvc_lines = [line for line in hvc_out.decode(errors="replace").replace("\r", "").splitlines() if line.strip()]
+    serial = set(transcript.decode(errors="replace").replace("\r", "").splitlines())
+    for line in (b"VFS: Mounted root (ext4 filesystem)", b"Run /sbin/init as init process"):
         if line not in hvc_out:
             failures.append(f"virtio-console: {line!r} did not arrive on hvc0's socket ({len(hvc_out)} bytes did)")
+    if len(hvc_lines) < 5 or not all(line in serial for line in hvc_lines[:-1]):
+        failures.append(f"virtio-console: hvc0's lines are not the kernel's log: {hvc_lines[:5]}")
     # virtio-rnd: the kernel's hwrng read entropy from it; `asyncvmm ctl stats` shows it.
     entropy = ctl_stats[0].get("pci", {}).get(f"virtio-rnd@{RND_SLOT}.0", {}).get("entropy", {}) if ctl_stats else {}
     if not entropy.get("bytes", 0) > 0:

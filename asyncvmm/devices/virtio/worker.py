@@ -43,6 +43,8 @@ Handler = Callable[[Chain], "int | None"]
 
 
 class QueueWorker:
+    """One device's queues on the loop (see the module docstring)."""
+
     def __init__(self, name: str, needs_reset: Callable[[str], None], *, poll: bool = False,
                  budget: int = DEFAULT_BUDGET):
         """`needs_reset(why)`: the device's (the transport sets DEVICE_NEEDS_RESET)."""
