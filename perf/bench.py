@@ -32,12 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import history
+
+# The checkout benchmarked: this one, or another one set up with tools/setup --perf
+# (`--root DIR`, which perf/ab.py uses: this harness measures both sides of an A/B).
+ROOT = Path(os.environ.get("ASYNCVMM_BENCH_ROOT") or Path(__file__).resolve().parent.parent).resolve()
 GUESTS = ROOT / "build" / "guests"
 RAWKVM = ROOT / "build" / "perf" / "rawkvm"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 ASYNCVMM = ROOT / ".venv" / "bin" / "asyncvmm"
-HISTORY = ROOT / "perf" / "history.jsonl"
+HISTORY = Path(__file__).resolve().parent / "history.jsonl"
 MiB = 1 << 20
 
 # Targets for asyncvmm (see perf/README.md).
@@ -826,10 +830,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
                     help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
+    ap.add_argument("--no-qemu", action="store_true", help="leave out the QEMU columns (they take seconds each)")
+    ap.add_argument("--json", metavar="PATH", help="also write this run's record (the history line) to PATH")
+    ap.add_argument("--root", metavar="DIR", help="benchmark the checkout in DIR (set up with tools/setup --perf)")
     ap.add_argument("--child-exits", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_exits:
         return exits_child(args.child_exits)
+    if args.root:
+        root = Path(args.root).resolve()
+        py = root / ".venv" / "bin" / "python"
+        if not py.exists():
+            print(f"bench: --root {args.root}: no .venv there (run tools/setup --perf in it)", file=sys.stderr)
+            return 2
+        # The in-process benchmarks (blk) import asyncvmm: run under that checkout's venv.
+        os.environ["ASYNCVMM_BENCH_ROOT"] = str(root)
+        rest = list(sys.argv[1:] if argv is None else argv)
+        i = rest.index("--root") if "--root" in rest else -1
+        rest = rest[:i] + rest[i + 2:] if i >= 0 else [a for a in rest if not a.startswith("--root=")]
+        os.execv(str(py), [str(py), str(Path(__file__).resolve()), *rest])
 
     which = [w.strip() for w in args.only.split(",") if w.strip()]
     bad = [w for w in which if w not in BENCHMARKS]
@@ -844,8 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu and ("startup" in which or "memory" in which):
+    qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
+    if args.no_qemu:
+        notes.append("QEMU columns left out (--no-qemu)")
+    elif not qemu and ("startup" in which or "memory" in which):
         notes.append("qemu-system-x86_64 not found: QEMU columns skipped (install it: tools/setup --perf)")
 
     kind = kvm_kind()
@@ -853,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
+        "machine": history.machine_id(),
+        "machine_info": history.machine_info(),
         "host_kernel": os.uname().release,
         "kvm": kind,
         "cpus": os.cpu_count(),
@@ -921,10 +944,12 @@ def main(argv: list[str] | None = None) -> int:
     record["figures"] = figures
     if notes:
         record["notes"] = notes
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, ensure_ascii=False)
     if not args.no_history:
-        with open(HISTORY, "a") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        print(f"({elapsed:.0f} s; appended to {HISTORY.relative_to(ROOT)})")
+        history.append(record, HISTORY)
+        print(f"({elapsed:.0f} s; appended to {HISTORY})")
     else:
         print(f"({elapsed:.0f} s; history not written)")
     return status
