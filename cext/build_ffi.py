@@ -352,6 +352,10 @@ void avmm_vm_resume(struct avmm_vm *vm);
 void avmm_vm_stop(struct avmm_vm *vm);
 int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
+#define AVMM_HIST_BUCKETS ...
+int avmm_vcpu_exit_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max);
+uint64_t avmm_hist_bucket_ns(int i);
+void avmm_vm_spin_stats(struct avmm_vm *vm, uint64_t *out);
 void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
