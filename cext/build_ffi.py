@@ -283,6 +283,8 @@ int avmm_blk_complete(struct avmm_blk *b);
 int avmm_blk_again(const struct avmm_blk *b);
 int avmm_blk_resume(struct avmm_blk *b);
 int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
+int avmm_blk_watch_kicks(struct avmm_blk *b);
+int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns);
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);
 int avmm_blk_needs_reset(const struct avmm_blk *b);

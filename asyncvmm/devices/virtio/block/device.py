@@ -15,6 +15,7 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from ...._native import ffi, lib
@@ -47,6 +48,11 @@ class BlkFeature:
 
 
 ENGINE_KINDS = {"uring": lib.AVMM_ENGINE_URING, "sync": lib.AVMM_ENGINE_SYNC}
+# Prototype, off by default: io_uring watches the doorbells beside the I/O, and after
+# serving a batch the loop sleeps in io_uring up to this long for the next completion or
+# doorbell (cext/blk.h avmm_blk_watch_kicks, avmm_blk_wait). It blocks the loop's other
+# work for that long: measured, not yet the default (perf/README.md).
+URING_WAIT_NS = int(os.environ.get("ASYNCVMM_BLK_URING_WAIT_NS", "0") or 0)
 
 
 class VirtioBlk(VirtioDevice):
@@ -66,6 +72,7 @@ class VirtioBlk(VirtioDevice):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: list[int] = []
         self._completion_reader = False
+        self._uring_wait = False
         self._resume: asyncio.Handle | None = None
         try:
             self._build()
@@ -150,9 +157,12 @@ class VirtioBlk(VirtioDevice):
         if not self._completion_reader:
             loop.add_reader(lib.avmm_engine_fd(self._engine), self._complete)
             self._completion_reader = True
+        if URING_WAIT_NS and self.opts.engine == "uring":
+            self._uring_wait = lib.avmm_blk_watch_kicks(self._blk) == 0
         for q in queues:
-            loop.add_reader(q.kick_fd, self._kick, q.index)
-            self._readers.append(q.kick_fd)
+            if not self._uring_wait:  # else io_uring watches the doorbells (see URING_WAIT_NS)
+                loop.add_reader(q.kick_fd, self._kick, q.index)
+                self._readers.append(q.kick_fd)
             self._kick(q.index)  # doorbells rung before DRIVER_OK
 
     def _kick(self, qi: int) -> None:
@@ -170,6 +180,8 @@ class VirtioBlk(VirtioDevice):
             self._broken()
             return
         self._poll()
+        if self._uring_wait:
+            self._wait_in_uring()
         if self._resume is None and self._blk != ffi.NULL and lib.avmm_blk_again(self._blk):
             self._resume = self._loop.call_soon(self._resumed)
 
@@ -189,6 +201,20 @@ class VirtioBlk(VirtioDevice):
             if n == 0:
                 break
         w.gave_up()
+
+    def _wait_in_uring(self) -> None:
+        """Prototype (URING_WAIT_NS): sleep in io_uring for the completion of what was just
+        submitted or the next doorbell, whichever comes first, and serve it; up to
+        URING_WAIT_NS per wait, POLL_SLICE_NS in all, then back to the loop."""
+        blk = self._blk
+        deadline = time.monotonic_ns() + POLL_SLICE_NS
+        while time.monotonic_ns() < deadline:
+            n = lib.avmm_blk_wait(blk, URING_WAIT_NS)
+            if n < 0:
+                self._broken()
+                return
+            if n == 0:
+                break
 
     def _broken(self) -> None:
         broken = [qi for qi in range(self.num_queues) if lib.avmm_blk_queue(self._blk, qi).broken]

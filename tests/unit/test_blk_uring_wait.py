@@ -1,0 +1,46 @@
+"""The prototype of one wait for doorbells and completions (cext/blk.h avmm_blk_watch_kicks,
+avmm_blk_wait; asyncvmm.devices.virtio.block.device.URING_WAIT_NS): io_uring watches the
+doorbells, the loop has no reader on them, and every request is still served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from asyncvmm.devices.virtio.block import device as blk_device
+
+from test_virtio_blk import S_OK, T_FLUSH, T_IN, T_OUT, Blk, image  # noqa: F401 (the fixture)
+
+
+@pytest.fixture
+def uring_wait(monkeypatch):
+    monkeypatch.setattr(blk_device, "URING_WAIT_NS", 50_000)
+
+
+def test_doorbells_through_io_uring_serve_every_request(image, uring_wait):  # noqa: F811
+    async def go():
+        async with Blk(image, "uring") as b:
+            dev = b.dev.device
+            assert dev._uring_wait and dev._readers == []  # no loop reader on the doorbells
+            for i in range(50):
+                st, n, _ = await b.c.run(T_OUT, 8 * i, data=bytes([i]) * 4096)
+                assert (st, n) == (S_OK, 1)
+            for i in range(50):
+                st, n, data = await b.c.run(T_IN, 8 * i, in_len=4096)
+                assert st == S_OK and data == bytes([i]) * 4096
+            st, n, _ = await b.c.run(T_FLUSH)
+            assert st == S_OK
+            assert b.stats["reads"] == 50 and b.stats["writes"] == 50
+
+    asyncio.run(go())
+
+
+def test_the_sync_engine_keeps_its_readers(image, uring_wait):  # noqa: F811
+    async def go():
+        async with Blk(image, "sync") as b:
+            assert not b.dev.device._uring_wait and b.dev.device._readers
+            st, _, _ = await b.c.run(T_IN, 0, in_len=512)
+            assert st == S_OK
+
+    asyncio.run(go())
