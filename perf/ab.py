@@ -3,9 +3,11 @@
 
     .venv/bin/python perf/ab.py A [B] [--rounds 5] [--only startup,exits,memory]
                                 [--threshold 5] [--alpha 0.01] [--full] [--keep] [--no-history]
+                                [--a-env VAR=VALUE] [--b-env VAR=VALUE]
 
 A and B are commits (anything `git rev-parse` takes); B left out, or `.`, is this work
-tree as it is, uncommitted changes included. Each commit is checked out with `git worktree
+tree as it is, uncommitted changes included. `--a-env`/`--b-env` give one side's runs
+an environment variable: `. . --b-env ASYNCVMM_BLK_URING_WAIT_NS=50000` compares a setting. Each commit is checked out with `git worktree
 add` into a temporary directory and set up there (tools/setup --perf); the work tree is
 used in place. Then `rounds` rounds run perf/bench.py (this checkout's, so both sides are
 measured by the same harness) once on each side, alternating the order (AB, BA, AB, ...),
@@ -73,9 +75,10 @@ def resolve(rev: str) -> str:
 class Side:
     """One side of the comparison: a checkout set up for perf/bench.py."""
 
-    def __init__(self, label: str, rev: str):
+    def __init__(self, label: str, rev: str, env: dict[str, str] | None = None):
         self.label = label
         self.rev = rev
+        self.env = env or {}
         self.root: Path | None = ROOT if rev == WORKTREE else None
         self.temp: Path | None = None
         self.records: list[dict] = []
@@ -83,7 +86,8 @@ class Side:
 
     @property
     def name(self) -> str:
-        return "work tree" if self.rev == WORKTREE else self.rev[:10]
+        name = "work tree" if self.rev == WORKTREE else self.rev[:10]
+        return name + "".join(f" {k}={v}" for k, v in self.env.items())
 
     def prepare(self, log) -> None:
         if self.root is not None:
@@ -114,7 +118,8 @@ class Side:
                 "--no-history", "--no-qemu", "--json", str(out)]
         if not full:
             argv.append("--quick")
-        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, **self.env})
         if not out.exists():
             raise AbError(f"perf/bench.py on {self.name} wrote nothing (status {r.returncode}): "
                           + " | ".join(r.stdout.strip().splitlines()[-3:]))
@@ -197,6 +202,8 @@ def median_record(side: Side, rounds: int, ab_id: str) -> dict:
     series = numeric_series(side.records)
     figs = {k: round(sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1: len(v) // 2 + 1]) / 2, 4)
             for k, v in series.items()}
+    if side.env:
+        rec["env"] = side.env  # a setting, not the commit as it runs by default
     rec.update({"figures": figs, "source": "ab", "rounds": rounds, "ab": ab_id,
                 "date": side.records[0]["date"], "seconds": round(sum(r.get("seconds", 0) for r in side.records), 1)})
     rec.pop("notes", None)
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     ap.add_argument("--full", action="store_true", help="each round a full bench.py run (default: --quick)")
     ap.add_argument("--all", action="store_true", help="print every figure, not only asyncvmm's and those that moved")
+    ap.add_argument("--a-env", action="append", default=[], metavar="VAR=VALUE",
+                    help="environment for A's runs (repeatable): A/B of a setting, e.g. `. . --b-env X=1`")
+    ap.add_argument("--b-env", action="append", default=[], metavar="VAR=VALUE", help="environment for B's runs")
     ap.add_argument("--keep", action="store_true", help="keep the temporary checkouts (their paths are printed)")
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
     args = ap.parse_args(argv)
@@ -240,10 +250,19 @@ def main(argv: list[str] | None = None) -> int:
               f"not below alpha {args.alpha:g}: nothing can be called a regression (use --rounds 5 or more)",
               file=sys.stderr)
 
-    a, b = Side("A", ra), Side("B", rb)
+    envs = []
+    for given in (args.a_env, args.b_env):
+        env = {}
+        for item in given:
+            var, eq, val = item.partition("=")
+            if not eq or not var:
+                return bad(f"--a-env/--b-env take VAR=VALUE, not {item!r}")
+            env[var] = val
+        envs.append(env)
+    a, b = Side("A", ra, envs[0]), Side("B", rb, envs[1])
     machine = history.machine_id()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    ab_id = f"{stamp}-{a.name.replace(' ', '')}-{b.name.replace(' ', '')}"
+    ab_id = "-".join([stamp] + ["worktree" if s.rev == WORKTREE else s.rev[:10] for s in (a, b)])
     outdir = RESULTS / machine
     outdir.mkdir(parents=True, exist_ok=True)
 

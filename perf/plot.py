@@ -29,6 +29,7 @@ OUT = ROOT / "build" / "perf" / "plots"
 
 def series_key(rec: dict) -> tuple[str, str]:
     mode = rec.get("mode", "full") + (" (A/B)" if rec.get("source") == "ab" else "")
+    mode += "".join(f" {k}={v}" for k, v in sorted(rec.get("env", {}).items()))
     return rec["machine"], mode
 
 
