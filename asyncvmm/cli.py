@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             log.set_quiet(args.quiet)
             cfg = config_from_args(args)
+            from .vstate import probe  # noqa: PLC0415
+
+            probe.start()  # the KVM probe waits in the kernel: let it overlap the imports
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 
             return run_to_end(cfg)

@@ -66,3 +66,28 @@ def test_no_spinning_when_the_vcpu_and_the_loop_share_a_cpu(guests):
         os.sched_setaffinity(0, old)
     assert stats["posted"] >= N and sum(hist) == stats["posted"]
     assert spin[0] <= 1 and spin[2] <= 1, spin  # at most the very first (the loop's CPU not yet known)
+
+
+def test_kvm_probe_in_a_thread_gives_the_same_answer_and_leaves_nothing_behind():
+    """probe.start() (the CLI calls it before the heavy imports): the answer is the
+    synchronous probe's, and the probe's thread and fds are gone once it is taken."""
+    from asyncvmm.vstate import probe
+
+    from conftest import open_fds
+
+    saved = probe._result, probe._thread
+    try:
+        probe._result, probe._thread = None, None
+        sync = probe.probe()
+        fds = open_fds()
+        probe._result, probe._thread = None, None
+        probe.start()
+        assert probe._thread is not None
+        got = probe.probe()
+        assert got == sync
+        assert not probe._thread.is_alive()
+        assert open_fds() == fds
+        probe.start()  # answered already: no second thread
+        assert probe.probe() is got
+    finally:
+        probe._result, probe._thread = saved
