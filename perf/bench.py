@@ -597,8 +597,10 @@ def exit_histogram(m, i: int) -> list[list[int]]:
 
     if not hasattr(lib, "avmm_vcpu_exit_hist"):
         return []
+    vcpus = getattr(m, "vcpus", None)
+    cvm = vcpus.cvm if hasattr(vcpus, "cvm") else m._cvm  # the C VM: where this commit keeps it
     buf = ffi.new("uint64_t[]", lib.AVMM_HIST_BUCKETS)
-    n = lib.avmm_vcpu_exit_hist(m._cvm, i, buf, lib.AVMM_HIST_BUCKETS)
+    n = lib.avmm_vcpu_exit_hist(cvm, i, buf, lib.AVMM_HIST_BUCKETS)
     return [[lib.avmm_hist_bucket_ns(b), lib.avmm_hist_bucket_ns(b + 1), buf[b]] for b in range(max(n, 0)) if buf[b]]
 
 

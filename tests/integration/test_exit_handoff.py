@@ -29,9 +29,9 @@ def exitbench(guests, port: int, pins: dict[int, int] | None = None) -> tuple[di
         assert stop.reason is StopReason.RESET, stop.message
         stats = m.vcpu_stats(0)
         hist = ffi.new("uint64_t[]", lib.AVMM_HIST_BUCKETS)
-        assert lib.avmm_vcpu_exit_hist(m._cvm, 0, hist, lib.AVMM_HIST_BUCKETS) == lib.AVMM_HIST_BUCKETS
+        assert lib.avmm_vcpu_exit_hist(m.vcpus.cvm, 0, hist, lib.AVMM_HIST_BUCKETS) == lib.AVMM_HIST_BUCKETS
         spin = ffi.new("uint64_t[4]")
-        lib.avmm_vm_spin_stats(m._cvm, spin)
+        lib.avmm_vm_spin_stats(m.vcpus.cvm, spin)
         return stats, list(hist), list(spin)
     finally:
         m.close()
