@@ -550,16 +550,18 @@ static int complete_batch(struct avmm_blk *b)
 /* Doorbells io_uring saw (avmm_blk_watch_kicks): serve those queues. */
 static int serve_woken(struct avmm_blk *b)
 {
-    uint64_t woken = avmm_engine_woken(b->engine);
     int total = 0;
-    for (int qi = 0; woken && qi < b->cfg.nqueues && qi < 64; qi++) {
-        if (!(woken & (1ull << qi)))
-            continue;
-        woken &= ~(1ull << qi);
-        int n = avmm_blk_kick(b, qi);
-        if (n < 0)
-            return -1;
-        total += n;
+    uint64_t woken;
+    /* Serving a queue reaps, which may note more doorbells: until none is left. */
+    while ((woken = avmm_engine_woken(b->engine))) {
+        for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+            if (!(woken & (1ull << qi)))
+                continue;
+            int n = avmm_blk_kick(b, qi);
+            if (n < 0)
+                return -1;
+            total += n;
+        }
     }
     return total;
 }

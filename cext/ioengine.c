@@ -292,7 +292,9 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
                     arm_watch(e, e->watch[i].fd, e->watch[i].tag);
             avmm_engine_submit(e);
         }
-        if (n == max && io_uring_cq_ready(&e->ring))
+        /* A doorbell noted here but served later (the device may be reaping inside a
+         * kick) must not be lost: keep the eventfd readable until it is taken. */
+        if ((n == max && io_uring_cq_ready(&e->ring)) || e->woken)
             avmm_efd_signal(e->efd);
     }
     e->inflight -= (unsigned)n;

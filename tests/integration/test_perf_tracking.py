@@ -180,8 +180,7 @@ def test_plots_page_shows_the_plots_in_headless_chromium(tmp_path):
     assert (h, w) == (1400, 1000)
     non_white = (px < 0.95).any(axis=2).mean()
     assert non_white > 0.03, f"the page looks blank: {non_white:.3%} non-white"
-    # The plots themselves are drawn, not broken-image icons: matplotlib's first series
-    # colour (C0, #1f77b4) is on the page.
-    c0 = (abs(px[:, :, 0] - 0x1F / 255) < 0.06) & (abs(px[:, :, 1] - 0x77 / 255) < 0.06) & \
-        (abs(px[:, :, 2] - 0xB4 / 255) < 0.06)
-    assert c0.sum() > 200, f"no plot lines on the page ({c0.sum()} pixels of C0)"
+    # The plots themselves are drawn, not broken-image icons: their series are coloured
+    # (matplotlib's C0-C9), where the page's text, grids and frames are grey.
+    colour = px.max(axis=2) - px.min(axis=2) > 0.25
+    assert colour.sum() > 500, f"no plot lines on the page ({colour.sum()} coloured pixels)"
