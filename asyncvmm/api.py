@@ -166,11 +166,12 @@ class VM:
     """One virtual machine on the running loop. See the module docstring."""
 
     def __init__(self, config: VmConfig, *, console: Console | None = None, control_socket: bool = True):
-        self.config = config.validate()
+        self.config = config.validate(com1_open=console is not None)
         self._console_given = console
         self.console: ConsoleStream | Console | None = console
         self._control_wanted = control_socket
         self.control: ControlServer | None = None
+        self.gdb = None  # gdb.server.GdbServer, with -g/-G
         self.host = HostResources()  # host-side device resources kept across guest resets
         self.machine: Machine | None = None
         self.boots = 0
@@ -206,6 +207,12 @@ class VM:
             if self._control_wanted:
                 sock, path = claim_socket(self.config.name)
                 self.control = ControlServer(self, sock, path)
+            if self.config.gdb is not None:
+                from .gdb.server import GdbServer  # noqa: PLC0415
+
+                self.gdb = GdbServer(self.config.gdb)
+                self.gdb.vm_kill = lambda: self.request_stop(Stop(StopReason.HOST, "killed by gdb"))
+                await self.gdb.start()
             images = await read_images(self.config)
             if self.console is None:
                 self.console = ConsoleStream(loop)
@@ -234,6 +241,8 @@ class VM:
         m = Machine(self.config, self.console, images, self.host)
         m.build()
         self.boots += 1
+        if self.gdb is not None:
+            self.gdb.attach(m)
         return m
 
     async def _run(self, images: BootImages) -> None:
@@ -257,6 +266,8 @@ class VM:
             if self.machine is not None:
                 self.machine.close()
             self._state = "stopped"
+            if self.gdb is not None:
+                self.gdb.vm_ended(0 if stop.reason is StopReason.POWEROFF else 1)
             if not self._stopped.done():
                 self._stopped.set_result(stop)
 
@@ -338,6 +349,8 @@ class VM:
         if self.machine is not None:
             self.machine.close()
         self.host.close()  # the TAPs: after the devices that use them
+        if self.gdb is not None:
+            await self.gdb.close()
         if self.control is not None:
             await self.control.close()
         if self.console is not None and self._console_given is None:

@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "-P", dest="exit_on_pause", action="store_true",
         help="exit on PAUSE: KVM already does (pause-loop exiting yields a spinning vCPU in the kernel)",
     )
+    run.add_argument("-g", dest="gdb_port", metavar="PORT", help="a gdb server on 127.0.0.1:PORT (gdb's target remote)")
+    run.add_argument(
+        "-G", dest="gdb_spec", metavar="[w][ADDRESS:]PORT",
+        help="a gdb server on ADDRESS:PORT (default address 127.0.0.1); w: the guest waits for gdb before its first instruction",
+    )
+    run.add_argument("-a", dest="xapic", action="store_true", help="the local APIC in xAPIC mode (x2APIC hidden from CPUID)")
+    run.add_argument("-S", dest="wired", action="store_true", help="wire guest memory (mlock: never swapped or moved)")
     run.add_argument("--cpu", choices=("host", "baseline"), help="CPU template (default: chosen by probing KVM)")
     run.add_argument("--no-quirks", action="store_true", help="no workarounds even on an emulating KVM")
     run.add_argument(
@@ -128,7 +135,15 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         acpi=args.acpi,
         strict_io=args.strict_io,
         force_msi=args.force_msi,
+        xapic=args.xapic,
+        wired=args.wired,
     )
+    if args.gdb_port and args.gdb_spec:
+        raise ConfigError("-g and -G both name a gdb port: give one")
+    if args.gdb_port or args.gdb_spec:
+        from .gdb.options import parse_gdb  # noqa: PLC0415
+
+        cfg.gdb = parse_gdb(args.gdb_port, "-g") if args.gdb_port else parse_gdb(args.gdb_spec, "-G")
     serial_config(args.console, cfg)
     return cfg.validate()
 

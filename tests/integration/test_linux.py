@@ -6,7 +6,9 @@ boot each, and every Linux check shares them.
           vdb: a disk with an MBR partition table; a virtio-net on a TAP in a network
           namespace with dnsmasq (DHCP) and a UDP listener for netconsole.
           FIRST_BOOT_CHECKS read its log; SysRq h and q; SysRq s and u (the file system
-          is written out and remounted read-only); SysRq o powers it off through ACPI S5.
+          is written out and remounted read-only); gdb with the vmlinux through -g (a
+          breakpoint on update_process_times, bt, linux_banner read by virtual address);
+          SysRq o powers it off through ACPI S5.
           Then the host reads the image: mount count and time changed, e2fsck -fn clean.
   run 2   vda given ,ro as root=/dev/vda rw: the kernel finds it write-protected and
           mounts it read-only; SysRq b resets through the ACPI reset register and the VM
@@ -38,6 +40,7 @@ import pytest
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.config import parse_slot
+from asyncvmm.gdb.options import GdbOptions
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
 from asyncvmm.quirks import LINUX_CLEARCPUID, linux_parameters
@@ -232,6 +235,34 @@ async def sysrq_output(vm: VM, key: bytes, first: bytes, last: bytes, quiet: flo
     return "\n".join(PRINTK_TIME.sub("", line) for line in text.splitlines())
 
 
+async def check_gdb(port: int, failures: list[str]) -> None:
+    """gdb with the kernel's vmlinux on the running kernel (-g): a breakpoint on a function
+    every timer tick reaches, its caller in `bt`, the banner read by virtual address (the
+    stub walks the kernel's 4-level page tables). The kernel has no debug information and
+    no frame pointers: bt's first caller is what can be relied on."""
+    vmlinux = small_kernel() / "vmlinux"
+    args = ["gdb", "-batch", "-nx", "-ex", "set confirm off", "-ex", f"file {vmlinux}",
+            "-ex", f"target remote 127.0.0.1:{port}", "-ex", "break update_process_times", "-ex", "continue",
+            "-ex", "bt 3", "-ex", "x/s &linux_banner", "-ex", "info registers cr3 rip", "-ex", "delete", "-ex", "detach"]
+    proc = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode(errors="replace")
+    if not re.search(r"Breakpoint 1, 0x[0-9a-f]+ in update_process_times \(\)", out):
+        failures.append(f"gdb: no stop at update_process_times:\n{out}")
+    if not re.search(r"^#1\s+0x[0-9a-f]+ in tick_\w+ \(\)", out, re.M):
+        failures.append(f"gdb: bt does not name update_process_times's caller (tick_*):\n{out}")
+    if not re.search(r"<linux_banner>:\s+\"Linux version 6\.1", out):
+        failures.append(f"gdb: x/s &linux_banner did not read the version string:\n{out}")
+    if "detached" not in out:
+        failures.append(f"gdb: did not detach:\n{out}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_checks(checks, log: str, boot: str, failures: list[str]) -> None:
     for check in checks:
         try:
@@ -253,7 +284,7 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     cfg = VmConfig(name=name, cpus=CPUS, memory=256 << 20, kernel=str(kernel), cmdline=CMDLINE,
                    slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root}"), parse_slot(f"{PARTS_SLOT},virtio-blk,{parts}"),
                           parse_slot(f"{NET_SLOT},virtio-net,{tap}")],
-                   profile_boot=True, profile_rip_ms=RIP_SAMPLE_MS)
+                   profile_boot=True, profile_rip_ms=RIP_SAMPLE_MS, gdb=GdbOptions(free_port()))
     failures: list[str] = []
     times: dict[str, float] = {}
     console_log = tmp_path / "console.log"
@@ -287,6 +318,9 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
         await sysrq_output(vm, b"s", rb"sysrq: Emergency Sync", rb"Emergency Sync complete")
         await sysrq_output(vm, b"u", rb"sysrq: Emergency Remount R/O", rb"Emergency Remount complete")
         net_stats.append(vm.stats()["pci"][f"virtio-net@{NET_SLOT}.0"])
+        t1 = time.monotonic()
+        await check_gdb(cfg.gdb.port, failures)
+        times["gdb"] = time.monotonic() - t1
 
         await sysrq(vm, b"o")
         await vm.console.expect(rb"sysrq: Power Off", timeout=60)
