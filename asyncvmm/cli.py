@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
                 return EXIT_OK
             cfg = config_from_args(args)
+            from .vstate import probe  # noqa: PLC0415
+
+            probe.start()  # the KVM probe waits in the kernel: let it overlap the imports
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 
             return run_to_end(cfg)

@@ -82,6 +82,18 @@ struct avmm_vcpu_stats {
 
 struct avmm_vm;
 
+/* Per-exit latency, for the benchmarks: a log-linear histogram (8 buckets per power of
+ * two, so a bucket is at most 12.5% wide) of the time each posted exit spent out of
+ * KVM_RUN, from KVM_RUN's return to the next entry. Written by the vCPU thread only. */
+#define AVMM_HIST_BUCKETS 256
+/* Copy vCPU idx's histogram (up to max buckets) into out; returns how many. */
+int avmm_vcpu_exit_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max);
+/* The smallest latency, in ns, that falls in bucket i. */
+uint64_t avmm_hist_bucket_ns(int i);
+/* The exit hand-off's spinning: out[0..3] = the vCPUs' spins and hits waiting for the
+ * loop, the loop's polls for posted exits and their hits. */
+void avmm_vm_spin_stats(struct avmm_vm *vm, uint64_t *out);
+
 struct avmm_vm *avmm_vm_new(int nvcpus, int notify_efd, int console_efd);
 void avmm_vm_free(struct avmm_vm *vm);
 

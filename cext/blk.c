@@ -52,6 +52,7 @@ struct avmm_blk {
     struct avmm_vq q[AVMM_BLK_MAX_QUEUES];
     uint8_t stalled[AVMM_BLK_MAX_QUEUES]; /* ran out of slots: served again on completion */
     uint8_t again[AVMM_BLK_MAX_QUEUES];   /* spent its budget: served again by avmm_blk_resume */
+    int watching;                         /* io_uring watches the doorbells (avmm_blk_watch_kicks) */
     struct avmm_io_cqe cqes[REAP_BATCH];
     struct avmm_blk_stats stats;
 };
@@ -126,6 +127,7 @@ void avmm_blk_reset(struct avmm_blk *b)
 {
     b->gen++;
     b->needs_reset = 0;
+    b->watching = 0; /* the watches stay armed in the engine; woken queues of size 0 are skipped */
     for (int i = 0; i < AVMM_BLK_MAX_QUEUES; i++) {
         memset(&b->q[i], 0, sizeof(b->q[i]));
         b->q[i].kick_fd = -1;
@@ -545,15 +547,62 @@ static int complete_batch(struct avmm_blk *b)
     return total;
 }
 
+/* Doorbells io_uring saw (avmm_blk_watch_kicks): serve those queues. */
+static int serve_woken(struct avmm_blk *b)
+{
+    int total = 0;
+    uint64_t woken;
+    /* Serving a queue reaps, which may note more doorbells: until none is left. */
+    while ((woken = avmm_engine_woken(b->engine))) {
+        for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+            if (!(woken & (1ull << qi)))
+                continue;
+            int n = avmm_blk_kick(b, qi);
+            if (n < 0)
+                return -1;
+            total += n;
+        }
+    }
+    return total;
+}
+
 int avmm_blk_complete(struct avmm_blk *b)
 {
     int total = complete_batch(b), broken = 0;
+    if (b->watching) {
+        int k = serve_woken(b);
+        if (k < 0)
+            return -1;
+        if (!total)
+            return k;
+    }
     if (!total)
         return 0;
     for (int i = 0; i < b->cfg.nqueues; i++)
         if (b->stalled[i] && b->q[i].size && serve_queue(b, i, BUDGET) < 0)
             broken = 1;
     return broken ? -1 : total;
+}
+
+int avmm_blk_watch_kicks(struct avmm_blk *b)
+{
+    for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+        if (!b->q[qi].size || b->q[qi].kick_fd < 0)
+            continue;
+        int r = avmm_engine_watch(b->engine, b->q[qi].kick_fd, (unsigned)qi);
+        if (r < 0)
+            return r;
+    }
+    b->watching = 1;
+    return 0;
+}
+
+int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns)
+{
+    int r = avmm_engine_wait(b->engine, max_ns);
+    if (r <= 0)
+        return 0; /* a timeout (an error of the wait itself counts as one) */
+    return avmm_blk_complete(b);
 }
 
 int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns)

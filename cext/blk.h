@@ -86,6 +86,13 @@ int avmm_blk_resume(struct avmm_blk *b);
  * (QEMU's iothreads poll the same way: a wake-up through an eventfd costs more than
  * the microseconds a busy device takes to come back.) */
 int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
+/* One wait for the doorbells and the completions: io_uring watches every set-up queue's
+ * kick_fd (call after the queues are set up; the loop then needs no reader on them: a
+ * doorbell is a CQE, which signals avmm_engine_fd like a completion, and
+ * avmm_blk_complete serves both). avmm_blk_wait sleeps in io_uring up to max_ns for
+ * either and serves what came: requests served, 0 on timeout, -1 broken ring. */
+int avmm_blk_watch_kicks(struct avmm_blk *b);
+int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns);
 /* Device reset: forget the queues; I/O in flight completes into nothing. */
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);

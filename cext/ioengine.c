@@ -23,6 +23,11 @@ struct avmm_engine {
     struct io_uring ring;
     int ring_ok;
     unsigned unsubmitted;
+    /* URING: fds io_uring watches (multishot POLL_ADD), so that one wait in io_uring
+     * serves both the device's doorbells and its completions (avmm_engine_watch). */
+    struct { int fd; uint32_t tag; } watch[AVMM_ENGINE_MAX_WATCH];
+    unsigned nwatch;
+    uint64_t woken; /* tags whose fd became readable since avmm_engine_woken() */
     /* SYNC: ops waiting for submit, completions waiting for reap */
     struct avmm_io_op *sq;
     unsigned sq_n;
@@ -184,6 +189,64 @@ int avmm_engine_submit(struct avmm_engine *e)
     return r;
 }
 
+/* Watch CQEs carry this bit in user_data; requests' user_data are slot numbers. */
+#define WATCH_BIT (1ull << 63)
+
+static int arm_watch(struct avmm_engine *e, int fd, uint32_t tag)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_poll_multishot(sqe, fd, POLLIN);
+    io_uring_sqe_set_data64(sqe, WATCH_BIT | tag);
+    e->unsubmitted++;
+    return 0;
+}
+
+int avmm_engine_watch(struct avmm_engine *e, int fd, unsigned tag)
+{
+    if (e->kind != AVMM_ENGINE_URING || tag >= 64 || e->nwatch >= AVMM_ENGINE_MAX_WATCH)
+        return -EINVAL;
+    for (unsigned i = 0; i < e->nwatch; i++)
+        if (e->watch[i].fd == fd)
+            return 0; /* already watched */
+    int r = arm_watch(e, fd, tag);
+    if (r < 0)
+        return r;
+    e->watch[e->nwatch].fd = fd;
+    e->watch[e->nwatch].tag = tag;
+    e->nwatch++;
+    r = io_uring_submit(&e->ring);
+    if (r > 0)
+        e->unsubmitted -= (unsigned)r;
+    return r < 0 ? r : 0;
+}
+
+uint64_t avmm_engine_woken(struct avmm_engine *e)
+{
+    uint64_t w = e->woken;
+    e->woken = 0;
+    return w;
+}
+
+int avmm_engine_wait(struct avmm_engine *e, uint64_t max_ns)
+{
+    if (e->kind != AVMM_ENGINE_URING)
+        return avmm_engine_ready(e) ? 1 : 0;
+    if (io_uring_cq_ready(&e->ring))
+        return 1;
+    struct __kernel_timespec ts = {.tv_sec = (long long)(max_ns / 1000000000u), .tv_nsec = (long long)(max_ns % 1000000000u)};
+    struct io_uring_cqe *cqe;
+    int r = io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
+    if (r >= 0 && e->unsubmitted) {
+        e->unsubmitted = 0; /* submit_and_wait submitted them */
+        e->stats.submits++;
+    }
+    if (r == -ETIME || r == -EINTR)
+        return 0;
+    return r < 0 ? r : (io_uring_cq_ready(&e->ring) ? 1 : 0);
+}
+
 int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
 {
     uint64_t counter;
@@ -203,17 +266,35 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
     } else {
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
+        uint64_t rearm = 0;
         io_uring_for_each_cqe(&e->ring, head, cqe)
         {
             if (n == max)
                 break;
-            out[n].user_data = io_uring_cqe_get_data64(cqe);
+            uint64_t ud = io_uring_cqe_get_data64(cqe);
+            if (ud & WATCH_BIT) {
+                e->woken |= 1ull << (ud & 63);
+                if (!(cqe->flags & IORING_CQE_F_MORE))
+                    rearm |= 1ull << (ud & 63); /* the kernel ended this multishot poll */
+                seen++;
+                continue;
+            }
+            out[n].user_data = ud;
             out[n].res = cqe->res;
             n++;
             seen++;
         }
         io_uring_cq_advance(&e->ring, seen);
-        if (n == max && io_uring_cq_ready(&e->ring))
+        if (rearm) {
+            /* Re-arm the watches whose poll the kernel ended (on overflow or an error). */
+            for (unsigned i = 0; i < e->nwatch; i++)
+                if (rearm & (1ull << e->watch[i].tag))
+                    arm_watch(e, e->watch[i].fd, e->watch[i].tag);
+            avmm_engine_submit(e);
+        }
+        /* A doorbell noted here but served later (the device may be reaping inside a
+         * kick) must not be lost: keep the eventfd readable until it is taken. */
+        if ((n == max && io_uring_cq_ready(&e->ring)) || e->woken)
             avmm_efd_signal(e->efd);
     }
     e->inflight -= (unsigned)n;
@@ -243,7 +324,9 @@ void avmm_engine_drain(struct avmm_engine *e)
         struct io_uring_cqe *cqe;
         if (io_uring_wait_cqe(&e->ring, &cqe) < 0)
             break;
+        int watch = (io_uring_cqe_get_data64(cqe) & WATCH_BIT) != 0;
         io_uring_cqe_seen(&e->ring, cqe);
-        e->inflight--;
+        if (!watch)
+            e->inflight--;
     }
 }

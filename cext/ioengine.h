@@ -74,4 +74,16 @@ unsigned avmm_engine_inflight(const struct avmm_engine *e);
 void avmm_engine_drain(struct avmm_engine *e);
 struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e);
 
+/* One wait for doorbells and completions (io_uring only), as QEMU's fdmon-io_uring:
+ * io_uring watches `fd` (multishot POLL_ADD) beside the I/O, so its readiness is a CQE:
+ * it signals the engine's eventfd like a completion, and it ends avmm_engine_wait.
+ * avmm_engine_reap() keeps such CQEs out of `out` and notes their tag (< 64) for
+ * avmm_engine_woken(), which returns the tags seen since the last call and clears them.
+ * avmm_engine_wait() submits what is queued and sleeps in io_uring until a CQE is there
+ * or max_ns passed: 1 when there is one, 0 on timeout, -errno. */
+#define AVMM_ENGINE_MAX_WATCH 64
+int avmm_engine_watch(struct avmm_engine *e, int fd, unsigned tag);
+uint64_t avmm_engine_woken(struct avmm_engine *e);
+int avmm_engine_wait(struct avmm_engine *e, uint64_t max_ns);
+
 #endif

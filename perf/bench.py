@@ -34,14 +34,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import history
 from table import table  # perf/table.py
 
-ROOT = Path(__file__).resolve().parent.parent
+# The checkout benchmarked: this one, or another one set up with tools/setup --perf
+# (`--root DIR`, which perf/ab.py uses: this harness measures both sides of an A/B).
+ROOT = Path(os.environ.get("ASYNCVMM_BENCH_ROOT") or Path(__file__).resolve().parent.parent).resolve()
 GUESTS = ROOT / "build" / "guests"
 RAWKVM = ROOT / "build" / "perf" / "rawkvm"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 ASYNCVMM = ROOT / ".venv" / "bin" / "asyncvmm"
-HISTORY = ROOT / "perf" / "history.jsonl"
+HISTORY = Path(__file__).resolve().parent / "history.jsonl"
 MiB = 1 << 20
 
 # Targets for asyncvmm (see perf/README.md).
@@ -561,6 +564,7 @@ def exits_child(spec: str) -> int:
             stop = task.result()
             seconds = time.perf_counter() - t0
             stats = m.vcpu_stats(0)
+            stats["exit_hist"] = exit_histogram(m, 0)
         finally:
             m.close()
             console.close()
@@ -574,6 +578,34 @@ def exits_child(spec: str) -> int:
     result = run(main())
     print(json.dumps({"loop": loop_name(), "runs": result}))
     return 0
+
+
+def exit_histogram(m, i: int) -> list[list[int]]:
+    """vCPU i's per-exit latency histogram (cext: avmm_vcpu_exit_hist), as [from ns, to ns,
+    count] for the buckets that have counts; [] from a C core without one."""
+    from asyncvmm._native import ffi, lib  # noqa: PLC0415
+
+    if not hasattr(lib, "avmm_vcpu_exit_hist"):
+        return []
+    vcpus = getattr(m, "vcpus", None)
+    cvm = vcpus.cvm if hasattr(vcpus, "cvm") else m._cvm  # the C VM: where this commit keeps it
+    buf = ffi.new("uint64_t[]", lib.AVMM_HIST_BUCKETS)
+    n = lib.avmm_vcpu_exit_hist(cvm, i, buf, lib.AVMM_HIST_BUCKETS)
+    return [[lib.avmm_hist_bucket_ns(b), lib.avmm_hist_bucket_ns(b + 1), buf[b]] for b in range(max(n, 0)) if buf[b]]
+
+
+def hist_percentile(hist: list[list[int]], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram of [from ns, to ns, count], in µs: the middle of
+    the bucket it falls in (a bucket is at most 12.5% wide)."""
+    total = sum(c for _, _, c in hist)
+    if not total:
+        return None
+    seen = 0
+    for lo, hi, c in hist:
+        seen += c
+        if seen >= q * total:
+            return (lo + hi) / 2 / 1e3
+    return hist[-1][1] / 1e3
 
 
 def asyncvmm_exits(port: int, n: int, timeout: float) -> dict:
@@ -593,6 +625,8 @@ def asyncvmm_exits(port: int, n: int, timeout: float) -> dict:
         "us": (rn["seconds"] - r0["seconds"]) * 1e6 / n,
         "in_run_us": st["ns_in_run"] / exits / 1e3 if exits else None,
         "wait_us": st["ns_waiting"] / st["posted"] / 1e3 if st["posted"] else None,
+        "p50_us": hist_percentile(st.get("exit_hist", []), 0.50),
+        "p99_us": hist_percentile(st.get("exit_hist", []), 0.99),
         "loop": data["loop"],
     }
 
@@ -651,24 +685,30 @@ def bench_exits(n: int, reps: int, kind: str, notes: list[str]) -> tuple[str, di
         added = au - ru if au is not None and ru is not None else None
         in_run = med([x["in_run_us"] for x in a[port]])
         wait = med([x["wait_us"] for x in a[port]]) if path == "loop" else None
+        p50 = med([x.get("p50_us") for x in a[port]]) if path == "loop" else None
+        p99 = med([x.get("p99_us") for x in a[port]]) if path == "loop" else None
         limit = TARGET_LOOP_ADDED_US if path == "loop" else TARGET_FAST_ADDED_US
         key = f"exits.{port:#x}"
         for name, v in (("asyncvmm_us", au), ("rawkvm_us", ru), ("added_us", added),
-                        ("asyncvmm_in_kvm_run_us", in_run), ("asyncvmm_loop_wait_us", wait)):
+                        ("asyncvmm_in_kvm_run_us", in_run), ("asyncvmm_loop_wait_us", wait),
+                        ("asyncvmm_out_p50_us", p50), ("asyncvmm_out_p99_us", p99)):
             if v is not None:
                 figs[f"{key}.{name}"] = round(v, 3)
         spread = (max(x["us"] for x in a[port]) - min(x["us"] for x in a[port])) / 2 if a[port] else None
         rows.append([label, f"{port:#x}", fmt(au, ".2f", "FAILED"), fmt(ru, ".2f", "FAILED"), fmt(added, "+.2f"),
                      f"≤ {limit:g}: {verdict(added, limit)}" if added is not None else f"≤ {limit:g}",
-                     fmt(in_run, ".2f"), fmt(wait, ".2f"), "—" if spread is None else f"±{spread:.2f}"])
+                     fmt(in_run, ".2f"), fmt(wait, ".2f"), fmt(p50, ".2f"), fmt(p99, ".1f"),
+                     "—" if spread is None else f"±{spread:.2f}"])
     out = [f"2. exit round trip: build/guests/exitbench.elf n={n}; median of {reps} runs, µs per exit = "
            f"(t[n={n}] − t[n=0]) / {n}",
            table(["path", "port", "asyncvmm", "rawkvm", "added", "target (added)", "in KVM_RUN",
-                  "loop wait", "asyncvmm ±"], rows, "llrrrlrrr")]
+                  "loop wait", "out p50", "out p99", "asyncvmm ±"], rows, "llrrrlrrrrr")]
     out.append(f"  asyncvmm: timed in-process around `await Machine.run()` ({loop}); rawkvm: its own "
                "CLOCK_MONOTONIC figure, same guest, same port.")
     out.append("  'in KVM_RUN': the vCPU thread's time inside KVM_RUN per exit; 'loop wait': its wait"
                " for the loop per exit posted to it.")
+    out.append("  'out p50/p99': each posted exit's time out of KVM_RUN (its return to the next entry: the hand-off"
+               " to the loop and back), from a histogram the vCPU thread keeps; rawkvm's is ~0.")
     if kind == "kvm_pvm":
         raw = med([x["us"] for p, _, _ in EXIT_PATHS for x in r[p]])
         if raw is not None:
@@ -817,10 +857,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
                     help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
+    ap.add_argument("--no-qemu", action="store_true", help="leave out the QEMU columns (they take seconds each)")
+    ap.add_argument("--json", metavar="PATH", help="also write this run's record (the history line) to PATH")
+    ap.add_argument("--root", metavar="DIR", help="benchmark the checkout in DIR (set up with tools/setup --perf)")
     ap.add_argument("--child-exits", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_exits:
         return exits_child(args.child_exits)
+    if args.root:
+        root = Path(args.root).resolve()
+        py = root / ".venv" / "bin" / "python"
+        if not py.exists():
+            print(f"bench: --root {args.root}: no .venv there (run tools/setup --perf in it)", file=sys.stderr)
+            return 2
+        # The in-process benchmarks (blk) import asyncvmm: run under that checkout's venv.
+        os.environ["ASYNCVMM_BENCH_ROOT"] = str(root)
+        rest = list(sys.argv[1:] if argv is None else argv)
+        i = rest.index("--root") if "--root" in rest else -1
+        rest = rest[:i] + rest[i + 2:] if i >= 0 else [a for a in rest if not a.startswith("--root=")]
+        os.execv(str(py), [str(py), str(Path(__file__).resolve()), *rest])
 
     which = [w.strip() for w in args.only.split(",") if w.strip()]
     bad = [w for w in which if w not in BENCHMARKS]
@@ -835,8 +890,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu and ("startup" in which or "memory" in which):
+    qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
+    if args.no_qemu:
+        notes.append("QEMU columns left out (--no-qemu)")
+    elif not qemu and ("startup" in which or "memory" in which):
         notes.append("qemu-system-x86_64 not found: QEMU columns skipped (install it: tools/setup --perf)")
 
     kind = kvm_kind()
@@ -844,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
+        "machine": history.machine_id(),
+        "machine_info": history.machine_info(),
         "host_kernel": os.uname().release,
         "kvm": kind,
         "cpus": os.cpu_count(),
@@ -916,10 +975,12 @@ def main(argv: list[str] | None = None) -> int:
     record["figures"] = figures
     if notes:
         record["notes"] = notes
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, ensure_ascii=False)
     if not args.no_history:
-        with open(HISTORY, "a") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        print(f"({elapsed:.0f} s; appended to {HISTORY.relative_to(ROOT)})")
+        history.append(record, HISTORY)
+        print(f"({elapsed:.0f} s; appended to {HISTORY})")
     else:
         print(f"({elapsed:.0f} s; history not written)")
     return status

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("ASYNCVMM_BENCH_ROOT") or Path(__file__).resolve().parent.parent).resolve()
 TAPBENCH = ROOT / "build" / "perf" / "tapbench"
 TAP = "avbench0"
 GUEST_MAC = "52:54:00:be:0c:01"  # tapbench's frames go to this MAC

@@ -196,10 +196,10 @@ class Vcpus:
         n = lib.avmm_vm_collect(cvm, ids, ncpus, 0)
         if not n:
             return
-        now = time.monotonic_ns()
-        window = self.exit_poll
-        window.woken(now)
-        deadline = now + poll.POLL_SLICE_NS
+        # Whether to poll, given the window, is decided in C per poll (its hits and misses,
+        # where the vCPUs run: cext/vcpu_loop.c, struct spin_policy).
+        poll_ns = self.exit_poll.max_ns
+        deadline = time.monotonic_ns() + poll.POLL_SLICE_NS
         self.loop_wakeups += 1
         while True:
             # Bytes the fast path took from THR come before whatever these exits do; the
@@ -215,9 +215,8 @@ class Vcpus:
             if self.stopping():
                 return
             # Past the deadline, exits still posted wake the loop again through the eventfd.
-            n = lib.avmm_vm_collect(cvm, ids, ncpus, window.ns) if window.ns and time.monotonic_ns() < deadline else 0
+            n = lib.avmm_vm_collect(cvm, ids, ncpus, poll_ns) if poll_ns and time.monotonic_ns() < deadline else 0
             if not n:
-                window.gave_up()
                 return
 
     def serve_posted(self, i: int) -> None:
