@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         "hottest kernel functions",
     )
     run.add_argument("--symbols", metavar="PATH", help="System.map or vmlinux for --profile-rip (default: found beside the kernel)")
+    run.add_argument(
+        "--seccomp", choices=("off", "log", "kill"),
+        help="system call filters per thread (vCPU, loop, helpers): log what a thread should not call, "
+        "or kill the VMM when one does (default: off, or $ASYNCVMM_SECCOMP)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     return p
@@ -128,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         strict_io=args.strict_io,
         force_msi=args.force_msi,
     )
+    if args.seccomp:
+        cfg.seccomp = args.seccomp
     for spec in args.console:
         cfg.console = parse_console(spec)
     return cfg.validate()

@@ -55,6 +55,8 @@ class VmConfig:
     acpi: bool = True  # -A: ACPI tables (--no-acpi leaves them out)
     strict_io: bool = False  # -e: an access nothing emulates stops the VM
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
+    # --seccomp: off | log | kill (asyncvmm/seccomp.py); ASYNCVMM_SECCOMP sets the default
+    seccomp: str = field(default_factory=lambda: os.environ.get("ASYNCVMM_SECCOMP", "off"))
 
     @property
     def cpu_topology(self) -> Topology:
@@ -94,6 +96,8 @@ class VmConfig:
             raise ConfigError(f"--cpu {self.cpu_template}: choose host or baseline")
         if self.decompress not in ("auto", "vmm", "kernel"):
             raise ConfigError(f"--decompress {self.decompress}: choose auto, vmm or kernel")
+        if self.seccomp not in ("off", "log", "kill"):
+            raise ConfigError(f"--seccomp {self.seccomp}: choose off, log or kill")
         if self.profile_rip_ms and not MIN_RIP_PERIOD_MS <= self.profile_rip_ms <= MAX_RIP_PERIOD_MS:
             raise ConfigError(
                 f"--profile-rip {self.profile_rip_ms:g}: a period from {MIN_RIP_PERIOD_MS:g} to {MAX_RIP_PERIOD_MS:g} ms"

@@ -43,6 +43,7 @@ from .vstate import probe
 from .vstate.kvm import Kvm, VcpuFd, VmFd
 from .vstate.memory import GuestMemory
 from .vstate.vcpu import apply_boot_state, set_boot_msrs
+from . import seccomp
 from ._native import ffi, lib
 
 
@@ -264,6 +265,7 @@ class Machine:
         self._cvm = lib.avmm_vm_new(cfg.cpus, self._notify_efd, self._console_efd)
         if self._cvm == ffi.NULL:
             raise KvmError("cannot allocate the vCPU threads' state")
+        lib.avmm_vm_set_seccomp(self._cvm, seccomp.action(cfg.seccomp))  # each vCPU thread's filter
         entries = self.quirks.adjust_cpuid(cpuid.apply_template(self.kvm.supported_cpuid(), self.cpu_template))
         if self.quirks.hidden_pv_features:
             log.info(f"quirks: kvm-pv-hypercalls: hidden from the guest: {', '.join(self.quirks.hidden_pv_features)}")

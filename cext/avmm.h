@@ -76,6 +76,7 @@ struct avmm_vcpu_stats {
     uint64_t samples_dropped;        /* RIP samples not kept: the buffer was full */
     uint64_t first_high_rip_ns;      /* CLOCK_MONOTONIC of the first sample in the upper half
                                       * of the address space (a kernel proper), or 0 */
+    uint64_t seccomp_failed;         /* 1: the thread's seccomp filter could not be installed */
 };
 
 struct avmm_vm;
@@ -111,6 +112,10 @@ void avmm_vm_stop(struct avmm_vm *vm);
 int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
 /* Copy up to max of vCPU idx's samples, from the first, into out; returns how many. */
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
+
+/* Before the vCPUs start: each vCPU thread installs its seccomp filter (seccomp.h; an
+ * enum avmm_seccomp_action, 0 = none) once its set-up is done. */
+void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 
 /* COM1 fast path (see enum avmm_uart_fast). base 0 turns it off. */
 void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);

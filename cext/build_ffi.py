@@ -5,6 +5,7 @@ below only names the fields Python uses and ends each struct with `...;`, and ev
 constant is `...`, so no layout or number is re-typed here.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -213,7 +214,7 @@ struct avmm_exit {
 struct avmm_vcpu_stats {
     uint64_t exits[...]; uint64_t fast_io; uint64_t posted; uint64_t kicks;
     uint64_t ns_in_run; uint64_t ns_waiting; uint64_t ns_exits[...]; uint64_t ns_fast_io;
-    uint64_t samples; uint64_t samples_dropped; uint64_t first_high_rip_ns;
+    uint64_t samples; uint64_t samples_dropped; uint64_t first_high_rip_ns; uint64_t seccomp_failed;
 };
 struct avmm_vm;
 
@@ -359,7 +360,23 @@ long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int avmm_run_once(int vcpu_fd, void *run);
 void *avmm_map_run(int vcpu_fd, size_t mmap_size);
 void avmm_unmap(void *addr, size_t size);
+
+/* seccomp.h */
+#define AVMM_SECCOMP_VCPU ...
+#define AVMM_SECCOMP_LOOP ...
+#define AVMM_SECCOMP_HELPER ...
+#define AVMM_SECCOMP_OFF ...
+#define AVMM_SECCOMP_LOG ...
+#define AVMM_SECCOMP_KILL ...
+int avmm_seccomp_install(int kind, int action, int all_threads);
+int avmm_seccomp_allowed_count(int kind);
+void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 """
+
+# ASYNCVMM_SANITIZE=address,undefined builds the extension with those sanitizers
+# (tools/test --asan: the test suite runs on it with the runtime preloaded).
+_san = os.environ.get("ASYNCVMM_SANITIZE", "")
+SANITIZE = [f"-fsanitize={_san}", "-fno-omit-frame-pointer", "-g", "-O1"] if _san else []
 
 ffibuilder = FFI()
 ffibuilder.cdef(
@@ -372,11 +389,13 @@ ffibuilder.set_source(
     "#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
     "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
     "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/if_tun.h>\n"
-    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n#include "net.h"\n'
+    f'#include "avmm.h"\n#include "virtq.h"\n#include "ioengine.h"\n#include "blk.h"\n#include "testdrv.h"\n#include "net.h"\n#include "seccomp.h"\n'
     f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
-    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c", "cext/net.c"],
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/testdrv.c", "cext/net.c",
+             "cext/seccomp.c"],
     include_dirs=["cext"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function", *SANITIZE],
+    extra_link_args=SANITIZE,
     libraries=["pthread", "uring"],
 )
 

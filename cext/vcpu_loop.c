@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "avmm.h"
+#include "seccomp.h"
 
 /* Bytes the COM1 fast path may hold before the vCPU must wait for the loop to drain. */
 #define CONSOLE_CAP 65536
@@ -68,6 +69,7 @@ struct avmm_vm {
     struct avmm_vcpu *vcpus;
     _Atomic uint32_t pause_req; /* futex word for paused vCPUs */
     _Atomic uint32_t quit;
+    int seccomp_action;         /* enum avmm_seccomp_action: each vCPU thread's filter */
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
     size_t sample_capacity;
     /* COM1 fast path */
@@ -383,6 +385,10 @@ static void *vcpu_main(void *arg)
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
     start_sampling(v);
+    /* Set-up is done (signals, affinity, the sampling timer): from here on the thread makes
+     * only the calls the vCPU allow-list names (seccomp.c). */
+    if (vm->seccomp_action && avmm_seccomp_install(AVMM_SECCOMP_VCPU, vm->seccomp_action, 0) < 0)
+        v->stats.seccomp_failed = 1;
 
     for (;;) {
         if (atomic_load(&vm->quit))
@@ -694,4 +700,9 @@ int avmm_run_once(int vcpu_fd, void *run)
     if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
         return -errno;
     return (int)((struct kvm_run *)run)->exit_reason;
+}
+
+void avmm_vm_set_seccomp(struct avmm_vm *vm, int action)
+{
+    vm->seccomp_action = action;
 }
