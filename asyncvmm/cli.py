@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import log
-from .config import VmConfig, parse_console, parse_memory, parse_pin, parse_slot, parse_topology
+from .config import VmConfig, parse_memory, parse_pin, parse_slot, parse_topology, serial_config
 from .errors import ConfigError, VmmError
 
 # Exit statuses of `asyncvmm run` (also in --help).
@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
     run.add_argument("--cmdline", default="", metavar="STR", help="kernel command line")
     run.add_argument(
-        "-l", "--console", action="append", default=[], metavar="com1,SPEC",
-        help="COM1 to stdio (default), to a file PATH, or to socket=PATH",
+        "-l", "--console", action="append", default=[], metavar="comN,SPEC",
+        help="a COM port (com1..com4) to stdio, a file PATH, socket=PATH or tcp=HOST:PORT "
+        "(COM1 goes to stdio without one; repeatable)",
     )
     run.add_argument("-s", "--slot", action="append", default=[], metavar="SLOT,DRIVER,CONF", help="a PCI device")
     run.add_argument("-p", "--pin", action="append", default=[], metavar="VCPU:HOSTCPU", help="pin vCPU VCPU's thread to host CPU HOSTCPU (repeatable)")
@@ -135,8 +136,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     )
     if args.seccomp:
         cfg.seccomp = args.seccomp
-    for spec in args.console:
-        cfg.console = parse_console(spec)
+    serial_config(args.console, cfg)
     return cfg.validate()
 
 

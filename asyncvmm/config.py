@@ -18,7 +18,7 @@ MIN_RIP_PERIOD_MS = 0.1  # --profile-rip: a sample costs a KVM_RUN exit and KVM_
 MAX_RIP_PERIOD_MS = 10_000.0
 
 # bhyve's -s drivers asyncvmm does not have (yet); those it has are in devices/slots.py.
-PLANNED_DRIVERS = {"lpc", "ahci-hd", "passthru", "xhci", "virtio-rnd", "virtio-console"}
+PLANNED_DRIVERS = {"ahci-hd", "passthru", "xhci", "virtio-rnd", "virtio-console"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class VmConfig:
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
-    console: str = "stdio"  # -l com1,SPEC: stdio | PATH | socket=PATH
+    console: str = "stdio"  # -l com1,SPEC: stdio | PATH | socket=PATH | tcp=HOST:PORT ("": nowhere)
+    serial: dict[str, str] = field(default_factory=dict)  # -l com2..com4,SPEC: port name → SPEC
     no_reboot: bool = False
     cpu_template: str = ""  # "" = chosen by probing KVM
     quirks: bool = True  # workarounds for an emulating KVM, when one is detected
@@ -104,6 +105,7 @@ class VmConfig:
             )
         if self.symbols:
             check_readable(self.symbols, "--symbols")
+        check_serial(self)
         from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
 
         check_slots(self)
@@ -195,6 +197,55 @@ def parse_console(text: str) -> str:
     if not sep or not spec or spec == "socket=":
         raise ConfigError(f"-l {text}: say where com1 goes: com1,stdio, com1,PATH or com1,socket=PATH")
     return spec
+
+
+def parse_serial(text: str) -> tuple[str, str]:
+    """bhyve's -l: comN,stdio | comN,PATH | comN,socket=PATH | comN,tcp=HOST:PORT (N 1-4)."""
+    from .platform import COM_PORT_BY_NAME  # noqa: PLC0415
+
+    dev, sep, spec = text.partition(",")
+    name = dev.lower()
+    if name not in COM_PORT_BY_NAME:
+        raise ConfigError(f"-l {text}: no such port {dev!r} (com1, com2, com3 or com4)")
+    if not sep or not spec or spec in ("socket=", "tcp="):
+        raise ConfigError(f"-l {text}: say where {name} goes: stdio, PATH, socket=PATH or tcp=HOST:PORT")
+    return name, spec
+
+
+def serial_config(options: list[str], cfg: "VmConfig") -> None:
+    """The -l options into `cfg`: COM1's in `console`, the others in `serial`. COM1 is
+    always there; without a -l of its own it goes to stdio, or nowhere when another
+    port has stdio."""
+    given: dict[str, str] = {}
+    for text in options:
+        name, spec = parse_serial(text)
+        if name in given:
+            raise ConfigError(f"-l {text}: {name} is given twice")
+        given[name] = spec
+    if "com1" in given:
+        cfg.console = given.pop("com1")
+    elif "stdio" in given.values():
+        cfg.console = ""
+    cfg.serial = given
+
+
+def check_serial(cfg: "VmConfig") -> None:
+    """The COM ports' backends, before anything starts (console.check_console)."""
+    from .console import check_console  # noqa: PLC0415
+    from .platform import COM_PORT_BY_NAME  # noqa: PLC0415
+
+    ports = {"com1": cfg.console, **cfg.serial}
+    seen: dict[str, str] = {}
+    for name, spec in ports.items():
+        if name not in COM_PORT_BY_NAME:
+            raise ConfigError(f"-l {name},{spec}: no such port {name!r} (com1, com2, com3 or com4)")
+        where = f"-l {name},{spec}"
+        if spec and spec in seen:
+            what = "stdio" if spec == "stdio" else spec
+            raise ConfigError(f"{where}: {seen[spec]} already goes to {what}")
+        if spec:
+            seen[spec] = name
+        check_console(spec, where)
 
 
 def parse_slot(text: str) -> PciSlot:

@@ -1,4 +1,4 @@
-"""Where COM1 goes: the VMM's stdio, a file, or a Unix socket (`-l com1,...`).
+"""Where a COM port goes: the VMM's stdio, a file, a Unix socket or a TCP port (`-l comN,...`).
 
 A backend moves bytes between the host side and the UART model, on the loop:
   write(data)       guest output, in batches (whatever the guest wrote since the last drain)
@@ -13,6 +13,7 @@ rest of the input is held; `resume_input` continues. Nothing is dropped on the w
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import queue
 import socket
@@ -274,18 +275,23 @@ class SocketConsole(Console):
         self.path = path
         self._client: socket.socket | None = None
         self._backlog = bytearray()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            if os.path.exists(path) and _is_stale_socket(path):
-                os.unlink(path)
-            self._listener.bind(path)
-        except OSError as e:
-            self._listener.close()
-            raise ConfigError(f"cannot listen on console socket {path}: {e.strerror}") from None
+        self._listener = self._listen()
         self._listener.listen(1)
         self._listener.setblocking(False)
         self._listening = False
         self._writing = False
+
+    def _listen(self) -> socket.socket:
+        path = self.path
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            if os.path.exists(path) and _is_stale_socket(path):
+                os.unlink(path)
+            listener.bind(path)
+        except OSError as e:
+            listener.close()
+            raise ConfigError(f"cannot listen on console socket {path}: {e.strerror}") from None
+        return listener
 
     def attach(self, loop, feed, on_break=None, on_quit=None) -> None:
         super().attach(loop, feed, on_break, on_quit)
@@ -367,10 +373,76 @@ class SocketConsole(Console):
             self._listening = False
         self._drop_client()
         self._listener.close()
+        self._unlink()
+
+    def _unlink(self) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class TcpConsole(SocketConsole):
+    """bhyve's `tcp=HOST:PORT`: a TCP port the VMM listens on, otherwise as SocketConsole
+    (one client at a time: a second one is disconnected at once while the first stays;
+    output kept, bounded, until a client connects). telnet or nc is the terminal."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        super().__init__(f"{format_tcp(host, port)}")
+
+    def _listen(self) -> socket.socket:
+        try:
+            return tcp_listener(self.host, self.port)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on tcp={self.path}: {e.strerror}") from None
+
+    def _on_accept(self) -> None:
+        super()._on_accept()
+        if self._client is not None:  # interactive: no Nagle delay on echoed keystrokes
+            try:
+                self._client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def _unlink(self) -> None:
+        pass
+
+
+class NullConsole(Console):
+    """Nowhere: output is discarded and there is no input (COM1 when `-l` sends another
+    port to stdio and says nothing of COM1)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def parse_tcp(spec: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPV6]:PORT` of `tcp=...`; ValueError names what is wrong."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("use tcp=HOST:PORT (a port 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def format_tcp(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tcp_listener(host: str, port: int) -> socket.socket:
+    """A bound TCP socket (not yet listening) for HOST:PORT; OSError if it cannot be."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of the last run
+        listener.bind(addr)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
 def _is_stale_socket(path: str) -> bool:
@@ -387,10 +459,52 @@ def _is_stale_socket(path: str) -> bool:
 
 
 def open_console(spec: str) -> Console:
-    """The backend for `-l com1,SPEC`: stdio, socket=PATH, or a file PATH."""
+    """The backend for `-l comN,SPEC`: stdio, socket=PATH, tcp=HOST:PORT, or a file PATH
+    ("" is nowhere)."""
     if spec == "stdio":
         return StdioConsole()
     if spec.startswith("socket="):
         return SocketConsole(spec[len("socket=") :])
+    if spec.startswith("tcp="):
+        return TcpConsole(*parse_tcp(spec[len("tcp=") :]))
+    if not spec:
+        return NullConsole()
     return FileConsole(spec)
+
+
+def check_console(spec: str, where: str) -> None:
+    """Whether `open_console(spec)` can work, checked before anything starts: a socket
+    path a live VMM listens on, a tcp port in use, a file in a missing directory.
+    Raises ConfigError naming `where` (the option)."""
+    if spec.startswith("tcp="):
+        try:
+            host, port = parse_tcp(spec[len("tcp=") :])
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        try:
+            tcp_listener(host, port).close()
+        except socket.gaierror as e:
+            raise ConfigError(f"{where}: cannot resolve {host}: {e.strerror}") from None
+        except OSError as e:
+            why = "in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise ConfigError(f"{where}: cannot listen on {format_tcp(host, port)}: {why}") from None
+        return
+    if spec.startswith("socket="):
+        path = spec[len("socket=") :]
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise ConfigError(f"{where}: {path} exists and is not a socket")
+            try:
+                _is_stale_socket(path)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        path = os.path.dirname(path) or "."
+    elif spec in ("stdio", ""):
+        return
+    elif os.path.isdir(spec):
+        raise ConfigError(f"{where}: {spec} is a directory")
+    else:
+        path = os.path.dirname(spec) or "."
+    if not os.path.isdir(path):
+        raise ConfigError(f"{where}: no such directory {path}")
 

@@ -20,6 +20,8 @@ the PCI root and the device models cannot disagree about them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .vstate.memory import GiB, MMIO_HOLE_END, MMIO_HOLE_START
 
 # -- memory ---------------------------------------------------------------------------
@@ -67,7 +69,7 @@ I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 RTC_PORT = 0x70  # index, data
 POST_PORT = 0x80
-COM1_PORT = 0x3F8
+COM1_PORT = 0x3F8  # COM_PORTS[0]; the others are in COM_PORTS below
 ACPI_PM_PORT = 0x600  # the ACPI PM register block (64 ports; devices/legacy/acpi_pm.py)
 ACPI_PM_SIZE = 0x40
 ACPI_PM1_EVT_PORT = ACPI_PM_PORT  # PM1a_EVT_BLK: PM1_STS (2 ports), then PM1_EN (2 ports)
@@ -86,6 +88,7 @@ PCI_IO_END = 0x10000
 PIT_IRQ = 0
 I8042_KBD_IRQ = 1
 COM1_IRQ = 4
+COM2_IRQ = 3
 RTC_IRQ = 8
 ACPI_SCI_IRQ = 9
 IOAPIC_PINS = 24  # GSIs 0..23 are the IOAPIC's pins (0..15 also the PICs')
@@ -98,3 +101,26 @@ def pci_intx_gsi(slot: int, pin: int) -> int:
     """The GSI of INTx `pin` (0 = INTA .. 3 = INTD) of a device in `slot` of bus 0: the
     usual swizzle over pins 16..23, as the DSDT's _PRT tells the guest."""
     return PCI_INTX_FIRST_GSI + (slot + pin) % PCI_INTX_GSIS
+
+
+# -- the COM ports (16550A UARTs, `-l comN,...`) --------------------------------------
+@dataclass(frozen=True)
+class ComPort:
+    """Where a PC's COM port sits: its 8 ports and its ISA interrupt line. COM3 and COM4
+    share COM1's and COM2's lines, as on every PC (the lines are edge-triggered ISA IRQs:
+    one wire, whoever drives it)."""
+
+    name: str  # as `-l` spells it: com1..com4
+    port: int  # base I/O port of the 8 registers
+    irq: int  # ISA IRQ (= GSI: the IOAPIC's and the PIC's pin)
+    uid: int  # the DSDT's _UID (1..4)
+
+
+COM_PORT_SIZE = 8
+COM_PORTS = (
+    ComPort("com1", COM1_PORT, COM1_IRQ, 1),
+    ComPort("com2", 0x2F8, COM2_IRQ, 2),
+    ComPort("com3", 0x3E8, COM1_IRQ, 3),
+    ComPort("com4", 0x2E8, COM2_IRQ, 4),
+)
+COM_PORT_BY_NAME = {c.name: c for c in COM_PORTS}

@@ -11,7 +11,7 @@
                    TAPs and images too: its ioctl and openat are not filtered by argument.
                    What it refuses is what a VMM never does: exec, fork (clone without
                    CLONE_THREAD), ptrace, mount, module loading, bpf, kexec, privilege and
-                   namespace changes, sockets other than AF_UNIX and AF_INET. Installed on
+                   namespace changes, sockets other than AF_UNIX, AF_INET and AF_INET6. Installed on
                    every thread of the process at once (TSYNC) by `asyncvmm run` before the
                    VM starts, so every thread made after inherits it (vCPUs and helpers add
                    theirs on top: filters stack, and the strictest answer wins).

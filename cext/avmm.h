@@ -42,7 +42,7 @@ enum avmm_vcpu_state {
     AVMM_VCPU_DONE = 4,    /* the thread has ended */
 };
 
-/* The UART fast path: which of COM1's registers C may serve without the loop. */
+/* The UART fast path: which of a UART's registers C may serve without the loop. */
 enum avmm_uart_fast {
     AVMM_UART_FAST_THR = 1, /* THR writes are appended to the console buffer */
     AVMM_UART_FAST_LSR = 2, /* LSR reads return lsr_shadow */
@@ -117,8 +117,9 @@ size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max)
  * enum avmm_seccomp_action, 0 = none) once its set-up is done. */
 void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 
-/* COM1 fast path (see enum avmm_uart_fast). base 0 turns it off. */
-void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);
+/* UART fast path (see enum avmm_uart_fast), at the ports of THR and LSR the UART model
+ * names. thr_port 0 turns it off. */
+void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow);
 /* Move bytes written through the fast path into out; returns how many. */
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -353,7 +353,7 @@ void avmm_vm_resume(struct avmm_vm *vm);
 void avmm_vm_stop(struct avmm_vm *vm);
 int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
-void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow);
+void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow);
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap);
 long avmm_ioctl(int fd, unsigned long request, void *arg);
 long avmm_ioctl_val(int fd, unsigned long request, unsigned long arg);

@@ -149,7 +149,8 @@ static void build(struct prog *p, int kind, uint32_t deny)
         allow_masked(p, SYS_openat, 2, O_ACCMODE | O_CREAT | O_TRUNC, O_RDONLY, deny);
         break;
     case AVMM_SECCOMP_LOOP: {
-        static const unsigned long families[] = {AF_UNIX, AF_INET /* SIOCSIFFLAGS on a new TAP */};
+        /* AF_INET: SIOCSIFFLAGS on a new TAP, and with AF_INET6 the -l comN,tcp= consoles */
+        static const unsigned long families[] = {AF_UNIX, AF_INET, AF_INET6};
         for (unsigned i = 0; i < N(loop); i++)
             allow_nr(p, loop[i]);
         allow_args(p, SYS_socket, 0, families, N(families), deny);

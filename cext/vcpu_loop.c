@@ -1,8 +1,8 @@
 /*
  * Native vCPU threads: KVM_RUN without the GIL, exits handed to the asyncio loop.
  *
- * A vCPU thread loops on KVM_RUN. Exits it can serve alone (COM1's THR writes and LSR
- * reads, when the UART model armed that) never leave C. Any other exit is posted: the
+ * A vCPU thread loops on KVM_RUN. Exits it can serve alone (a UART's THR writes and LSR
+ * reads, at the ports the UART model armed) never leave C. Any other exit is posted: the
  * thread fills its exit slot, writes the VM's notify eventfd (a reader on the loop) and
  * waits on a futex until the loop completes it. Pause, resume and stop kick the threads
  * out of KVM_RUN with a signal and kvm_run.immediate_exit.
@@ -35,7 +35,7 @@
 #include "avmm.h"
 #include "seccomp.h"
 
-/* Bytes the COM1 fast path may hold before the vCPU must wait for the loop to drain. */
+/* Bytes the UART fast path may hold before the vCPU must wait for the loop to drain. */
 #define CONSOLE_CAP 65536
 /* How long a waiting vCPU spins before it sleeps: the loop usually answers within
  * microseconds, and a futex wake-up costs more than that (much more in a nested guest). */
@@ -72,8 +72,9 @@ struct avmm_vm {
     int seccomp_action;         /* enum avmm_seccomp_action: each vCPU thread's filter */
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
     size_t sample_capacity;
-    /* COM1 fast path */
-    _Atomic uint32_t uart_base;
+    /* UART fast path: the ports of THR and LSR, as the UART model gave them */
+    _Atomic uint32_t uart_thr_port;
+    _Atomic uint32_t uart_lsr_port;
     _Atomic uint32_t uart_flags;
     _Atomic uint32_t lsr_shadow;
     pthread_mutex_t console_lock;
@@ -130,20 +131,20 @@ static void set_state(struct avmm_vcpu *v, uint32_t state)
         futex_wake_all(&v->state);
 }
 
-/* ---- COM1 fast path ---------------------------------------------------------------- */
+/* ---- UART fast path ---------------------------------------------------------------- */
 
 static int serve_fast_io(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
     struct kvm_run *run = v->run;
-    uint32_t base = atomic_load_explicit(&vm->uart_base, memory_order_acquire);
-    if (!base || run->io.size != 1)
+    uint32_t thr_port = atomic_load_explicit(&vm->uart_thr_port, memory_order_acquire);
+    if (!thr_port || run->io.size != 1)
         return 0;
     uint32_t flags = atomic_load_explicit(&vm->uart_flags, memory_order_acquire);
     uint8_t *data = (uint8_t *)run + run->io.data_offset;
     uint32_t count = run->io.count;
 
-    if (run->io.port == base && run->io.direction == KVM_EXIT_IO_OUT && (flags & AVMM_UART_FAST_THR)) {
+    if (run->io.port == thr_port && run->io.direction == KVM_EXIT_IO_OUT && (flags & AVMM_UART_FAST_THR)) {
         int was_empty;
         pthread_mutex_lock(&vm->console_lock);
         if (vm->console_len + count > CONSOLE_CAP) {
@@ -158,21 +159,22 @@ static int serve_fast_io(struct avmm_vcpu *v)
             notify(vm->console_efd);
         return 1;
     }
-    if (run->io.port == base + 5 && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
+    if (run->io.port == atomic_load(&vm->uart_lsr_port) && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
         memset(data, (int)atomic_load(&vm->lsr_shadow), count);
         return 1;
     }
     return 0;
 }
 
-void avmm_uart_fast_set(struct avmm_vm *vm, int base, int flags, int lsr_shadow)
+void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow)
 {
     /* A vCPU that read the old flags may still use the shadow: when LSR leaves the fast
      * path, the last valid value stays. */
     if (flags & AVMM_UART_FAST_LSR)
         atomic_store(&vm->lsr_shadow, (uint32_t)lsr_shadow);
     atomic_store(&vm->uart_flags, (uint32_t)flags);
-    atomic_store(&vm->uart_base, (uint32_t)base);
+    atomic_store(&vm->uart_lsr_port, (uint32_t)lsr_port);
+    atomic_store(&vm->uart_thr_port, (uint32_t)thr_port);
 }
 
 size_t avmm_console_drain(struct avmm_vm *vm, uint8_t *out, size_t cap)

@@ -287,9 +287,10 @@ def processor_name(uid: int) -> str:
     return f"C{uid:03X}"
 
 
-def dsdt(ncpus: int, ram_top: int) -> bytes:
-    """The DSDT: the PCI root with its windows and _PRT, COM1, the motherboard's
-    reserved ranges (ECAM, the PM ports), one processor device per vCPU, and \\_S5."""
+def dsdt(ncpus: int, ram_top: int, serial_ports: Sequence[p.ComPort] = p.COM_PORTS[:1]) -> bytes:
+    """The DSDT: the PCI root with its windows and _PRT, the COM ports (COM1 by default),
+    the motherboard's reserved ranges (ECAM, the PM ports), one processor device per vCPU,
+    and \\_S5."""
     mmio64_start, mmio64_size = p.pci_mmio64_window(ram_top)
     crs = aml.resource_template(
         aml.word_bus_number(0, p.PCI_ECAM_BUSES - 1),
@@ -315,12 +316,18 @@ def dsdt(ncpus: int, ram_top: int) -> bytes:
         aml.name("_CRS", crs),
         aml.name("_PRT", prt),
     )
-    com1 = aml.device(
-        "COM1",
-        aml.name("_HID", aml.eisa_id("PNP0501")),  # 16550A-compatible UART
-        aml.name("_UID", 1),
-        aml.name("_CRS", aml.resource_template(aml.io(p.COM1_PORT, p.COM1_PORT, 1, 8), aml.irq_no_flags(p.COM1_IRQ))),
-    )
+    # The COM ports configured, each with its ports and ISA IRQ (edge, active high). COM3
+    # and COM4 name COM1's and COM2's IRQ, as a PC's firmware does: one driver (Linux's
+    # 8250) serves all the ports of one line from one handler.
+    coms = [
+        aml.device(
+            c.name.upper(),
+            aml.name("_HID", aml.eisa_id("PNP0501")),  # 16550A-compatible UART
+            aml.name("_UID", c.uid),
+            aml.name("_CRS", aml.resource_template(aml.io(c.port, c.port, 1, p.COM_PORT_SIZE), aml.irq_no_flags(c.irq))),
+        )
+        for c in serial_ports
+    ]
     # Ranges the OS must not hand to PCI devices: ECAM (Linux uses MMCONFIG only when it
     # is reserved here) and the PM register block.
     mres = aml.device(
@@ -339,7 +346,7 @@ def dsdt(ncpus: int, ram_top: int) -> bytes:
         aml.device(processor_name(uid), aml.name("_HID", "ACPI0007"), aml.name("_UID", uid)) for uid in range(ncpus)
     ]
     s5 = acpi_pm.SleepType.S5
-    body = aml.scope("\\_SB", pci0, com1, mres, *cpus) + aml.name("\\_S5", aml.package(s5, s5, 0, 0))
+    body = aml.scope("\\_SB", pci0, *coms, mres, *cpus) + aml.name("\\_S5", aml.package(s5, s5, 0, 0))
     return sdt(b"DSDT", DSDT_REVISION, body)
 
 
@@ -347,9 +354,10 @@ def _align(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-def build(apic_ids: Sequence[int], ram_top: int, base: int = p.ACPI_TABLES_START) -> Tables:
-    """Lay every table out from `base` (RSDP first) for vCPUs with these APIC IDs and a
-    guest whose RAM ends at `ram_top`."""
+def build(apic_ids: Sequence[int], ram_top: int, base: int = p.ACPI_TABLES_START,
+          serial_ports: Sequence[p.ComPort] = p.COM_PORTS[:1]) -> Tables:
+    """Lay every table out from `base` (RSDP first) for vCPUs with these APIC IDs, a
+    guest whose RAM ends at `ram_top`, and these COM ports."""
     if not apic_ids:
         raise ValueError("a machine has at least one vCPU")
     image = bytearray()
@@ -367,7 +375,7 @@ def build(apic_ids: Sequence[int], ram_top: int, base: int = p.ACPI_TABLES_START
     xsdt_at = _align(rsdp_at + RSDP.size, TABLE_ALIGN)
     image.extend(bytes(xsdt_at + HEADER.size + 8 * xsdt_entries - base))
     facs_at = place("FACS", facs(), FACS_ALIGN)
-    dsdt_at = place("DSDT", dsdt(len(apic_ids), ram_top))
+    dsdt_at = place("DSDT", dsdt(len(apic_ids), ram_top, serial_ports))
     fadt_at = place("FACP", fadt(facs_at, dsdt_at))
     madt_at = place("APIC", madt(apic_ids))
     mcfg_at = place("MCFG", mcfg())

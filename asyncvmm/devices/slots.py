@@ -22,11 +22,23 @@ class HostResources:
 
     def __init__(self):
         self.taps: dict[tuple[int, int], object] = {}
+        self.consoles: dict[str, object] = {}  # COM2..COM4's backends (console.Console), by port
+
+    def console(self, name: str, spec: str):
+        """The backend of COM port `name` (-l NAME,SPEC), opened on first use."""
+        if name not in self.consoles:
+            from ..console import open_console  # noqa: PLC0415
+
+            self.consoles[name] = open_console(spec)
+        return self.consoles[name]
 
     def close(self) -> None:
         for tap in self.taps.values():
             tap.close()
         self.taps.clear()
+        for console in self.consoles.values():
+            console.close()
+        self.consoles.clear()
 
 
 @dataclass
@@ -100,6 +112,12 @@ def _hostbridge_check(slot: PciSlot, cfg: VmConfig) -> None:
         raise ConfigError(f"-s {_where(slot)}hostbridge: the host bridge is always 0:0 and takes no options")
 
 
+def _lpc():
+    from .pci import lpc  # noqa: PLC0415
+
+    return lpc
+
+
 @dataclass(frozen=True)
 class Driver:
     check: Callable[[PciSlot, VmConfig], None]
@@ -110,6 +128,7 @@ DRIVERS: dict[str, Driver] = {
     "virtio-blk": Driver(_blk_check, _blk_build),
     "virtio-net": Driver(_net_check, _net_build),
     "hostbridge": Driver(_hostbridge_check, None),  # bhyve's `-s 0,hostbridge`: ours is always there
+    "lpc": Driver(lambda s, c: _lpc().check(s, c), lambda s, ctx: _lpc().build(s, ctx)),  # devices/pci/lpc.py
 }
 
 

@@ -16,7 +16,7 @@ from .._native import ffi, lib
 KVM_DEVICE = "/dev/kvm"
 
 # The C core's ABI this Python code was written for (cext/build_ffi.py ABI_VERSION).
-NATIVE_ABI = 5
+NATIVE_ABI = 6
 if lib.AVMM_ABI_VERSION != NATIVE_ABI:
     raise ImportError(
         f"asyncvmm._native is built for ABI {lib.AVMM_ABI_VERSION}, this code needs {NATIVE_ABI}: "

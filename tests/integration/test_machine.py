@@ -140,7 +140,7 @@ def test_a_device_model_bug_stops_the_vm_instead_of_hanging_it(guests):
         def broken(port):
             raise RuntimeError("model bug")
 
-        m.rtc.read = broken
+        m.legacy.rtc.read = broken
         try:
             stop = await asyncio.wait_for(m.run(), 10)
         finally:
@@ -172,6 +172,6 @@ def test_exit_heavy_guest_through_the_loop(guests, monkeypatch):
             assert stop.reason is StopReason.RESET
             assert b"exitbench done" in console.data
             assert stats["posted"] >= 20000
-            assert m.uart.read(7) == (20000 - 1) & 0xFF  # SCR holds the last byte written
+            assert m.legacy.uart.read(7) == (20000 - 1) & 0xFF  # SCR holds the last byte written
 
         run_loop(main())

@@ -46,7 +46,7 @@ def kernel(guests):
         (["-s", "3,virtio-net,bad/name"], ["not an interface name"]),
         (["-s", "3,nosuch"], ["no such driver"]),
         (["-s", "40,virtio-net,tap0"], ["slot 0-31"]),
-        (["-l", "com2,stdio"], ["only com1"]),
+        (["-l", "com5,stdio"], ["no such port"]),
         (["-l", "com1"], ["say where com1 goes"]),
         (["-p", "3:0"], ["no vCPU 3"]),
         (["-p", "x"], ["VCPU:HOSTCPU"]),

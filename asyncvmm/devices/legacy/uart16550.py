@@ -222,6 +222,10 @@ class Uart16550:
     receiver check for the rx_space_available() hand-off.
     """
 
+    # The registers a fast path may serve for the model, while `fast_path()` allows:
+    # writes of THR (handed back through `tx_batch`) and reads of LSR.
+    FAST_PATH_REGS = (Reg.THR, Reg.LSR)
+
     def __init__(
         self,
         irq_line: Callable[[bool], None],

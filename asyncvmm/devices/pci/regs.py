@@ -124,6 +124,7 @@ class ClassCode(IntEnum):
     """Base class, subclass and programming interface, as the 24-bit register holds them."""
 
     HOST_BRIDGE = 0x06_00_00
+    ISA_BRIDGE = 0x06_01_00  # the LPC bridge (bhyve's -s N,lpc)
     MASS_STORAGE_OTHER = 0x01_80_00  # what virtio-blk reports, as QEMU's does
     ETHERNET = 0x02_00_00
     OTHER = 0xFF_00_00
@@ -132,3 +133,4 @@ class ClassCode(IntEnum):
 class VendorId(IntEnum):
     RED_HAT_QUMRANET = 0x1AF4  # virtio devices (virtio 1.2, 4.1.2)
     RED_HAT = 0x1B36  # Red Hat's ID for generic virtual hardware: the host bridge
+    INTEL = 0x8086  # the LPC bridge, as bhyve's (a PIIX3's ISA bridge, 8086:7000)

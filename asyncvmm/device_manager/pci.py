@@ -1,0 +1,64 @@
+"""The PCI root of one boot and the `-s` devices behind it.
+
+`PciDevices(vm, config, pio, mmio, host)` builds the GSI routing table, the root on bus 0
+(0xCF8/0xCFC and ECAM), each `-s` slot's device through its driver (devices/slots.py),
+and places their BARs in the 64-bit window above RAM. `close()` closes the devices first
+(I/O in flight points into guest RAM), then the interrupt routes.
+"""
+
+from __future__ import annotations
+
+from .. import platform
+from ..bus import Bus
+from ..config import VmConfig
+from ..irq import IrqRouter
+from ..vstate.vm import Vm
+from .._native import lib
+
+
+class PciDevices:
+    """The GSI router, the PCI root and its devices."""
+
+    def __init__(self, vm: Vm, config: VmConfig, pio: Bus, mmio: Bus, host=None):
+        from ..devices import slots  # noqa: PLC0415 (device models load the data path)
+        from ..devices.pci.device import PciBuses  # noqa: PLC0415
+        from ..devices.pci.root import PciRoot, install  # noqa: PLC0415
+        from ..devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
+
+        self.irq: IrqRouter | None = IrqRouter(vm.fd)
+        self.root = None
+        try:
+            self.irq.commit()  # the default routes, before any MSI exists
+            any_length = vm.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
+            ctx = slots.BuildContext(config, vm.mem, self.irq, NotifyBinder(vm.fd, any_length), host)
+            self.root = PciRoot(PciBuses(mmio, pio))
+            install(self.root, pio, mmio)
+            for s in config.slots:
+                driver = slots.DRIVERS[s.driver]
+                if driver.build is None:
+                    continue
+                dev = driver.build(s, ctx)
+                try:
+                    self.root.add(s.slot, s.function, dev)
+                except BaseException:
+                    dev.close()
+                    raise
+            self.root.assign_bars(platform.pci_mmio64_window(platform.ram_top(vm.mem.regions)))
+        except BaseException:
+            self.close()
+            raise
+
+    def devices(self):
+        return self.root.devices() if self.root is not None else []
+
+    def stats(self) -> dict:
+        return {dev.name: dev.stats() for _, dev in self.devices() if hasattr(dev, "stats")}
+
+    def close(self) -> None:
+        if self.root is not None:  # devices first: I/O in flight points into guest RAM
+            for _, dev in self.root.devices():
+                dev.close()
+            self.root = None
+        if self.irq is not None:
+            self.irq.close()
+            self.irq = None
