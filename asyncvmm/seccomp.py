@@ -88,5 +88,15 @@ def filter_helper_threads(mode: str) -> None:
 
 def confine_process(mode: str) -> None:
     """`asyncvmm run`: the loop's filter on every thread, then helpers' as they start."""
+    if SeccompMode(mode) is SeccompMode.OFF:
+        return
+    # Set-up first: the KVM probe (a throwaway VM, cached) would otherwise first run in a
+    # helper thread (boot/setup.py decides there whether to unpack a bzImage).
+    from .vstate import probe  # noqa: PLC0415
+
+    try:
+        probe.probe()
+    except VmmError:
+        pass  # no usable KVM: the VM's start says so
     install(Kind.LOOP, mode, all_threads=True)
     filter_helper_threads(mode)

@@ -149,6 +149,15 @@ def test_the_vmm_runs_a_guest_with_every_thread_filtered(guests, mode):
 
 
 @needs_kvm
+def test_a_bzimage_whose_unpacking_is_decided_after_the_kvm_probe(guests):
+    # --decompress auto asks the KVM probe (a throwaway VM) from a helper thread: the probe
+    # must have run before the helpers' filter, which allows no KVM ioctl.
+    r = run_vmm("run", "-m", "128", "--kernel", str(guests / "bzimage64.bin"), "--no-reboot", "--seccomp=kill",
+                timeout=90)
+    assert r.status == 0, (r.status, r.err[-2000:])
+
+
+@needs_kvm
 def test_a_guest_reset_rebuilds_the_machine_under_the_loop_filter(guests):
     # Without --no-reboot the hello guest's reset restarts it: a new KVM VM, vCPUs, memory,
     # built by the loop's thread under its filter. SIGTERM then ends it.
