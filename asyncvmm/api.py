@@ -166,7 +166,7 @@ class VM:
     """One virtual machine on the running loop. See the module docstring."""
 
     def __init__(self, config: VmConfig, *, console: Console | None = None, control_socket: bool = True):
-        self.config = config.validate()
+        self.config = config.validate(com1_open=console is not None)
         self._console_given = console
         self.console: ConsoleStream | Console | None = console
         self._control_wanted = control_socket

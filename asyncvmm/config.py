@@ -63,7 +63,7 @@ class VmConfig:
     def cpu_topology(self) -> Topology:
         return self.topology or Topology.of(self.cpus)
 
-    def validate(self) -> "VmConfig":
+    def validate(self, *, com1_open: bool = False) -> "VmConfig":
         if not self.kernel:
             raise ConfigError("no kernel given: use --kernel PATH")
         check_readable(self.kernel, "kernel")
@@ -105,7 +105,7 @@ class VmConfig:
             )
         if self.symbols:
             check_readable(self.symbols, "--symbols")
-        check_serial(self)
+        check_serial(self, com1_open=com1_open)
         from .devices.slots import check_slots  # noqa: PLC0415 (devices import this module)
 
         check_slots(self)
@@ -229,8 +229,10 @@ def serial_config(options: list[str], cfg: "VmConfig") -> None:
     cfg.serial = given
 
 
-def check_serial(cfg: "VmConfig") -> None:
-    """The COM ports' backends, before anything starts (console.check_console)."""
+def check_serial(cfg: "VmConfig", *, com1_open: bool = False) -> None:
+    """The COM ports' backends, before anything starts (console.check_console).
+    `com1_open`: COM1's backend is a console the caller opened already (its socket or port
+    is ours, not another process's)."""
     from .console import check_console  # noqa: PLC0415
     from .platform import COM_PORT_BY_NAME  # noqa: PLC0415
 
@@ -245,7 +247,8 @@ def check_serial(cfg: "VmConfig") -> None:
             raise ConfigError(f"{where}: {seen[spec]} already goes to {what}")
         if spec:
             seen[spec] = name
-        check_console(spec, where)
+        if not (name == "com1" and com1_open):
+            check_console(spec, where)
 
 
 def parse_slot(text: str) -> PciSlot:
