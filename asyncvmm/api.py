@@ -121,9 +121,12 @@ class ConsoleStream(Console):
             if left <= 0:
                 tail = bytes(self._buffer[-200:])
                 raise TimeoutError(f"console: {rx.pattern!r} not seen within {timeout} s (last output: {tail!r})")
+            # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that
+            # arrives as the read completes (the caller's task would then run on).
             try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), left)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(left):
+                    chunk = await self.reader.read(65536)
+            except TimeoutError:
                 continue
             if not chunk:
                 raise EOFError(f"console: the VM ended before {rx.pattern!r} was seen")
@@ -171,6 +174,7 @@ class VM:
         self.console: ConsoleStream | Console | None = console
         self._control_wanted = control_socket
         self.control: ControlServer | None = None
+        self.gdb = None  # gdb.server.GdbServer, with -g/-G
         self.host = HostResources()  # host-side device resources kept across guest resets
         self.machine: Machine | None = None
         self.boots = 0
@@ -206,6 +210,12 @@ class VM:
             if self._control_wanted:
                 sock, path = claim_socket(self.config.name)
                 self.control = ControlServer(self, sock, path)
+            if self.config.gdb is not None:
+                from .gdb.server import GdbServer  # noqa: PLC0415
+
+                self.gdb = GdbServer(self.config.gdb)
+                self.gdb.vm_kill = lambda: self.request_stop(Stop(StopReason.HOST, "killed by gdb"))
+                await self.gdb.start()
             images = await read_images(self.config)
             if self.console is None:
                 self.console = ConsoleStream(loop)
@@ -234,6 +244,8 @@ class VM:
         m = Machine(self.config, self.console, images, self.host)
         m.build()
         self.boots += 1
+        if self.gdb is not None:
+            self.gdb.attach(m)
         return m
 
     async def _run(self, images: BootImages) -> None:
@@ -257,6 +269,8 @@ class VM:
             if self.machine is not None:
                 self.machine.close()
             self._state = "stopped"
+            if self.gdb is not None:
+                self.gdb.vm_ended(0 if stop.reason is StopReason.POWEROFF else 1)
             if not self._stopped.done():
                 self._stopped.set_result(stop)
 
@@ -308,9 +322,10 @@ class VM:
         else:
             log.info(f"VM {self.config.name}: pressed the ACPI power button; the guest has {timeout:g} s to power off")
             try:
-                stop = await asyncio.wait_for(self.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    stop = await self.wait()
                 return "acpi" if stop.reason is StopReason.POWEROFF else "hard"
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.request_stop(Stop(StopReason.HOST, f"{why} (the guest did not power off within {timeout:g} s)"))
         await self.wait()
         return "hard"
@@ -338,6 +353,8 @@ class VM:
         if self.machine is not None:
             self.machine.close()
         self.host.close()  # the TAPs: after the devices that use them
+        if self.gdb is not None:
+            await self.gdb.close()
         if self.control is not None:
             await self.control.close()
         if self.console is not None and self._console_given is None:

@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     sub.add_parser("ctl", help="control a running VM (asyncvmm ctl --help)", add_help=False)
+    sub.add_parser("load", help="read a disk's boot menu, say what it boots (asyncvmm load --help)", add_help=False)
     run = sub.add_parser(
         "run",
         help="boot a guest",
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         "-P", dest="exit_on_pause", action="store_true",
         help="exit on PAUSE: KVM already does (pause-loop exiting yields a spinning vCPU in the kernel)",
     )
+    run.add_argument("-g", dest="gdb_port", metavar="PORT", help="a gdb server on 127.0.0.1:PORT (gdb's target remote)")
+    run.add_argument(
+        "-G", dest="gdb_spec", metavar="[w][ADDRESS:]PORT",
+        help="a gdb server on ADDRESS:PORT (default address 127.0.0.1); w: the guest waits for gdb before its first instruction",
+    )
+    run.add_argument("-a", dest="xapic", action="store_true", help="the local APIC in xAPIC mode (x2APIC hidden from CPUID)")
+    run.add_argument("-S", dest="wired", action="store_true", help="wire guest memory (mlock: never swapped or moved)")
     run.add_argument("--cpu", choices=("host", "baseline"), help="CPU template (default: chosen by probing KVM)")
     run.add_argument("--no-quirks", action="store_true", help="no workarounds even on an emulating KVM")
     run.add_argument(
@@ -108,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
+    from .loader.cli import add_run_arguments  # noqa: PLC0415
+
+    add_run_arguments(run)  # booting from a disk's menu without --kernel (asyncvmm/loader)
     return p
 
 
@@ -133,10 +144,22 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         acpi=args.acpi,
         strict_io=args.strict_io,
         force_msi=args.force_msi,
+        xapic=args.xapic,
+        wired=args.wired,
     )
     if args.seccomp:
         cfg.seccomp = args.seccomp
+    if args.gdb_port and args.gdb_spec:
+        raise ConfigError("-g and -G both name a gdb port: give one")
+    if args.gdb_port or args.gdb_spec:
+        from .gdb.options import parse_gdb  # noqa: PLC0415
+
+        cfg.gdb = parse_gdb(args.gdb_port, "-g") if args.gdb_port else parse_gdb(args.gdb_spec, "-G")
     serial_config(args.console, cfg)
+    if not cfg.kernel:
+        from .loader.cli import boot_from_disks  # noqa: PLC0415
+
+        boot_from_disks(cfg, args)  # the disks' boot menu names the kernel
     return cfg.validate()
 
 
@@ -146,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         from .control.ctl import main as ctl_main  # noqa: PLC0415
 
         return ctl_main(argv[1:])
+    if argv and argv[0] == "load":  # bhyveload's analogue (asyncvmm/loader)
+        from .loader.cli import main_load  # noqa: PLC0415
+
+        return main_load(argv[1:])
     try:
         args = _parser().parse_args(argv)
         if args.command == "run":

@@ -58,6 +58,9 @@ class VmConfig:
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
     # --seccomp: off | log | kill (asyncvmm/seccomp.py); ASYNCVMM_SECCOMP sets the default
     seccomp: str = field(default_factory=lambda: os.environ.get("ASYNCVMM_SECCOMP", "off"))
+    gdb: object = None  # -g/-G: gdb.options.GdbOptions, a gdb server for the guest
+    xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
+    wired: bool = False  # -S: guest memory wired (mlock'd)
 
     @property
     def cpu_topology(self) -> Topology:

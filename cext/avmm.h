@@ -103,6 +103,13 @@ int avmm_vm_collect(struct avmm_vm *vm, int *out, int max, uint64_t poll_ns);
 /* Stop every vCPU from entering the guest; returns when none runs guest code. */
 void avmm_vm_pause(struct avmm_vm *vm);
 void avmm_vm_resume(struct avmm_vm *vm);
+/* A debugger's hold on one vCPU: on, it leaves the guest (kicked) and parks as a paused
+ * one does, whatever pause/resume say; off, it runs again unless the VM is paused. */
+void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on);
+/* Loop side, after holding vCPUs: wait (up to timeout_ns) until every held vCPU is parked
+ * or has ended. Returns 0 when they are, the count of vCPUs with a posted exit (listed in
+ * out, as avmm_vm_collect does: the loop serves them, then calls again), or -ETIMEDOUT. */
+int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns);
 /* End every vCPU thread and join them. Waiting vCPUs are told to quit. */
 void avmm_vm_stop(struct avmm_vm *vm);
 

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 # Bumped whenever the C side changes in a way the Python side depends on;
 # asyncvmm.vstate.kvm refuses to run with an extension built for another version.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -43,6 +43,8 @@ KVM_FEATURE_HC_MAP_GPA_RANGE KVM_FEATURE_MIGRATION_CONTROL
 KVM_SET_GSI_ROUTING KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI KVM_IRQCHIP_PIC_MASTER
 KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO
 KVM_IOEVENTFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_DEASSIGN KVM_CAP_IRQ_ROUTING KVM_CAP_IOEVENTFD_ANY_LENGTH
+KVM_SET_GUEST_DEBUG KVM_CAP_SET_GUEST_DEBUG KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP
+KVM_GUESTDBG_USE_SW_BP KVM_GUESTDBG_USE_HW_BP KVM_GUESTDBG_INJECT_BP KVM_GUESTDBG_INJECT_DB
 """.split()
 
 # <linux/pci_regs.h>: the configuration header, capability IDs, MSI-X.
@@ -155,7 +157,12 @@ struct kvm_translation {
 };
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_mp_state { __u32 mp_state; };
-struct kvm_fpu { __u16 fcw; __u16 fsw; ...; };
+struct kvm_fpu {
+    __u8 fpr[8][16]; __u16 fcw; __u16 fsw; __u8 ftwx; __u16 last_opcode; __u64 last_ip; __u64 last_dp;
+    __u8 xmm[16][16]; __u32 mxcsr; ...;
+};
+struct kvm_guest_debug_arch { __u64 debugreg[8]; };
+struct kvm_guest_debug { __u32 control; struct kvm_guest_debug_arch arch; ...; };
 struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
 struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 devid; };
 struct kvm_irq_routing_entry {
@@ -351,6 +358,8 @@ int avmm_vm_collect(struct avmm_vm *vm, int *out, int max, uint64_t poll_ns);
 void avmm_vm_pause(struct avmm_vm *vm);
 void avmm_vm_resume(struct avmm_vm *vm);
 void avmm_vm_stop(struct avmm_vm *vm);
+void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on);
+int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns);
 int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
 void avmm_uart_fast_set(struct avmm_vm *vm, int thr_port, int lsr_port, int flags, int lsr_shadow);

@@ -54,6 +54,7 @@ struct avmm_vcpu {
     _Atomic uint32_t posted;   /* an exit waits to be collected */
     _Atomic uint32_t action;   /* enum avmm_action; futex word for the vCPU */
     _Atomic uint32_t sleeping; /* the vCPU sleeps on `action` */
+    _Atomic uint32_t held;     /* parked for a debugger, whatever pause_req says */
     struct avmm_exit exit;
     struct avmm_vcpu_stats stats;
     uint64_t *samples;       /* RIP samples (sampling on), written by the vCPU thread only */
@@ -67,7 +68,9 @@ struct avmm_vm {
     int notify_efd;
     int console_efd;
     struct avmm_vcpu *vcpus;
-    _Atomic uint32_t pause_req; /* futex word for paused vCPUs */
+    _Atomic uint32_t pause_req;
+    _Atomic uint32_t park_gen;  /* futex word for parked vCPUs: bumped when pause_req, a
+                                 * vCPU's `held` or quit changes */
     _Atomic uint32_t quit;
     int seccomp_action;         /* enum avmm_seccomp_action: each vCPU thread's filter */
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
@@ -127,7 +130,7 @@ static void notify(int efd)
 static void set_state(struct avmm_vcpu *v, uint32_t state)
 {
     atomic_store(&v->state, state);
-    if (atomic_load(&v->vm->pause_req) || atomic_load(&v->vm->quit))
+    if (atomic_load(&v->vm->pause_req) || atomic_load(&v->held) || atomic_load(&v->vm->quit))
         futex_wake_all(&v->state);
 }
 
@@ -250,6 +253,13 @@ static void fill_exit(struct avmm_vcpu *v, int err)
         e->kind = AVMM_EXIT_STOP;
         e->info[0] = run->system_event.type;
         break;
+    case KVM_EXIT_DEBUG: /* a guest debug event (KVM_SET_GUEST_DEBUG): #DB or #BP */
+        e->kind = AVMM_EXIT_STOP;
+        e->info[0] = run->debug.arch.exception;
+        e->info[1] = run->debug.arch.pc;
+        e->info[2] = run->debug.arch.dr6;
+        e->info[3] = run->debug.arch.dr7;
+        break;
     default:
         e->kind = AVMM_EXIT_STOP;
         break;
@@ -302,6 +312,12 @@ static uint32_t post_and_wait(struct avmm_vcpu *v, int err)
     return a;
 }
 
+/* Whether the vCPU must stay out of the guest: the VM is paused, or a debugger holds it. */
+static int parked(struct avmm_vcpu *v)
+{
+    return atomic_load(&v->vm->pause_req) || atomic_load(&v->held);
+}
+
 static void park_while_paused(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
@@ -313,9 +329,19 @@ static void park_while_paused(struct avmm_vcpu *v)
     ioctl(v->fd, KVM_RUN, 0);
     v->run->immediate_exit = 0;
     set_state(v, AVMM_VCPU_PAUSED);
-    while (atomic_load(&vm->pause_req) && !atomic_load(&vm->quit))
-        futex_wait(&vm->pause_req, 1);
+    for (;;) {
+        uint32_t gen = atomic_load(&vm->park_gen);
+        if (!parked(v) || atomic_load(&vm->quit))
+            break;
+        futex_wait(&vm->park_gen, gen);
+    }
     atomic_store(&v->state, AVMM_VCPU_RUNNING);
+}
+
+static void unpark(struct avmm_vm *vm)
+{
+    atomic_fetch_add(&vm->park_gen, 1);
+    futex_wake_all(&vm->park_gen);
 }
 
 /* ---- RIP sampling ------------------------------------------------------------------ */
@@ -399,7 +425,7 @@ static void *vcpu_main(void *arg)
             tick_pending = 0;
             take_sample(v);
         }
-        if (atomic_load(&vm->pause_req)) {
+        if (parked(v)) {
             park_while_paused(v);
             continue;
         }
@@ -614,6 +640,7 @@ static void kick_all(struct avmm_vm *vm)
 void avmm_vm_pause(struct avmm_vm *vm)
 {
     atomic_store(&vm->pause_req, 1);
+    atomic_fetch_add(&vm->park_gen, 1);
     kick_all(vm);
     for (int i = 0; i < vm->nvcpus; i++) {
         struct avmm_vcpu *v = &vm->vcpus[i];
@@ -628,14 +655,56 @@ void avmm_vm_pause(struct avmm_vm *vm)
 void avmm_vm_resume(struct avmm_vm *vm)
 {
     atomic_store(&vm->pause_req, 0);
-    futex_wake_all(&vm->pause_req);
+    unpark(vm);
+}
+
+void avmm_vcpu_hold(struct avmm_vm *vm, int idx, int on)
+{
+    struct avmm_vcpu *v = &vm->vcpus[idx];
+    atomic_store(&v->held, on ? 1u : 0u);
+    if (on) {
+        if (v->started) {
+            v->run->immediate_exit = 1;
+            pthread_kill(v->thread, kick_signal);
+        }
+    } else {
+        unpark(vm);
+    }
+}
+
+int avmm_vm_settle(struct avmm_vm *vm, int *out, int max, uint64_t timeout_ns)
+{
+    uint64_t deadline = now_ns() + timeout_ns;
+    for (;;) {
+        int n = collect_posted(vm, out, max);
+        if (n)
+            return n;
+        int moving = 0;
+        for (int i = 0; i < vm->nvcpus; i++) {
+            struct avmm_vcpu *v = &vm->vcpus[i];
+            uint32_t s = atomic_load(&v->state);
+            if (!v->started || !atomic_load(&v->held) || s == AVMM_VCPU_PAUSED || s == AVMM_VCPU_DONE)
+                continue;
+            moving = 1;
+            if (s == AVMM_VCPU_RUNNING) { /* re-kick: the signal may have come before KVM_RUN */
+                v->run->immediate_exit = 1;
+                pthread_kill(v->thread, kick_signal);
+            }
+        }
+        if (!moving)
+            return 0;
+        if (now_ns() >= deadline)
+            return -ETIMEDOUT;
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 void avmm_vm_stop(struct avmm_vm *vm)
 {
     atomic_store(&vm->quit, 1);
     kick_all(vm);
-    futex_wake_all(&vm->pause_req);
+    unpark(vm);
     for (int i = 0; i < vm->nvcpus; i++) {
         struct avmm_vcpu *v = &vm->vcpus[i];
         if (!v->started)

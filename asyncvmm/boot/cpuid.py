@@ -33,6 +33,7 @@ class Feature:
 
 
 F = Feature
+X2APIC = Feature("x2apic", 0x1, 0, "ecx", 21)  # hidden by -a: the local APIC in xAPIC mode, as bhyve's
 # What the baseline template hides: instructions KVM's emulator cannot execute, and the
 # features whose use brings them in (XSAVE → xgetbv/xrstor, SMAP → clac/stac).
 BASELINE_HIDDEN: tuple[Feature, ...] = (

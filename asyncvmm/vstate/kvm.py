@@ -16,7 +16,7 @@ from .._native import ffi, lib
 KVM_DEVICE = "/dev/kvm"
 
 # The C core's ABI this Python code was written for (cext/build_ffi.py ABI_VERSION).
-NATIVE_ABI = 6
+NATIVE_ABI = 7
 if lib.AVMM_ABI_VERSION != NATIVE_ABI:
     raise ImportError(
         f"asyncvmm._native is built for ABI {lib.AVMM_ABI_VERSION}, this code needs {NATIVE_ABI}: "
@@ -194,6 +194,18 @@ class VcpuFd:
 
     def get_fpu(self):
         return self._get("struct kvm_fpu *", lib.KVM_GET_FPU, "KVM_GET_FPU")
+
+    def set_fpu(self, fpu) -> None:
+        self._set(fpu, lib.KVM_SET_FPU, "KVM_SET_FPU")
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        """KVM_SET_GUEST_DEBUG: `control` is KVM_GUESTDBG_* flags; `debugreg` DR0-DR7
+        (DR4/DR5 unused) when KVM_GUESTDBG_USE_HW_BP is in it."""
+        dbg = ffi.new("struct kvm_guest_debug *")
+        dbg.control = control
+        for i, value in enumerate(debugreg or ()):
+            dbg.arch.debugreg[i] = value
+        self._set(dbg, lib.KVM_SET_GUEST_DEBUG, "KVM_SET_GUEST_DEBUG")
 
     def get_events(self):
         return self._get("struct kvm_vcpu_events *", lib.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")

@@ -10,9 +10,10 @@ touching host memory.
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass
 
-from ..errors import GuestMemoryError
+from ..errors import ConfigError, GuestMemoryError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -30,6 +31,40 @@ HIGH_MEMORY_START = 0x10_0000
 # e820 entry types (ACPI spec, table "Address Range Types").
 E820_RAM = 1
 E820_RESERVED = 2
+
+
+CAP_IPC_LOCK = 14  # <linux/capability.h>: mlock beyond RLIMIT_MEMLOCK
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return False
+
+
+def wire(hva: int, length: int) -> None:
+    """mlock [hva, hva+length): resident now, never swapped (bhyve's -S). A limit too low
+    is the user's to raise: ConfigError naming it."""
+    import ctypes  # noqa: PLC0415 (only -S needs it)
+    import resource  # noqa: PLC0415
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and not _has_capability(CAP_IPC_LOCK) and length > soft:
+        raise ConfigError(
+            f"-S: wiring {length // MiB} MiB of guest memory needs RLIMIT_MEMLOCK of at least that; "
+            f"it is {soft // 1024} KiB (raise it: ulimit -l, or LimitMEMLOCK= for a service)"
+        )
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    if libc.mlock(ctypes.c_void_p(hva), ctypes.c_size_t(length)) != 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"-S: cannot wire {length // MiB} MiB of guest memory: {os.strerror(err)} "
+                          "(RLIMIT_MEMLOCK, ulimit -l, may be too low)")
 
 
 @dataclass(frozen=True)
@@ -62,7 +97,7 @@ class GuestMemory:
     threads only reach it through KVM. Accessors may be called from any thread.
     """
 
-    def __init__(self, size: int, *, hugepages: bool = False):
+    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False):
         if size < MiB or size % (4096) != 0:
             raise GuestMemoryError(f"guest memory of {size} bytes is not a whole number of pages of at least 1 MiB")
         from .._native import ffi, lib  # noqa: PLC0415 (the extension loads lazily)
@@ -99,6 +134,13 @@ class GuestMemory:
             self.regions.append(Region(slot, gpa, length, hva))
         self._lib = lib
         self._ffi = ffi
+        if wired:
+            try:
+                for r in self.regions:
+                    wire(r.hva, r.size)
+            except BaseException:
+                self.close()
+                raise
 
     # -- lookup -----------------------------------------------------------------------
     def _find(self, gpa: int, length: int) -> tuple[int, int]:

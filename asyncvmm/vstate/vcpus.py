@@ -91,6 +91,7 @@ class Vcpus:
         self.exit_batches = 0  # collections of posted exits (a wake-up, or a poll that hit)
         self.exits_served = 0
         self._before_batch: Callable[[], None] = lambda: None
+        self.debugger = None  # gdb.target.Target, with -g/-G: sees the debug exits first
         self._ids = ffi.new("int[]", max(config.cpus, 1))
         try:
             self._create(config, boot_state)
@@ -108,6 +109,8 @@ class Vcpus:
         lib.avmm_vm_set_seccomp(self.cvm, seccomp.action(cfg.seccomp))  # each vCPU thread's filter
         quirks = vm.quirks
         entries = quirks.adjust_cpuid(cpuid.apply_template(vm.kvm.supported_cpuid(), vm.cpu_template))
+        if cfg.xapic:
+            entries = cpuid.hide(entries, (cpuid.X2APIC,))
         if quirks.hidden_pv_features:
             from .. import log  # noqa: PLC0415
 
@@ -210,6 +213,10 @@ class Vcpus:
                 window.gave_up()
                 return
 
+    def serve_posted(self, i: int) -> None:
+        """Serve vCPU i's posted exit now (a debugger settling its held vCPUs)."""
+        self._serve_exit(i)
+
     def _serve_exit(self, i: int) -> None:
         try:
             self._serve_exit_unguarded(i)
@@ -253,6 +260,9 @@ class Vcpus:
         """What a non-I/O exit of vCPU i means: a Stop, or None when a quirk served it."""
         reason = e.kvm_reason
         vcpu = self.fds[i]
+        if reason == lib.KVM_EXIT_DEBUG and e.kind == lib.AVMM_EXIT_STOP and self.debugger is not None:
+            self.debugger.on_debug_exit(i, e.info[0], e.info[1], e.info[2])
+            return None
         if e.kind == lib.AVMM_EXIT_ERROR:
             return Stop(StopReason.ERROR, f"vCPU {i}: KVM_RUN failed: {os.strerror(e.err)}", i)
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -261,6 +271,8 @@ class Vcpus:
             suberror = e.info[0] & 0xFFFF_FFFF
             if suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
                 insn, rip, bits = self._failed_instruction(vcpu, e)
+                if insn[:1] == b"\xcc" and self.debugger is not None and self.debugger.on_int3(i):
+                    return None  # one of gdb's breakpoints
                 if self.vm.quirks.on_emulation_failure(vcpu, insn):
                     return None
                 text, length = disassemble(insn, rip, bits)

@@ -29,6 +29,7 @@ class Vm:
         self.fd: VmFd | None = None
         self.mem: GuestMemory | None = None
         self.quirks = Quirks(False)
+        self.emulating = False  # KVM runs guest code in its instruction emulator (probe.py)
         self.cpu_template = cpuid.Template.HOST
         try:
             self._create(config)
@@ -42,6 +43,7 @@ class Vm:
             raise ConfigError(f"-c {cfg.cpus}: this KVM supports at most {self.kvm.max_vcpus()} vCPUs")
         kind = probe.probe(self.kvm)
         self.quirks = Quirks(kind.emulating and cfg.quirks, kind.detail)
+        self.emulating = kind.emulating
         if cfg.cpu_template:
             self.cpu_template = cpuid.Template(cfg.cpu_template)
         else:
@@ -53,7 +55,7 @@ class Vm:
         )
         self.fd = VmFd(self.kvm)
         self.fd.create_irqchip()
-        self.mem = GuestMemory(cfg.memory)
+        self.mem = GuestMemory(cfg.memory, wired=cfg.wired)
         for r in self.mem.regions:
             self.fd.set_memory_region(r.slot, r.gpa, r.size, r.hva)
 

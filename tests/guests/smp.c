@@ -108,5 +108,7 @@ void guest_main(const struct hvm_start_info *si)
         puts(" cpus up\n");
     }
     lock_release(&print_lock);
+    if (cmdline_get(si, "stay"))       /* stay up, every CPU halted (a debugger looks at them) */
+        halt_forever();
     reset();
 }

@@ -6,10 +6,16 @@ boot each, and every Linux check shares them.
           vdb: a disk with an MBR partition table; a virtio-net on a TAP in a network
           namespace with dnsmasq (DHCP) and a UDP listener for netconsole.
           FIRST_BOOT_CHECKS read its log; SysRq h and q; SysRq s and u (the file system
-          is written out and remounted read-only); SysRq o powers it off through ACPI S5.
+          is written out and remounted read-only); gdb with the vmlinux through -g (a
+          breakpoint on update_process_times, bt, linux_banner read by virtual address);
+          SysRq o powers it off through ACPI S5.
           Then the host reads the image: mount count and time changed, e2fsck -fn clean.
-  run 2   vda given ,ro as root=/dev/vda rw: the kernel finds it write-protected and
-          mounts it read-only; SysRq b resets through the ACPI reset register and the VM
+  run 2   booted through the disk loader (asyncvmm/loader), no --kernel: vda is the disk
+          tools/images/build-disk-image makes (GPT, ESP, GRUB for BIOS and UEFI, the small
+          kernel in the ext4 root's /boot, grub.cfg from Debian's grub-mkconfig), given ,ro;
+          its default entry's command line (root=PARTUUID=... ro) with the user's `rw`
+          appended: the kernel reads the GPT, finds vda3 write-protected and mounts it
+          read-only; SysRq b resets through the ACPI reset register and the VM
           restarts the guest, whose second boot is watched until its CPUs are up (not to
           init: the only partial boot), then the VM is stopped. The image is unchanged.
 
@@ -38,6 +44,7 @@ import pytest
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.config import parse_slot
+from asyncvmm.gdb.options import GdbOptions
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
 from asyncvmm.quirks import LINUX_CLEARCPUID, linux_parameters
@@ -46,7 +53,7 @@ from asyncvmm.runner import STATUS
 from asyncvmm.devices.virtio.net.tap import format_mac, stable_mac
 
 from conftest import needs_kvm
-from linux_guest import PRINTK_TIME, small_kernel, spin_initramfs
+from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
 from netns import Netns
 
 pytestmark = [pytest.mark.slow, needs_kvm]
@@ -60,7 +67,6 @@ NETCONSOLE_PORT = 6666
 # What a user types: the VMM adds what this KVM needs.
 CMDLINE = (f"console=ttyS0 panic=-1 root=/dev/vda rw ip=dhcp "
            f"netconsole=6665@{GUEST_IP}/eth0,{NETCONSOLE_PORT}@{HOST_IP}/")
-RO_CMDLINE = "console=ttyS0 panic=-1 root=/dev/vda rw"
 RIP_SAMPLE_MS = 5
 BOOT_TIMEOUT = 420.0  # one boot, seconds of wall time (about 60-200 s here, loaded)
 UP = rb"Run /sbin/init as init process"
@@ -232,6 +238,34 @@ async def sysrq_output(vm: VM, key: bytes, first: bytes, last: bytes, quiet: flo
     return "\n".join(PRINTK_TIME.sub("", line) for line in text.splitlines())
 
 
+async def check_gdb(port: int, failures: list[str]) -> None:
+    """gdb with the kernel's vmlinux on the running kernel (-g): a breakpoint on a function
+    every timer tick reaches, its caller in `bt`, the banner read by virtual address (the
+    stub walks the kernel's 4-level page tables). The kernel has no debug information and
+    no frame pointers: bt's first caller is what can be relied on."""
+    vmlinux = small_kernel() / "vmlinux"
+    args = ["gdb", "-batch", "-nx", "-ex", "set confirm off", "-ex", f"file {vmlinux}",
+            "-ex", f"target remote 127.0.0.1:{port}", "-ex", "break update_process_times", "-ex", "continue",
+            "-ex", "bt 3", "-ex", "x/s &linux_banner", "-ex", "info registers cr3 rip", "-ex", "delete", "-ex", "detach"]
+    proc = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode(errors="replace")
+    if not re.search(r"Breakpoint 1, 0x[0-9a-f]+ in update_process_times \(\)", out):
+        failures.append(f"gdb: no stop at update_process_times:\n{out}")
+    if not re.search(r"^#1\s+0x[0-9a-f]+ in tick_\w+ \(\)", out, re.M):
+        failures.append(f"gdb: bt does not name update_process_times's caller (tick_*):\n{out}")
+    if not re.search(r"<linux_banner>:\s+\"Linux version 6\.1", out):
+        failures.append(f"gdb: x/s &linux_banner did not read the version string:\n{out}")
+    if "detached" not in out:
+        failures.append(f"gdb: did not detach:\n{out}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_checks(checks, log: str, boot: str, failures: list[str]) -> None:
     for check in checks:
         try:
@@ -253,7 +287,7 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     cfg = VmConfig(name=name, cpus=CPUS, memory=256 << 20, kernel=str(kernel), cmdline=CMDLINE,
                    slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root}"), parse_slot(f"{PARTS_SLOT},virtio-blk,{parts}"),
                           parse_slot(f"{NET_SLOT},virtio-net,{tap}")],
-                   profile_boot=True, profile_rip_ms=RIP_SAMPLE_MS)
+                   profile_boot=True, profile_rip_ms=RIP_SAMPLE_MS, gdb=GdbOptions(free_port()))
     failures: list[str] = []
     times: dict[str, float] = {}
     console_log = tmp_path / "console.log"
@@ -287,6 +321,9 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
         await sysrq_output(vm, b"s", rb"sysrq: Emergency Sync", rb"Emergency Sync complete")
         await sysrq_output(vm, b"u", rb"sysrq: Emergency Remount R/O", rb"Emergency Remount complete")
         net_stats.append(vm.stats()["pci"][f"virtio-net@{NET_SLOT}.0"])
+        t1 = time.monotonic()
+        await check_gdb(cfg.gdb.port, failures)
+        times["gdb"] = time.monotonic() - t1
 
         await sysrq(vm, b"o")
         await vm.console.expect(rb"sysrq: Power Off", timeout=60)
@@ -332,13 +369,17 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
 
 
 def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
-    kernel = small_kernel() / "bzImage"
-    init = spin_initramfs().parent / "init"
-    root = tmp_path / "ro.img"
-    root_image(root, init)
+    from asyncvmm.loader.cli import boot_from_disks  # noqa: PLC0415
+
+    small_kernel()
+    root = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(debian_disk_image()), str(root)], check=True)
     digest = hashlib.sha256(root.read_bytes()).hexdigest()
-    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, kernel=str(kernel), cmdline=RO_CMDLINE,
+    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, cmdline="rw",
                    slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root},ro")])
+    boot_from_disks(cfg)  # what `asyncvmm run -s 3,virtio-blk,disk.img,ro --cmdline rw` does
+    partuuid = re.search(r"root=PARTUUID=(\S+)", cfg.cmdline).group(1)
+    assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw"
     console_log = tmp_path / "console.log"
     times: dict[str, float] = {}
 
@@ -368,9 +409,15 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     err = capfd.readouterr().err
     with capfd.disabled():
         print(f"\nrun 2 wall time: {', '.join(f'{k} {v:.1f} s' for k, v in times.items())}")
+    # The loader booted the image's default entry from its third partition, and the kernel
+    # found its root there by the PARTUUID grub-mkconfig wrote.
+    assert re.search(r"loader: booting entry 0 'Debian GNU/Linux' of the GRUB menu /boot/grub/grub.cfg: kernel "
+                     r"/boot/vmlinuz-\S+ from disk.img partition 3 \(gpt, Linux\), ext4", err), err
+    assert re.search(r"\bvda: vda1 vda2 vda3\r?$", log, re.M), "the kernel did not read the GPT"
+    assert f"Kernel command line: root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw" in log
     # The disk says it is read-only (VIRTIO_BLK_F_RO): the kernel's read-write mount of it
     # is refused (EACCES) and it mounts the root read-only instead.
-    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0\.", log), log[-3000:]
+    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:3\.", log), log[-3000:]
     assert "guest reset through the ACPI reset register: restarting the guest" in err, err
     assert boots == 2 and "Linux version 6.1" in second
     assert hashlib.sha256(root.read_bytes()).hexdigest() == digest, "the read-only image changed"
