@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
 
@@ -35,7 +36,10 @@ from asyncvmm.devices.pci.root import PciRoot, install
 from asyncvmm.devices.virtio.device import DeviceError, QueueConfig, VirtioDevice
 from asyncvmm.devices.virtio.transport_pci import NotifyBinder, VirtioPciDevice
 from asyncvmm.errors import BootError
+from asyncvmm.gdb import packets
 from asyncvmm.irq import IrqRouter
+from asyncvmm.loader import bls, grub, grub_script, partitions
+from asyncvmm.loader.errors import LoaderError
 from asyncvmm.vstate.memory import GuestMemory
 
 SIZES = (1, 2, 4)
@@ -487,6 +491,46 @@ def fuzz_control(data: bytes) -> None:
     assert json.loads(line) == json.loads(json.dumps(answer)) and line.endswith(b"\n")
 
 
+# ---- what landed with the gdb stub and the disk boot loader --------------------------------------
+
+
+def fuzz_gdb_packets(data: bytes) -> None:
+    """The gdb remote protocol's framing (a client's byte stream, fed in pieces): events
+    only, a payload never kept past the reader's limit, unescape total."""
+    reader = packets.PacketReader(limit=256)
+    inp = Input(data)
+    while inp.more():
+        for ev in reader.feed(inp.take(1 + inp.u8() % 64)):
+            assert isinstance(ev, packets.Event)
+            payload = getattr(ev, "payload", b"") or b""
+            assert len(payload) <= 256, len(payload)
+            packets.unescape(payload)
+
+
+def fuzz_boot_menu(data: bytes) -> None:
+    """The boot-menu readers on any text: GRUB's script language, grubenv, BLS entries;
+    and an MBR/GPT partition table on any disk image. A LoaderError or a result."""
+    if not data:
+        return
+    kind, rest = data[0] % 4, data[1:]
+    text = rest.decode("utf-8", "replace")
+    try:
+        if kind == 0:
+            grub_script.parse(text, "fuzz.cfg")
+        elif kind == 1:
+            grub.parse_grubenv(rest)
+        elif kind == 2:
+            bls.parse_entry(text)
+        else:
+            image = rest + bytes(max(0, 34 * 512 - len(rest)))  # room for a GPT's header and entries
+            fd = os.memfd_create("fuzz-disk", os.MFD_CLOEXEC)  # read_table preads its file's fd
+            os.write(fd, image)
+            with os.fdopen(fd, "rb") as f:
+                partitions.read_table(f, len(image))
+    except LoaderError:
+        pass
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "uart": fuzz_uart,
     "rtc": fuzz_rtc,
@@ -500,5 +544,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "bzimage": fuzz_bzimage,
     "unpack": fuzz_unpack,
     "control": fuzz_control,
+    "gdb_packets": fuzz_gdb_packets,
+    "boot_menu": fuzz_boot_menu,
 }
 
