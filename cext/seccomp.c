@@ -68,6 +68,7 @@ static const int loop[] = {
     SYS_getgid, SYS_getegid, SYS_uname, SYS_sysinfo, SYS_getrusage, SYS_times, SYS_getcpu,
     SYS_timer_create, SYS_timer_settime, SYS_timer_delete, SYS_set_tid_address, SYS_memfd_create,
     SYS_mlock, SYS_munlock, SYS_getppid, SYS_wait4,
+    SYS_prlimit64, SYS_getrlimit, SYS_capget, /* -S: RLIMIT_MEMLOCK and CAP_IPC_LOCK before mlock */
 };
 
 #define MAX_INSNS 512
