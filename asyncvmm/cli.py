@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         "hottest kernel functions",
     )
     run.add_argument("--symbols", metavar="PATH", help="System.map or vmlinux for --profile-rip (default: found beside the kernel)")
+    run.add_argument(
+        "--seccomp", choices=("off", "log", "kill"),
+        help="system call filters per thread (vCPU, loop, helpers): log what a thread should not call, "
+        "or kill the VMM when one does (default: off, or $ASYNCVMM_SECCOMP)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     from .loader.cli import add_run_arguments  # noqa: PLC0415
@@ -142,6 +147,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         xapic=args.xapic,
         wired=args.wired,
     )
+    if args.seccomp:
+        cfg.seccomp = args.seccomp
     if args.gdb_port and args.gdb_spec:
         raise ConfigError("-g and -G both name a gdb port: give one")
     if args.gdb_port or args.gdb_spec:

@@ -50,6 +50,7 @@ def default_name() -> str:
 CLI_FLAGS = {
     "name": "NAME", "cpus": "-c", "memory": "-m", "kernel": "--kernel", "initrd": "--initrd", "pins": "-p",
     "cpu_template": "--cpu", "decompress": "--decompress", "profile_rip_ms": "--profile-rip", "symbols": "--symbols",
+    "seccomp": "--seccomp",
 }
 
 
@@ -107,6 +108,8 @@ class VmConfig:
     acpi: bool = True  # -A: ACPI tables (--no-acpi leaves them out)
     strict_io: bool = False  # -e: an access nothing emulates stops the VM
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
+    # --seccomp: off | log | kill (asyncvmm/seccomp.py); ASYNCVMM_SECCOMP sets the default
+    seccomp: str = field(default_factory=lambda: os.environ.get("ASYNCVMM_SECCOMP", "off"))
     gdb: object = None  # -g/-G: gdb.options.GdbOptions, a gdb server for the guest
     xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
     wired: bool = False  # -S: guest memory wired (mlock'd)
@@ -174,6 +177,8 @@ class VmConfig:
             raise ConfigError(f"{said('cpu_template', self.cpu_template)}: choose host or baseline")
         if self.decompress not in ("auto", "vmm", "kernel"):
             raise ConfigError(f"{said('decompress', self.decompress)}: choose auto, vmm or kernel")
+        if self.seccomp not in ("off", "log", "kill"):
+            raise ConfigError(f"{said('seccomp', self.seccomp)}: choose off, log or kill")
         if self.profile_rip_ms and not MIN_RIP_PERIOD_MS <= self.profile_rip_ms <= MAX_RIP_PERIOD_MS:
             raise ConfigError(
                 f"{said('profile_rip_ms', format(self.profile_rip_ms, 'g'))}: a period from "

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 
+from . import seccomp
 from .api import VM
 from .config import VmConfig
 from .console import open_console
@@ -55,6 +56,7 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         console = open_console(cfg.console)
+        seccomp.confine_process(cfg.seccomp)  # this process is the VMM's: the loop's filter too
         try:
             async with VM(cfg, console=console) as vm:
                 running.append(vm)

@@ -78,6 +78,7 @@ struct avmm_vcpu_stats {
     uint64_t samples_dropped;        /* RIP samples not kept: the buffer was full */
     uint64_t first_high_rip_ns;      /* CLOCK_MONOTONIC of the first sample in the upper half
                                       * of the address space (a kernel proper), or 0 */
+    uint64_t seccomp_failed;         /* 1: the thread's seccomp filter could not be installed */
 };
 
 struct avmm_vm;
@@ -132,6 +133,10 @@ void avmm_vm_stop(struct avmm_vm *vm);
 int avmm_vm_set_sampling(struct avmm_vm *vm, uint64_t period_ns, size_t capacity);
 /* Copy up to max of vCPU idx's samples, from the first, into out; returns how many. */
 size_t avmm_vcpu_samples(struct avmm_vm *vm, int idx, uint64_t *out, size_t max);
+
+/* Before the vCPUs start: each vCPU thread installs its seccomp filter (seccomp.h; an
+ * enum avmm_seccomp_action, 0 = none) once its set-up is done. */
+void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 
 /* UART fast path (see enum avmm_uart_fast) of one slot, at the ports of THR and LSR the
  * UART model names. thr_port 0 turns it off. 0 or -EINVAL (no such slot). */

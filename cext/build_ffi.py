@@ -9,6 +9,7 @@ The benchmarks' virtio driver (testdrv.c) is not in this extension: build_testdr
 builds it apart, for perf/ only.
 """
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from cdef import SYSTEM_CDEF, header_cdef  # noqa: E402 (cext/cdef.py)
 ABI_VERSION = int(re.search(r"^ABI_VERSION = (\d+)", (HERE.parent / "asyncvmm" / "_abi.py").read_text(), re.M).group(1))
 
 # The headers of the product's C core, in the order they build on one another.
-HEADERS = ("avmm.h", "virtq.h", "ioengine.h", "blk.h", "net.h")
+HEADERS = ("avmm.h", "virtq.h", "ioengine.h", "blk.h", "net.h", "seccomp.h")
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -228,6 +229,11 @@ ffibuilder.cdef(
     + "#define AVMM_ABI_VERSION ...\n"
     + header_cdef(*HEADERS)
 )
+# ASYNCVMM_SANITIZE=address,undefined builds the extension with those sanitizers
+# (tools/test --asan: the test suite runs on it with the runtime preloaded).
+_san = os.environ.get("ASYNCVMM_SANITIZE", "")
+SANITIZE = [f"-fsanitize={_san}", "-fno-omit-frame-pointer", "-g", "-O1"] if _san else []
+
 ffibuilder.set_source(
     "asyncvmm._native",
     "#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
@@ -235,9 +241,11 @@ ffibuilder.set_source(
     "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/virtio_console.h>\n#include <linux/if_tun.h>\n"
     + "".join(f'#include "{h}"\n' for h in HEADERS)
     + f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
-    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/net.c"],
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/net.c",
+             "cext/seccomp.c"],
     include_dirs=["cext"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function", *SANITIZE],
+    extra_link_args=SANITIZE,
     libraries=["pthread", "uring"],
 )
 

@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "avmm.h"
+#include "seccomp.h"
 
 /* Bytes the UART fast path may hold before the vCPU must wait for the loop to drain. */
 #define CONSOLE_CAP 65536
@@ -115,6 +116,7 @@ struct avmm_vm {
     _Atomic uint32_t loop_polling;
     _Atomic uint32_t notified;
     struct spin_policy loop_spin;
+    int seccomp_action;         /* enum avmm_seccomp_action: each vCPU thread's filter */
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
     size_t sample_capacity;
     struct avmm_uart_fast_slot uart[AVMM_UART_FAST_SLOTS];
@@ -540,6 +542,10 @@ static void *vcpu_main(void *arg)
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
     start_sampling(v);
+    /* Set-up is done (signals, affinity, the sampling timer): from here on the thread makes
+     * only the calls the vCPU allow-list names (seccomp.c). */
+    if (vm->seccomp_action && avmm_seccomp_install(AVMM_SECCOMP_VCPU, vm->seccomp_action, 0) < 0)
+        v->stats.seccomp_failed = 1;
 
     for (;;) {
         if (atomic_load(&vm->quit))
@@ -939,4 +945,9 @@ int avmm_kvm_irq_line(int32_t vm_fd, uint32_t gsi, uint32_t level)
 {
     struct kvm_irq_level l = {.irq = gsi, .level = level};
     return ioctl(vm_fd, KVM_IRQ_LINE, &l) < 0 ? -errno : 0;
+}
+
+void avmm_vm_set_seccomp(struct avmm_vm *vm, int action)
+{
+    vm->seccomp_action = action;
 }

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import poll
+from .. import poll, seccomp
 from .._native import ffi, lib
 from ..boot import cpuid
 from ..bus import Bus, UnclaimedAccess
@@ -107,6 +107,7 @@ class Vcpus:
         self.cvm = lib.avmm_vm_new(cfg.cpus, self.notify_efd, self.console_efd)
         if self.cvm == ffi.NULL:
             raise KvmError("cannot allocate the vCPU threads' state")
+        lib.avmm_vm_set_seccomp(self.cvm, seccomp.action(cfg.seccomp))  # each vCPU thread's filter
         quirks = vm.quirks
         entries = quirks.adjust_cpuid(cpuid.apply_template(vm.kvm.supported_cpuid(), vm.cpu_template))
         if cfg.xapic:

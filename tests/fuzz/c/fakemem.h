@@ -1,0 +1,123 @@
+/*
+ * A fake guest memory for the C fuzz targets: two RAM regions with a hole between them,
+ * each its own heap allocation of exactly its size, so AddressSanitizer reports any access
+ * one byte outside guest RAM. fakemem_owns() is the invariant every target checks on the
+ * iovecs the data path builds: each buffer lies wholly inside one region.
+ *
+ * Region 0: guest [0x0000, 0x10000) (the rings live here); region 1: [0x20000, 0x21000).
+ */
+#ifndef FUZZ_FAKEMEM_H
+#define FUZZ_FAKEMEM_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "virtq.h"
+
+#define FAKE_R0_GPA 0x0ull
+#define FAKE_R0_SIZE 0x10000ull
+#define FAKE_R1_GPA 0x20000ull
+#define FAKE_R1_SIZE 0x1000ull
+
+struct fakemem {
+    struct avmm_gmem gmem;
+};
+
+static void fakemem_init(struct fakemem *f)
+{
+    memset(f, 0, sizeof(*f));
+    f->gmem.nregions = 2;
+    f->gmem.r[0] = (struct avmm_gmem_region){FAKE_R0_GPA, FAKE_R0_SIZE, malloc(FAKE_R0_SIZE)};
+    f->gmem.r[1] = (struct avmm_gmem_region){FAKE_R1_GPA, FAKE_R1_SIZE, malloc(FAKE_R1_SIZE)};
+    if (!f->gmem.r[0].hva || !f->gmem.r[1].hva)
+        abort();
+}
+
+/* Fill guest RAM from the fuzz input: region 0 first, then region 1; the rest zero. */
+static void fakemem_fill(struct fakemem *f, const uint8_t *data, size_t len)
+{
+    for (uint32_t i = 0; i < f->gmem.nregions; i++) {
+        struct avmm_gmem_region *r = &f->gmem.r[i];
+        size_t n = len < r->size ? len : r->size;
+        memcpy(r->hva, data, n);
+        memset(r->hva + n, 0, r->size - n);
+        data += n;
+        len -= n;
+    }
+}
+
+static void fakemem_free(struct fakemem *f)
+{
+    for (uint32_t i = 0; i < f->gmem.nregions; i++)
+        free(f->gmem.r[i].hva);
+}
+
+/* 1 if host [p, p+len) lies wholly inside one guest RAM region. */
+static int fakemem_owns(const struct fakemem *f, const void *p, size_t len)
+{
+    uintptr_t a = (uintptr_t)p;
+    for (uint32_t i = 0; i < f->gmem.nregions; i++) {
+        uintptr_t lo = (uintptr_t)f->gmem.r[i].hva, hi = lo + f->gmem.r[i].size;
+        if (a >= lo && a <= hi && len <= hi - a)
+            return 1;
+    }
+    return 0;
+}
+
+#define FUZZ_CHECK(cond)                                                                       \
+    do {                                                                                       \
+        if (!(cond)) {                                                                         \
+            fprintf(stderr, "invariant broken at %s:%d: %s\n", __FILE__, __LINE__, #cond);     \
+            abort();                                                                           \
+        }                                                                                      \
+    } while (0)
+
+static void fakemem_check_iov(const struct fakemem *f, const struct iovec *iov, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        FUZZ_CHECK(fakemem_owns(f, iov[i].iov_base, iov[i].iov_len));
+}
+
+/* A cursor over the fuzz input's control bytes (the ops to run). */
+struct cursor {
+    const uint8_t *p;
+    size_t n;
+};
+
+static uint8_t take8(struct cursor *c)
+{
+    if (!c->n)
+        return 0;
+    c->n--;
+    return *c->p++;
+}
+
+static uint16_t take16(struct cursor *c)
+{
+    return (uint16_t)(take8(c) | take8(c) << 8);
+}
+
+static uint32_t take32(struct cursor *c)
+{
+    return (uint32_t)take16(c) | (uint32_t)take16(c) << 16;
+}
+
+/* Every C target's input: a little-endian u16 L, then L control bytes (the set-up and the
+ * ops to run), then guest RAM's contents. */
+static void fuzz_split(const uint8_t *data, size_t size, struct cursor *ctl, const uint8_t **ram, size_t *ram_len)
+{
+    size_t l = size >= 2 ? (size_t)(data[0] | data[1] << 8) : 0;
+    data += size >= 2 ? 2 : size;
+    size -= size >= 2 ? 2 : size;
+    if (l > size)
+        l = size;
+    ctl->p = data;
+    ctl->n = l;
+    *ram = data + l;
+    *ram_len = size - l;
+}
+
+#endif

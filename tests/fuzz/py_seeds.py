@@ -1,0 +1,126 @@
+"""Seed inputs for the Python fuzz targets (targets.py), written to tests/fuzz/corpus/TARGET.
+Run `.venv/bin/python tests/fuzz/py_seeds.py` after `tools/setup` (it reads the test guests
+in build/guests); the files are committed. Device targets start from a few register
+sequences a driver would write; the image targets from real test kernels; the control
+target from every command.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+
+from test_boot_linux import bzimage  # noqa: E402
+from test_boot_pvh import build_elf  # noqa: E402
+from test_unpack import PACK, vmlinux  # noqa: E402
+
+from asyncvmm.boot.linux import Compression  # noqa: E402
+
+
+def w(port_off: int, value: int, size: int = 1) -> bytes:
+    """A write op of _port_ops: op byte 0x60, size index, offset, u32 value."""
+    return bytes([0x60, {1: 0, 2: 1, 4: 2}[size], port_off]) + struct.pack("<I", value)
+
+
+def r(port_off: int, size: int = 1) -> bytes:
+    return bytes([0x00, {1: 0, 2: 1, 4: 2}[size], port_off])
+
+
+def seeds() -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    # UART: 8N1 at 115200 with FIFOs and every interrupt, then traffic, loopback, a break.
+    init = w(3, 0x80) + w(0, 1) + w(1, 0) + w(3, 0x03) + w(2, 0xC7) + w(1, 0x0F) + w(4, 0x0B)
+    out["uart"] = {
+        "init": init + w(0, 0x41) + r(5) + r(2) + bytes([0xE0, 5]) + b"hello" + r(0) + r(5) + r(6),
+        "loop": init + w(4, 0x1B) + w(0, 0x55) + r(0) + r(5) + bytes([0xE1]) + r(5) + r(0) + r(2),
+    }
+    # RTC: read the time, set it with SET, binary mode, the alarm, then the CMOS memory bytes.
+    rtc = b"\x00" * 8
+    for reg in (0x0A, 0x0B, 0x00, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32, 0x34, 0x35, 0x5B):
+        rtc += w(0, reg) + r(1)
+    rtc += w(0, 0x0B) + w(1, 0x86) + w(0, 0x00) + w(1, 59) + w(0, 0x0B) + w(1, 0x06) + bytes([0xE1]) + b"\x10\0\0\0"
+    out["rtc"] = {"time": rtc}
+    # i8042: read the command byte, write it, the output port, and the pulse reset.
+    out["i8042"] = {"cmds": bytes([0, 0x20, 3, 0, 0x60, 1, 0x45, 0, 0xD0, 3, 0, 0xD1, 1, 0xFE, 0, 0xFE])}
+    # PIT: channel 0 mode 2 lo/hi, channel 2 mode 0 with the gate on port 0x61, latch, read-back.
+    pit = w(3, 0x34) + w(0, 0x9C) + w(0, 0x2E) + bytes([0xE0]) + b"\x00\x40\x42\x0f\x00"
+    pit += w(3, 0xB0) + w(2, 0xFF) + w(2, 0xFF) + w(3, 0x00) + r(0) + r(0) + w(3, 0xE2) + r(0) + r(2)
+    pit += bytes([0xE1, 0, 0xE2, 2, 0xE3, 1])
+    out["pit"] = {"modes": pit + w(0, 0x01, 1), "speaker": pit + b"\x60\x00\x00\x03\x00\x00\x00" + r(0)}
+    # ACPI PM: enable the power button event and SCI, press it, clear status, then S5.
+    pm = w(2, 0x0100, 2) + w(4, 0x0001, 2) + bytes([0xE0]) + r(0, 2) + w(0, 0x0100, 2) + r(0, 2)
+    out["acpi_pm"] = {"s5": pm + w(4, 0x3C01, 2), "reset": pm + w(8, 0x0E)}
+    # PCI: the driver's probe through 0xCF8 then ECAM: IDs, BAR sizing, capabilities.
+    cfg = b"\x00"
+    for slot in (0, 1):
+        for reg in (0x00, 0x04, 0x08, 0x10, 0x14, 0x2C, 0x34):
+            cfg += bytes([0x03, slot, 0, reg, 0, 2])
+    cfg += bytes([0x01, 1, 0, 0x10, 0, 2]) + b"\xff\xff\xff\xff" + bytes([0x03, 1, 0, 0x10, 0, 2])
+    cfg += bytes([0x01, 1, 0, 0x04, 0, 1]) + struct.pack("<I", 6)
+    out["pci_config"] = {"probe": cfg, "msi": b"\x01" + cfg[1:]}
+    # MSI-X: enable, program vector 0 and 1, unmask, read the PBA; the same with MSI.
+    mx = b"\x00" + bytes([0x00]) + struct.pack("<H", 6)  # command: memory + master
+    mx += bytes([0x04]) + struct.pack("<H", 0x8000)  # MSI-X enable
+    for off, val in ((0x0, 0xFEE00000), (0x8, 0x41), (0xC, 0), (0x10, 0xFEE00000), (0x18, 0x42), (0x1C, 0)):
+        mx += bytes([0x01]) + struct.pack("<H", off) + bytes([1, 1, 0]) + struct.pack("<II", val, 0)
+    mx += bytes([0x02, 0, 1, 1, 1])
+    out["msix"] = {"enable": mx, "msi": b"\x01" + mx[1:]}
+    # virtio-pci: reset, ACK, DRIVER, features, FEATURES_OK, queue 0 set-up, DRIVER_OK.
+    def common(off: int, size: int, value: int) -> bytes:
+        sz = {1: (1, 0), 2: (1, 1), 4: (1, 2), 8: (0, 0)}[size]
+        return bytes([0x01, off, sz[0] or 8, sz[1], 0]) + struct.pack("<II", value & 0xFFFFFFFF, value >> 32)
+
+    v = b"\x00" + b"\x00"  # MSI-X machine, memory decode on
+    v += common(0x14, 1, 0) + common(0x14, 1, 1) + common(0x14, 1, 3)
+    v += common(0x08, 4, 1) + common(0x0C, 4, 1 << 0) + common(0x08, 4, 0) + common(0x0C, 4, 1 << 5)
+    v += common(0x14, 1, 0x0B) + common(0x16, 2, 0) + common(0x18, 2, 8)
+    v += common(0x20, 8, 0x10000) + common(0x28, 8, 0x11000) + common(0x30, 8, 0x12000)
+    v += common(0x1A, 2, 1) + common(0x1C, 2, 1) + common(0x14, 1, 0x0F) + bytes([0x05, 0, 1, 1, 1])
+    out["virtio_pci"] = {"bringup": v}
+    # Boot images: the test guests (PVH ELFs), the synthetic bzImage, and bzImages whose
+    # payload is a small vmlinux in each format the unpacker knows (with --decompress vmm).
+    g = ROOT / "build" / "guests"
+    out["boot"] = {
+        "hello-pvh": b"\x00" + (g / "hello-pvh.elf").read_bytes(),
+        "hello": b"\x01" + (g / "hello.elf").read_bytes(),
+        "bzimage64": b"\x11" + (g / "bzimage64.bin").read_bytes(),
+        "vmlinux": b"\x00" + build_elf(notes=(("Linux", 0x100, b"\0" * 4),)),
+    }
+    small = vmlinux(0x400)
+    for kind, pack in PACK.items():
+        out["boot"][f"bz-{kind.value}"] = b"\x02" + bzimage(payload=pack(small), pm_size=0x1000)
+    out["bzimage"] = {"bzimage64": (g / "bzimage64.bin").read_bytes()[:2048], "gz": bzimage()[:4096]}
+    kinds = [c for c in Compression if c is not Compression.NONE]
+    out["unpack"] = {kind.value: bytes([kinds.index(kind)]) + PACK[kind](small) for kind in kinds if kind in PACK}
+    out["control"] = {
+        c: (json.dumps(req) + "\n").encode()
+        for c, req in {
+            "state": {"cmd": "state"},
+            "regs": {"cmd": "regs", "vcpu": 1},
+            "stats": {"cmd": "stats"},
+            "pause": {"cmd": "pause"},
+            "resume": {"cmd": "resume"},
+            "sysrq": {"cmd": "sysrq", "key": "h"},
+            "destroy": {"cmd": "destroy", "timeout": 2.5, "force": False},
+        }.items()
+    }
+    return out
+
+
+def main() -> None:
+    for target, files in seeds().items():
+        d = HERE / "corpus" / target
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (d / f"seed-{name}").write_bytes(data)
+        print(f"{target}: {len(files)} seeds", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""The Python fuzz targets: what a guest or a file can feed the VMM's Python code.
+
+Each target takes the fuzzer's bytes, turns them into a sequence of operations (a guest's
+port and MMIO accesses, an image file, a control request) and asserts the VMM's
+invariants: no exception but the documented ones (BootError for an image, an error answer
+for a request: a guest's access never raises), every read fits its access size, a
+device's interrupt line is what its state says. tools/fuzz runs them under atheris
+(coverage-guided); tests/fuzz/test_fuzz.py runs each briefly.
+
+The device models are built as the machine builds them (machine.py _build_devices), on a
+Bus of their own, minus KVM: the UART, i8042 and RTC through ByteRegisters at their
+ports, the PCI root through 0xCF8/0xCFC and ECAM, virtio-pci's BAR on the MMIO bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import struct
+from collections.abc import Callable
+
+from asyncvmm import platform
+from asyncvmm.boot import linux, loader, unpack
+from asyncvmm.bus import Bus, ByteRegisters
+from asyncvmm.control import protocol
+from asyncvmm.control.server import ControlServer
+from asyncvmm.devices.legacy.acpi_pm import AcpiPm
+from asyncvmm.devices.legacy.i8042 import I8042
+from asyncvmm.devices.legacy.i8254 import I8254
+from asyncvmm.devices.legacy.rtc import Rtc
+from asyncvmm.devices.legacy.uart16550 import Uart16550
+from asyncvmm.devices.pci.device import PciBuses
+from asyncvmm.devices.pci.root import PciRoot, install
+from asyncvmm.devices.virtio.device import DeviceError, QueueConfig, VirtioDevice
+from asyncvmm.devices.virtio.transport_pci import NotifyBinder, VirtioPciDevice
+from asyncvmm.errors import BootError
+from asyncvmm.gdb import packets
+from asyncvmm.irq import IrqRouter
+from asyncvmm.loader import bls, grub, grub_script, partitions
+from asyncvmm.loader.errors import LoaderError
+from asyncvmm.vstate.memory import GuestMemory
+
+SIZES = (1, 2, 4)
+
+
+class Input:
+    """The fuzzer's bytes as a stream of small numbers; zeros once it runs out."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def more(self) -> bool:
+        return self.pos < len(self.data)
+
+    def u8(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def u16(self) -> int:
+        return self.u8() | self.u8() << 8
+
+    def u32(self) -> int:
+        return self.u16() | self.u16() << 16
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def rest(self) -> bytes:
+        return self.take(len(self.data) - self.pos)
+
+    def size(self) -> int:
+        return SIZES[self.u8() % 3]
+
+
+def _check_read(value: int, size: int) -> None:
+    assert isinstance(value, int) and 0 <= value < 1 << (8 * size), (value, size)
+
+
+def _port_ops(bus: Bus, inp: Input, base: int, span: int, extra: Callable[[int], None] | None = None,
+              max_ops: int = 512) -> None:
+    """Reads and writes of 1, 2, 4 bytes at ports base..base+span (a little beyond too)."""
+    for _ in range(max_ops):
+        if not inp.more():
+            return
+        op = inp.u8()
+        if op < 0x60:
+            size = inp.size()
+            _check_read(bus.access(base + inp.u8() % (span + 2), size, False), size)
+        elif op < 0xE0:
+            size = inp.size()
+            port = base + inp.u8() % (span + 2)
+            bus.access(port, size, True, inp.u32() & ((1 << (8 * size)) - 1))
+        elif extra is not None:
+            extra(op)
+
+
+# ---- legacy devices -------------------------------------------------------------------------
+
+
+def fuzz_uart(data: bytes) -> None:
+    """The 16550 at COM1: register accesses, host input, breaks, the C fast path's view."""
+    line = [False]
+    sent = bytearray()
+    uart = Uart16550(lambda level: line.__setitem__(0, level), sent.extend)
+    bus = Bus("pio")
+    bus.register(platform.COM1_PORT, 8, ByteRegisters(uart), "com1")
+    inp = Input(data)
+
+    def extra(op: int) -> None:
+        k = op % 5
+        if k == 0:
+            room = uart.rx_room()
+            assert room >= 0
+            taken = uart.receive(inp.take(inp.u8() % 40))
+            assert 0 <= taken
+        elif k == 1:
+            uart.send_break()
+        elif k == 2:
+            uart.tx_batch(inp.take(inp.u8() % 40))
+        elif k == 3:
+            thr, lsr = uart.fast_path()
+            assert isinstance(thr, bool) and (lsr is None or 0 <= lsr < 256)
+        else:
+            assert 1 <= uart.divisor <= 0xFFFF or uart.divisor == 0
+
+    _port_ops(bus, inp, platform.COM1_PORT, 8, extra)
+    assert line[0] == uart.irq_level, "the interrupt line disagrees with the model's state"
+    assert all(v >= 0 for v in uart.counters.values())
+
+
+def fuzz_rtc(data: bytes) -> None:
+    """The MC146818 RTC and CMOS at ports 0x70/0x71, its clock moved by the input."""
+    now = [1.7e9]
+    inp = Input(data)
+    rtc = Rtc(clock=lambda: now[0], mem_below_4g=inp.u32() << 8, mem_above_4g=inp.u32() << 12)
+    bus = Bus("pio")
+    bus.register(platform.RTC_PORT, 2, ByteRegisters(rtc, offset_base=platform.RTC_PORT), "rtc")
+
+    def extra(op: int) -> None:
+        # The host's clock moves on, by up to about 9 years (across century and leap days).
+        now[0] += inp.u32() * (1 if op & 1 else 67)
+
+    _port_ops(bus, inp, platform.RTC_PORT, 2, extra)
+    rtc.now()
+
+
+def fuzz_i8042(data: bytes) -> None:
+    """The i8042 at 0x60/0x64 (reset through the output port or pulse command)."""
+    resets = [0]
+    kbc = I8042(reset=lambda: resets.__setitem__(0, resets[0] + 1))
+    bus = Bus("pio")
+    bus.register(platform.I8042_DATA_PORT, 1, ByteRegisters(kbc, offset_base=platform.I8042_DATA_PORT), "i8042")
+    bus.register(platform.I8042_CMD_PORT, 1, ByteRegisters(kbc, offset_base=platform.I8042_CMD_PORT), "i8042")
+    inp = Input(data)
+    for _ in range(512):
+        if not inp.more():
+            break
+        op = inp.u8()
+        port = platform.I8042_DATA_PORT if op & 1 else platform.I8042_CMD_PORT
+        if op & 2:
+            _check_read(bus.access(port, 1, False), 1)
+        else:
+            bus.access(port, 1, True, inp.u8())
+    assert resets[0] == kbc.resets
+
+
+def fuzz_pit(data: bytes) -> None:
+    """The i8254 PIT at 0x40-0x43 and port 0x61, its clock moved by the input."""
+    now = [10**12]
+    changed = [0]
+    pit = I8254(clock=lambda: now[0], changed=lambda: changed.__setitem__(0, changed[0] + 1))
+    bus = Bus("pio")
+    bus.register(platform.PIT_PORT, 4, ByteRegisters(pit, offset_base=platform.PIT_PORT), "pit")
+    bus.register(platform.SPEAKER_PORT, 1, ByteRegisters(pit, offset_base=platform.SPEAKER_PORT), "port61")
+    inp = Input(data)
+
+    def extra(op: int) -> None:
+        k = op % 4
+        ch = inp.u8() % 3
+        if k == 0:
+            now[0] += inp.u32() * (1 + (op & 0x10) * 1000)
+        elif k == 1:
+            edge = pit.next_edge(ch)
+            assert edge is None or edge >= now[0] - 1, (edge, now[0])
+        elif k == 2:
+            assert isinstance(pit.output(ch), bool)
+        else:
+            pit.mode(ch)
+            assert 0 <= pit.reload(ch) <= 0x10000
+
+    _port_ops(bus, inp, platform.PIT_PORT, 4, extra)
+    _port_ops(bus, inp, platform.SPEAKER_PORT, 1, extra)
+
+
+def fuzz_acpi_pm(data: bytes) -> None:
+    """The ACPI PM1 event/control blocks and the reset register (ports 0x600..)."""
+    sci = [False]
+    stops = {"off": 0, "reset": 0}
+    pm = AcpiPm(
+        sci=lambda level: sci.__setitem__(0, level),
+        power_off=lambda: stops.__setitem__("off", stops["off"] + 1),
+        reset=lambda: stops.__setitem__("reset", stops["reset"] + 1),
+    )
+    bus = Bus("pio")
+    bus.register(platform.ACPI_PM_PORT, 16, pm, "acpi-pm")
+    inp = Input(data)
+
+    def extra(op: int) -> None:
+        listening = pm.press_power_button()
+        assert listening == pm.listening
+
+    _port_ops(bus, inp, platform.ACPI_PM_PORT, 16, extra)
+    assert stops["off"] == pm.counters["power_offs"] and stops["reset"] == pm.counters["resets"]
+
+
+# ---- PCI, MSI/MSI-X, virtio-pci ---------------------------------------------------------------
+
+
+class _Null(VirtioDevice):
+    """A virtio device with two queues and 8 bytes of config: the transport's generic part
+    (status, features, queues, vectors, reset) is what is fuzzed. `activate` refuses a queue
+    as a device would (DeviceError: the transport sets NEEDS_RESET)."""
+
+    device_id = 4  # an entropy source's ID: any ID does
+    name = "fuzz-null"
+    config_size = 8
+
+    def __init__(self) -> None:
+        super().__init__(2, 256)
+        self.active: list[QueueConfig] = []
+
+    def features(self) -> int:
+        return 1 << 5
+
+    def read_config(self, offset: int, size: int) -> int:
+        return (0x0123456789ABCDEF >> (8 * offset)) & ((1 << (8 * size)) - 1) if offset < 8 else 0
+
+    def activate(self, features: int, queues: list[QueueConfig]) -> None:
+        for q in queues:
+            if q.desc & 15:
+                raise DeviceError(f"queue {q.index}: descriptor table not aligned")
+        self.active = queues
+
+    def reset(self) -> None:
+        self.active = []
+
+
+class _PciMachine:
+    """A PCI root with the host bridge and a virtio-pci device in slot 1 (MSI-X, or one MSI
+    with `msi`), no KVM: vectors are eventfds nobody binds."""
+
+    mem = None
+
+    def __init__(self, msi: bool):
+        if _PciMachine.mem is None:
+            _PciMachine.mem = GuestMemory(8 << 20)
+        self.router = IrqRouter(None)
+        self.buses = PciBuses(Bus("mmio"), Bus("pio"))
+        self.root = PciRoot(self.buses)
+        install(self.root, self.buses.pio, self.buses.mmio)
+        self.dev = VirtioPciDevice(_Null(), self.router, NotifyBinder(None), msix=not msi, msi=msi)
+        self.root.add(1, 0, self.dev)
+        self.root.assign_bars(platform.pci_mmio64_window(platform.ram_top(_PciMachine.mem.regions)))
+
+    def bar(self) -> int:
+        return self.dev.config.bar_address(self.dev.bar)
+
+    def close(self) -> None:
+        self.dev.close()
+        self.router.close()
+
+
+def _mmio(m: _PciMachine, inp: Input, addr: int) -> None:
+    size = SIZES[inp.u8() % 3] if inp.u8() & 7 else 8
+    if inp.u8() & 1:
+        _check_read(m.buses.mmio.access(addr, size, False), size)
+    else:
+        m.buses.mmio.access(addr, size, True, inp.u32() | inp.u32() << 32 & ((1 << (8 * size)) - 1))
+
+
+def _pci_run(data: bytes, pick: Callable[[_PciMachine, Input, int], None]) -> None:
+    inp = Input(data)
+    m = _PciMachine(msi=bool(inp.u8() & 1))
+    try:
+        for _ in range(400):
+            if not inp.more():
+                break
+            pick(m, inp, inp.u8())
+        # Whatever the driver did, a reset brings the device back (as a guest reboot does).
+        m.dev.config_write(4, 2, 0)
+    finally:
+        m.close()
+
+
+def _config_op(m: _PciMachine, inp: Input, op: int) -> None:
+    """0xCF8/0xCFC (any device, any offset) or ECAM (slot 0 or 1, any offset)."""
+    pio = m.buses.pio
+    if op & 1:
+        slot, func, reg = inp.u8() & 3, inp.u8() & 1, inp.u8() & 0xFC
+        pio.access(platform.PCI_CONFIG_ADDRESS_PORT, 4, True, 0x8000_0000 | slot << 11 | func << 8 | reg)
+        off = inp.u8() & 3
+        size = SIZES[inp.u8() % 3]
+        if op & 2:
+            _check_read(pio.access(platform.PCI_CONFIG_ADDRESS_PORT + 4 + off, size, False), size)
+        else:
+            pio.access(platform.PCI_CONFIG_ADDRESS_PORT + 4 + off, size, True, inp.u32() & ((1 << (8 * size)) - 1))
+    else:
+        addr = platform.PCI_ECAM_START + ((inp.u8() & 1) << 15) + (inp.u16() & 0xFFF)
+        _mmio(m, inp, addr)
+
+
+def fuzz_pci_config(data: bytes) -> None:
+    """PCI configuration space: the header, BARs (sizing, moving), the capability list,
+    MSI/MSI-X capabilities, virtio's PCI capabilities and the config-access window."""
+
+    def pick(m: _PciMachine, inp: Input, op: int) -> None:
+        if op < 0xF0:
+            _config_op(m, inp, op)
+        else:  # and touch the BAR wherever it is now
+            _mmio(m, inp, m.bar() + (inp.u16() & 0x7FFF))
+
+    _pci_run(data, pick)
+
+
+def fuzz_msix(data: bytes) -> None:
+    """The MSI-X table and PBA (and the MSI capability with one MSI), with the capability's
+    enable and mask-all bits and the command register flipping between accesses."""
+
+    def pick(m: _PciMachine, inp: Input, op: int) -> None:
+        k = op % 4
+        if k == 0:  # the MSI-X / MSI capability's control word, or the command register
+            cap = m.dev.msix.cap if m.dev.msix is not None else m.dev.msi.cap
+            off = (cap + 2) if op & 4 else 4
+            m.dev.config_write(off, 2, inp.u16())
+        elif k == 1:  # the table
+            _mmio(m, inp, m.bar() + 0x4000 + (inp.u16() & 0x3F))
+        elif k == 2:  # the PBA
+            _mmio(m, inp, m.bar() + 0x6000 + (inp.u8() & 0xF))
+        else:  # the capability bytes themselves
+            cap = m.dev.msix.cap if m.dev.msix is not None else m.dev.msi.cap
+            size = SIZES[inp.u8() % 3]
+            off = cap + inp.u8() % 24
+            if op & 8:
+                _check_read(m.dev.config_read(off, size), size)
+            else:
+                m.dev.config_write(off, size, inp.u32() & ((1 << (8 * size)) - 1))
+
+    _pci_run(data, pick)
+
+
+def fuzz_virtio_pci(data: bytes) -> None:
+    """virtio-pci's registers: common configuration (status machine, features, queue
+    select/size/addresses/enable/vector), ISR, device config, notify, with the memory
+    decode bit on and the driver's status bytes from the input."""
+
+    def pick(m: _PciMachine, inp: Input, op: int) -> None:
+        k = op % 8
+        if k == 0:
+            m.dev.config_write(4, 2, 0x6)  # memory decode and bus mastering on
+        elif k <= 4:  # common configuration: the most of the traffic
+            _mmio(m, inp, m.bar() + (inp.u8() % 0x40))
+        elif k == 5:
+            _mmio(m, inp, m.bar() + 0x1000 + (inp.u8() & 3))
+        elif k == 6:
+            _mmio(m, inp, m.bar() + 0x2000 + (inp.u8() & 0xF))
+        else:
+            _mmio(m, inp, m.bar() + 0x3000 + (inp.u8() & 0xF))
+        status = m.dev.config_read(4, 2)
+        _check_read(status, 2)
+
+    _pci_run(data, pick)
+
+
+# ---- boot images --------------------------------------------------------------------------------
+
+_boot_mem: GuestMemory | None = None
+
+
+def _memory() -> GuestMemory:
+    global _boot_mem
+    if _boot_mem is None:
+        _boot_mem = GuestMemory(32 << 20)
+    return _boot_mem
+
+
+def fuzz_boot(data: bytes) -> None:
+    """The kernel loaders (ELF with a PVH note, vmlinux, bzImage) on any file: a BootError
+    or a loaded kernel, nothing else. The first byte picks an initrd size and whether the
+    bzImage's payload is unpacked by the VMM (as --decompress vmm)."""
+    if not data:
+        return
+    flags, image = data[0], data[1:]
+    initrd = bytes(flags & 0x30) if flags & 1 else None
+    try:
+        prepared = loader.prepare(image, "vmm" if flags & 2 else "kernel", emulating=True)
+        boot = loader.load(_memory(), image, initrd, "console=ttyS0", prepared=prepared)
+    except BootError:
+        return
+    assert boot.state is not None
+
+
+def fuzz_bzimage(data: bytes) -> None:
+    """bzImage header parsing alone (setup_sects, protocol version, payload fields)."""
+    try:
+        info = linux.bzimage_info(data)
+    except BootError:
+        return
+    start = info.payload_file_offset
+    assert 0 <= start
+    linux.runtime_range(info)
+
+
+def fuzz_unpack(data: bytes) -> None:
+    """The payload unpacker, each decompressor (the first byte picks it) on small inputs:
+    an UnpackError or an ELF, never more output than the trailer announces. The trailer is
+    capped at 1 MiB here so a run stays fast (unpack.py bounds it at MAX_VMLINUX)."""
+    if len(data) < 2:
+        return
+    kinds = [c for c in linux.Compression if c is not linux.Compression.NONE]
+    kind = kinds[data[0] % len(kinds)]
+    payload = bytearray(data[1:])
+    if len(payload) >= 4:
+        size = struct.unpack_from("<I", payload, len(payload) - 4)[0] % (1 << 20)
+        struct.pack_into("<I", payload, len(payload) - 4, size)
+    try:
+        out = unpack.unpack_payload(bytes(payload), kind)
+    except unpack.UnpackError:
+        return
+    assert out[:4] == b"\x7fELF"
+
+
+# ---- the control protocol -----------------------------------------------------------------------
+
+
+class _Vm:
+    """What ControlServer asks of a VM, answered at once: the protocol is what is fuzzed.
+    Each method checks that the arguments the server decoded are of the kind it promises."""
+
+    def state_info(self) -> dict:
+        return {"name": "fuzz", "state": "running"}
+
+    async def regs(self, vcpu: int) -> dict:
+        assert isinstance(vcpu, int)
+        if not 0 <= vcpu < 2:
+            raise ValueError(f"no vCPU {vcpu}")
+        return {"rip": 0}
+
+    def stats(self) -> dict:
+        return {"vcpus": []}
+
+    async def pause(self) -> None:
+        pass
+
+    async def resume(self) -> None:
+        pass
+
+    async def sysrq(self, key: str) -> None:
+        assert isinstance(key, str)
+        if len(key) != 1:
+            raise ValueError("sysrq needs one character")
+
+    async def destroy(self, timeout: float, force: bool) -> str:
+        assert isinstance(timeout, float) and isinstance(force, bool)
+        if math.isnan(timeout) or timeout < 0:
+            raise ValueError(f"timeout {timeout}")
+        return "hard"
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def fuzz_control(data: bytes) -> None:
+    """A control request line, any bytes: the answer is one JSON object with `ok`, encoded
+    within MAX_LINE, and no request reaches the catch-all ("internal error")."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+    server = ControlServer.__new__(ControlServer)
+    server.vm = _Vm()
+    answer = _loop.run_until_complete(server._answer(data[: protocol.MAX_LINE]))
+    assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool), answer
+    assert "internal error" not in str(answer.get("error", "")), answer
+    line = protocol.encode(answer)
+    assert json.loads(line) == json.loads(json.dumps(answer)) and line.endswith(b"\n")
+
+
+# ---- what landed with the gdb stub and the disk boot loader --------------------------------------
+
+
+def fuzz_gdb_packets(data: bytes) -> None:
+    """The gdb remote protocol's framing (a client's byte stream, fed in pieces): events
+    only, a payload never kept past the reader's limit, unescape total."""
+    reader = packets.PacketReader(limit=256)
+    inp = Input(data)
+    while inp.more():
+        for ev in reader.feed(inp.take(1 + inp.u8() % 64)):
+            assert isinstance(ev, packets.Event)
+            payload = getattr(ev, "payload", b"") or b""
+            assert len(payload) <= 256, len(payload)
+            packets.unescape(payload)
+
+
+def fuzz_boot_menu(data: bytes) -> None:
+    """The boot-menu readers on any text: GRUB's script language, grubenv, BLS entries;
+    and an MBR/GPT partition table on any disk image. A LoaderError or a result."""
+    if not data:
+        return
+    kind, rest = data[0] % 4, data[1:]
+    text = rest.decode("utf-8", "replace")
+    try:
+        if kind == 0:
+            grub_script.parse(text, "fuzz.cfg")
+        elif kind == 1:
+            grub.parse_grubenv(rest)
+        elif kind == 2:
+            bls.parse_entry(text)
+        else:
+            image = rest + bytes(max(0, 34 * 512 - len(rest)))  # room for a GPT's header and entries
+            fd = os.memfd_create("fuzz-disk", os.MFD_CLOEXEC)  # read_table preads its file's fd
+            os.write(fd, image)
+            with os.fdopen(fd, "rb") as f:
+                partitions.read_table(f, len(image))
+    except LoaderError:
+        pass
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "uart": fuzz_uart,
+    "rtc": fuzz_rtc,
+    "i8042": fuzz_i8042,
+    "pit": fuzz_pit,
+    "acpi_pm": fuzz_acpi_pm,
+    "pci_config": fuzz_pci_config,
+    "msix": fuzz_msix,
+    "virtio_pci": fuzz_virtio_pci,
+    "boot": fuzz_boot,
+    "bzimage": fuzz_bzimage,
+    "unpack": fuzz_unpack,
+    "control": fuzz_control,
+    "gdb_packets": fuzz_gdb_packets,
+    "boot_menu": fuzz_boot_menu,
+}
+
