@@ -84,6 +84,8 @@ class VmConfig:
     gdb: a gdb server for the guest (gdb.options.GdbOptions; None: none) [-g PORT, -G]
     xapic: the local APIC in xAPIC mode, x2APIC hidden from CPUID [-a]
     wired: guest memory wired (mlock'd: never swapped or moved) [-S]
+    seccomp: the vCPU, loop and helper threads' system-call filters: "off", "log" or "kill"
+        (default $ASYNCVMM_SECCOMP, else off; asyncvmm/seccomp.py) [--seccomp]
     """
 
     name: str = field(default_factory=default_name)

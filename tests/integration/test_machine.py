@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from asyncvmm.config import VmConfig
@@ -56,7 +57,8 @@ def test_pause_stops_the_guest_and_resume_goes_on(guests):
             await asyncio.sleep(0.5)
             assert len(console.data) == paused_at, "the guest printed while paused"
             m.resume()
-            await wait_for(console, b"tick %d\n" % (int(console.data.split(b"tick ")[-1].split(b"\n")[0]) + 3))
+            last = int(re.findall(rb"tick (\d+)\n", bytes(console.data))[-1])  # a pause may cut a line
+            await wait_for(console, b"tick %d\n" % (last + 3))
             assert len(console.data) > paused_at
             m.request_stop(__import__("asyncvmm.machine", fromlist=["Stop"]).Stop(StopReason.HOST, "test"))
             stop = await task
