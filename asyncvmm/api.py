@@ -121,9 +121,12 @@ class ConsoleStream(Console):
             if left <= 0:
                 tail = bytes(self._buffer[-200:])
                 raise TimeoutError(f"console: {rx.pattern!r} not seen within {timeout} s (last output: {tail!r})")
+            # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that
+            # arrives as the read completes (the caller's task would then run on).
             try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), left)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(left):
+                    chunk = await self.reader.read(65536)
+            except TimeoutError:
                 continue
             if not chunk:
                 raise EOFError(f"console: the VM ended before {rx.pattern!r} was seen")
@@ -319,9 +322,10 @@ class VM:
         else:
             log.info(f"VM {self.config.name}: pressed the ACPI power button; the guest has {timeout:g} s to power off")
             try:
-                stop = await asyncio.wait_for(self.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    stop = await self.wait()
                 return "acpi" if stop.reason is StopReason.POWEROFF else "hard"
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.request_stop(Stop(StopReason.HOST, f"{why} (the guest did not power off within {timeout:g} s)"))
         await self.wait()
         return "hard"

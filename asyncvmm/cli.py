@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     sub.add_parser("ctl", help="control a running VM (asyncvmm ctl --help)", add_help=False)
+    sub.add_parser("load", help="read a disk's boot menu, say what it boots (asyncvmm load --help)", add_help=False)
     run = sub.add_parser(
         "run",
         help="boot a guest",
@@ -110,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--symbols", metavar="PATH", help="System.map or vmlinux for --profile-rip (default: found beside the kernel)")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
+    from .loader.cli import add_run_arguments  # noqa: PLC0415
+
+    add_run_arguments(run)  # booting from a disk's menu without --kernel (asyncvmm/loader)
     return p
 
 
@@ -145,6 +149,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 
         cfg.gdb = parse_gdb(args.gdb_port, "-g") if args.gdb_port else parse_gdb(args.gdb_spec, "-G")
     serial_config(args.console, cfg)
+    if not cfg.kernel:
+        from .loader.cli import boot_from_disks  # noqa: PLC0415
+
+        boot_from_disks(cfg, args)  # the disks' boot menu names the kernel
     return cfg.validate()
 
 
@@ -154,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from .control.ctl import main as ctl_main  # noqa: PLC0415
 
         return ctl_main(argv[1:])
+    if argv and argv[0] == "load":  # bhyveload's analogue (asyncvmm/loader)
+        from .loader.cli import main_load  # noqa: PLC0415
+
+        return main_load(argv[1:])
     try:
         args = _parser().parse_args(argv)
         if args.command == "run":

@@ -9,6 +9,8 @@
            Python device model (0x3ff, 0x80), served in C (0x3f8), vs build/perf/rawkvm.
   memory   RSS of the VMM process minus the guest RAM it touched, with build/guests/counter.elf
            running in -m 1024: asyncvmm vs QEMU -accel tcg.
+  loader   process start -> the kernel's first instruction booting from a disk's menu vs
+           --kernel with the same files (perf/loader.py).
 
 Prints a table of medians and ratios and appends one JSON line to perf/history.jsonl.
 See perf/README.md. Needs `tools/setup` (and qemu-system-x86 for the QEMU columns).
@@ -301,7 +303,7 @@ def qemu_version(qemu: str) -> str:
 
 def check_prerequisites(which: list[str]) -> None:
     need = [(VENV_PY, ".venv (asyncvmm installed)"), (ASYNCVMM, ".venv/bin/asyncvmm")]
-    if "startup" in which:
+    if "startup" in which or "loader" in which:
         need.append((GUESTS / "hello.elf", "the hello guest"))
     if "exits" in which:
         need += [(GUESTS / "exitbench.elf", "the exitbench guest"), (RAWKVM, "perf/rawkvm")]
@@ -817,7 +819,7 @@ def bench_memory(samples: int, qemu: str | None, notes: list[str]) -> tuple[str,
 
 # ---------------------------------------------------------------------------------------
 
-BENCHMARKS = ("startup", "exits", "memory", "blk", "net")
+BENCHMARKS = ("startup", "exits", "memory", "blk", "net", "loader")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -879,6 +881,10 @@ def main(argv: list[str] | None = None) -> int:
                     text, figs = bench_exits(20000 if args.quick else 200000, 3, kind, notes)
                 elif name == "memory":
                     text, figs = bench_memory(2 if args.quick else 3, qemu, notes)
+                elif name == "loader":
+                    from loader import bench_loader  # noqa: PLC0415 (perf/loader.py)
+
+                    text, figs = bench_loader(args.quick, notes)
                 elif name == "blk":
                     from blk import bench_blk  # noqa: PLC0415 (perf/blk.py)
 

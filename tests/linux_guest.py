@@ -53,6 +53,16 @@ def small_kernel() -> Path:
     return _tool("build-small-kernel", BUILD_TIMEOUT)
 
 
+def debian_disk_image() -> Path:
+    """tools/images/build-disk-image's disk (GPT, ESP, ext4 root with the small kernel in
+    /boot, GRUB for BIOS and UEFI, grub.cfg from grub-mkconfig): cached, seconds to build."""
+    p = subprocess.run([str(ROOT / "tools" / "images" / "build-disk-image")], stdout=subprocess.PIPE,
+                       stderr=None, timeout=BUILD_TIMEOUT, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"tools/images/build-disk-image failed with status {p.returncode} (its log is above)")
+    return Path(p.stdout.strip().splitlines()[-1]) / "disk.img"
+
+
 def spin_initramfs() -> Path:
     """An initramfs whose /init never makes a system call (tools/kernel/spin-init.S)."""
     return _tool("build-spin-initramfs", 120) / "initramfs.cpio.gz"

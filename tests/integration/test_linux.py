@@ -13,8 +13,12 @@ boot each, and every Linux check shares them.
           breakpoint on update_process_times, bt, linux_banner read by virtual address);
           SysRq o powers it off through ACPI S5.
           Then the host reads the image: mount count and time changed, e2fsck -fn clean.
-  run 2   vda given ,ro as root=/dev/vda rw: the kernel finds it write-protected and
-          mounts it read-only; SysRq b resets through the ACPI reset register and the VM
+  run 2   booted through the disk loader (asyncvmm/loader), no --kernel: vda is the disk
+          tools/images/build-disk-image makes (GPT, ESP, GRUB for BIOS and UEFI, the small
+          kernel in the ext4 root's /boot, grub.cfg from Debian's grub-mkconfig), given ,ro;
+          its default entry's command line (root=PARTUUID=... ro) with the user's `rw`
+          appended: the kernel reads the GPT, finds vda3 write-protected and mounts it
+          read-only; SysRq b resets through the ACPI reset register and the VM
           restarts the guest, whose second boot is watched until its CPUs are up (not to
           init: the only partial boot), then the VM is stopped. The image is unchanged.
 
@@ -53,7 +57,7 @@ from asyncvmm.runner import STATUS
 from asyncvmm.devices.virtio.net.tap import format_mac, stable_mac
 
 from conftest import needs_kvm
-from linux_guest import PRINTK_TIME, small_kernel, spin_initramfs
+from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
 from netns import Netns
 
 pytestmark = [pytest.mark.slow, needs_kvm]
@@ -68,7 +72,6 @@ NETCONSOLE_PORT = 6666
 # console=hvc0 first: the kernel logs on both, /dev/console is the last (ttyS0, for SysRq).
 CMDLINE = (f"console=hvc0 console=ttyS0 panic=-1 root=/dev/vda rw ip=dhcp "
            f"netconsole=6665@{GUEST_IP}/eth0,{NETCONSOLE_PORT}@{HOST_IP}/")
-RO_CMDLINE = "console=ttyS0 panic=-1 root=/dev/vda rw"
 RIP_SAMPLE_MS = 5
 BOOT_TIMEOUT = 420.0  # one boot, seconds of wall time (about 60-200 s here, loaded)
 UP = rb"Run /sbin/init as init process"
@@ -402,13 +405,17 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
 
 
 def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
-    kernel = small_kernel() / "bzImage"
-    init = spin_initramfs().parent / "init"
-    root = tmp_path / "ro.img"
-    root_image(root, init)
+    from asyncvmm.loader.cli import boot_from_disks  # noqa: PLC0415
+
+    small_kernel()
+    root = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(debian_disk_image()), str(root)], check=True)
     digest = hashlib.sha256(root.read_bytes()).hexdigest()
-    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, kernel=str(kernel), cmdline=RO_CMDLINE,
+    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, cmdline="rw",
                    slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root},ro")])
+    boot_from_disks(cfg)  # what `asyncvmm run -s 3,virtio-blk,disk.img,ro --cmdline rw` does
+    partuuid = re.search(r"root=PARTUUID=(\S+)", cfg.cmdline).group(1)
+    assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw"
     console_log = tmp_path / "console.log"
     times: dict[str, float] = {}
 
@@ -438,9 +445,15 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     err = capfd.readouterr().err
     with capfd.disabled():
         print(f"\nrun 2 wall time: {', '.join(f'{k} {v:.1f} s' for k, v in times.items())}")
+    # The loader booted the image's default entry from its third partition, and the kernel
+    # found its root there by the PARTUUID grub-mkconfig wrote.
+    assert re.search(r"loader: booting entry 0 'Debian GNU/Linux' of the GRUB menu /boot/grub/grub.cfg: kernel "
+                     r"/boot/vmlinuz-\S+ from disk.img partition 3 \(gpt, Linux\), ext4", err), err
+    assert re.search(r"\bvda: vda1 vda2 vda3\r?$", log, re.M), "the kernel did not read the GPT"
+    assert f"Kernel command line: root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw" in log
     # The disk says it is read-only (VIRTIO_BLK_F_RO): the kernel's read-write mount of it
     # is refused (EACCES) and it mounts the root read-only instead.
-    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0\.", log), log[-3000:]
+    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:3\.", log), log[-3000:]
     assert "guest reset through the ACPI reset register: restarting the guest" in err, err
     assert boots == 2 and "Linux version 6.1" in second
     assert hashlib.sha256(root.read_bytes()).hexdigest() == digest, "the read-only image changed"
