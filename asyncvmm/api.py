@@ -26,12 +26,12 @@ import os
 import re
 import time
 
-from .log import get_logger
 from .config import VmConfig
 from .console import Console
 from .control.server import ControlServer, claim_socket
-from .errors import ConfigError, VmmError
 from .devices.slots import HostResources
+from .errors import ConfigError, VmmError
+from .log import get_logger
 from .machine import BootImages, Machine, Stop, StopReason, read_images
 from .profile import BootProfile
 

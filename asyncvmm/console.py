@@ -21,7 +21,7 @@ import stat
 import termios
 import threading
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import ConfigError
 

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         envs.append(env)
     a, b = Side("A", ra, envs[0]), Side("B", rb, envs[1])
     machine = history.machine_id()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     ab_id = "-".join([stamp] + ["worktree" if s.rev == WORKTREE else s.rev[:10] for s in (a, b)])
     outdir = RESULTS / machine
     outdir.mkdir(parents=True, exist_ok=True)

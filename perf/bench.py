@@ -787,7 +787,7 @@ def measure_rss(label: str, argv: list[str], slot_sizes: list[int], samples: int
                              f"{tail(err.read().decode(errors='replace'))}")
                 return None
             best = None
-            for i in range(samples):
+            for _ in range(samples):
                 time.sleep(0.3)
                 if _exited(p):
                     break
@@ -899,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = kvm_kind()
     started = time.monotonic()
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": history.machine_id(),
         "machine_info": history.machine_info(),

@@ -25,8 +25,9 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
+
+from testdrv import ffi, lib  # perf/testdrv.py: the test-only driver
 
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
@@ -34,7 +35,6 @@ from asyncvmm.devices.virtio.spec import Feature
 from asyncvmm.loop import run as run_loop
 from asyncvmm.poll import devices_may_poll
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
-from testdrv import ffi, lib  # perf/testdrv.py: the test-only driver
 
 MiB = 1 << 20
 
@@ -135,7 +135,6 @@ def run_fio(image: str, w: Workload, nreq: int, direct: bool) -> dict:
         raise RuntimeError(f"fio failed: {r.stderr.strip()[-300:]}")
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     side = job["write" if "write" in w.rw else "read"]
-    seconds = side["runtime"] / 1000.0 or 1e-9
     ios = side["total_ios"]
     pct = side["lat_ns"]["percentile"]
     cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * (job["job_runtime"] / 1000.0)
@@ -175,10 +174,9 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                 for rep in range(1 if quick else reps):  # interleaved, medians
                     # Who goes first alternates: a cloud disk's burst credits spent by one run
                     # would otherwise always count against the other.
-                    pair = [lambda: fio.append(run_fio(image, w, nreq, direct)),
-                            lambda: ours.append(run_asyncvmm(image, w, nreq, direct))]
-                    for run in pair if rep % 2 == 0 else reversed(pair):
-                        run()
+                    pair = [(fio, run_fio), (ours, run_asyncvmm)]
+                    for into, run in pair if rep % 2 == 0 else reversed(pair):
+                        into.append(run(image, w, nreq, direct))
                 a = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
                 f = {k: statistics.median(r[k] for r in fio) for k in fio[0]}
                 key = f"blk.{mode}.{w.name}"

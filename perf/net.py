@@ -80,6 +80,7 @@ def child(mode: str, length: int, count: int, mss: int) -> None:
 
     from asyncvmm._native import lib as native  # noqa: PLC0415
     from testdrv import ffi, lib  # noqa: PLC0415 (perf/testdrv.py: the test-only driver)
+
     from asyncvmm.devices.virtio.net.device import VirtioNet  # noqa: PLC0415
     from asyncvmm.devices.virtio.net.tap import NetOptions  # noqa: PLC0415
     from asyncvmm.devices.virtio.spec import Feature  # noqa: PLC0415

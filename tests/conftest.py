@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS_SRC = ROOT / "tests" / "guests"
 GUESTS_OUT = ROOT / "build" / "guests"

@@ -22,9 +22,8 @@ from ..errors import BootError
 from ..vstate.memory import MiB
 from . import layout
 from .cpu_state import BootCpuState, long_mode_64, write_gdt, write_identity_page_tables
-from .pvh import kernel_segments
 from .elf import ElfMachine, is_elf, parse_elf
-from .pvh import XEN_NOTE_NAME, XenElfNote
+from .pvh import XEN_NOTE_NAME, XenElfNote, kernel_segments
 
 BOOT_FLAG_MAGIC = 0xAA55
 HDRS_MAGIC = b"HdrS"

@@ -24,7 +24,7 @@ from enum import StrEnum
 from ..errors import BootError
 from . import linux, pvh
 from .cpu_state import BootCpuState
-from .unpack import UnpackError, Unpacked, unpack_bzimage
+from .unpack import Unpacked, UnpackError, unpack_bzimage
 
 
 class Decompress(StrEnum):

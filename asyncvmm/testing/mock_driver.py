@@ -43,7 +43,13 @@ from ..devices.virtio.spec import (
     Status,
     bits,
 )
-from ..devices.virtio.transport_pci import COMMON_OFFSET, DEVICE_OFFSET, MSIX_TABLE_OFFSET, NotifyBinder, VirtioPciDevice
+from ..devices.virtio.transport_pci import (
+    COMMON_OFFSET,
+    DEVICE_OFFSET,
+    MSIX_TABLE_OFFSET,
+    NotifyBinder,
+    VirtioPciDevice,
+)
 from ..irq import IrqRouter
 from ..vstate.memory import GuestMemory
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import ConfigError, KvmError
 from .._abi import ABI_VERSION as NATIVE_ABI
 from .._native import ffi, lib
+from ..errors import ConfigError, KvmError
 
 KVM_DEVICE = "/dev/kvm"
 

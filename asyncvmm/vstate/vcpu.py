@@ -8,7 +8,6 @@ from ..errors import KvmError
 from .kvm import VcpuFd
 from .registers import Msr
 
-
 # IA32_MISC_ENABLE bit 0: fast string operations (rep movs/stos), on at reset on real CPUs.
 MISC_ENABLE_FAST_STRING = 1 << 0
 

@@ -9,6 +9,7 @@ import random
 import sys
 
 from asyncvmm._native import lib
+
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.testing.mock_driver import BlkClient, Harness, VirtioDriver

@@ -8,6 +8,8 @@ import statistics
 import time
 
 import pytest
+from conftest import ROOT, needs_kvm, vcpu_threads
+from conftest import open_fds as fds
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.api import VmState
@@ -15,8 +17,6 @@ from asyncvmm.control import protocol
 from asyncvmm.errors import BootError, ConfigError
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-
-from conftest import ROOT, needs_kvm, open_fds as fds, vcpu_threads
 
 pytestmark = needs_kvm
 

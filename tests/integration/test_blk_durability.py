@@ -9,14 +9,12 @@ handed to the host kernel — nothing was left in the VMM. Power loss is not sim
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from blk_flush_child import blocks
 
 HERE = Path(__file__).resolve().parent

@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, needs_kvm, run_vmm
 
 from asyncvmm.control.client import ControlClient
 from asyncvmm.errors import VmmError
-
-from conftest import ROOT, needs_kvm, run_vmm
 
 GUEST_RIP = range(0x100000, 0x200000)  # where the test guests are linked
 EXIT_HOST = 4  # asyncvmm run: stopped from the host

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 
 from asyncvmm._native import ffi, lib
+from conftest import needs_kvm
+
 from asyncvmm.config import VmConfig
 from asyncvmm.console import FileConsole
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import BootImages, Machine, StopReason
-
-from conftest import needs_kvm
 
 pytestmark = needs_kvm
 
@@ -71,9 +71,9 @@ def test_no_spinning_when_the_vcpu_and_the_loop_share_a_cpu(guests):
 def test_kvm_probe_in_a_thread_gives_the_same_answer_and_leaves_nothing_behind():
     """probe.start() (the CLI calls it before the heavy imports): the answer is the
     synchronous probe's, and the probe's thread and fds are gone once it is taken."""
-    from asyncvmm.vstate import probe
-
     from conftest import open_fds
+
+    from asyncvmm.vstate import probe
 
     saved = probe._result, probe._thread
     try:

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, needs_kvm, run_vmm
 
 pytestmark = needs_kvm
@@ -55,8 +54,8 @@ def test_cmos_clock_reads_host_time(guests):
     assert r.status == 0, r.err
     m = re.search(r"rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)", r.out)
     assert m, r.out
-    guest = dt.datetime(*map(int, m.groups()), tzinfo=dt.timezone.utc)
-    now = dt.datetime.now(dt.timezone.utc)
+    guest = dt.datetime(*map(int, m.groups()), tzinfo=dt.UTC)
+    now = dt.datetime.now(dt.UTC)
     assert abs((now - guest).total_seconds()) < 60
 
 

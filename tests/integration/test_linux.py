@@ -45,20 +45,18 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import needs_kvm
+from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
+from netns import Netns
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.config import parse_slot
+from asyncvmm.devices.virtio.net.tap import format_mac, stable_mac
 from asyncvmm.gdb.options import GdbOptions
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
 from asyncvmm.quirks import LINUX_CLEARCPUID, linux_parameters
 from asyncvmm.runner import STATUS
-
-from asyncvmm.devices.virtio.net.tap import format_mac, stable_mac
-
-from conftest import needs_kvm
-from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
-from netns import Netns
 
 pytestmark = [pytest.mark.slow, needs_kvm]
 

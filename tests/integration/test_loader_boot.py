@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_kvm, run_vmm
 from loader_images import MiB, blank, ext4, fat, gpt, mbr, needs_disk_tools
 
@@ -92,7 +91,7 @@ def test_load_prints_the_menu_and_what_would_boot(disk):
     assert "   3      Gone  [gone]" in r.out  # from custom.cfg, sourced through ${config_directory}
     assert f"kernel:    /boot/vmlinuz-{KVER} (" in r.out
     assert f"cmdline:   root=PARTUUID={PARTUUID} ro console=ttyS0 panic=-1" in r.out
-    assert f"partition: debian.img partition 3 (gpt, Linux), ext4, PARTUUID " in r.out and f"UUID {ROOT_UUID}" in r.out
+    assert "partition: debian.img partition 3 (gpt, Linux), ext4, PARTUUID " in r.out and f"UUID {ROOT_UUID}" in r.out
     r = run_vmm("load", "-d", str(disk), "--list", "-e", "default=gone")
     assert r.status == 0 and "(default 'gone' = 3," in r.out and "kernel:" not in r.out
 

@@ -6,13 +6,15 @@ import asyncio
 import re
 import time
 
+from asyncvmm._native import lib
+from conftest import needs_kvm
+from conftest import open_fds as fds
+from conftest import vcpu_threads as threads
+
 from asyncvmm.config import VmConfig
 from asyncvmm.console import Console
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import BootImages, Machine, StopReason
-from asyncvmm._native import lib
-
-from conftest import needs_kvm, open_fds as fds, vcpu_threads as threads
 
 pytestmark = needs_kvm
 
@@ -156,7 +158,6 @@ def test_a_device_model_bug_stops_the_vm_instead_of_hanging_it(guests):
 def test_exit_heavy_guest_through_the_loop(guests, monkeypatch):
     """20000 port writes served by a Python model; with a zero time slice every batch ends
     at the deadline, so an exit collected but left unserved would hang the vCPU."""
-    import asyncvmm.machine as machine_mod
 
     from asyncvmm import poll as poll_mod
 

@@ -18,12 +18,12 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, needs_kvm, run_vmm, vcpu_threads
+from conftest import open_fds as fds
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.config import parse_slot
 from asyncvmm.loop import run as run_loop
-
-from conftest import ROOT, needs_kvm, open_fds as fds, run_vmm, vcpu_threads
 
 pytestmark = needs_kvm
 

@@ -7,10 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, needs_kvm
 
 PERF = ROOT / "perf"

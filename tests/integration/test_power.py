@@ -8,7 +8,6 @@ that with what the VMM meant, and check how the VMM ended and what it logged.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -19,14 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, needs_kvm, run_vmm
 
 from asyncvmm import VM, VmConfig, platform
 from asyncvmm.boot.cpuid import Topology
 from asyncvmm.devices.legacy import acpi_pm
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-
-from conftest import ROOT, needs_kvm, run_vmm
 
 pytestmark = needs_kvm
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from conftest import needs_kvm, run_vmm
 from linux_guest import LinuxGuest
 

@@ -17,13 +17,12 @@ import textwrap
 import time
 
 import pytest
+from conftest import ROOT, needs_kvm, run_vmm
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.errors import ConfigError
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-
-from conftest import ROOT, needs_kvm, run_vmm
 
 SYS_OPENAT, SYS_SOCKET, SYS_EXECVE, SYS_IOCTL, SYS_CLONE = 257, 41, 59, 16, 56
 

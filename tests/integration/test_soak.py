@@ -12,13 +12,12 @@ import socket
 import time
 
 import pytest
+from conftest import needs_kvm, open_fds, vcpu_threads
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.control import protocol
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-
-from conftest import needs_kvm, open_fds, vcpu_threads
 
 pytestmark = [needs_kvm, pytest.mark.soak]
 

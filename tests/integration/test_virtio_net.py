@@ -15,18 +15,16 @@ import os
 import random
 import socket
 import struct
-import subprocess
 
 import pytest
-
 from asyncvmm._native import lib
+from netns import Netns, Peer, ip
+
 from asyncvmm.devices.virtio.net.device import NetFeature, VirtioNet
 from asyncvmm.devices.virtio.net.tap import NetOptions, Tap, stable_mac
 from asyncvmm.devices.virtio.spec import Feature, Status, bits
 from asyncvmm.errors import ConfigError
 from asyncvmm.testing.mock_driver import NET_HDR, Harness, NetClient, VirtioDriver
-
-from netns import Netns, Peer, ip
 
 ETHERTYPE = 0x88B5  # IEEE local experimental: the namespace's stack ignores these frames
 PEER_MAC = bytes.fromhex("020000000001")
@@ -255,7 +253,6 @@ def test_16_mib_each_way():
             assert (r["frames"], r["sha256"]) == (count, h.hexdigest())
             # host -> guest: the peer sends, the driver keeps buffers posted
             n.c.post_rx(200, size=2048)
-            got = hashlib.sha256()
             received = 0
             for seed in range(count // 200 + 1):
                 k = min(200, count - received)

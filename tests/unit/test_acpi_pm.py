@@ -6,7 +6,14 @@ import pytest
 
 from asyncvmm import platform
 from asyncvmm.devices.legacy.acpi_pm import (
-    RESET_VALUE, SLP_TYP_SHIFT, AcpiPm, Pm1Control, Pm1Enable, Pm1Status, Register, SleepType,
+    RESET_VALUE,
+    SLP_TYP_SHIFT,
+    AcpiPm,
+    Pm1Control,
+    Pm1Enable,
+    Pm1Status,
+    Register,
+    SleepType,
 )
 
 STS, EN, CNT, RST = Register.PM1_STS, Register.PM1_EN, Register.PM1_CNT, Register.RESET

@@ -8,10 +8,9 @@ import asyncio
 import os
 
 import pytest
+from test_virtio_blk import S_OK, T_FLUSH, T_IN, T_OUT, Blk, image  # noqa: F401 (the fixture)
 
 from asyncvmm.devices.virtio.block import device as blk_device
-
-from test_virtio_blk import S_OK, T_FLUSH, T_IN, T_OUT, Blk, image  # noqa: F401 (the fixture)
 
 
 @pytest.fixture
@@ -59,9 +58,9 @@ def test_the_c_driver_gets_every_request_through(uring_wait, rw, qd, direct):
     from conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "perf"))
-    import blk as perf_blk  # perf/blk.py
-
     import tempfile
+
+    import blk as perf_blk  # perf/blk.py
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:  # a disk, not tmpfs: O_DIRECT works
         disk = os.path.join(d, "disk.img")

@@ -5,12 +5,12 @@ import gzip
 import struct
 
 import pytest
+from test_boot_linux import bzimage
+from test_boot_pvh import XEN_ENTRY_NOTE, build_elf
 
 from asyncvmm.boot import cpu_state, layout, loader
 from asyncvmm.boot.linux import get_field, is_linux, load_vmlinux, synthetic_setup_header
 from asyncvmm.errors import BootError
-from test_boot_linux import bzimage
-from test_boot_pvh import XEN_ENTRY_NOTE, build_elf
 
 LINUX_NOTE = ("Linux", 0x100, b"\0" * 4)
 GUEST_OS_NOTE = ("Xen", 6, b"linux\0")
@@ -165,7 +165,6 @@ def test_unpacking_runs_off_the_loop(tmp_path, monkeypatch):
     import asyncio
     import os
     import threading
-    import time
 
     from asyncvmm.config import VmConfig
     from asyncvmm.machine import read_images

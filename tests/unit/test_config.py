@@ -1,12 +1,19 @@
 """bhyve-style option parsing."""
 
-import pytest
-
 import os
+
+import pytest
 
 from asyncvmm.boot.cpuid import Topology
 from asyncvmm.config import (
-    PciSlot, VmConfig, parse_console, parse_cpus, parse_memory, parse_pin, parse_slot, parse_topology,
+    PciSlot,
+    VmConfig,
+    parse_console,
+    parse_cpus,
+    parse_memory,
+    parse_pin,
+    parse_slot,
+    parse_topology,
 )
 from asyncvmm.errors import ConfigError
 

@@ -1,8 +1,8 @@
 """CPU templates over a synthetic KVM_GET_SUPPORTED_CPUID table."""
 
-from asyncvmm.boot import cpuid
 import pytest
 
+from asyncvmm.boot import cpuid
 from asyncvmm.boot.cpuid import BASELINE_HIDDEN, Template, Topology, apply_template, feature_enabled, for_vcpu
 
 ALL = 0xFFFF_FFFF

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncvmm.devices.legacy.i8042 import Command, CommandByte, I8042, OutputPort, Port, Status
+from asyncvmm.devices.legacy.i8042 import I8042, Command, CommandByte, OutputPort, Port, Status
 
 DATA, CMD = 0x60, 0x64
 

@@ -4,7 +4,13 @@ chip would answer."""
 import pytest
 
 from asyncvmm.devices.legacy.i8254 import (
-    I8254, PIT_HZ, Mode, Port, Status, SystemControlB, ticks_to_ns,
+    I8254,
+    PIT_HZ,
+    Mode,
+    Port,
+    Status,
+    SystemControlB,
+    ticks_to_ns,
 )
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from loader_images import MiB, blank, ext4, fat, gpt, mbr, needs_disk_tools
 
 from asyncvmm.loader import boot, grub
-from asyncvmm.loader.disks import Disk, Volumes
+from asyncvmm.loader.disks import Disk
 from asyncvmm.loader.errors import LoaderError
 from asyncvmm.loader.menu import choose
 from asyncvmm.loader.partitions import SECTOR
-from loader_images import MiB, blank, ext4, fat, gpt, mbr, needs_disk_tools
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "loader"
 ROOT_UUID = "3f1d2b8e-5c47-4d0a-9a61-0c2e7b9d4f11"

@@ -10,12 +10,12 @@ import struct
 import subprocess
 
 import pytest
+from loader_images import MiB, blank, ext4, fat, fs_uuid, gpt, mbr, needs_disk_tools, run
 
 from asyncvmm.loader.disks import Disk, Unsupported
 from asyncvmm.loader.errors import LoaderError
 from asyncvmm.loader.filesystems import ExtFs, FatFs
 from asyncvmm.loader.partitions import SECTOR, Scheme, read_table
-from loader_images import MiB, blank, ext4, fat, fs_uuid, gpt, mbr, needs_disk_tools, run
 
 pytestmark = needs_disk_tools
 

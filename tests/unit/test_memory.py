@@ -4,7 +4,12 @@ import pytest
 
 from asyncvmm.errors import GuestMemoryError
 from asyncvmm.vstate.memory import (
-    E820_RAM, E820_RESERVED, MMIO_HOLE_END, MMIO_HOLE_START, GuestMemory, ram_layout,
+    E820_RAM,
+    E820_RESERVED,
+    MMIO_HOLE_END,
+    MMIO_HOLE_START,
+    GuestMemory,
+    ram_layout,
 )
 
 MiB = 1 << 20

@@ -8,18 +8,19 @@ import os
 import struct
 
 import pytest
+from asyncvmm._native import lib
 
 from asyncvmm import platform
-from asyncvmm._native import lib
 from asyncvmm.bus import Bus
 from asyncvmm.devices.pci.config_space import Bar, BarKind, ConfigSpace
 from asyncvmm.devices.pci.device import PciBuses, PciDevice
-from asyncvmm.devices.pci.regs import CapId, Command, MsixCap, MsixFlags, Reg, Status as PciStatus
+from asyncvmm.devices.pci.regs import CapId, Command, MsixCap, MsixFlags, Reg
+from asyncvmm.devices.pci.regs import Status as PciStatus
 from asyncvmm.devices.pci.root import PciRoot, install
+from asyncvmm.devices.virtio import transport_pci as tp
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.spec import NO_VECTOR, Common, Feature, PciCapType, Status, bits
-from asyncvmm.devices.virtio import transport_pci as tp
 from asyncvmm.irq import IrqRouter, MsiMessage
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
 

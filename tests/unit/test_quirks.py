@@ -15,6 +15,7 @@ def test_xsaveerptr_is_set_only_with_quirks():
 
 # -- kvm-pv-hypercalls ----------------------------------------------------------------------
 from asyncvmm._native import lib  # noqa: E402
+
 from asyncvmm.quirks import append_parameters, clearcpuid_value, linux_parameters  # noqa: E402
 
 

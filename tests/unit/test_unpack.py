@@ -10,12 +10,12 @@ import struct
 import lz4.block
 import pytest
 import zstandard
+from test_boot_linux import bzimage
+from test_boot_pvh import build_elf
 
 from asyncvmm.boot.elf import parse_elf
 from asyncvmm.boot.linux import Compression
 from asyncvmm.boot.unpack import LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, UnpackError, unpack_bzimage, unpack_payload
-from test_boot_linux import bzimage
-from test_boot_pvh import build_elf
 
 SMALL_KERNEL = "/var/cache/asyncvmm/kernels/latest"
 

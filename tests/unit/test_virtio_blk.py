@@ -13,8 +13,8 @@ import struct
 import subprocess
 
 import pytest
-
 from asyncvmm._native import lib
+
 from asyncvmm.devices.virtio.block.device import SEG_MAX, VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.device import QueueConfig
@@ -338,7 +338,7 @@ def test_direct_io_and_unaligned_buffers(tmp_path, engine):
 
 def test_without_flush_negotiated_the_disk_is_write_through(image, engine):
     async def go():
-        async with Blk(image, engine) as b:
+        async with Blk(image, engine):
             pass
         h = Harness()
         try:

@@ -6,9 +6,15 @@ import os
 import struct
 
 import pytest
-
 from asyncvmm._native import ffi, lib
-from asyncvmm.devices.virtio.spec import VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VqError
+
+from asyncvmm.devices.virtio.spec import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VqError,
+)
 from asyncvmm.testing.mock_driver import DESC, Heap, MockQueue
 
 SIZE = 8

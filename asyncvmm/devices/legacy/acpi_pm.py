@@ -30,7 +30,7 @@ level to `sci(level)` whenever it changes, recomputed after every access.
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 from ...platform import ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_LEN, ACPI_PM1_EVT_PORT, ACPI_PM_PORT, ACPI_RESET_PORT
 

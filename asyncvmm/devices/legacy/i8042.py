@@ -20,7 +20,7 @@ would otherwise wait for replies (and interrupts) that never come.
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 _BYTE_MASK = 0xFF  # ports are 8 bits wide
 _OPEN_BUS = 0xFF  # what a read of a port nobody decodes returns

@@ -30,7 +30,7 @@ What the model simplifies, and why a guest cannot tell:
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 PIT_HZ = 1_193_182  # input clock of all three counters: 14.31818 MHz / 12
 NS_PER_S = 1_000_000_000

@@ -27,7 +27,7 @@ import datetime
 import enum
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ...errors import ConfigError
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from operator import index as _index
-from typing import Callable
 
 FIFO_SIZE = 16  # bytes in each of the 16550A's FIFOs
 _BYTE_MASK = 0xFF  # every register is 8 bits wide

@@ -14,8 +14,8 @@ space) reads all ones and is dropped, as a PCI host bridge answers a bad access.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .regs import (
     CAP_LIST_NEXT,

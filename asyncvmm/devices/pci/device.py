@@ -10,7 +10,7 @@ the loop's thread and knows no fd of its own beyond what its subclass adds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ...bus import Bus, BusConflict
 from ...log import get_logger
