@@ -25,6 +25,7 @@ import enum
 import os
 import re
 import time
+from typing import TYPE_CHECKING
 
 from .config import VmConfig
 from .console import Console
@@ -34,6 +35,9 @@ from .errors import ConfigError, VmmError
 from .log import get_logger
 from .machine import BootImages, Machine, Stop, StopReason, read_images
 from .profile import BootProfile
+
+if TYPE_CHECKING:
+    from .gdb.server import GdbServer
 
 log = get_logger(__name__)
 
@@ -196,7 +200,7 @@ class VM:
         self.console: ConsoleStream | Console | None = console
         self._control_wanted = control_socket
         self.control: ControlServer | None = None
-        self.gdb = None  # gdb.server.GdbServer, with -g/-G
+        self.gdb: GdbServer | None = None  # with -g/-G
         self.host = HostResources()  # host-side device resources kept across guest resets
         self.machine: Machine | None = None
         self.boots = 0

@@ -12,10 +12,14 @@ import itertools
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .boot.cpuid import Topology
 from .devices.registry import check_slots, lookup, names
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .gdb.options import GdbOptions
 
 MiB = 1 << 20
 MIN_RIP_PERIOD_MS = 0.1  # --profile-rip: a sample costs a KVM_RUN exit and KVM_GET_REGS
@@ -112,7 +116,7 @@ class VmConfig:
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
     # --seccomp: off | log | kill (asyncvmm/seccomp.py); ASYNCVMM_SECCOMP sets the default
     seccomp: str = field(default_factory=lambda: os.environ.get("ASYNCVMM_SECCOMP", "off"))
-    gdb: object = None  # -g/-G: gdb.options.GdbOptions, a gdb server for the guest
+    gdb: GdbOptions | None = None  # -g/-G: a gdb server for the guest
     xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
     wired: bool = False  # -S: guest memory wired (mlock'd)
 

@@ -182,7 +182,8 @@ class BootProfile:
         vcpus = self.stats.get("vcpus") or []
         if not vcpus:
             return []
-        counts, times = Counter(), Counter()
+        counts: Counter[str] = Counter()
+        times: Counter[str] = Counter()
         fast = fast_ns = kicks = in_run = waiting = 0
         for v in vcpus:
             counts.update(v.get("exits", {}))

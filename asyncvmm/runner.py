@@ -32,7 +32,7 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     running: list[VM] = []
-    pressed = []  # the power button was pressed for a SIGTERM already
+    pressed: list[bool] = []  # the power button was pressed for a SIGTERM already
 
     def on_signal(sig: signal.Signals) -> None:
         stop = Stop(StopReason.HOST, f"stopped by {sig.name}")

@@ -24,6 +24,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import platform as p
 from ..devices.legacy import acpi_pm
@@ -181,15 +182,15 @@ def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
     length = HEADER.size + len(body)
     header = HEADER.pack(signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, OEM_REVISION, CREATOR_ID, CREATOR_REVISION)
     table = bytearray(header + body)
-    table[9] = checksum(table)
+    table[9] = checksum(bytes(table))
     return bytes(table)
 
 
 # -- the tables ---------------------------------------------------------------------------
 def rsdp(xsdt_address: int) -> bytes:
     raw = bytearray(RSDP.pack(RSDP_SIGNATURE, 0, OEM_ID, RSDP_REVISION, 0, RSDP.size, xsdt_address, 0))
-    raw[8] = checksum(raw[:RSDP_V1_LENGTH])
-    raw[32] = checksum(raw)
+    raw[8] = checksum(bytes(raw[:RSDP_V1_LENGTH]))
+    raw[32] = checksum(bytes(raw))
     return bytes(raw)
 
 
@@ -212,7 +213,7 @@ def fadt(facs_address: int, dsdt_address: int) -> bytes:
     reset_reg = gas(Gas.SYSTEM_IO, 8, p.ACPI_RESET_PORT, AccessSize.BYTE)
     flags = FadtFlags.WBINVD | FadtFlags.PROC_C1 | FadtFlags.SLP_BUTTON | FadtFlags.FIX_RTC | FadtFlags.RESET_REG_SUP
     boot_arch = BootArch.LEGACY_DEVICES | BootArch.VGA_NOT_PRESENT | BootArch.PCIE_ASPM_CONTROLS
-    fields = [
+    fields: list[tuple[Any, ...]] = [  # (struct format, values...); format "": one ready-made bytes
         ("<I", facs_address),  # FIRMWARE_CTRL
         ("<I", dsdt_address),  # DSDT
         ("<B", 0),  # reserved

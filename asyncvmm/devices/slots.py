@@ -9,11 +9,16 @@ refused before anything starts), `build` makes the PCI function when the machine
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import PciSlot, VmConfig
 from ..errors import ConfigError
 from ..poll import devices_may_poll
 from .registry import DRIVERS, lookup, names, register, slot_name
+
+if TYPE_CHECKING:
+    from ..console import Console
+    from .virtio.net.tap import Tap
 
 __all__ = ["DRIVERS", "BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
 
@@ -24,8 +29,8 @@ class HostResources:
     closed when it ends."""
 
     def __init__(self):
-        self.taps: dict[tuple[int, int], object] = {}
-        self.consoles: dict[str, object] = {}  # COM2..COM4's backends (console.Console), by port
+        self.taps: dict[tuple[int, int], Tap] = {}
+        self.consoles: dict[str, Console] = {}  # COM2..COM4's backends, by port
 
     def console(self, name: str, spec: str):
         """The backend of COM port `name` (-l NAME,SPEC), opened on first use."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Callable
 
 from ..errors import ConfigError
 from ..log import get_logger
@@ -32,7 +33,7 @@ class GdbServer:
         self.connection: "_Connection | None" = None
         self._server: asyncio.AbstractServer | None = None
         self._boots = 0
-        self.vm_kill = None  # set by the VM: stop it (gdb's `k`)
+        self.vm_kill: Callable[[], None] | None = None  # set by the VM: stop it (gdb's `k`)
 
     async def start(self) -> None:
         """Bind and listen (ConfigError when the address cannot be had)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import platform
@@ -107,7 +108,7 @@ class Target:
         self.released: set[int] = set(range(self.n))
         self.state = State.DETACHED
         self.pending: list[StopEvent] = []
-        self.on_stop = None
+        self.on_stop: Callable[[StopEvent], None] | None = None
         self._removed: set[int] = set()  # gpas of breakpoints removed (a vCPU may still meet them)
         self._regfiles: dict[int, RegisterFile] = {}
         self._ids = ffi.new("int[]", max(self.n, 1))

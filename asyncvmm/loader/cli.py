@@ -71,8 +71,12 @@ def main_load(argv: list[str]) -> int:
             print(describe_menu(menu))
             return EXIT_OK
         menus: list[Menu] = []
-        sel = select(args.disk, host_dir=args.host_dir, entry=args.entry, pinned=pinned,
-                     chooser=(lambda m: menus.append(m) or console_menu(m)) if args.menu else menus.append)
+
+        def chooser(m: Menu) -> str | None:
+            menus.append(m)
+            return console_menu(m) if args.menu else None
+
+        sel = select(args.disk, host_dir=args.host_dir, entry=args.entry, pinned=pinned, chooser=chooser)
         if not args.menu:
             print(describe_menu(sel.menu))
             print()

@@ -19,14 +19,20 @@ btrfs, FreeBSD's UFS and ZFS need the firmware path.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from .errors import LoaderError
+
+if TYPE_CHECKING:
+    from .disks import Disk
+    from .partitions import Partition
 
 EXT = {"ext2", "ext3", "ext4"}
 FAT = {"vfat", "msdos"}
@@ -57,8 +63,8 @@ class Filesystem:
     label = ""
     where = ""  # for messages: "disk.img partition 2 (gpt, Linux), ext4"
     device = ""  # GRUB's name for it: hd0,gpt2 (disks.py sets it)
-    partition = None  # partitions.Partition, None for a whole disk or a host directory
-    disk = None  # disks.Disk
+    partition: Partition | None = None  # None for a whole disk or a host directory
+    disk: Disk | None = None
 
     def listdir(self, path: str) -> dict[str, bool] | None:
         """Names in the directory `path` → whether each is a directory; None if no such directory."""
@@ -254,9 +260,10 @@ def _run_capped(cmd: list[str], limit: int, what: str, env=None) -> tuple[bytes,
     an error, found without reading it whole."""
     cmd = [_need(cmd[0]), *cmd[1:]]
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as p:
+        stdout = cast(io.BufferedReader, p.stdout)  # stdout=PIPE, buffered: a BufferedReader
         chunks, total = [], 0
         while True:
-            chunk = p.stdout.read1(CHUNK)
+            chunk = stdout.read1(CHUNK)
             if not chunk:
                 break
             total += len(chunk)

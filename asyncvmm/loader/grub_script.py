@@ -170,7 +170,7 @@ class _Parser:
         return self.tokens[self.i].bare
 
     def statements(self, until: tuple[str, ...]) -> list:
-        out = []
+        out: list = []
         while True:
             kw = self.peek_keyword()
             if self.i >= len(self.tokens):

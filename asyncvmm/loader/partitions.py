@@ -140,9 +140,9 @@ def _read_logicals(f, extended, image_size: int, where: str) -> list[Partition]:
     number, ext_first, ext_count = extended
     if (ext_first + ext_count) * SECTOR > image_size:
         raise LoaderError(f"{where}: the extended partition ({number}) runs past the end of the image")
-    parts = []
+    parts: list[Partition] = []
     ebr_lba = ext_first
-    seen = set()
+    seen: set[int] = set()
     while True:
         if ebr_lba in seen or len(parts) >= MAX_LOGICAL:
             raise LoaderError(f"{where}: the extended partition's chain of EBRs loops (at sector {ebr_lba})")

@@ -15,6 +15,7 @@ Keywords are case-insensitive. An entry's id is its LABEL.
 from __future__ import annotations
 
 import posixpath
+from typing import Any
 
 from .errors import LoaderError
 from .menu import Entry, FileRef, Menu
@@ -29,7 +30,7 @@ MAX_INCLUDES = 8
 
 def read_menu(fs, path: str) -> Menu:
     labels: list[dict] = []
-    state = {"default": "", "timeout": None, "menu_default": None}
+    state: dict[str, Any] = {"default": "", "timeout": None, "menu_default": None}  # timeout: float | None
     _read(fs, path, labels, state, [])
     entries = [_entry(fs, path, label) for label in labels]
     default = state["menu_default"] or state["default"]

@@ -46,8 +46,8 @@ class Kvm:
             os.close(self.fd)
             raise KvmError(f"{path} speaks KVM API {version}, asyncvmm needs {lib.KVM_API_VERSION}")
         self.vcpu_mmap_size = _check(lib.avmm_ioctl_val(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0), "KVM_GET_VCPU_MMAP_SIZE")
-        self._cpuid = None
-        self._msrs = None
+        self._cpuid: list[dict[str, int]] | None = None
+        self._msrs: set[int] | None = None
 
     def check_extension(self, cap: int) -> int:
         r = lib.avmm_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap)

@@ -187,7 +187,7 @@ class Rtc:
             self._cmos[offset] = value
         self._index = 0
         self._status_a = _DEFAULT_STATUS_A
-        self._status_b = _DEFAULT_STATUS_B
+        self._status_b: int = _DEFAULT_STATUS_B
         # RTC time = _set_to + seconds elapsed on clock() since _set_at (whole seconds).
         self._set_at = 0.0
         self._set_to = 0

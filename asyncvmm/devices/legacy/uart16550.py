@@ -263,8 +263,8 @@ class Uart16550:
         self._msr_deltas = 0
         self._irq_level = False
         self._thr_ok = True  # THR writes may bypass the model: DLAB and LOOP both clear
-        self._readers = _READERS
-        self._writers = _WRITERS
+        self._readers: tuple[Callable[[Uart16550], int], ...] = _READERS
+        self._writers: tuple[Callable[[Uart16550, int], None], ...] = _WRITERS
 
     # ---- the guest's side ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from ....errors import ConfigError
 
@@ -42,7 +43,8 @@ class BlockOptions:
         parts = conf.split(",") if conf else []
         if not parts or not parts[0]:
             raise ConfigError(f"{what}: say which image: virtio-blk,PATH[,ro][,direct][,serial=ID]")
-        path, opts = parts[0], {}
+        path = parts[0]
+        opts: dict[str, Any] = {}  # ro/direct: bool, serial/engine: str, queues: int
         for p in parts[1:]:
             key, sep, value = p.partition("=")
             if key in ("ro", "direct") and not sep:
