@@ -262,11 +262,6 @@ class Machine:
             raise VmmError("the VM is not running")
         self.legacy.send_sysrq(key)
 
-    def sync_uart_fast_path(self) -> None:
-        if self.legacy is not None:
-            for port in self.legacy.serial.values():
-                self.legacy.sync_fast_path(port)
-
     # -- teardown ----------------------------------------------------------------------
     def _stop_vcpus(self) -> None:
         self.vcpus.stop()

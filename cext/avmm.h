@@ -100,7 +100,6 @@ void avmm_vm_free(struct avmm_vm *vm);
 
 /* Attach vCPU idx: map its kvm_run (mmap_size from KVM_GET_VCPU_MMAP_SIZE). 0 or -errno. */
 int avmm_vcpu_attach(struct avmm_vm *vm, int idx, int vcpu_fd, size_t mmap_size);
-void *avmm_vcpu_run_struct(struct avmm_vm *vm, int idx);
 /* Start its thread; host_cpu >= 0 pins it. 0 or -errno. */
 int avmm_vcpu_start(struct avmm_vm *vm, int idx, int host_cpu);
 struct avmm_exit *avmm_vcpu_exit(struct avmm_vm *vm, int idx);

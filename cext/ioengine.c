@@ -95,9 +95,7 @@ void avmm_engine_free(struct avmm_engine *e)
     free(e);
 }
 
-int avmm_engine_kind(const struct avmm_engine *e) { return e->kind; }
 int avmm_engine_fd(const struct avmm_engine *e) { return e->efd; }
-unsigned avmm_engine_inflight(const struct avmm_engine *e) { return e->inflight; }
 struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e) { return &e->stats; }
 
 unsigned avmm_engine_ready(struct avmm_engine *e)

@@ -57,7 +57,6 @@ struct avmm_engine;
 /* entries: the most ops in flight. NULL on failure (errno set). */
 struct avmm_engine *avmm_engine_new(int kind, unsigned entries);
 void avmm_engine_free(struct avmm_engine *e);
-int avmm_engine_kind(const struct avmm_engine *e);
 /* The eventfd signalled when completions are ready. */
 int avmm_engine_fd(const struct avmm_engine *e);
 /* Queue one op: 0, or -EBUSY when the submission queue is full (submit, then retry). */
@@ -68,8 +67,6 @@ int avmm_engine_submit(struct avmm_engine *e);
 int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max);
 /* Completions waiting to be reaped (a cheap check: no syscall). */
 unsigned avmm_engine_ready(struct avmm_engine *e);
-/* Ops queued or in flight. */
-unsigned avmm_engine_inflight(const struct avmm_engine *e);
 /* Wait until nothing is in flight (teardown: buffers in guest RAM must outlive the I/O). */
 void avmm_engine_drain(struct avmm_engine *e);
 struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e);

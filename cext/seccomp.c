@@ -199,16 +199,3 @@ int avmm_seccomp_install(int kind, int action, int all_threads)
     return err;
 }
 
-int avmm_seccomp_allowed_count(int kind)
-{
-    int n = (int)N(common);
-    switch (kind) {
-    case AVMM_SECCOMP_VCPU:
-        return n + (int)N(vcpu) + 1;
-    case AVMM_SECCOMP_HELPER:
-        return n + (int)N(helper) + 2;
-    case AVMM_SECCOMP_LOOP:
-        return n + (int)N(loop) + 2;
-    }
-    return -EINVAL;
-}

@@ -24,7 +24,5 @@ enum avmm_seccomp_action {
  * process (SECCOMP_FILTER_FLAG_TSYNC). 0, -errno, or (TSYNC) the positive TID of a thread
  * whose filters prevented it. */
 int avmm_seccomp_install(int kind, int action, int all_threads);
-/* How many syscalls `kind` allows (for tests and the log). */
-int avmm_seccomp_allowed_count(int kind);
 
 #endif

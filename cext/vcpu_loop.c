@@ -653,11 +653,6 @@ int avmm_vcpu_attach(struct avmm_vm *vm, int idx, int vcpu_fd, size_t mmap_size)
     return 0;
 }
 
-void *avmm_vcpu_run_struct(struct avmm_vm *vm, int idx)
-{
-    return vm->vcpus[idx].run;
-}
-
 int avmm_vcpu_start(struct avmm_vm *vm, int idx, int host_cpu)
 {
     if (idx < 0 || idx >= vm->nvcpus || !vm->vcpus[idx].run || vm->vcpus[idx].started)

@@ -148,10 +148,6 @@ class VmFd:
         req = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})
         _check(lib.avmm_ioctl(self.fd, lib.KVM_IRQ_LINE, req), f"KVM_IRQ_LINE {irq}")
 
-    def enable_cap(self, cap: int, *args: int) -> bool:
-        req = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args) + [0] * (4 - len(args))})
-        return lib.avmm_ioctl(self.fd, lib.KVM_ENABLE_CAP, req) == 0
-
     def create_vcpu(self, idx: int, vcpu_id: int | None = None) -> "VcpuFd":
         """vCPU `idx` (ours), with KVM's vCPU ID `vcpu_id` (its initial APIC ID; default idx)."""
         vcpu_id = idx if vcpu_id is None else vcpu_id
