@@ -44,7 +44,7 @@ from ..registry import register, slot_name
 from .device import DeviceError, QueueConfig, VirtioDevice
 from .queue import Chain, RingSetupError, Virtqueue, VqState
 from .spec import DeviceId, bits
-from .transport_pci import VirtioPciDevice
+from .transport_pci import virtio_pci_function
 from .worker import QueueWorker
 
 QUEUE_SIZE = 64
@@ -476,11 +476,7 @@ def _check(slot: PciSlot, cfg: VmConfig) -> None:
 def _build(slot: PciSlot, ctx):
     con = VirtioConsole(ConsoleOptions.parse(slot.options, slot_name(slot)), ctx.mem,
                         name=f"virtio-console@{slot.slot}.{slot.function}")
-    try:
-        return VirtioPciDevice(con, ctx.router, ctx.notify, msi=ctx.config.force_msi)
-    except BaseException:
-        con.close()
-        raise
+    return virtio_pci_function(con, ctx)
 
 
 register("virtio-console", _check, _build)

@@ -26,7 +26,7 @@ from ..registry import register, slot_name
 from .device import DeviceError, QueueConfig, VirtioDevice
 from .queue import Chain, RingSetupError, Virtqueue, VqState
 from .spec import DeviceId
-from .transport_pci import VirtioPciDevice
+from .transport_pci import virtio_pci_function
 from .worker import QueueWorker
 
 QUEUE_SIZE = 64
@@ -163,7 +163,7 @@ def _check(slot: PciSlot, cfg: VmConfig) -> None:
 def _build(slot: PciSlot, ctx):
     rnd = VirtioRnd(RndOptions.parse(slot.options, slot_name(slot)), ctx.mem,
                     name=f"virtio-rnd@{slot.slot}.{slot.function}")
-    return VirtioPciDevice(rnd, ctx.router, ctx.notify, msi=ctx.config.force_msi)
+    return virtio_pci_function(rnd, ctx)
 
 
 register("virtio-rnd", _check, _build)

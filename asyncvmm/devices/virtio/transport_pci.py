@@ -530,3 +530,13 @@ class VirtioPciDevice(PciDevice):
     def bar_address(self) -> int:
         return self.config.bar_address(self.bar)
 
+
+def virtio_pci_function(device: VirtioDevice, ctx) -> VirtioPciDevice:
+    """A `-s` driver's last step: `device` (just built) behind the virtio-pci transport, with
+    the machine's interrupt router and doorbell binder (`ctx`: slots.BuildContext). If the
+    transport cannot be made, the device's host resources are released."""
+    try:
+        return VirtioPciDevice(device, ctx.router, ctx.notify, msi=ctx.config.force_msi)
+    except BaseException:
+        device.close()
+        raise

@@ -29,7 +29,7 @@ from ...slots import may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
-from ..transport_pci import VirtioPciDevice
+from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
 from .image import BlockOptions, DiskImage, default_serial
 
@@ -288,11 +288,7 @@ def _build(slot: PciSlot, ctx):
     opts = BlockOptions.parse(slot.options, slot_name(slot))
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
                     poll=may_poll(ctx))
-    try:
-        return VirtioPciDevice(blk, ctx.router, ctx.notify, msi=ctx.config.force_msi)
-    except BaseException:
-        blk.close()
-        raise
+    return virtio_pci_function(blk, ctx)
 
 
 register("virtio-blk", _check, _build)

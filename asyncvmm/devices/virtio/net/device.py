@@ -28,7 +28,7 @@ from ...slots import may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import Chain, RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
-from ..transport_pci import VirtioPciDevice
+from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
 from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, check_is_tap, format_mac, stable_mac
 
@@ -458,11 +458,7 @@ def _build(slot: PciSlot, ctx):
             tap = ctx.host.taps[key] = Tap(opts.tap, pairs)
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
                     name=f"virtio-net@{where}", poll=may_poll(ctx), tap=tap)
-    try:
-        return VirtioPciDevice(net, ctx.router, ctx.notify, msi=ctx.config.force_msi)
-    except BaseException:
-        net.close()
-        raise
+    return virtio_pci_function(net, ctx)
 
 
 register("virtio-net", _check, _build)
