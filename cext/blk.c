@@ -137,6 +137,7 @@ void avmm_blk_reset(struct avmm_blk *b)
 }
 
 unsigned avmm_blk_inflight(const struct avmm_blk *b) { return b->inflight; }
+int avmm_blk_needs_reset(const struct avmm_blk *b) { return b->needs_reset; }
 struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b) { return &b->stats; }
 
 struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi)

@@ -9,7 +9,7 @@
  *
  * A request the guest got wrong (a bad buffer, a sector past the end, an unknown type, a
  * write to a read-only disk) gets the status the spec says and is counted; a ring that
- * breaks the rules makes the device ask for a reset (a kick or completion returns < 0). Data reaches
+ * breaks the rules makes the device ask for a reset (a kick or completion returns < 0; avmm_blk_needs_reset). Data reaches
  * the image through the engine only: a completed write is in the host's page cache (or on
  * the device with `direct`), a completed FLUSH on stable storage.
  *
@@ -96,6 +96,8 @@ int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns);
 /* Device reset: forget the queues; I/O in flight completes into nothing. */
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);
+/* The device asked for a reset (the fuzz targets check it against what they fed it). */
+int avmm_blk_needs_reset(const struct avmm_blk *b);
 struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b);
 struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi);
 
