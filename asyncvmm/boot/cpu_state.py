@@ -18,38 +18,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
+from ..vstate.registers import Cr0, Cr4, Efer, Rflags
 from . import layout
-
-
-class Cr0(IntFlag):
-    PE = 1 << 0  # protected mode
-    MP = 1 << 1
-    EM = 1 << 2
-    TS = 1 << 3
-    ET = 1 << 4  # hardwired to 1 on every CPU since the 486
-    NE = 1 << 5  # native x87 error reporting
-    WP = 1 << 16
-    AM = 1 << 18
-    NW = 1 << 29
-    CD = 1 << 30
-    PG = 1 << 31
-
-
-class Cr4(IntFlag):
-    PSE = 1 << 4
-    PAE = 1 << 5
-
-
-class Efer(IntFlag):
-    SCE = 1 << 0
-    LME = 1 << 8  # long mode enable
-    LMA = 1 << 10  # long mode active (set by the CPU; KVM wants it given with LME+PG)
-    NXE = 1 << 11
-
-
-class Rflags(IntFlag):
-    FIXED = 1 << 1  # reserved bit 1 always reads 1
-    IF = 1 << 9
 
 
 class SegmentType(IntEnum):

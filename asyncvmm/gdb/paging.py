@@ -23,21 +23,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
-class Cr0(enum.IntFlag):
-    PE = 1 << 0  # protected mode
-    PG = 1 << 31  # paging
-
-
-class Cr4(enum.IntFlag):
-    PSE = 1 << 4  # 4 MiB pages in 32-bit paging
-    PAE = 1 << 5  # 64-bit entries (PAE, and required for long mode)
-    LA57 = 1 << 12  # 5-level paging in long mode
-
-
-class Efer(enum.IntFlag):
-    LME = 1 << 8
-    LMA = 1 << 10  # long mode active
+from ..vstate.registers import Cr0, Cr4, Efer
 
 
 class Pte(enum.IntFlag):

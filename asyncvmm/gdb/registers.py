@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .paging import Efer
+from ..vstate.registers import Efer
 
 
 class Feature(enum.StrEnum):

@@ -45,7 +45,6 @@ VCPU_STATES = {
     lib.AVMM_VCPU_IDLE: "idle", lib.AVMM_VCPU_RUNNING: "running", lib.AVMM_VCPU_WAITING: "in an exit",
     lib.AVMM_VCPU_PAUSED: "paused", lib.AVMM_VCPU_DONE: "stopped",
 }
-CR0_PG = 1 << 31
 
 
 class StopReason(enum.Enum):
@@ -324,7 +323,7 @@ class Vcpus:
                 return raw[1 : 1 + size], rip, bits
         # No bytes from KVM: translate CS:RIP and read them from guest RAM.
         linear = (sregs.cs.base + rip) & ((1 << 64) - 1)
-        gpa = vcpu.translate(linear) if sregs.cr0 & CR0_PG else linear
+        gpa = vcpu.translate(linear) if sregs.cr0 & registers.Cr0.PG else linear
         if gpa is None:
             return b"", rip, bits
         page_left = 4096 - (gpa & 4095)
