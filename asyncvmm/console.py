@@ -299,6 +299,8 @@ class SocketConsole(Console):
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+        # bytes sent to clients, output dropped from a full backlog, clients accepted
+        self.counters = {"bytes_out": 0, "dropped": 0, "clients": 0}
         self._client: socket.socket | None = None
         self._backlog = bytearray()
         self._listener = self._listen()
@@ -306,6 +308,10 @@ class SocketConsole(Console):
         self._listener.setblocking(False)
         self._listening = False
         self._writing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
 
     def _listen(self) -> socket.socket:
         path = self.path
@@ -335,6 +341,7 @@ class SocketConsole(Console):
             return
         self._drop_client()
         conn.setblocking(False)
+        self.counters["clients"] += 1
         self._client = conn
         self._in_fd = conn.fileno()
         self._start_reading()
@@ -368,7 +375,10 @@ class SocketConsole(Console):
         # Output waits in the backlog (bounded: the oldest bytes go first) until the
         # client's socket takes it; the loop never blocks on a client that does not read.
         self._backlog += data
-        del self._backlog[: -self.BACKLOG]
+        over = len(self._backlog) - self.BACKLOG
+        if over > 0:
+            del self._backlog[:over]
+            self.counters["dropped"] += over
         if self._client is not None and not self._writing:
             self._flush()
 
@@ -383,6 +393,7 @@ class SocketConsole(Console):
             except OSError:
                 self._drop_client()  # gone: keep the output for the next client
                 return
+            self.counters["bytes_out"] += n
             del self._backlog[:n]
         want = bool(self._backlog)
         if want != self._writing:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..._native import lib
 from ...config import PciSlot, VmConfig
+from ...console import SocketConsole
 from ...errors import ConfigError
 from ...vstate.memory import GuestMemory
 from ..pci.regs import ClassCode
@@ -49,9 +50,8 @@ from .worker import QueueWorker
 
 QUEUE_SIZE = 64
 MAX_PORTS = 16  # as bhyve's
-OUTPUT_BACKLOG = 64 << 10  # a port's output kept for its client (the oldest bytes go first)
+OUTPUT_BACKLOG = SocketConsole.BACKLOG  # a port's output kept for its client (the oldest bytes go first)
 INPUT_MAX = 64 << 10  # a port's input read from its client and not yet in the guest
-READ_CHUNK = 4096
 CONTROL = struct.Struct("<IHH")  # struct virtio_console_control: id, event, value
 CONFIG = struct.Struct("<HHII")  # struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr
 CONTROL_RX, CONTROL_TX = 2, 3
@@ -142,145 +142,66 @@ def socket_path_problem(path: str) -> str | None:
 
 
 class PortSocket:
-    """One port's host side: a Unix socket the VMM listens on, one client at a time.
+    """One port's host side: a Unix socket the VMM listens on, one client at a time — the
+    serial ports' SocketConsole (console.py), whose bounded backlog keeps what the guest
+    wrote until a client takes it, with the port's input kept here for the guest.
 
-    `output(data)` keeps what the guest wrote until the client takes it (bounded: see the
-    module docstring); `take_input(n)` hands over what the client sent. `on_input()` is
-    called when input arrives. The listener is added to the loop by `start`; the client's
-    reader is removed while the input buffer is full and re-added when it drains.
+    `output(data)` sends or keeps guest output; `take_input(n)` hands over what the client
+    sent, at most INPUT_MAX bytes ahead of the guest: beyond that the client's socket is not
+    read (SocketConsole's flow control) until the guest takes some. `on_input()` is called
+    when input arrives. `start` adds the listener to the loop.
     """
 
     def __init__(self, name: str, path: str):
         self.name = name
         self.path = path
-        self.counters = {"bytes_out": 0, "bytes_in": 0, "dropped": 0, "clients": 0}
-        self._backlog = bytearray()
         self._input = bytearray()
-        self._client: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._on_input = lambda: None
-        self._reading = self._writing = False
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._started = False
         try:
-            if socket_path_problem(path) is None and os.path.lexists(path):
-                os.unlink(path)  # a stale socket
-            self._listener.bind(path)
-            self._listener.listen(1)
-        except OSError as e:
-            self._listener.close()
-            raise ConfigError(f"virtio-console port {name}: cannot listen on {path}: {e.strerror}") from None
-        self._listener.setblocking(False)
+            self._socket = SocketConsole(path)
+        except ConfigError:
+            raise ConfigError(f"virtio-console port {name}: cannot listen on {path}") from None
+        self._bytes_in = 0
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {**self._socket.counters, "bytes_in": self._bytes_in}
 
     @property
     def connected(self) -> bool:
-        return self._client is not None
+        return self._socket.connected
 
     def start(self, loop: asyncio.AbstractEventLoop, on_input) -> None:
         self._on_input = on_input
-        if self._loop is None:
-            self._loop = loop
-            loop.add_reader(self._listener.fileno(), self._accept)
+        if not self._started:
+            self._started = True
+            self._socket.attach(loop, self._feed)
 
-    def _accept(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        if self._client is not None:
-            conn.close()  # one client at a time
-            return
-        conn.setblocking(False)
-        self._client = conn
-        self.counters["clients"] += 1
-        self._read_on()
-        self._flush()  # what the guest wrote while nobody was connected
+    def _feed(self, data: bytes) -> int:
+        n = min(len(data), INPUT_MAX - len(self._input))
+        if n:
+            self._input += data[:n]
+            self._bytes_in += n
+            self._on_input()
+        return n
 
-    # -- guest output --------------------------------------------------------------------
-    def output(self, data: bytes) -> None:
-        self._backlog += data
-        over = len(self._backlog) - OUTPUT_BACKLOG
-        if over > 0:
-            del self._backlog[:over]
-            self.counters["dropped"] += over
-        if self._client is not None and not self._writing:
-            self._flush()
+    def output(self, data: bytes, dropped: int = 0) -> None:
+        """Guest output; `dropped`: bytes of it the device could not keep (counted)."""
+        self._socket.counters["dropped"] += dropped
+        self._socket.write(data)
 
-    def _flush(self) -> None:
-        while self._backlog and self._client is not None:
-            try:
-                n = self._client.send(self._backlog)
-            except BlockingIOError:
-                break
-            except OSError:
-                self._drop_client()  # gone: the rest waits for the next client
-                return
-            self.counters["bytes_out"] += n
-            del self._backlog[:n]
-        want = bool(self._backlog) and self._client is not None
-        if want != self._writing:
-            if want:
-                self._loop.add_writer(self._client.fileno(), self._flush)
-            else:
-                self._loop.remove_writer(self._client.fileno())
-            self._writing = want
-
-    # -- guest input ---------------------------------------------------------------------
     def has_input(self) -> bool:
         return bool(self._input)
 
     def take_input(self, n: int) -> bytes:
         data = bytes(self._input[:n])
         del self._input[:n]
-        if not self._reading and self._client is not None and len(self._input) < INPUT_MAX // 2:
-            self._read_on()
+        self._socket.resume_input()
         return data
 
-    def _read_on(self) -> None:
-        if not self._reading and self._client is not None:
-            self._loop.add_reader(self._client.fileno(), self._readable)
-            self._reading = True
-
-    def _read_off(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self._client.fileno())
-            self._reading = False
-
-    def _readable(self) -> None:
-        try:
-            data = self._client.recv(min(READ_CHUNK, INPUT_MAX - len(self._input)))
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop_client()
-            return
-        self._input += data
-        self.counters["bytes_in"] += len(data)
-        if len(self._input) >= INPUT_MAX:
-            self._read_off()  # flow control: the client waits until the guest takes some
-        self._on_input()
-
-    def _drop_client(self) -> None:
-        if self._client is None:
-            return
-        self._read_off()
-        if self._writing:
-            self._loop.remove_writer(self._client.fileno())
-            self._writing = False
-        self._client.close()
-        self._client = None
-
     def close(self) -> None:
-        self._drop_client()
-        if self._loop is not None:
-            self._loop.remove_reader(self._listener.fileno())
-            self._loop = None
-        self._listener.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._socket.close()
 
 
 @dataclass
@@ -371,8 +292,7 @@ class VirtioConsole(VirtioDevice):
         if port < len(self.sockets):
             sock = self.sockets[port]
             data = chain.read(OUTPUT_BACKLOG)  # more than the backlog holds would be dropped anyway
-            sock.counters["dropped"] += chain.out_len - len(data)
-            sock.output(data)
+            sock.output(data, dropped=chain.out_len - len(data))
         return 0
 
     def _port_rx(self, port: int, chain: Chain) -> int | None:
