@@ -80,7 +80,7 @@ class Session:
         self.last_stop: StopEvent | None = None
         self.handlers: dict[bytes, Callable[[bytes], bytes | None]] = {
             b"?": self._why, b"g": self._read_regs, b"G": self._write_regs, b"p": self._read_reg,
-            b"P": self._write_reg, b"m": self._read_mem, b"M": self._write_mem, b"X": self._write_mem_binary,
+            b"P": self._write_reg, b"m": self._read_mem, b"M": self._write_mem, b"X": self._write_mem,
             b"c": self._continue, b"s": self._step, b"C": self._continue, b"S": self._step,
             b"H": self._set_thread, b"T": self._thread_alive, b"Z": self._insert, b"z": self._remove,
             b"D": self._detach, b"k": self._kill, b"q": self._query, b"Q": self._set, b"v": self._v,
@@ -194,21 +194,12 @@ class Session:
             return error(E_MEMORY)
 
     def _write_mem(self, p: bytes) -> bytes:
+        """`M addr,length:XX...` (hex) or `X addr,length:...` (binary, escaped)."""
         where, sep, data = p[1:].partition(b":")
         if not sep:
             raise BadPacket(p)
         addr, length = self._addr_len(where)
-        raw = _hexbytes(data)
-        if len(raw) != length:
-            raise BadPacket(p[:32])
-        return self._store(addr, raw)
-
-    def _write_mem_binary(self, p: bytes) -> bytes:
-        where, sep, data = p[1:].partition(b":")
-        if not sep:
-            raise BadPacket(p)
-        addr, length = self._addr_len(where)
-        raw = unescape(data)
+        raw = unescape(data) if p[:1] == b"X" else _hexbytes(data)
         if len(raw) != length:
             raise BadPacket(p[:32])
         return self._store(addr, raw)
