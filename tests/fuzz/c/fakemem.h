@@ -120,4 +120,17 @@ static void fuzz_split(const uint8_t *data, size_t size, struct cursor *ctl, con
     *ram_len = size - l;
 }
 
+/* Used entries a device published since `*seen` are well formed: a head the ring has, a
+ * length no larger than the fake RAM. */
+static inline void check_used(struct avmm_vq *q, uint16_t *seen)
+{
+    if (!q->size)
+        return;
+    for (; *seen != q->used_idx; (*seen)++) {
+        struct vring_used_elem *e = &q->used->ring[*seen & (q->size - 1)];
+        FUZZ_CHECK(e->id < q->size);
+        FUZZ_CHECK(e->len <= FAKE_R0_SIZE + FAKE_R1_SIZE);
+    }
+}
+
 #endif

@@ -61,17 +61,6 @@ static void drain_peer(void)
     }
 }
 
-static void check_used(struct avmm_vq *q, uint16_t *seen)
-{
-    if (!q->size)
-        return;
-    for (; *seen != q->used_idx; (*seen)++) {
-        struct vring_used_elem *e = &q->used->ring[*seen & (q->size - 1)];
-        FUZZ_CHECK(e->id < q->size);
-        FUZZ_CHECK(e->len <= FAKE_R0_SIZE + FAKE_R1_SIZE);
-    }
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct cursor ctl;
