@@ -482,6 +482,31 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
+def socket_path_problem(path: str) -> str | None:
+    """Why a Unix socket cannot be bound at `path` (None: it can; a stale socket is fine)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"cannot be made: no directory {directory}"
+    if len(os.fsencode(path)) >= 108:
+        return "is too long a path for a Unix socket (107 bytes at most)"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return "exists and is not a socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return None  # left by a process that is gone: it is replaced
+    except OSError as e:
+        return f"cannot be checked: {e.strerror}"
+    finally:
+        probe.close()
+    return "is in use by another process (it is listening on it)"
+
+
 def _is_stale_socket(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -528,14 +553,10 @@ def check_console(spec: str, where: str) -> None:
         return
     if spec.startswith("socket="):
         path = spec[len("socket=") :]
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                raise ConfigError(f"{where}: {path} exists and is not a socket")
-            try:
-                _is_stale_socket(path)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-        path = os.path.dirname(path) or "."
+        why = socket_path_problem(path)
+        if why:
+            raise ConfigError(f"{where}: console socket {path} {why}")
+        return
     elif spec in ("stdio", ""):
         return
     elif os.path.isdir(spec):

@@ -28,16 +28,13 @@ into the receive buffers the guest posts; with none posted the input waits.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import stat
 import struct
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from ..._native import lib
 from ...config import PciSlot, VmConfig
-from ...console import SocketConsole
+from ...console import SocketConsole, socket_path_problem
 from ...errors import ConfigError
 from ...vstate.memory import GuestMemory
 from ..pci.regs import ClassCode
@@ -114,31 +111,6 @@ class ConsoleOptions:
             why = socket_path_problem(path)
             if why:
                 raise ConfigError(f"-s {where}virtio-console: port {name}: socket {path} {why}")
-
-
-def socket_path_problem(path: str) -> str | None:
-    """Why a Unix socket cannot be bound at `path` (None: it can; a stale socket is fine)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        return f"cannot be made: no directory {directory}"
-    if len(os.fsencode(path)) >= 108:
-        return "is too long a path for a Unix socket (107 bytes at most)"
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISSOCK(st.st_mode):
-        return "exists and is not a socket"
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return None  # left by a process that is gone: it is replaced
-    except OSError as e:
-        return f"cannot be checked: {e.strerror}"
-    finally:
-        probe.close()
-    return "is in use (a process is listening on it)"
 
 
 class PortSocket:
