@@ -2,7 +2,10 @@
 
 The socket is claimed before the VM boots: a live socket with the same name means another
 VM has that name (refused); a dead one is left over from a VMM that was killed (removed).
-It is created mode 0600 and removed on every exit path the process lives through.
+It is created mode 0600 and removed on every exit path the process lives through. Beyond
+the mode, every connection's peer is checked (SO_PEERCRED): root and the VM's owner — the
+user the VMM runs as — are served; anyone else gets one error answer and the connection
+is closed, so a socket or a directory made readable by mistake does not open the VM.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, VmmError
@@ -20,6 +24,15 @@ from .handlers import HANDLERS
 
 if TYPE_CHECKING:
     from ..api import VM
+
+
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (as it was at connect)."""
+    _pid, uid, _gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+    return uid
 
 
 def claim_socket(name: str) -> tuple[socket.socket, str]:
@@ -32,6 +45,7 @@ def claim_socket(name: str) -> tuple[socket.socket, str]:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create {directory} for control sockets: {e.strerror}") from None
+    protocol.check_run_dir(directory)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         _remove_if_stale(path, name)
@@ -82,6 +96,7 @@ class ControlServer:
         self.path = path
         self._sock = sock
         self._inode = os.stat(path).st_ino
+        self.owner = os.geteuid()  # the user the VMM runs as (a jailed VMM's --uid)
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
 
@@ -92,6 +107,11 @@ class ControlServer:
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
+            refusal = self._refusal(writer.get_extra_info("socket"))
+            if refusal:
+                writer.write(protocol.encode({"ok": False, "error": refusal, "usage": True}))
+                await writer.drain()
+                return
             while True:
                 try:
                     line = await reader.readline()
@@ -107,6 +127,17 @@ class ControlServer:
         finally:
             self._handlers.discard(task)
             writer.close()
+
+    def _refusal(self, sock) -> str | None:
+        """Why this connection's peer may not control the VM, or None (root or the owner)."""
+        try:
+            uid = peer_uid(sock)
+        except (OSError, AttributeError):
+            return "permission denied: the peer's credentials cannot be read"
+        if uid in (0, self.owner):
+            return None
+        return (f"permission denied: uid {uid} may not control VM {self.vm.config.name} "
+                f"(only root and its owner, uid {self.owner}, may)")
 
     async def _answer(self, line: bytes) -> dict:
         try:
