@@ -35,8 +35,19 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
+_preclaimed: dict[str, tuple[socket.socket, str]] = {}
+
+
+def preclaim(name: str, sock: socket.socket, path: str) -> None:
+    """A socket claimed before the VM starts (the jail claims it before dropping root):
+    the VM's claim_socket takes it."""
+    _preclaimed[name] = (sock, path)
+
+
 def claim_socket(name: str) -> tuple[socket.socket, str]:
     """Bind the VM's control socket; ConfigError if the name is taken by a live VM."""
+    if name in _preclaimed:
+        return _preclaimed.pop(name)
     if not protocol.NAME_RE.match(name):
         raise ConfigError(f"VM name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     path = protocol.socket_path(name)
@@ -95,7 +106,10 @@ class ControlServer:
         self.vm = vm
         self.path = path
         self._sock = sock
-        self._inode = os.stat(path).st_ino
+        try:
+            self._inode: int | None = os.stat(path).st_ino
+        except OSError:  # a jailed VMM's socket is outside its jail: its janitor removes it (jail.py)
+            self._inode = None
         self.owner = os.geteuid()  # the user the VMM runs as (a jailed VMM's --uid)
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -174,6 +188,8 @@ class ControlServer:
 
     def remove_socket(self) -> None:
         """Remove the socket file if it is still ours (not a successor's after a restart)."""
+        if self._inode is None:
+            return
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
