@@ -535,6 +535,12 @@ static void *vcpu_main(void *arg)
     sigdelset(&only_kick, kick_signal);
     pthread_sigmask(SIG_SETMASK, &only_kick, NULL);
 
+    /* The creator names the thread through /proc, which a jailed VMM has not: the thread
+     * names itself too (prctl). */
+    char name[16];
+    snprintf(name, sizeof(name), "vcpu%d", (int)(v - vm->vcpus));
+    pthread_setname_np(pthread_self(), name);
+
     if (v->host_cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);

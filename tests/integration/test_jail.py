@@ -117,7 +117,17 @@ def test_a_jailed_vmm_has_only_the_vms_files_and_no_privileges(guests, jailer, w
         # the project's tests and tools are not there: of the project only asyncvmm/, the
         # venv's packages and the kernel (build/guests/counter.elf, checked above)
         assert sorted(os.listdir(root / str(ROOT).lstrip("/"))) == [".venv", "asyncvmm", "build"]
-        assert b"tick " in output().encode()
+        assert "tick " in output()
+        threads = [Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() for t in os.listdir(f"/proc/{pid}/task")]
+        assert "vcpu0" in threads, threads  # named without /proc
+
+        # A reset builds a new machine inside the jail: /dev/kvm and the disk again.
+        r = run_vmm("ctl", "reset", name, env={**os.environ, "ASYNCVMM_RUN_DIR": str(private_run_dir)})
+        assert r.status == 0, r.err
+        deadline = time.monotonic() + 30
+        while "(boot 2)" not in output() or output().rpartition("(boot 2)")[2].count("tick ") < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, output()
+            time.sleep(0.1)
 
         r = run_vmm("ctl", "destroy", "--force", name, env={**os.environ, "ASYNCVMM_RUN_DIR": str(private_run_dir)})
         assert r.status == 0, r.err
