@@ -181,3 +181,23 @@ def test_jail_needs_root(guests, jailer, work):
                        env={"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"})
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == ["asyncvmm: --jail needs root: it mounts the jail and changes to --uid/--gid itself"]
+
+
+def test_a_jailed_vmm_opens_a_tap_made_for_its_user(guests, jailer, work):
+    """In a network namespace of the test's: a TAP made beforehand for the jail's user is
+    opened inside the jail (its own /dev/net/tun, sysfs read-only); one that does not exist
+    cannot be made without CAP_NET_ADMIN: one line, status 2."""
+    from netns import Netns  # noqa: PLC0415
+
+    base = [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--no-reboot", "--kernel", str(guests / "hello.elf"),
+            "--jail", str(work / "jail"), "--uid", str(jailer.uid), "--gid", str(jailer.gid)]
+    with Netns("jail") as ns:
+        ns.exec("ip", "tuntap", "add", "avmmjt0", "mode", "tap", "user", str(jailer.uid), "vnet_hdr")
+        r = ns.exec(*base, "-s", "3,virtio-net,avmmjt0", check=False)
+        assert r.returncode == 0, r.stderr
+        assert "hello from the guest" in r.stdout
+        r = ns.exec(*base, "-s", "3,virtio-net,avmmjt1", check=False)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.splitlines()[-1:] == ["asyncvmm: TAP avmmjt1: not permitted (CAP_NET_ADMIN is needed to create it)"]
+        assert "avmmjt1" not in ns.exec("ip", "link").stdout
+    assert os.listdir(work / "jail") == []
