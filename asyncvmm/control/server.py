@@ -122,10 +122,6 @@ class ControlServer:
         self._handlers.add(task)
         try:
             refusal = self._refusal(writer.get_extra_info("socket"))
-            if refusal:
-                writer.write(protocol.encode({"ok": False, "error": refusal, "usage": True}))
-                await writer.drain()
-                return
             while True:
                 try:
                     line = await reader.readline()
@@ -133,6 +129,10 @@ class ControlServer:
                     writer.write(protocol.encode({"ok": False, "error": "request line too long"}))
                     break
                 if not line:
+                    break
+                if refusal:  # its request read first: closing on unread bytes would reset the connection
+                    writer.write(protocol.encode({"ok": False, "error": refusal, "usage": True}))
+                    await writer.drain()
                     break
                 writer.write(protocol.encode(await self._answer(line)))
                 await writer.drain()
