@@ -201,3 +201,35 @@ def test_a_jailed_vmm_opens_a_tap_made_for_its_user(guests, jailer, work):
         assert r.stderr.splitlines()[-1:] == ["asyncvmm: TAP avmmjt1: not permitted (CAP_NET_ADMIN is needed to create it)"]
         assert "avmmjt1" not in ns.exec("ip", "link").stdout
     assert os.listdir(work / "jail") == []
+
+
+def test_a_killed_jailed_vmm_leaves_no_socket(guests, jailer, work, private_run_dir):
+    """SIGKILL gives the VMM no chance to clean up; the janitor outside still removes the
+    control socket (its pipe closes with the VMM), and the jail goes with the namespace."""
+    name = f"killed{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "counter.elf"),
+         "--cmdline", "delay=2000", "--jail", str(work / "jail"), "--uid", str(jailer.uid), "--gid", str(jailer.gid),
+         name], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = private_run_dir / f"{name}.sock"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None
+            try:
+                ControlClient(name).request("state")
+                break
+            except VmmError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        proc.kill()
+        proc.wait(15)
+        deadline = time.monotonic() + 10
+        while sock.exists():
+            assert time.monotonic() < deadline, "the control socket was left behind"
+            time.sleep(0.05)
+        assert os.listdir(work / "jail") == [] and not_mounted(work / "jail")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)
