@@ -31,6 +31,7 @@ from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
+from .formats import check_format
 from .image import BlockOptions, DiskImage, default_serial
 
 QUEUE_SIZE = 256
@@ -266,6 +267,10 @@ class VirtioBlk(VirtioDevice):
 def _check(slot: PciSlot, cfg: VmConfig) -> None:
     opts = BlockOptions.parse(slot.options, slot_name(slot))
     check_readable(opts.path, "disk")
+    found = check_format(opts.path, opts.format)
+    if not found.raw:
+        raise ConfigError(f"disk {opts.path} is a {found.what} image: asyncvmm serves raw images itself "
+                          f"(format=raw serves its bytes as they are); no back-end for {found.format} is available")
     for other in cfg.slots:  # the image's lock would refuse it at start, as if another VM held it
         if other is slot:
             break
