@@ -9,7 +9,7 @@ refused before anything starts), `build` makes the PCI function when the machine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import PciSlot, VmConfig
 from ..errors import ConfigError
@@ -31,6 +31,20 @@ class HostResources:
     def __init__(self):
         self.taps: dict[tuple[int, int], Tap] = {}
         self.consoles: dict[str, Console] = {}  # COM2..COM4's backends, by port
+        self.backends: dict[tuple[int, int], Any] = {}  # disks' vhost-user back-ends (vhost_user/attach.py)
+
+    async def prepare(self, cfg: VmConfig) -> None:
+        """What must be connected before the machine is built (the disks' vhost-user back-ends)."""
+        from .virtio.vhost_user import attach  # noqa: PLC0415
+
+        await attach.prepare(self, cfg)
+
+    async def stop(self) -> None:
+        """prepare()'s back-ends closed, their daemons stopped (before close())."""
+        if self.backends:
+            from .virtio.vhost_user import attach  # noqa: PLC0415
+
+            await attach.stop(self)
 
     def console(self, name: str, spec: str):
         """The backend of COM port `name` (-l NAME,SPEC), opened on first use."""
@@ -41,6 +55,11 @@ class HostResources:
         return self.consoles[name]
 
     def close(self) -> None:
+        for backend in self.backends.values():  # stop() did not run: the connections at least
+            backend.close()
+            if backend.process is not None and backend.process.proc.returncode is None:
+                backend.process.proc.terminate()
+        self.backends.clear()
         for tap in self.taps.values():
             tap.close()
         self.taps.clear()

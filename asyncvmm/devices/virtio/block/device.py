@@ -16,6 +16,7 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from ...._native import ffi, lib
@@ -30,6 +31,8 @@ from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
+from ..vhost_user import attach, qsd
+from ..vhost_user.blk import VhostUserBlk
 from ..worker import QueueWorker
 from .formats import check_format
 from .image import BlockOptions, DiskImage, default_serial
@@ -266,11 +269,15 @@ class VirtioBlk(VirtioDevice):
 # -- `-s N,virtio-blk,PATH[,ro][,direct][,serial=ID][,queues=N][,engine=uring|sync]` ------
 def _check(slot: PciSlot, cfg: VmConfig) -> None:
     opts = BlockOptions.parse(slot.options, slot_name(slot))
+    if opts.vhost_user:
+        _check_socket(opts.vhost_user, slot)
+        return
     check_readable(opts.path, "disk")
     found = check_format(opts.path, opts.format)
-    if not found.raw:
-        raise ConfigError(f"disk {opts.path} is a {found.what} image: asyncvmm serves raw images itself "
-                          f"(format=raw serves its bytes as they are); no back-end for {found.format} is available")
+    if not found.raw and qsd.binary() is None:
+        raise ConfigError(f"disk {opts.path} is a {found.what} image: asyncvmm serves raw images itself and other "
+                          "formats through qemu-storage-daemon, which is not installed (apt-get install "
+                          "qemu-system-common); format=raw serves its bytes as they are")
     for other in cfg.slots:  # the image's lock would refuse it at start, as if another VM held it
         if other is slot:
             break
@@ -282,6 +289,15 @@ def _check(slot: PciSlot, cfg: VmConfig) -> None:
                                   "read-only ones, ,ro, may share it)")
 
 
+def _check_socket(path: str, slot: PciSlot) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ConfigError(f"-s {slot_name(slot)}virtio-blk,vhost-user={path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"-s {slot_name(slot)}virtio-blk,vhost-user={path}: not a Unix socket")
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -291,9 +307,17 @@ def _same_file(a: str, b: str) -> bool:
 
 def _build(slot: PciSlot, ctx):
     opts = BlockOptions.parse(slot.options, slot_name(slot))
+    where = f"{slot.slot}.{slot.function}"
+    if attach.wants_backend(slot):
+        backend = ctx.host.backends.get((slot.slot, slot.function)) if ctx.host is not None else None
+        if backend is None:
+            raise ConfigError(f"-s {slot_name(slot)}virtio-blk,{slot.options}: its vhost-user back-end was not "
+                              "connected (HostResources.prepare)")
+        return virtio_pci_function(VhostUserBlk(backend, ctx.mem, queues=opts.queues or ctx.config.cpus,
+                                                name=f"virtio-blk@{where}"), ctx)
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
                     poll=may_poll(ctx))
     return virtio_pci_function(blk, ctx)
 
 
-register("virtio-blk", _check, _build)
+register("virtio-blk", _check, _build, shares_memory=attach.wants_backend)
