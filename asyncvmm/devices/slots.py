@@ -105,6 +105,11 @@ def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | 
         from .virtio.block.image import BlockOptions  # noqa: PLC0415
 
         disk = BlockOptions.parse(slot.options, slot_name(slot))
+        backend = host.backends.get((slot.slot, slot.function)) if host is not None else None
+        if disk.vhost_user:
+            return f"{where} virtio-blk vhost-user back-end {disk.vhost_user}"
+        if backend is not None:
+            return f"{where} virtio-blk {disk.path} (through qemu-storage-daemon{', read-only' if disk.readonly else ''})"
         how = [w for w, on in (("read-only", disk.readonly), ("O_DIRECT", disk.direct),
                                (f"engine {disk.engine}", disk.engine != "uring")) if on]
         return f"{where} virtio-blk {disk.path}" + (f" ({', '.join(how)})" if how else "")

@@ -45,7 +45,8 @@ from .protocol import (
 log = get_logger(__name__)
 
 QUEUE_SIZE = 256  # the largest ring offered (qemu-storage-daemon's export takes up to 1024)
-DEVICE_FEATURES = (1 << 24) - 1  # the device-specific bits (0-23); the transport adds its own
+# The device-specific bits (0-23) but CONFIG_WCE: a write to `writeback` would need SET_CONFIG.
+DEVICE_FEATURES = ((1 << 24) - 1) & ~(1 << lib.VIRTIO_BLK_F_CONFIG_WCE)
 # The configuration space up to write_zeroes_may_unmap and its padding (virtio 1.1): what
 # back-ends know (QEMU 7.2's refuses a longer GET_CONFIG); the zoned fields need F_ZONED.
 CONFIG_SIZE = ffi.offsetof("struct virtio_blk_config", "write_zeroes_may_unmap") + 4
