@@ -189,3 +189,18 @@ def test_bad_inputs_are_one_line(tmp_path, guests, qcow2):
     assert_usage_error(r, "decides that itself")
     r = run_vmm("run", "--kernel", kernel, "-s", f"3,virtio-blk,{qcow2},format=qcow5")
     assert_usage_error(r, "format=qcow5: not an image format")
+
+
+def test_a_detected_format_may_not_reach_other_files(tmp_path, guests):
+    """A guest of a raw disk could write a qcow2 header naming a host file as its backing
+    file: a detected format that names other files needs format= said."""
+    base = tmp_path / "secret.raw"
+    base.write_bytes(b"host secret".ljust(1 << 20, b"\0"))
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    kernel = str(guests / "vblk.elf")
+    r = run_vmm("run", "-m", "64", "--kernel", kernel, "-s", f"3,virtio-blk,{overlay}")
+    assert_usage_error(r, f"names {base}: say format=qcow2")
+    r = run_vmm("run", "-m", "64", "--no-reboot", "--kernel", kernel, "-s", f"3,virtio-blk,{overlay},format=qcow2")
+    assert r.status == 0, r.err
+    assert "read: status 0 host secret" in r.out  # said explicitly: the backing file is read

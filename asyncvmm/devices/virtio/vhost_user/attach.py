@@ -40,7 +40,8 @@ async def prepare(host, cfg: VmConfig) -> None:
             sock = what = opts.vhost_user
         else:
             found = check_format(opts.path, opts.format)
-            daemon = await Daemon.start(opts.path, found.format, readonly=opts.readonly, queues=opts.queues or cfg.cpus)
+            daemon = await Daemon.start(opts.path, found.format, readonly=opts.readonly, queues=opts.queues or cfg.cpus,
+                                        explicit=bool(opts.format))
             sock, what = daemon.socket, opts.path
         try:
             backend = await Backend.connect(sock, what, CONFIG_SIZE)

@@ -5,6 +5,11 @@ layer reads (qcow2, vmdk, vdi, vhdx, vpc...), served to the guest over vhost-use
     daemon.socket            # the export's Unix socket, in a private directory
     await daemon.stop()      # with the VM: the log says so
 
+A detected format (no `format=` given) whose image names other files — a backing file, a
+qcow2 data file, VMDK extents — is refused unless `format=` says it: a raw disk's guest
+could have written such a header into its sector 0 to have the next boot read host files
+(CVE-2008-2004's lesson; QEMU's raw driver guards sector 0 for the same reason).
+
 The image is opened by the daemon (its block node read-only for `ro`, the export
 writable=off then), which locks it as QEMU does: a second VM on the same image is refused
 with one line. The daemon dies with the VMM (PR_SET_PDEATHSIG through setpriv).
@@ -28,6 +33,7 @@ from ....log import get_logger
 log = get_logger("asyncvmm.machine")
 
 QSD = "qemu-storage-daemon"
+QEMU_IMG = "qemu-img"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 
@@ -48,6 +54,27 @@ def command(qsd: str, image: str, fmt: str, *, readonly: bool, queues: int, sock
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
+async def references(image: str, fmt: str) -> list[str]:
+    """The other files the image names (qemu-img info: backing file, data file, extents)."""
+    qemu_img = shutil.which(QEMU_IMG)
+    if qemu_img is None:
+        raise ConfigError(f"disk {image} is a {fmt} image: say format={fmt} (qemu-img, which would check what "
+                          "other files it names, is not installed: apt-get install qemu-utils)")
+    p = await asyncio.create_subprocess_exec(qemu_img, "info", "-U", "--output=json", "-f", fmt, image,
+                                             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                             stderr=asyncio.subprocess.PIPE)
+    out, err = await p.communicate()
+    if p.returncode != 0:
+        said = err.decode(errors="replace").strip().splitlines()
+        raise ConfigError(f"disk {image}: qemu-img cannot read it as {fmt}: {said[-1] if said else p.returncode}")
+    info = json.loads(out)
+    data = info.get("format-specific", {}).get("data", {})
+    named = [info.get("backing-filename"), data.get("data-file")]
+    named += [e.get("filename") for e in data.get("extents", [])]
+    me = os.path.realpath(image)
+    return [n for n in named if n and os.path.realpath(n) != me]
+
+
 class Daemon:
     def __init__(self, proc: asyncio.subprocess.Process, image: str, workdir: str):
         self.proc = proc
@@ -64,11 +91,17 @@ class Daemon:
         return self.proc.pid
 
     @classmethod
-    async def start(cls, image: str, fmt: str, *, readonly: bool, queues: int) -> "Daemon":
+    async def start(cls, image: str, fmt: str, *, readonly: bool, queues: int, explicit: bool = True) -> "Daemon":
+        """`explicit`: the user said format=FMT (else it was detected: see references)."""
         qsd = binary()
         if qsd is None:
             raise ConfigError(f"disk {image} is a {fmt} image, and qemu-storage-daemon, which serves it, is not installed "
                               "(apt-get install qemu-system-common), or say format=raw")
+        if not explicit:
+            named = await references(image, fmt)
+            if named:
+                raise ConfigError(f"disk {image} is a {fmt} image that names {', '.join(named)}: say format={fmt} "
+                                  "to use it (a detected format may not reach other files)")
         workdir = tempfile.mkdtemp(prefix="asyncvmm-qsd-")
         try:
             proc = await asyncio.create_subprocess_exec(
