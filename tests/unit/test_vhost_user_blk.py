@@ -204,3 +204,44 @@ def test_a_detected_format_may_not_reach_other_files(tmp_path, guests):
     r = run_vmm("run", "-m", "64", "--no-reboot", "--kernel", kernel, "-s", f"3,virtio-blk,{overlay},format=qcow2")
     assert r.status == 0, r.err
     assert "read: status 0 host secret" in r.out  # said explicitly: the backing file is read
+
+
+def test_a_masked_msix_vector_holds_the_interrupt_until_unmasked(qcow2):
+    """While the driver masks a queue's vector the back-end calls a relay that sets the
+    pending bit; unmasking delivers it (PCI 6.8.3.4), and the irqfd is the back-end's again."""
+    from asyncvmm.devices.virtio.transport_pci import MSIX_TABLE_OFFSET
+
+    async def until(cond, timeout=5.0):
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await asyncio.sleep(0.005)
+
+    async def go():
+        async with Served(qcow2) as s:
+            q = s.c.q
+            vec = s.dev.msix.vectors[q.vector]
+            relayed = lambda: s.dev.device.stats()["relayed_interrupts"]  # noqa: E731
+            ctrl = MSIX_TABLE_OFFSET + 16 * q.vector + 12
+            q.set_used_event(q.last_used)  # EVENT_IDX: an interrupt for the next used entry, as Linux asks
+            assert (await s.c.run(T_OUT, 0, data=b"m" * 512))[0] == S_OK
+            await until(lambda: q.interrupts() > 0)  # the irqfd (the back-end signals after the used entry)
+            await asyncio.sleep(0.2)
+            q.interrupts()  # and the set-up's once-per-call-fd signal, whichever came second
+            s.drv.write(ctrl, 4, 1)  # mask
+            await until(lambda: relayed() >= 1)  # libvhost-user signals each new call fd once: the relay now
+            vec.c.pending = 0  # (that signal is not the request's)
+            q.set_used_event(q.last_used)
+            assert (await s.c.run(T_IN, 0, in_len=512))[2] == b"m" * 512
+            await until(lambda: vec.pending)
+            assert q.interrupts() == 0
+            s.drv.write(ctrl, 4, 0)  # unmask: the pending interrupt now
+            # (>= 1: the back-end may already have signalled its new call fd, the irqfd, once)
+            assert q.interrupts() >= 1 and not vec.pending
+            await asyncio.sleep(0.2)
+            q.interrupts()
+            before = relayed()
+            q.set_used_event(q.last_used)
+            assert (await s.c.run(T_IN, 0, in_len=512))[0] == S_OK
+            await until(lambda: q.interrupts() > 0)
+            assert relayed() == before and not vec.pending  # the irqfd again, not the relay
+    asyncio.run(go())

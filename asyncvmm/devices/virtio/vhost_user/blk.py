@@ -7,9 +7,9 @@ ioeventfd: SET_VRING_KICK) and its interrupt (the MSI-X vector's irqfd: SET_VRIN
 From then on a request goes guest → KVM → back-end → KVM → guest without this process.
 
 Interrupts other than MSI-X (one MSI message with -W, INTx) need the ISR set beside the
-interrupt, so for them the back-end's call eventfd is relayed on the loop. An MSI-X vector
-the driver masks while the rings run still fires (its pending bit is not emulated for a
-back-end that holds the irqfd; Linux does not mask a virtio vector while its queue runs).
+interrupt, so for them the back-end's call eventfd is relayed on the loop. So is an MSI-X
+vector's while the driver masks it (the back-end is given the relay with SET_VRING_CALL,
+and the relay sets the pending bit; unmasked, it gets the irqfd back), as QEMU does.
 
 A reset from the driver stops every ring (GET_VRING_BASE; the status reads back 0 once the
 back-end has answered each). A back-end that goes away (EOF, an error on a ring's ERR
@@ -72,6 +72,7 @@ class VhostUserBlk(VirtioDevice):
         self._calls = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]  # relayed interrupts
         self._errs = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nq)]
         self._watched: list[int] = []
+        self._unwatch_masks: list = []
         self._active: list[int] = []  # the queues the back-end serves
         self._stopping = 0  # GET_VRING_BASE replies still to come
         self.counters = {"activations": 0, "resets": 0, "relayed_interrupts": 0, "ring_errors": 0}
@@ -115,11 +116,24 @@ class VhostUserBlk(VirtioDevice):
         v = q.vector
         if v is None:
             return None
-        if isinstance(v, MsiVector) and v.c.isr == ffi.NULL:
-            return v.efd  # MSI-X: the back-end writes the irqfd itself
         fd = self._calls[q.index]
         self._watch(fd, self._relay, (fd, v))
+        if isinstance(v, MsiVector) and v.c.isr == ffi.NULL:  # MSI-X
+            self._unwatch_masks.append(v.watch_mask(functools.partial(self._mask_changed, q.index, v)))
+            if not v.masked:
+                return v.efd  # the back-end writes the irqfd itself
         return fd
+
+    def _mask_changed(self, index: int, vector: MsiVector, masked: bool) -> None:
+        """The driver (un)masked a queue's MSI-X vector: the back-end calls the relay
+        while it is masked, the irqfd while it is not."""
+        if self.backend.conn.lost is not None or index not in self._active:
+            return
+        fd = self._calls[index]
+        self._send(Request.SET_VRING_CALL, *vring_fd(index, fd if masked else vector.efd))
+        if not masked and _drain(fd):  # came while masked, not yet relayed: pending (unmask delivers it once)
+            self.counters["relayed_interrupts"] += 1
+            vector.c.pending = 1
 
     def _send(self, request: Request, payload: bytes = b"", fds=()) -> None:
         """A setup message; with REPLY_ACK a refusal puts the device in NEEDS_RESET."""
@@ -143,6 +157,9 @@ class VhostUserBlk(VirtioDevice):
         for fd in self._watched:
             self.backend.conn.loop.remove_reader(fd)
         self._watched.clear()
+        for unwatch in self._unwatch_masks:
+            unwatch()
+        self._unwatch_masks.clear()
 
     def _relay(self, arg) -> None:
         fd, vector = arg
