@@ -41,7 +41,7 @@ async def prepare(host, cfg: VmConfig) -> None:
         else:
             found = check_format(opts.path, opts.format)
             daemon = await Daemon.start(opts.path, found.format, readonly=opts.readonly, queues=opts.queues or cfg.cpus,
-                                        explicit=bool(opts.format))
+                                        explicit=bool(opts.format), direct=opts.direct)
             sock, what = daemon.socket, opts.path
         try:
             backend = await Backend.connect(sock, what, CONFIG_SIZE)
