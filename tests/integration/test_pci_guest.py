@@ -148,7 +148,8 @@ needs_qsd = pytest.mark.skipif(QEMU_IMG is None or shutil.which("qemu-storage-da
 
 
 @needs_qsd
-@pytest.mark.parametrize("mode,flags,expect", [("0", [], "irq: msix"), ("1", [], "irq: intx"), ("2", ["-W"], "irq: msi")])
+@pytest.mark.parametrize("mode,flags,expect", [("0", [], "irq: msix"), ("1", [], "irq: intx"), ("2", ["-W"], "irq: msi"),
+                                               ("0", ["--seccomp", "kill"], "irq: msix")])
 def test_a_guest_on_a_qcow2_disk_through_qemu_storage_daemon(guests, image, tmp_path, mode, flags, expect):
     """The same guest on a qcow2 image: qemu-storage-daemon serves the rings (vhost-user),
     MSI-X straight through the irqfd, INTx and MSI relayed by the front-end; the daemon

@@ -58,11 +58,19 @@ class Served:
 
     async def __aenter__(self):
         self.daemon = await Daemon.start(self.image, self.fmt, readonly=self.readonly, queues=1)
-        self.backend = await Backend.connect(self.daemon.socket, self.image, CONFIG_SIZE)
+        try:
+            self.backend = await Backend.connect(self.daemon.socket, self.image, CONFIG_SIZE)
+        except BaseException:
+            await self.daemon.stop()
+            raise
         self.h = Harness(shared=True)
-        self.dev = self.h.add(VhostUserBlk(self.backend, self.h.mem, queues=1))
-        self.drv = VirtioDriver(self.h, self.dev)
-        await self.drv.setup()
+        try:
+            self.dev = self.h.add(VhostUserBlk(self.backend, self.h.mem, queues=1))
+            self.drv = VirtioDriver(self.h, self.dev)
+            await self.drv.setup()
+        except BaseException:
+            await self.__aexit__()
+            raise
         self.c = BlkClient(self.drv)
         return self
 

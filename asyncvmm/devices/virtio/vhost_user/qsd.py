@@ -113,7 +113,7 @@ class Daemon:
                          direct=direct),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         except OSError as e:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_dir(workdir)
             raise ConfigError(f"disk {image}: cannot start qemu-storage-daemon: {e.strerror}") from None
         d = cls(proc, image, workdir)
         try:
@@ -170,4 +170,17 @@ class Daemon:
             if not quiet:
                 log.info(f"disk {self.image}: qemu-storage-daemon (pid {self.pid}) stopped")
         await asyncio.wait([self._stderr, self._waiter], timeout=STOP_TIMEOUT_S)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _remove_dir(self.workdir)
+
+
+def _remove_dir(path: str) -> None:
+    """The daemon's directory and its socket, with unlink and unlinkat only: the loop's
+    seccomp filter has no rmdir (shutil.rmtree's last call)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        parent = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.rmdir(os.path.basename(path), dir_fd=parent)
+        finally:
+            os.close(parent)
