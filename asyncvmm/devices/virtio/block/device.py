@@ -16,6 +16,7 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import time
 
@@ -31,11 +32,9 @@ from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
-from ..vhost_user import attach, qsd
-from ..vhost_user.blk import VhostUserBlk
 from ..worker import QueueWorker
 from .formats import check_format
-from .image import BlockOptions, DiskImage, default_serial
+from .image import BlockOptions, DiskImage, default_serial, needs_backend
 
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2  # a request's header and status take two descriptors of a chain
@@ -274,7 +273,7 @@ def _check(slot: PciSlot, cfg: VmConfig) -> None:
         return
     check_readable(opts.path, "disk")
     found = check_format(opts.path, opts.format)
-    if not found.raw and qsd.binary() is None:
+    if not found.raw and shutil.which("qemu-storage-daemon") is None:
         raise ConfigError(f"disk {opts.path} is a {found.what} image: asyncvmm serves raw images itself and other "
                           "formats through qemu-storage-daemon, which is not installed (apt-get install "
                           "qemu-system-common); format=raw serves its bytes as they are")
@@ -308,7 +307,9 @@ def _same_file(a: str, b: str) -> bool:
 def _build(slot: PciSlot, ctx):
     opts = BlockOptions.parse(slot.options, slot_name(slot))
     where = f"{slot.slot}.{slot.function}"
-    if attach.wants_backend(slot):
+    if needs_backend(opts):
+        from ..vhost_user.blk import VhostUserBlk  # noqa: PLC0415 (only VMs with such a disk load it)
+
         backend = ctx.host.backends.get((slot.slot, slot.function)) if ctx.host is not None else None
         if backend is None:
             raise ConfigError(f"-s {slot_name(slot)}virtio-blk,{slot.options}: its vhost-user back-end was not "
@@ -320,4 +321,8 @@ def _build(slot: PciSlot, ctx):
     return virtio_pci_function(blk, ctx)
 
 
-register("virtio-blk", _check, _build, shares_memory=attach.wants_backend)
+def _shares_memory(slot: PciSlot) -> bool:
+    return needs_backend(BlockOptions.parse(slot.options, slot_name(slot)))
+
+
+register("virtio-blk", _check, _build, shares_memory=_shares_memory)

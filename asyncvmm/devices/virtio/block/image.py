@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ....errors import ConfigError
-from .formats import FORMATS, RAW, probe_fd
+from .formats import FORMATS, RAW, check_format, probe_fd
 
 SECTOR = 512
 BLKGETSIZE64 = 0x80081272  # <linux/fs.h> _IOR(0x12, 114, size_t)
@@ -83,6 +83,12 @@ class BlockOptions:
         return cls(path, opts.get("ro", False), opts.get("direct", False), opts.get("serial", ""),
                    opts.get("queues", 0), opts.get("engine", "uring"), opts.get("format", ""),
                    opts.get("vhost_user", ""))
+
+
+def needs_backend(opts: BlockOptions) -> bool:
+    """Whether the disk is served by a vhost-user back-end (named, or qemu-storage-daemon for
+    an image that is not raw), not by the in-process data path."""
+    return bool(opts.vhost_user) or not check_format(opts.path, opts.format).raw
 
 
 def default_serial(path: str) -> str:

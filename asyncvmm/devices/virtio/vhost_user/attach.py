@@ -14,7 +14,7 @@ from ....config import PciSlot, VmConfig
 from ....errors import ConfigError
 from ...registry import slot_name
 from ..block.formats import check_format
-from ..block.image import BlockOptions
+from ..block.image import BlockOptions, needs_backend
 from .backend import Backend
 from .blk import CONFIG_SIZE
 from .protocol import VhostUserError
@@ -25,8 +25,7 @@ def wants_backend(slot: PciSlot) -> bool:
     """Whether the slot's disk is served by a vhost-user back-end (guest RAM must be shared)."""
     if slot.driver != "virtio-blk":
         return False
-    opts = BlockOptions.parse(slot.options, slot_name(slot))
-    return bool(opts.vhost_user) or not check_format(opts.path, opts.format).raw
+    return needs_backend(BlockOptions.parse(slot.options, slot_name(slot)))
 
 
 async def prepare(host, cfg: VmConfig) -> None:
