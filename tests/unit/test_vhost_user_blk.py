@@ -163,6 +163,8 @@ def test_a_backend_killed_mid_io_needs_reset_and_nothing_leaks(qcow2):
             assert s.dev.device.stats()["lost"]
             s.drv.set_status(0)  # the driver resets: nothing to wait for from a dead back-end
             assert s.drv.status == 0
+            await s.drv.setup()  # and tries again: with no back-end the device stays broken
+            assert s.dev.status & Status.NEEDS_RESET
     asyncio.run(go())
     assert open_fds() == before
 

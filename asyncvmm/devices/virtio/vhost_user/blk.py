@@ -87,7 +87,7 @@ class VhostUserBlk(VirtioDevice):
 
     def activate(self, features: int, queues: list[QueueConfig]) -> None:
         conn, mem = self.backend.conn, self.mem
-        if conn.lost is not None:
+        if conn.lost is not None:  # (and it stays in NEEDS_RESET: nothing to serve the rings)
             raise DeviceError(f"vhost-user back-end {self.backend.what} is gone ({conn.lost})")
         if mem.memfd < 0:
             raise DeviceError("guest memory is not shared (a vhost-user device needs it made so)")
@@ -96,6 +96,15 @@ class VhostUserBlk(VirtioDevice):
                       mem.hva(q.device, 6 + 8 * q.size)) for q in queues]
         except GuestMemoryError as e:
             raise DeviceError(f"a ring is outside guest RAM: {e}") from None
+        try:
+            self._hand_over(features, rings)
+        except VhostUserError as e:  # the back-end went away just now
+            raise DeviceError(str(e)) from None
+        self.counters["activations"] += 1
+
+    def _hand_over(self, features: int, rings: list) -> None:
+        """Guest RAM and each ring to the back-end: from now on it serves them."""
+        mem = self.mem
         self._send(Request.SET_FEATURES, u64(features | 1 << F_PROTOCOL_FEATURES))
         regions = [(r.gpa, r.size, r.hva, r.offset) for r in mem.regions]
         self._send(Request.SET_MEM_TABLE, mem_table(regions), [mem.memfd] * len(regions))
@@ -110,7 +119,6 @@ class VhostUserBlk(VirtioDevice):
             self._watch(self._errs[i], self._ring_error, i)
             self._send(Request.SET_VRING_ENABLE, vring_state(i, 1))
             self._active.append(i)
-        self.counters["activations"] += 1
 
     def _call_fd(self, q: QueueConfig) -> int | None:
         v = q.vector
