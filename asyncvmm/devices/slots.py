@@ -18,6 +18,7 @@ from .registry import DRIVERS, lookup, names, register, slot_name
 
 if TYPE_CHECKING:
     from ..console import Console
+    from .virtio.net.passt import Passt
     from .virtio.net.tap import Tap
 
 __all__ = ["DRIVERS", "BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
@@ -29,7 +30,7 @@ class HostResources:
     closed when it ends."""
 
     def __init__(self):
-        self.taps: dict[tuple[int, int], Tap] = {}
+        self.taps: dict[tuple[int, int], Tap | Passt] = {}
         self.consoles: dict[str, Console] = {}  # COM2..COM4's backends, by port
 
     def console(self, name: str, spec: str):
@@ -96,5 +97,11 @@ def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | 
         tap = host.taps.get((slot.slot, slot.function)) if host is not None else None
         made = "" if tap is None else " (created)" if getattr(tap, "created", False) else " (existing)"
         mac = format_mac(net.mac or stable_mac(cfg.name, f"{slot.slot}.{slot.function}"))
+        if net.passt is not None:
+            from .virtio.net.passt import passt_user  # noqa: PLC0415
+
+            pid = f"pid {tap.pid}, " if tap is not None and hasattr(tap, "pid") else ""
+            fwd = "".join(f", {p} {h}->{g}" for p, h, g in net.passt.forwards)
+            return f"{where} virtio-net passt ({pid}as {passt_user()}{fwd}), MAC {mac}"
         return f"{where} virtio-net TAP {net.tap}{made}, MAC {mac}"
     return None

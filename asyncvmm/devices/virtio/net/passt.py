@@ -1,0 +1,164 @@
+"""passt, user-mode networking: `-s N,virtio-net,passt[,fwd=tcp:HOSTPORT[:GUESTPORT]][,mtu=N]`.
+
+passt (https://passt.top, Debian's `passt`) is a process that gives a guest a network with no
+privileges and no TAP: it answers DHCP, DHCPv6, NDP and ARP itself, and carries the guest's
+TCP, UDP and ICMP through ordinary sockets of the host. It speaks QEMU's stream protocol on
+a Unix stream socket: every Ethernet frame preceded by its length as a 32-bit big-endian
+number, without a vnet header (so the device offers no checksum or segmentation offloads).
+
+The VM starts one passt per device, giving it one end of a socketpair (`--fd`), so there is
+no socket path to find, race for or leave behind; `--one-off` makes passt exit when that
+end closes — when the VM stops, or if the VMM dies. `--foreground` keeps it our child, so
+its pid is the one we wait for. The data path is C's stream mode (cext/net.c).
+
+What passt does with the guest's traffic (its defaults, passt(1)): the guest gets the host's
+own address and gateway; a connection to the gateway's address reaches the host's loopback
+(`--map-gw`), so a service on the host listening on 127.0.0.1 is the gateway's to the guest.
+`fwd=tcp:8080:80` is passt's `-t 8080:80`: the host's port 8080 (all its addresses) is
+forwarded to the guest's port 80; `fwd=udp:...` likewise with `-u`.
+
+Root: passt refuses to keep root. Started by root it changes itself to the user `nobody`
+(after taking the socket and binding the forwarded ports), so a VMM run as root gets the same
+unprivileged passt as a plain user's; a plain user's passt runs as that user.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from ....errors import ConfigError
+from ....log import get_logger
+
+PASST = "passt"
+STOP_WAIT = 2.0  # seconds passt gets to exit by itself after its socket closes
+SOCKET_BUFFER = 1 << 20  # bytes each way: a burst of frames waits in the kernel, not in passt
+log = get_logger(__name__)
+_FWD = re.compile(r"^(tcp|udp):(\d{1,5})(?::(\d{1,5}))?$")
+
+
+@dataclass(frozen=True)
+class PasstOptions:
+    forwards: tuple[tuple[str, int, int], ...] = ()  # (tcp|udp, host port, guest port)
+    mtu: int = 0  # 0: passt's default (65520)
+
+    def args(self) -> list[str]:
+        """passt's command-line options for these."""
+        out = []
+        for proto, host, guest in self.forwards:
+            out += ["-t" if proto == "tcp" else "-u", f"{host}:{guest}"]
+        if self.mtu:
+            out += ["--mtu", str(self.mtu)]
+        return out
+
+
+def parse_option(opts: dict, key: str, value: str, what: str) -> bool:
+    """One of passt's own CONF options into `opts` (forwards, mtu); False if not one."""
+    if key == "fwd":
+        m = _FWD.match(value)
+        ports = [int(p) for p in m.groups()[1:] if p is not None] if m else []
+        if not m or not all(1 <= p <= 65535 for p in ports):
+            raise ConfigError(f"{what}: fwd={value}: say tcp:HOSTPORT[:GUESTPORT] or udp:HOSTPORT[:GUESTPORT] "
+                              "(ports 1-65535)")
+        opts.setdefault("forwards", []).append((m.group(1), ports[0], ports[-1]))
+        return True
+    if key == "mtu":
+        if not (value.isdigit() and 68 <= int(value) <= 65520):
+            raise ConfigError(f"{what}: mtu={value}: an MTU from 68 to 65520")
+        opts["mtu"] = int(value)
+        return True
+    return False
+
+
+def check_installed(what: str) -> None:
+    if shutil.which(PASST) is None:
+        raise ConfigError(f"{what}: passt is not installed (apt-get install passt)")
+
+
+class Passt:
+    """A running passt and our end of its socket (the one fd of the device's one queue pair)."""
+
+    name = "passt"
+    created = False
+    uso = False
+
+    def __init__(self, opts: PasstOptions, what: str = "passt"):
+        self.what = what
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for s in (ours, theirs):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            ours.setblocking(False)
+            # passt's messages, kept to say why it stopped; an unlinked file leaves nothing behind.
+            self._log = tempfile.TemporaryFile()
+            cmd = [PASST, "--foreground", "--one-off", "--quiet", "--stderr", "--fd", str(theirs.fileno()),
+                   *opts.args()]
+            try:
+                # Its own session: a ^C at the terminal is the VMM's to handle; passt stops
+                # when the VMM closes the socket.
+                self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                             stdout=self._log, stderr=self._log, start_new_session=True)
+            except OSError as e:
+                self._log.close()
+                raise ConfigError(f"{what}: cannot start passt: {e.strerror}") from None
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.fds = [ours.fileno()]
+        self.pid = self.proc.pid
+        self.offload = 0
+
+    def set_offload(self, flags: int) -> None:
+        """The stream carries no vnet header: nothing to tell passt."""
+
+    def set_active_queues(self, n: int) -> None:
+        """One queue pair, one socket."""
+
+    def why_gone(self) -> str:
+        """One phrase on how passt went (called when its socket closed)."""
+        try:
+            code = self.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            return f"passt (pid {self.pid}) closed its socket"
+        if code < 0:
+            return f"passt (pid {self.pid}) killed by {signal.Signals(-code).name}"
+        said = self._said() if code else ""
+        return f"passt (pid {self.pid}) exited with status {code}" + (f": {said}" if said else "")
+
+    def _said(self) -> str:
+        """passt's last message (not its complaints that syslog is unreachable)."""
+        try:
+            self._log.seek(0)
+            lines = self._log.read()[-4096:].decode(errors="replace").splitlines()
+        except (OSError, ValueError):
+            return ""
+        lines = [ln.strip() for ln in lines if ln.strip() and "syslog" not in ln]
+        return lines[-1] if lines else ""
+
+    def close(self) -> None:
+        if self.fds:
+            self.sock.close()  # --one-off: passt exits on its own
+            self.fds = []
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                log.warning(f"{self.what}: passt (pid {self.pid}) did not exit; killed")
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def passt_user() -> str:
+    """Who passt runs as, for the log: root's passt drops to nobody."""
+    return "nobody" if os.geteuid() == 0 else str(os.geteuid())
