@@ -12,11 +12,13 @@ import asyncio
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,28 @@ def test_passt_dhcp_as_a_plain_user():
     lines = dict(line.split("=", 1) for line in r.stdout.split())
     assert lines["uid"] == str(65534) and lines["passt_uid"] == str(65534), r.stdout
     assert ipaddress.IPv4Address(lines["lease"]).packed in host_addresses(), r.stdout
+
+
+@needs_passt
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/dev/kvm"),
+                    reason="needs root to become the plain user nobody in the kvm group (setpriv), and /dev/kvm")
+def test_cli_run_with_passt_as_a_plain_user(guests):
+    """`asyncvmm run -s 3,virtio-net,passt` as nobody in the kvm group: no TAP, no root; the
+    log names passt's pid and user, and passt is gone when the VM is."""
+    run_dir = Path(tempfile.mkdtemp(prefix="avmm-passt-user-"))
+    try:
+        os.chown(run_dir, 65534, 65534)
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=kvm", sys.executable, "-m",
+                            "asyncvmm", "run", "-m", "64", "--no-reboot", "--kernel", str(guests / "hello.elf"),
+                            "-s", "3,virtio-net,passt,fwd=tcp:" + str(free_port()) + ":22"],
+                           capture_output=True, text=True, timeout=60, cwd=HERE.parents[1],
+                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ASYNCVMM_RUN_DIR": str(run_dir)})
+        assert r.returncode == 0, r.stderr
+        assert "hello from the guest" in r.stdout
+        m = re.search(r"devices: 3:0 virtio-net passt \(pid (\d+), as nobody, tcp \d+->22\)", r.stderr)
+        assert m, r.stderr
+        assert not os.path.exists(f"/proc/{m.group(1)}"), "passt outlived the VM"
+        assert not os.path.exists("/sys/class/net/passt")
+        assert not os.listdir(run_dir)  # the control socket went with the VM
+    finally:
+        shutil.rmtree(run_dir)

@@ -25,6 +25,7 @@ unprivileged passt as a plain user's; a plain user's passt runs as that user.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -161,4 +162,10 @@ class Passt:
 
 def passt_user() -> str:
     """Who passt runs as, for the log: root's passt drops to nobody."""
-    return "nobody" if os.geteuid() == 0 else str(os.geteuid())
+    uid = os.geteuid()
+    if uid == 0:
+        return "nobody"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
