@@ -32,6 +32,7 @@ PROVIDERS = (
     "asyncvmm.devices.slots",  # hostbridge
     "asyncvmm.devices.pci.lpc",
     "asyncvmm.devices.virtio.block.device",
+    "asyncvmm.devices.virtio.block.backend",
     "asyncvmm.devices.virtio.net.device",
     "asyncvmm.devices.virtio.rnd",
     "asyncvmm.devices.virtio.console",

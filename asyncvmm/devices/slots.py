@@ -90,6 +90,9 @@ def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | 
         how = [w for w, on in (("read-only", disk.readonly), ("O_DIRECT", disk.direct),
                                (f"engine {disk.engine}", disk.engine != "uring")) if on]
         return f"{where} virtio-blk {disk.path}" + (f" ({', '.join(how)})" if how else "")
+    if slot.driver == "virtio-blk-backend":
+        name = slot.options.split(",")[0]
+        return f"{where} virtio-blk on the block backend {name!r} ({type(cfg.block_backends.get(name)).__name__})"
     if slot.driver == "virtio-net":
         from .virtio.net.tap import NetOptions, format_mac, stable_mac  # noqa: PLC0415
 
