@@ -116,6 +116,40 @@ int avmm_net_set_stream(struct avmm_net *n, int pair, int fd)
     return 0;
 }
 
+_Static_assert(AVMM_NET_STREAM_CARRY_RX >= STREAM_RX_BUF - STREAM_HEADROOM, "a carried RX buffer fits");
+_Static_assert(AVMM_NET_STREAM_CARRY_TX >= STREAM_TX_BUF, "a carried TX tail fits");
+
+int avmm_net_stream_carry_out(struct avmm_net *n, int pair, uint8_t *rx, uint32_t *rx_len, uint8_t *tx,
+                              uint32_t *tx_len)
+{
+    if (pair < 0 || pair >= n->npairs || !n->p[pair].stream)
+        return -EINVAL;
+    struct stream *st = n->p[pair].stream;
+    *rx_len = st->rx_end - st->rx_start;
+    memcpy(rx, st->rx + st->rx_start, *rx_len);
+    *tx_len = st->tx_len - st->tx_off;
+    memcpy(tx, st->tx + st->tx_off, *tx_len);
+    st->rx_start = st->rx_end = STREAM_HEADROOM;
+    st->tx_off = st->tx_len = 0;
+    return 0;
+}
+
+int avmm_net_stream_carry_in(struct avmm_net *n, int pair, const uint8_t *rx, uint32_t rx_len, const uint8_t *tx,
+                             uint32_t tx_len)
+{
+    if (pair < 0 || pair >= n->npairs || !n->p[pair].stream || rx_len > STREAM_RX_BUF - STREAM_HEADROOM ||
+        tx_len > STREAM_TX_BUF)
+        return -EINVAL;
+    struct stream *st = n->p[pair].stream;
+    memcpy(st->rx + STREAM_HEADROOM, rx, rx_len);
+    st->rx_start = STREAM_HEADROOM;
+    st->rx_end = STREAM_HEADROOM + rx_len;
+    memcpy(st->tx, tx, tx_len);
+    st->tx_off = 0;
+    st->tx_len = tx_len;
+    return 0;
+}
+
 void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max)
 {
     n->flags = flags;

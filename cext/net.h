@@ -74,6 +74,16 @@ void avmm_net_free(struct avmm_net *n);
 void avmm_net_set_tap(struct avmm_net *n, int pair, int fd);
 /* A connected SOCK_STREAM socket for pair `pair`, framed as above. 0 or -errno. */
 int avmm_net_set_stream(struct avmm_net *n, int pair, int fd);
+/* A stream's state that must outlive this device when another takes over the same socket
+ * (a guest reset builds a new machine): the bytes read and not yet delivered, and the
+ * unsent tail of a frame. carry_out copies them out (sizes: AVMM_NET_STREAM_CARRY_RX/TX)
+ * and forgets them; carry_in gives them to a fresh stream pair. 0 or -EINVAL. */
+#define AVMM_NET_STREAM_CARRY_RX (256 << 10)
+#define AVMM_NET_STREAM_CARRY_TX (65535 + 14 + 4 + 4)
+int avmm_net_stream_carry_out(struct avmm_net *n, int pair, uint8_t *rx, uint32_t *rx_len, uint8_t *tx,
+                              uint32_t *tx_len);
+int avmm_net_stream_carry_in(struct avmm_net *n, int pair, const uint8_t *rx, uint32_t rx_len, const uint8_t *tx,
+                             uint32_t tx_len);
 void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max);
 /* Queue qi: 2p is pair p's RX queue, 2p+1 its TX queue. 0 or -errno. */
 int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,

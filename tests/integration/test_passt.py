@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 from asyncvmm._native import lib
-from passt_peer import Guest, TcpConn
+from passt_peer import Dhcp, Guest, TcpConn
 
 from asyncvmm.devices.virtio.net.device import NetFeature, VirtioNet
-from asyncvmm.devices.virtio.net.passt import PasstOptions
+from asyncvmm.devices.virtio.net.passt import Passt, PasstOptions
 from asyncvmm.devices.virtio.net.tap import NetOptions, stable_mac
 from asyncvmm.devices.virtio.spec import Status
 from asyncvmm.errors import ConfigError
@@ -266,3 +266,43 @@ def test_cli_run_with_passt_as_a_plain_user(guests):
         assert not os.listdir(run_dir)  # the control socket went with the VM
     finally:
         shutil.rmtree(run_dir)
+
+
+@needs_passt
+def test_passt_outlives_a_machine_reset_and_the_stream_carries_over():
+    """A guest reset builds a new device on the same passt (the VM keeps it): what the old
+    device had read and not delivered — passt's DHCP OFFER, while no RX buffers were
+    posted — reaches the new one, the framing intact."""
+    mac = stable_mac("test", "carry")
+
+    async def device(passt):
+        h = Harness()
+        dev = h.add(VirtioNet(NetOptions.parse("passt"), h.mem, mac=mac, queues=1, tap=passt))
+        drv = VirtioDriver(h, dev)
+        await drv.setup()
+        return h, dev.device, Guest(NetClient(drv), mac)
+
+    async def go():
+        passt = Passt(PasstOptions())
+        try:
+            h, net, guest = await device(passt)
+            try:
+                xid = 0x5EED
+                guest._dhcp(xid, bytes([Dhcp.MSG_TYPE, 1, Dhcp.DISCOVER, Dhcp.END]))
+                async with asyncio.timeout(5):
+                    while net.stats()["pairs"][0]["rx_no_buffers"] == 0:
+                        await asyncio.sleep(0.005)
+            finally:
+                h.close()
+            assert passt.carry is not None and len(passt.carry[0]) > 300  # the OFFER, framed
+            h, net, guest = await device(passt)
+            try:
+                guest.c.post_rx(16)
+                offered, opts, _ = await guest._dhcp_reply(xid, Dhcp.OFFER)
+                assert offered in host_addresses()
+                assert net.stats()["passt"]["link"] == "up"
+            finally:
+                h.close()
+        finally:
+            passt.close()
+    run(go())

@@ -143,6 +143,10 @@ class VirtioNet(VirtioDevice):
             raise DeviceError("cannot allocate the network data path")
         for p, fd in enumerate(self.tap.fds if not self.stream else ()):
             lib.avmm_net_set_tap(self._net, p, fd)
+        if isinstance(tap, Passt) and tap.carry is not None:  # where the previous boot's device left the stream
+            rx, tx = tap.carry
+            lib.avmm_net_stream_carry_in(self._net, 0, rx, len(rx), tx, len(tx))
+            tap.carry = None
         self.peer_gone = ""  # a stream's peer (passt) that went: how
         self.config_size = ffi.sizeof("struct virtio_net_config")
         self.link_up = True
@@ -472,6 +476,13 @@ class VirtioNet(VirtioDevice):
 
     def close(self) -> None:
         self.worker.stop(closing=True)
+        if self._net != ffi.NULL and isinstance(self.tap, Passt) and not self._owns_tap:
+            # passt stays for the next boot's device: a frame half read or half sent goes on with it.
+            rx = ffi.new("uint8_t[]", lib.AVMM_NET_STREAM_CARRY_RX)
+            tx = ffi.new("uint8_t[]", lib.AVMM_NET_STREAM_CARRY_TX)
+            rx_len, tx_len = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+            if lib.avmm_net_stream_carry_out(self._net, 0, rx, rx_len, tx, tx_len) == 0:
+                self.tap.carry = (ffi.buffer(rx, rx_len[0])[:], ffi.buffer(tx, tx_len[0])[:])
         if self._net != ffi.NULL:
             lib.avmm_net_free(self._net)
             self._net = ffi.NULL

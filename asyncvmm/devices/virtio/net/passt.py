@@ -118,6 +118,9 @@ class Passt:
         self.fds = [ours.fileno()]
         self.pid = self.proc.pid
         self.offload = 0
+        # The stream's unfinished bytes between one boot's device and the next (a guest
+        # reset builds a new machine; passt and its socket stay): set by VirtioNet.close.
+        self.carry: tuple[bytes, bytes] | None = None
 
     def set_offload(self, flags: int) -> None:
         """The stream carries no vnet header: nothing to tell passt."""
