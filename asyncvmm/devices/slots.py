@@ -41,6 +41,19 @@ class HostResources:
             self.consoles[name] = open_console(spec)
         return self.consoles[name]
 
+    def start_processes(self, config: VmConfig) -> None:
+        """Start the helper processes the slots need (passt) now, not when the machine is
+        built: `asyncvmm run`'s seccomp filter, installed in between, refuses fork and exec."""
+        from .virtio.net.passt import Passt  # noqa: PLC0415
+        from .virtio.net.tap import NetOptions  # noqa: PLC0415
+
+        for slot in config.slots:
+            key = (slot.slot, slot.function)
+            if slot.driver == "virtio-net" and key not in self.taps:
+                opts = NetOptions.parse(slot.options, slot_name(slot))
+                if opts.passt is not None:
+                    self.taps[key] = Passt(opts.passt, f"virtio-net@{slot.slot}.{slot.function}")
+
     def close(self) -> None:
         for tap in self.taps.values():
             tap.close()

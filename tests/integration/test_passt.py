@@ -414,3 +414,17 @@ def test_stream_rx_frames_split_anywhere_and_a_broken_length():
             assert n.drv.config_read(6, 2) & lib.VIRTIO_NET_S_LINK_UP == 0
             assert n.stats["rx_errors"] == 1
     run(go())
+
+
+@needs_passt
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+def test_cli_starts_passt_before_the_seccomp_filter(guests):
+    """`--seccomp=kill` refuses fork and exec once the VMM runs: passt is started before."""
+    r = subprocess.run([sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--no-reboot", "--seccomp=kill",
+                        "--kernel", str(guests / "hello.elf"), "-s", "3,virtio-net,passt"],
+                       capture_output=True, text=True, timeout=60, cwd=HERE.parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "hello from the guest" in r.stdout
+    m = re.search(r"virtio-net passt \(pid (\d+),", r.stderr)
+    assert m, r.stderr
+    assert not os.path.exists(f"/proc/{m.group(1)}")
