@@ -25,6 +25,7 @@ import pytest
 from asyncvmm._native import lib
 from passt_peer import Dhcp, Guest, TcpConn
 
+from asyncvmm.config import VmConfig
 from asyncvmm.devices.virtio.net.device import NetFeature, VirtioNet
 from asyncvmm.devices.virtio.net.passt import Passt, PasstOptions
 from asyncvmm.devices.virtio.net.tap import NetOptions, stable_mac
@@ -428,3 +429,17 @@ def test_cli_starts_passt_before_the_seccomp_filter(guests):
     m = re.search(r"virtio-net passt \(pid (\d+),", r.stderr)
     assert m, r.stderr
     assert not os.path.exists(f"/proc/{m.group(1)}")
+
+
+@needs_passt
+def test_a_forward_of_a_port_in_use_is_refused_in_one_line():
+    from asyncvmm.config import parse_slot  # noqa: PLC0415
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = VmConfig(kernel="/dev/null", slots=[parse_slot(f"3,virtio-net,passt,fwd=tcp:{port}:22")])
+        with pytest.raises(ConfigError) as e:
+            cfg.validate()
+        assert f"the host's TCP port {port} cannot be bound" in str(e.value) and "\n" not in str(e.value)

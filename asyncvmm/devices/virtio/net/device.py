@@ -30,7 +30,7 @@ from ..queue import Chain, RingSetupError, Virtqueue, VqState, check_setup, ring
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
-from .passt import Passt, check_installed
+from .passt import Passt, check_forwards, check_installed
 from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, check_is_tap, format_mac, stable_mac
 
 QUEUE_SIZE = 256
@@ -495,6 +495,7 @@ def _check(slot: PciSlot, cfg: VmConfig) -> None:
     opts = NetOptions.parse(slot.options, slot_name(slot))
     if opts.passt is not None:
         check_installed(f"-s {slot_name(slot)}virtio-net,{slot.options}")
+        check_forwards(opts.passt, f"-s {slot_name(slot)}virtio-net,{slot.options}")
     else:
         check_is_tap(opts.tap, f"-s {slot_name(slot)}virtio-net,{slot.options}")
 

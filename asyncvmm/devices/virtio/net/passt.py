@@ -77,6 +77,23 @@ def parse_option(opts: dict, key: str, value: str, what: str) -> bool:
     return False
 
 
+def check_forwards(opts: PasstOptions, what: str) -> None:
+    """Each forwarded host port can be bound now (passt, failing to bind one, says nothing
+    and forwards nothing): one line for a port in use or one a plain user may not bind."""
+    for proto, host, _ in opts.forwards:
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as passt's own: a TIME_WAIT is no conflict
+            try:
+                s.bind(("0.0.0.0", host))
+            except PermissionError:
+                raise ConfigError(f"{what}: fwd={proto}:{host}: a plain user may not bind ports below "
+                                  "net.ipv4.ip_unprivileged_port_start (1024)") from None
+            except OSError as e:
+                raise ConfigError(f"{what}: fwd={proto}:{host}: the host's {proto.upper()} port {host} "
+                                  f"cannot be bound ({e.strerror})") from None
+
+
 def check_installed(what: str) -> None:
     if shutil.which(PASST) is None:
         raise ConfigError(f"{what}: passt is not installed (apt-get install passt)")
