@@ -272,7 +272,7 @@ def run_passt_rx(length: int, count: int) -> dict:
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _json_line(gen, 30)
-        p = _passt_child("rx", length, count, f"passt,fwd=udp:{port}:{port}")
+        p = _passt_child("rx", length, count, f"passt,fwd=udp:127.0.0.1:{port}:{port}")
         _json_line(p, 60)
         time.sleep(0.2)  # passt binds the forwarded port as it starts
         gen.stdin.write("go\n")

@@ -93,12 +93,12 @@ def run(coro):
 # -- the spelling: `passt` is never a TAP's name ------------------------------------------
 
 def test_passt_spelling_is_never_a_tap():
-    o = NetOptions.parse("passt,fwd=tcp:2222:22,fwd=udp:5353,mtu=1500,mac=52:54:00:aa:bb:cc")
-    assert o.passt == PasstOptions((("tcp", 2222, 22), ("udp", 5353, 5353)), 1500)
-    assert o.passt.args() == ["-t", "2222:22", "-u", "5353:5353", "--mtu", "1500"]
+    o = NetOptions.parse("passt,fwd=tcp:2222:22,fwd=udp:127.0.0.1:5353,mtu=1500,mac=52:54:00:aa:bb:cc")
+    assert o.passt == PasstOptions((("tcp", 2222, 22), ("udp", 5353, 5353)), ("", "127.0.0.1"), 1500)
+    assert o.passt.args() == ["-t", "2222:22", "-u", "127.0.0.1/5353:5353", "--mtu", "1500"]
     assert NetOptions.parse("tap0").passt is None
     for bad in ("passt,fwd=tcp:0:22", "passt,fwd=sctp:1:2", "passt,fwd=tcp:70000", "passt,queues=2",
-                "passt,mtu=10", "passt,bogus=1", "tap0,fwd=tcp:1:2"):
+                "passt,mtu=10", "passt,bogus=1", "tap0,fwd=tcp:1:2", "passt,fwd=tcp:300.1.1.1:80"):
         with pytest.raises(ConfigError) as e:
             NetOptions.parse(bad, "3:0,")
         assert "\n" not in str(e.value) and "-s 3:0,virtio-net" in str(e.value)
@@ -171,7 +171,7 @@ def test_passt_port_forward_from_the_host():
     host_port, guest_port = free_port(), 8080
 
     async def go():
-        async with PasstNet(f"passt,fwd=tcp:{host_port}:{guest_port}") as n:
+        async with PasstNet(f"passt,fwd=tcp:127.0.0.1:{host_port}:{guest_port}") as n:  # loopback only
             await n.guest.dhcp()  # passt learns the guest's MAC and address
             reader, writer = await asyncio.open_connection("127.0.0.1", host_port)
             conn = await TcpConn.accept(n.guest, guest_port)
@@ -255,7 +255,7 @@ def test_cli_run_with_passt_as_a_plain_user(guests):
         os.chown(run_dir, 65534, 65534)
         r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=kvm", sys.executable, "-m",
                             "asyncvmm", "run", "-m", "64", "--no-reboot", "--kernel", str(guests / "hello.elf"),
-                            "-s", "3,virtio-net,passt,fwd=tcp:" + str(free_port()) + ":22"],
+                            "-s", "3,virtio-net,passt,fwd=tcp:127.0.0.1:" + str(free_port()) + ":22"],
                            capture_output=True, text=True, timeout=60, cwd=HERE.parents[1],
                            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ASYNCVMM_RUN_DIR": str(run_dir)})
         assert r.returncode == 0, r.stderr

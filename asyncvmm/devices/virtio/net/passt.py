@@ -1,4 +1,4 @@
-"""passt, user-mode networking: `-s N,virtio-net,passt[,fwd=tcp:HOSTPORT[:GUESTPORT]][,mtu=N]`.
+"""passt, user-mode networking: `-s N,virtio-net,passt[,fwd=tcp:[HOSTADDR:]HOSTPORT[:GUESTPORT]][,mtu=N]`.
 
 passt (https://passt.top, Debian's `passt`) is a process that gives a guest a network with no
 privileges and no TAP: it answers DHCP, DHCPv6, NDP and ARP itself, and carries the guest's
@@ -15,7 +15,8 @@ What passt does with the guest's traffic (its defaults, passt(1)): the guest get
 own address and gateway; a connection to the gateway's address reaches the host's loopback
 (`--map-gw`), so a service on the host listening on 127.0.0.1 is the gateway's to the guest.
 `fwd=tcp:8080:80` is passt's `-t 8080:80`: the host's port 8080 (all its addresses) is
-forwarded to the guest's port 80; `fwd=udp:...` likewise with `-u`.
+forwarded to the guest's port 80; `fwd=tcp:127.0.0.1:8080:80` listens on that address
+only (`-t 127.0.0.1/8080:80`); `fwd=udp:...` likewise with `-u`.
 
 Root: passt refuses to keep root. Started by root it changes itself to the user `nobody`
 (after taking the socket and binding the forwarded ports), so a VMM run as root gets the same
@@ -41,19 +42,20 @@ PASST = "passt"
 STOP_WAIT = 2.0  # seconds passt gets to exit by itself after its socket closes
 SOCKET_BUFFER = 1 << 20  # bytes each way: a burst of frames waits in the kernel, not in passt
 log = get_logger(__name__)
-_FWD = re.compile(r"^(tcp|udp):(\d{1,5})(?::(\d{1,5}))?$")
+_FWD = re.compile(r"^(tcp|udp):(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5})(?::(\d{1,5}))?$")
 
 
 @dataclass(frozen=True)
 class PasstOptions:
     forwards: tuple[tuple[str, int, int], ...] = ()  # (tcp|udp, host port, guest port)
+    addresses: tuple[str, ...] = ()  # per forward: the host address it listens on ("": all)
     mtu: int = 0  # 0: passt's default (65520)
 
     def args(self) -> list[str]:
         """passt's command-line options for these."""
         out = []
-        for proto, host, guest in self.forwards:
-            out += ["-t" if proto == "tcp" else "-u", f"{host}:{guest}"]
+        for (proto, host, guest), addr in zip(self.forwards, self.addresses or [""] * len(self.forwards)):
+            out += ["-t" if proto == "tcp" else "-u", f"{addr}/{host}:{guest}" if addr else f"{host}:{guest}"]
         if self.mtu:
             out += ["--mtu", str(self.mtu)]
         return out
@@ -63,11 +65,13 @@ def parse_option(opts: dict, key: str, value: str, what: str) -> bool:
     """One of passt's own CONF options into `opts` (forwards, mtu); False if not one."""
     if key == "fwd":
         m = _FWD.match(value)
-        ports = [int(p) for p in m.groups()[1:] if p is not None] if m else []
-        if not m or not all(1 <= p <= 65535 for p in ports):
-            raise ConfigError(f"{what}: fwd={value}: say tcp:HOSTPORT[:GUESTPORT] or udp:HOSTPORT[:GUESTPORT] "
-                              "(ports 1-65535)")
+        ports = [int(p) for p in m.groups()[2:] if p is not None] if m else []
+        addr = m.group(2) or "" if m else ""
+        if not m or not all(1 <= p <= 65535 for p in ports) or (addr and not _is_ipv4(addr)):
+            raise ConfigError(f"{what}: fwd={value}: say tcp:[HOSTADDR:]HOSTPORT[:GUESTPORT] or udp:... "
+                              "(ports 1-65535, HOSTADDR an IPv4 address of this host)")
         opts.setdefault("forwards", []).append((m.group(1), ports[0], ports[-1]))
+        opts.setdefault("addresses", []).append(addr)
         return True
     if key == "mtu":
         if not (value.isdigit() and 68 <= int(value) <= 65520):
@@ -77,15 +81,23 @@ def parse_option(opts: dict, key: str, value: str, what: str) -> bool:
     return False
 
 
+def _is_ipv4(addr: str) -> bool:
+    try:
+        socket.inet_aton(addr)
+    except OSError:
+        return False
+    return all(int(part) <= 255 for part in addr.split("."))
+
+
 def check_forwards(opts: PasstOptions, what: str) -> None:
     """Each forwarded host port can be bound now (passt, failing to bind one, says nothing
     and forwards nothing): one line for a port in use or one a plain user may not bind."""
-    for proto, host, _ in opts.forwards:
+    for (proto, host, _), addr in zip(opts.forwards, opts.addresses or [""] * len(opts.forwards)):
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         with socket.socket(socket.AF_INET, kind) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as passt's own: a TIME_WAIT is no conflict
             try:
-                s.bind(("0.0.0.0", host))
+                s.bind((addr or "0.0.0.0", host))
             except PermissionError:
                 raise ConfigError(f"{what}: fwd={proto}:{host}: a plain user may not bind ports below "
                                   "net.ipv4.ip_unprivileged_port_start (1024)") from None

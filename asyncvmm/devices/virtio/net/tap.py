@@ -74,13 +74,14 @@ class NetOptions:
                     raise ConfigError(f"{what}: queues={value}: a number of queue pairs from 1 to {lib.AVMM_NET_MAX_PAIRS}")
                 queues = int(value)
             elif passt is not None:
-                raise ConfigError(f"{what}: unknown option {p!r} (mac=XX:XX:XX:XX:XX:XX, fwd=tcp:HOSTPORT[:GUESTPORT], "
-                                  "fwd=udp:HOSTPORT[:GUESTPORT], mtu=N)")
+                raise ConfigError(f"{what}: unknown option {p!r} (mac=XX:XX:XX:XX:XX:XX, fwd=tcp:[HOSTADDR:]HOSTPORT[:GUESTPORT], "
+                                  "fwd=udp:..., mtu=N)")
             else:
                 raise ConfigError(f"{what}: unknown option {p!r} (mac=XX:XX:XX:XX:XX:XX, "
                                   f"queues=1-{lib.AVMM_NET_MAX_PAIRS})")
         if passt is not None:
-            return cls(name, mac, 1, PasstOptions(tuple(passt.get("forwards", ())), passt.get("mtu", 0)))
+            return cls(name, mac, 1, PasstOptions(tuple(passt.get("forwards", ())), tuple(passt.get("addresses", ())),
+                                                  passt.get("mtu", 0)))
         return cls(name, mac, queues)
 
 
