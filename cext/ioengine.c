@@ -339,11 +339,6 @@ int avmm_engine_complete(struct avmm_engine *e, uint64_t user_data, int64_t res)
     return 0;
 }
 
-void avmm_engine_post(struct avmm_engine *e)
-{
-    avmm_efd_signal(e->efd);
-}
-
 void avmm_engine_drain(struct avmm_engine *e)
 {
     if (e->kind == AVMM_ENGINE_EXTERNAL) {

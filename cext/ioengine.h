@@ -10,8 +10,8 @@
  *          completion path is the same code.
  *   EXTERNAL the ops are done by someone else (Python coroutines: a block backend
  *          object, devices/virtio/block/backend.py): submit hands the batch over
- *          (avmm_engine_take), and its results come back with avmm_engine_complete and
- *          one avmm_engine_post for the batch, then reaped as the others' are.
+ *          (avmm_engine_take), and its results come back with avmm_engine_complete,
+ *          then reaped as the others' are (the taker calls the reap itself).
  * The engine never touches the buffers' contents: iovecs point into guest memory.
  * Thread ownership: the loop's thread only.
  */
@@ -77,11 +77,10 @@ void avmm_engine_drain(struct avmm_engine *e);
 struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e);
 
 /* EXTERNAL: the ops submitted since the last call (up to max, in order): their iovecs stay
- * valid until each is completed. Then each op's result (bytes, or -errno), and one post
- * (the eventfd) for the lot. 0 or -EINVAL (not an EXTERNAL engine, or no room). */
+ * valid until each is completed. Then each op's result (bytes, or -errno): 0, or -EINVAL
+ * (not an EXTERNAL engine, or no room). */
 int avmm_engine_take(struct avmm_engine *e, struct avmm_io_op *out, int max);
 int avmm_engine_complete(struct avmm_engine *e, uint64_t user_data, int64_t res);
-void avmm_engine_post(struct avmm_engine *e);
 
 /* One wait for doorbells and completions (io_uring only), as QEMU's fdmon-io_uring:
  * io_uring watches `fd` (multishot POLL_ADD) beside the I/O, so its readiness is a CQE:

@@ -9,6 +9,7 @@ connections go to the gateway's address, which passt maps to this host's loopbac
 from __future__ import annotations
 
 import asyncio
+import grp
 import hashlib
 import ipaddress
 import os
@@ -46,6 +47,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def open_fds() -> set[str]:
@@ -245,7 +254,8 @@ def test_passt_dhcp_as_a_plain_user():
 
 
 @needs_passt
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/dev/kvm"),
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/dev/kvm")
+                    or not _has_group("kvm"),
                     reason="needs root to become the plain user nobody in the kvm group (setpriv), and /dev/kvm")
 def test_cli_run_with_passt_as_a_plain_user(guests):
     """`asyncvmm run -s 3,virtio-net,passt` as nobody in the kvm group: no TAP, no root; the
