@@ -119,8 +119,10 @@ class Plan:
 def plan(cfg: VmConfig) -> Plan:
     """Everything the VM in `cfg` will open, from its configuration (paths as given, made
     absolute: inside the jail they are at the same places, and so is the working directory)."""
+    from .devices.virtio.block.formats import check_format  # noqa: PLC0415
     from .devices.virtio.block.image import BlockOptions  # noqa: PLC0415
     from .devices.virtio.console import ConsoleOptions  # noqa: PLC0415
+    from .devices.virtio.net.tap import NetOptions  # noqa: PLC0415
 
     if cfg.kernel.startswith("/proc/"):
         raise ConfigError("--jail: a kernel from a disk's boot menu is not supported in the jail yet: give --kernel")
@@ -136,11 +138,20 @@ def plan(cfg: VmConfig) -> Plan:
     for slot in cfg.slots:
         if slot.driver == "virtio-blk":
             opts = BlockOptions.parse(slot.options)
+            # Another process serving the disk (qemu-storage-daemon for qcow2 and the like,
+            # a vhost-user back-end) is started or reached from outside: not planned yet.
+            if opts.vhost_user:
+                raise ConfigError(f"--jail: -s {slot.slot},virtio-blk,vhost-user=...: not supported in the jail yet")
+            if not check_format(opts.path, opts.format).raw:
+                raise ConfigError(f"--jail: {opts.path} is not a raw image: only raw disks (or format=raw) are "
+                                  "supported in the jail yet (other formats need qemu-storage-daemon)")
             p.add(p.files_ro if opts.readonly else p.files_rw, opts.path)
         elif slot.driver == "virtio-console":
             for _name, path in ConsoleOptions.parse(slot.options, "").ports:
                 p.add(p.dirs_rw, os.path.dirname(os.path.abspath(path)))
         elif slot.driver == "virtio-net":
+            if NetOptions.parse(slot.options).passt is not None:  # the VM starts passt: an exec
+                raise ConfigError(f"--jail: -s {slot.slot},virtio-net,passt: not supported in the jail yet (use a TAP)")
             p.add(p.devices, "/dev/net/tun")
             p.sysfs = True
     for path in _python_dirs():

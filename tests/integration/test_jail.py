@@ -162,9 +162,13 @@ def test_a_jailed_vmm_runs_a_guest_to_its_end(guests, jailer, work):
     (("--jail", "{work}", "--uid", "1234", "--gid", "1234"), "not empty"),
     (("--jail", "{jail}", "--uid", "0", "--gid", "1234"), "must not be root's"),
     (("--jail", "{jail}", "--uid", "no-such-user-avmm", "--gid", "1234"), "no such user"),
+    (("--jail", "{jail}", "--uid", "1234", "--gid", "1234", "-s", "3,virtio-net,passt"), "passt: not supported"),
+    (("--jail", "{jail}", "--uid", "1234", "--gid", "1234", "-s", "3,virtio-blk,{qcow2}"), "not a raw image"),
 ])
 def test_bad_jail_flags_are_one_line(guests, work, flags, needle):
-    flags = tuple(f.format(jail=work / "jail", work=work) for f in flags)
+    qcow2 = work / "disk.qcow2"
+    qcow2.write_bytes(b"QFI\xfb" + bytes(4) + bytes(64 * 1024))  # a qcow2 header's magic is enough to detect
+    flags = tuple(f.format(jail=work / "jail", work=work, qcow2=qcow2) for f in flags)
     r = run_vmm("run", "-m", "64", "--kernel", str(guests / "hello.elf"), *flags)
     assert r.status == 2, r.err
     lines = r.err.splitlines()
