@@ -34,6 +34,7 @@ PROVIDERS = {
     "hostbridge": "asyncvmm.devices.slots",
     "lpc": "asyncvmm.devices.pci.lpc",
     "virtio-blk": "asyncvmm.devices.virtio.block.device",
+    "virtio-blk-backend": "asyncvmm.devices.virtio.block.backend",
     "virtio-net": "asyncvmm.devices.virtio.net.device",
     "virtio-rnd": "asyncvmm.devices.virtio.rnd",
     "virtio-console": "asyncvmm.devices.virtio.console",

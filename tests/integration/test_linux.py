@@ -420,11 +420,12 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     root = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(debian_disk_image()), str(root)], check=True)
     digest = hashlib.sha256(root.read_bytes()).hexdigest()
-    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, cmdline="rw",
-                   slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root},ro")])
+    # ip=dhcp: the kernel's lease comes through passt (user-mode networking, no TAP).
+    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, cmdline="rw ip=dhcp",
+                   slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root},ro"), parse_slot(f"{NET_SLOT},virtio-net,passt")])
     boot_from_disks(cfg)  # what `asyncvmm run -s 3,virtio-blk,disk.img,ro --cmdline rw` does
     partuuid = re.search(r"root=PARTUUID=(\S+)", cfg.cmdline).group(1)
-    assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw"
+    assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw ip=dhcp"
     console_log = tmp_path / "console.log"
     times: dict[str, float] = {}
 
@@ -459,7 +460,12 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     assert re.search(r"loader: booting entry 0 'Debian GNU/Linux' of the GRUB menu /boot/grub/grub.cfg: kernel "
                      r"/boot/vmlinuz-\S+ from disk.img partition 3 \(gpt, Linux\), ext4", err), err
     assert re.search(r"\bvda: vda1 vda2 vda3\r?$", log, re.M), "the kernel did not read the GPT"
-    assert f"Kernel command line: root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw" in log
+    assert f"Kernel command line: root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw ip=dhcp" in log
+    # passt answered the kernel's DHCP with this host's own address (its default).
+    lease = re.search(r"IP-Config: Got DHCP answer from [\d.]+, my address is ([\d.]+)", log)
+    assert lease and "IP-Config: Complete:" in log, log[-3000:]
+    assert f"inet {lease.group(1)}/" in subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+    assert re.search(rf"{NET_SLOT}:0 virtio-net passt \(pid \d+, as ", err), err
     # The disk says it is read-only (VIRTIO_BLK_F_RO): the kernel's read-write mount of it
     # is refused (EACCES) and it mounts the root read-only instead.
     assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:3\.", log), log[-3000:]

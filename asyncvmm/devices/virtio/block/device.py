@@ -60,7 +60,8 @@ class BlkFeature:
 # one wait in io_uring (up to this many ns) serves both. Measured slower at QD1, so off.
 URING_WAIT_NS = int(os.environ.get("ASYNCVMM_BLK_URING_WAIT_NS", "0") or 0)
 
-ENGINE_KINDS = {"uring": lib.AVMM_ENGINE_URING, "sync": lib.AVMM_ENGINE_SYNC}
+# "external": the ops go to Python coroutines (backend.py), never a `-s` option.
+ENGINE_KINDS = {"uring": lib.AVMM_ENGINE_URING, "sync": lib.AVMM_ENGINE_SYNC, "external": lib.AVMM_ENGINE_EXTERNAL}
 
 
 class VirtioBlk(VirtioDevice):
@@ -75,7 +76,7 @@ class VirtioBlk(VirtioDevice):
         self.mem = mem
         self.worker = QueueWorker(name, self.needs_reset, poll=poll)
         self.queues: list[Virtqueue] = []  # the active ones (C's), for counters, state, breakdown
-        self.image = DiskImage(opts)
+        self.image = self._open_image(opts)
         self._engine = ffi.NULL
         self._blk = ffi.NULL
         self._uring_wait = False  # io_uring watches the doorbells (URING_WAIT_NS)
@@ -84,6 +85,10 @@ class VirtioBlk(VirtioDevice):
         except BaseException:
             self.close()
             raise
+
+    def _open_image(self, opts: BlockOptions):
+        """What the device serves (a subclass may serve something else than a file)."""
+        return DiskImage(opts)
 
     def _build(self) -> None:
         img, opts = self.image, self.opts
