@@ -206,8 +206,11 @@ def test_the_vhost_user_data_path_bypasses_the_vmm_and_nothing_outlives_the_vm(g
 def test_a_qcow2_in_use_is_refused_at_start_and_its_daemon_dies_with_the_vmm(guests, image, tmp_path):
     """qemu-storage-daemon's image lock: a second VM on the image gets one line, status 2;
     a VMM killed with SIGKILL takes its daemon with it (PR_SET_PDEATHSIG)."""
+    import glob  # noqa: PLC0415
+
     disk = tmp_path / "held.qcow2"
     subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", str(image), str(disk)], check=True)
+    dirs_before = set(glob.glob("/tmp/asyncvmm-qsd-*"))
     first = subprocess.Popen(
         [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "vblk.elf"),
          "--cmdline", "stay=1", "-s", f"3,virtio-blk,{disk}", "qcow2-holder"],
@@ -237,3 +240,4 @@ def test_a_qcow2_in_use_is_refused_at_start_and_its_daemon_dies_with_the_vmm(gue
     while daemons() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert daemons() == 0
+    assert set(glob.glob("/tmp/asyncvmm-qsd-*")) <= dirs_before  # the socket's directory went at connection

@@ -54,6 +54,8 @@ async def prepare(host, cfg: VmConfig) -> None:
                 await daemon.stop(quiet=True)
             raise
         backend.process = daemon
+        if daemon is not None:
+            daemon.connected()
         host.backends[key] = backend
 
 

@@ -123,7 +123,7 @@ class Daemon:
         except BaseException:
             await d.stop(quiet=True)
             raise
-        log.info(f"disk {image}: {fmt} served by qemu-storage-daemon (pid {d.pid}), vhost-user-blk on {d.socket}")
+        log.info(f"disk {image}: {fmt} served by qemu-storage-daemon (pid {d.pid}), over vhost-user-blk")
         return d
 
     async def _ready(self) -> None:
@@ -157,6 +157,11 @@ class Daemon:
         if self.ready and not self.stopping:  # (before it is ready, start() says why)
             last = f": {self.lines[-1]}" if self.lines else ""
             log.warning(f"disk {self.image}: qemu-storage-daemon (pid {self.pid}) exited with status {status}{last}")
+
+    def connected(self) -> None:
+        """The front-end is connected: the socket and its directory are not needed any more
+        (nothing reconnects), so they go now; a VMM killed later leaves nothing in /tmp."""
+        _remove_dir(self.workdir)
 
     async def stop(self, *, quiet: bool = False) -> None:
         """Stop the daemon (SIGTERM, then SIGKILL) and remove its directory."""
