@@ -400,8 +400,8 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     check = subprocess.run(["qemu-img", "check", str(root)], capture_output=True, text=True)
     if check.returncode != 0:
         failures.append(f"qemu-img check: status {check.returncode}: {check.stdout}{check.stderr}")
-    root = tmp_path / "root.back.img"
-    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(root_raw.with_suffix(".qcow2")), str(root)], check=True)
+    qcow2, root = root, tmp_path / "root.back.img"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(qcow2), str(root)], check=True)
     after = superblock(root)
     if int(after["Mount count"]) != int(before["Mount count"]) + 1 or after["Last mount time"] == before["Last mount time"]:
         failures.append(f"ext4 superblock: mount count {before['Mount count'].strip()} -> {after['Mount count'].strip()}, "
