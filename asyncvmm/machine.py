@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import log, platform
+from .boot.bootrom import Firmware, FirmwareMapping
 from .boot.setup import BootImages, BootSetup, read_images
 from .bus import Bus
 from .config import VmConfig
@@ -70,6 +71,7 @@ class Machine:
         self.vcpus: Vcpus | None = None
         self.legacy: LegacyDevices | None = None
         self.pci: PciDevices | None = None
+        self.firmware: FirmwareMapping | None = None  # with -l bootrom
         self._console_observer = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future | None = None
@@ -89,6 +91,8 @@ class Machine:
         cfg = self.config
         try:
             self.vm = Vm(cfg)
+            if cfg.bootrom:  # the firmware at the top of 4 GiB, before anything writes RAM
+                self.firmware = FirmwareMapping(self.vm.fd, self.vm.mem, Firmware.load(cfg.bootrom, cfg.bootvars), self.mmio)
             ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
             self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)
             self.vcpus = Vcpus(self.vm, cfg, self.boot_setup.state, self.pio, self.mmio, self.request_stop)
@@ -276,7 +280,7 @@ class Machine:
         self._closed = True
         # The vCPU threads first (nothing runs guest code or posts exits any more), then
         # the devices (I/O in flight points into guest RAM), then the VM and its RAM.
-        for part in (self.vcpus, self.legacy, self.pci, self.vm):
+        for part in (self.vcpus, self.legacy, self.pci, self.vm, self.firmware):
             if part is not None:
                 part.close()
         if self._own_host:
