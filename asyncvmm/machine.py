@@ -99,11 +99,26 @@ class Machine:
             consoles = {"com1": self.console, **{n: self.host.console(n, spec) for n, spec in cfg.serial.items()}}
             self.legacy = LegacyDevices(self.vm, self.vcpus, cfg, consoles, self.pio, self.request_stop)
             self.legacy.console_observer = self._console_observer
+            if cfg.bootrom and cfg.kernel:  # the firmware loads it: fw_cfg hands it over
+                self._kernel_to_firmware(cfg)
             self.pci = PciDevices(self.vm, cfg, self.pio, self.mmio, self.host)
         except BaseException:
             self.close()
             raise
         self.timeline.built = time.monotonic()
+
+    def _kernel_to_firmware(self, cfg: VmConfig) -> None:
+        from .boot import fw_cfg_items  # noqa: PLC0415
+        from .boot.linux import is_linux  # noqa: PLC0415
+
+        cmdline, appended = cfg.cmdline, list[str]()
+        if is_linux(self.images.kernel):
+            cmdline, appended = self.vm.quirks.linux_cmdline(cmdline)
+        fw_cfg_items.add_kernel(self.legacy.fw_cfg, self.vm.mem, self.images.kernel, self.images.initrd, cmdline)
+        log.get_logger("asyncvmm.machine").info(f"boot: {cfg.kernel} through fw_cfg, for the firmware's linuxboot option ROM")
+        if appended:
+            log.get_logger("asyncvmm.quirks").info(
+                f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(appended)}")
 
     # -- what callers look at -------------------------------------------------------------
     @property

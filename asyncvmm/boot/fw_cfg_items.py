@@ -121,3 +121,60 @@ def populate(fw: FwCfg, mem, config, serial_ports=platform.COM_PORTS[:1]) -> Non
         tables = acpi.build(topology.apic_ids(), platform.ram_top(mem.regions), base=0, serial_ports=serial_ports)
         for name, data in acpi_files(tables).items():
             fw.add_file(name, data)
+
+
+# -- --kernel with a bootrom: QEMU's layout for its linuxboot option ROM ---------------------
+LINUXBOOT_ROMS = ("/usr/share/qemu/linuxboot_dma.bin", "/usr/share/seabios/linuxboot_dma.bin")
+LINUXBOOT_FILE = "genroms/linuxboot_dma.bin"
+REAL_MODE_ADDR = 0x1_0000  # the setup code (boot protocol 2.02+, loaded high)
+CMDLINE_ADDR = 0x2_0000
+PROTECTED_MODE_ADDR = 0x10_0000
+TYPE_OF_LOADER_QEMU = 0xB0  # boot.rst's loader ID 0xB (QEMU)
+INITRD_TOP_MARGIN = 1 << 20  # below the top of low RAM: the firmware keeps its tables there
+
+
+def linuxboot_rom() -> bytes:
+    """QEMU's linuxboot_dma.bin (Debian's qemu-system-data); BootError if it is not here."""
+    from ..errors import BootError  # noqa: PLC0415
+
+    for path in LINUXBOOT_ROMS:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            continue
+    raise BootError(f"--kernel with -l bootrom needs QEMU's linuxboot_dma.bin option ROM ({' or '.join(LINUXBOOT_ROMS)}; "
+                    "Debian's qemu-system-data package)")
+
+
+def add_kernel(fw: FwCfg, mem, kernel: bytes, initrd: bytes | None, cmdline: str) -> None:
+    """The kernel, its setup code, initrd and command line, where the linuxboot option ROM
+    (which SeaBIOS runs as a boot device) copies them before entering the setup code."""
+    from . import linux  # noqa: PLC0415
+
+    info = linux.bzimage_info(kernel)
+    setup = bytearray(kernel[: info.kernel_offset])
+    linux.put_field(setup, "type_of_loader", TYPE_OF_LOADER_QEMU)
+    linux.put_field(setup, "cmd_line_ptr", CMDLINE_ADDR)
+    linux.put_field(setup, "heap_end_ptr", CMDLINE_ADDR - REAL_MODE_ADDR - 0x200)
+    linux.put_field(setup, "loadflags", info.loadflags | linux.LoadFlags.CAN_USE_HEAP)
+    if initrd:
+        top = min(info.initrd_addr_max, mem.regions[0].size - INITRD_TOP_MARGIN)
+        initrd_addr = (top - len(initrd)) & ~0xFFF
+        linux.put_field(setup, "ramdisk_image", initrd_addr)
+        linux.put_field(setup, "ramdisk_size", len(initrd))
+        fw.add(Key.INITRD_ADDR, struct.pack("<I", initrd_addr))
+        fw.add(Key.INITRD_SIZE, struct.pack("<I", len(initrd)))
+        fw.add(Key.INITRD_DATA, initrd)
+    line = cmdline.encode() + b"\0"
+    fw.add(Key.CMDLINE_ADDR, struct.pack("<I", CMDLINE_ADDR))
+    fw.add(Key.CMDLINE_SIZE, struct.pack("<I", len(line)))
+    fw.add(Key.CMDLINE_DATA, line)
+    fw.add(Key.KERNEL_ADDR, struct.pack("<I", PROTECTED_MODE_ADDR))
+    fw.add(Key.KERNEL_SIZE, struct.pack("<I", info.kernel_size))
+    fw.add(Key.KERNEL_DATA, kernel[info.kernel_offset :])
+    fw.add(Key.SETUP_ADDR, struct.pack("<I", REAL_MODE_ADDR))
+    fw.add(Key.SETUP_SIZE, struct.pack("<I", len(setup)))
+    fw.add(Key.SETUP_DATA, bytes(setup))
+    fw.add_file(LINUXBOOT_FILE, linuxboot_rom())
+    fw.add_file("bootorder", b"/rom@" + LINUXBOOT_FILE.encode() + b"\n")  # the kernel before any disk
