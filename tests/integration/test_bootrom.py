@@ -3,16 +3,22 @@
 The fast tier: the test ROM (tests/guests/bootrom.S) from the reset vector through fw_cfg's
 ports and DMA to a write to its own flash; Debian's SeaBIOS through its whole POST (fw_cfg,
 the ACPI table loader, PCI, the serial console) to "No bootable device"; bad firmware files
-refused before anything starts. The slow tier's firmware boot (SeaBIOS, GRUB, Linux) is
+refused before anything starts; --kernel handed to QEMU's linuxboot option ROM. The slow tier's firmware boot (SeaBIOS, GRUB, Linux) is
 in test_linux.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import pytest
 from conftest import needs_kvm, run_vmm
+
+from asyncvmm import VM, VmConfig
+from asyncvmm.boot import linux
+from asyncvmm.loop import run as run_loop
 
 pytestmark = needs_kvm
 
@@ -84,3 +90,36 @@ def test_vars_files_that_do_not_match_are_refused():
     status, err = bad("-l", f"bootrom,{OVMF_CODE},{SEABIOS}")
     assert status == 2 and "not a UEFI variable store" in err, err
 
+
+
+LINUXBOOT = Path("/usr/share/qemu/linuxboot_dma.bin")
+
+
+@pytest.mark.skipif(not (SEABIOS.exists() and LINUXBOOT.exists()), reason="Debian's seabios and qemu-system-data are not installed")
+def test_kernel_through_fw_cfg_and_the_linuxboot_rom(guests):
+    """--kernel with a bootrom: SeaBIOS runs QEMU's linuxboot_dma.bin first, which reads the
+    setup code, kernel and command line from fw_cfg into RAM and enters the setup code at
+    (0x10000 >> 4) + 0x20 : 0. The synthetic bzImage's setup entry halts there."""
+    kernel = (guests / "bzimage64.bin").read_bytes()
+    info = linux.bzimage_info(kernel)
+    cfg = VmConfig(name=f"fw-kernel-{os.getpid()}", memory=128 << 20, bootrom=str(SEABIOS),
+                   kernel=str(guests / "bzimage64.bin"), cmdline="hello=fw_cfg", no_reboot=True)
+
+    async def main():
+        async with VM(cfg) as vm:
+            await vm.console.expect(rb"Booting from ROM", timeout=60)
+            for _ in range(150):
+                regs = await vm.regs()
+                if regs["cs"]["selector"] == 0x1020:
+                    break
+                await asyncio.sleep(0.2)
+            mem = vm.machine.mem
+            seen = (regs, mem.read(0x100000, info.kernel_size), mem.read(0x20000, 64), mem.read(0x10000, info.kernel_offset))
+            await vm.kill()
+            return seen
+
+    regs, loaded, cmdline, setup = run_loop(main())
+    assert regs["cs"]["selector"] == 0x1020 and regs["cr0"] & 1 == 0, regs  # real mode, in the setup code
+    assert loaded == kernel[info.kernel_offset :]
+    assert cmdline.startswith(b"hello=fw_cfg")
+    assert setup[0x210] == 0xB0 and int.from_bytes(setup[0x228:0x22C], "little") == 0x20000
