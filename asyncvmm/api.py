@@ -34,10 +34,10 @@ from .devices.slots import HostResources
 from .errors import ConfigError, VmmError
 from .log import get_logger
 from .machine import BootImages, Machine, Stop, StopReason, read_images
-from .profile import BootProfile
 
 if TYPE_CHECKING:
     from .gdb.server import GdbServer
+    from .profile import BootProfile
 
 log = get_logger(__name__)
 
@@ -211,6 +211,8 @@ class VM:
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
         self.profile: BootProfile | None = None
         if config.profile_boot:
+            from .profile import BootProfile  # noqa: PLC0415 (only with --profile-boot)
+
             self.profile = BootProfile(show_rips=bool(config.profile_rip_ms))
             if config.profile_rip_ms:
                 self.profile.sample_period_ns = int(config.profile_rip_ms * 1e6)

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from ..config import PciSlot, VmConfig
 from ..errors import ConfigError
 from ..poll import devices_may_poll
-from .registry import DRIVERS, lookup, names, register, slot_name
+from .registry import lookup, names, register, slot_name
 
 if TYPE_CHECKING:
     from ..console import Console
     from .virtio.net.tap import Tap
 
-__all__ = ["DRIVERS", "BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
+__all__ = ["BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
 
 
 class HostResources:

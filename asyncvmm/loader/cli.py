@@ -14,12 +14,18 @@ import argparse
 import os
 import select as select_mod
 import sys
+from typing import TYPE_CHECKING
 
 from .. import log
 from ..errors import ConfigError
-from .boot import Selection, parse_assignment, select
 from .errors import LoaderError
-from .menu import Menu, choose
+
+if TYPE_CHECKING:
+    from .boot import Selection
+    from .menu import Menu
+
+# The menu readers (.boot, .menu) are imported by the functions that read a disk: every
+# `asyncvmm run` builds its parser with add_run_arguments, and a --kernel run reads no menu.
 
 _keep: list[int] = []  # memfds holding the chosen kernel and initrd, for the process's life
 
@@ -56,6 +62,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 def main_load(argv: list[str]) -> int:
     from ..cli import EXIT_OK, EXIT_USAGE  # noqa: PLC0415
+    from .boot import parse_assignment, select  # noqa: PLC0415
 
     try:
         args = load_parser().parse_args(argv)
@@ -88,6 +95,8 @@ def main_load(argv: list[str]) -> int:
 
 
 def describe_menu(menu: Menu) -> str:
+    from .menu import choose  # noqa: PLC0415
+
     default_path = ""
     try:
         default_path = choose(menu, None)[1]
@@ -151,6 +160,8 @@ def boot_from_disks(cfg, args=None, *, entry: str | None = None, assignments: tu
         disks = [_boot_disk(boot_disk, cfg.slots, disks)]
     for d in disks:
         _check_disk(d)
+    from .boot import parse_assignment, select  # noqa: PLC0415
+
     pinned = dict(parse_assignment(a) for a in assignments)
     sel = select([] if boot_dir else disks, host_dir=boot_dir, entry=entry, pinned=pinned,
                  chooser=console_menu if menu else None)
