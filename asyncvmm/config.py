@@ -90,6 +90,8 @@ class VmConfig:
     wired: guest memory wired (mlock'd: never swapped or moved) [-S]
     bootrom, bootvars: a firmware image (SeaBIOS, OVMF) started at the reset vector instead
         of a kernel, and an OVMF variables file (boot/bootrom.py) [-l bootrom,FILE[,VARSFILE]]
+    debugcon: a file for what the guest writes to port 0x402, the firmwares' debug console
+        (devices/legacy/debugcon.py) [-l debugcon,PATH]
     seccomp: the vCPU, loop and helper threads' system-call filters: "off", "log" or "kill"
         (default $ASYNCVMM_SECCOMP, else off; asyncvmm/seccomp.py) [--seccomp]
     """
@@ -157,6 +159,10 @@ class VmConfig:
             raise ConfigError("no kernel given: use --kernel PATH" if cli else "no kernel given: VmConfig(kernel=PATH)")
         if self.kernel:
             check_readable(self.kernel, "kernel")
+        if self.debugcon:
+            parent = os.path.dirname(os.path.abspath(self.debugcon))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise ConfigError(f"-l debugcon,{self.debugcon}: cannot write there ({parent} is not a writable directory)")
         if self.initrd:
             check_readable(self.initrd, "initrd")
         if self.cpus < 1:

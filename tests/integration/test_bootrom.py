@@ -77,6 +77,9 @@ def test_bad_firmware_files_are_one_line_and_status_2(tmp_path):
     status, err = bad("-l", "bootrom")
     assert status == 2 and err == "asyncvmm: -l bootrom: name the firmware file: -l bootrom,FILE[,VARSFILE]"
     assert len(err.splitlines()) == 1
+    status, err = bad("-l", f"bootrom,{SEABIOS}", "-l", "debugcon,/nonexistent/debug.log")
+    assert status == 2 and err == ("asyncvmm: -l debugcon,/nonexistent/debug.log: cannot write there "
+                                   "(/nonexistent is not a writable directory)")
 
 
 @pytest.mark.skipif(not (OVMF_CODE.exists() and SEABIOS.exists()), reason="Debian's ovmf and seabios packages are not installed")
