@@ -13,16 +13,17 @@ made before it starts, and SeaBIOS, finding no i440FX, says "Unable to unlock ra
 runs on from it.
 
 An OVMF variables file is mapped read-only right below the code, where QEMU's pflash puts
-it. OVMF probes it as a CFI flash; a region that ignores writes is not one, so OVMF keeps its
-variables in memory (its emulated variable store) and the file is never changed.
+it; the file is never changed. There is no CFI flash model: OVMF's probe of the flash should
+find a ROM and fall back to its emulated (in-memory) variable store. That is the design, not
+yet seen: on an emulating KVM OVMF does not get that far.
 
 What is checked before anything starts (ConfigError, one line): the file exists, its size is
 a whole number of 4 KiB pages (a memory slot's unit) from 64 KiB to 16 MiB, and it is a
 firmware image: a jump at the reset vector (after any NOPs: SeaBIOS's `ljmp`, OVMF's older
 `jmp`), or OVMF's GUIDed table footer just below the reset vector's 32 bytes (newer OVMF
 starts with `mov eax, cr0` there, to find out whether it is already in protected mode). A
-variables file is not a firmware: it has no reset vector. A vars file
-must be a firmware volume too, go with a UEFI image, and the two together must fill a flash
+variables file is not a firmware: it has no reset vector. A vars file must be a firmware
+volume, go with a UEFI image, and the two together must fill a flash
 device of a power-of-two size, as OVMF's builds do (1920 KiB + 128 KiB, 3568 KiB + 528 KiB).
 
 The boot processor keeps the state KVM gives a new vCPU, which is the reset state; the other
