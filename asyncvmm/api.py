@@ -247,6 +247,7 @@ class VM:
                 self.gdb.vm_kill = lambda: self.request_stop(Stop(StopReason.HOST, "killed by gdb"))
                 await self.gdb.start()
             images = await read_images(self.config)
+            await self.host.prepare(self.config)  # the disks' vhost-user back-ends, connected
             if self.console is None:
                 self.console = ConsoleStream(loop)
             if self.profile is not None:
@@ -384,6 +385,7 @@ class VM:
         self._state = "closed"
         if self.machine is not None:
             self.machine.close()
+        await self.host.stop()  # the disks' vhost-user back-ends (qemu-storage-daemon): after their devices
         self.host.close()  # the TAPs: after the devices that use them
         if self.gdb is not None:
             await self.gdb.close()

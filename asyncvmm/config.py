@@ -12,7 +12,7 @@ import itertools
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .boot.cpuid import Topology
 from .devices.registry import check_slots, lookup, names
@@ -94,6 +94,8 @@ class VmConfig:
         (devices/legacy/debugcon.py) [-l debugcon,PATH]
     seccomp: the vCPU, loop and helper threads' system-call filters: "off", "log" or "kill"
         (default $ASYNCVMM_SECCOMP, else off; asyncvmm/seccomp.py) [--seccomp]
+    block_backends: disks an embedder serves with coroutines, by name (asyncvmm.BlockBackend);
+        a slot `virtio-blk-backend,NAME` attaches one [none: Python objects only]
     """
 
     name: str = field(default_factory=default_name)
@@ -126,6 +128,7 @@ class VmConfig:
     bootrom: str = ""  # -l bootrom,FILE: firmware started at the reset vector (boot/bootrom.py)
     bootvars: str = ""  # -l bootrom,FILE,VARSFILE: its UEFI variables
     debugcon: str = ""  # -l debugcon,PATH: port 0x402's bytes (firmware debug output) to a file
+    block_backends: dict[str, Any] = field(default_factory=dict)  # virtio-blk-backend,NAME (block/backend.py)
 
     def __post_init__(self):
         memory: object = self.memory

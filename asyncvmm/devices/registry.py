@@ -34,6 +34,7 @@ PROVIDERS = {
     "hostbridge": "asyncvmm.devices.slots",
     "lpc": "asyncvmm.devices.pci.lpc",
     "virtio-blk": "asyncvmm.devices.virtio.block.device",
+    "virtio-blk-backend": "asyncvmm.devices.virtio.block.backend",
     "virtio-net": "asyncvmm.devices.virtio.net.device",
     "virtio-rnd": "asyncvmm.devices.virtio.rnd",
     "virtio-console": "asyncvmm.devices.virtio.console",
@@ -45,18 +46,30 @@ class Driver:
     name: str
     check: Callable[[Any, Any], None]  # (PciSlot, VmConfig)
     build: Callable[[Any, Any], Any] | None  # (PciSlot, BuildContext) -> PciDevice; None: nothing to add
+    shares_memory: Callable[[Any], bool] | None = None  # (PciSlot) -> guest RAM must be a memfd (vhost-user)
 
 
 DRIVERS: dict[str, Driver] = {}
 
 
-def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any, Any], Any] | None) -> Driver:
+def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any, Any], Any] | None,
+             shares_memory: Callable[[Any], bool] | None = None) -> Driver:
     if name not in PROVIDERS:
         raise ValueError(f"-s driver {name!r} is not in registry.PROVIDERS")
     if name in DRIVERS and DRIVERS[name].check is not check:
         raise ValueError(f"-s driver {name!r} registered twice")
-    DRIVERS[name] = d = Driver(name, check, build)
+    DRIVERS[name] = d = Driver(name, check, build, shares_memory)
     return d
+
+
+def shares_memory(cfg) -> bool:
+    """Whether a device of the VmConfig hands guest RAM to another process (a vhost-user
+    back-end): then RAM is a memfd mapped shared."""
+    for s in cfg.slots:
+        d = lookup(s.driver)
+        if d is not None and d.shares_memory is not None and d.shares_memory(s):
+            return True
+    return False
 
 
 def lookup(name: str) -> Driver | None:
