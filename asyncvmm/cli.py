@@ -161,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 
         cfg.gdb = parse_gdb(args.gdb_port, "-g") if args.gdb_port else parse_gdb(args.gdb_spec, "-G")
     serial_config(args.console, cfg)
-    if not cfg.kernel:
+    if not cfg.kernel and not cfg.bootrom:
         from .loader.cli import boot_from_disks  # noqa: PLC0415
 
         boot_from_disks(cfg, args)  # the disks' boot menu names the kernel
