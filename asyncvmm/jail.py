@@ -127,9 +127,19 @@ def plan(cfg: VmConfig) -> Plan:
     if cfg.kernel.startswith("/proc/"):
         raise ConfigError("--jail: a kernel from a disk's boot menu is not supported in the jail yet: give --kernel")
     p = Plan(devices=["/dev/kvm"])
-    for path in (cfg.kernel, cfg.initrd, cfg.symbols):
+    for path in (cfg.kernel, cfg.initrd, cfg.symbols, cfg.bootrom):
         if path and os.path.exists(path):
             p.add(p.files_ro, path)
+    if cfg.bootrom and cfg.kernel:  # the firmware loads the kernel with QEMU's linuxboot ROM
+        from .boot.fw_cfg_items import LINUXBOOT_ROMS  # noqa: PLC0415
+
+        for path in LINUXBOOT_ROMS:
+            if os.path.exists(path):
+                p.add(p.files_ro, path)
+    if cfg.bootvars:
+        p.add(p.files_rw, cfg.bootvars)
+    if cfg.debugcon:
+        p.add(p.dirs_rw, os.path.dirname(os.path.abspath(cfg.debugcon)))
     for spec in (cfg.console, *cfg.serial.values()):
         if spec.startswith("socket="):
             p.add(p.dirs_rw, os.path.dirname(os.path.abspath(spec[len("socket="):])))

@@ -153,6 +153,18 @@ def test_a_jailed_vmm_runs_a_guest_to_its_end(guests, jailer, work):
     assert "hello from the guest" in r.out and "cmdline: jailed" in r.out
 
 
+def test_a_jailed_vmm_starts_a_firmware_image(guests, jailer, work):
+    """-l bootrom and -l debugcon: the jail holds the firmware file and the debug file's directory."""
+    debug = work / "out" / "debug.log"
+    debug.parent.mkdir()
+    os.chown(debug.parent, jailer.uid, jailer.gid)
+    r = run_vmm("run", "-m", "64", "--no-reboot", "-l", f"bootrom,{guests / 'bootrom.bin'}", "-l", f"debugcon,{debug}",
+                "--jail", str(work / "jail"), "--uid", str(jailer.uid), "--gid", str(jailer.gid), timeout=60)
+    assert r.status == 0, r.err
+    assert "bootrom: ROM write ignored" in r.out
+    assert debug.exists()
+
+
 @pytest.mark.parametrize("flags, needle", [
     (("--uid", "1234"), "--uid and --gid go with --jail DIR"),
     (("--gid", "1234"), "--uid and --gid go with --jail DIR"),
