@@ -90,7 +90,7 @@ class Machine:
     def _build(self) -> None:
         cfg = self.config
         try:
-            self.vm = Vm(cfg)
+            self.vm = Vm(cfg, self.host)
             if cfg.bootrom:  # the firmware at the top of 4 GiB, before anything writes RAM
                 self.firmware = FirmwareMapping(self.vm.fd, self.vm.mem, Firmware.load(cfg.bootrom, cfg.bootvars), self.mmio)
             ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]

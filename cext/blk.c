@@ -236,6 +236,26 @@ static void start_transfer(struct avmm_blk *b, struct blk_req *r)
     queue_op(b, r, &op);
 }
 
+/* A write to a disk probed raw: would it give the first or the last sector another
+ * format's magic? Only requests that touch either sector are read. */
+static int changes_format(struct avmm_blk *b, struct blk_req *r, uint64_t sector, uint64_t len)
+{
+    uint64_t nsec = len / SECTOR, last = b->cfg.capacity - 1;
+    if (!b->cfg.nmagics || !nsec || (sector != 0 && last - sector >= nsec))
+        return 0;
+    uint8_t buf[SECTOR];
+    for (uint32_t i = 0; i < b->cfg.nmagics && i < AVMM_BLK_MAX_MAGICS; i++) {
+        const struct avmm_blk_magic *m = &b->cfg.magics[i];
+        uint64_t at = m->tail ? last : 0;
+        if (at < sector || at - sector >= nsec || (size_t)m->offset + m->len > SECTOR)
+            continue;
+        if (avmm_iov_to_buf(r->data, r->ndata, (at - sector) * SECTOR, buf, SECTOR) == SECTOR &&
+            !memcmp(buf + m->offset, m->bytes, m->len))
+            return 1;
+    }
+    return 0;
+}
+
 /* IN/OUT: data buffers, sector range, alignment, then one readv/writev. */
 static void start_rw(struct avmm_blk *b, struct blk_req *r, uint64_t sector, int write, struct avmm_chain *c)
 {
@@ -265,6 +285,12 @@ static void start_rw(struct avmm_blk *b, struct blk_req *r, uint64_t sector, int
     }
     if (sector > b->cfg.capacity || len / SECTOR > b->cfg.capacity - sector) {
         b->stats.out_of_range++;
+        finish(b, r, VIRTIO_BLK_S_IOERR);
+        return;
+    }
+    if (write && b->cfg.nmagics && changes_format(b, r, sector, len)) {
+        if (b->cfg.format_writes)
+            (*b->cfg.format_writes)++;
         finish(b, r, VIRTIO_BLK_S_IOERR);
         return;
     }

@@ -31,6 +31,18 @@ enum avmm_blk_flags {
     AVMM_BLK_WRITETHROUGH = 2, /* FLUSH not negotiated: every write is durable (RWF_DSYNC) */
 };
 
+#define AVMM_BLK_MAX_MAGICS 16
+#define AVMM_BLK_MAGIC_BYTES 48
+
+/* Another image format's magic: `len` bytes at `offset` in the disk's first sector, or with
+ * `tail` in its last one (formats.py's table). */
+struct avmm_blk_magic {
+    uint16_t offset;
+    uint8_t tail;
+    uint8_t len;
+    uint8_t bytes[AVMM_BLK_MAGIC_BYTES];
+};
+
 struct avmm_blk_config {
     int32_t fd;          /* the image (O_DIRECT with `direct`) */
     int32_t fd_buffered; /* the same image without O_DIRECT, for unaligned buffers; or -1 */
@@ -43,6 +55,11 @@ struct avmm_blk_config {
     uint16_t nqueues;
     uint16_t queue_size_max;
     uint8_t serial[AVMM_BLK_ID_BYTES];
+    /* A disk probed raw: writes that would put one of these magics in place fail (the next
+     * probe would call it another format), counted in *format_writes. nmagics 0: none. */
+    uint32_t nmagics;
+    struct avmm_blk_magic magics[AVMM_BLK_MAX_MAGICS];
+    uint64_t *format_writes;
 };
 
 struct avmm_blk_stats {

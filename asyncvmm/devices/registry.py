@@ -46,14 +46,14 @@ class Driver:
     name: str
     check: Callable[[Any, Any], None]  # (PciSlot, VmConfig)
     build: Callable[[Any, Any], Any] | None  # (PciSlot, BuildContext) -> PciDevice; None: nothing to add
-    shares_memory: Callable[[Any], bool] | None = None  # (PciSlot) -> guest RAM must be a memfd (vhost-user)
+    shares_memory: Callable[[Any, Any], bool] | None = None  # (PciSlot, HostResources) -> RAM must be a memfd
 
 
 DRIVERS: dict[str, Driver] = {}
 
 
 def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any, Any], Any] | None,
-             shares_memory: Callable[[Any], bool] | None = None) -> Driver:
+             shares_memory: Callable[[Any, Any], bool] | None = None) -> Driver:
     if name not in PROVIDERS:
         raise ValueError(f"-s driver {name!r} is not in registry.PROVIDERS")
     if name in DRIVERS and DRIVERS[name].check is not check:
@@ -62,12 +62,12 @@ def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any,
     return d
 
 
-def shares_memory(cfg) -> bool:
+def shares_memory(cfg, host=None) -> bool:
     """Whether a device of the VmConfig hands guest RAM to another process (a vhost-user
     back-end): then RAM is a memfd mapped shared."""
     for s in cfg.slots:
         d = lookup(s.driver)
-        if d is not None and d.shares_memory is not None and d.shares_memory(s):
+        if d is not None and d.shares_memory is not None and d.shares_memory(s, host):
             return True
     return False
 

@@ -33,6 +33,7 @@ class HostResources:
         self.taps: dict[tuple[int, int], Tap | Passt] = {}
         self.consoles: dict[str, Console] = {}  # COM2..COM4's backends, by port
         self.backends: dict[tuple[int, int], Any] = {}  # disks' vhost-user back-ends (vhost_user/attach.py)
+        self.disks: dict[tuple[int, int], Any] = {}  # disks' BlockOptions, format decided once (attach.py)
 
     async def prepare(self, cfg: VmConfig) -> None:
         """What must run before the machine is built: passt for each virtio-net on it, the

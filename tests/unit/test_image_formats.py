@@ -3,6 +3,7 @@ qemu-img where it writes the format, and from the specifications' headers where 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import struct
 import subprocess
@@ -94,3 +95,30 @@ def test_a_format_that_is_not_the_images_is_refused_in_one_line(tmp_path, guests
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
     r = run_vmm("run", "--kernel", str(guests / "hello.elf"), "-s", f"3,virtio-blk,{image},format=vdi")
     assert_usage_error(r, "format=vdi, but the image is qcow2 (version 3)")
+
+
+def test_a_disks_format_is_decided_once_for_the_vm(tmp_path):
+    """A guest on a probed-raw disk that writes a qcow2 header to it, then resets: the next
+    boot still serves it raw in-process (no back-end wanted, RAM not shared, the image opens)."""
+    from asyncvmm import VmConfig, parse_slot
+    from asyncvmm.devices.registry import shares_memory
+    from asyncvmm.devices.slots import HostResources
+    from asyncvmm.devices.virtio.block.image import disk_options, needs_backend
+
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(bytes(MiB))
+    slot = parse_slot(f"3,virtio-blk,{raw}")
+    cfg = VmConfig(memory="64M", slots=[slot])
+    host = HostResources()
+    try:
+        asyncio.run(host.prepare(cfg))
+        with open(raw, "r+b") as f:  # what the guest wrote to sector 0
+            f.write(b"QFI\xfb\0\0\0\3")
+        opts = disk_options(slot, host)
+        assert opts.format == "raw" and opts.probed
+        assert not needs_backend(opts) and not shares_memory(cfg, host) and not host.backends
+        DiskImage(opts).close()
+        assert needs_backend(disk_options(slot))  # a new VM reads the image afresh
+    finally:
+        asyncio.run(host.stop())
+        host.close()

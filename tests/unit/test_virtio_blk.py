@@ -465,3 +465,29 @@ def test_state_out_and_back_in(image, engine):
                 second.close()
                 os.close(kick)
     run(go())
+
+
+def test_a_probed_raw_disk_keeps_looking_raw(image, engine):
+    """Detected raw (no format=raw): the guest cannot write another format's magic where the
+    next probe looks (sector 0, the last sector), as QEMU's raw driver refuses for a probed
+    image; other writes there, and any write with format=raw, go through."""
+    last = DISK // 512 - 1
+    before = image.read_bytes()
+
+    async def go(fmt):
+        async with Blk(image, engine, format="raw", probed=fmt == "") as b:
+            refused = [
+                await b.c.run(T_OUT, 0, data=b"QFI\xfb\0\0\0\3".ljust(512, b"\0")),
+                await b.c.run(T_OUT, 0, data=bytes(0x40) + struct.pack("<I", 0xBEDA107F) + bytes(4028)),
+                await b.c.run(T_OUT, last, data=b"koly".ljust(512, b"\0")),
+                await b.c.run(T_OUT, last - 7, data=bytes(7 * 512) + b"conectix".ljust(512, b"\0")),
+            ]
+            ok = await b.c.run(T_OUT, 0, data=b"\x55\xaa" * 256)  # an MBR, say
+            return [r[0] for r in refused], ok[0], b.stats["format_writes"]
+
+    statuses, ok, n = run(go(""))
+    assert statuses == [S_IOERR] * 4 and ok == S_OK and n == 4
+    after = image.read_bytes()
+    assert after[:512] == b"\x55\xaa" * 256 and after[512:] == before[512:]
+    statuses, ok, n = run(go("raw"))  # said explicitly: the guest's bytes, whatever they are
+    assert statuses == [S_OK] * 4 and n == 0

@@ -23,6 +23,7 @@ import time
 from ...._native import ffi, lib
 from ....config import PciSlot, VmConfig, check_readable
 from ....errors import ConfigError
+from ....log import get_logger
 from ....poll import POLL_SLICE_NS
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
@@ -33,8 +34,10 @@ from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
-from .formats import check_format
-from .image import BlockOptions, DiskImage, default_serial, needs_backend
+from .formats import MAGICS, QCOW_MAGIC, RAW, check_format
+from .image import SECTOR, BlockOptions, DiskImage, default_serial, disk_options, needs_backend
+
+log = get_logger(__name__)
 
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2  # a request's header and status take two descriptors of a chain
@@ -109,6 +112,10 @@ class VirtioBlk(VirtioDevice):
         cfg.nqueues = self.num_queues
         cfg.queue_size_max = QUEUE_SIZE
         ffi.memmove(cfg.serial, serial.ljust(20, b"\0"), 20)
+        self._format_writes = ffi.new("uint64_t *")
+        self._format_writes_said = 0
+        if opts.probed and opts.format == RAW:
+            _guard_format(cfg, self._format_writes)
         self._blk = lib.avmm_blk_new(cfg, self.mem.c_table(), self._engine)
         if self._blk == ffi.NULL:
             raise ConfigError(f"disk {img.path}: cannot allocate its request slots")
@@ -187,6 +194,8 @@ class VirtioBlk(VirtioDevice):
     def _served(self, n: int) -> None:
         """After a C call that served a batch: poll for the next, and come back soon to a
         queue that spent its budget (other callbacks run first)."""
+        if self._format_writes[0] != self._format_writes_said:
+            self._say_format_writes()
         if n < 0 or not self.worker.poll(self._poll_step):
             self.worker.broken(self.queues)
             return
@@ -195,6 +204,12 @@ class VirtioBlk(VirtioDevice):
             return
         if self._blk != ffi.NULL and lib.avmm_blk_again(self._blk):
             self.worker.soon("resume", self._resumed)
+
+    def _say_format_writes(self) -> None:
+        if not self._format_writes_said:
+            log.warning(f"{self.name}: refused a guest write that would make {self.image.path} look like another "
+                        "format's image (its format was detected raw; format=raw lets the guest write it)")
+        self._format_writes_said = self._format_writes[0]
 
     def _poll_step(self, max_ns: int) -> int:
         return lib.avmm_blk_poll(self._blk, max_ns)
@@ -252,7 +267,7 @@ class VirtioBlk(VirtioDevice):
         return {
             "disk": self.image.path,
             "engine": self.opts.engine,
-            "requests": {f: getattr(s, f) for f in fields},
+            "requests": {**{f: getattr(s, f) for f in fields}, "format_writes": self._format_writes[0]},
             "engine_ops": {"ops": e.ops, "submits": e.submits, "reaps": e.reaps},
             "inflight": lib.avmm_blk_inflight(self._blk),
             "poll_window_ns": self.worker.window.ns,
@@ -268,6 +283,19 @@ class VirtioBlk(VirtioDevice):
             lib.avmm_engine_free(self._engine)
             self._engine = ffi.NULL
         self.image.close()
+
+
+def _guard_format(cfg, counter) -> None:
+    """A disk detected raw (no format=raw): C refuses the guest's writes that would put another
+    format's magic where formats.py looks, as QEMU's raw driver does for a probed image; else
+    the next VM would serve the guest's own header (a qcow2 naming a host file as backing)."""
+    magics = [(0, False, QCOW_MAGIC)] + [(m.offset % SECTOR, m.offset < 0, m.magic) for m in MAGICS]
+    assert len(magics) <= lib.AVMM_BLK_MAX_MAGICS
+    for i, (offset, tail, magic) in enumerate(magics):
+        cfg.magics[i].offset, cfg.magics[i].tail, cfg.magics[i].len = offset, tail, len(magic)
+        ffi.memmove(cfg.magics[i].bytes, magic, len(magic))
+    cfg.nmagics = len(magics)
+    cfg.format_writes = counter
 
 
 # -- `-s N,virtio-blk,PATH[,ro][,direct][,serial=ID][,queues=N][,engine=uring|sync]` ------
@@ -310,7 +338,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _build(slot: PciSlot, ctx):
-    opts = BlockOptions.parse(slot.options, slot_name(slot))
+    opts = disk_options(slot, ctx.host)
     where = f"{slot.slot}.{slot.function}"
     if needs_backend(opts):
         from ..vhost_user.blk import VhostUserBlk  # noqa: PLC0415 (only VMs with such a disk load it)
@@ -326,8 +354,8 @@ def _build(slot: PciSlot, ctx):
     return virtio_pci_function(blk, ctx)
 
 
-def _shares_memory(slot: PciSlot) -> bool:
-    return needs_backend(BlockOptions.parse(slot.options, slot_name(slot)))
+def _shares_memory(slot: PciSlot, host=None) -> bool:
+    return needs_backend(disk_options(slot, host))
 
 
 register("virtio-blk", _check, _build, shares_memory=_shares_memory)

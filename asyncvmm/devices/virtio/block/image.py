@@ -16,7 +16,7 @@ import hashlib
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ....errors import ConfigError
@@ -40,6 +40,7 @@ class BlockOptions:
     engine: str = "uring"
     format: str = ""  # "": detected from the image (formats.py); "raw": raw whatever it holds
     vhost_user: str = ""  # a vhost-user back-end's socket instead of an image
+    probed: bool = False  # `format` was read from the image once for the VM (decide()), not said
 
     @classmethod
     def parse(cls, conf: str, where: str = "") -> "BlockOptions":
@@ -88,7 +89,27 @@ class BlockOptions:
 def needs_backend(opts: BlockOptions) -> bool:
     """Whether the disk is served by a vhost-user back-end (named, or qemu-storage-daemon for
     an image that is not raw), not by the in-process data path."""
+    if opts.probed:
+        return opts.format != RAW
     return bool(opts.vhost_user) or not check_format(opts.path, opts.format).raw
+
+
+def decide(opts: BlockOptions) -> BlockOptions:
+    """The options with the image's format read once, for the whole VM: every boot serves the
+    disk the same way, whatever the guest has written since (a reset never turns a raw disk
+    into a qcow2 one)."""
+    if opts.vhost_user or opts.format:
+        return opts
+    return replace(opts, format=check_format(opts.path, "").format, probed=True)
+
+
+def disk_options(slot, host=None) -> BlockOptions:
+    """A virtio-blk slot's options, with the format decided for the VM (HostResources.prepare)
+    when there is one."""
+    from ...registry import slot_name  # noqa: PLC0415
+
+    decided = host.disks.get((slot.slot, slot.function)) if host is not None else None
+    return decided if decided is not None else BlockOptions.parse(slot.options, slot_name(slot))
 
 
 def default_serial(path: str) -> str:

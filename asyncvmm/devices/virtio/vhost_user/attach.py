@@ -13,8 +13,7 @@ from __future__ import annotations
 from ....config import PciSlot, VmConfig
 from ....errors import ConfigError
 from ...registry import slot_name
-from ..block.formats import check_format
-from ..block.image import BlockOptions, needs_backend
+from ..block.image import BlockOptions, decide, needs_backend
 from .backend import Backend
 from .blk import CONFIG_SIZE
 from .protocol import VhostUserError
@@ -31,16 +30,17 @@ def wants_backend(slot: PciSlot) -> bool:
 async def prepare(host, cfg: VmConfig) -> None:
     for slot in cfg.slots:
         key = (slot.slot, slot.function)
-        if key in host.backends or not wants_backend(slot):
+        if slot.driver == "virtio-blk" and key not in host.disks:  # each disk's format, once for the VM
+            host.disks[key] = decide(BlockOptions.parse(slot.options, slot_name(slot)))
+        if key in host.backends or slot.driver != "virtio-blk" or not needs_backend(host.disks[key]):
             continue
-        opts = BlockOptions.parse(slot.options, slot_name(slot))
+        opts = host.disks[key]
         daemon = None
         if opts.vhost_user:
             sock = what = opts.vhost_user
         else:
-            found = check_format(opts.path, opts.format)
-            daemon = await Daemon.start(opts.path, found.format, readonly=opts.readonly, queues=opts.queues or cfg.cpus,
-                                        explicit=bool(opts.format), direct=opts.direct)
+            daemon = await Daemon.start(opts.path, opts.format, readonly=opts.readonly, queues=opts.queues or cfg.cpus,
+                                        explicit=not opts.probed, direct=opts.direct)
             sock, what = daemon.socket, opts.path
         try:
             backend = await Backend.connect(sock, what, CONFIG_SIZE, starting=daemon is not None)
