@@ -169,6 +169,19 @@ def test_a_backend_killed_mid_io_needs_reset_and_nothing_leaks(qcow2):
     assert open_fds() == before
 
 
+def test_the_daemon_is_not_in_the_terminals_process_group(qcow2):
+    """^C at the terminal signals its foreground group: the VMM, which stops the daemon in order
+    (HostResources.stop); the daemon itself must not get it."""
+    async def go():
+        d = await Daemon.start(str(qcow2), "qcow2", readonly=False, queues=1)
+        try:
+            assert os.getpgid(d.proc.pid) != os.getpgid(0)
+            assert os.getsid(d.proc.pid) == d.proc.pid
+        finally:
+            await d.stop()
+    asyncio.run(go())
+
+
 def test_a_second_vm_on_the_same_image_is_refused(qcow2):
     async def go():
         first = await Daemon.start(str(qcow2), "qcow2", readonly=False, queues=1)

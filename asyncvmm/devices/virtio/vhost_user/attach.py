@@ -10,7 +10,7 @@ HostResources: a guest reset keeps them, the VM's end closes them (`stop(host)`)
 
 from __future__ import annotations
 
-from ....config import PciSlot, VmConfig
+from ....config import VmConfig
 from ....errors import ConfigError
 from ...registry import slot_name
 from ..block.image import BlockOptions, decide, needs_backend
@@ -18,13 +18,6 @@ from .backend import Backend
 from .blk import CONFIG_SIZE
 from .protocol import VhostUserError
 from .qsd import Daemon
-
-
-def wants_backend(slot: PciSlot) -> bool:
-    """Whether the slot's disk is served by a vhost-user back-end (guest RAM must be shared)."""
-    if slot.driver != "virtio-blk":
-        return False
-    return needs_backend(BlockOptions.parse(slot.options, slot_name(slot)))
 
 
 async def prepare(host, cfg: VmConfig) -> None:

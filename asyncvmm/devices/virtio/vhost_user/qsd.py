@@ -54,6 +54,8 @@ def command(qsd: str, image: str, fmt: str, *, readonly: bool, queues: int, sock
               "num-queues": queues, "addr": {"type": "unix", "path": sock}}
     argv = [qsd, "--blockdev", json.dumps(node), "--export", json.dumps(export)]
     setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv is not installed (util-linux): a qemu-storage-daemon outlives a VMM that is killed")
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
@@ -112,7 +114,8 @@ class Daemon:
             proc = await asyncio.create_subprocess_exec(
                 *command(qsd, image, fmt, readonly=readonly, queues=queues, sock=os.path.join(workdir, "vhost-user-blk.sock"),
                          direct=direct),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)  # not in the terminal's group: ^C reaches the VMM, which stops it in order
         except OSError as e:
             _remove_dir(workdir)
             raise ConfigError(f"disk {image}: cannot start qemu-storage-daemon: {e.strerror}") from None
