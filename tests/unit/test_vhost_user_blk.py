@@ -268,3 +268,48 @@ def test_a_masked_msix_vector_holds_the_interrupt_until_unmasked(qcow2):
             await until(lambda: q.interrupts() > 0)
             assert relayed() == before and not vec.pending  # the irqfd again, not the relay
     asyncio.run(go())
+
+
+def test_queued_fds_are_the_ones_given_and_the_outbox_is_bounded(tmp_path):
+    """A message waiting for the socket carries the fd it was given, even if the caller's fd
+    is closed and its number reused meanwhile; a back-end that reads nothing is gone."""
+    from asyncvmm.devices.virtio.vhost_user.protocol import Connection, Request, VhostUserError
+
+    before = open_fds()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    given, other = tmp_path / "given", tmp_path / "other"
+    given.write_bytes(b"g")
+    other.write_bytes(b"o")
+
+    async def go():
+        conn = Connection(mine, "test")
+        try:
+            while not conn._outbox:  # the socket is full: the next messages wait in the outbox
+                conn.send(Request.SET_CONFIG, bytes(4096))
+            fd = os.open(given, os.O_RDONLY)
+            conn.send(Request.SET_VRING_KICK, bytes(8), [fd])
+            os.close(fd)
+            reused = os.open(other, os.O_RDONLY)  # most likely the same number
+            theirs.setblocking(False)
+            received = []
+            while True:  # read everything: the outbox empties, then the socket
+                try:
+                    _, fds, _, _ = socket.recv_fds(theirs, 1 << 16, 4)
+                    received += fds
+                except BlockingIOError:
+                    if not conn._outbox:
+                        break
+                await asyncio.sleep(0.001)
+            os.close(reused)
+            assert len(received) == 1
+            assert os.fstat(received[0]).st_ino == given.stat().st_ino
+            os.close(received[0])
+            with pytest.raises(VhostUserError, match="reads none of"):
+                for _ in range(100_000):  # nobody reads now
+                    conn.send(Request.SET_VRING_KICK, bytes(8), [theirs.fileno()])
+            assert conn.lost
+        finally:
+            conn.close()
+            theirs.close()
+    asyncio.run(go())
+    assert open_fds() == before  # the outbox's copies were closed with it

@@ -29,7 +29,7 @@ CONFIG_HEAD = struct.Struct("<III")  # offset, size, flags
 MAX_MEM_REGIONS = 8  # without CONFIGURE_MEM_SLOTS
 MAX_PAYLOAD = 4096  # larger replies than any we ask for are a broken back-end
 VRING_NOFD = 1 << 8  # u64 payload of SET_VRING_KICK/CALL/ERR: no fd follows
-VRING_INDEX_MASK = 0xFF
+MAX_OUTBOX = 256  # messages waiting for the socket: a back-end that reads none of them is gone
 F_PROTOCOL_FEATURES = 30  # a virtio feature bit vhost-user borrows: protocol features exist
 
 
@@ -115,6 +115,8 @@ class Connection:
         self.name = name
         self.loop = asyncio.get_running_loop()
         self._inbuf = bytearray()
+        # Each message's fds are our own copies (dup at send): a caller's fd closed and its
+        # number reused before the message leaves must not hand the back-end something else.
         self._outbox: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._waiting: collections.deque[tuple[Request, asyncio.Future]] = collections.deque()
         self.lost: str | None = None  # why the back-end is gone
@@ -154,14 +156,24 @@ class Connection:
         need_reply: the caller negotiated REPLY_ACK)."""
         if self.lost is not None:
             raise VhostUserError(f"{self.name}: the back-end is gone ({self.lost})")
+        if len(self._outbox) >= MAX_OUTBOX:
+            self._lose(f"it reads none of {len(self._outbox)} messages")
+            raise VhostUserError(f"{self.name}: the back-end is gone ({self.lost})")
         flags = Flag.VERSION | (Flag.NEED_REPLY if need_reply else 0)
         msg = HEADER.pack(request, flags, len(payload)) + payload
+        copies: list[int] = []
+        try:
+            for fd in fds:
+                copies.append(os.dup(fd))
+        except OSError:
+            close_fds(copies)
+            raise
         fut = None
         if request in ANSWERED or need_reply:
             fut = self.loop.create_future()
             self._waiting.append((request, fut))
         self.messages += 1
-        self._outbox.append((memoryview(msg), list(fds)))
+        self._outbox.append((memoryview(msg), copies))
         if len(self._outbox) == 1:
             self._flush()
         return fut
@@ -185,6 +197,7 @@ class Connection:
             except OSError as e:
                 self._lose(f"send failed: {e.strerror}")
                 return
+            close_fds(fds)  # sent: the back-end has its own
             if n < len(data):
                 self._outbox[0] = (data[n:], [])  # the fds went with the first byte
                 continue
@@ -241,7 +254,8 @@ class Connection:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())
-        self._outbox.clear()
+        while self._outbox:
+            close_fds(self._outbox.popleft()[1])
 
     def close(self) -> None:
         if self.sock.fileno() < 0:
