@@ -154,7 +154,7 @@ def boot_from_disks(cfg, args=None, *, entry: str | None = None, assignments: tu
     if args is not None:
         entry, assignments, boot_disk, boot_dir, menu = args.entry, args.set, args.boot_disk, args.boot_dir, args.menu
     disks = [_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk" and _slot_disk(s)]
-    explicit_raw = {_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk" and ",format=raw" in f",{s.options}"}
+    explicit_raw = {_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk" and _said_raw(s)}
     if not disks and not boot_dir:
         return  # nothing to boot from: the config says --kernel is missing
     if boot_disk:
@@ -175,6 +175,12 @@ def boot_from_disks(cfg, args=None, *, entry: str | None = None, assignments: tu
 def _slot_disk(slot) -> str:
     first = slot.options.split(",", 1)[0]
     return "" if first.startswith("vhost-user=") else first  # a back-end's socket is no image
+
+
+def _said_raw(slot) -> bool:
+    from ..devices.virtio.block.image import BlockOptions  # noqa: PLC0415
+
+    return BlockOptions.parse(slot.options).format == "raw"
 
 
 def _boot_disk(spec: str, slots, disks: list[str]) -> str:

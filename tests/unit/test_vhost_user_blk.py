@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 from asyncvmm._native import lib
-from conftest import run_vmm
+from conftest import open_fds, run_vmm
 from test_cli import assert_usage_error
 
 from asyncvmm.devices.virtio.spec import Status
@@ -44,10 +44,6 @@ def qcow2(tmp_path):
     path = tmp_path / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(path), str(DISK))
     return path
-
-
-def open_fds() -> set[int]:
-    return set(map(int, os.listdir("/proc/self/fd")))
 
 
 class Served:
@@ -179,6 +175,19 @@ def test_the_daemon_is_not_in_the_terminals_process_group(qcow2):
             assert os.getsid(d.proc.pid) == d.proc.pid
         finally:
             await d.stop()
+    asyncio.run(go())
+
+
+def test_a_short_reply_ack_is_no_success(qcow2):
+    """REPLY_ACK's payload is a u64: a shorter one is a broken back-end, not an acknowledgement."""
+    from asyncvmm.devices.virtio.vhost_user.protocol import Request
+
+    async def go():
+        async with Served(qcow2) as s:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(b"\0\0")
+            s.dev.device._acked(Request.SET_VRING_ENABLE, fut)
+            assert s.dev.status & Status.NEEDS_RESET
     asyncio.run(go())
 
 

@@ -37,6 +37,7 @@ from .protocol import (
     Request,
     VhostUserError,
     mem_table,
+    parse_u64,
     u64,
     vring_fd,
     vring_state,
@@ -152,7 +153,11 @@ class VhostUserBlk(VirtioDevice):
     def _acked(self, request: Request, fut) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return  # a lost back-end is reported once, by _lost
-        status = int.from_bytes(fut.result()[:8], "little")
+        try:
+            status = parse_u64(fut.result(), f"{request.name}'s REPLY_ACK")
+        except VhostUserError as e:  # a short reply is no success
+            self.needs_reset(f"vhost-user back-end {self.backend.what}: {e}")
+            return
         if status:
             self.needs_reset(f"vhost-user back-end {self.backend.what} refused {request.name} ({status})")
 
