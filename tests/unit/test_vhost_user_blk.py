@@ -322,3 +322,21 @@ def test_queued_fds_are_the_ones_given_and_the_outbox_is_bounded(tmp_path):
             theirs.close()
     asyncio.run(go())
     assert open_fds() == before  # the outbox's copies were closed with it
+
+
+def test_an_image_naming_a_fifo_does_not_hang_the_start(tmp_path, monkeypatch):
+    """A VMDK descriptor whose extent is a FIFO: qemu-img info blocks opening it; the start
+    gives up after INFO_TIMEOUT_S with one line, the qemu-img killed."""
+    from asyncvmm.devices.virtio.vhost_user import qsd
+
+    monkeypatch.setattr(qsd, "INFO_TIMEOUT_S", 1.0)
+    os.mkfifo(tmp_path / "extent.fifo")
+    desc = tmp_path / "disk.vmdk"
+    desc.write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                    f'RW 2048 FLAT "{tmp_path}/extent.fifo" 0\n')
+
+    async def go():
+        async with asyncio.timeout(20):
+            with pytest.raises(ConfigError, match="qemu-img info gave no answer"):
+                await qsd.references(str(desc), "vmdk")
+    asyncio.run(go())

@@ -36,6 +36,7 @@ QSD = "qemu-storage-daemon"
 QEMU_IMG = "qemu-img"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
+INFO_TIMEOUT_S = 10.0  # qemu-img info: an image naming a FIFO (a VMDK extent) would hang the start
 
 
 def binary() -> str | None:
@@ -68,7 +69,14 @@ async def references(image: str, fmt: str) -> list[str]:
     p = await asyncio.create_subprocess_exec(qemu_img, "info", "-U", "--output=json", "-f", fmt, image,
                                              stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                              stderr=asyncio.subprocess.PIPE)
-    out, err = await p.communicate()
+    try:
+        async with asyncio.timeout(INFO_TIMEOUT_S):
+            out, err = await p.communicate()
+    except TimeoutError:
+        p.kill()
+        await p.wait()
+        raise ConfigError(f"disk {image}: qemu-img info gave no answer in {INFO_TIMEOUT_S:g} s (does the image name "
+                          "a FIFO or a device that blocks?)") from None
     if p.returncode != 0:
         said = err.decode(errors="replace").strip().splitlines()
         raise ConfigError(f"disk {image}: qemu-img cannot read it as {fmt}: {said[-1] if said else p.returncode}")
