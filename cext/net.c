@@ -27,6 +27,10 @@
 #define STREAM_HEADROOM 16
 #define STREAM_RX_BUF (256 << 10)
 #define STREAM_TX_BUF (STREAM_LEN + STREAM_FRAME_MAX)
+/* What passt takes from us: a length outside [ETH_HLEN, ETH_MAX_MTU] makes it reset the
+ * connection (and with --one-off, exit), so such a guest frame is dropped, never sent. */
+#define STREAM_TX_FRAME_MIN 14
+#define STREAM_TX_FRAME_MAX 65535
 
 struct stream {
     uint8_t *rx;            /* STREAM_RX_BUF: bytes [rx_start, rx_end) are not yet delivered */
@@ -499,7 +503,7 @@ static int stream_flush(struct pair *p)
 static int stream_send(struct avmm_net *n, struct pair *p, struct avmm_chain *c)
 {
     struct stream *st = p->stream;
-    uint32_t flen = (uint32_t)(c->out_len - AVMM_NET_HDR_LEN); /* checked: at most STREAM_FRAME_MAX */
+    uint32_t flen = (uint32_t)(c->out_len - AVMM_NET_HDR_LEN); /* checked: within STREAM_TX_FRAME_MIN..MAX */
     uint8_t len[STREAM_LEN] = {(uint8_t)(flen >> 24), (uint8_t)(flen >> 16), (uint8_t)(flen >> 8), (uint8_t)flen};
     struct iovec iov[TX_IOV + 1];
     int niov = 1;
@@ -586,7 +590,10 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
             continue;
         }
         if (st) {
-            int r = st->gone ? -1 : c.out_len - AVMM_NET_HDR_LEN > STREAM_FRAME_MAX ? -2 : stream_send(n, p, &c);
+            uint64_t flen = c.out_len - AVMM_NET_HDR_LEN;
+            int r = -1;
+            if (!st->gone)
+                r = flen < STREAM_TX_FRAME_MIN || flen > STREAM_TX_FRAME_MAX ? -2 : stream_send(n, p, &c);
             if (r == 0) {
                 avmm_vq_unpop(q, 1);
                 p->stats.tx_blocked++;
@@ -595,7 +602,7 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
             }
             if (r == -1 && !st->gone)
                 stream_gone(p, state);
-            if (r < 0) { /* the link is down (or no frame is that long): dropped */
+            if (r < 0) { /* the link is down (or the peer takes no frame of that size): dropped */
                 p->stats.tx_errors++;
             } else {
                 p->stats.tx_packets++;

@@ -197,6 +197,28 @@ def test_passt_port_forward_from_the_host():
     run(go())
 
 
+@needs_passt
+def test_passt_survives_guest_frames_it_would_not_take():
+    """passt resets its connection (and with --one-off, exits) on a frame shorter than an
+    Ethernet header or longer than 65535 bytes: the device drops those, passt stays."""
+    async def go():
+        async with PasstNet() as n:
+            await n.guest.dhcp()
+            n.c.tx.take_used()  # the DHCP frames'
+            before = n.net.stats()["pairs"][0]
+            for frame in (b"", bytes(13), b"\xff" * 6 + n.net.mac + b"\x08\x00" + bytes(65536 - 14)):
+                n.c.send(frame)
+            await n.c.sent(3)
+            after = n.net.stats()["pairs"][0]
+            assert after["tx_errors"] == before["tx_errors"] + 3
+            assert after["tx_packets"] == before["tx_packets"]
+            await asyncio.sleep(0.3)  # passt had time to read (and refuse) whatever was sent
+            assert n.net.stats()["passt"]["link"] == "up" and n.passt.proc.poll() is None
+            lease = await n.guest.dhcp()  # and it still answers
+            assert lease.acked, lease
+    run(go())
+
+
 # -- passt going away ---------------------------------------------------------------------
 
 @needs_passt
