@@ -177,6 +177,41 @@ def test_a_backend_that_raises_is_an_io_error_to_the_guest():
     run(go())
 
 
+def test_a_backend_that_raises_cancelled_or_a_base_exception_fails_only_that_request():
+    """A coroutine's own CancelledError (or another BaseException) is its request's I/O
+    error: the rest of the batch completes, the device quiesces and resets."""
+
+    class Fatal(BaseException):
+        pass
+
+    class Odd(MemDisk):
+        async def read(self, offset, length):
+            await asyncio.sleep(0)
+            if offset == 8 * 512:
+                raise asyncio.CancelledError()  # not the device's doing
+            if offset == 16 * 512:
+                raise Fatal("not an Exception")
+            return bytes(self.data[offset : offset + length])
+
+    async def go():
+        disk = Odd()
+        async with Dev(disk) as d:
+            for batch in ([0, 8, 16, 24], [8], [16]):  # in one batch, and each alone
+                reqs = [d.c.build(T_IN, sector, in_len=512) for sector in batch]
+                d.c.q.kick()
+                await d.c.q.wait_used(len(reqs))
+                for sector, (_, status, addr) in zip(batch, reqs):
+                    want = S_IOERR if sector in (8, 16) else S_OK
+                    assert d.h.mem.read(status, 1)[0] == want, sector
+                    if want == S_OK:
+                        assert d.h.mem.read(addr, 512) == bytes(disk.data[sector * 512 : (sector + 1) * 512])
+            assert d.stats["backend"]["errors"] == 4 and d.stats["backend"]["pending_batches"] == 0
+            assert d.dev.device.quiesced()
+            d.drv.set_status(0)  # a reset waits for nothing
+            assert d.drv.status == 0
+    run(go())
+
+
 def test_short_reads_and_read_only_backends():
     class Short(MemDisk):
         async def read(self, offset, length):
@@ -267,3 +302,4 @@ def test_the_cow_example_through_the_harness(tmp_path):
     finally:
         cow.close()
     assert hashlib.sha256(base.read_bytes()).hexdigest() == digest  # the base is never written
+
