@@ -387,6 +387,19 @@ static void stream_gone(struct pair *p, uint32_t *state)
     if (!p->stream->gone)
         *state |= AVMM_NET_PEER_GONE;
     p->stream->gone = 1;
+    p->stream->tx_off = p->stream->tx_len = 0; /* a tail kept for a peer that is gone: never sent */
+}
+
+/* A whole frame (or a length no frame has, which stream_rx ends the stream on) waits in
+ * the stream's buffer: stream_rx has something to do without reading. */
+static int stream_has_frame(const struct stream *st)
+{
+    uint32_t have = st->rx_end - st->rx_start;
+    if (st->gone || have < STREAM_LEN)
+        return 0;
+    const uint8_t *b = st->rx + st->rx_start;
+    uint32_t flen = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
+    return flen < STREAM_FRAME_MIN || flen > STREAM_FRAME_MAX || have - STREAM_LEN >= flen;
 }
 
 /* Whole frames from the stream's buffer into RX chains; the buffer refilled by one read
@@ -610,7 +623,7 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
                 frames++;
             }
             avmm_vq_push(q, c.head, 0);
-            if (st->tx_len) { /* a tail waits: nothing more until the socket is writable */
+            if (st->tx_len && !st->gone) { /* a tail waits: nothing more until the socket is writable */
                 p->stats.tx_blocked++;
                 *state |= AVMM_NET_TX_BLOCKED;
                 break;
@@ -667,13 +680,13 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
         for (int i = 0; i < npairs; i++) {
             struct avmm_vq *rx = &n->q[2 * i];
             struct stream *st = n->p[i].stream;
-            uint32_t buffered = st && !st->gone ? st->rx_end - st->rx_start : 0;
-            if ((n->p[i].held_len || buffered >= STREAM_LEN + STREAM_FRAME_MIN) && rx->size && !rx->broken &&
+            if ((n->p[i].held_len || (st && stream_has_frame(st))) && rx->size && !rx->broken &&
                 avmm_vq_pending(rx)) {
                 *pair = i; /* a frame held for buffers, and buffers came */
                 return avmm_net_rx(n, i, state);
             }
-            if (rx->size && !rx->broken && n->p[i].fd >= 0 && avmm_vq_pending(rx)) {
+            /* A gone stream's socket is readable for ever (EOF) and has nothing for us. */
+            if (rx->size && !rx->broken && n->p[i].fd >= 0 && !(st && st->gone) && avmm_vq_pending(rx)) {
                 fds[nfds] = (struct pollfd){.fd = n->p[i].fd, .events = POLLIN};
                 map[nfds++] = i;
             }

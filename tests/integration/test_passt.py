@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -446,6 +447,68 @@ def test_stream_rx_frames_split_anywhere_and_a_broken_length():
                     await asyncio.sleep(0.005)
             assert n.drv.config_read(6, 2) & lib.VIRTIO_NET_S_LINK_UP == 0
             assert n.stats["rx_errors"] == 1
+    run(go())
+
+
+def test_stream_gone_with_a_tail_kept_drops_what_follows_without_blocking():
+    """The peer goes while a frame's tail waits to be sent: the tail is dropped with the
+    stream, and every later frame is consumed and counted at once — not one per batch,
+    each batch reporting the dead socket blocked and watching it for writing again."""
+    async def go():
+        async with StreamNet(sndbuf=4096) as n:
+            for _ in range(3):
+                n.c.send(os.urandom(9000), split=False)
+            async with asyncio.timeout(5):
+                while n.stats["tx_partial"] == 0:
+                    await asyncio.sleep(0.005)
+            n.peer.close()  # never read: the tail is still ours
+            async with asyncio.timeout(5):
+                while n.dev.device.link_up:
+                    await asyncio.sleep(0.005)
+            await n.c.sent(3)
+            n.c.tx.take_used()
+            before = n.stats
+            for _ in range(6):
+                n.c.send(os.urandom(100), kick=False)
+            n.c.tx.kick()
+            await n.c.sent(6)
+            after = n.stats
+            assert after["tx_errors"] == before["tx_errors"] + 6
+            assert after["tx_blocked"] == before["tx_blocked"], after
+    run(go())
+
+
+def _poll_ms(n: StreamNet, ms: int) -> tuple[int, float]:
+    """avmm_net_poll for `ms`, as the device's busy-poll calls it: what it returned, and when."""
+    from asyncvmm._native import ffi  # noqa: PLC0415
+
+    state, pair = ffi.new("uint32_t *"), ffi.new("int *")
+    t = time.monotonic()
+    got = lib.avmm_net_poll(n.dev.device._net, 1, ms * 1_000_000, state, pair)
+    return got, time.monotonic() - t
+
+
+def test_stream_poll_waits_over_a_partial_frame_and_a_gone_stream():
+    """A frame not yet whole in the buffer, and a stream that is gone, are nothing to
+    deliver: avmm_net_poll spins its whole time for them, rather than returning at once
+    (which ends the device's busy-poll on every call)."""
+    async def go():
+        async with StreamNet() as n:
+            n.c.post_rx(16)
+            n.peer.send((1000).to_bytes(4, "big") + bytes(40))  # 44 of 1004 bytes
+            async with asyncio.timeout(5):
+                while n.stats["rx_reads"] == 0:
+                    await asyncio.sleep(0.005)
+            got, took = _poll_ms(n, 40)
+            assert got == 0 and took >= 0.035, took
+            n.peer.send(bytes(960))  # the rest: delivered
+            assert len(await n.c.receive(1)) == 1
+            n.peer.close()
+            async with asyncio.timeout(5):
+                while n.dev.device.link_up:
+                    await asyncio.sleep(0.005)
+            got, took = _poll_ms(n, 40)
+            assert got == 0 and took >= 0.035, took
     run(go())
 
 

@@ -329,6 +329,9 @@ class VirtioNet(VirtioDevice):
         self.worker.unwatch(fd)
         self.worker.unwatch_write(fd)
         self._rx_stopped[pair] = True
+        # TX frames already in the ring (held back while the socket was full) are dropped
+        # now, not at the guest's next doorbell, which a full ring may never bring.
+        self.worker.soon((True, pair), self._tx_batch, pair)
         self.link_up = False
         self.peer_gone = self.tap.why_gone() if isinstance(self.tap, Passt) else "the peer closed its socket"
         self.needs_reset(f"link down: {self.peer_gone}")
