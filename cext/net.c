@@ -420,6 +420,7 @@ static int stream_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint
             flen = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
             if (flen < STREAM_FRAME_MIN || flen > STREAM_FRAME_MAX) { /* not a frame: the stream is lost */
                 p->stats.rx_errors++;
+                p->stats.rx_bad_length++;
                 stream_gone(p, state);
                 break;
             }

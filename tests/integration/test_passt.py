@@ -229,11 +229,11 @@ def test_passt_killed_link_down_and_the_vmm_carries_on():
             await n.guest.dhcp()
             pid = n.passt.pid
             os.kill(pid, signal.SIGKILL)
-            async with asyncio.timeout(5):
-                while n.net.stats()["passt"]["link"] == "up":
+            async with asyncio.timeout(5):  # the cause may come after the link went down
+                while "killed by SIGKILL" not in n.net.stats()["passt"]["gone"]:
                     await asyncio.sleep(0.01)
             stats = n.net.stats()
-            assert "killed by SIGKILL" in stats["passt"]["gone"], stats["passt"]
+            assert stats["passt"]["link"] == "down", stats["passt"]
             assert n.drv.config_read(6, 2) & lib.VIRTIO_NET_S_LINK_UP == 0
             assert n.drv.status & Status.NEEDS_RESET
             # The guest's frames are taken and dropped, never left to fill the ring.
@@ -244,6 +244,33 @@ def test_passt_killed_link_down_and_the_vmm_carries_on():
             assert n.net.stats()["pairs"][0]["tx_errors"] == before + 1
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # reaped
+    run(go())
+
+
+@needs_passt
+def test_passt_socket_closed_before_it_exits_never_stalls_the_loop():
+    """The socket closes while passt still runs: the device says so at once (it never waits
+    for passt on the loop), and names the real cause when passt has exited, reaped then."""
+    async def go():
+        async with PasstNet() as n:
+            await n.guest.dhcp()
+            pid = n.passt.pid
+            t = time.monotonic()
+            assert n.passt.why_gone() == f"passt (pid {pid}) closed its socket"
+            assert time.monotonic() - t < 0.1
+            n.passt.sock.shutdown(socket.SHUT_RD)  # our reads see the end of the stream; passt lives
+            async with asyncio.timeout(5):
+                while n.net.link_up:
+                    await asyncio.sleep(0.005)
+            assert n.net.peer_gone == f"passt (pid {pid}) closed its socket"
+            assert n.passt.proc.poll() is None
+            os.kill(pid, signal.SIGKILL)
+            async with asyncio.timeout(5):
+                while "killed by SIGKILL" not in n.net.peer_gone:
+                    await asyncio.sleep(0.005)
+            assert n.passt.proc.returncode == -signal.SIGKILL
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # reaped
     run(go())
 
 
@@ -446,7 +473,8 @@ def test_stream_rx_frames_split_anywhere_and_a_broken_length():
                 while n.dev.device.link_up:
                     await asyncio.sleep(0.005)
             assert n.drv.config_read(6, 2) & lib.VIRTIO_NET_S_LINK_UP == 0
-            assert n.stats["rx_errors"] == 1
+            assert n.stats["rx_errors"] == 1 and n.stats["rx_bad_length"] == 1
+            assert n.dev.device.peer_gone == "the VMM took the link down: the peer sent a frame length no frame has"
     run(go())
 
 
