@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from asyncvmm._native import lib
+from conftest import free_port, open_fds
 from passt_peer import Dhcp, Guest, TcpConn
 
 from asyncvmm.config import VmConfig
@@ -44,22 +45,12 @@ def host_addresses() -> set[bytes]:
     return {ipaddress.IPv4Address(line.split()[3].split("/")[0]).packed for line in out.splitlines()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _has_group(name: str) -> bool:
     try:
         grp.getgrnam(name)
     except KeyError:
         return False
     return True
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 class PasstNet:
