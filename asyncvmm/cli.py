@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="system call filters per thread (vCPU, loop, helpers): log what a thread should not call, "
         "or kill the VMM when one does (default: off, or $ASYNCVMM_SECCOMP)",
     )
+    run.add_argument("--jail", metavar="DIR", help="run confined (root only): a mount namespace whose root, "
+                     "a tmpfs on the empty directory DIR, holds only what the VM uses; then as --uid/--gid, "
+                     "with no capabilities and no new privileges (asyncvmm/jail.py)")
+    run.add_argument("--uid", metavar="UID", help="with --jail: the user the VMM runs as")
+    run.add_argument("--gid", metavar="GID", help="with --jail: the group the VMM runs as")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     from .loader.cli import add_run_arguments  # noqa: PLC0415
@@ -199,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
                 return EXIT_OK
             cfg = config_from_args(args)
+            if args.jail is not None or args.uid is not None or args.gid is not None:
+                from .jail import enter, parse_jail  # noqa: PLC0415
+
+                jail = parse_jail(args.jail, args.uid, args.gid)
+                if jail is not None:
+                    enter(jail, cfg)  # before any thread starts, and before seccomp
             from .vstate import probe  # noqa: PLC0415
 
             probe.start()  # the KVM probe waits in the kernel: let it overlap the imports

@@ -298,6 +298,12 @@ class Vcpus:
             if event == lib.KVM_SYSTEM_EVENT_RESET:
                 return Stop(StopReason.RESET, "guest reset", i)
             return Stop(StopReason.ERROR, f"vCPU {i}: guest crashed (system event {event})", i)
+        if reason == lib.KVM_EXIT_IO:  # sizes the exit slot cannot hold (vcpu_loop.c io_fits)
+            return Stop(StopReason.ERROR, f"vCPU {i}: KVM reported a port I/O exit of {e.info[0]} bytes x {e.info[1]} "
+                        f"at offset {e.info[2]:#x}, outside what the VMM can serve", i)
+        if reason == lib.KVM_EXIT_MMIO:
+            return Stop(StopReason.ERROR, f"vCPU {i}: KVM reported an MMIO exit of {e.info[0]} bytes, "
+                        "outside what the VMM can serve", i)
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             return Stop(StopReason.ERROR, f"vCPU {i}: KVM could not enter the guest (hardware reason {e.info[0]:#x})", i)
         name = EXIT_NAMES.get(reason, str(reason))
