@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_kvm
+from conftest import free_port, needs_kvm
 from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
 from netns import Netns
 
@@ -264,12 +263,6 @@ async def check_gdb(port: int, failures: list[str]) -> None:
         failures.append(f"gdb: x/s &linux_banner did not read the version string:\n{out}")
     if "detached" not in out:
         failures.append(f"gdb: did not detach:\n{out}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_checks(checks, log: str, boot: str, failures: list[str]) -> None:
