@@ -208,6 +208,7 @@ class VM:
         self._stopped: asyncio.Future | None = None
         self._started_at = 0.0
         self._state = "created"
+        self._snapshot = None  # from_snapshot(): the first boot is this snapshot's machine
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
         self.profile: BootProfile | None = None
         if config.profile_boot:
@@ -244,7 +245,9 @@ class VM:
                 self.gdb = GdbServer(self.config.gdb)
                 self.gdb.vm_kill = lambda: self.request_stop(Stop(StopReason.HOST, "killed by gdb"))
                 await self.gdb.start()
-            images = await read_images(self.config)
+            # A VM made from a snapshot reads no kernel: its RAM is the snapshot's (a
+            # reset reads the images then).
+            images = await read_images(self.config) if self._snapshot is None else None
             if self.console is None:
                 self.console = ConsoleStream(loop)
             if self.profile is not None:
@@ -268,8 +271,9 @@ class VM:
         self._state = "running"
         self._task = loop.create_task(self._run(images), name=f"asyncvmm {self.config.name}")
 
-    def _build(self, images: BootImages) -> Machine:
+    def _build(self, images: BootImages | None) -> Machine:
         m = Machine(self.config, self.console, images, self.host)
+        m.restore, self._snapshot = self._snapshot, None
         m.announce = self.boots == 0  # a reset is one line ("...: restarting the guest"), not the whole story again
         m.build()
         self.boots += 1
@@ -277,7 +281,7 @@ class VM:
             self.gdb.attach(m)
         return m
 
-    async def _run(self, images: BootImages) -> None:
+    async def _run(self, images: BootImages | None) -> None:
         stop = Stop(StopReason.ERROR, "the VM never ran")
         try:
             while True:
@@ -288,6 +292,8 @@ class VM:
                 restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
                 if restart and not self.config.no_reboot and self._state != "stopping":
                     log.info(f"{stop.message}: restarting the guest (boot {self.boots + 1})")
+                    if images is None:  # it was made from a snapshot: boot the kernel now
+                        images = await read_images(self.config)
                     self.machine = self._build(images)
                     self._state = "running"
                     continue
@@ -430,6 +436,30 @@ class VM:
         """Let the vCPUs run guest code again."""
         async with self._vcpu_lock:
             self._live("it cannot be resumed").resume()
+
+    # -- snapshots (asyncvmm/snapshot, docs/SNAPSHOT.md) ------------------------------------
+    async def snapshot(self, path: str, *, stop: bool = False) -> dict:
+        """Write the VM's whole state to `path` (bhyvectl --suspend). The VM is left paused
+        (resume() goes on), or stopped with `stop`. Returns sizes and times."""
+        from .snapshot.take import snapshot  # noqa: PLC0415
+
+        return await snapshot(self, path, stop=stop)
+
+    @classmethod
+    def from_snapshot(cls, path: str, *, name: str | None = None, console: Console | None = None,
+                      control_socket: bool = True, slots: list | None = None) -> "VM":
+        """A VM that goes on from the snapshot at `path` (bhyve -r): the machine is built
+        from the configuration the snapshot keeps (disks re-opened by path and checked,
+        consoles and TAPs opened anew) and starts where it was. `slots`: the devices the
+        caller expects (refused if the snapshot's differ). ConfigError (one line) if the
+        file or a disk does not fit; nothing is started. Reads only the file's header and
+        state part."""
+        from .snapshot.take import load  # noqa: PLC0415
+
+        cfg, snap = load(path, name=name, slots=slots)
+        vm = cls(cfg, console=console, control_socket=control_socket)
+        vm._snapshot = snap
+        return vm
 
     async def sysrq(self, key: str) -> None:
         """The kernel's serial SysRq on COM1: a break, then `key` (e.g. "h" for help)."""

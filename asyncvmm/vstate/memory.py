@@ -97,7 +97,11 @@ class GuestMemory:
     threads only reach it through KVM. Accessors may be called from any thread.
     """
 
-    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False):
+    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False,
+                 backing: tuple[int, int] | None = None):
+        """`backing`: (fd, offset) of a file holding the RAM's bytes (a snapshot's memory
+        part): each region is mapped from it private, copy-on-write — the guest's writes
+        stay in this process, and nothing is read until the guest touches it."""
         if size < MiB or size % (4096) != 0:
             raise GuestMemoryError(f"guest memory of {size} bytes is not a whole number of pages of at least 1 MiB")
         from .._native import ffi, lib  # noqa: PLC0415 (the extension loads lazily)
@@ -107,12 +111,18 @@ class GuestMemory:
         self._maps: list[mmap.mmap] = []
         self.regions: list[Region] = []
         self._views: list[memoryview] = []
+        file_offset = backing[1] if backing is not None else 0
         for slot, (gpa, length) in enumerate(ram_layout(size)):
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
             if hugepages:
                 flags |= 0x40000  # MAP_HUGETLB
             try:
-                m = mmap.mmap(-1, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                if backing is not None:
+                    m = mmap.mmap(backing[0], length, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=file_offset)
+                    file_offset += length
+                else:
+                    m = mmap.mmap(-1, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as e:
                 self.close()
                 raise GuestMemoryError(f"cannot map {length // MiB} MiB of guest memory: {e.strerror}") from None

@@ -127,8 +127,9 @@ class Vcpus:
             vcpu.set_cpuid(cpuid.for_vcpu(entries, topology, i))
             set_boot_msrs(vcpu, msrs)
         # The boot processor starts at the kernel's entry; the others wait for INIT/SIPI
-        # from it, in the in-kernel LAPIC.
-        apply_boot_state(self.fds[0], boot_state)
+        # from it, in the in-kernel LAPIC. (None: a snapshot's registers come instead.)
+        if boot_state is not None:
+            apply_boot_state(self.fds[0], boot_state)
 
     @property
     def alive(self) -> bool:
