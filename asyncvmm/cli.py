@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
         help="system call filters per thread (vCPU, loop, helpers): log what a thread should not call, "
         "or kill the VMM when one does (default: off, or $ASYNCVMM_SECCOMP)",
     )
+    run.add_argument("-r", "--restore", metavar="PATH",
+                     help="go on from the snapshot at PATH (asyncvmm ctl snapshot; bhyve's -r): the machine is the "
+                     "snapshot's; -s, if given, must name its devices; -l may move its consoles")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     from .loader.cli import add_run_arguments  # noqa: PLC0415
@@ -183,13 +186,19 @@ def main(argv: list[str] | None = None) -> int:
             if "help" in args.slot or "help" in args.console:  # bhyve's -s help, -l help
                 print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
                 return EXIT_OK
-            cfg = config_from_args(args)
+            snapshot = None
+            if args.restore:
+                from .snapshot.take import load_for_cli  # noqa: PLC0415
+
+                cfg, snapshot = load_for_cli(args)
+            else:
+                cfg = config_from_args(args)
             from .vstate import probe  # noqa: PLC0415
 
             probe.start()  # the KVM probe waits in the kernel: let it overlap the imports
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 
-            return run_to_end(cfg)
+            return run_to_end(cfg, snapshot)
     except ConfigError as e:
         log.error(str(e))
         return EXIT_USAGE

@@ -27,7 +27,7 @@ STATUS = {
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
+async def run_vm(cfg: VmConfig, reports: list[str] | None = None, snapshot=None) -> Stop:
     """Run the VM until it ends; with --profile-boot its report is appended to `reports`."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -58,7 +58,10 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
         console = open_console(cfg.console)
         seccomp.confine_process(cfg.seccomp)  # this process is the VMM's: the loop's filter too
         try:
-            async with VM(cfg, console=console) as vm:
+            vm = VM(cfg, console=console)
+            if snapshot is not None:  # --restore: the first boot is the snapshot's machine
+                vm._snapshot = snapshot
+            async with vm:
                 running.append(vm)
                 stop = await vm.wait()
                 if vm.profile is not None and reports is not None:
@@ -71,10 +74,10 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
             loop.remove_signal_handler(sig)
 
 
-def run_to_end(cfg: VmConfig) -> int:
+def run_to_end(cfg: VmConfig, snapshot=None) -> int:
     reports: list[str] = []
     try:
-        stop = run_loop(run_vm(cfg, reports))
+        stop = run_loop(run_vm(cfg, reports, snapshot))
     except asyncio.CancelledError as e:
         stop = Stop(StopReason.HOST, str(e.args[0]) if e.args else "stopped")
     for report in reports:  # after the console is closed and the terminal restored

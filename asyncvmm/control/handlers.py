@@ -9,6 +9,7 @@ exits with status 2.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -132,6 +133,20 @@ async def pause(vm: "VM", req: dict) -> dict:
 async def resume(vm: "VM", req: dict) -> dict:
     await vm.resume()
     return vm.state_info()
+
+
+@handler("snapshot")
+async def snapshot(vm: "VM", req: dict) -> dict:
+    path = req.get("path")
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ConfigError(f"snapshot path {path!r}: an absolute path")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(f"snapshot {path}: no directory {os.path.dirname(path)}")
+    stop, resume = bool(req.get("stop", False)), bool(req.get("resume", False))
+    info = await vm.snapshot(path, stop=stop)
+    if resume and not stop:
+        await vm.resume()
+    return {**info, "stop": stop, "resumed": resume and not stop}
 
 
 @handler("sysrq")

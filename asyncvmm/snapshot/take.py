@@ -116,3 +116,18 @@ def load(path: str, *, name: str | None = None, slots=None, console: str | None 
     if console is not None:
         cfg.console = console
     return cfg, snap
+
+
+def load_for_cli(args):
+    """`asyncvmm run --restore PATH [NAME] [-s ...] [-l ...]`: (VmConfig, Snapshot), checked
+    as load() does; the other flags of a boot are the snapshot's."""
+    from ..config import parse_slot, serial_config  # noqa: PLC0415
+
+    slots = [parse_slot(s) for s in args.slot] if args.slot else None
+    cfg, snap = load(args.restore, name=args.name, slots=slots)
+    if args.console:
+        cfg.serial = {}
+        serial_config(args.console, cfg)
+    if args.seccomp:
+        cfg.seccomp = args.seccomp
+    return cfg.validate(cli=True), snap
