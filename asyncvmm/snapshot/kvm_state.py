@@ -108,8 +108,10 @@ def restore_vcpu(vcpu, state: dict) -> None:
         if name == "fpu" and "xsave" in state:
             continue  # XSAVE holds the FPU and more
         ctype, _, put = VCPU_PARTS[name]
-        _ioctl(vcpu.fd, put, _from_b64(ctype, state[name], f"vCPU {vcpu.idx} {name}"),
-               f"restoring vCPU {vcpu.idx}: {name}")
+        obj = _from_b64(ctype, state[name], f"vCPU {vcpu.idx} {name}")
+        if name == "events":  # KVM_GET_VCPU_EVENTS does not flag these, and SET skips what is not flagged
+            obj.flags |= lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        _ioctl(vcpu.fd, put, obj, f"restoring vCPU {vcpu.idx}: {name}")
 
 
 def save_vm(vm_fd: int, *, kernel_pit: bool) -> dict:

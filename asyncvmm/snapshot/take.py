@@ -66,6 +66,7 @@ async def snapshot(vm, path: str, *, stop: bool = False) -> dict:
         views = []
         try:
             await _park(m)
+            inflight = sum(dev.stats().get("inflight", 0) for dev in _virtio_devices(m))
             await _drain(m)
             for dev in _virtio_devices(m):
                 dev.worker.hold()
@@ -77,16 +78,22 @@ async def snapshot(vm, path: str, *, stop: bool = False) -> dict:
             views = [(m.mem.view(r.gpa, r.size), r.hva) for r in m.mem.regions]
             info = await asyncio.to_thread(file.write, path, state, views)
         except BaseException:
+            for w in held:
+                w.release()
             if not was_paused and not m.stopping:
                 m.resume()
             raise
         finally:
-            for w in held:
-                w.release()
             for v, _ in views:
                 v.release()
+        if not stop:
+            # A doorbell the guest rang before the pause is served now: the paused VM's
+            # devices go on from the snapshot's state (and a disk written now no longer
+            # matches the snapshot: a restore refuses it). Stopping, they serve nothing more.
+            for w in held:
+                w.release()
         done = time.monotonic()
-        info.update(path=path, seconds=round(done - t0, 4), write_seconds=round(done - paused_at, 4))
+        info.update(path=path, inflight_at_pause=inflight, seconds=round(done - t0, 4), write_seconds=round(done - paused_at, 4))
         log.info(f"VM {vm.config.name}: snapshot {path}: {info['ram_bytes'] >> 20} MiB of RAM, "
                  f"{info['pages_written']} pages written, {info['disk_bytes'] >> 10} KiB on disk, "
                  f"{info['seconds'] * 1000:.1f} ms")
