@@ -438,12 +438,13 @@ class VM:
             self._live("it cannot be resumed").resume()
 
     # -- snapshots (asyncvmm/snapshot, docs/SNAPSHOT.md) ------------------------------------
-    async def snapshot(self, path: str, *, stop: bool = False) -> dict:
+    async def snapshot(self, path: str, *, stop: bool = False, diff: bool = False) -> dict:
         """Write the VM's whole state to `path` (bhyvectl --suspend). The VM is left paused
-        (resume() goes on), or stopped with `stop`. Returns sizes and times."""
+        (resume() goes on), or stopped with `stop`. `diff`: only the pages written since
+        its last snapshot (which a restore then needs beside it). Returns sizes and times."""
         from .snapshot.take import snapshot  # noqa: PLC0415
 
-        return await snapshot(self, path, stop=stop)
+        return await snapshot(self, path, stop=stop, diff=diff)
 
     @classmethod
     def from_snapshot(cls, path: str, *, name: str | None = None, console: Console | None = None,

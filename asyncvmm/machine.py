@@ -91,8 +91,9 @@ class Machine:
         snap_fd = -1
         try:
             if self.restore is not None:  # RAM from the snapshot's file, copy-on-write; nothing booted
-                snap_fd = self.restore.open_memory()
-                self.vm = Vm(cfg, memory_backing=(snap_fd, self.restore.memory.offset))
+                root = self.restore.root()  # a diff's pages go over its base's (restore_machine)
+                snap_fd = root.open_memory()
+                self.vm = Vm(cfg, memory_backing=(snap_fd, root.memory.offset))
             else:
                 self.vm = Vm(cfg)
                 ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
@@ -106,7 +107,7 @@ class Machine:
             if self.restore is not None:
                 from .snapshot.state import restore_machine  # noqa: PLC0415
 
-                restore_machine(self, self.restore.state)
+                restore_machine(self, self.restore)
         except BaseException:
             self.close()
             raise

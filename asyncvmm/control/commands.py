@@ -217,10 +217,12 @@ def _vcpu_arg(p):
 def _snapshot_args(p):
     p.add_argument("path", metavar="PATH", help="the snapshot file to write (asyncvmm run --restore PATH goes on from it)")
     p.add_argument("--stop", action="store_true", help="end the VM once it is written (bhyvectl --suspend)")
+    p.add_argument("--diff", action="store_true",
+                   help="only the pages written since the VM's last snapshot (kept as its base: a restore needs both)")
 
 
 def _snapshot_request(args) -> dict:
-    return {"path": os.path.abspath(args.path), "stop": args.stop}
+    return {"path": os.path.abspath(args.path), "stop": args.stop, "diff": args.diff}
 
 
 def snapshot_line(name: str, r: dict) -> str:

@@ -143,7 +143,7 @@ async def snapshot(vm: "VM", req: dict) -> dict:
     if not os.path.isdir(os.path.dirname(path)):
         raise ConfigError(f"snapshot {path}: no directory {os.path.dirname(path)}")
     stop, resume = bool(req.get("stop", False)), bool(req.get("resume", False))
-    info = await vm.snapshot(path, stop=stop)
+    info = await vm.snapshot(path, stop=stop, diff=bool(req.get("diff", False)))
     if resume and not stop:
         await vm.resume()
     return {**info, "stop": stop, "resumed": resume and not stop}

@@ -33,6 +33,7 @@ HEADER = struct.Struct("<8sII")  # magic, version, number of parts
 PART = struct.Struct("<4sIQQI4x")  # kind, flags, offset, length, crc32
 KIND_STATE = b"STAT"
 KIND_MEMORY = b"MEMO"
+FLAG_DIFF = 1  # the memory part holds only the pages the state's diff_runs list (over a base)
 MAX_STATE = 64 << 20  # a state part larger than this is not one asyncvmm wrote
 WRITE_CHUNK = 8 << 20  # pwrite at most this much at once (a run of non-zero pages)
 SCAN_CHUNK = 1 << 30  # pages scanned per C call: the bitmap stays small
@@ -62,22 +63,31 @@ def _header(parts: list[Part]) -> bytes:
 
 
 # -- writing (in a worker thread: pwrite and the C page scan release the GIL) --------------
-def write(path: str, state: dict, regions: list[tuple[memoryview, int]]) -> dict:
+def write(path: str, state: dict, regions: list[tuple[memoryview, int]],
+          diff: list[list[tuple[int, int]]] | None = None) -> dict:
     """Write `state` and guest RAM (`regions`: (view, host address) per RAM slot, in
     guest-physical order) to `path` (through PATH.tmp, renamed when whole). Returns what
-    was written: bytes of RAM, non-zero pages, the file's size."""
+    was written: bytes of RAM, non-zero pages, the file's size.
+
+    `diff`: a diff snapshot — per region, the runs (first page, count) written since the
+    base: only those pages are written (zero or not), and the state lists them."""
     ram = sum(len(v) for v, _ in regions)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        if diff is not None:
+            state = {**state, "diff_runs": [[i, first, count] for i, rs in enumerate(diff) for first, count in rs]}
         state_bytes = json.dumps(state, separators=(",", ":")).encode()
         stat = Part(KIND_STATE, 0, PAGE, len(state_bytes), zlib.crc32(state_bytes))
-        mem = Part(KIND_MEMORY, 0, _align(PAGE + len(state_bytes)), ram, 0)
+        mem = Part(KIND_MEMORY, FLAG_DIFF if diff is not None else 0, _align(PAGE + len(state_bytes)), ram, 0)
         os.ftruncate(fd, mem.offset + ram)  # holes where no page is written
         os.pwrite(fd, state_bytes, stat.offset)
         pages, crc, base = 0, 0, mem.offset
-        for view, hva in regions:
-            n, crc = _write_region(fd, view, hva, base, crc)
+        for i, (view, hva) in enumerate(regions):
+            if diff is not None:
+                n, crc = _write_runs(fd, view, diff[i], base, crc)
+            else:
+                n, crc = _write_region(fd, view, hva, base, crc)
             pages += n
             base += len(view)
         mem.crc = crc
@@ -91,8 +101,21 @@ def write(path: str, state: dict, regions: list[tuple[memoryview, int]]) -> dict
             pass
         raise
     os.close(fd)
-    return {"ram_bytes": ram, "pages_written": pages, "file_bytes": mem.offset + ram,
+    return {"ram_bytes": ram, "pages_written": pages, "file_bytes": mem.offset + ram, "state_crc": stat.crc,
             "disk_bytes": os.stat(path).st_blocks * 512}
+
+
+def _write_runs(fd: int, view: memoryview, runs: list[tuple[int, int]], file_off: int, crc: int) -> tuple[int, int]:
+    written = 0
+    for first, count in runs:
+        for a in range(first * PAGE, (first + count) * PAGE, WRITE_CHUNK):
+            chunk = view[a : min((first + count) * PAGE, a + WRITE_CHUNK)]
+            crc = zlib.crc32(chunk, crc)
+            done = 0
+            while done < len(chunk):
+                done += os.pwrite(fd, chunk[done:], file_off + a + done)
+        written += count
+    return written, crc
 
 
 def _write_region(fd: int, view: memoryview, hva: int, file_off: int, crc: int) -> tuple[int, int]:
@@ -129,6 +152,43 @@ class Snapshot:
     path: str
     state: dict
     memory: Part
+    state_crc: int = 0
+    base: "Snapshot | None" = None  # a diff's base (itself full, or a diff)
+
+    @property
+    def is_diff(self) -> bool:
+        return bool(self.memory.flags & FLAG_DIFF)
+
+    def root(self) -> "Snapshot":
+        """The full snapshot at the bottom of a chain of diffs (self if full)."""
+        return self.base.root() if self.base is not None else self
+
+    def diffs(self) -> list["Snapshot"]:
+        """The diffs over root(), oldest first."""
+        return (self.base.diffs() + [self]) if self.base is not None else []
+
+    def apply_diff(self, mem) -> int:
+        """This diff's pages onto guest RAM `mem` (mapped from its base); pages copied."""
+        runs = self.state.get("diff_runs", [])
+        regions = mem.regions
+        offsets = [sum(r.size for r in regions[:i]) for i in range(len(regions))]
+        copied = 0
+        fd = self.open_memory()
+        try:
+            for i, first, count in runs:
+                view = mem.view(regions[i].gpa + first * PAGE, count * PAGE)
+                at = self.memory.offset + offsets[i] + first * PAGE
+                done = 0
+                while done < len(view):
+                    n = os.preadv(fd, [view[done:]], at + done)
+                    if n <= 0:
+                        raise SnapshotError(f"snapshot {self.path}: its memory part ends early")
+                    done += n
+                view.release()
+                copied += count
+        finally:
+            os.close(fd)
+        return copied
 
     def open_memory(self) -> int:
         """An fd of the file for mapping its memory part (the caller closes it)."""
@@ -138,7 +198,7 @@ class Snapshot:
             raise SnapshotError(f"snapshot {self.path}: {e.strerror}") from None
 
 
-def read(path: str) -> Snapshot:
+def read(path: str, *, _depth: int = 0) -> Snapshot:
     """Read and check a snapshot's header and state part (small: no RAM is read)."""
     try:
         with open(path, "rb") as f:
@@ -165,7 +225,17 @@ def read(path: str) -> Snapshot:
         raise SnapshotError(f"snapshot {path}: the state part is not JSON") from None
     if state.get("config", {}).get("memory") != mem.length:
         raise SnapshotError(f"snapshot {path}: the memory part's {mem.length} bytes are not the machine's RAM")
-    return Snapshot(path, state, mem)
+    snap = Snapshot(path, state, mem, stat.crc)
+    if snap.is_diff:
+        ref = state.get("base") or {}
+        if _depth > 64 or not isinstance(ref.get("path"), str):
+            raise SnapshotError(f"snapshot {path}: a diff without a usable base")
+        base_path = ref["path"] if os.path.isabs(ref["path"]) else os.path.join(os.path.dirname(path), ref["path"])
+        snap.base = read(base_path, _depth=_depth + 1)
+        if snap.base.state_crc != ref.get("state_crc"):
+            raise SnapshotError(f"snapshot {path}: its base {base_path} is not the snapshot it was taken over "
+                                "(its state differs)")
+    return snap
 
 
 def _parse_header(path: str, head: bytes, size: int) -> dict[bytes, Part]:

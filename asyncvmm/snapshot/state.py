@@ -115,8 +115,16 @@ def save_machine(machine) -> dict:
     }
 
 
-def restore_machine(machine, state: dict) -> None:
-    """state onto `machine`, built from state["config"] with RAM from the snapshot."""
+def restore_machine(machine, snap) -> None:
+    """Snapshot `snap` onto `machine`, built from its config with RAM mapped from the
+    full snapshot at the root of its chain: a diff's pages (and its bases') are copied
+    over that first. From here on the machine logs dirty pages, so that a diff snapshot
+    can be taken over `snap`."""
+    from .dirty import DirtyLog  # noqa: PLC0415
+
+    state = snap.state
+    for diff in snap.diffs():
+        diff.apply_diff(machine.vm.mem)
     if len(state["vcpus"]) != len(machine.vcpus.fds):
         raise ConfigError(f"the snapshot has {len(state['vcpus'])} vCPUs, this machine {len(machine.vcpus.fds)}")
     devices.check_legacy(machine.legacy, state["legacy"])
@@ -126,3 +134,6 @@ def restore_machine(machine, state: dict) -> None:
     kvm_state.restore_vm(machine.vm.fd.fd, state["vm"])
     for v, s in zip(machine.vcpus.fds, state["vcpus"], strict=True):
         kvm_state.restore_vcpu(v, s)
+    machine.dirty_log = DirtyLog(machine)
+    machine.dirty_log.start()
+    machine.last_snapshot = (os.path.abspath(snap.path), snap.state_crc)

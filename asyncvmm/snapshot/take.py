@@ -16,9 +16,10 @@ The steps of `snapshot(vm, path)`, all on the loop's thread but the write:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
-from ..errors import VmmError
+from ..errors import ConfigError, VmmError
 from ..log import get_logger
 from . import file
 from .state import save_machine
@@ -54,11 +55,23 @@ async def _drain(machine) -> None:
             await asyncio.sleep(0.001)
 
 
-async def snapshot(vm, path: str, *, stop: bool = False) -> dict:
+async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> dict:
     """Write VM `vm` (api.VM, running or paused) to `path`; returns what was written and
-    how long it took. The VM is left paused (or stopped, with `stop`)."""
+    how long it took. The VM is left paused (or stopped, with `stop`).
+
+    `diff`: only the pages written since the VM's last snapshot (the one it was restored
+    from, or the last one it took), over that snapshot as its base (KVM's dirty log and
+    the data path's, snapshot/dirty.py). From a VM's first snapshot on, its pages are
+    logged."""
+    from .dirty import DirtyLog, runs, used_rings  # noqa: PLC0415
     async with vm._vcpu_lock:
         m = vm._live("it cannot be snapshotted")
+        last = getattr(m, "last_snapshot", None)
+        if diff and last is None:
+            raise ConfigError(f"VM {vm.config.name}: a diff snapshot needs a snapshot before it to be a diff over "
+                              "(take a full one first, or restore the VM from one)")
+        if diff and os.path.abspath(path) == last[0]:
+            raise ConfigError(f"snapshot {path}: a diff cannot replace its own base")
         was_paused = m.paused
         t0 = time.monotonic()
         m.pause()
@@ -76,7 +89,19 @@ async def snapshot(vm, path: str, *, stop: bool = False) -> dict:
             m.legacy.drain_console()
             state = save_machine(m)
             views = [(m.mem.view(r.gpa, r.size), r.hva) for r in m.mem.regions]
-            info = await asyncio.to_thread(file.write, path, state, views)
+            page_runs = None
+            device_pages = 0
+            if diff:
+                bitmaps = m.dirty_log.collect(extra=used_rings(m))
+                page_runs = [runs(b, r.size // file.PAGE) for b, r in zip(bitmaps, m.mem.regions, strict=True)]
+                state["base"] = {"path": last[0], "state_crc": last[1]}
+                device_pages = m.dirty_log.device_pages
+            info = await asyncio.to_thread(file.write, path, state, views, page_runs)
+            # The pages written from now on are the next diff's.
+            if getattr(m, "dirty_log", None) is None:
+                m.dirty_log = DirtyLog(m)
+            m.dirty_log.start()
+            m.last_snapshot = (os.path.abspath(path), info["state_crc"])
         except BaseException:
             for w in held:
                 w.release()
@@ -93,6 +118,8 @@ async def snapshot(vm, path: str, *, stop: bool = False) -> dict:
             for w in held:
                 w.release()
         done = time.monotonic()
+        if diff:
+            info.update(device_pages=device_pages)
         info.update(path=path, inflight_at_pause=inflight, seconds=round(done - t0, 4), write_seconds=round(done - paused_at, 4))
         log.info(f"VM {vm.config.name}: snapshot {path}: {info['ram_bytes'] >> 20} MiB of RAM, "
                  f"{info['pages_written']} pages written, {info['disk_bytes'] >> 10} KiB on disk, "
