@@ -209,6 +209,7 @@ class VM:
         self._started_at = 0.0
         self._state = "created"
         self._snapshot = None  # from_snapshot(): the first boot is this snapshot's machine
+        self._incoming = None  # snapshot.migrate.Incoming: the first boot is a migrating VM's
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
         self.profile: BootProfile | None = None
         if config.profile_boot:
@@ -247,7 +248,8 @@ class VM:
                 await self.gdb.start()
             # A VM made from a snapshot reads no kernel: its RAM is the snapshot's (a
             # reset reads the images then).
-            images = await read_images(self.config) if self._snapshot is None else None
+            restoring = self._snapshot is not None or self._incoming is not None
+            images = await read_images(self.config) if not restoring else None
             if self.console is None:
                 self.console = ConsoleStream(loop)
             if self.profile is not None:
@@ -267,13 +269,24 @@ class VM:
         except BaseException:
             await self.close()
             raise
+        if self._incoming is not None:  # RAM and state from the source, then run and say so
+            try:
+                await self._incoming.receive(self.machine)
+            except BaseException:
+                await self.close()
+                raise
         self._started_at = time.monotonic()
         self._state = "running"
         self._task = loop.create_task(self._run(images), name=f"asyncvmm {self.config.name}")
+        if self._incoming is not None:
+            incoming, self._incoming = self._incoming, None
+            await asyncio.sleep(0)  # the task has started the vCPUs
+            await incoming.running()
 
     def _build(self, images: BootImages | None) -> Machine:
         m = Machine(self.config, self.console, images, self.host)
         m.restore, self._snapshot = self._snapshot, None
+        m.incoming = self._incoming is not None
         m.announce = self.boots == 0  # a reset is one line ("...: restarting the guest"), not the whole story again
         m.build()
         self.boots += 1
@@ -445,6 +458,15 @@ class VM:
         from .snapshot.take import snapshot  # noqa: PLC0415
 
         return await snapshot(self, path, stop=stop, diff=diff)
+
+    async def migrate(self, address: str) -> dict:
+        """Send the running VM to `asyncvmm run --incoming ADDRESS` (unix:PATH or
+        tcp:HOST:PORT): pre-copy rounds while it runs, then stop-and-copy; once it runs
+        there this VM stops. Returns rounds, pages and the downtime. MigrationError if it
+        fails: this VM goes on running."""
+        from .snapshot.migrate import migrate  # noqa: PLC0415
+
+        return await migrate(self, address)
 
     @classmethod
     def from_snapshot(cls, path: str, *, name: str | None = None, console: Console | None = None,

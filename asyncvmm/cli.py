@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-r", "--restore", metavar="PATH",
                      help="go on from the snapshot at PATH (asyncvmm ctl snapshot; bhyve's -r): the machine is the "
                      "snapshot's; -s, if given, must name its devices; -l may move its consoles")
+    run.add_argument("--incoming", metavar="ADDRESS",
+                     help="wait at unix:PATH or tcp:HOST:PORT for a VM migrating here (asyncvmm ctl migrate), and run it")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     from .loader.cli import add_run_arguments  # noqa: PLC0415
@@ -186,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             if "help" in args.slot or "help" in args.console:  # bhyve's -s help, -l help
                 print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
                 return EXIT_OK
+            if args.incoming:
+                from .snapshot.migrate import run_incoming  # noqa: PLC0415
+
+                return run_incoming(args)
             snapshot = None
             if args.restore:
                 from .snapshot.take import load_for_cli  # noqa: PLC0415

@@ -77,6 +77,7 @@ class Machine:
         self._closed = False
         self.announce = True  # say the probe, quirks and boot path (a VM's later boots, after a reset, do not)
         self.restore = None  # a snapshot.file.Snapshot: build this machine in its state (no boot)
+        self.incoming = False  # a live migration's destination: no boot; RAM and state come later
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
@@ -96,6 +97,7 @@ class Machine:
                 self.vm = Vm(cfg, memory_backing=(snap_fd, root.memory.offset))
             else:
                 self.vm = Vm(cfg)
+            if self.restore is None and not self.incoming:
                 ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
                 self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)
             boot_state = self.boot_setup.state if self.boot_setup is not None else None

@@ -27,7 +27,7 @@ STATUS = {
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def run_vm(cfg: VmConfig, reports: list[str] | None = None, snapshot=None) -> Stop:
+async def run_vm(cfg: VmConfig, reports: list[str] | None = None, snapshot=None, incoming=None) -> Stop:
     """Run the VM until it ends; with --profile-boot its report is appended to `reports`."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -61,6 +61,7 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None, snapshot=None)
             vm = VM(cfg, console=console)
             if snapshot is not None:  # --restore: the first boot is the snapshot's machine
                 vm._snapshot = snapshot
+            vm._incoming = incoming  # --incoming: the first boot is the migrating VM
             async with vm:
                 running.append(vm)
                 stop = await vm.wait()

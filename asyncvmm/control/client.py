@@ -63,7 +63,7 @@ class ControlClient:
         timeout = self.timeout
         if cmd == "destroy" and not fields.get("force") and isinstance(fields.get("timeout"), (int, float)):
             timeout += fields["timeout"]
-        if cmd == "snapshot":  # guest RAM written out: seconds per GiB on a slow disk
+        if cmd in ("snapshot", "migrate"):  # guest RAM written out: seconds per GiB on a slow disk
             timeout += SNAPSHOT_TIMEOUT
         deadline = time.monotonic() + timeout
         sock = self._connect(timeout)

@@ -272,6 +272,12 @@ COMMANDS: list[Command] = [
             details="The vCPUs are paused, block requests in flight complete, and the devices, the vCPUs, KVM's "
                     "irqchip and clock and guest RAM (zero pages left as holes) are written to PATH (docs/SNAPSHOT.md). "
                     "asyncvmm run --restore PATH [NAME] goes on from it in a new process."),
+    Command("migrate", "send the running VM to asyncvmm run --incoming ADDRESS waiting on this host or another "
+            "(unix:PATH or tcp:HOST:PORT); it ends here once it runs there",
+            arguments=lambda p: p.add_argument("address", metavar="ADDRESS", help="unix:PATH or tcp:HOST:PORT"),
+            request=lambda a: {"address": a.address},
+            text=lambda r, a, n: (f"VM {n}: migrated to {r.get('address')} in {len(r.get('rounds', []))} rounds "
+                                  f"({r.get('pages')} pages); downtime {r.get('downtime_ms')} ms")),
     Command("sysrq", "the kernel's serial SysRq: a break on COM1, then KEY (h help, t tasks, b reboot, o off)",
             arguments=lambda p: p.add_argument("key", metavar="KEY", help="one character"),
             request=_sysrq_request,

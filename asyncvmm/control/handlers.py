@@ -149,6 +149,17 @@ async def snapshot(vm: "VM", req: dict) -> dict:
     return {**info, "stop": stop, "resumed": resume and not stop}
 
 
+@handler("migrate")
+async def migrate(vm: "VM", req: dict) -> dict:
+    address = req.get("address")
+    if not isinstance(address, str):
+        raise ConfigError("migrate: the destination's address (unix:PATH or tcp:HOST:PORT)")
+    from ..snapshot.migrate import parse_address  # noqa: PLC0415
+
+    parse_address(address)
+    return await vm.migrate(address)
+
+
 @handler("sysrq")
 async def sysrq(vm: "VM", req: dict) -> dict:
     key = req.get("key")

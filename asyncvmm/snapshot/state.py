@@ -97,12 +97,19 @@ def check_disks(stamps: dict[str, dict]) -> None:
 
 
 # -- the machine ----------------------------------------------------------------------------
+def prepare(machine) -> list[int]:
+    """Which of KVM's listed MSRs this machine's vCPUs give (found once, one ioctl per MSR:
+    before the pause, so that it is not downtime)."""
+    msrs = getattr(machine, "_snapshot_msrs", None)
+    if msrs is None:
+        msrs = machine._snapshot_msrs = kvm_state.savable_msrs(machine.vcpus.fds[0].fd, machine.vm.kvm.msr_index_list())
+    return msrs
+
+
 def save_machine(machine) -> dict:
     """Everything but RAM (the VM paused, its devices drained: snapshot/take.py)."""
     vm, vcpus = machine.vm, machine.vcpus
-    msrs = getattr(machine, "_snapshot_msrs", None)
-    if msrs is None:  # which of KVM's listed MSRs this vCPU type gives, found once
-        msrs = machine._snapshot_msrs = kvm_state.savable_msrs(vcpus.fds[0].fd, vm.kvm.msr_index_list())
+    msrs = prepare(machine)
     return {
         "format": FORMAT_NOTE,
         "config": config_to_dict(machine.config),
@@ -122,9 +129,16 @@ def restore_machine(machine, snap) -> None:
     can be taken over `snap`."""
     from .dirty import DirtyLog  # noqa: PLC0415
 
-    state = snap.state
     for diff in snap.diffs():
         diff.apply_diff(machine.vm.mem)
+    apply_state(machine, snap.state)
+    machine.dirty_log = DirtyLog(machine)
+    machine.dirty_log.start()
+    machine.last_snapshot = (os.path.abspath(snap.path), snap.state_crc)
+
+
+def apply_state(machine, state: dict) -> None:
+    """save_machine's data onto a machine built from its config (RAM already in place)."""
     if len(state["vcpus"]) != len(machine.vcpus.fds):
         raise ConfigError(f"the snapshot has {len(state['vcpus'])} vCPUs, this machine {len(machine.vcpus.fds)}")
     devices.check_legacy(machine.legacy, state["legacy"])
@@ -134,6 +148,3 @@ def restore_machine(machine, snap) -> None:
     kvm_state.restore_vm(machine.vm.fd.fd, state["vm"])
     for v, s in zip(machine.vcpus.fds, state["vcpus"], strict=True):
         kvm_state.restore_vcpu(v, s)
-    machine.dirty_log = DirtyLog(machine)
-    machine.dirty_log.start()
-    machine.last_snapshot = (os.path.abspath(snap.path), snap.state_crc)

@@ -22,7 +22,7 @@ import time
 from ..errors import ConfigError, VmmError
 from ..log import get_logger
 from . import file
-from .state import save_machine
+from .state import prepare, save_machine
 
 log = get_logger("asyncvmm.snapshot")
 
@@ -72,6 +72,7 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
                               "(take a full one first, or restore the VM from one)")
         if diff and os.path.abspath(path) == last[0]:
             raise ConfigError(f"snapshot {path}: a diff cannot replace its own base")
+        prepare(m)
         was_paused = m.paused
         t0 = time.monotonic()
         m.pause()

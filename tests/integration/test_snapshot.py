@@ -362,3 +362,70 @@ def test_diff_snapshots_over_their_base(guests, run_dir, tmp_path):
     assert int(m.group(1)) in (last + 1, last + 2)
     assert b.ctl("destroy", "diff-b", "--force").status == 0
     b.end()
+
+
+# -- live migration ----------------------------------------------------------------------------
+def test_counter_migrates_between_two_processes(guests, run_dir):
+    address = f"unix:{run_dir}/migrate.sock"
+    a = Vmm(run_dir, "-m", "64", "--kernel", str(guests / "counter.elf"), "--cmdline", "delay=2000", "mig-a")
+    b = Vmm(run_dir, "--incoming", address, "mig-b")
+    a.wait_for(rb"tick 20\n")
+    deadline = time.monotonic() + 10
+    while b"waiting for a migration" not in bytes(b.err) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r = a.ctl("migrate", "mig-a", address)
+    assert r.status == 0, r.err
+    m = re.match(r"VM mig-a: migrated to unix:.* in (\d+) rounds \((\d+) pages\); downtime ([\d.]+) ms", r.out)
+    assert m, r.out
+    assert float(m.group(3)) < 5000
+    assert a.end() == EXIT_HOST  # the source ends once the destination runs
+    assert b"migrated to unix:" in bytes(a.err)
+    last = ticks(a.output())[-1]
+    first = b.wait_for(rb"tick (\d+)\n")
+    assert int(first.group(1)) in (last + 1, last + 2)
+    b.wait_for(rb"tick %d\n" % (last + 20))
+    assert b.ctl("destroy", "mig-b", "--force").status == 0
+    b.end()
+
+
+def test_a_migration_whose_peer_disappears_leaves_the_source_running(guests, run_dir):
+    """A destination that accepts the machine, takes some pages and vanishes: the source
+    reports it and goes on counting."""
+    import socket
+
+    from asyncvmm.snapshot import migrate as mig
+
+    path = str(run_dir / "peer.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def peer():
+        conn, _ = server.accept()
+        with conn:
+            f = conn.makefile("rwb")
+            kind, length = mig.FRAME.unpack(f.read(mig.FRAME.size))
+            assert kind == b"CONF"
+            f.read(length)
+            f.write(mig.FRAME.pack(b"OKAY", 0))
+            f.flush()
+            f.read(mig.FRAME.size + mig.PAGES.size + 4096)  # a page, then gone
+
+    t = threading.Thread(target=peer, daemon=True)
+    t.start()
+    a = Vmm(run_dir, "-m", "64", "--kernel", str(guests / "counter.elf"), "--cmdline", "delay=2000", "gone-a")
+    a.wait_for(rb"tick 5\n")
+    r = a.ctl("migrate", "gone-a", f"unix:{path}")
+    t.join(10)
+    server.close()
+    assert r.status != 0 and "the VM goes on here" in r.err, (r.status, r.err)
+    assert len(r.err.strip().splitlines()) == 1
+    n = ticks(a.output())[-1]
+    a.wait_for(rb"tick %d\n" % (n + 10))  # still running
+    state = a.ctl("state", "gone-a")
+    assert state.status == 0 and "running" in state.out
+    # A destination that is not there at all.
+    r = a.ctl("migrate", "gone-a", f"unix:{run_dir}/nobody.sock")
+    assert r.status != 0 and "cannot reach" in r.err
+    assert a.ctl("destroy", "gone-a", "--force").status == 0
+    a.end()
