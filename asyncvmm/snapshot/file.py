@@ -16,6 +16,7 @@ Every problem with a file is a SnapshotError: one line, exit status 2, nothing s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import os
@@ -62,15 +63,19 @@ def _header(parts: list[Part]) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-# -- writing (in a worker thread: pwrite and the C page scan release the GIL) --------------
-def write(path: str, state: dict, regions: list[tuple[memoryview, int]],
-          diff: list[list[tuple[int, int]]] | None = None) -> dict:
+# -- writing ------------------------------------------------------------------------------
+async def write(path: str, state: dict, regions: list[tuple[memoryview, int]],
+                diff: list[list[tuple[int, int]]] | None = None) -> dict:
     """Write `state` and guest RAM (`regions`: (view, host address) per RAM slot, in
     guest-physical order) to `path` (through PATH.tmp, renamed when whole). Returns what
-    was written: bytes of RAM, non-zero pages, the file's size.
+    was written: bytes of RAM, pages written, the file's size and blocks.
 
     `diff`: a diff snapshot — per region, the runs (first page, count) written since the
-    base: only those pages are written (zero or not), and the state lists them."""
+    base: only those pages are written (zero or not), and the state lists them.
+
+    The file is created, sized and renamed on the loop's thread (those are the loop's
+    system calls under --seccomp); the pages are scanned and written by a worker thread
+    (the C scan and pwrite release the GIL): the loop is never blocked by RAM's size."""
     ram = sum(len(v) for v, _ in regions)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -81,16 +86,7 @@ def write(path: str, state: dict, regions: list[tuple[memoryview, int]],
         stat = Part(KIND_STATE, 0, PAGE, len(state_bytes), zlib.crc32(state_bytes))
         mem = Part(KIND_MEMORY, FLAG_DIFF if diff is not None else 0, _align(PAGE + len(state_bytes)), ram, 0)
         os.ftruncate(fd, mem.offset + ram)  # holes where no page is written
-        os.pwrite(fd, state_bytes, stat.offset)
-        pages, crc, base = 0, 0, mem.offset
-        for i, (view, hva) in enumerate(regions):
-            if diff is not None:
-                n, crc = _write_runs(fd, view, diff[i], base, crc)
-            else:
-                n, crc = _write_region(fd, view, hva, base, crc)
-            pages += n
-            base += len(view)
-        mem.crc = crc
+        pages, mem.crc = await asyncio.to_thread(_write_memory, fd, regions, diff, mem.offset, state_bytes)
         os.pwrite(fd, _header([stat, mem]), 0)
         os.rename(tmp, path)
     except BaseException:
@@ -103,6 +99,20 @@ def write(path: str, state: dict, regions: list[tuple[memoryview, int]],
     os.close(fd)
     return {"ram_bytes": ram, "pages_written": pages, "file_bytes": mem.offset + ram, "state_crc": stat.crc,
             "disk_bytes": os.stat(path).st_blocks * 512}
+
+
+def _write_memory(fd: int, regions, diff, offset: int, state_bytes: bytes) -> tuple[int, int]:
+    """The worker thread's part: the state part, then RAM's pages; (pages, CRC)."""
+    os.pwrite(fd, state_bytes, PAGE)
+    pages, crc, base = 0, 0, offset
+    for i, (view, hva) in enumerate(regions):
+        if diff is not None:
+            n, crc = _write_runs(fd, view, diff[i], base, crc)
+        else:
+            n, crc = _write_region(fd, view, hva, base, crc)
+        pages += n
+        base += len(view)
+    return pages, crc
 
 
 def _write_runs(fd: int, view: memoryview, runs: list[tuple[int, int]], file_off: int, crc: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from ..errors import ConfigError, VmmError
 from ..log import get_logger
 from . import file
 from .dirty import DirtyLog, runs, used_rings
-from .state import apply_state, check_disks, config_from_dict, config_to_dict, disk_stamps, prepare, save_machine
+from .state import apply_state, check_disks, config_from_dict, config_to_dict, disk_stamps, save_machine
 
 log = get_logger("asyncvmm.snapshot")
 
@@ -142,7 +142,6 @@ async def migrate(vm, address: str) -> dict:
         if getattr(m, "dirty_log", None) is None:
             m.dirty_log = DirtyLog(m)
         m.dirty_log.start()  # from here every write is logged: what the rounds send again
-        prepare(m)
         rounds = [await _send_runs(writer, m.mem, await asyncio.to_thread(_nonzero_bitmaps, m.mem))]
         while len(rounds) < MAX_ROUNDS:
             bitmaps = m.dirty_log.collect(extra=used_rings(m))

@@ -99,7 +99,8 @@ def check_disks(stamps: dict[str, dict]) -> None:
 # -- the machine ----------------------------------------------------------------------------
 def prepare(machine) -> list[int]:
     """Which of KVM's listed MSRs this machine's vCPUs give (found once, one ioctl per MSR:
-    before the pause, so that it is not downtime)."""
+    a fraction of a millisecond for KVM's few dozen). The vCPUs must be out of KVM_RUN: a
+    vCPU ioctl waits for KVM_RUN to return, which a halted guest never does."""
     msrs = getattr(machine, "_snapshot_msrs", None)
     if msrs is None:
         msrs = machine._snapshot_msrs = kvm_state.savable_msrs(machine.vcpus.fds[0].fd, machine.vm.kvm.msr_index_list())

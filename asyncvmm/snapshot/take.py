@@ -6,8 +6,8 @@ The steps of `snapshot(vm, path)`, all on the loop's thread but the write:
 2. drain: in-flight block requests complete (the loop keeps serving completions);
 3. hold every virtio device's queue worker: no doorbell, TAP frame, console byte or timer
    is served, so nothing writes guest RAM while it is copied out;
-4. the state (snapshot/state.py), then the file written in a worker thread: pwrite of the
-   runs of non-zero pages releases the GIL, and the C page scan does too. A thread, not the
+4. the state (snapshot/state.py), then the file: RAM written by a worker thread (pwrite of
+   the runs of non-zero pages releases the GIL, and the C page scan does too). A thread, not the
    project's io_uring engine: that engine serves virtqueue requests against an image, and a
    bulk write of a few large runs gains nothing from a ring; the loop stays free either way;
 5. the workers released; the VM stays paused (`resume()` goes on), or stops with stop=True.
@@ -22,7 +22,7 @@ import time
 from ..errors import ConfigError, VmmError
 from ..log import get_logger
 from . import file
-from .state import prepare, save_machine
+from .state import save_machine
 
 log = get_logger("asyncvmm.snapshot")
 
@@ -72,7 +72,6 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
                               "(take a full one first, or restore the VM from one)")
         if diff and os.path.abspath(path) == last[0]:
             raise ConfigError(f"snapshot {path}: a diff cannot replace its own base")
-        prepare(m)
         was_paused = m.paused
         t0 = time.monotonic()
         m.pause()
@@ -97,7 +96,7 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
                 page_runs = [runs(b, r.size // file.PAGE) for b, r in zip(bitmaps, m.mem.regions, strict=True)]
                 state["base"] = {"path": last[0], "state_crc": last[1]}
                 device_pages = m.dirty_log.device_pages
-            info = await asyncio.to_thread(file.write, path, state, views, page_runs)
+            info = await file.write(path, state, views, page_runs)
             # The pages written from now on are the next diff's.
             if getattr(m, "dirty_log", None) is None:
                 m.dirty_log = DirtyLog(m)
