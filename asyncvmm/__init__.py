@@ -11,7 +11,7 @@ The VMM's messages go to the logging module's "asyncvmm" loggers.
 
 __version__ = "0.1.0"
 __all__ = ["VM", "VmConfig", "PciSlot", "parse_slot", "Stop", "StopReason", "VmmError", "ConfigError", "KvmError",
-           "BootError"]
+           "BootError", "BlockBackend"]
 
 
 def __getattr__(name: str):
@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from . import errors
 
         return getattr(errors, name)
+    if name == "BlockBackend":
+        from .devices.virtio.block.backend import BlockBackend
+
+        return BlockBackend
     if name in ("Stop", "StopReason"):
         from . import machine
 

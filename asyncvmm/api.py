@@ -34,10 +34,10 @@ from .devices.slots import HostResources
 from .errors import ConfigError, VmmError
 from .log import get_logger
 from .machine import BootImages, Machine, Stop, StopReason, read_images
-from .profile import BootProfile
 
 if TYPE_CHECKING:
     from .gdb.server import GdbServer
+    from .profile import BootProfile
 
 log = get_logger(__name__)
 
@@ -213,6 +213,8 @@ class VM:
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
         self.profile: BootProfile | None = None
         if config.profile_boot:
+            from .profile import BootProfile  # noqa: PLC0415 (only with --profile-boot)
+
             self.profile = BootProfile(show_rips=bool(config.profile_rip_ms))
             if config.profile_rip_ms:
                 self.profile.sample_period_ns = int(config.profile_rip_ms * 1e6)
@@ -250,6 +252,7 @@ class VM:
             # reset reads the images then).
             restoring = self._snapshot is not None or self._incoming is not None
             images = await read_images(self.config) if not restoring else None
+            await self.host.prepare(self.config)  # the disks' vhost-user back-ends, connected
             if self.console is None:
                 self.console = ConsoleStream(loop)
             if self.profile is not None:
@@ -401,6 +404,7 @@ class VM:
         self._state = "closed"
         if self.machine is not None:
             self.machine.close()
+        await self.host.stop()  # the disks' vhost-user back-ends (qemu-storage-daemon): after their devices
         self.host.close()  # the TAPs: after the devices that use them
         if self.gdb is not None:
             await self.gdb.close()

@@ -12,7 +12,7 @@ import itertools
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .boot.cpuid import Topology
 from .devices.registry import check_slots, lookup, names
@@ -90,6 +90,8 @@ class VmConfig:
     wired: guest memory wired (mlock'd: never swapped or moved) [-S]
     seccomp: the vCPU, loop and helper threads' system-call filters: "off", "log" or "kill"
         (default $ASYNCVMM_SECCOMP, else off; asyncvmm/seccomp.py) [--seccomp]
+    block_backends: disks an embedder serves with coroutines, by name (asyncvmm.BlockBackend);
+        a slot `virtio-blk-backend,NAME` attaches one [none: Python objects only]
     """
 
     name: str = field(default_factory=default_name)
@@ -119,6 +121,7 @@ class VmConfig:
     gdb: GdbOptions | None = None  # -g/-G: a gdb server for the guest
     xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
     wired: bool = False  # -S: guest memory wired (mlock'd)
+    block_backends: dict[str, Any] = field(default_factory=dict)  # virtio-blk-backend,NAME (block/backend.py)
 
     def __post_init__(self):
         memory: object = self.memory

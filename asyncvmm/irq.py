@@ -20,6 +20,7 @@ Thread ownership: the loop's thread (vectors are configured from guest MMIO writ
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._native import ffi, lib
@@ -48,6 +49,7 @@ class MsiVector:
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.c = ffi.new("struct avmm_irq *", {"efd": self.efd, "masked": 1})
         self.message: MsiMessage | None = None
+        self._watchers: list[Callable[[bool], None]] = []
 
     @property
     def masked(self) -> bool:
@@ -63,12 +65,26 @@ class MsiVector:
             self.message = message
             self.router.commit()
 
+    def watch_mask(self, fn: Callable[[bool], None]) -> Callable[[], None]:
+        """Call fn(masked) when the mask changes (a vhost-user back-end that holds the
+        eventfd must be given another while the vector is masked); returns the unwatch."""
+        self._watchers.append(fn)
+        return lambda: self._watchers.remove(fn) if fn in self._watchers else None
+
     def mask(self) -> None:
+        was = self.c.masked
         self.c.masked = 1
+        if not was:
+            for fn in list(self._watchers):
+                fn(True)
 
     def unmask(self) -> None:
         """Unmask; an interrupt raised while masked is delivered now (PCI 3.0, 6.8.3.4)."""
+        was = self.c.masked
         self.c.masked = 0
+        if was:
+            for fn in list(self._watchers):
+                fn(False)
         if self.c.pending:
             self.c.pending = 0
             self.trigger()

@@ -56,12 +56,20 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None, snapshot=None,
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         console = open_console(cfg.console)
-        seccomp.confine_process(cfg.seccomp)  # this process is the VMM's: the loop's filter too
         try:
             vm = VM(cfg, console=console)
             if snapshot is not None:  # --restore: the first boot is the snapshot's machine
                 vm._snapshot = snapshot
             vm._incoming = incoming  # --incoming: the first boot is the migrating VM
+            try:
+                # Before the filter, which refuses fork and exec: passt and the disks'
+                # qemu-storage-daemons, started and connected (the VM's start finds them).
+                await vm.host.prepare(cfg)
+                seccomp.confine_process(cfg.seccomp)  # this process is the VMM's: the loop's filter too
+            except BaseException:
+                await vm.host.stop()
+                vm.host.close()
+                raise
             async with vm:
                 running.append(vm)
                 stop = await vm.wait()

@@ -132,6 +132,7 @@ VIRTIO_NET_CTRL_GUEST_OFFLOADS VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET
 TUNSETIFF TUNGETIFF TUNSETOFFLOAD TUNSETVNETHDRSZ TUNSETQUEUE TUNSETPERSIST IFF_TAP IFF_NO_PI IFF_VNET_HDR
 IFF_MULTI_QUEUE IFF_ATTACH_QUEUE IFF_DETACH_QUEUE IFF_TUN_EXCL TUN_F_CSUM TUN_F_TSO4 TUN_F_TSO6
 TUN_F_TSO_ECN TUN_F_UFO
+FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE RWF_DSYNC
 """.split()
 
 KVM_CDEF = """
@@ -251,7 +252,7 @@ ffibuilder.set_source(
     "asyncvmm._native",
     "#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n#include <linux/pci_regs.h>\n#include <linux/virtio_config.h>\n"
     "#include <linux/virtio_ids.h>\n#include <linux/virtio_pci.h>\n#include <linux/virtio_ring.h>\n"
-    "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/virtio_console.h>\n#include <linux/if_tun.h>\n"
+    "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/virtio_console.h>\n#include <linux/if_tun.h>\n#include <linux/falloc.h>\n"
     + "".join(f'#include "{h}"\n' for h in HEADERS)
     + f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
     sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/net.c",

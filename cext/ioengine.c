@@ -28,16 +28,20 @@ struct avmm_engine {
     struct { int fd; uint32_t tag; } watch[AVMM_ENGINE_MAX_WATCH];
     unsigned nwatch;
     uint64_t woken; /* tags whose fd became readable since avmm_engine_woken() */
-    /* SYNC: ops waiting for submit, completions waiting for reap */
+    /* SYNC and EXTERNAL: ops waiting for submit, completions waiting for reap */
     struct avmm_io_op *sq;
     unsigned sq_n;
+    /* EXTERNAL: ops submitted, waiting for avmm_engine_take (from xq_head, xq_n of them) */
+    struct avmm_io_op *xq;
+    unsigned xq_head, xq_n;
     struct avmm_io_cqe *cq;
     unsigned cq_head, cq_n;
 };
 
 struct avmm_engine *avmm_engine_new(int kind, unsigned entries)
 {
-    if (entries == 0 || entries > 32768 || (kind != AVMM_ENGINE_URING && kind != AVMM_ENGINE_SYNC)) {
+    if (entries == 0 || entries > 32768 || (kind != AVMM_ENGINE_URING && kind != AVMM_ENGINE_SYNC &&
+                                                    kind != AVMM_ENGINE_EXTERNAL)) {
         errno = EINVAL;
         return NULL;
     }
@@ -69,7 +73,9 @@ struct avmm_engine *avmm_engine_new(int kind, unsigned entries)
     } else {
         e->sq = calloc(entries, sizeof(*e->sq));
         e->cq = calloc(entries, sizeof(*e->cq));
-        if (!e->sq || !e->cq)
+        if (kind == AVMM_ENGINE_EXTERNAL)
+            e->xq = calloc(entries, sizeof(*e->xq));
+        if (!e->sq || !e->cq || (kind == AVMM_ENGINE_EXTERNAL && !e->xq))
             goto fail;
     }
     return e;
@@ -92,6 +98,7 @@ void avmm_engine_free(struct avmm_engine *e)
         close(e->efd);
     free(e->sq);
     free(e->cq);
+    free(e->xq);
     free(e);
 }
 
@@ -100,7 +107,7 @@ struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e) { return &e->
 
 unsigned avmm_engine_ready(struct avmm_engine *e)
 {
-    return e->kind == AVMM_ENGINE_SYNC ? e->cq_n : io_uring_cq_ready(&e->ring);
+    return e->kind != AVMM_ENGINE_URING ? e->cq_n : io_uring_cq_ready(&e->ring);
 }
 
 int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op)
@@ -110,7 +117,7 @@ int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op)
     if (op->opcode != AVMM_IO_READV && op->opcode != AVMM_IO_WRITEV && op->opcode != AVMM_IO_FSYNC &&
         op->opcode != AVMM_IO_FALLOCATE)
         return -EINVAL; /* before an SQE is taken: one left unfilled would still be submitted */
-    if (e->kind == AVMM_ENGINE_SYNC) {
+    if (e->kind != AVMM_ENGINE_URING) {
         e->sq[e->sq_n++] = *op;
     } else {
         struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
@@ -163,6 +170,15 @@ static int64_t run_sync(const struct avmm_io_op *op)
 
 int avmm_engine_submit(struct avmm_engine *e)
 {
+    if (e->kind == AVMM_ENGINE_EXTERNAL) {
+        unsigned n = e->sq_n;
+        for (unsigned i = 0; i < n; i++) /* room: queued + in the hands of the taker <= entries */
+            e->xq[(e->xq_head + e->xq_n++) % e->entries] = e->sq[i];
+        e->sq_n = 0;
+        if (n)
+            e->stats.submits++;
+        return (int)n;
+    }
     if (e->kind == AVMM_ENGINE_SYNC) {
         unsigned n = e->sq_n;
         if (!n)
@@ -253,7 +269,7 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
     if (read(e->efd, &counter, sizeof(counter)) < 0) {
         /* EAGAIN: nothing signalled; completions may still be there */
     }
-    if (e->kind == AVMM_ENGINE_SYNC) {
+    if (e->kind != AVMM_ENGINE_URING) {
         while (e->cq_n && n < max) {
             out[n++] = e->cq[e->cq_head];
             e->cq_head = (e->cq_head + 1) % e->entries;
@@ -300,8 +316,38 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
     return n;
 }
 
+int avmm_engine_take(struct avmm_engine *e, struct avmm_io_op *out, int max)
+{
+    if (e->kind != AVMM_ENGINE_EXTERNAL || max < 0)
+        return -EINVAL;
+    int n = 0;
+    while (e->xq_n && n < max) {
+        out[n++] = e->xq[e->xq_head];
+        e->xq_head = (e->xq_head + 1) % e->entries;
+        e->xq_n--;
+    }
+    return n;
+}
+
+int avmm_engine_complete(struct avmm_engine *e, uint64_t user_data, int64_t res)
+{
+    if (e->kind != AVMM_ENGINE_EXTERNAL || e->cq_n >= e->entries)
+        return -EINVAL;
+    struct avmm_io_cqe *c = &e->cq[(e->cq_head + e->cq_n++) % e->entries];
+    c->user_data = user_data;
+    c->res = res;
+    return 0;
+}
+
 void avmm_engine_drain(struct avmm_engine *e)
 {
+    if (e->kind == AVMM_ENGINE_EXTERNAL) {
+        /* The taker's work cannot be waited for here: it stops touching the buffers
+         * before the device is freed (the Python side cancels it first). */
+        e->inflight = 0;
+        e->sq_n = e->xq_n = e->cq_n = 0;
+        return;
+    }
     if (e->kind == AVMM_ENGINE_SYNC) {
         avmm_engine_submit(e);
         e->inflight -= e->cq_n;

@@ -8,6 +8,10 @@
  *   SYNC   the same ops done with preadv2/pwritev2/fdatasync/fallocate at submit time;
  *          their completions are queued and the eventfd signalled, so the device's
  *          completion path is the same code.
+ *   EXTERNAL the ops are done by someone else (Python coroutines: a block backend
+ *          object, devices/virtio/block/backend.py): submit hands the batch over
+ *          (avmm_engine_take), and its results come back with avmm_engine_complete,
+ *          then reaped as the others' are (the taker calls the reap itself).
  * The engine never touches the buffers' contents: iovecs point into guest memory.
  * Thread ownership: the loop's thread only.
  */
@@ -20,6 +24,7 @@
 enum avmm_engine_kind {
     AVMM_ENGINE_URING = 1,
     AVMM_ENGINE_SYNC = 2,
+    AVMM_ENGINE_EXTERNAL = 3,
 };
 
 enum avmm_io_opcode {
@@ -70,6 +75,12 @@ unsigned avmm_engine_ready(struct avmm_engine *e);
 /* Wait until nothing is in flight (teardown: buffers in guest RAM must outlive the I/O). */
 void avmm_engine_drain(struct avmm_engine *e);
 struct avmm_engine_stats *avmm_engine_stats(struct avmm_engine *e);
+
+/* EXTERNAL: the ops submitted since the last call (up to max, in order): their iovecs stay
+ * valid until each is completed. Then each op's result (bytes, or -errno): 0, or -EINVAL
+ * (not an EXTERNAL engine, or no room). */
+int avmm_engine_take(struct avmm_engine *e, struct avmm_io_op *out, int max);
+int avmm_engine_complete(struct avmm_engine *e, uint64_t user_data, int64_t res);
 
 /* One wait for doorbells and completions (io_uring only), as QEMU's fdmon-io_uring:
  * io_uring watches `fd` (multishot POLL_ADD) beside the I/O, so its readiness is a CQE:

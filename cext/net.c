@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -17,10 +18,29 @@
 #define SCRATCH (65536 + 256) /* a whole frame: 64 KiB of IP packet, Ethernet and VLAN headers, the vnet header */
 #define NUM_BUFFERS_OFFSET 10 /* virtio_net_hdr_v1.num_buffers */
 
+/* Stream pairs (see net.h). A frame is at most 64 KiB of IP packet and its Ethernet and
+ * VLAN headers; the RX buffer holds several, with room in front of each to write the
+ * vnet header over bytes already delivered (or the headroom, for the first). */
+#define STREAM_LEN 4
+#define STREAM_FRAME_MIN 14
+#define STREAM_FRAME_MAX (65535 + 14 + 4)
+#define STREAM_HEADROOM 16
+#define STREAM_RX_BUF (256 << 10)
+#define STREAM_TX_BUF (STREAM_LEN + STREAM_FRAME_MAX)
+
+struct stream {
+    uint8_t *rx;            /* STREAM_RX_BUF: bytes [rx_start, rx_end) are not yet delivered */
+    uint32_t rx_start, rx_end;
+    uint8_t *tx;            /* the unsent tail of a frame, [tx_off, tx_len) */
+    uint32_t tx_off, tx_len;
+    int gone;               /* the peer closed: TX drops, RX stops */
+};
+
 struct pair {
     int fd;
     uint32_t held_len; /* a frame read into `held` that waits for enough RX buffers */
     uint8_t *held;
+    struct stream *stream; /* NULL: a TAP */
     struct avmm_net_stats stats;
 };
 
@@ -62,8 +82,14 @@ void avmm_net_free(struct avmm_net *n)
 {
     if (!n)
         return;
-    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++)
+    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++) {
         free(n->p[i].held);
+        if (n->p[i].stream) {
+            free(n->p[i].stream->rx);
+            free(n->p[i].stream->tx);
+            free(n->p[i].stream);
+        }
+    }
     free(n);
 }
 
@@ -71,6 +97,57 @@ void avmm_net_set_tap(struct avmm_net *n, int pair, int fd)
 {
     if (pair >= 0 && pair < n->npairs)
         n->p[pair].fd = fd;
+}
+
+int avmm_net_set_stream(struct avmm_net *n, int pair, int fd)
+{
+    if (pair < 0 || pair >= n->npairs || n->p[pair].stream)
+        return -EINVAL;
+    struct stream *st = calloc(1, sizeof(*st));
+    if (!st || !(st->rx = malloc(STREAM_RX_BUF)) || !(st->tx = malloc(STREAM_TX_BUF))) {
+        if (st)
+            free(st->rx);
+        free(st);
+        return -ENOMEM;
+    }
+    st->rx_start = st->rx_end = STREAM_HEADROOM;
+    n->p[pair].stream = st;
+    n->p[pair].fd = fd;
+    return 0;
+}
+
+_Static_assert(AVMM_NET_STREAM_CARRY_RX >= STREAM_RX_BUF - STREAM_HEADROOM, "a carried RX buffer fits");
+_Static_assert(AVMM_NET_STREAM_CARRY_TX >= STREAM_TX_BUF, "a carried TX tail fits");
+
+int avmm_net_stream_carry_out(struct avmm_net *n, int pair, uint8_t *rx, uint32_t *rx_len, uint8_t *tx,
+                              uint32_t *tx_len)
+{
+    if (pair < 0 || pair >= n->npairs || !n->p[pair].stream)
+        return -EINVAL;
+    struct stream *st = n->p[pair].stream;
+    *rx_len = st->rx_end - st->rx_start;
+    memcpy(rx, st->rx + st->rx_start, *rx_len);
+    *tx_len = st->tx_len - st->tx_off;
+    memcpy(tx, st->tx + st->tx_off, *tx_len);
+    st->rx_start = st->rx_end = STREAM_HEADROOM;
+    st->tx_off = st->tx_len = 0;
+    return 0;
+}
+
+int avmm_net_stream_carry_in(struct avmm_net *n, int pair, const uint8_t *rx, uint32_t rx_len, const uint8_t *tx,
+                             uint32_t tx_len)
+{
+    if (pair < 0 || pair >= n->npairs || !n->p[pair].stream || rx_len > STREAM_RX_BUF - STREAM_HEADROOM ||
+        tx_len > STREAM_TX_BUF)
+        return -EINVAL;
+    struct stream *st = n->p[pair].stream;
+    memcpy(st->rx + STREAM_HEADROOM, rx, rx_len);
+    st->rx_start = STREAM_HEADROOM;
+    st->rx_end = STREAM_HEADROOM + rx_len;
+    memcpy(st->tx, tx, tx_len);
+    st->tx_off = 0;
+    st->tx_len = tx_len;
+    return 0;
 }
 
 void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max)
@@ -116,14 +193,14 @@ struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair)
  * one more unit of `work`. `*dry`: it stopped because the ring had no more or the budget is
  * spent (rather than at a limit or at a bad chain behind good ones): coming back can help. */
 static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *niov, uint64_t *room,
-                     int *work, int *dry)
+                     int *work, int *dry, uint64_t want)
 {
     int nchains = 0;
     *niov = 0;
     *room = 0;
     *dry = 0;
     int mrg = n->flags & AVMM_NET_MRG_RXBUF;
-    while (nchains < RX_MAX_CHAINS && *room < n->rx_frame_max && *niov < RX_IOV && *work < BUDGET) {
+    while (nchains < RX_MAX_CHAINS && *room < want && *niov < RX_IOV && *work < BUDGET) {
         struct avmm_chain *c = &n->rx_chain[nchains];
         c->iov = &n->rx_iov[*niov];
         c->iov_cap = RX_IOV - *niov;
@@ -188,6 +265,8 @@ static void deliver(struct avmm_net *n, struct avmm_vq *q, struct pair *p, int n
     p->stats.rx_bytes += len - AVMM_NET_HDR_LEN;
 }
 
+static int stream_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *state);
+
 int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
 {
     *state = 0;
@@ -197,6 +276,8 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
     struct pair *p = &n->p[pair];
     if (!q->size || p->fd < 0)
         return 0;
+    if (p->stream)
+        return stream_rx(n, q, p, state);
     int frames = 0, work = 0;
     for (;; work++) {
         if (work >= BUDGET) {
@@ -206,7 +287,7 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
         uint32_t niov;
         uint64_t room;
         int dry;
-        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry);
+        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry, n->rx_frame_max);
         if (nchains < 0) {
             avmm_vq_publish(q);
             return -1;
@@ -297,7 +378,167 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
     return frames;
 }
 
+static void stream_gone(struct pair *p, uint32_t *state)
+{
+    if (!p->stream->gone)
+        *state |= AVMM_NET_PEER_GONE;
+    p->stream->gone = 1;
+}
+
+/* Whole frames from the stream's buffer into RX chains; the buffer refilled by one read
+ * whenever it holds no whole frame. */
+static int stream_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *state)
+{
+    struct stream *st = p->stream;
+    int frames = 0, work = 0;
+    while (!st->gone) {
+        if (work >= BUDGET) {
+            *state |= AVMM_NET_BUDGET;
+            break;
+        }
+        uint32_t have = st->rx_end - st->rx_start;
+        uint32_t flen = 0;
+        if (have >= STREAM_LEN) {
+            const uint8_t *b = st->rx + st->rx_start;
+            flen = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
+            if (flen < STREAM_FRAME_MIN || flen > STREAM_FRAME_MAX) { /* not a frame: the stream is lost */
+                p->stats.rx_errors++;
+                stream_gone(p, state);
+                break;
+            }
+        }
+        if (have < STREAM_LEN || have - STREAM_LEN < flen) {
+            /* No whole frame: move what there is to the front, and read more. */
+            if (st->rx_start != STREAM_HEADROOM) {
+                memmove(st->rx + STREAM_HEADROOM, st->rx + st->rx_start, have);
+                st->rx_start = STREAM_HEADROOM;
+                st->rx_end = STREAM_HEADROOM + have;
+            }
+            ssize_t r = read(p->fd, st->rx + st->rx_end, STREAM_RX_BUF - st->rx_end);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                *state |= AVMM_NET_RX_EMPTY;
+                break;
+            }
+            if (r <= 0) { /* EOF or ECONNRESET: the peer is gone */
+                if (r < 0)
+                    p->stats.rx_errors++;
+                stream_gone(p, state);
+                break;
+            }
+            st->rx_end += (uint32_t)r;
+            p->stats.rx_reads++;
+            continue;
+        }
+        work++;
+        uint64_t len = AVMM_NET_HDR_LEN + (uint64_t)flen;
+        uint8_t *frame = st->rx + st->rx_start + STREAM_LEN - AVMM_NET_HDR_LEN;
+        if (len > n->rx_frame_max) { /* larger than the guest may be given */
+            p->stats.rx_too_long++;
+            st->rx_start += STREAM_LEN + flen;
+            continue;
+        }
+        uint32_t niov;
+        uint64_t room;
+        int dry;
+        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry, len);
+        if (nchains < 0) {
+            avmm_vq_publish(q);
+            return -1;
+        }
+        if (nchains == 0 || (room < len && dry && nchains < q->size)) {
+            /* Not enough buffers yet: the frame waits in the buffer for the RX doorbell. */
+            avmm_vq_unpop(q, (uint16_t)nchains);
+            if (nchains ? avmm_vq_enable_notify_more(q) : avmm_vq_enable_notify(q))
+                continue;
+            *state |= AVMM_NET_RX_NO_BUFFERS;
+            p->stats.rx_no_buffers++;
+            break;
+        }
+        if (room < len) { /* all the chains we may take do not hold it */
+            p->stats.rx_too_long++;
+            avmm_vq_unpop(q, (uint16_t)nchains);
+        } else {
+            memset(frame, 0, AVMM_NET_HDR_LEN); /* no offloads: a plain frame */
+            deliver(n, q, p, nchains, frame, (uint32_t)len, room);
+            frames++;
+        }
+        st->rx_start += STREAM_LEN + flen;
+    }
+    if (st->rx_start == st->rx_end)
+        st->rx_start = st->rx_end = STREAM_HEADROOM;
+    if (frames)
+        p->stats.rx_batches++;
+    avmm_vq_publish(q);
+    return frames;
+}
+
 /* ---- transmit: guest -> TAP ----------------------------------------------------------- */
+
+/* The tail of a frame the socket took in part goes first: 0 sent, 1 blocked, -1 gone. */
+static int stream_flush(struct pair *p)
+{
+    struct stream *st = p->stream;
+    while (st->tx_off < st->tx_len) {
+        ssize_t w = send(p->fd, st->tx + st->tx_off, st->tx_len - st->tx_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 1;
+        if (w < 0)
+            return -1;
+        st->tx_off += (uint32_t)w;
+    }
+    st->tx_off = st->tx_len = 0;
+    return 0;
+}
+
+/* One TX chain on the stream: its length, then the frame without the vnet header.
+ * 1 sent (whole, or its tail kept), 0 blocked (the chain stays in the ring), -1 gone. */
+static int stream_send(struct avmm_net *n, struct pair *p, struct avmm_chain *c)
+{
+    struct stream *st = p->stream;
+    uint32_t flen = (uint32_t)(c->out_len - AVMM_NET_HDR_LEN); /* checked: at most STREAM_FRAME_MAX */
+    uint8_t len[STREAM_LEN] = {(uint8_t)(flen >> 24), (uint8_t)(flen >> 16), (uint8_t)(flen >> 8), (uint8_t)flen};
+    struct iovec iov[TX_IOV + 1];
+    int niov = 1;
+    iov[0] = (struct iovec){.iov_base = len, .iov_len = STREAM_LEN};
+    size_t skip = AVMM_NET_HDR_LEN;
+    for (uint32_t i = 0; i < c->nout; i++) {
+        size_t l = c->iov[i].iov_len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        iov[niov++] = (struct iovec){.iov_base = (uint8_t *)c->iov[i].iov_base + skip, .iov_len = l - skip};
+        skip = 0;
+    }
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
+    ssize_t w;
+    do {
+        w = sendmsg(p->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+    size_t total = STREAM_LEN + (size_t)flen;
+    if ((size_t)w < total) { /* the rest waits here: a stream cannot take half a frame back */
+        size_t tail = total - (size_t)w;
+        uint8_t *dst = st->tx;
+        if ((size_t)w < STREAM_LEN) {
+            memcpy(dst, len + w, STREAM_LEN - (size_t)w);
+            dst += STREAM_LEN - (size_t)w;
+            avmm_iov_to_buf(c->iov, c->nout, AVMM_NET_HDR_LEN, dst, flen);
+        } else {
+            avmm_iov_to_buf(c->iov, c->nout, AVMM_NET_HDR_LEN + ((size_t)w - STREAM_LEN), dst, tail);
+        }
+        st->tx_off = 0;
+        st->tx_len = (uint32_t)tail;
+        p->stats.tx_partial++;
+    }
+    (void)n;
+    return 1;
+}
 
 int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
 {
@@ -309,6 +550,17 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
     if (!q->size || p->fd < 0)
         return 0;
     avmm_vq_drain_kick(q);
+    struct stream *st = p->stream;
+    if (st && !st->gone) {
+        int r = stream_flush(p);
+        if (r > 0) {
+            p->stats.tx_blocked++;
+            *state |= AVMM_NET_TX_BLOCKED;
+            return 0;
+        }
+        if (r < 0)
+            stream_gone(p, state);
+    }
     int frames = 0;
     for (int work = 0;; work++) {
         if (work >= BUDGET) {
@@ -331,6 +583,31 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
         if (c.err || c.nin || c.out_len < AVMM_NET_HDR_LEN) {
             p->stats.tx_bad_chains++;
             avmm_vq_push(q, c.head, 0);
+            continue;
+        }
+        if (st) {
+            int r = st->gone ? -1 : c.out_len - AVMM_NET_HDR_LEN > STREAM_FRAME_MAX ? -2 : stream_send(n, p, &c);
+            if (r == 0) {
+                avmm_vq_unpop(q, 1);
+                p->stats.tx_blocked++;
+                *state |= AVMM_NET_TX_BLOCKED;
+                break;
+            }
+            if (r == -1 && !st->gone)
+                stream_gone(p, state);
+            if (r < 0) { /* the link is down (or no frame is that long): dropped */
+                p->stats.tx_errors++;
+            } else {
+                p->stats.tx_packets++;
+                p->stats.tx_bytes += c.out_len - AVMM_NET_HDR_LEN;
+                frames++;
+            }
+            avmm_vq_push(q, c.head, 0);
+            if (st->tx_len) { /* a tail waits: nothing more until the socket is writable */
+                p->stats.tx_blocked++;
+                *state |= AVMM_NET_TX_BLOCKED;
+                break;
+            }
             continue;
         }
         ssize_t w = writev(p->fd, c.iov, (int)c.nout);
@@ -382,7 +659,10 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
         nfds = 0;
         for (int i = 0; i < npairs; i++) {
             struct avmm_vq *rx = &n->q[2 * i];
-            if (n->p[i].held_len && rx->size && !rx->broken && avmm_vq_pending(rx)) {
+            struct stream *st = n->p[i].stream;
+            uint32_t buffered = st && !st->gone ? st->rx_end - st->rx_start : 0;
+            if ((n->p[i].held_len || buffered >= STREAM_LEN + STREAM_FRAME_MIN) && rx->size && !rx->broken &&
+                avmm_vq_pending(rx)) {
                 *pair = i; /* a frame held for buffers, and buffers came */
                 return avmm_net_rx(n, i, state);
             }

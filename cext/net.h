@@ -18,6 +18,15 @@
  * A chain the guest got wrong (bad buffers, a header too short, a frame the TAP refuses,
  * RX buffers that are device-readable) is consumed with length 0 and counted.
  *
+ * A pair may instead be on a stream socket (avmm_net_set_stream: passt, QEMU's `-netdev
+ * stream` protocol): each frame is a 32-bit big-endian length then the Ethernet frame, no
+ * vnet header (the device offers no offloads then). RX reads the stream in large chunks
+ * into a buffer and copies each whole frame into the RX chains (one read per many frames);
+ * TX sends the length and the chain's buffers in one sendmsg, and keeps the tail of a
+ * frame the socket took only in part, to be sent first next time. The peer closing (or a
+ * length no frame has) sets AVMM_NET_PEER_GONE once; from then TX chains are consumed and
+ * dropped, so a guest that keeps sending never stalls on a dead link.
+ *
  * Thread ownership: the loop's thread only.
  */
 #ifndef AVMM_NET_H
@@ -35,6 +44,7 @@ enum avmm_net_state {
     AVMM_NET_RX_EMPTY = 2,      /* the TAP had nothing more */
     AVMM_NET_TX_BLOCKED = 4,    /* the TAP took no more: wait until it is writable */
     AVMM_NET_BUDGET = 8,        /* stopped after a full batch: call again */
+    AVMM_NET_PEER_GONE = 16,    /* a stream pair's peer closed or broke the framing (said once) */
 };
 
 enum avmm_net_flags {
@@ -52,6 +62,8 @@ struct avmm_net_stats {
     uint64_t tx_bad_chains;  /* TX chains the guest got wrong (no header, bad buffers) */
     uint64_t tx_errors;      /* frames the TAP refused (a bad GSO header, too long) */
     uint64_t tx_blocked;     /* EAGAIN from the TAP: retried when it is writable */
+    uint64_t rx_reads;       /* stream pairs: read() calls that brought bytes */
+    uint64_t tx_partial;     /* stream pairs: frames the socket took only in part */
 };
 
 struct avmm_net;
@@ -60,6 +72,18 @@ struct avmm_net *avmm_net_new(const struct avmm_gmem *mem, uint16_t npairs, uint
 void avmm_net_free(struct avmm_net *n);
 /* The TAP fd of queue pair `pair` (-1 detaches it). */
 void avmm_net_set_tap(struct avmm_net *n, int pair, int fd);
+/* A connected SOCK_STREAM socket for pair `pair`, framed as above. 0 or -errno. */
+int avmm_net_set_stream(struct avmm_net *n, int pair, int fd);
+/* A stream's state that must outlive this device when another takes over the same socket
+ * (a guest reset builds a new machine): the bytes read and not yet delivered, and the
+ * unsent tail of a frame. carry_out copies them out (sizes: AVMM_NET_STREAM_CARRY_RX/TX)
+ * and forgets them; carry_in gives them to a fresh stream pair. 0 or -EINVAL. */
+#define AVMM_NET_STREAM_CARRY_RX (256 << 10)
+#define AVMM_NET_STREAM_CARRY_TX (65535 + 14 + 4 + 4)
+int avmm_net_stream_carry_out(struct avmm_net *n, int pair, uint8_t *rx, uint32_t *rx_len, uint8_t *tx,
+                              uint32_t *tx_len);
+int avmm_net_stream_carry_in(struct avmm_net *n, int pair, const uint8_t *rx, uint32_t rx_len, const uint8_t *tx,
+                             uint32_t tx_len);
 void avmm_net_set_flags(struct avmm_net *n, uint32_t flags, uint32_t rx_frame_max);
 /* Queue qi: 2p is pair p's RX queue, 2p+1 its TX queue. 0 or -errno. */
 int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used,

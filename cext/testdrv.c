@@ -263,6 +263,9 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
                 }
                 if (frame_left && --frame_left)
                     continue;
+                if (!res->frames)
+                    res->first_ns = t - t0;
+                res->last_ns = t - t0;
                 res->frames++;
                 if (c->mode == AVMM_TESTDRV_NET_PING && res->frames <= c->count) {
                     if (lat_ns)

@@ -68,6 +68,8 @@ struct avmm_testdrv_net_result {
     uint64_t frames, bytes, kicks, interrupts, timeouts;
     uint64_t ns;
     uint64_t driver_cpu_ns;
+    uint64_t first_ns; /* RX: from the start to the first frame (a source started late) */
+    uint64_t last_ns;  /* RX: from the start to the last frame */
 };
 
 int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testdrv_net_result *res, uint32_t *lat_ns);

@@ -13,6 +13,10 @@ through the page cache (the CPU's limit). Reported per row: IOPS, MB/s, median a
 latency (publish → used entry; fio: submission → completion), and CPU time per request of
 the VMM alone (the process's CPU minus the driver thread's, so the "guest" is not counted)
 vs fio's whole CPU time per request.
+
+The coroutine backend (asyncvmm.BlockBackend, block/backend.py) on the same image, in the
+same run: a backend whose coroutines pread/pwrite the image (cached, 4 KiB workloads), so
+its IOPS beside the io_uring device's is the cost of handing each batch to Python.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from dataclasses import dataclass
 
 from testdrv import ffi, lib  # perf/testdrv.py: the test-only driver
 
+from asyncvmm.devices.virtio.block.backend import BackendBlk, BlockBackend
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.spec import Feature
+from asyncvmm.devices.virtio.vhost_user.backend import Backend
+from asyncvmm.devices.virtio.vhost_user.blk import CONFIG_SIZE, VhostUserBlk
+from asyncvmm.devices.virtio.vhost_user.qsd import Daemon
 from asyncvmm.loop import run as run_loop
 from asyncvmm.poll import devices_may_poll
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
@@ -66,14 +74,47 @@ def _pct(values: list[int], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p / 100))] / 1000.0
 
 
-def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | None = None) -> dict:
-    """One run of the C driver against a virtio-blk on the loop; figures of that run."""
+class PreadDisk(BlockBackend):
+    """The simplest coroutine backend: the image through pread/pwrite (the page cache's)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    async def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | None = None, *,
+                 qsd: bool = False, backend: bool = False) -> dict:
+    """One run of the C driver against a virtio-blk on the loop; figures of that run.
+    `qsd`: the disk is qemu-storage-daemon's vhost-user-blk export of the same raw image
+    (QEMU's data path, the peer), behind asyncvmm's vhost-user front-end. `backend`: the
+    coroutine backend (PreadDisk) serves it."""
 
     async def go() -> dict:
-        h = Harness(mem_size=256 * MiB)
+        h = Harness(mem_size=256 * MiB, shared=qsd)
+        daemon = vhost = disk = None
         try:
             may_poll = devices_may_poll(1) if poll is None else poll  # the machine's rule, for 1 vCPU
-            dev = h.add(VirtioBlk(BlockOptions(image, direct=direct), h.mem, queues=1, poll=may_poll))
+            if qsd:
+                daemon = await Daemon.start(image, "raw", readonly=False, queues=1, direct=direct)
+                vhost = await Backend.connect(daemon.socket, image, CONFIG_SIZE)
+                dev = h.add(VhostUserBlk(vhost, h.mem, queues=1))
+            elif backend:
+                disk = PreadDisk(image)
+                dev = h.add(BackendBlk(disk, h.mem, queues=1))
+            else:
+                dev = h.add(VirtioBlk(BlockOptions(image, direct=direct), h.mem, queues=1, poll=may_poll))
             drv = VirtioDriver(h, dev)
             await drv.setup(queue_size=256)
             q = drv.queues[0]
@@ -92,20 +133,22 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
             cfg.random = int(w.rw.startswith("rand"))
             cfg.event_idx = int(drv.has(Feature.RING_EVENT_IDX))
             cfg.nreq = nreq
-            cfg.capacity_sectors = dev.device.image.sectors
+            cfg.capacity_sectors = dev.device.read_config(0, 8)  # capacity, as the guest reads it
             cfg.seed = int.from_bytes(os.urandom(8), "little")  # fio is run with randrepeat=0 too
             cfg.hva = ffi.cast("uint8_t *", base.hva)
             cfg.hva_gpa = base.gpa
             cfg.hdr_gpa, cfg.buf_gpa, cfg.status_gpa = hdr, buf, status
             res = ffi.new("struct avmm_testdrv_result *")
             lat = ffi.new("uint32_t[]", nreq)
+            d0 = _proc_cpu(daemon.pid) if daemon is not None else 0.0
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             rc = await asyncio.to_thread(lib.avmm_testdrv_run, cfg, res, lat)
             r1 = resource.getrusage(resource.RUSAGE_SELF)
+            d1 = _proc_cpu(daemon.pid) if daemon is not None else 0.0
             if rc < 0 or res.completed != nreq or res.errors or res.timeouts:
                 raise RuntimeError(f"driver: rc {rc}, {res.completed}/{nreq} done, {res.errors} errors, "
                                    f"{res.timeouts} timeouts")
-            cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) - res.driver_cpu_ns / 1e9
+            cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) - res.driver_cpu_ns / 1e9 + (d1 - d0)
             seconds = res.ns / 1e9
             lats = list(lat)
             stats = dev.device.stats()
@@ -117,12 +160,25 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
                 "cpu_us_per_req": cpu / nreq * 1e6,
                 "interrupts": res.interrupts,
                 "kicks": res.kicks,
-                "batches": stats["requests"]["batches"],
+                "batches": stats["requests"]["batches"] if not qsd else 0,
             }
         finally:
             h.close()
+            if vhost is not None:
+                vhost.close()
+            if daemon is not None:
+                await daemon.stop(quiet=True)
+            if disk is not None:
+                disk.close()
 
     return run_loop(go())
+
+
+def _proc_cpu(pid: int) -> float:
+    """A process's user + system CPU seconds so far (/proc/PID/stat: utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_fio(image: str, w: Workload, nreq: int, direct: bool) -> dict:
@@ -163,7 +219,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
     size = (256 if quick else 1024) * MiB
     tmpdir = tempfile.mkdtemp(prefix="asyncvmm-perf-blk-", dir="/var/tmp")
     image = os.path.join(tmpdir, "disk.img")
-    rows, figs, polled_lines = [], {}, []
+    rows, figs, polled_lines, peer_lines, coroutine_lines = [], {}, [], [], []
     try:
         make_image(image, size)
         for direct in (True, False):
@@ -200,6 +256,27 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                     polled_lines.append(f"  {mode} {w.label} with busy polling forced: p50 {p50:.1f} µs "
                                         f"(fio {f['p50_us']:.1f}, added {p50 - f['p50_us']:+.1f}: "
                                         f"{'ok' if p50 - f['p50_us'] <= 10 else 'MISS'})")
+                if w.rw == "randread" and w.qd in (1, 32) and shutil.which("qemu-storage-daemon"):
+                    # QEMU's own data path on the same image, the same driver: the peer.
+                    peer = [run_asyncvmm(image, w, nreq, direct, qsd=True) for _ in range(1 if quick else reps)]
+                    q = {k: statistics.median(r[k] for r in peer) for k in peer[0]}
+                    for k in ("iops", "p50_us", "p99_us", "cpu_us_per_req"):
+                        figs[f"{key}.qsd_vhost_user.{k}"] = round(q[k], 2)
+                    peer_lines.append(f"  {mode} {w.label}: qemu-storage-daemon vhost-user-blk {q['iops']:.0f} IOPS, "
+                                      f"p50 {q['p50_us']:.1f} µs, p99 {q['p99_us']:.1f} µs, CPU {q['cpu_us_per_req']:.2f} "
+                                      f"µs/req (asyncvmm {a['iops']:.0f} IOPS, p50 {a['p50_us']:.1f}; "
+                                      f"fio {f['iops']:.0f}, p50 {f['p50_us']:.1f})")
+                if not direct and w.bs < MiB:  # the coroutine backend beside the io_uring device
+                    co = [run_asyncvmm(image, w, nreq, direct, backend=True) for _ in range(1 if quick else reps)]
+                    c = {k: statistics.median(r[k] for r in co) for k in co[0]}
+                    ckey = f"blk.coroutine.{w.name}"
+                    figs.update({f"{ckey}.iops": round(c["iops"], 2), f"{ckey}.p50_us": round(c["p50_us"], 2),
+                                 f"{ckey}.cpu_us_per_req": round(c["cpu_us_per_req"], 2),
+                                 f"{ckey}.vs_uring": round(c["iops"] / a["iops"], 3) if a["iops"] else 0})
+                    coroutine_lines.append(
+                        f"  {w.label}: {c['iops']:.0f} IOPS ({c['iops'] / a['iops']:.2f} of io_uring's {a['iops']:.0f}), "
+                        f"p50 {c['p50_us']:.1f} µs, VMM CPU {c['cpu_us_per_req']:.2f} µs/req, "
+                        f"{nreq / max(c['batches'], 1):.1f} req/batch")
                 rows.append([
                     mode, w.label,
                     f"{a['iops']:.0f}", f"{f['iops']:.0f}", f"{iops_ratio:.2f}",
@@ -220,5 +297,10 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
             + "\n  targets: QD32 IOPS ≥ 0.90 × fio; QD1 median latency ≤ fio + 10 µs. VMM CPU excludes the "
               "driver thread (the \"guest\"); fio CPU is the whole fio job.\n"
             + f"  device polling: {'on' if devices_may_poll(1) else 'off'} by the machine's rule for 1 vCPU on "
-              f"{os.cpu_count()} CPUs (asyncvmm.poll.devices_may_poll)\n" + "\n".join(polled_lines))
+              f"{os.cpu_count()} CPUs (asyncvmm.poll.devices_may_poll)\n" + "\n".join(polled_lines)
+            + ("\n  the peer, QEMU's data path: the same driver against qemu-storage-daemon's vhost-user-blk export "
+               "of the same image (CPU µs/req: the front-end's and the daemon's)\n" + "\n".join(peer_lines)
+               if peer_lines else "")
+            + "\n  coroutine backend (asyncvmm.BlockBackend: pread/pwrite in the coroutines, page cache), same "
+              "image, cached:\n" + "\n".join(coroutine_lines))
     return text, figs

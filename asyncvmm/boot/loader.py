@@ -20,11 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from ..errors import BootError
 from . import linux, pvh
 from .cpu_state import BootCpuState
-from .unpack import Unpacked, UnpackError, unpack_bzimage
+
+if TYPE_CHECKING:
+    from .unpack import Unpacked
 
 
 class Decompress(StrEnum):
@@ -54,6 +57,8 @@ def prepare(kernel: bytes, mode: str, emulating: bool) -> Prepared:
     """
     if linux.kernel_kind(kernel) != "bzimage" or not vmm_unpacks(mode, emulating):
         return Prepared()
+    from .unpack import UnpackError, unpack_bzimage  # noqa: PLC0415 (bz2, lzma: only for a bzImage)
+
     try:
         unpacked = unpack_bzimage(kernel)
     except UnpackError as e:

@@ -8,7 +8,9 @@ A device module ends with its registration:
 option is refused before anything starts: ConfigError, one line); `build(slot, ctx)`
 makes the PCI function when the machine is built (slots.BuildContext). Configuration
 validation asks this registry (`lookup`); it does not import the devices itself: the
-registry loads the modules in PROVIDERS the first time it is asked.
+registry imports a driver's module (PROVIDERS) the first time that driver is asked for,
+so a VM without virtio-net never loads virtio-net's code (start-up time; --help lists the
+names without importing anything).
 
 `check_slots` is the whole `-s` check config validation runs: bus 0 only, a slot taken
 once, 0:0 the host bridge's, a known driver, then the driver's own check.
@@ -26,16 +28,17 @@ from typing import Any
 
 from ..errors import ConfigError
 
-# The modules that register drivers (imported on the first lookup). A new device: its
-# module, and its name here.
-PROVIDERS = (
-    "asyncvmm.devices.slots",  # hostbridge
-    "asyncvmm.devices.pci.lpc",
-    "asyncvmm.devices.virtio.block.device",
-    "asyncvmm.devices.virtio.net.device",
-    "asyncvmm.devices.virtio.rnd",
-    "asyncvmm.devices.virtio.console",
-)
+# Each driver's name and the module that registers it (imported on the first lookup of
+# that name). A new device: its module, and this line.
+PROVIDERS = {
+    "hostbridge": "asyncvmm.devices.slots",
+    "lpc": "asyncvmm.devices.pci.lpc",
+    "virtio-blk": "asyncvmm.devices.virtio.block.device",
+    "virtio-blk-backend": "asyncvmm.devices.virtio.block.backend",
+    "virtio-net": "asyncvmm.devices.virtio.net.device",
+    "virtio-rnd": "asyncvmm.devices.virtio.rnd",
+    "virtio-console": "asyncvmm.devices.virtio.console",
+}
 
 
 @dataclass(frozen=True)
@@ -43,35 +46,45 @@ class Driver:
     name: str
     check: Callable[[Any, Any], None]  # (PciSlot, VmConfig)
     build: Callable[[Any, Any], Any] | None  # (PciSlot, BuildContext) -> PciDevice; None: nothing to add
+    shares_memory: Callable[[Any], bool] | None = None  # (PciSlot) -> guest RAM must be a memfd (vhost-user)
 
 
 DRIVERS: dict[str, Driver] = {}
-_loaded = False
 
 
-def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any, Any], Any] | None) -> Driver:
+def register(name: str, check: Callable[[Any, Any], None], build: Callable[[Any, Any], Any] | None,
+             shares_memory: Callable[[Any], bool] | None = None) -> Driver:
+    if name not in PROVIDERS:
+        raise ValueError(f"-s driver {name!r} is not in registry.PROVIDERS")
     if name in DRIVERS and DRIVERS[name].check is not check:
         raise ValueError(f"-s driver {name!r} registered twice")
-    DRIVERS[name] = d = Driver(name, check, build)
+    DRIVERS[name] = d = Driver(name, check, build, shares_memory)
     return d
 
 
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in PROVIDERS:
-            importlib.import_module(module)
+def shares_memory(cfg) -> bool:
+    """Whether a device of the VmConfig hands guest RAM to another process (a vhost-user
+    back-end): then RAM is a memfd mapped shared."""
+    for s in cfg.slots:
+        d = lookup(s.driver)
+        if d is not None and d.shares_memory is not None and d.shares_memory(s):
+            return True
+    return False
 
 
 def lookup(name: str) -> Driver | None:
-    _load()
-    return DRIVERS.get(name)
+    module = PROVIDERS.get(name)
+    if module is None:
+        return None
+    if name not in DRIVERS:
+        importlib.import_module(module)
+        if name not in DRIVERS:
+            raise ValueError(f"{module} does not register -s driver {name!r}")
+    return DRIVERS[name]
 
 
 def names() -> list[str]:
-    _load()
-    return sorted(DRIVERS)
+    return sorted(PROVIDERS)
 
 
 def slot_name(slot) -> str:

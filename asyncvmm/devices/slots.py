@@ -9,18 +9,19 @@ refused before anything starts), `build` makes the PCI function when the machine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import PciSlot, VmConfig
 from ..errors import ConfigError
 from ..poll import devices_may_poll
-from .registry import DRIVERS, lookup, names, register, slot_name
+from .registry import lookup, names, register, slot_name
 
 if TYPE_CHECKING:
     from ..console import Console
+    from .virtio.net.passt import Passt
     from .virtio.net.tap import Tap
 
-__all__ = ["DRIVERS", "BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
+__all__ = ["BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
 
 
 class HostResources:
@@ -29,8 +30,24 @@ class HostResources:
     closed when it ends."""
 
     def __init__(self):
-        self.taps: dict[tuple[int, int], Tap] = {}
+        self.taps: dict[tuple[int, int], Tap | Passt] = {}
         self.consoles: dict[str, Console] = {}  # COM2..COM4's backends, by port
+        self.backends: dict[tuple[int, int], Any] = {}  # disks' vhost-user back-ends (vhost_user/attach.py)
+
+    async def prepare(self, cfg: VmConfig) -> None:
+        """What must run before the machine is built: passt for each virtio-net on it, the
+        disks' vhost-user back-ends connected (their qemu-storage-daemons started)."""
+        self.start_processes(cfg)
+        from .virtio.vhost_user import attach  # noqa: PLC0415
+
+        await attach.prepare(self, cfg)
+
+    async def stop(self) -> None:
+        """prepare()'s back-ends closed, their daemons stopped (before close())."""
+        if self.backends:
+            from .virtio.vhost_user import attach  # noqa: PLC0415
+
+            await attach.stop(self)
 
     def console(self, name: str, spec: str):
         """The backend of COM port `name` (-l NAME,SPEC), opened on first use."""
@@ -40,7 +57,25 @@ class HostResources:
             self.consoles[name] = open_console(spec)
         return self.consoles[name]
 
+    def start_processes(self, config: VmConfig) -> None:
+        """Start the helper processes the slots need (passt) now, not when the machine is
+        built: `asyncvmm run`'s seccomp filter, installed in between, refuses fork and exec."""
+        from .virtio.net.passt import Passt  # noqa: PLC0415
+        from .virtio.net.tap import NetOptions  # noqa: PLC0415
+
+        for slot in config.slots:
+            key = (slot.slot, slot.function)
+            if slot.driver == "virtio-net" and key not in self.taps:
+                opts = NetOptions.parse(slot.options, slot_name(slot))
+                if opts.passt is not None:
+                    self.taps[key] = Passt(opts.passt, f"virtio-net@{slot.slot}.{slot.function}")
+
     def close(self) -> None:
+        for backend in self.backends.values():  # stop() did not run: the connections at least
+            backend.close()
+            if backend.process is not None and backend.process.proc.returncode is None:
+                backend.process.proc.terminate()
+        self.backends.clear()
         for tap in self.taps.values():
             tap.close()
         self.taps.clear()
@@ -86,9 +121,17 @@ def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | 
         from .virtio.block.image import BlockOptions  # noqa: PLC0415
 
         disk = BlockOptions.parse(slot.options, slot_name(slot))
+        backend = host.backends.get((slot.slot, slot.function)) if host is not None else None
+        if disk.vhost_user:
+            return f"{where} virtio-blk vhost-user back-end {disk.vhost_user}"
+        if backend is not None:
+            return f"{where} virtio-blk {disk.path} (through qemu-storage-daemon{', read-only' if disk.readonly else ''})"
         how = [w for w, on in (("read-only", disk.readonly), ("O_DIRECT", disk.direct),
                                (f"engine {disk.engine}", disk.engine != "uring")) if on]
         return f"{where} virtio-blk {disk.path}" + (f" ({', '.join(how)})" if how else "")
+    if slot.driver == "virtio-blk-backend":
+        name = slot.options.split(",")[0]
+        return f"{where} virtio-blk on the block backend {name!r} ({type(cfg.block_backends.get(name)).__name__})"
     if slot.driver == "virtio-net":
         from .virtio.net.tap import NetOptions, format_mac, stable_mac  # noqa: PLC0415
 
@@ -96,5 +139,11 @@ def describe(slot: PciSlot, cfg: VmConfig, host: HostResources | None) -> str | 
         tap = host.taps.get((slot.slot, slot.function)) if host is not None else None
         made = "" if tap is None else " (created)" if getattr(tap, "created", False) else " (existing)"
         mac = format_mac(net.mac or stable_mac(cfg.name, f"{slot.slot}.{slot.function}"))
+        if net.passt is not None:
+            from .virtio.net.passt import passt_user  # noqa: PLC0415
+
+            pid = f"pid {tap.pid}, " if tap is not None and hasattr(tap, "pid") else ""
+            fwd = "".join(f", {p} {h}->{g}" for p, h, g in net.passt.forwards)
+            return f"{where} virtio-net passt ({pid}as {passt_user()}{fwd}), MAC {mac}"
         return f"{where} virtio-net TAP {net.tap}{made}, MAC {mac}"
     return None

@@ -14,12 +14,18 @@ import argparse
 import os
 import select as select_mod
 import sys
+from typing import TYPE_CHECKING
 
 from .. import log
 from ..errors import ConfigError
-from .boot import Selection, parse_assignment, select
 from .errors import LoaderError
-from .menu import Menu, choose
+
+if TYPE_CHECKING:
+    from .boot import Selection
+    from .menu import Menu
+
+# The menu readers (.boot, .menu) are imported by the functions that read a disk: every
+# `asyncvmm run` builds its parser with add_run_arguments, and a --kernel run reads no menu.
 
 _keep: list[int] = []  # memfds holding the chosen kernel and initrd, for the process's life
 
@@ -56,6 +62,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 def main_load(argv: list[str]) -> int:
     from ..cli import EXIT_OK, EXIT_USAGE  # noqa: PLC0415
+    from .boot import parse_assignment, select  # noqa: PLC0415
 
     try:
         args = load_parser().parse_args(argv)
@@ -88,6 +95,8 @@ def main_load(argv: list[str]) -> int:
 
 
 def describe_menu(menu: Menu) -> str:
+    from .menu import choose  # noqa: PLC0415
+
     default_path = ""
     try:
         default_path = choose(menu, None)[1]
@@ -144,13 +153,16 @@ def boot_from_disks(cfg, args=None, *, entry: str | None = None, assignments: tu
     for anything that cannot be booted; nothing has been started then."""
     if args is not None:
         entry, assignments, boot_disk, boot_dir, menu = args.entry, args.set, args.boot_disk, args.boot_dir, args.menu
-    disks = [_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk"]
+    disks = [_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk" and _slot_disk(s)]
+    explicit_raw = {_slot_disk(s) for s in cfg.slots if s.driver == "virtio-blk" and ",format=raw" in f",{s.options}"}
     if not disks and not boot_dir:
         return  # nothing to boot from: the config says --kernel is missing
     if boot_disk:
         disks = [_boot_disk(boot_disk, cfg.slots, disks)]
     for d in disks:
-        _check_disk(d)
+        _check_disk(d, raw=d in explicit_raw)
+    from .boot import parse_assignment, select  # noqa: PLC0415
+
     pinned = dict(parse_assignment(a) for a in assignments)
     sel = select([] if boot_dir else disks, host_dir=boot_dir, entry=entry, pinned=pinned,
                  chooser=console_menu if menu else None)
@@ -161,7 +173,8 @@ def boot_from_disks(cfg, args=None, *, entry: str | None = None, assignments: tu
 
 
 def _slot_disk(slot) -> str:
-    return slot.options.split(",", 1)[0]
+    first = slot.options.split(",", 1)[0]
+    return "" if first.startswith("vhost-user=") else first  # a back-end's socket is no image
 
 
 def _boot_disk(spec: str, slots, disks: list[str]) -> str:
@@ -175,10 +188,17 @@ def _boot_disk(spec: str, slots, disks: list[str]) -> str:
     return spec
 
 
-def _check_disk(path: str) -> None:
+def _check_disk(path: str, *, raw: bool = False) -> None:
+    """Readable, and raw: the loader reads partitions and file systems from the image's
+    bytes, which in another format (qcow2...) are not the disk's (`raw`: format=raw said)."""
     from ..config import check_readable  # noqa: PLC0415
+    from ..devices.virtio.block.formats import detect  # noqa: PLC0415
 
     check_readable(path, "disk")
+    found = detect(path)
+    if not (found.raw or raw):
+        raise LoaderError(f"loader: disk {path} is a {found.what} image; the loader reads raw images only "
+                          f"(boot it with --kernel, or convert it: qemu-img convert -O raw {path} DISK.raw)")
 
 
 def _memfd(name: str, data: bytes) -> str:

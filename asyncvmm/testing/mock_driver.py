@@ -78,8 +78,8 @@ class Heap:
 class Harness:
     """The machine around one or more devices, minus KVM: RAM, buses, PCI root, vectors."""
 
-    def __init__(self, mem_size: int = 64 << 20):
-        self.mem = GuestMemory(mem_size)
+    def __init__(self, mem_size: int = 64 << 20, *, shared: bool = False):
+        self.mem = GuestMemory(mem_size, shared=shared)  # shared: a vhost-user back-end maps it
         self.router = IrqRouter(None)
         self.notify = NotifyBinder(None)
         self.buses = PciBuses(Bus("mmio"), Bus("pio"))

@@ -1,6 +1,7 @@
 """Guest RAM: where guest physical addresses live in the VMM's address space.
 
-Guest RAM is anonymous memory split around the 32-bit MMIO hole (PCI BARs, IOAPIC,
+Guest RAM is anonymous memory (or, `shared`, one memfd mapped MAP_SHARED, which a vhost-user
+back-end maps too: it is handed over with SET_MEM_TABLE) split around the 32-bit MMIO hole (PCI BARs, IOAPIC,
 LAPIC live there): RAM below `MMIO_HOLE_START`, the rest from 4 GiB up. One
 `GuestMemory` owns that map; every access goes through it and is bounds-checked, so a
 guest address out of range, or a length that wraps, raises `GuestMemoryError` instead of
@@ -67,6 +68,20 @@ def wire(hva: int, length: int) -> None:
                           "(RLIMIT_MEMLOCK, ulimit -l, may be too low)")
 
 
+def _copy_in(fd: int, offset: int, m: mmap.mmap) -> None:
+    """The file's bytes [offset, offset+len(m)) into mapping `m`."""
+    view = memoryview(m)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done : done + (64 << 20)]], offset + done)
+            if n <= 0:
+                raise OSError(0, "the memory file ends early")
+            done += n
+    finally:
+        view.release()
+
+
 @dataclass(frozen=True)
 class Region:
     """One contiguous slot of guest RAM: guest physical [gpa, gpa+size) at host `hva`."""
@@ -75,6 +90,7 @@ class Region:
     gpa: int
     size: int
     hva: int
+    offset: int = 0  # where it starts in the memfd (shared memory)
 
     @property
     def end(self) -> int:
@@ -97,11 +113,12 @@ class GuestMemory:
     threads only reach it through KVM. Accessors may be called from any thread.
     """
 
-    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False,
+    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False, shared: bool = False,
                  backing: tuple[int, int] | None = None):
         """`backing`: (fd, offset) of a file holding the RAM's bytes (a snapshot's memory
         part): each region is mapped from it private, copy-on-write — the guest's writes
-        stay in this process, and nothing is read until the guest touches it."""
+        stay in this process, and nothing is read until the guest touches it. With `shared`
+        (a memfd, for vhost-user) the bytes are copied in instead."""
         if size < MiB or size % (4096) != 0:
             raise GuestMemoryError(f"guest memory of {size} bytes is not a whole number of pages of at least 1 MiB")
         from .._native import ffi, lib  # noqa: PLC0415 (the extension loads lazily)
@@ -111,13 +128,30 @@ class GuestMemory:
         self._maps: list[mmap.mmap] = []
         self.regions: list[Region] = []
         self._views: list[memoryview] = []
+        # Shared: one memfd for all of RAM (only when a vhost-user device needs it: Debian's
+        # shmem_enabled is "never", so shared RAM gets no transparent huge pages).
+        self.memfd = -1
+        if shared:
+            try:
+                self.memfd = os.memfd_create("asyncvmm-ram", os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugepages else 0))
+                os.ftruncate(self.memfd, size)
+            except OSError as e:
+                self.close()
+                raise GuestMemoryError(f"cannot make {size // MiB} MiB of shared guest memory: {e.strerror}") from None
+        offset = 0
         file_offset = backing[1] if backing is not None else 0
         for slot, (gpa, length) in enumerate(ram_layout(size)):
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            if hugepages:
+            if hugepages and not shared:
                 flags |= 0x40000  # MAP_HUGETLB
             try:
-                if backing is not None:
+                if shared:
+                    m = mmap.mmap(self.memfd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                  offset=offset)
+                    if backing is not None:  # a memfd cannot be copy-on-write over a file: copy
+                        _copy_in(backing[0], file_offset, m)
+                    file_offset += length
+                elif backing is not None:
                     m = mmap.mmap(backing[0], length, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=file_offset)
                     file_offset += length
@@ -141,7 +175,8 @@ class GuestMemory:
             hva = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
             self._maps.append(m)
             self._views.append(memoryview(m))
-            self.regions.append(Region(slot, gpa, length, hva))
+            self.regions.append(Region(slot, gpa, length, hva, offset))
+            offset += length
         self._lib = lib
         self._ffi = ffi
         if wired:
@@ -235,6 +270,9 @@ class GuestMemory:
                 pass
         self._maps.clear()
         self.regions.clear()
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
         if self._c_table is not None:
             self._c_table.nregions = 0  # a data path still holding it now finds no RAM
             self._c_table = None

@@ -59,7 +59,9 @@ class Vm:
         )
         self.fd = VmFd(self.kvm)
         self.fd.create_irqchip()
-        self.mem = GuestMemory(cfg.memory, wired=cfg.wired, backing=memory_backing)
+        from ..devices.registry import shares_memory  # noqa: PLC0415
+
+        self.mem = GuestMemory(cfg.memory, wired=cfg.wired, shared=shares_memory(cfg), backing=memory_backing)
         for r in self.mem.regions:
             self.fd.set_memory_region(r.slot, r.gpa, r.size, r.hva)
 

@@ -2,7 +2,8 @@
 what the kernel does by itself. CI may boot Linux at most twice: two VM runs, one full
 boot each, and every Linux check shares them.
 
-  run 1   -c 2; vda: an ext4 image made here, mounted by the kernel as root=/dev/vda rw;
+  run 1   -c 2; vda: an ext4 image made here, converted to qcow2 and served by
+          qemu-storage-daemon (vhost-user-blk), mounted by the kernel as root=/dev/vda rw;
           vdb: a disk with an MBR partition table; a virtio-net on a TAP in a network
           namespace with dnsmasq (DHCP) and a UDP listener for netconsole; a virtio-rnd (the
           kernel's hwrng reads it: ctl stats counts the bytes) and a virtio-console whose
@@ -12,7 +13,8 @@ boot each, and every Linux check shares them.
           is written out and remounted read-only); gdb with the vmlinux through -g (a
           breakpoint on update_process_times, bt, linux_banner read by virtual address);
           SysRq o powers it off through ACPI S5.
-          Then the host reads the image: mount count and time changed, e2fsck -fn clean.
+          Then the host reads the image: qemu-img check clean; converted back to raw, mount
+          count and time changed, e2fsck -fn clean.
   run 2   booted through the disk loader (asyncvmm/loader), no --kernel: vda is the disk
           tools/images/build-disk-image makes (GPT, ESP, GRUB for BIOS and UEFI, the small
           kernel in the ext4 root's /boot, grub.cfg from Debian's grub-mkconfig), given ,ro;
@@ -285,6 +287,8 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     root_image(root, init)
     partitioned_disk(parts)
     before = superblock(root)
+    root_raw, root = root, tmp_path / "root.qcow2"  # the root disk is a qcow2, through qemu-storage-daemon
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(root_raw), str(root)], check=True)
     name = "linux-slow"
     tap = f"avl{os.getpid() % 100000}"
     mac = stable_mac(name, f"{NET_SLOT}.0")
@@ -390,7 +394,14 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     pairs = net_stats[0]["pairs"][0] if net_stats else {}
     if not (pairs.get("rx_packets", 0) >= 1 and pairs.get("tx_packets", 0) >= 10 and not pairs.get("tx_errors", 1)):
         failures.append(f"virtio-net counters: {pairs}")
-    # The host reads what the kernel wrote: the mount it recorded, and a clean file system.
+    # The host reads what the kernel wrote: a clean qcow2, the mount it recorded, a clean file system.
+    if not re.search(r"disk \S+root.qcow2: qemu-storage-daemon \(pid \d+\) stopped", err):
+        failures.append("VMM log: qemu-storage-daemon was not said to stop")
+    check = subprocess.run(["qemu-img", "check", str(root)], capture_output=True, text=True)
+    if check.returncode != 0:
+        failures.append(f"qemu-img check: status {check.returncode}: {check.stdout}{check.stderr}")
+    root = tmp_path / "root.back.img"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(root_raw.with_suffix(".qcow2")), str(root)], check=True)
     after = superblock(root)
     if int(after["Mount count"]) != int(before["Mount count"]) + 1 or after["Last mount time"] == before["Last mount time"]:
         failures.append(f"ext4 superblock: mount count {before['Mount count'].strip()} -> {after['Mount count'].strip()}, "
@@ -409,11 +420,12 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     root = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(debian_disk_image()), str(root)], check=True)
     digest = hashlib.sha256(root.read_bytes()).hexdigest()
-    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, cmdline="rw",
-                   slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root},ro")])
+    # ip=dhcp: the kernel's lease comes through passt (user-mode networking, no TAP).
+    cfg = VmConfig(name="linux-slow-ro", cpus=1, memory=256 << 20, cmdline="rw ip=dhcp",
+                   slots=[parse_slot(f"{ROOT_SLOT},virtio-blk,{root},ro"), parse_slot(f"{NET_SLOT},virtio-net,passt")])
     boot_from_disks(cfg)  # what `asyncvmm run -s 3,virtio-blk,disk.img,ro --cmdline rw` does
     partuuid = re.search(r"root=PARTUUID=(\S+)", cfg.cmdline).group(1)
-    assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw"
+    assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw ip=dhcp"
     console_log = tmp_path / "console.log"
     times: dict[str, float] = {}
     snap = tmp_path / "linux.snap"
@@ -451,7 +463,12 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     assert re.search(r"loader: booting entry 0 'Debian GNU/Linux' of the GRUB menu /boot/grub/grub.cfg: kernel "
                      r"/boot/vmlinuz-\S+ from disk.img partition 3 \(gpt, Linux\), ext4", err), err
     assert re.search(r"\bvda: vda1 vda2 vda3\r?$", log, re.M), "the kernel did not read the GPT"
-    assert f"Kernel command line: root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw" in log
+    assert f"Kernel command line: root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw ip=dhcp" in log
+    # passt answered the kernel's DHCP with this host's own address (its default).
+    lease = re.search(r"IP-Config: Got DHCP answer from [\d.]+, my address is ([\d.]+)", log)
+    assert lease and "IP-Config: Complete:" in log, log[-3000:]
+    assert f"inet {lease.group(1)}/" in subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+    assert re.search(rf"{NET_SLOT}:0 virtio-net passt \(pid \d+, as ", err), err
     # The disk says it is read-only (VIRTIO_BLK_F_RO): the kernel's read-write mount of it
     # is refused (EACCES) and it mounts the root read-only instead.
     assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:3\.", log), log[-3000:]

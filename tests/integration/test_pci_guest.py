@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -139,3 +140,63 @@ def test_a_tap_outlives_guest_resets(guests):
             assert open(ifindex).read() == first
     run_loop(main())
     assert not os.path.exists(ifindex)
+
+
+QEMU_IMG = shutil.which("qemu-img")
+needs_qsd = pytest.mark.skipif(QEMU_IMG is None or shutil.which("qemu-storage-daemon") is None,
+                               reason="needs qemu-img and qemu-storage-daemon")
+
+
+@needs_qsd
+@pytest.mark.parametrize("mode,flags,expect", [("0", [], "irq: msix"), ("1", [], "irq: intx"), ("2", ["-W"], "irq: msi"),
+                                               ("0", ["--seccomp", "kill"], "irq: msix")])
+def test_a_guest_on_a_qcow2_disk_through_qemu_storage_daemon(guests, image, tmp_path, mode, flags, expect):
+    """The same guest on a qcow2 image: qemu-storage-daemon serves the rings (vhost-user),
+    MSI-X straight through the irqfd, INTx and MSI relayed by the front-end; the daemon
+    stops with the VM and the image checks clean."""
+    disk = tmp_path / "vblk.qcow2"
+    subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", str(image), str(disk)], check=True)
+    r = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "--cmdline", f"irq={mode}", "--no-reboot",
+                *flags, "-s", f"3,virtio-blk,{disk}")
+    assert r.status == 0, r.err
+    assert expect in r.out
+    assert f"capacity {(512 + (1 << 20)) // 512} sectors" in r.out
+    assert "read: status 0 sector zero says" in r.out
+    assert "write: status 0" in r.out and "flush: status 0" in r.out
+    assert "past end: status 1" in r.out
+    assert re.search(r"disk .*vblk.qcow2: qcow2 served by qemu-storage-daemon \(pid \d+\)", r.err), r.err
+    assert re.search(r"disk .*vblk.qcow2: qemu-storage-daemon \(pid \d+\) stopped", r.err), r.err
+    subprocess.run([QEMU_IMG, "check", "-q", str(disk)], check=True)
+    back = tmp_path / "back.raw"
+    subprocess.run([QEMU_IMG, "convert", "-q", "-O", "raw", str(disk), str(back)], check=True)
+    assert back.read_bytes()[512:528] == b"written by vblk\n"
+
+
+@needs_qsd
+def test_the_vhost_user_data_path_bypasses_the_vmm_and_nothing_outlives_the_vm(guests, image, tmp_path):
+    """Through the API: the guest's doorbells go to the back-end (no MMIO exit, no relayed
+    interrupt with MSI-X), `stats` says which back-end; after the VM no fd, thread or
+    qemu-storage-daemon is left."""
+    disk = tmp_path / "vblk.qcow2"
+    subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", str(image), str(disk)], check=True)
+
+    def daemons() -> int:
+        return subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{disk}"], capture_output=True).stdout.count(b"\n")
+
+    async def main():
+        async with VM(VmConfig(name="vhost-warmup", memory=64 << 20, kernel=str(guests / "hello.elf"),
+                               no_reboot=True)) as vm:
+            await vm.wait()
+        before_fds, before_threads = fds(), vcpu_threads()
+        cfg = VmConfig(name="vhost-stats", memory=64 << 20, kernel=str(guests / "vblk.elf"), cmdline="stay=1",
+                       slots=[parse_slot(f"3,virtio-blk,{disk}")])
+        async with VM(cfg) as vm:
+            await vm.console.expect(rb"vblk done\n", timeout=30)
+            assert daemons() == 1
+            s = vm.stats()["pci"]["virtio-blk@3.0"]
+            assert s["transport"].get("notify_exits", 0) == 0 and s["transport"]["activations"] == 1
+            assert s["vhost_user"] == str(disk) and s["lost"] is None
+            assert s["relayed_interrupts"] == 0  # MSI-X: the back-end wrote the irqfd itself
+        assert fds() == before_fds and vcpu_threads() == before_threads
+        assert daemons() == 0
+    run_loop(main())

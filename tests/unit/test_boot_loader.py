@@ -175,13 +175,14 @@ def test_unpacking_runs_off_the_loop(tmp_path, monkeypatch):
     path.write_bytes(bzimage(payload=payload, pm_size=len(payload) + 0x1000))
     cfg = VmConfig(kernel=str(path), decompress="vmm")
     threads = []
-    real = loader.unpack_bzimage
+    from asyncvmm.boot import unpack as unpack_mod
+    real = unpack_mod.unpack_bzimage
 
     def unpack(image):
         threads.append(threading.current_thread())
         return real(image)
 
-    monkeypatch.setattr(loader, "unpack_bzimage", unpack)
+    monkeypatch.setattr(unpack_mod, "unpack_bzimage", unpack)  # loader imports it when it unpacks
 
     async def main():
         ticks = 0

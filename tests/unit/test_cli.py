@@ -57,7 +57,7 @@ def kernel(guests):
         (["-c", "sockets=129,cores=2"], ["APIC IDs up to 257", "at most 254"]),
         (["-c", "2", "-p", "1:9999"], ["-p 1:9999", "no CPU 9999"]),
         (["-m", "0"], ["-m 0:", "at least 2 MiB"]),
-        (["-s", "3,virtio-blck,x"], ["no such driver 'virtio-blck'", "drivers: hostbridge, ", "virtio-blk, virtio-console, virtio-net, virtio-rnd"]),
+        (["-s", "3,virtio-blck,x"], ["no such driver 'virtio-blck'", "drivers: hostbridge, ", "virtio-blk, virtio-blk-backend, virtio-console, virtio-net, virtio-rnd"]),
         (["-s", "4,virtio-net,lo"], ["lo is a network interface of the host", "name a TAP"]),
         (["-s", "4,virtio-net,tap0,queues=0"], ["queues=0: a number of queue pairs from 1 to"]),
         (["-s", "4,virtio-blk,/dev/null,queues=0"], ["queues=0: a number of queues from 1 to 64"]),

@@ -127,6 +127,24 @@ def test_registry_knows_the_drivers_and_config_asks_it():
         parse_slot("3,nosuch")
 
 
+def test_every_provider_registers_its_driver():
+    for name in registry.PROVIDERS:
+        assert registry.lookup(name).name == name
+
+
+def test_a_driver_module_is_imported_only_for_its_driver():
+    import subprocess
+    import sys
+    code = ("import sys; from asyncvmm.devices import registry; from asyncvmm.cli import _parser; "
+            "_parser().format_help(); registry.lookup('virtio-rnd'); "
+            "print(sorted(m for m in sys.modules if m.startswith('asyncvmm.devices.virtio.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    mods = eval(out)  # noqa: S307 - our own subprocess's repr of a list of names
+    assert "asyncvmm.devices.virtio.rnd" in mods
+    assert not [m for m in mods if m.startswith(("asyncvmm.devices.virtio.block", "asyncvmm.devices.virtio.net",
+                                                   "asyncvmm.devices.virtio.console"))]
+
+
 def test_config_does_not_import_the_devices():
     import subprocess
     import sys

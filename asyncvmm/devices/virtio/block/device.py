@@ -16,6 +16,8 @@ completes), as 5.2.6.1 asks. GET_ID answers the serial.
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import time
 
 from ...._native import ffi, lib
@@ -31,7 +33,8 @@ from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
-from .image import BlockOptions, DiskImage, default_serial
+from .formats import check_format
+from .image import BlockOptions, DiskImage, default_serial, needs_backend
 
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2  # a request's header and status take two descriptors of a chain
@@ -57,7 +60,8 @@ class BlkFeature:
 # one wait in io_uring (up to this many ns) serves both. Measured slower at QD1, so off.
 URING_WAIT_NS = int(os.environ.get("ASYNCVMM_BLK_URING_WAIT_NS", "0") or 0)
 
-ENGINE_KINDS = {"uring": lib.AVMM_ENGINE_URING, "sync": lib.AVMM_ENGINE_SYNC}
+# "external": the ops go to Python coroutines (backend.py), never a `-s` option.
+ENGINE_KINDS = {"uring": lib.AVMM_ENGINE_URING, "sync": lib.AVMM_ENGINE_SYNC, "external": lib.AVMM_ENGINE_EXTERNAL}
 
 
 class VirtioBlk(VirtioDevice):
@@ -72,7 +76,7 @@ class VirtioBlk(VirtioDevice):
         self.mem = mem
         self.worker = QueueWorker(name, self.needs_reset, poll=poll)
         self.queues: list[Virtqueue] = []  # the active ones (C's), for counters, state, breakdown
-        self.image = DiskImage(opts)
+        self.image = self._open_image(opts)
         self._engine = ffi.NULL
         self._blk = ffi.NULL
         self._uring_wait = False  # io_uring watches the doorbells (URING_WAIT_NS)
@@ -81,6 +85,10 @@ class VirtioBlk(VirtioDevice):
         except BaseException:
             self.close()
             raise
+
+    def _open_image(self, opts: BlockOptions):
+        """What the device serves (a subclass may serve something else than a file)."""
+        return DiskImage(opts)
 
     def _build(self) -> None:
         img, opts = self.image, self.opts
@@ -265,7 +273,15 @@ class VirtioBlk(VirtioDevice):
 # -- `-s N,virtio-blk,PATH[,ro][,direct][,serial=ID][,queues=N][,engine=uring|sync]` ------
 def _check(slot: PciSlot, cfg: VmConfig) -> None:
     opts = BlockOptions.parse(slot.options, slot_name(slot))
+    if opts.vhost_user:
+        _check_socket(opts.vhost_user, slot)
+        return
     check_readable(opts.path, "disk")
+    found = check_format(opts.path, opts.format)
+    if not found.raw and shutil.which("qemu-storage-daemon") is None:
+        raise ConfigError(f"disk {opts.path} is a {found.what} image: asyncvmm serves raw images itself and other "
+                          "formats through qemu-storage-daemon, which is not installed (apt-get install "
+                          "qemu-system-common); format=raw serves its bytes as they are")
     for other in cfg.slots:  # the image's lock would refuse it at start, as if another VM held it
         if other is slot:
             break
@@ -277,6 +293,15 @@ def _check(slot: PciSlot, cfg: VmConfig) -> None:
                                   "read-only ones, ,ro, may share it)")
 
 
+def _check_socket(path: str, slot: PciSlot) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ConfigError(f"-s {slot_name(slot)}virtio-blk,vhost-user={path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"-s {slot_name(slot)}virtio-blk,vhost-user={path}: not a Unix socket")
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -286,9 +311,23 @@ def _same_file(a: str, b: str) -> bool:
 
 def _build(slot: PciSlot, ctx):
     opts = BlockOptions.parse(slot.options, slot_name(slot))
+    where = f"{slot.slot}.{slot.function}"
+    if needs_backend(opts):
+        from ..vhost_user.blk import VhostUserBlk  # noqa: PLC0415 (only VMs with such a disk load it)
+
+        backend = ctx.host.backends.get((slot.slot, slot.function)) if ctx.host is not None else None
+        if backend is None:
+            raise ConfigError(f"-s {slot_name(slot)}virtio-blk,{slot.options}: its vhost-user back-end was not "
+                              "connected (HostResources.prepare)")
+        return virtio_pci_function(VhostUserBlk(backend, ctx.mem, queues=opts.queues or ctx.config.cpus,
+                                                name=f"virtio-blk@{where}"), ctx)
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
                     poll=may_poll(ctx))
     return virtio_pci_function(blk, ctx)
 
 
-register("virtio-blk", _check, _build)
+def _shares_memory(slot: PciSlot) -> bool:
+    return needs_backend(BlockOptions.parse(slot.options, slot_name(slot)))
+
+
+register("virtio-blk", _check, _build, shares_memory=_shares_memory)

@@ -1,7 +1,9 @@
-"""A disk image: `-s N,virtio-blk,PATH[,ro][,direct][,serial=ID][,queues=N][,engine=E]`.
+"""A disk image: `-s N,virtio-blk,PATH[,ro][,direct][,serial=ID][,queues=N][,engine=E][,format=F]`,
+or a vhost-user back-end: `-s N,virtio-blk,vhost-user=SOCKET[,queues=N]`.
 
 Raw image files and block devices. Opening one checks what would otherwise fail later:
-it exists, is a regular file or a block device, its size is a whole number of 512-byte
+it exists, is a regular file or a block device, it is raw (formats.py: no other format's
+magic, or `format=raw` said), its size is a whole number of 512-byte
 sectors, no other VM has it (an flock: exclusive, or shared for `ro`), and with `direct`
 the file system takes O_DIRECT. Each failure is a ConfigError naming the disk.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ....errors import ConfigError
+from .formats import FORMATS, RAW, check_format, probe_fd
 
 SECTOR = 512
 BLKGETSIZE64 = 0x80081272  # <linux/fs.h> _IOR(0x12, 114, size_t)
@@ -35,16 +38,27 @@ class BlockOptions:
     serial: str = ""
     queues: int = 0  # 0: one per vCPU
     engine: str = "uring"
+    format: str = ""  # "": detected from the image (formats.py); "raw": raw whatever it holds
+    vhost_user: str = ""  # a vhost-user back-end's socket instead of an image
 
     @classmethod
     def parse(cls, conf: str, where: str = "") -> "BlockOptions":
-        """PATH[,ro][,direct][,serial=ID][,queues=N][,engine=uring|sync]"""
+        """PATH[,ro][,direct][,serial=ID][,queues=N][,engine=uring|sync][,format=F],
+        or vhost-user=SOCKET[,queues=N]"""
         what = f"-s {where}virtio-blk,{conf}"
         parts = conf.split(",") if conf else []
         if not parts or not parts[0]:
             raise ConfigError(f"{what}: say which image: virtio-blk,PATH[,ro][,direct][,serial=ID]")
         path = parts[0]
-        opts: dict[str, Any] = {}  # ro/direct: bool, serial/engine: str, queues: int
+        opts: dict[str, Any] = {}  # ro/direct: bool, serial/engine/format/vhost_user: str, queues: int
+        if path.startswith("vhost-user="):
+            opts["vhost_user"], path = path.partition("=")[2], ""
+            if not opts["vhost_user"]:
+                raise ConfigError(f"{what}: vhost-user=SOCKET: say which socket")
+            for p in parts[1:]:
+                if not p.startswith("queues="):
+                    raise ConfigError(f"{what}: {p!r}: a vhost-user back-end decides that itself "
+                                      "(vhost-user=SOCKET takes only queues=N)")
         for p in parts[1:]:
             key, sep, value = p.partition("=")
             if key in ("ro", "direct") and not sep:
@@ -59,10 +73,22 @@ class BlockOptions:
                 opts["queues"] = int(value)
             elif key == "engine" and value in ENGINES:
                 opts["engine"] = value
+            elif key == "format" and value in FORMATS:
+                opts["format"] = value
+            elif key == "format":
+                raise ConfigError(f"{what}: format={value}: not an image format ({', '.join(FORMATS)})")
             else:
-                raise ConfigError(f"{what}: unknown option {p!r} (ro, direct, serial=ID, queues=1-64, engine=uring|sync)")
+                raise ConfigError(f"{what}: unknown option {p!r} (ro, direct, serial=ID, queues=1-64, engine=uring|sync, "
+                                  "format=raw|qcow2|...)")
         return cls(path, opts.get("ro", False), opts.get("direct", False), opts.get("serial", ""),
-                   opts.get("queues", 0), opts.get("engine", "uring"))
+                   opts.get("queues", 0), opts.get("engine", "uring"), opts.get("format", ""),
+                   opts.get("vhost_user", ""))
+
+
+def needs_backend(opts: BlockOptions) -> bool:
+    """Whether the disk is served by a vhost-user back-end (named, or qemu-storage-daemon for
+    an image that is not raw), not by the in-process data path."""
+    return bool(opts.vhost_user) or not check_format(opts.path, opts.format).raw
 
 
 def default_serial(path: str) -> str:
@@ -119,6 +145,7 @@ class DiskImage:
         if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
             raise ConfigError(f"disk {self.path}: neither a regular file nor a block device")
         self.size = _ioctl_int(self.fd, BLKGETSIZE64, "Q") if self.is_block_device else st.st_size
+        self._check_raw()  # first: another format's image is no sector multiple either
         if self.size == 0 or self.size % SECTOR:
             raise ConfigError(f"disk {self.path} is {self.size} bytes: not a whole number of 512-byte sectors")
         try:
@@ -144,6 +171,18 @@ class DiskImage:
                 if e.errno == errno.EINVAL:
                     raise ConfigError(f"disk {self.path}: its file system does not take O_DIRECT (drop ,direct)") from None
                 raise ConfigError(f"disk {self.path}: {e.strerror}") from None
+
+    def _check_raw(self) -> None:
+        """This is the raw data path: an image with another format's magic is refused
+        unless format=raw says its bytes are what the guest gets."""
+        if self.opts.format == RAW:
+            return
+        if self.size == 0:
+            return
+        found = probe_fd(self.fd)
+        if not found.raw:
+            raise ConfigError(f"disk {self.path} is a {found.what} image, not raw: it is not served as raw bytes "
+                              f"(format=raw says to; qemu-storage-daemon serves format={found.format})")
 
     @property
     def sectors(self) -> int:

@@ -30,6 +30,7 @@ from ..queue import Chain, RingSetupError, Virtqueue, VqState, check_setup, ring
 from ..spec import DeviceId, bits
 from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
+from .passt import Passt, check_forwards, check_installed
 from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, check_is_tap, format_mac, stable_mac
 
 QUEUE_SIZE = 256
@@ -86,6 +87,11 @@ GUEST_OFFLOAD_TUN = {
     NetFeature.GUEST_USO4: TUN_F_USO4,
     NetFeature.GUEST_USO6: TUN_F_USO6,
 }
+# What a TAP passes between the guest and the host kernel, and a stream (passt) does not:
+# its frames carry no vnet header, so every checksum is whole and no frame is a segment batch.
+OFFLOAD_FEATURES = (NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6,
+                    NetFeature.GUEST_ECN, NetFeature.GUEST_UFO, NetFeature.HOST_TSO4, NetFeature.HOST_TSO6,
+                    NetFeature.HOST_ECN, NetFeature.HOST_UFO, NetFeature.CTRL_GUEST_OFFLOADS)
 GSO_FEATURES = (NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_UFO, NetFeature.GUEST_USO4,
                 NetFeature.GUEST_USO6)
 
@@ -115,8 +121,9 @@ class VirtioNet(VirtioDevice):
     MAX_PAIRS = lib.AVMM_NET_MAX_PAIRS
 
     def __init__(self, opts: NetOptions, mem: GuestMemory, *, mac: bytes, queues: int, name: str = "virtio-net",
-                 poll: bool = False, tap: Tap | None = None):
-        """`tap`: one opened already (kept by the VM across guest resets; not closed here)."""
+                 poll: bool = False, tap: Tap | Passt | None = None):
+        """`tap`: one opened already (kept by the VM across guest resets; not closed here);
+        a Passt in its place when opts.passt says so."""
         self.pairs = min(opts.queues or queues, lib.AVMM_NET_MAX_PAIRS)
         super().__init__(2 * self.pairs + 1, QUEUE_SIZE)
         self.name = name
@@ -124,14 +131,23 @@ class VirtioNet(VirtioDevice):
         self.mem = mem
         self.mac0 = self.mac = opts.mac or mac
         self._owns_tap = tap is None
-        self.tap = Tap(opts.tap, self.pairs) if tap is None else tap
+        self.stream = opts.passt is not None
+        if tap is None:
+            tap = Passt(opts.passt, name) if opts.passt is not None else Tap(opts.tap, self.pairs)
+        self.tap = tap
         self._net = lib.avmm_net_new(mem.c_table(), self.pairs, QUEUE_SIZE)
-        if self._net == ffi.NULL:
+        if self._net == ffi.NULL or (self.stream and lib.avmm_net_set_stream(self._net, 0, tap.fds[0]) < 0):
+            lib.avmm_net_free(self._net)
             if self._owns_tap:
                 self.tap.close()
             raise DeviceError("cannot allocate the network data path")
-        for p, fd in enumerate(self.tap.fds):
+        for p, fd in enumerate(self.tap.fds if not self.stream else ()):
             lib.avmm_net_set_tap(self._net, p, fd)
+        if isinstance(tap, Passt) and tap.carry is not None:  # where the previous boot's device left the stream
+            rx, tx = tap.carry
+            lib.avmm_net_stream_carry_in(self._net, 0, rx, len(rx), tx, len(tx))
+            tap.carry = None
+        self.peer_gone = ""  # a stream's peer (passt) that went: how
         self.config_size = ffi.sizeof("struct virtio_net_config")
         self.link_up = True
         self.active_pairs = 1
@@ -156,6 +172,8 @@ class VirtioNet(VirtioDevice):
                  NetFeature.CTRL_RX_EXTRA, NetFeature.CTRL_MAC_ADDR, NetFeature.CTRL_GUEST_OFFLOADS)
         if self.pairs > 1:
             f |= bits(NetFeature.MQ)
+        if self.stream:
+            f &= ~bits(*OFFLOAD_FEATURES)
         if self.tap.uso:
             f |= bits(NetFeature.GUEST_USO4, NetFeature.GUEST_USO6, NetFeature.HOST_USO)
         return f
@@ -175,8 +193,9 @@ class VirtioNet(VirtioDevice):
         self.active_pairs = 1
         gso = any(features & bits(f) for f in GSO_FEATURES)
         mrg = features & bits(NetFeature.MRG_RXBUF)
+        # passt's frames are as large as the MTU it gives the guest (65520 by default).
         lib.avmm_net_set_flags(self._net, lib.AVMM_NET_MRG_RXBUF if mrg else 0,
-                               HDR_LEN + (GSO_FRAME_MAX if gso else FRAME_MAX))
+                               HDR_LEN + (GSO_FRAME_MAX if gso or self.stream else FRAME_MAX))
         self._set_offloads(features)
         ctrl = 2 * self.pairs
         data = [q for q in queues if q.index < ctrl]
@@ -211,7 +230,8 @@ class VirtioNet(VirtioDevice):
                 w.watch(q.kick_fd, self._tx, pair)
             else:
                 w.watch(q.kick_fd, self._rx_kick, pair)
-                w.watch(self.tap.fds[pair], self._rx, pair)
+                if not self.peer_gone:
+                    w.watch(self.tap.fds[pair], self._rx, pair)
         for q in data:  # doorbells rung before DRIVER_OK
             pair, tx = divmod(q.index, 2)
             (self._tx if tx else self._rx)(pair)
@@ -251,6 +271,9 @@ class VirtioNet(VirtioDevice):
         return self._state[0]
 
     def _after_rx(self, pair: int, state: int) -> None:
+        if state & lib.AVMM_NET_PEER_GONE:
+            self._gone(pair)
+            return
         if state & lib.AVMM_NET_RX_NO_BUFFERS and not self._rx_stopped[pair]:
             # No buffers: frames wait in the TAP until the guest posts some (the RX doorbell).
             self._rx_stopped[pair] = True
@@ -260,7 +283,7 @@ class VirtioNet(VirtioDevice):
 
     def _rx_kick(self, pair: int) -> None:
         lib.avmm_vq_drain_kick(lib.avmm_net_queue(self._net, 2 * pair))
-        if self._rx_stopped[pair]:
+        if self._rx_stopped[pair] and not self.peer_gone:
             self._rx_stopped[pair] = False
             self.worker.watch(self.tap.fds[pair], self._rx, pair)
         self._rx(pair)
@@ -276,7 +299,9 @@ class VirtioNet(VirtioDevice):
             self._after_tx(pair, state)
 
     def _after_tx(self, pair: int, state: int) -> None:
-        if state & lib.AVMM_NET_TX_BLOCKED:
+        if state & lib.AVMM_NET_PEER_GONE:
+            self._gone(pair)
+        elif state & lib.AVMM_NET_TX_BLOCKED:
             self.worker.watch_write(self.tap.fds[pair], self._tx_writable, pair)
         if state & lib.AVMM_NET_BUDGET:
             self.worker.soon((True, pair), self._tx_batch, pair)
@@ -293,6 +318,20 @@ class VirtioNet(VirtioDevice):
             self._after_rx(pair, state)
             self._after_tx(pair, state)
         return n
+
+    def _gone(self, pair: int) -> None:
+        """passt went away: the link is down for good (one log line, from the transport's
+        NEEDS_RESET, which also brings the driver a config interrupt to read the status).
+        The guest's frames are dropped from now on (C); the VMM carries on."""
+        if self.peer_gone:
+            return
+        fd = self.tap.fds[pair]
+        self.worker.unwatch(fd)
+        self.worker.unwatch_write(fd)
+        self._rx_stopped[pair] = True
+        self.link_up = False
+        self.peer_gone = self.tap.why_gone() if isinstance(self.tap, Passt) else "the peer closed its socket"
+        self.needs_reset(f"link down: {self.peer_gone}")
 
     def _tx_writable(self, pair: int) -> None:
         self.worker.unwatch_write(self.tap.fds[pair])
@@ -415,14 +454,18 @@ class VirtioNet(VirtioDevice):
     def stats(self) -> dict:
         if self._net == ffi.NULL:
             return {}
-        fields = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_batches", "tx_batches", "rx_no_buffers", "rx_held",
+        fields: tuple[str, ...] = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_batches", "tx_batches", "rx_no_buffers", "rx_held",
                   "rx_too_long", "rx_bad_chains", "rx_errors", "tx_bad_chains", "tx_errors", "tx_blocked")
+        if self.stream:
+            fields += ("rx_reads", "tx_partial")
         pairs = []
         for p in range(self.pairs):
             s = lib.avmm_net_stats(self._net, p)
             pairs.append({f: getattr(s, f) for f in fields})
         return {
             "tap": self.tap.name,
+            **({"passt": {"pid": self.tap.pid, "link": "up" if self.link_up else "down", "gone": self.peer_gone}}
+               if isinstance(self.tap, Passt) else {}),
             "mac": format_mac(self.mac),
             "active_pairs": self.active_pairs,
             "poll_window_ns": self.worker.window.ns,
@@ -433,6 +476,13 @@ class VirtioNet(VirtioDevice):
 
     def close(self) -> None:
         self.worker.stop(closing=True)
+        if self._net != ffi.NULL and isinstance(self.tap, Passt) and not self._owns_tap:
+            # passt stays for the next boot's device: a frame half read or half sent goes on with it.
+            rx = ffi.new("uint8_t[]", lib.AVMM_NET_STREAM_CARRY_RX)
+            tx = ffi.new("uint8_t[]", lib.AVMM_NET_STREAM_CARRY_TX)
+            rx_len, tx_len = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+            if lib.avmm_net_stream_carry_out(self._net, 0, rx, rx_len, tx, tx_len) == 0:
+                self.tap.carry = (ffi.buffer(rx, rx_len[0])[:], ffi.buffer(tx, tx_len[0])[:])
         if self._net != ffi.NULL:
             lib.avmm_net_free(self._net)
             self._net = ffi.NULL
@@ -443,18 +493,24 @@ class VirtioNet(VirtioDevice):
 # -- `-s N,virtio-net,TAPNAME[,mac=52:54:..][,queues=N]` -------------------------------------
 def _check(slot: PciSlot, cfg: VmConfig) -> None:
     opts = NetOptions.parse(slot.options, slot_name(slot))
-    check_is_tap(opts.tap, f"-s {slot_name(slot)}virtio-net,{slot.options}")
+    if opts.passt is not None:
+        check_installed(f"-s {slot_name(slot)}virtio-net,{slot.options}")
+        check_forwards(opts.passt, f"-s {slot_name(slot)}virtio-net,{slot.options}")
+    else:
+        check_is_tap(opts.tap, f"-s {slot_name(slot)}virtio-net,{slot.options}")
 
 
 def _build(slot: PciSlot, ctx):
     opts = NetOptions.parse(slot.options, slot_name(slot))
     where = f"{slot.slot}.{slot.function}"
     pairs = min(opts.queues or ctx.config.cpus, VirtioNet.MAX_PAIRS)
-    tap = None
-    if ctx.host is not None:  # the TAP outlives the boot: a reset reuses it
+    tap: Tap | Passt | None = None
+    if ctx.host is not None:  # the TAP (or passt) outlives the boot: a reset reuses it
         key = (slot.slot, slot.function)
         tap = ctx.host.taps.get(key)
-        if tap is None:
+        if tap is None and opts.passt is not None:
+            tap = ctx.host.taps[key] = Passt(opts.passt, f"virtio-net@{where}")
+        elif tap is None:
             tap = ctx.host.taps[key] = Tap(opts.tap, pairs)
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
                     name=f"virtio-net@{where}", poll=may_poll(ctx), tap=tap)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from ...._native import lib
 from ....errors import ConfigError
+from .passt import PasstOptions
+from .passt import parse_option as parse_passt_option
 
 TUN_DEVICE = "/dev/net/tun"
 IFNAMSIZ = 16
@@ -43,10 +45,11 @@ class NetOptions:
     tap: str
     mac: bytes | None = None
     queues: int = 0  # 0: one pair per vCPU
+    passt: PasstOptions | None = None  # `passt` in place of a TAP name: user-mode networking (passt.py)
 
     @classmethod
     def parse(cls, conf: str, where: str = "") -> "NetOptions":
-        """TAPNAME[,mac=XX:XX:XX:XX:XX:XX][,queues=N]"""
+        """TAPNAME[,mac=XX:XX:XX:XX:XX:XX][,queues=N], or passt[,mac=..][,fwd=tcp:H[:G]][,mtu=N]"""
         what = f"-s {where}virtio-net,{conf}"
         parts = conf.split(",") if conf else []
         if not parts or not parts[0]:
@@ -55,8 +58,13 @@ class NetOptions:
         if not _TAPNAME.match(name):
             raise ConfigError(f"{what}: {name!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
         mac, queues = None, 0
+        passt: dict | None = {} if name == "passt" else None  # never a TAP of that name
         for p in parts[1:]:
             key, sep, value = p.partition("=")
+            if passt is not None and parse_passt_option(passt, key, value, what):
+                continue
+            if passt is not None and key == "queues":
+                raise ConfigError(f"{what}: passt serves one queue pair (queues= is for a TAP)")
             if key == "mac" and _MAC.match(value):
                 mac = bytes(int(b, 16) for b in value.split(":"))
                 if mac[0] & 1:
@@ -65,9 +73,15 @@ class NetOptions:
                 if not (value.isdigit() and 1 <= int(value) <= lib.AVMM_NET_MAX_PAIRS):
                     raise ConfigError(f"{what}: queues={value}: a number of queue pairs from 1 to {lib.AVMM_NET_MAX_PAIRS}")
                 queues = int(value)
+            elif passt is not None:
+                raise ConfigError(f"{what}: unknown option {p!r} (mac=XX:XX:XX:XX:XX:XX, fwd=tcp:[HOSTADDR:]HOSTPORT[:GUESTPORT], "
+                                  "fwd=udp:..., mtu=N)")
             else:
                 raise ConfigError(f"{what}: unknown option {p!r} (mac=XX:XX:XX:XX:XX:XX, "
                                   f"queues=1-{lib.AVMM_NET_MAX_PAIRS})")
+        if passt is not None:
+            return cls(name, mac, 1, PasstOptions(tuple(passt.get("forwards", ())), tuple(passt.get("addresses", ())),
+                                                  passt.get("mtu", 0)))
         return cls(name, mac, queues)
 
 
