@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
                      "snapshot's; -s, if given, must name its devices; -l may move its consoles")
     run.add_argument("--incoming", metavar="ADDRESS",
                      help="wait at unix:PATH or tcp:HOST:PORT for a VM migrating here (asyncvmm ctl migrate), and run it")
+    run.add_argument("--jail", metavar="DIR", help="run confined (root only): a mount namespace whose root, "
+                     "a tmpfs on the empty directory DIR, holds only what the VM uses; then as --uid/--gid, "
+                     "with no capabilities and no new privileges (asyncvmm/jail.py)")
+    run.add_argument("--uid", metavar="UID", help="with --jail: the user the VMM runs as")
+    run.add_argument("--gid", metavar="GID", help="with --jail: the group the VMM runs as")
     run.add_argument("-q", "--quiet", action="store_true", help="no VMM messages but errors")
     run.add_argument("name", nargs="?", help="the VM's name, for `asyncvmm ctl` (default: asyncvmm-PID)")
     from .loader.cli import add_run_arguments  # noqa: PLC0415
@@ -161,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 
         cfg.gdb = parse_gdb(args.gdb_port, "-g") if args.gdb_port else parse_gdb(args.gdb_spec, "-G")
     serial_config(args.console, cfg)
-    if not cfg.kernel:
+    if not cfg.kernel and not cfg.bootrom:
         from .loader.cli import boot_from_disks  # noqa: PLC0415
 
         boot_from_disks(cfg, args)  # the disks' boot menu names the kernel
@@ -214,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 cfg, snapshot = load_for_cli(args)
             else:
                 cfg = config_from_args(args)
+            if args.jail is not None or args.uid is not None or args.gid is not None:
+                from .jail import enter, parse_jail  # noqa: PLC0415
+
+                jail = parse_jail(args.jail, args.uid, args.gid)
+                if jail is not None:
+                    enter(jail, cfg)  # before any thread starts, and before seccomp
             from .vstate import probe  # noqa: PLC0415
 
             probe.start()  # the KVM probe waits in the kernel: let it overlap the imports

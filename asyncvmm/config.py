@@ -54,7 +54,7 @@ def default_name() -> str:
 CLI_FLAGS = {
     "name": "NAME", "cpus": "-c", "memory": "-m", "kernel": "--kernel", "initrd": "--initrd", "pins": "-p",
     "cpu_template": "--cpu", "decompress": "--decompress", "profile_rip_ms": "--profile-rip", "symbols": "--symbols",
-    "seccomp": "--seccomp",
+    "seccomp": "--seccomp", "bootrom": "-l bootrom",
 }
 
 
@@ -88,6 +88,10 @@ class VmConfig:
     gdb: a gdb server for the guest (gdb.options.GdbOptions; None: none) [-g PORT, -G]
     xapic: the local APIC in xAPIC mode, x2APIC hidden from CPUID [-a]
     wired: guest memory wired (mlock'd: never swapped or moved) [-S]
+    bootrom, bootvars: a firmware image (SeaBIOS, OVMF) started at the reset vector instead
+        of a kernel, and an OVMF variables file (boot/bootrom.py) [-l bootrom,FILE[,VARSFILE]]
+    debugcon: a file for what the guest writes to port 0x402, the firmwares' debug console
+        (devices/legacy/debugcon.py) [-l debugcon,PATH]
     seccomp: the vCPU, loop and helper threads' system-call filters: "off", "log" or "kill"
         (default $ASYNCVMM_SECCOMP, else off; asyncvmm/seccomp.py) [--seccomp]
     block_backends: disks an embedder serves with coroutines, by name (asyncvmm.BlockBackend);
@@ -121,6 +125,9 @@ class VmConfig:
     gdb: GdbOptions | None = None  # -g/-G: a gdb server for the guest
     xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
     wired: bool = False  # -S: guest memory wired (mlock'd)
+    bootrom: str = ""  # -l bootrom,FILE: firmware started at the reset vector (boot/bootrom.py)
+    bootvars: str = ""  # -l bootrom,FILE,VARSFILE: its UEFI variables
+    debugcon: str = ""  # -l debugcon,PATH: port 0x402's bytes (firmware debug output) to a file
     block_backends: dict[str, Any] = field(default_factory=dict)  # virtio-blk-backend,NAME (block/backend.py)
 
     def __post_init__(self):
@@ -145,9 +152,20 @@ class VmConfig:
 
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise ConfigError(f"VM name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-        if not self.kernel:
+        if self.bootrom or self.bootvars:
+            from .boot.bootrom import Firmware  # noqa: PLC0415
+
+            if not self.bootrom:
+                raise ConfigError("bootvars= needs bootrom=")
+            Firmware.load(self.bootrom, self.bootvars)  # the files' checks, before anything starts
+        elif not self.kernel:
             raise ConfigError("no kernel given: use --kernel PATH" if cli else "no kernel given: VmConfig(kernel=PATH)")
-        check_readable(self.kernel, "kernel")
+        if self.kernel:
+            check_readable(self.kernel, "kernel")
+        if self.debugcon:
+            parent = os.path.dirname(os.path.abspath(self.debugcon))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise ConfigError(f"-l debugcon,{self.debugcon}: cannot write there ({parent} is not a writable directory)")
         if self.initrd:
             check_readable(self.initrd, "initrd")
         if self.cpus < 1:
@@ -308,6 +326,18 @@ def serial_config(options: list[str], cfg: "VmConfig") -> None:
     port has stdio."""
     given: dict[str, str] = {}
     for text in options:
+        if text.lower().startswith("bootrom,") or text.lower() == "bootrom":  # not a COM port: the firmware
+            from .boot.bootrom import parse_bootrom  # noqa: PLC0415
+
+            if cfg.bootrom:
+                raise ConfigError(f"-l {text}: bootrom is given twice")
+            cfg.bootrom, cfg.bootvars = parse_bootrom(text.partition(",")[2])
+            continue
+        if text.lower().startswith("debugcon,"):  # the firmware's debug port (0x402) to a file
+            cfg.debugcon = text.partition(",")[2]
+            if not cfg.debugcon:
+                raise ConfigError(f"-l {text}: name a file: -l debugcon,PATH")
+            continue
         name, spec = parse_serial(text)
         if name in given:
             raise ConfigError(f"-l {text}: {name} is given twice")

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import log, platform
+from .boot.bootrom import Firmware, FirmwareMapping
 from .boot.setup import BootImages, BootSetup, read_images
 from .bus import Bus
 from .config import VmConfig
@@ -70,6 +71,7 @@ class Machine:
         self.vcpus: Vcpus | None = None
         self.legacy: LegacyDevices | None = None
         self.pci: PciDevices | None = None
+        self.firmware: FirmwareMapping | None = None  # with -l bootrom
         self._console_observer = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future | None = None
@@ -97,6 +99,8 @@ class Machine:
                 self.vm = Vm(cfg, memory_backing=(snap_fd, root.memory.offset))
             else:
                 self.vm = Vm(cfg)
+            if cfg.bootrom:  # the firmware at the top of 4 GiB, before anything writes RAM
+                self.firmware = FirmwareMapping(self.vm.fd, self.vm.mem, Firmware.load(cfg.bootrom, cfg.bootvars), self.mmio)
             if self.restore is None and not self.incoming:
                 ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
                 self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)
@@ -105,6 +109,8 @@ class Machine:
             consoles = {"com1": self.console, **{n: self.host.console(n, spec) for n, spec in cfg.serial.items()}}
             self.legacy = LegacyDevices(self.vm, self.vcpus, cfg, consoles, self.pio, self.request_stop)
             self.legacy.console_observer = self._console_observer
+            if cfg.bootrom and cfg.kernel and self.boot_setup is not None:  # the firmware loads it: fw_cfg hands it over
+                self._kernel_to_firmware(cfg)
             self.pci = PciDevices(self.vm, cfg, self.pio, self.mmio, self.host)
             if self.restore is not None:
                 from .snapshot.state import restore_machine  # noqa: PLC0415
@@ -119,6 +125,19 @@ class Machine:
 
                 os.close(snap_fd)  # the mappings keep the file
         self.timeline.built = time.monotonic()
+
+    def _kernel_to_firmware(self, cfg: VmConfig) -> None:
+        from .boot import fw_cfg_items  # noqa: PLC0415
+        from .boot.linux import is_linux  # noqa: PLC0415
+
+        cmdline, appended = cfg.cmdline, list[str]()
+        if is_linux(self.images.kernel):
+            cmdline, appended = self.vm.quirks.linux_cmdline(cmdline)
+        fw_cfg_items.add_kernel(self.legacy.fw_cfg, self.vm.mem, self.images.kernel, self.images.initrd, cmdline)
+        log.get_logger("asyncvmm.machine").info(f"boot: {cfg.kernel} through fw_cfg, for the firmware's linuxboot option ROM")
+        if appended:
+            log.get_logger("asyncvmm.quirks").info(
+                f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(appended)}")
 
     # -- what callers look at -------------------------------------------------------------
     @property
@@ -295,7 +314,7 @@ class Machine:
         self._closed = True
         # The vCPU threads first (nothing runs guest code or posts exits any more), then
         # the devices (I/O in flight points into guest RAM), then the VM and its RAM.
-        for part in (self.vcpus, self.legacy, self.pci, self.vm):
+        for part in (self.vcpus, self.legacy, self.pci, self.vm, self.firmware):
             if part is not None:
                 part.close()
         if self._own_host:

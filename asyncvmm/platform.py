@@ -10,7 +10,9 @@ Guest physical addresses (x86-64):
     0xFEC0_0000                      IOAPIC (in-kernel)
     0xFED0_0000 .. 0xFED0_1000       platform MMIO page (unused: ACPI has the PM1 port block)
     0xFEE0_0000                      LAPIC (in-kernel)
-    0xFFFB_C000 .. 0xFFFC_0000       KVM's own pages on Intel (identity map, TSS)
+    0xFEFF_C000 .. 0xFF00_0000       KVM's own pages on Intel (identity map, TSS)
+    4 GiB - ROM .. 0x1_0000_0000     a firmware image (-l bootrom), read-only; an OVMF
+                                     variables file below it (boot/bootrom.py)
     0x1_0000_0000 ..                 the RAM above 3 GiB, if any
     pci_mmio64_window(...)           PCI 64-bit memory window (64-bit BARs), above RAM
 

@@ -27,6 +27,10 @@
 #define STREAM_HEADROOM 16
 #define STREAM_RX_BUF (256 << 10)
 #define STREAM_TX_BUF (STREAM_LEN + STREAM_FRAME_MAX)
+/* What passt takes from us: a length outside [ETH_HLEN, ETH_MAX_MTU] makes it reset the
+ * connection (and with --one-off, exit), so such a guest frame is dropped, never sent. */
+#define STREAM_TX_FRAME_MIN 14
+#define STREAM_TX_FRAME_MAX 65535
 
 struct stream {
     uint8_t *rx;            /* STREAM_RX_BUF: bytes [rx_start, rx_end) are not yet delivered */
@@ -383,6 +387,19 @@ static void stream_gone(struct pair *p, uint32_t *state)
     if (!p->stream->gone)
         *state |= AVMM_NET_PEER_GONE;
     p->stream->gone = 1;
+    p->stream->tx_off = p->stream->tx_len = 0; /* a tail kept for a peer that is gone: never sent */
+}
+
+/* A whole frame (or a length no frame has, which stream_rx ends the stream on) waits in
+ * the stream's buffer: stream_rx has something to do without reading. */
+static int stream_has_frame(const struct stream *st)
+{
+    uint32_t have = st->rx_end - st->rx_start;
+    if (st->gone || have < STREAM_LEN)
+        return 0;
+    const uint8_t *b = st->rx + st->rx_start;
+    uint32_t flen = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
+    return flen < STREAM_FRAME_MIN || flen > STREAM_FRAME_MAX || have - STREAM_LEN >= flen;
 }
 
 /* Whole frames from the stream's buffer into RX chains; the buffer refilled by one read
@@ -403,6 +420,7 @@ static int stream_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint
             flen = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
             if (flen < STREAM_FRAME_MIN || flen > STREAM_FRAME_MAX) { /* not a frame: the stream is lost */
                 p->stats.rx_errors++;
+                p->stats.rx_bad_length++;
                 stream_gone(p, state);
                 break;
             }
@@ -499,7 +517,7 @@ static int stream_flush(struct pair *p)
 static int stream_send(struct avmm_net *n, struct pair *p, struct avmm_chain *c)
 {
     struct stream *st = p->stream;
-    uint32_t flen = (uint32_t)(c->out_len - AVMM_NET_HDR_LEN); /* checked: at most STREAM_FRAME_MAX */
+    uint32_t flen = (uint32_t)(c->out_len - AVMM_NET_HDR_LEN); /* checked: within STREAM_TX_FRAME_MIN..MAX */
     uint8_t len[STREAM_LEN] = {(uint8_t)(flen >> 24), (uint8_t)(flen >> 16), (uint8_t)(flen >> 8), (uint8_t)flen};
     struct iovec iov[TX_IOV + 1];
     int niov = 1;
@@ -586,7 +604,10 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
             continue;
         }
         if (st) {
-            int r = st->gone ? -1 : c.out_len - AVMM_NET_HDR_LEN > STREAM_FRAME_MAX ? -2 : stream_send(n, p, &c);
+            uint64_t flen = c.out_len - AVMM_NET_HDR_LEN;
+            int r = -1;
+            if (!st->gone)
+                r = flen < STREAM_TX_FRAME_MIN || flen > STREAM_TX_FRAME_MAX ? -2 : stream_send(n, p, &c);
             if (r == 0) {
                 avmm_vq_unpop(q, 1);
                 p->stats.tx_blocked++;
@@ -595,7 +616,7 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
             }
             if (r == -1 && !st->gone)
                 stream_gone(p, state);
-            if (r < 0) { /* the link is down (or no frame is that long): dropped */
+            if (r < 0) { /* the link is down (or the peer takes no frame of that size): dropped */
                 p->stats.tx_errors++;
             } else {
                 p->stats.tx_packets++;
@@ -603,7 +624,7 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
                 frames++;
             }
             avmm_vq_push(q, c.head, 0);
-            if (st->tx_len) { /* a tail waits: nothing more until the socket is writable */
+            if (st->tx_len && !st->gone) { /* a tail waits: nothing more until the socket is writable */
                 p->stats.tx_blocked++;
                 *state |= AVMM_NET_TX_BLOCKED;
                 break;
@@ -660,13 +681,13 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
         for (int i = 0; i < npairs; i++) {
             struct avmm_vq *rx = &n->q[2 * i];
             struct stream *st = n->p[i].stream;
-            uint32_t buffered = st && !st->gone ? st->rx_end - st->rx_start : 0;
-            if ((n->p[i].held_len || buffered >= STREAM_LEN + STREAM_FRAME_MIN) && rx->size && !rx->broken &&
+            if ((n->p[i].held_len || (st && stream_has_frame(st))) && rx->size && !rx->broken &&
                 avmm_vq_pending(rx)) {
                 *pair = i; /* a frame held for buffers, and buffers came */
                 return avmm_net_rx(n, i, state);
             }
-            if (rx->size && !rx->broken && n->p[i].fd >= 0 && avmm_vq_pending(rx)) {
+            /* A gone stream's socket is readable for ever (EOF) and has nothing for us. */
+            if (rx->size && !rx->broken && n->p[i].fd >= 0 && !(st && st->gone) && avmm_vq_pending(rx)) {
                 fds[nfds] = (struct pollfd){.fd = n->p[i].fd, .events = POLLIN};
                 map[nfds++] = i;
             }

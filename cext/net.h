@@ -64,6 +64,7 @@ struct avmm_net_stats {
     uint64_t tx_blocked;     /* EAGAIN from the TAP: retried when it is writable */
     uint64_t rx_reads;       /* stream pairs: read() calls that brought bytes */
     uint64_t tx_partial;     /* stream pairs: frames the socket took only in part */
+    uint64_t rx_bad_length;  /* stream pairs: a length no frame has (the stream is lost: we end it) */
 };
 
 struct avmm_net;

@@ -199,13 +199,32 @@ static void spin_outcome(struct spin_policy *p, int hit)
     p->misses = 0;
 }
 
+/* ---- what KVM reported: sizes checked before they are used ----------------------------- */
+
+/* An I/O exit's bytes are size*count at data_offset in the run mapping, and size is what
+ * the exit slot's value holds: KVM keeps to that, but the VMM does not rely on it to stay
+ * inside the mapping (tests/fuzz/c/fuzz_exit.c). An exit that does not fit stops the vCPU. */
+static int io_fits(const struct avmm_vcpu *v)
+{
+    const struct kvm_run *run = v->run;
+    uint64_t size = run->io.size, count = run->io.count;
+    if ((size != 1 && size != 2 && size != 4) || count == 0)
+        return 0;
+    return run->io.data_offset <= v->run_size && size * count <= v->run_size - run->io.data_offset;
+}
+
+static int mmio_fits(const struct kvm_run *run)
+{
+    return run->mmio.len >= 1 && run->mmio.len <= sizeof(run->mmio.data);
+}
+
 /* ---- UART fast path ---------------------------------------------------------------- */
 
 static int serve_fast_io(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
     struct kvm_run *run = v->run;
-    if (run->io.size != 1)
+    if (run->io.size != 1 || !io_fits(v))
         return 0;
     uint8_t *data = (uint8_t *)run + run->io.data_offset;
     uint32_t count = run->io.count;
@@ -297,6 +316,13 @@ static void fill_exit(struct avmm_vcpu *v, int err)
     }
     switch (run->exit_reason) {
     case KVM_EXIT_IO:
+        if (!io_fits(v)) { /* the loop says so: AVMM_EXIT_STOP with the sizes KVM gave */
+            e->kind = AVMM_EXIT_STOP;
+            e->info[0] = run->io.size;
+            e->info[1] = run->io.count;
+            e->info[2] = run->io.data_offset;
+            break;
+        }
         e->kind = AVMM_EXIT_IO;
         e->addr = run->io.port;
         e->size = run->io.size;
@@ -308,6 +334,11 @@ static void fill_exit(struct avmm_vcpu *v, int err)
             memcpy(&e->value, e->data, e->size);
         break;
     case KVM_EXIT_MMIO:
+        if (!mmio_fits(run)) {
+            e->kind = AVMM_EXIT_STOP;
+            e->info[0] = run->mmio.len;
+            break;
+        }
         e->kind = AVMM_EXIT_MMIO;
         e->addr = run->mmio.phys_addr;
         e->size = run->mmio.len;
@@ -315,7 +346,7 @@ static void fill_exit(struct avmm_vcpu *v, int err)
         e->is_write = run->mmio.is_write;
         e->data = run->mmio.data;
         e->value = 0;
-        if (e->is_write && e->size <= 8)
+        if (e->is_write)
             memcpy(&e->value, e->data, e->size);
         break;
     case KVM_EXIT_INTERNAL_ERROR:
@@ -534,6 +565,12 @@ static void *vcpu_main(void *arg)
     sigfillset(&only_kick);
     sigdelset(&only_kick, kick_signal);
     pthread_sigmask(SIG_SETMASK, &only_kick, NULL);
+
+    /* The creator names the thread through /proc, which a jailed VMM has not: the thread
+     * names itself too (prctl). */
+    char name[16];
+    snprintf(name, sizeof(name), "vcpu%d", (int)(v - vm->vcpus));
+    pthread_setname_np(pthread_self(), name);
 
     if (v->host_cpu >= 0) {
         cpu_set_t set;

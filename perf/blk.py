@@ -108,7 +108,7 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
             may_poll = devices_may_poll(1) if poll is None else poll  # the machine's rule, for 1 vCPU
             if qsd:
                 daemon = await Daemon.start(image, "raw", readonly=False, queues=1, direct=direct)
-                vhost = await Backend.connect(daemon.socket, image, CONFIG_SIZE)
+                vhost = await Backend.connect(daemon.socket, image, CONFIG_SIZE, starting=True)
                 dev = h.add(VhostUserBlk(vhost, h.mem, queues=1))
             elif backend:
                 disk = PreadDisk(image)

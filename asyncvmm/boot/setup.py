@@ -37,6 +37,8 @@ class BootImages:
     def load(cls, cfg: VmConfig) -> "BootImages":
         """Read them now (for code that is not on a loop)."""
         t0 = time.monotonic()
+        if not cfg.kernel:  # a firmware boot (-l bootrom) with no kernel of ours
+            return cls(b"")
         kernel = _read_file(cfg.kernel, "kernel")
         initrd = _read_file(cfg.initrd, "initrd") if cfg.initrd else None
         return cls(kernel, initrd, _prepare(cfg, kernel), time.monotonic() - t0)
@@ -46,6 +48,8 @@ async def read_images(cfg: VmConfig) -> BootImages:
     """Read the kernel and initrd, and unpack a bzImage's payload if that is wanted, in a
     worker thread: a 50 MB image or a second of decompression must not stall the loop."""
     t0 = time.monotonic()
+    if not cfg.kernel:  # a firmware boot (-l bootrom) with no kernel of ours
+        return BootImages(b"")
     kernel = await asyncio.to_thread(_read_file, cfg.kernel, "kernel")
     initrd = await asyncio.to_thread(_read_file, cfg.initrd, "initrd") if cfg.initrd else None
     prepared = await asyncio.to_thread(_prepare, cfg, kernel)
@@ -58,6 +62,8 @@ def _prepare(cfg: VmConfig, kernel: bytes) -> loader.Prepared:
     except BootError as e:  # say which file
         raise BootError(f"kernel {cfg.kernel}: {e}") from None
     mode = cfg.decompress
+    if cfg.bootrom:  # the firmware loads it as it is (fw_cfg), nothing to unpack
+        return loader.Prepared()
     emulating = False
     if mode == loader.Decompress.AUTO and linux.kernel_kind(kernel) == "bzimage":
         emulating = probe.probe().emulating
@@ -84,7 +90,10 @@ class BootSetup:
         COM ports (platform.ComPort) the DSDT lists."""
         self.tables = None  # boot.acpi.Tables, with ACPI
         self.tables_s = 0.0  # what generating the ACPI tables took
+        self.loaded: loader.Boot | None = None
         rsdp = 0
+        if config.bootrom:  # the firmware builds the machine's boot: it asks fw_cfg (devices/legacy/fw_cfg.py)
+            return
         if config.acpi:
             from . import acpi  # noqa: PLC0415 (--no-acpi pays nothing for it)
 
@@ -102,15 +111,16 @@ class BootSetup:
             )
         if linux.kernel_kind(images.kernel) is None:
             raise BootError(f"{config.kernel} is not a kernel: neither an ELF with a PVH entry nor a bzImage")
-        self.loaded: loader.Boot = loader.load(
+        self.loaded = loaded = loader.load(
             mem, images.kernel, images.initrd, config.cmdline,
             prepared=images.prepared, linux_cmdline=linux_cmdline, rsdp=rsdp,
         )
-        log.info(f"boot: {config.kernel} {self.loaded.path}")
+        log.info(f"boot: {config.kernel} {loaded.path}")
         if self.loaded.appended:
             quirks_log.info(f"quirks: linux-cmdline: appended to the kernel command line: {' '.join(self.loaded.appended)}")
 
     @property
     def state(self):
-        """The boot processor's state at the kernel's entry."""
-        return self.loaded.state
+        """The boot processor's state at the kernel's entry; None for a firmware boot (the
+        reset state a new vCPU has)."""
+        return self.loaded.state if self.loaded is not None else None

@@ -22,7 +22,7 @@ import stat
 import time
 
 from ..errors import ConfigError, VmmError
-from .protocol import MAX_LINE, NAME_RE, SOCKET_SUFFIX, decode, encode, run_dir, socket_path
+from .protocol import MAX_LINE, NAME_RE, SOCKET_SUFFIX, check_run_dir, decode, encode, run_dir, socket_path
 
 DEFAULT_TIMEOUT = 10.0  # seconds for one request: connect, send, answer
 SNAPSHOT_TIMEOUT = 600.0  # seconds more for a snapshot's answer
@@ -53,6 +53,7 @@ class ControlClient:
                 )
             self.name = name_or_path
             self.path = socket_path(name_or_path)
+            check_run_dir(os.path.dirname(self.path))  # a socket found by name is trusted only there
         self.timeout = timeout
 
     def request(self, cmd: str, /, **fields) -> dict:
@@ -152,6 +153,7 @@ def list_vms(timeout: float = 2.0) -> list[dict]:
     """Every VM with a socket in run_dir(), sorted by name: its state result, or, for one that
     does not answer, {"name", "state": "stale" | "not answering", "error", "socket"}."""
     directory = run_dir()
+    check_run_dir(directory)
     try:
         entries = sorted(os.listdir(directory))
     except FileNotFoundError:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+
+from ..errors import ConfigError
 
 SOCKET_SUFFIX = ".sock"
 # A VM's name becomes a file name: keep it to what needs no quoting anywhere.
@@ -34,6 +37,26 @@ def run_dir() -> str:
         return "/run/asyncvmm"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return os.path.join(xdg, "asyncvmm") if xdg else f"/tmp/asyncvmm-{os.geteuid()}"
+
+
+def check_run_dir(directory: str) -> None:
+    """ConfigError unless `directory` is a real directory of this user's (or root's) that
+    nobody else may write: in /tmp anyone could have made /tmp/asyncvmm-UID first, to
+    catch the sockets or answer for a VM."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"control socket directory {directory}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"control socket directory {directory} is not a directory: remove it or set ASYNCVMM_RUN_DIR")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"control socket directory {directory} belongs to uid {st.st_uid}, not to this user "
+                          f"(uid {os.geteuid()}): remove it or set ASYNCVMM_RUN_DIR")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"control socket directory {directory} is writable by others "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}): make it 0700 or set ASYNCVMM_RUN_DIR")
 
 
 def socket_path(name: str) -> str:

@@ -2,7 +2,10 @@
 
 The socket is claimed before the VM boots: a live socket with the same name means another
 VM has that name (refused); a dead one is left over from a VMM that was killed (removed).
-It is created mode 0600 and removed on every exit path the process lives through.
+It is created mode 0600 and removed on every exit path the process lives through. Beyond
+the mode, every connection's peer is checked (SO_PEERCRED): root and the VM's owner — the
+user the VMM runs as — are served; anyone else gets one error answer and the connection
+is closed, so a socket or a directory made readable by mistake does not open the VM.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, VmmError
@@ -22,8 +26,28 @@ if TYPE_CHECKING:
     from ..api import VM
 
 
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (as it was at connect)."""
+    _pid, uid, _gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+    return uid
+
+
+_preclaimed: dict[str, tuple[socket.socket, str]] = {}
+
+
+def preclaim(name: str, sock: socket.socket, path: str) -> None:
+    """A socket claimed before the VM starts (the jail claims it before dropping root):
+    the VM's claim_socket takes it."""
+    _preclaimed[name] = (sock, path)
+
+
 def claim_socket(name: str) -> tuple[socket.socket, str]:
     """Bind the VM's control socket; ConfigError if the name is taken by a live VM."""
+    if name in _preclaimed:
+        return _preclaimed.pop(name)
     if not protocol.NAME_RE.match(name):
         raise ConfigError(f"VM name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     path = protocol.socket_path(name)
@@ -32,6 +56,7 @@ def claim_socket(name: str) -> tuple[socket.socket, str]:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create {directory} for control sockets: {e.strerror}") from None
+    protocol.check_run_dir(directory)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         _remove_if_stale(path, name)
@@ -81,7 +106,11 @@ class ControlServer:
         self.vm = vm
         self.path = path
         self._sock = sock
-        self._inode = os.stat(path).st_ino
+        try:
+            self._inode: int | None = os.stat(path).st_ino
+        except OSError:  # a jailed VMM's socket is outside its jail: its janitor removes it (jail.py)
+            self._inode = None
+        self.owner = os.geteuid()  # the user the VMM runs as (a jailed VMM's --uid)
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
 
@@ -92,6 +121,7 @@ class ControlServer:
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
+            refusal = self._refusal(writer.get_extra_info("socket"))
             while True:
                 try:
                     line = await reader.readline()
@@ -100,6 +130,10 @@ class ControlServer:
                     break
                 if not line:
                     break
+                if refusal:  # its request read first: closing on unread bytes would reset the connection
+                    writer.write(protocol.encode({"ok": False, "error": refusal, "usage": True}))
+                    await writer.drain()
+                    break
                 writer.write(protocol.encode(await self._answer(line)))
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -107,6 +141,17 @@ class ControlServer:
         finally:
             self._handlers.discard(task)
             writer.close()
+
+    def _refusal(self, sock) -> str | None:
+        """Why this connection's peer may not control the VM, or None (root or the owner)."""
+        try:
+            uid = peer_uid(sock)
+        except (OSError, AttributeError):
+            return "permission denied: the peer's credentials cannot be read"
+        if uid in (0, self.owner):
+            return None
+        return (f"permission denied: uid {uid} may not control VM {self.vm.config.name} "
+                f"(only root and its owner, uid {self.owner}, may)")
 
     async def _answer(self, line: bytes) -> dict:
         try:
@@ -143,6 +188,8 @@ class ControlServer:
 
     def remove_socket(self) -> None:
         """Remove the socket file if it is still ours (not a successor's after a restart)."""
+        if self._inode is None:
+            return
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)

@@ -54,6 +54,8 @@ from ..vstate.vm import Vm
 
 if TYPE_CHECKING:
     from ..devices.legacy.acpi_pm import AcpiPm
+    from ..devices.legacy.debugcon import DebugCon
+    from ..devices.legacy.fw_cfg import FwCfg
 
 CONSOLE_DRAIN_CHUNK = 65536
 CONSOLE_COALESCE_S = 0.001  # polled console output is written out at most this late
@@ -145,6 +147,8 @@ class LegacyDevices:
         self.rtc: Rtc | None = None
         self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
         self.acpi_pm: AcpiPm | None = None  # with ACPI
+        self.fw_cfg: FwCfg | None = None  # for a firmware boot (-l bootrom)
+        self.debugcon: DebugCon | None = None  # -l debugcon,PATH
         self._irq_efds: list[int] = []
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
         self._console_timer: asyncio.TimerHandle | None = None
@@ -195,6 +199,22 @@ class LegacyDevices:
                 reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the ACPI reset register")),
             )
             pio.register(ACPI_PM_PORT, ACPI_PM_SIZE, self.acpi_pm, "acpi-pm")
+        if cfg.bootrom:
+            from ..boot import fw_cfg_items  # noqa: PLC0415
+            from ..devices.legacy import fw_cfg  # noqa: PLC0415
+
+            fwc = self.fw_cfg = fw_cfg.FwCfg(vm.mem)
+            fw_cfg_items.populate(fwc, vm.mem, cfg, [c.where for c in self.serial.values()])
+            pio.register(fw_cfg.FW_CFG_PORT, fw_cfg.FW_CFG_PORTS, fwc.control_port(), "fw-cfg")
+            pio.register(fw_cfg.FW_CFG_DMA_PORT, fw_cfg.FW_CFG_DMA_PORTS, fwc.dma_port(), "fw-cfg-dma")
+        if cfg.debugcon:
+            from ..devices.legacy.debugcon import DEBUGCON_PORT, DebugCon  # noqa: PLC0415
+
+            try:
+                self.debugcon = DebugCon(cfg.debugcon)
+            except OSError as e:
+                raise VmmError(f"-l debugcon,{cfg.debugcon}: {e.strerror}") from None
+            pio.register(DEBUGCON_PORT, 1, self.debugcon, "debugcon")
 
     def _isa_line(self, irq: int) -> IsaLine:
         """The line of ISA IRQ `irq`, made on first use: an irqfd on its GSI."""
@@ -359,6 +379,8 @@ class LegacyDevices:
             self._console_timer = None
         if self.pit is not None:
             self.pit.close()
+        if self.debugcon is not None:
+            self.debugcon.close()
         for efd in self._irq_efds:
             os.close(efd)
         self._irq_efds.clear()

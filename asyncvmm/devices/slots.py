@@ -8,6 +8,10 @@ refused before anything starts), `build` makes the PCI function when the machine
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +24,8 @@ if TYPE_CHECKING:
     from ..console import Console
     from .virtio.net.passt import Passt
     from .virtio.net.tap import Tap
+
+STOP_WAIT = 2.0  # seconds a back-end's daemon gets to exit after SIGTERM, when stop() did not run
 
 __all__ = ["BuildContext", "HostResources", "describe", "driver_names", "lookup", "may_poll", "slot_name"]
 
@@ -74,7 +80,9 @@ class HostResources:
         for backend in self.backends.values():  # stop() did not run: the connections at least
             backend.close()
             if backend.process is not None and backend.process.proc.returncode is None:
-                backend.process.proc.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    backend.process.proc.terminate()
+                _reap(backend.process.proc.pid, STOP_WAIT)
         self.backends.clear()
         for tap in self.taps.values():
             tap.close()
@@ -82,6 +90,21 @@ class HostResources:
         for console in self.consoles.values():
             console.close()
         self.consoles.clear()
+
+
+def _reap(pid: int, timeout: float) -> None:
+    """A child just sent SIGTERM: waited for (at most `timeout`, then SIGKILL) and reaped,
+    so no zombie is left when the loop that would have reaped it is gone."""
+    deadline = time.monotonic() + timeout
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.005)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # asyncio's child watcher reaped it first
 
 
 @dataclass

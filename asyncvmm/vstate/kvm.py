@@ -102,18 +102,20 @@ class VmFd:
     """A VM: memory slots, the in-kernel irqchip and PIT, irqfds and ioeventfds."""
 
     # Addresses KVM needs for its own use on Intel (TSS for real mode, EPT identity map):
-    # at the top of the 32-bit hole, below the BIOS area, as QEMU and Firecracker put them.
-    TSS_ADDR = 0xFFFB_D000
-    IDENTITY_MAP_ADDR = 0xFFFB_C000
+    # just below 0xFF000000, where QEMU puts them, so a firmware image of up to 16 MiB at
+    # the top of 4 GiB (-l bootrom) never overlaps them.
+    TSS_ADDR = 0xFEFF_D000
+    IDENTITY_MAP_ADDR = 0xFEFF_C000
 
     def __init__(self, kvm: Kvm):
         self.kvm = kvm
         self.fd = kvm.create_vm()
 
-    def set_memory_region(self, slot: int, gpa: int, size: int, hva: int) -> None:
+    def set_memory_region(self, slot: int, gpa: int, size: int, hva: int, *, readonly: bool = False) -> None:
+        """Map [gpa, gpa+size) to host `hva`; `readonly`: guest writes exit as MMIO (a ROM)."""
         region = ffi.new(
             "struct kvm_userspace_memory_region *",
-            {"slot": slot, "flags": 0, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": hva},
+            {"slot": slot, "flags": lib.KVM_MEM_READONLY if readonly else 0, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": hva},
         )
         _check(lib.avmm_ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region), f"KVM_SET_USER_MEMORY_REGION slot {slot}")
 

@@ -127,8 +127,8 @@ class Vcpus:
             vcpu.set_cpuid(cpuid.for_vcpu(entries, topology, i))
             set_boot_msrs(vcpu, msrs)
         # The boot processor starts at the kernel's entry; the others wait for INIT/SIPI
-        # from it, in the in-kernel LAPIC. (None: a snapshot's registers come instead.)
-        if boot_state is not None:
+        # from it, in the in-kernel LAPIC.
+        if boot_state is not None:  # None: a firmware boot, from the reset vector (boot/bootrom.py), or a snapshot's registers
             apply_boot_state(self.fds[0], boot_state)
 
     @property
@@ -299,6 +299,12 @@ class Vcpus:
             if event == lib.KVM_SYSTEM_EVENT_RESET:
                 return Stop(StopReason.RESET, "guest reset", i)
             return Stop(StopReason.ERROR, f"vCPU {i}: guest crashed (system event {event})", i)
+        if reason == lib.KVM_EXIT_IO:  # sizes the exit slot cannot hold (vcpu_loop.c io_fits)
+            return Stop(StopReason.ERROR, f"vCPU {i}: KVM reported a port I/O exit of {e.info[0]} bytes x {e.info[1]} "
+                        f"at offset {e.info[2]:#x}, outside what the VMM can serve", i)
+        if reason == lib.KVM_EXIT_MMIO:
+            return Stop(StopReason.ERROR, f"vCPU {i}: KVM reported an MMIO exit of {e.info[0]} bytes, "
+                        "outside what the VMM can serve", i)
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             return Stop(StopReason.ERROR, f"vCPU {i}: KVM could not enter the guest (hardware reason {e.info[0]:#x})", i)
         name = EXIT_NAMES.get(reason, str(reason))

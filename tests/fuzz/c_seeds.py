@@ -135,8 +135,51 @@ def net_seeds() -> dict[str, bytes]:
     return out
 
 
+# fuzz_exit (c/fuzz_exit.c): ops, not RAM. <linux/kvm.h> exit reasons and the union's layouts.
+KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_SYSTEM_EVENT = 2, 6, 24
+EXIT_PICK = {"io": 0, "mmio": 1, "internal": 2, "fail_entry": 3, "system_event": 4, "debug": 5, "shutdown": 6}
+PIO_PAGE = 4096  # KVM_PIO_PAGE_OFFSET * page size: where KVM puts port I/O data
+
+
+def exit_seeds() -> dict[str, bytes]:
+    def arm(slot: int, thr: int, lsr: int, flags: int = 3, shadow: int = 0x60) -> bytes:
+        return bytes([slot << 2 | 0]) + struct.pack("<HHBB", thr, lsr, flags, shadow)
+
+    def drain(slot: int, cap: int) -> bytes:
+        return bytes([slot << 2 | 1]) + struct.pack("<H", cap - 1)
+
+    def poke(at: int, data: bytes) -> bytes:
+        return bytes([2]) + struct.pack("<H", at) + data.ljust(64, b"\0")
+
+    def io(out: bool, size: int, port: int, count: int, offset: int = PIO_PAGE) -> bytes:
+        return bytes([3, EXIT_PICK["io"]]) + struct.pack("<BBHIQ", int(out), size, port, count, offset).ljust(32, b"\0")
+
+    def mmio(addr: int, data: bytes, length: int, write: bool) -> bytes:
+        return bytes([3, EXIT_PICK["mmio"]]) + struct.pack("<Q8sIB", addr, data, length, int(write)).ljust(32, b"\0")
+
+    def other(kind: str, words: bytes) -> bytes:
+        return bytes([3, EXIT_PICK[kind]]) + words.ljust(32, b"\0")
+
+    com1 = arm(0, 0x3F8, 0x3FD)
+    return {
+        "seed-uart-fast-path": com1 + poke(PIO_PAGE, b"hello\n") + io(True, 1, 0x3F8, 1) + io(False, 1, 0x3FD, 1)
+        + io(True, 1, 0x3F8, 6) + drain(0, 64),
+        "seed-uart-string-io": com1 + arm(1, 0x2F8, 0x2FD, 1) + poke(PIO_PAGE, b"x" * 60) + io(True, 1, 0x2F8, 60)
+        + io(True, 1, 0x3F8, 4000) + drain(1, 16) + drain(0, 4096),
+        "seed-pio-to-the-loop": io(True, 2, 0xCF8, 1) + io(False, 4, 0xCFC, 1) + io(True, 1, 0x70, 3)
+        + io(False, 4, 0x510, 1024),
+        "seed-mmio": mmio(0xFEBF_0000, b"\x01\x02\x03\x04\0\0\0\0", 4, True) + mmio(0xFEE0_0000, bytes(8), 8, False)
+        + mmio(0xE000_0000, bytes(8), 1, True),
+        "seed-stops": other("internal", struct.pack("<II", 1, 3) + struct.pack("<QQQ", 1, 0x90C3, 0))
+        + other("fail_entry", struct.pack("<QI", 0x80000021, 0)) + other("system_event", struct.pack("<I", 2))
+        + other("debug", struct.pack("<IIQQQ", 3, 0, 0x100000, 0xFFFF0FF0, 0x400)) + other("shutdown", b"")
+        + bytes([0x83, 0]),  # KVM_RUN failed
+    }
+
+
 def main() -> None:
-    for target, seeds in (("fuzz_virtq", virtq_seeds()), ("fuzz_blk", blk_seeds()), ("fuzz_net", net_seeds())):
+    for target, seeds in (("fuzz_virtq", virtq_seeds()), ("fuzz_blk", blk_seeds()), ("fuzz_net", net_seeds()),
+                          ("fuzz_exit", exit_seeds())):
         d = HERE / "corpus" / target
         d.mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():

@@ -110,7 +110,49 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "destroy": {"cmd": "destroy", "timeout": 2.5, "force": False},
         }.items()
     }
+    out["net_ctrl"] = net_ctrl_seeds()
     return out
+
+
+# virtio-net's control queue (targets.fuzz_net_ctrl): <linux/virtio_net.h> classes and commands.
+CTRL_RX, CTRL_MAC, CTRL_VLAN, CTRL_ANNOUNCE, CTRL_MQ, CTRL_GUEST_OFFLOADS = range(6)
+NEXT, WRITE, INDIRECT = 1, 2, 4
+CTRL_QSIZE, CTRL_DATA = 8, 0x4000  # as targets.py
+
+
+def _ctrl_input(commands: list[bytes], ack: bool = True, indirect: bool = False) -> bytes:
+    """Every feature; one chain per command (out: class, command, data; in: the ack byte)."""
+    desc = bytearray(16 * CTRL_QSIZE)
+    data = bytearray(0x100 * len(commands) + 0x100)
+    for i, cmd in enumerate(commands):
+        out_addr, ack_addr = CTRL_DATA + 0x100 * i, CTRL_DATA + 0x100 * i + 0xC0
+        data[0x100 * i : 0x100 * i + len(cmd)] = cmd
+        if indirect:  # head i*2 points at a table of two in the data area
+            table = CTRL_DATA + 0x100 * len(commands)
+            data[0x100 * len(commands) : 0x100 * len(commands) + 32] = (
+                struct.pack("<QIHH", out_addr, len(cmd), NEXT, 1) + struct.pack("<QIHH", ack_addr, 1, WRITE, 0))
+            desc[32 * i : 32 * i + 16] = struct.pack("<QIHH", table, 32, INDIRECT, 0)
+            continue
+        desc[32 * i : 32 * i + 16] = struct.pack("<QIHH", out_addr, len(cmd), NEXT if ack else 0, 2 * i + 1)
+        desc[32 * i + 16 : 32 * i + 32] = struct.pack("<QIHH", ack_addr, 1, WRITE, 0)
+    heads = [2 * i for i in range(len(commands))] + [0] * (CTRL_QSIZE - len(commands))
+    avail = struct.pack("<HH", 0, len(commands)) + struct.pack(f"<{CTRL_QSIZE}H", *heads) + struct.pack("<H", 0)
+    return b"\xff" * 8 + bytes(desc) + avail + bytes(data)
+
+
+def net_ctrl_seeds() -> dict[str, bytes]:
+    mac = bytes.fromhex("525400abcdef")
+    return {
+        "rx-and-mac": _ctrl_input([
+            bytes([CTRL_RX, 0, 1]), bytes([CTRL_RX, 1, 0]), bytes([CTRL_MAC, 1]) + mac,
+            bytes([CTRL_MAC, 0]) + struct.pack("<I", 1) + mac + struct.pack("<I", 2) + mac + mac]),
+        "vlan-mq-offloads": _ctrl_input([
+            bytes([CTRL_VLAN, 0]) + struct.pack("<H", 100), bytes([CTRL_VLAN, 1]) + struct.pack("<H", 100),
+            bytes([CTRL_MQ, 0]) + struct.pack("<H", 2), bytes([CTRL_GUEST_OFFLOADS, 0]) + struct.pack("<Q", 1 << 1 | 1 << 7)]),
+        "announce-and-bad": _ctrl_input([bytes([CTRL_ANNOUNCE, 0]), bytes([9, 9, 9]), bytes([CTRL_MQ, 0, 0, 0])]),
+        "no-ack-buffer": _ctrl_input([bytes([CTRL_RX, 0, 1])], ack=False),
+        "indirect": _ctrl_input([bytes([CTRL_MAC, 1]) + mac], indirect=True),
+    }
 
 
 def main() -> None:

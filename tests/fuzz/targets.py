@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 import struct
 from collections.abc import Callable
 
@@ -34,6 +35,10 @@ from asyncvmm.devices.legacy.uart16550 import Uart16550
 from asyncvmm.devices.pci.device import PciBuses
 from asyncvmm.devices.pci.root import PciRoot, install
 from asyncvmm.devices.virtio.device import DeviceError, QueueConfig, VirtioDevice
+from asyncvmm.devices.virtio.net.device import CTRL_IOV_MAX, GUEST_OFFLOAD_TUN, VirtioNet
+from asyncvmm.devices.virtio.net.tap import NetOptions
+from asyncvmm.devices.virtio.queue import RingBroken, Virtqueue
+from asyncvmm.devices.virtio.spec import Feature, bits
 from asyncvmm.devices.virtio.transport_pci import NotifyBinder, VirtioPciDevice
 from asyncvmm.errors import BootError
 from asyncvmm.gdb import packets
@@ -531,6 +536,97 @@ def fuzz_boot_menu(data: bytes) -> None:
         pass
 
 
+# ---- virtio-net's control queue ---------------------------------------------------------------
+
+# Its ring, small and low in RAM: queue size 8, descriptors (raw from the input), the avail
+# ring (raw), the used ring; the command buffers anywhere from CTRL_DATA on.
+CTRL_QSIZE, CTRL_DESC, CTRL_AVAIL, CTRL_USED, CTRL_DATA = 8, 0x1000, 0x1100, 0x1200, 0x4000
+
+
+class _TapStandIn:
+    """What VirtioNet asks of its TAP outside the data path, recorded: the control queue's
+    MQ and GUEST_OFFLOADS commands end here (a real TAP would take the same ioctls). The
+    data path's fds are a socketpair nobody reads (the control queue never touches them)."""
+
+    def __init__(self, pairs: int):
+        self.name = "fuzz-tap"
+        self.uso = False
+        self.offload = -1
+        self._pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.fds = [self._pair[0].fileno()] * pairs
+        self.offloads: list[int] = []
+        self.active: list[int] = []
+
+    def set_offload(self, flags: int) -> None:
+        self.offloads.append(flags)
+
+    def set_active_queues(self, n: int) -> None:
+        self.active.append(n)
+
+    def close(self) -> None:
+        pass
+
+
+_net_mem: GuestMemory | None = None
+_net_tap: _TapStandIn | None = None
+
+
+def fuzz_net_ctrl(data: bytes) -> None:
+    """The control queue as VirtioNet serves it: chains the driver built (any descriptors,
+    any avail ring, any command bytes) popped and handed to the device's command handler as
+    its QueueWorker does, under any subset of the device's features."""
+    global _net_mem, _net_tap
+    if _net_mem is None:
+        _net_mem, _net_tap = GuestMemory(2 << 20), _TapStandIn(2)
+    mem, tap = _net_mem, _net_tap
+    assert tap is not None
+    inp = Input(data)
+    pairs = 2
+    dev = VirtioNet(NetOptions("fuzz-tap", queues=pairs), mem, mac=bytes.fromhex("525400123456"), queues=pairs,
+                    tap=tap)  # type: ignore[arg-type]
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    tap.offloads.clear()
+    tap.active.clear()
+    try:
+        offered = dev.features() | bits(Feature.VERSION_1, Feature.RING_EVENT_IDX, Feature.RING_INDIRECT_DESC)
+        dev._features = features = offered & (inp.u32() | inp.u32() << 32)  # as activate() records them
+        mem.write(CTRL_DESC, inp.take(16 * CTRL_QSIZE).ljust(16 * CTRL_QSIZE, b"\0"))
+        mem.write(CTRL_AVAIL, inp.take(6 + 2 * CTRL_QSIZE).ljust(6 + 2 * CTRL_QSIZE, b"\0"))
+        mem.write(CTRL_USED, bytes(6 + 8 * CTRL_QSIZE))
+        mem.write(CTRL_DATA, inp.rest()[: 0x4000].ljust(0x4000, b"\0"))
+        q = QueueConfig(2 * pairs, CTRL_QSIZE, CTRL_DESC, CTRL_AVAIL, CTRL_USED, None, efd)
+        vq = Virtqueue.setup(mem, q, features, iov_max=CTRL_IOV_MAX, what="control queue")
+        pushed = 0
+        try:
+            for _ in range(4 * CTRL_QSIZE):
+                chain = vq.pop()
+                if chain is None:
+                    break
+                written = 0
+                if chain.error is None:
+                    written = dev._ctrl_command(chain)
+                    assert written in (0, 1) and written <= chain.in_len
+                vq.push(chain, written)
+                pushed += 1
+        except RingBroken:
+            pass
+        vq.publish()
+        if vq.broken is None:
+            assert struct.unpack("<H", mem.read(CTRL_USED + 2, 2))[0] == pushed & 0xFFFF
+        # What the commands may leave: a MAC, pairs the device has, VLAN IDs, whole MACs in
+        # the filters, offloads only of negotiated features.
+        assert len(dev.mac) == 6 and 1 <= dev.active_pairs <= pairs
+        assert all(0 <= v < 4096 for v in dev.vlans)
+        assert all(len(m) == 6 for table in dev.mac_filters for m in table)
+        assert all(1 <= n <= pairs for n in tap.active)
+        allowed = sum(t for f, t in GUEST_OFFLOAD_TUN.items() if features & bits(f))
+        assert all(not flags & ~allowed for flags in tap.offloads), (tap.offloads, allowed)
+        assert dev.counters["ctrl_errors"] <= dev.counters["ctrl_commands"] + pushed
+    finally:
+        dev.close()
+        os.close(efd)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "uart": fuzz_uart,
     "rtc": fuzz_rtc,
@@ -546,5 +642,6 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "control": fuzz_control,
     "gdb_packets": fuzz_gdb_packets,
     "boot_menu": fuzz_boot_menu,
+    "net_ctrl": fuzz_net_ctrl,
 }
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, needs_kvm, run_vmm
+from conftest import ROOT, free_port, needs_kvm, run_vmm
 from gdb_rsp import RspClient, wait_for
 
 pytestmark = [needs_kvm, pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb (tools/setup installs it)")]
@@ -23,12 +23,6 @@ pytestmark = [needs_kvm, pytest.mark.skipif(shutil.which("gdb") is None, reason=
 # The test guests are 32-bit ELF files; the stub describes an x86-64 target, as QEMU's
 # does, so gdb is told the architecture before it reads the file.
 GDB_PRELUDE = ("set architecture i386:x86-64", "set confirm off")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GuestUnderGdb:

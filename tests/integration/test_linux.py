@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_kvm
+from conftest import free_port, needs_kvm
 from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
 from netns import Netns
 
@@ -266,12 +265,6 @@ async def check_gdb(port: int, failures: list[str]) -> None:
         failures.append(f"gdb: did not detach:\n{out}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_checks(checks, log: str, boot: str, failures: list[str]) -> None:
     for check in checks:
         try:
@@ -400,8 +393,8 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     check = subprocess.run(["qemu-img", "check", str(root)], capture_output=True, text=True)
     if check.returncode != 0:
         failures.append(f"qemu-img check: status {check.returncode}: {check.stdout}{check.stderr}")
-    root = tmp_path / "root.back.img"
-    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(root_raw.with_suffix(".qcow2")), str(root)], check=True)
+    qcow2, root = root, tmp_path / "root.back.img"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(qcow2), str(root)], check=True)
     after = superblock(root)
     if int(after["Mount count"]) != int(before["Mount count"]) + 1 or after["Last mount time"] == before["Last mount time"]:
         failures.append(f"ext4 superblock: mount count {before['Mount count'].strip()} -> {after['Mount count'].strip()}, "

@@ -20,10 +20,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from asyncvmm._native import lib
+from conftest import free_port, open_fds
 from passt_peer import Dhcp, Guest, TcpConn
 
 from asyncvmm.config import VmConfig
@@ -43,22 +45,12 @@ def host_addresses() -> set[bytes]:
     return {ipaddress.IPv4Address(line.split()[3].split("/")[0]).packed for line in out.splitlines()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _has_group(name: str) -> bool:
     try:
         grp.getgrnam(name)
     except KeyError:
         return False
     return True
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 class PasstNet:
@@ -197,6 +189,28 @@ def test_passt_port_forward_from_the_host():
     run(go())
 
 
+@needs_passt
+def test_passt_survives_guest_frames_it_would_not_take():
+    """passt resets its connection (and with --one-off, exits) on a frame shorter than an
+    Ethernet header or longer than 65535 bytes: the device drops those, passt stays."""
+    async def go():
+        async with PasstNet() as n:
+            await n.guest.dhcp()
+            n.c.tx.take_used()  # the DHCP frames'
+            before = n.net.stats()["pairs"][0]
+            for frame in (b"", bytes(13), b"\xff" * 6 + n.net.mac + b"\x08\x00" + bytes(65536 - 14)):
+                n.c.send(frame)
+            await n.c.sent(3)
+            after = n.net.stats()["pairs"][0]
+            assert after["tx_errors"] == before["tx_errors"] + 3
+            assert after["tx_packets"] == before["tx_packets"]
+            await asyncio.sleep(0.3)  # passt had time to read (and refuse) whatever was sent
+            assert n.net.stats()["passt"]["link"] == "up" and n.passt.proc.poll() is None
+            lease = await n.guest.dhcp()  # and it still answers
+            assert lease.acked, lease
+    run(go())
+
+
 # -- passt going away ---------------------------------------------------------------------
 
 @needs_passt
@@ -206,11 +220,11 @@ def test_passt_killed_link_down_and_the_vmm_carries_on():
             await n.guest.dhcp()
             pid = n.passt.pid
             os.kill(pid, signal.SIGKILL)
-            async with asyncio.timeout(5):
-                while n.net.stats()["passt"]["link"] == "up":
+            async with asyncio.timeout(5):  # the cause may come after the link went down
+                while "killed by SIGKILL" not in n.net.stats()["passt"]["gone"]:
                     await asyncio.sleep(0.01)
             stats = n.net.stats()
-            assert "killed by SIGKILL" in stats["passt"]["gone"], stats["passt"]
+            assert stats["passt"]["link"] == "down", stats["passt"]
             assert n.drv.config_read(6, 2) & lib.VIRTIO_NET_S_LINK_UP == 0
             assert n.drv.status & Status.NEEDS_RESET
             # The guest's frames are taken and dropped, never left to fill the ring.
@@ -221,6 +235,33 @@ def test_passt_killed_link_down_and_the_vmm_carries_on():
             assert n.net.stats()["pairs"][0]["tx_errors"] == before + 1
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # reaped
+    run(go())
+
+
+@needs_passt
+def test_passt_socket_closed_before_it_exits_never_stalls_the_loop():
+    """The socket closes while passt still runs: the device says so at once (it never waits
+    for passt on the loop), and names the real cause when passt has exited, reaped then."""
+    async def go():
+        async with PasstNet() as n:
+            await n.guest.dhcp()
+            pid = n.passt.pid
+            t = time.monotonic()
+            assert n.passt.why_gone() == f"passt (pid {pid}) closed its socket"
+            assert time.monotonic() - t < 0.1
+            n.passt.sock.shutdown(socket.SHUT_RD)  # our reads see the end of the stream; passt lives
+            async with asyncio.timeout(5):
+                while n.net.link_up:
+                    await asyncio.sleep(0.005)
+            assert n.net.peer_gone == f"passt (pid {pid}) closed its socket"
+            assert n.passt.proc.poll() is None
+            os.kill(pid, signal.SIGKILL)
+            async with asyncio.timeout(5):
+                while "killed by SIGKILL" not in n.net.peer_gone:
+                    await asyncio.sleep(0.005)
+            assert n.passt.proc.returncode == -signal.SIGKILL
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # reaped
     run(go())
 
 
@@ -423,7 +464,70 @@ def test_stream_rx_frames_split_anywhere_and_a_broken_length():
                 while n.dev.device.link_up:
                     await asyncio.sleep(0.005)
             assert n.drv.config_read(6, 2) & lib.VIRTIO_NET_S_LINK_UP == 0
-            assert n.stats["rx_errors"] == 1
+            assert n.stats["rx_errors"] == 1 and n.stats["rx_bad_length"] == 1
+            assert n.dev.device.peer_gone == "the VMM took the link down: the peer sent a frame length no frame has"
+    run(go())
+
+
+def test_stream_gone_with_a_tail_kept_drops_what_follows_without_blocking():
+    """The peer goes while a frame's tail waits to be sent: the tail is dropped with the
+    stream, and every later frame is consumed and counted at once — not one per batch,
+    each batch reporting the dead socket blocked and watching it for writing again."""
+    async def go():
+        async with StreamNet(sndbuf=4096) as n:
+            for _ in range(3):
+                n.c.send(os.urandom(9000), split=False)
+            async with asyncio.timeout(5):
+                while n.stats["tx_partial"] == 0:
+                    await asyncio.sleep(0.005)
+            n.peer.close()  # never read: the tail is still ours
+            async with asyncio.timeout(5):
+                while n.dev.device.link_up:
+                    await asyncio.sleep(0.005)
+            await n.c.sent(3)
+            n.c.tx.take_used()
+            before = n.stats
+            for _ in range(6):
+                n.c.send(os.urandom(100), kick=False)
+            n.c.tx.kick()
+            await n.c.sent(6)
+            after = n.stats
+            assert after["tx_errors"] == before["tx_errors"] + 6
+            assert after["tx_blocked"] == before["tx_blocked"], after
+    run(go())
+
+
+def _poll_ms(n: StreamNet, ms: int) -> tuple[int, float]:
+    """avmm_net_poll for `ms`, as the device's busy-poll calls it: what it returned, and when."""
+    from asyncvmm._native import ffi  # noqa: PLC0415
+
+    state, pair = ffi.new("uint32_t *"), ffi.new("int *")
+    t = time.monotonic()
+    got = lib.avmm_net_poll(n.dev.device._net, 1, ms * 1_000_000, state, pair)
+    return got, time.monotonic() - t
+
+
+def test_stream_poll_waits_over_a_partial_frame_and_a_gone_stream():
+    """A frame not yet whole in the buffer, and a stream that is gone, are nothing to
+    deliver: avmm_net_poll spins its whole time for them, rather than returning at once
+    (which ends the device's busy-poll on every call)."""
+    async def go():
+        async with StreamNet() as n:
+            n.c.post_rx(16)
+            n.peer.send((1000).to_bytes(4, "big") + bytes(40))  # 44 of 1004 bytes
+            async with asyncio.timeout(5):
+                while n.stats["rx_reads"] == 0:
+                    await asyncio.sleep(0.005)
+            got, took = _poll_ms(n, 40)
+            assert got == 0 and took >= 0.035, took
+            n.peer.send(bytes(960))  # the rest: delivered
+            assert len(await n.c.receive(1)) == 1
+            n.peer.close()
+            async with asyncio.timeout(5):
+                while n.dev.device.link_up:
+                    await asyncio.sleep(0.005)
+            got, took = _poll_ms(n, 40)
+            assert got == 0 and took >= 0.035, took
     run(go())
 
 

@@ -200,3 +200,44 @@ def test_the_vhost_user_data_path_bypasses_the_vmm_and_nothing_outlives_the_vm(g
         assert fds() == before_fds and vcpu_threads() == before_threads
         assert daemons() == 0
     run_loop(main())
+
+
+@needs_qsd
+def test_a_qcow2_in_use_is_refused_at_start_and_its_daemon_dies_with_the_vmm(guests, image, tmp_path):
+    """qemu-storage-daemon's image lock: a second VM on the image gets one line, status 2;
+    a VMM killed with SIGKILL takes its daemon with it (PR_SET_PDEATHSIG)."""
+    import glob  # noqa: PLC0415
+
+    disk = tmp_path / "held.qcow2"
+    subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", str(image), str(disk)], check=True)
+    dirs_before = set(glob.glob("/tmp/asyncvmm-qsd-*"))
+    first = subprocess.Popen(
+        [sys.executable, "-m", "asyncvmm", "run", "-m", "64", "--kernel", str(guests / "vblk.elf"),
+         "--cmdline", "stay=1", "-s", f"3,virtio-blk,{disk}", "qcow2-holder"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+
+    def daemons() -> int:
+        return subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{disk}"], capture_output=True).stdout.count(b"\n")
+
+    try:
+        deadline = time.monotonic() + 20
+        out = b""
+        while b"vblk done" not in out and time.monotonic() < deadline:
+            out += first.stdout.read1(4096)
+        assert b"vblk done" in out
+        r = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "-s", f"4,virtio-blk,{disk}", "second")
+        assert r.status == 2, r.err
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and "is in use by another VM" in lines[0] and "lock" in lines[0], r.err
+        assert daemons() == 1  # the second VM's daemon is gone, the first's serves on
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+        first.stderr.close()
+    deadline = time.monotonic() + 10
+    while daemons() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemons() == 0
+    assert set(glob.glob("/tmp/asyncvmm-qsd-*")) <= dirs_before  # the socket's directory went at connection

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -177,6 +178,41 @@ def test_a_backend_that_raises_is_an_io_error_to_the_guest():
     run(go())
 
 
+def test_a_backend_that_raises_cancelled_or_a_base_exception_fails_only_that_request():
+    """A coroutine's own CancelledError (or another BaseException) is its request's I/O
+    error: the rest of the batch completes, the device quiesces and resets."""
+
+    class Fatal(BaseException):
+        pass
+
+    class Odd(MemDisk):
+        async def read(self, offset, length):
+            await asyncio.sleep(0)
+            if offset == 8 * 512:
+                raise asyncio.CancelledError()  # not the device's doing
+            if offset == 16 * 512:
+                raise Fatal("not an Exception")
+            return bytes(self.data[offset : offset + length])
+
+    async def go():
+        disk = Odd()
+        async with Dev(disk) as d:
+            for batch in ([0, 8, 16, 24], [8], [16]):  # in one batch, and each alone
+                reqs = [d.c.build(T_IN, sector, in_len=512) for sector in batch]
+                d.c.q.kick()
+                await d.c.q.wait_used(len(reqs))
+                for sector, (_, status, addr) in zip(batch, reqs):
+                    want = S_IOERR if sector in (8, 16) else S_OK
+                    assert d.h.mem.read(status, 1)[0] == want, sector
+                    if want == S_OK:
+                        assert d.h.mem.read(addr, 512) == bytes(disk.data[sector * 512 : (sector + 1) * 512])
+            assert d.stats["backend"]["errors"] == 4 and d.stats["backend"]["pending_batches"] == 0
+            assert d.dev.device.quiesced()
+            d.drv.set_status(0)  # a reset waits for nothing
+            assert d.drv.status == 0
+    run(go())
+
+
 def test_short_reads_and_read_only_backends():
     class Short(MemDisk):
         async def read(self, offset, length):
@@ -267,3 +303,54 @@ def test_the_cow_example_through_the_harness(tmp_path):
     finally:
         cow.close()
     assert hashlib.sha256(base.read_bytes()).hexdigest() == digest  # the base is never written
+
+
+def test_the_cow_example_keeps_every_write_of_a_batch_to_one_block(tmp_path):
+    """Writes to one 4 KiB block in one batch both copy it from the base while the other
+    waits: the first copy is kept and each write's data lands in it. A discard or zeroing
+    of whole blocks copies nothing from the base."""
+    base = tmp_path / "base.img"
+    base.write_bytes(os.urandom(DISK))
+    mod = _cow_example()
+    cow = mod.CowDisk(str(base))
+
+    async def go():
+        async with Dev(cow) as d:
+            orig = base.read_bytes()
+            parts = {s: os.urandom(512) for s in (0, 1, 3, 6)}  # sectors of block 0
+            reqs = [d.c.build(T_OUT, s, data=p) for s, p in parts.items()]
+            d.c.q.kick()
+            await d.c.q.wait_used(len(reqs))
+            assert all(d.h.mem.read(status, 1)[0] == S_OK for _, status, _ in reqs)
+            assert d.stats["backend"]["batches"] == 1
+            st, _, data = await d.c.run(T_IN, 0, in_len=4096)
+            want = bytearray(orig[:4096])
+            for s, p in parts.items():
+                want[s * 512 : (s + 1) * 512] = p
+            assert st == S_OK and data == bytes(want)
+            # 64 blocks discarded, and zeroed: no block of them copied, every one reads as zeros.
+            assert (await d.c.run(T_DISCARD, payload=BLK_SEGMENT.pack(64, 512, 0)))[0] == S_OK
+            assert (await d.c.run(T_WZ, payload=BLK_SEGMENT.pack(1024, 512 + 4, 0)))[0] == S_OK
+            assert all(cow.overlay[n] is mod.ZERO for n in range(8, 8 + 64))
+            assert all(cow.overlay[n] is mod.ZERO for n in range(128, 128 + 64))
+            assert isinstance(cow.overlay[192], bytearray)  # the half block zeroed: copied
+            st, _, data = await d.c.run(T_IN, 60, in_len=8192)
+            assert data == orig[60 * 512 : 64 * 512] + bytes(8192 - 2048)
+            assert (await d.c.run(T_OUT, 65, data=b"w" * 512))[0] == S_OK  # into a zero block
+            st, _, data = await d.c.run(T_IN, 64, in_len=1536)
+            assert data == bytes(512) + b"w" * 512 + bytes(512)
+            assert mod.ZERO == bytes(4096)  # the shared marker itself untouched
+    try:
+        run(go())
+    finally:
+        cow.close()
+
+
+def test_the_cow_example_refuses_bad_arguments_in_one_line(tmp_path):
+    script = ROOT / "tools" / "examples" / "cow_disk.py"
+    for args, words in (([], "usage: cow_disk.py BASE.img"), ([str(tmp_path / "nope.img")], "nope.img: no such file"),
+                        ([str(tmp_path / "a"), str(tmp_path / "b")], "usage:")):
+        r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout == ""

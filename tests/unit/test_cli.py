@@ -138,8 +138,8 @@ def test_no_permission_on_dev_kvm(kernel):
         pytest.skip("/dev/kvm is open to everyone here")
     import tempfile
 
-    with tempfile.TemporaryDirectory() as run_dir:  # a socket directory nobody may use
-        os.chmod(run_dir, 0o777)
+    with tempfile.TemporaryDirectory() as run_dir:  # a socket directory of the user's
+        os.chown(run_dir, 65534, 65534)
         p = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "asyncvmm", "run",
              "--kernel", kernel],

@@ -59,7 +59,7 @@ class Served:
     async def __aenter__(self):
         self.daemon = await Daemon.start(self.image, self.fmt, readonly=self.readonly, queues=1)
         try:
-            self.backend = await Backend.connect(self.daemon.socket, self.image, CONFIG_SIZE)
+            self.backend = await Backend.connect(self.daemon.socket, self.image, CONFIG_SIZE, starting=True)
         except BaseException:
             await self.daemon.stop()
             raise

@@ -23,6 +23,7 @@ from asyncvmm import VM, BlockBackend, PciSlot, VmConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = 4096
+ZERO = bytes(BLOCK)  # the one zero block every discarded or zeroed whole block shares
 
 
 class CowDisk(BlockBackend):
@@ -31,7 +32,8 @@ class CowDisk(BlockBackend):
     def __init__(self, base: str):
         self.fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self.fd).st_size // 512 * 512
-        self.overlay: dict[int, bytearray] = {}  # block number -> its 4 KiB
+        # block number -> its 4 KiB, or ZERO: a block discarded or zeroed whole costs no copy
+        self.overlay: dict[int, bytearray | bytes] = {}
         self.counts = {"read": 0, "write": 0, "flush": 0, "discard": 0, "write_zeroes": 0}
 
     def close(self) -> None:
@@ -50,35 +52,51 @@ class CowDisk(BlockBackend):
         start = offset - first * BLOCK
         return b"".join(blocks)[start : start + length]
 
-    async def _modify(self, offset: int, data: bytes) -> None:
+    async def _writable(self, n: int) -> bytearray:
+        """Block n's own copy in the overlay, made on its first write."""
+        block = self.overlay.get(n)
+        if block is None:
+            base = await self._block(n)
+            # Another request of the batch may have copied it while this one waited on the
+            # base: the first copy stays (with that request's data), this one is dropped.
+            block = self.overlay.get(n)
+            if block is None:
+                block = self.overlay[n] = bytearray(base)
+        if not isinstance(block, bytearray):  # ZERO, shared: a copy of its own now
+            block = self.overlay[n] = bytearray(block)
+        return block
+
+    async def _modify(self, offset: int, data: bytes | None, length: int) -> None:
+        """`data` at `offset`; None: `length` bytes of zeros (whole blocks as ZERO markers)."""
         at = 0
-        while at < len(data):
+        while at < length:
             n, within = divmod(offset + at, BLOCK)
-            take = min(BLOCK - within, len(data) - at)
-            if n not in self.overlay:
-                self.overlay[n] = bytearray(await self._block(n))  # copy on first write
-            self.overlay[n][within : within + take] = data[at : at + take]
+            take = min(BLOCK - within, length - at)
+            if data is None and take == BLOCK:
+                self.overlay[n] = ZERO
+            else:
+                block = await self._writable(n)  # nothing awaited from here to the copy in
+                block[within : within + take] = data[at : at + take] if data is not None else bytes(take)
             at += take
 
     async def write(self, offset: int, data: bytes) -> None:
         self.counts["write"] += 1
-        await self._modify(offset, data)
+        await self._modify(offset, data, len(data))
 
     async def flush(self) -> None:
         self.counts["flush"] += 1  # the overlay is memory: nothing more durable to reach
 
     async def discard(self, offset: int, length: int) -> None:
         self.counts["discard"] += 1
-        await self._modify(offset, bytes(length))  # reads as zeros afterwards, as the API asks
+        await self._modify(offset, None, length)  # reads as zeros afterwards, as the API asks
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self.counts["write_zeroes"] += 1
-        await self._modify(offset, bytes(length))
+        await self._modify(offset, None, length)
 
 
-async def main(base: str) -> None:
+async def main(disk: CowDisk, base: str) -> None:
     before = hashlib.sha256(Path(base).read_bytes()).hexdigest()
-    disk = CowDisk(base)
     try:
         cfg = VmConfig(memory="64M", kernel=str(REPO / "build" / "guests" / "vblk.elf"), no_reboot=True,
                        block_backends={"cow": disk}, slots=[PciSlot(0, 3, 0, "virtio-blk-backend", "cow")])
@@ -93,7 +111,25 @@ async def main(base: str) -> None:
     print("base image unchanged" if after == before else "BASE IMAGE CHANGED")
 
 
+def cli(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: cow_disk.py BASE.img", file=sys.stderr)
+        return 2
+    if not os.path.isfile(argv[0]):
+        print(f"cow_disk.py: {argv[0]}: no such file (BASE is a disk image)", file=sys.stderr)
+        return 2
+    try:
+        disk = CowDisk(argv[0])
+    except OSError as e:
+        print(f"cow_disk.py: {argv[0]}: {e.strerror}", file=sys.stderr)
+        return 2
+    if disk.size < 512:
+        disk.close()
+        print(f"cow_disk.py: {argv[0]}: smaller than one 512-byte sector", file=sys.stderr)
+        return 2
+    asyncio.run(main(disk, argv[0]))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: cow_disk.py BASE.img")
-    asyncio.run(main(sys.argv[1]))
+    sys.exit(cli(sys.argv[1:]))

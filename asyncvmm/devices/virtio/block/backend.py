@@ -19,7 +19,8 @@ device's engine is an EXTERNAL one (cext/ioengine.c), which hands the batch to P
 per doorbell instead of to io_uring. Python runs the batch's coroutines concurrently
 (asyncio.gather), copies between them and guest memory, and completes the batch at once:
 one reap in C, one interrupt. A coroutine that raises fails its request with
-VIRTIO_BLK_S_IOERR (counted as a host error), and the device carries on.
+VIRTIO_BLK_S_IOERR (counted as a host error), and the device carries on — whatever it
+raises, even CancelledError of its own: only the device's close cancels a batch.
 
 A driver that does not negotiate FLUSH gets a write-through disk: each write is followed
 by flush() before it completes (5.2.6.1), as the file engine uses RWF_DSYNC.
@@ -161,13 +162,17 @@ class BackendBlk(VirtioBlk):
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, ops: list[_Op]) -> None:
+        results: list[int | BaseException]
         if len(ops) == 1:  # nothing to overlap: no task per op
             results = [await self._one(ops[0])]
         else:
-            results = await asyncio.gather(*(self._one(op) for op in ops))
+            # Every op's result, whatever another one raised: a batch is completed whole.
+            results = await asyncio.gather(*(self._one(op) for op in ops), return_exceptions=True)
         if self._closed:
             return
         for op, res in zip(ops, results):
+            if isinstance(res, BaseException):  # only what _one re-raises: KeyboardInterrupt, SystemExit
+                res = -errno.EIO
             lib.avmm_engine_complete(self._engine, op.user_data, res)
         self.counters["batches"] += 1
         self.counters["ops"] += len(ops)
@@ -207,14 +212,22 @@ class BackendBlk(VirtioBlk):
                     await b.write_zeroes(op.off, op.length)
                 return 0
             return -errno.EINVAL
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if self._closed or (task is not None and task.cancelling()):
+                raise  # the device is closing: nothing completes
+            return self._failed(e)  # the backend's own cancellation: this request's failure
+        except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception as e:  # the backend's failure is the guest's I/O error, not the VMM's
-            self.counters["errors"] += 1
-            if self.counters["errors"] == 1:
-                log.warning(f"{self.name}: the backend failed a request (I/O error to the guest; "
-                            f"later ones only counted): {type(e).__name__}: {e}")
-            return -errno.EIO
+        except BaseException as e:  # the backend's failure is the guest's I/O error, not the VMM's
+            return self._failed(e)
+
+    def _failed(self, e: BaseException) -> int:
+        self.counters["errors"] += 1
+        if self.counters["errors"] == 1:
+            log.warning(f"{self.name}: the backend failed a request (I/O error to the guest; "
+                        f"later ones only counted): {type(e).__name__}: {e}")
+        return -errno.EIO
 
     # -- stats, close -------------------------------------------------------------------
     def stats(self) -> dict:

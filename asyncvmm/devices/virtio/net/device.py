@@ -21,6 +21,7 @@ import struct
 
 from ...._native import ffi, lib
 from ....config import PciSlot, VmConfig
+from ....log import get_logger
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
 from ...registry import register, slot_name
@@ -32,6 +33,8 @@ from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
 from .passt import Passt, check_forwards, check_installed
 from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, check_is_tap, format_mac, stable_mac
+
+log = get_logger(__name__)
 
 QUEUE_SIZE = 256
 CTRL_QUEUE_SIZE = 64
@@ -329,9 +332,25 @@ class VirtioNet(VirtioDevice):
         self.worker.unwatch(fd)
         self.worker.unwatch_write(fd)
         self._rx_stopped[pair] = True
+        # TX frames already in the ring (held back while the socket was full) are dropped
+        # now, not at the guest's next doorbell, which a full ring may never bring.
+        self.worker.soon((True, pair), self._tx_batch, pair)
         self.link_up = False
-        self.peer_gone = self.tap.why_gone() if isinstance(self.tap, Passt) else "the peer closed its socket"
+        peer = f"passt (pid {self.tap.pid})" if isinstance(self.tap, Passt) else "the peer"
+        if lib.avmm_net_stats(self._net, pair).rx_bad_length:  # our doing: passt may well be running
+            self.peer_gone = f"the VMM took the link down: {peer} sent a frame length no frame has"
+        elif isinstance(self.tap, Passt):
+            self.peer_gone = self.tap.why_gone()
+            self.tap.on_exit(self._passt_exited)  # its exit status, if it is still to come
+        else:
+            self.peer_gone = "the peer closed its socket"
         self.needs_reset(f"link down: {self.peer_gone}")
+
+    def _passt_exited(self, why: str) -> None:
+        """passt, whose socket closed before it exited, has exited: the real cause."""
+        if self.peer_gone != why and not self.peer_gone.startswith("the VMM"):
+            self.peer_gone = why
+            log.info(f"{self.name}: {why}")
 
     def _tx_writable(self, pair: int) -> None:
         self.worker.unwatch_write(self.tap.fds[pair])
@@ -457,7 +476,7 @@ class VirtioNet(VirtioDevice):
         fields: tuple[str, ...] = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_batches", "tx_batches", "rx_no_buffers", "rx_held",
                   "rx_too_long", "rx_bad_chains", "rx_errors", "tx_bad_chains", "tx_errors", "tx_blocked")
         if self.stream:
-            fields += ("rx_reads", "tx_partial")
+            fields += ("rx_reads", "tx_partial", "rx_bad_length")
         pairs = []
         for p in range(self.pairs):
             s = lib.avmm_net_stats(self._net, p)

@@ -25,6 +25,7 @@ unprivileged passt as a plain user's; a plain user's passt runs as that user.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import re
@@ -33,6 +34,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ....errors import ConfigError
@@ -150,6 +152,7 @@ class Passt:
         # The stream's unfinished bytes between one boot's device and the next (a guest
         # reset builds a new machine; passt and its socket stay): set by VirtioNet.close.
         self.carry: tuple[bytes, bytes] | None = None
+        self._exit_watch: tuple[asyncio.AbstractEventLoop, int, list[Callable[[str], None]]] | None = None
 
     def set_offload(self, flags: int) -> None:
         """The stream carries no vnet header: nothing to tell passt."""
@@ -158,15 +161,48 @@ class Passt:
         """One queue pair, one socket."""
 
     def why_gone(self) -> str:
-        """One phrase on how passt went (called when its socket closed)."""
-        try:
-            code = self.proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
+        """One phrase on how passt went (called on the loop when its socket closed): never
+        waits for it, so a passt still exiting is "closed its socket" (on_exit tells more)."""
+        code = self.proc.poll()
+        if code is None:
             return f"passt (pid {self.pid}) closed its socket"
         if code < 0:
             return f"passt (pid {self.pid}) killed by {signal.Signals(-code).name}"
         said = self._said() if code else ""
         return f"passt (pid {self.pid}) exited with status {code}" + (f": {said}" if said else "")
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        """`callback(why_gone())` on the running loop once passt has exited (reaped then,
+        without blocking: a pidfd); at once if it has. Nothing after close()."""
+        if self.proc.poll() is not None:
+            callback(self.why_gone())
+            return
+        if self._exit_watch is not None:
+            self._exit_watch[2].append(callback)
+            return
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:
+            return  # no pidfd: the cause stays "closed its socket"
+        loop = asyncio.get_running_loop()
+        self._exit_watch = (loop, fd, [callback])
+        loop.add_reader(fd, self._exited)
+
+    def _exited(self) -> None:
+        callbacks = self._exit_watch[2] if self._exit_watch else []
+        self._unwatch_exit()
+        self.proc.poll()
+        why = self.why_gone()
+        for cb in callbacks:
+            cb(why)
+
+    def _unwatch_exit(self) -> None:
+        if self._exit_watch is not None:
+            loop, fd, _ = self._exit_watch
+            self._exit_watch = None
+            if not loop.is_closed():
+                loop.remove_reader(fd)
+            os.close(fd)
 
     def _said(self) -> str:
         """passt's last message (not its complaints that syslog is unreachable)."""
@@ -179,6 +215,7 @@ class Passt:
         return lines[-1] if lines else ""
 
     def close(self) -> None:
+        self._unwatch_exit()
         if self.fds:
             self.sock.close()  # --one-off: passt exits on its own
             self.fds = []

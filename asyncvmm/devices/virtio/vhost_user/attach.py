@@ -43,7 +43,7 @@ async def prepare(host, cfg: VmConfig) -> None:
                                         explicit=bool(opts.format), direct=opts.direct)
             sock, what = daemon.socket, opts.path
         try:
-            backend = await Backend.connect(sock, what, CONFIG_SIZE)
+            backend = await Backend.connect(sock, what, CONFIG_SIZE, starting=daemon is not None)
         except (OSError, VhostUserError, TimeoutError) as e:
             if daemon is not None:
                 await daemon.stop(quiet=True)
@@ -54,6 +54,8 @@ async def prepare(host, cfg: VmConfig) -> None:
                 await daemon.stop(quiet=True)
             raise
         backend.process = daemon
+        if daemon is not None:
+            daemon.connected()
         host.backends[key] = backend
 
 

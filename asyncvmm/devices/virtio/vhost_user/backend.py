@@ -2,7 +2,7 @@
 looks (features, queues, configuration space), and what outlives a guest reset (the
 connection; qemu-storage-daemon when asyncvmm started it, qsd.py).
 
-    backend = await Backend.connect(socket_path, "disk.qcow2")
+    backend = await Backend.connect(socket_path, "disk.qcow2", CONFIG_SIZE)
     backend.features, backend.queues, backend.config
 
 Owned by the VM's HostResources, closed when the VM ends.
@@ -44,9 +44,11 @@ class Backend:
         self.process: Any = None  # qsd.Daemon when asyncvmm started the back-end
 
     @classmethod
-    async def connect(cls, path: str, what: str, config_size: int, timeout: float = 5.0) -> "Backend":
-        """Connect and negotiate; VhostUserError/OSError/TimeoutError if the back-end cannot."""
-        conn = await Connection.connect(path, what, timeout)
+    async def connect(cls, path: str, what: str, config_size: int, timeout: float = 5.0, *,
+                      starting: bool = False) -> "Backend":
+        """Connect and negotiate; VhostUserError/OSError/TimeoutError if the back-end cannot.
+        `starting`: a back-end just started (Connection.connect)."""
+        conn = await Connection.connect(path, what, timeout, starting=starting)
         b = cls(conn, what)
         try:
             await b._negotiate(config_size, timeout)

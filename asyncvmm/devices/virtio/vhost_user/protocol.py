@@ -123,15 +123,24 @@ class Connection:
         self.loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
-    async def connect(cls, path: str, name: str, timeout: float = 5.0) -> "Connection":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.get_running_loop().sock_connect(sock, path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, name)
+    async def connect(cls, path: str, name: str, timeout: float = 5.0, *, starting: bool = False) -> "Connection":
+        """`starting`: the back-end was just started and may have bound its socket but not
+        yet listen()ed on it: a refused connection is tried again until `timeout`."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                try:
+                    await loop.sock_connect(sock, path)
+                    return cls(sock, name)
+                except ConnectionRefusedError:
+                    sock.close()
+                    if not starting:
+                        raise
+                except BaseException:
+                    sock.close()
+                    raise
+                await asyncio.sleep(0.01)
 
     def on_lost(self, fn: Callable[[str], None]) -> Callable[[], None]:
         """Call fn(why) when the back-end goes away; returns what unsubscribes it."""

@@ -86,6 +86,7 @@ class Daemon:
         self.socket = os.path.join(workdir, "vhost-user-blk.sock")
         self.lines: collections.deque[str] = collections.deque(maxlen=8)  # the daemon's last words
         self.stopping = False
+        self.ready = False
         self._stderr = asyncio.get_running_loop().create_task(self._read_stderr())
         self._waiter = asyncio.get_running_loop().create_task(self._watch())
 
@@ -118,10 +119,11 @@ class Daemon:
         d = cls(proc, image, workdir)
         try:
             await d._ready()
+            d.ready = True
         except BaseException:
             await d.stop(quiet=True)
             raise
-        log.info(f"disk {image}: {fmt} served by qemu-storage-daemon (pid {d.pid}), vhost-user-blk on {d.socket}")
+        log.info(f"disk {image}: {fmt} served by qemu-storage-daemon (pid {d.pid}), over vhost-user-blk")
         return d
 
     async def _ready(self) -> None:
@@ -135,8 +137,10 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     def _why_not(self) -> str:
-        said = " ".join(line.removeprefix("qemu-storage-daemon: ") for line in self.lines) or \
-            f"it exited with status {self.proc.returncode}"
+        said = " ".join(self.lines).removeprefix("qemu-storage-daemon: ")
+        if said.startswith("--") and "}: " in said:  # "--blockdev {...}: what went wrong": the option is ours
+            said = said[said.rindex("}: ") + 3 :]
+        said = said or f"it exited with status {self.proc.returncode}"
         if "lock" in said:
             return f"disk {self.image} is in use by another VM (qemu-storage-daemon: {said})"
         return f"disk {self.image}: qemu-storage-daemon cannot serve it: {said}"
@@ -150,9 +154,14 @@ class Daemon:
 
     async def _watch(self) -> None:
         status = await self.proc.wait()
-        if not self.stopping:
+        if self.ready and not self.stopping:  # (before it is ready, start() says why)
             last = f": {self.lines[-1]}" if self.lines else ""
             log.warning(f"disk {self.image}: qemu-storage-daemon (pid {self.pid}) exited with status {status}{last}")
+
+    def connected(self) -> None:
+        """The front-end is connected: the socket and its directory are not needed any more
+        (nothing reconnects), so they go now; a VMM killed later leaves nothing in /tmp."""
+        _remove_dir(self.workdir)
 
     async def stop(self, *, quiet: bool = False) -> None:
         """Stop the daemon (SIGTERM, then SIGKILL) and remove its directory."""
