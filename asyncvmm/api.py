@@ -208,6 +208,8 @@ class VM:
         self._stopped: asyncio.Future | None = None
         self._started_at = 0.0
         self._state = "created"
+        self._snapshot = None  # from_snapshot(): the first boot is this snapshot's machine
+        self._incoming = None  # snapshot.migrate.Incoming: the first boot is a migrating VM's
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
         self.profile: BootProfile | None = None
         if config.profile_boot:
@@ -246,7 +248,10 @@ class VM:
                 self.gdb = GdbServer(self.config.gdb)
                 self.gdb.vm_kill = lambda: self.request_stop(Stop(StopReason.HOST, "killed by gdb"))
                 await self.gdb.start()
-            images = await read_images(self.config)
+            # A VM made from a snapshot reads no kernel: its RAM is the snapshot's (a
+            # reset reads the images then).
+            restoring = self._snapshot is not None or self._incoming is not None
+            images = await read_images(self.config) if not restoring else None
             await self.host.prepare(self.config)  # the disks' vhost-user back-ends, connected
             if self.console is None:
                 self.console = ConsoleStream(loop)
@@ -267,12 +272,24 @@ class VM:
         except BaseException:
             await self.close()
             raise
+        if self._incoming is not None:  # RAM and state from the source, then run and say so
+            try:
+                await self._incoming.receive(self.machine)
+            except BaseException:
+                await self.close()
+                raise
         self._started_at = time.monotonic()
         self._state = "running"
         self._task = loop.create_task(self._run(images), name=f"asyncvmm {self.config.name}")
+        if self._incoming is not None:
+            incoming, self._incoming = self._incoming, None
+            await asyncio.sleep(0)  # the task has started the vCPUs
+            await incoming.running()
 
-    def _build(self, images: BootImages) -> Machine:
+    def _build(self, images: BootImages | None) -> Machine:
         m = Machine(self.config, self.console, images, self.host)
+        m.restore, self._snapshot = self._snapshot, None
+        m.incoming = self._incoming is not None
         m.announce = self.boots == 0  # a reset is one line ("...: restarting the guest"), not the whole story again
         m.build()
         self.boots += 1
@@ -280,7 +297,7 @@ class VM:
             self.gdb.attach(m)
         return m
 
-    async def _run(self, images: BootImages) -> None:
+    async def _run(self, images: BootImages | None) -> None:
         stop = Stop(StopReason.ERROR, "the VM never ran")
         try:
             while True:
@@ -291,6 +308,8 @@ class VM:
                 restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
                 if restart and not self.config.no_reboot and self._state != "stopping":
                     log.info(f"{stop.message}: restarting the guest (boot {self.boots + 1})")
+                    if images is None:  # it was made from a snapshot: boot the kernel now
+                        images = await read_images(self.config)
                     self.machine = self._build(images)
                     self._state = "running"
                     continue
@@ -434,6 +453,40 @@ class VM:
         """Let the vCPUs run guest code again."""
         async with self._vcpu_lock:
             self._live("it cannot be resumed").resume()
+
+    # -- snapshots (asyncvmm/snapshot, docs/SNAPSHOT.md) ------------------------------------
+    async def snapshot(self, path: str, *, stop: bool = False, diff: bool = False) -> dict:
+        """Write the VM's whole state to `path` (bhyvectl --suspend). The VM is left paused
+        (resume() goes on), or stopped with `stop`. `diff`: only the pages written since
+        its last snapshot (which a restore then needs beside it). Returns sizes and times."""
+        from .snapshot.take import snapshot  # noqa: PLC0415
+
+        return await snapshot(self, path, stop=stop, diff=diff)
+
+    async def migrate(self, address: str) -> dict:
+        """Send the running VM to `asyncvmm run --incoming ADDRESS` (unix:PATH or
+        tcp:HOST:PORT): pre-copy rounds while it runs, then stop-and-copy; once it runs
+        there this VM stops. Returns rounds, pages and the downtime. MigrationError if it
+        fails: this VM goes on running."""
+        from .snapshot.migrate import migrate  # noqa: PLC0415
+
+        return await migrate(self, address)
+
+    @classmethod
+    def from_snapshot(cls, path: str, *, name: str | None = None, console: Console | None = None,
+                      control_socket: bool = True, slots: list | None = None) -> "VM":
+        """A VM that goes on from the snapshot at `path` (bhyve -r): the machine is built
+        from the configuration the snapshot keeps (disks re-opened by path and checked,
+        consoles and TAPs opened anew) and starts where it was. `slots`: the devices the
+        caller expects (refused if the snapshot's differ). ConfigError (one line) if the
+        file or a disk does not fit; nothing is started. Reads only the file's header and
+        state part."""
+        from .snapshot.take import load  # noqa: PLC0415
+
+        cfg, snap = load(path, name=name, slots=slots)
+        vm = cls(cfg, console=console, control_socket=control_socket)
+        vm._snapshot = snap
+        return vm
 
     async def sysrq(self, key: str) -> None:
         """The kernel's serial SysRq on COM1: a break, then `key` (e.g. "h" for help)."""

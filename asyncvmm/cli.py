@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="system call filters per thread (vCPU, loop, helpers): log what a thread should not call, "
         "or kill the VMM when one does (default: off, or $ASYNCVMM_SECCOMP)",
     )
+    run.add_argument("-r", "--restore", metavar="PATH",
+                     help="go on from the snapshot at PATH (asyncvmm ctl snapshot; bhyve's -r): the machine is the "
+                     "snapshot's; -s, if given, must name its devices; -l may move its consoles")
+    run.add_argument("--incoming", metavar="ADDRESS",
+                     help="wait at unix:PATH or tcp:HOST:PORT for a VM migrating here (asyncvmm ctl migrate), and run it")
     run.add_argument("--jail", metavar="DIR", help="run confined (root only): a mount namespace whose root, "
                      "a tmpfs on the empty directory DIR, holds only what the VM uses; then as --uid/--gid, "
                      "with no capabilities and no new privileges (asyncvmm/jail.py)")
@@ -203,7 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             if "help" in args.slot or "help" in args.console:  # bhyve's -s help, -l help
                 print(cli_help.slot_help() if "help" in args.slot else cli_help.console_help())
                 return EXIT_OK
-            cfg = config_from_args(args)
+            if args.incoming:
+                from .snapshot.migrate import run_incoming  # noqa: PLC0415
+
+                return run_incoming(args)
+            snapshot = None
+            if args.restore:
+                from .snapshot.take import load_for_cli  # noqa: PLC0415
+
+                cfg, snapshot = load_for_cli(args)
+            else:
+                cfg = config_from_args(args)
             if args.jail is not None or args.uid is not None or args.gid is not None:
                 from .jail import enter, parse_jail  # noqa: PLC0415
 
@@ -215,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             probe.start()  # the KVM probe waits in the kernel: let it overlap the imports
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 
-            return run_to_end(cfg)
+            return run_to_end(cfg, snapshot)
     except ConfigError as e:
         log.error(str(e))
         return EXIT_USAGE

@@ -78,6 +78,8 @@ class Machine:
         self._stop_before_run: Stop | None = None
         self._closed = False
         self.announce = True  # say the probe, quirks and boot path (a VM's later boots, after a reset, do not)
+        self.restore = None  # a snapshot.file.Snapshot: build this machine in its state (no boot)
+        self.incoming = False  # a live migration's destination: no boot; RAM and state come later
 
     # -- build -------------------------------------------------------------------------
     def build(self) -> None:
@@ -89,22 +91,39 @@ class Machine:
 
     def _build(self) -> None:
         cfg = self.config
+        snap_fd = -1
         try:
-            self.vm = Vm(cfg, self.host)
+            if self.restore is not None:  # RAM from the snapshot's file, copy-on-write; nothing booted
+                root = self.restore.root()  # a diff's pages go over its base's (restore_machine)
+                snap_fd = root.open_memory()
+                self.vm = Vm(cfg, self.host, memory_backing=(snap_fd, root.memory.offset))
+            else:
+                self.vm = Vm(cfg, self.host)
             if cfg.bootrom:  # the firmware at the top of 4 GiB, before anything writes RAM
                 self.firmware = FirmwareMapping(self.vm.fd, self.vm.mem, Firmware.load(cfg.bootrom, cfg.bootvars), self.mmio)
-            ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
-            self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)
-            self.vcpus = Vcpus(self.vm, cfg, self.boot_setup.state, self.pio, self.mmio, self.request_stop)
+            if self.restore is None and not self.incoming:
+                ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
+                self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)
+            boot_state = self.boot_setup.state if self.boot_setup is not None else None
+            self.vcpus = Vcpus(self.vm, cfg, boot_state, self.pio, self.mmio, self.request_stop)
             consoles = {"com1": self.console, **{n: self.host.console(n, spec) for n, spec in cfg.serial.items()}}
             self.legacy = LegacyDevices(self.vm, self.vcpus, cfg, consoles, self.pio, self.request_stop)
             self.legacy.console_observer = self._console_observer
-            if cfg.bootrom and cfg.kernel:  # the firmware loads it: fw_cfg hands it over
+            if cfg.bootrom and cfg.kernel and self.boot_setup is not None:  # the firmware loads it: fw_cfg hands it over
                 self._kernel_to_firmware(cfg)
             self.pci = PciDevices(self.vm, cfg, self.pio, self.mmio, self.host)
+            if self.restore is not None:
+                from .snapshot.state import restore_machine  # noqa: PLC0415
+
+                restore_machine(self, self.restore)
         except BaseException:
             self.close()
             raise
+        finally:
+            if snap_fd >= 0:
+                import os  # noqa: PLC0415
+
+                os.close(snap_fd)  # the mappings keep the file
         self.timeline.built = time.monotonic()
 
     def _kernel_to_firmware(self, cfg: VmConfig) -> None:

@@ -27,7 +27,7 @@ STATUS = {
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
+async def run_vm(cfg: VmConfig, reports: list[str] | None = None, snapshot=None, incoming=None) -> Stop:
     """Run the VM until it ends; with --profile-boot its report is appended to `reports`."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -58,6 +58,9 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
         console = open_console(cfg.console)
         try:
             vm = VM(cfg, console=console)
+            if snapshot is not None:  # --restore: the first boot is the snapshot's machine
+                vm._snapshot = snapshot
+            vm._incoming = incoming  # --incoming: the first boot is the migrating VM
             try:
                 # Before the filter, which refuses fork and exec: passt and the disks'
                 # qemu-storage-daemons, started and connected (the VM's start finds them).
@@ -80,10 +83,10 @@ async def run_vm(cfg: VmConfig, reports: list[str] | None = None) -> Stop:
             loop.remove_signal_handler(sig)
 
 
-def run_to_end(cfg: VmConfig) -> int:
+def run_to_end(cfg: VmConfig, snapshot=None) -> int:
     reports: list[str] = []
     try:
-        stop = run_loop(run_vm(cfg, reports))
+        stop = run_loop(run_vm(cfg, reports, snapshot))
     except asyncio.CancelledError as e:
         stop = Stop(StopReason.HOST, str(e.args[0]) if e.args else "stopped")
     for report in reports:  # after the console is closed and the terminal restored

@@ -25,7 +25,7 @@ from cdef import SYSTEM_CDEF, header_cdef  # noqa: E402 (cext/cdef.py)
 ABI_VERSION = int(re.search(r"^ABI_VERSION = (\d+)", (HERE.parent / "asyncvmm" / "_abi.py").read_text(), re.M).group(1))
 
 # The headers of the product's C core, in the order they build on one another.
-HEADERS = ("avmm.h", "virtq.h", "ioengine.h", "blk.h", "net.h", "seccomp.h")
+HEADERS = ("avmm.h", "virtq.h", "ioengine.h", "blk.h", "net.h", "seccomp.h", "snapshot.h")
 
 KVM_CONSTANTS = """
 KVM_API_VERSION
@@ -57,6 +57,10 @@ KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVEN
 KVM_IOEVENTFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_DEASSIGN KVM_CAP_IRQ_ROUTING KVM_CAP_IOEVENTFD_ANY_LENGTH
 KVM_SET_GUEST_DEBUG KVM_CAP_SET_GUEST_DEBUG KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP
 KVM_GUESTDBG_USE_SW_BP KVM_GUESTDBG_USE_HW_BP KVM_GUESTDBG_INJECT_BP KVM_GUESTDBG_INJECT_DB
+KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_IRQCHIP KVM_SET_IRQCHIP
+KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK KVM_GET_DIRTY_LOG KVM_MEM_LOG_DIRTY_PAGES
+KVM_CAP_XSAVE KVM_CAP_XCRS KVM_CAP_ADJUST_CLOCK KVM_CAP_DEBUGREGS KVM_CAP_VCPU_EVENTS
+KVM_VCPUEVENT_VALID_SMM
 """.split()
 
 # <linux/pci_regs.h>: the configuration header, capability IDs, MSI-X.
@@ -212,6 +216,15 @@ struct virtio_blk_config {
     __u32 max_write_zeroes_seg; __u8 write_zeroes_may_unmap; ...;
 };
 
+/* vCPU and VM state a snapshot keeps as the kernel's bytes (sizes from the compiler) */
+struct kvm_xsave { ...; };
+struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; ...; };
+struct kvm_lapic_state { ...; };
+struct kvm_irqchip { __u32 chip_id; ...; };
+struct kvm_pit_state2 { ...; };
+struct kvm_clock_data { __u64 clock; __u32 flags; ...; };
+struct kvm_dirty_log { __u32 slot; union { void *dirty_bitmap; __u64 padding2; }; ...; };
+
 struct kvm_vcpu_events {
     struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending; __u32 error_code; } exception;
     struct { __u8 injected; __u8 nr; __u8 soft; __u8 shadow; } interrupt;
@@ -243,7 +256,7 @@ ffibuilder.set_source(
     + "".join(f'#include "{h}"\n' for h in HEADERS)
     + f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
     sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/net.c",
-             "cext/seccomp.c"],
+             "cext/seccomp.c", "cext/snapshot.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function", *SANITIZE],
     extra_link_args=SANITIZE,

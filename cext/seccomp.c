@@ -57,7 +57,7 @@ static const int loop[] = {
     SYS_pread64, SYS_pwrite64, SYS_preadv, SYS_pwritev, SYS_preadv2, SYS_pwritev2, SYS_fstat,
     SYS_newfstatat, SYS_statx, SYS_lseek, SYS_fcntl, SYS_ioctl, SYS_openat, SYS_getdents64,
     SYS_readlink, SYS_readlinkat, SYS_getcwd, SYS_access, SYS_faccessat, SYS_faccessat2,
-    SYS_unlink, SYS_unlinkat, SYS_flock, SYS_fdatasync, SYS_fsync, SYS_fallocate, SYS_ftruncate,
+    SYS_unlink, SYS_unlinkat, SYS_rename, SYS_renameat, SYS_renameat2, SYS_flock, SYS_fdatasync, SYS_fsync, SYS_fallocate, SYS_ftruncate,
     SYS_statfs, SYS_fstatfs, SYS_mkdir, SYS_mkdirat, SYS_umask, SYS_fchmod,
     SYS_poll, SYS_ppoll, SYS_select, SYS_pselect6, SYS_epoll_create1, SYS_epoll_ctl,
     SYS_epoll_wait, SYS_epoll_pwait, SYS_eventfd2, SYS_pipe2, SYS_dup, SYS_dup2, SYS_dup3,

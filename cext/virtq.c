@@ -136,8 +136,10 @@ static int walk(struct avmm_vq *q, const struct avmm_gmem *m, struct avmm_chain 
                 if (writable)
                     c->last_in = NULL;
             } else {
-                if (writable)
+                if (writable) {
                     c->last_in = p + d.len - 1;
+                    avmm_gmem_mark(m, d.addr, d.len);
+                }
                 if (c->nout + c->nin >= c->iov_cap) {
                     chain_error(q, c, AVMM_VQ_E_TOO_MANY);
                 } else {

@@ -27,6 +27,7 @@ struct avmm_gmem_region {
     uint64_t gpa;
     uint64_t size;
     uint8_t *hva;
+    uint64_t *dirty; /* a bit per 4 KiB page the data path wrote (snapshots); NULL: not kept */
 };
 
 struct avmm_gmem {
@@ -45,6 +46,22 @@ static inline void *avmm_gmem_ptr(const struct avmm_gmem *m, uint64_t gpa, uint6
             return r->hva + (gpa - r->gpa);
     }
     return NULL;
+}
+
+/* Note [gpa, gpa+len) as written by the device, in its region's dirty bitmap if it has one
+ * (a diff snapshot or a migration wants the pages written since its last pass: KVM's dirty
+ * log sees only the vCPUs' writes). The loop's thread only: no atomics needed. */
+static inline void avmm_gmem_mark(const struct avmm_gmem *m, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < m->nregions && len; i++) {
+        const struct avmm_gmem_region *r = &m->r[i];
+        if (!r->dirty || gpa < r->gpa || gpa - r->gpa >= r->size)
+            continue;
+        uint64_t first = (gpa - r->gpa) >> 12, last = (gpa - r->gpa + len - 1) >> 12;
+        for (uint64_t p = first; p <= last && p < r->size >> 12; p++)
+            r->dirty[p >> 6] |= 1ull << (p & 63);
+        return;
+    }
 }
 
 /* ---- interrupt vectors -------------------------------------------------------------- */

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 
 from ..errors import ConfigError
 from ..vstate import registers
@@ -64,15 +65,13 @@ REFUSED: dict[str, tuple[str, str]] = {
     "set-x2apic-state": (_NO_MEANING, "the guest picks x2APIC mode in its APIC base MSR"),
     # Meaningful on KVM, not offered (yet).
     "assert-lapic-lvt": (_NOT_OFFERED, "the control socket has no LAPIC command; asyncvmm ctl nmi NAME delivers an NMI"),
-    "checkpoint": (_NOT_OFFERED, "asyncvmm has no snapshots"),
-    "suspend": (_NOT_OFFERED, "it saves a snapshot, and asyncvmm has none; asyncvmm ctl pause NAME stops the vCPUs"),
 }
 
 SET_REGS = {f"set-{r}" for r in BHYVE_REGS}  # --set-REG=VALUE (bhyvectl: some; here every --get- twin)
 SET_SELECTORS = {f"set-{s}" for s in BHYVE_SELECTORS}
 SET_DESCS = {f"set-desc-{s}" for s in BHYVE_DESCS}
 DESC_FIELDS = {"desc-base": "base", "desc-limit": "limit", "desc-access": "access"}
-TAKES_VALUE = ({"vm", "cpu", "set-rtc-time", "set-rtc-nvram", "rtc-nvram-offset"} | SET_REGS | SET_SELECTORS
+TAKES_VALUE = ({"vm", "cpu", "set-rtc-time", "set-rtc-nvram", "rtc-nvram-offset", "suspend", "checkpoint"} | SET_REGS | SET_SELECTORS
                | set(DESC_FIELDS))
 GETS = ({f"get-{r}" for r in BHYVE_REGS} | {f"get-desc-{s}" for s in BHYVE_DESCS}
         | {f"get-{s}" for s in BHYVE_SELECTORS})
@@ -124,6 +123,7 @@ class BhyveRequest:
         self.rtc_nvram: int | None = None
         self.rtc_offset = 0
         self.json = False
+        self.snapshot: tuple[str, str] | None = None  # (--suspend or --checkpoint, PATH)
 
     def has(self, flag: str) -> bool:
         return flag in self.flags or ("get-all" in self.flags and flag.startswith("get-") and flag != "get-debug-cpus")
@@ -190,6 +190,10 @@ def _take_value(req: BhyveRequest, option: str, value: str) -> None:
         req.rtc_nvram = _number(option, value)
     elif option == "rtc-nvram-offset":
         req.rtc_offset = _number(option, value)
+    elif option in ("suspend", "checkpoint"):
+        if req.snapshot is not None:
+            raise ConfigError(f"--{option}: give one of --suspend and --checkpoint, once")
+        req.snapshot = (option, value)
     else:  # --set-REG=VALUE, --set-SEG=SELECTOR
         name = registers.canonical_name(option[len("set-"):])
         if name in req.sets:
@@ -229,7 +233,8 @@ def run(argv: list[str]) -> str:
                 lines.append(f"guest_sysenter_{label}[{cpu}]\t{values[msr]:#x}")
     lines += _rtc(client, req, answers)
     cpus = [w for w in ("active", "suspended", "debug") if req.has(f"get-{w}-cpus")]
-    if cpus or not (answers or req.flags or req.rtc_time is not None or req.rtc_nvram is not None):
+    if cpus or not (answers or req.flags or req.rtc_time is not None or req.rtc_nvram is not None
+                    or req.snapshot is not None):
         state = client.request("state")  # with nothing else asked: is it there? (status 0 or 2)
         answers["state"] = state
         for which in cpus:
@@ -249,6 +254,11 @@ def run(argv: list[str]) -> str:
         answers["topology"] = t
         lines.append(f"cpu_topology:\tsockets={t.get('sockets')}, cores={t.get('cores')}, "
                      f"threads={t.get('threads')}, maxcpus={t.get('maxcpus')}")
+    if req.snapshot is not None:  # bhyve's: --suspend saves and ends the VM, --checkpoint saves and goes on
+        option, path = req.snapshot
+        answers["snapshot"] = client.request("snapshot", path=os.path.abspath(path), stop=option == "suspend",
+                                             resume=option == "checkpoint")
+        lines.append(commands.snapshot_line(client.name, answers["snapshot"]))
     if "force-reset" in req.flags:
         answers["reset"] = client.request("reset")
         lines.append(commands._reset_line(client.name, answers["reset"]))

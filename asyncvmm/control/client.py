@@ -25,6 +25,7 @@ from ..errors import ConfigError, VmmError
 from .protocol import MAX_LINE, NAME_RE, SOCKET_SUFFIX, check_run_dir, decode, encode, run_dir, socket_path
 
 DEFAULT_TIMEOUT = 10.0  # seconds for one request: connect, send, answer
+SNAPSHOT_TIMEOUT = 600.0  # seconds more for a snapshot's answer
 
 
 class NoSuchVm(ConfigError):
@@ -63,6 +64,8 @@ class ControlClient:
         timeout = self.timeout
         if cmd == "destroy" and not fields.get("force") and isinstance(fields.get("timeout"), (int, float)):
             timeout += fields["timeout"]
+        if cmd in ("snapshot", "migrate"):  # guest RAM written out: seconds per GiB on a slow disk
+            timeout += SNAPSHOT_TIMEOUT
         deadline = time.monotonic() + timeout
         sock = self._connect(timeout)
         try:

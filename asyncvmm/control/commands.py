@@ -214,6 +214,24 @@ def _vcpu_arg(p):
     p.add_argument("--vcpu", type=int, default=0, metavar="N", help="which vCPU (default 0)")
 
 
+def _snapshot_args(p):
+    p.add_argument("path", metavar="PATH", help="the snapshot file to write (asyncvmm run --restore PATH goes on from it)")
+    p.add_argument("--stop", action="store_true", help="end the VM once it is written (bhyvectl --suspend)")
+    p.add_argument("--diff", action="store_true",
+                   help="only the pages written since the VM's last snapshot (kept as its base: a restore needs both)")
+
+
+def _snapshot_request(args) -> dict:
+    return {"path": os.path.abspath(args.path), "stop": args.stop, "diff": args.diff}
+
+
+def snapshot_line(name: str, r: dict) -> str:
+    after = "stopped" if r.get("stop") else "resumed" if r.get("resumed") else "paused (asyncvmm ctl resume goes on)"
+    return (f"VM {name}: snapshot {r.get('path')}: {r.get('ram_bytes', 0) >> 20} MiB of RAM, "
+            f"{r.get('pages_written', 0)} pages written ({r.get('disk_bytes', 0) >> 10} KiB on disk) "
+            f"in {r.get('seconds', 0) * 1000:.0f} ms; the VM is {after}")
+
+
 def _destroy_args(p):
     p.add_argument("--timeout", type=float, default=DESTROY_TIMEOUT, metavar="S",
                    help=f"seconds the guest has to power off before a hard stop (default {DESTROY_TIMEOUT:g})")
@@ -249,6 +267,17 @@ COMMANDS: list[Command] = [
             "the console, the quirks", text=lambda r, a, n: report.format_stats(r)),
     Command("pause", "stop every vCPU from running guest code", text=lambda r, a, n: _paused_line(n, "pause", r)),
     Command("resume", "let the vCPUs run again", text=lambda r, a, n: _paused_line(n, "resume", r)),
+    Command("snapshot", "write the VM's whole state to PATH (it is left paused; --stop ends it)",
+            arguments=_snapshot_args, request=_snapshot_request, text=lambda r, a, n: snapshot_line(n, r),
+            details="The vCPUs are paused, block requests in flight complete, and the devices, the vCPUs, KVM's "
+                    "irqchip and clock and guest RAM (zero pages left as holes) are written to PATH (docs/SNAPSHOT.md). "
+                    "asyncvmm run --restore PATH [NAME] goes on from it in a new process."),
+    Command("migrate", "send the running VM to asyncvmm run --incoming ADDRESS waiting on this host or another "
+            "(unix:PATH or tcp:HOST:PORT); it ends here once it runs there",
+            arguments=lambda p: p.add_argument("address", metavar="ADDRESS", help="unix:PATH or tcp:HOST:PORT"),
+            request=lambda a: {"address": a.address},
+            text=lambda r, a, n: (f"VM {n}: migrated to {r.get('address')} in {len(r.get('rounds', []))} rounds "
+                                  f"({r.get('pages')} pages); downtime {r.get('downtime_ms')} ms")),
     Command("sysrq", "the kernel's serial SysRq: a break on COM1, then KEY (h help, t tasks, b reboot, o off)",
             arguments=lambda p: p.add_argument("key", metavar="KEY", help="one character"),
             request=_sysrq_request,

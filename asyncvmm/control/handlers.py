@@ -9,6 +9,7 @@ exits with status 2.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -132,6 +133,31 @@ async def pause(vm: "VM", req: dict) -> dict:
 async def resume(vm: "VM", req: dict) -> dict:
     await vm.resume()
     return vm.state_info()
+
+
+@handler("snapshot")
+async def snapshot(vm: "VM", req: dict) -> dict:
+    path = req.get("path")
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ConfigError(f"snapshot path {path!r}: an absolute path")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(f"snapshot {path}: no directory {os.path.dirname(path)}")
+    stop, resume = bool(req.get("stop", False)), bool(req.get("resume", False))
+    info = await vm.snapshot(path, stop=stop, diff=bool(req.get("diff", False)))
+    if resume and not stop:
+        await vm.resume()
+    return {**info, "stop": stop, "resumed": resume and not stop}
+
+
+@handler("migrate")
+async def migrate(vm: "VM", req: dict) -> dict:
+    address = req.get("address")
+    if not isinstance(address, str):
+        raise ConfigError("migrate: the destination's address (unix:PATH or tcp:HOST:PORT)")
+    from ..snapshot.migrate import parse_address  # noqa: PLC0415
+
+    parse_address(address)
+    return await vm.migrate(address)
 
 
 @handler("sysrq")

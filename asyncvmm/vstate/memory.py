@@ -68,6 +68,20 @@ def wire(hva: int, length: int) -> None:
                           "(RLIMIT_MEMLOCK, ulimit -l, may be too low)")
 
 
+def _copy_in(fd: int, offset: int, m: mmap.mmap) -> None:
+    """The file's bytes [offset, offset+len(m)) into mapping `m`."""
+    view = memoryview(m)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done : done + (64 << 20)]], offset + done)
+            if n <= 0:
+                raise OSError(0, "the memory file ends early")
+            done += n
+    finally:
+        view.release()
+
+
 @dataclass(frozen=True)
 class Region:
     """One contiguous slot of guest RAM: guest physical [gpa, gpa+size) at host `hva`."""
@@ -99,7 +113,12 @@ class GuestMemory:
     threads only reach it through KVM. Accessors may be called from any thread.
     """
 
-    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False, shared: bool = False):
+    def __init__(self, size: int, *, hugepages: bool = False, wired: bool = False, shared: bool = False,
+                 backing: tuple[int, int] | None = None):
+        """`backing`: (fd, offset) of a file holding the RAM's bytes (a snapshot's memory
+        part): each region is mapped from it private, copy-on-write — the guest's writes
+        stay in this process, and nothing is read until the guest touches it. With `shared`
+        (a memfd, for vhost-user) the bytes are copied in instead."""
         if size < MiB or size % (4096) != 0:
             raise GuestMemoryError(f"guest memory of {size} bytes is not a whole number of pages of at least 1 MiB")
         from .._native import ffi, lib  # noqa: PLC0415 (the extension loads lazily)
@@ -120,6 +139,7 @@ class GuestMemory:
                 self.close()
                 raise GuestMemoryError(f"cannot make {size // MiB} MiB of shared guest memory: {e.strerror}") from None
         offset = 0
+        file_offset = backing[1] if backing is not None else 0
         for slot, (gpa, length) in enumerate(ram_layout(size)):
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
             if hugepages and not shared:
@@ -128,6 +148,13 @@ class GuestMemory:
                 if shared:
                     m = mmap.mmap(self.memfd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                                   offset=offset)
+                    if backing is not None:  # a memfd cannot be copy-on-write over a file: copy
+                        _copy_in(backing[0], file_offset, m)
+                    file_offset += length
+                elif backing is not None:
+                    m = mmap.mmap(backing[0], length, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0),
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=file_offset)
+                    file_offset += length
                 else:
                     m = mmap.mmap(-1, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as e:

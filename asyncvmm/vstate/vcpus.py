@@ -128,7 +128,7 @@ class Vcpus:
             set_boot_msrs(vcpu, msrs)
         # The boot processor starts at the kernel's entry; the others wait for INIT/SIPI
         # from it, in the in-kernel LAPIC.
-        if boot_state is not None:  # None: a firmware boot, from the reset vector (boot/bootrom.py)
+        if boot_state is not None:  # None: a firmware boot, from the reset vector (boot/bootrom.py), or a snapshot's registers
             apply_boot_state(self.fds[0], boot_state)
 
     @property

@@ -26,7 +26,10 @@ log = get_logger("asyncvmm.machine")  # the machine's story: the probe first
 class Vm:
     """KVM, the VM fd, guest RAM; the quirks and CPU template chosen for this KVM."""
 
-    def __init__(self, config: VmConfig, host=None):
+    def __init__(self, config: VmConfig, host=None, *, memory_backing: tuple[int, int] | None = None):
+        """`host`: the VM's HostResources (which disks share RAM with a back-end);
+        `memory_backing`: (fd, offset) of a snapshot's memory part, mapped copy-on-write as
+        guest RAM (vstate/memory.py)."""
         self.kvm: Kvm | None = None
         self.fd: VmFd | None = None
         self.mem: GuestMemory | None = None
@@ -34,12 +37,12 @@ class Vm:
         self.emulating = False  # KVM runs guest code in its instruction emulator (probe.py)
         self.cpu_template = cpuid.Template.HOST
         try:
-            self._create(config, host)
+            self._create(config, host, memory_backing)
         except BaseException:
             self.close()
             raise
 
-    def _create(self, cfg: VmConfig, host=None) -> None:
+    def _create(self, cfg: VmConfig, host=None, memory_backing: tuple[int, int] | None = None) -> None:
         self.kvm = Kvm()
         if cfg.cpus > self.kvm.max_vcpus():
             raise ConfigError(f"-c {cfg.cpus}: this KVM supports at most {self.kvm.max_vcpus()} vCPUs")
@@ -59,7 +62,7 @@ class Vm:
         self.fd.create_irqchip()
         from ..devices.registry import shares_memory  # noqa: PLC0415
 
-        self.mem = GuestMemory(cfg.memory, wired=cfg.wired, shared=shares_memory(cfg, host))
+        self.mem = GuestMemory(cfg.memory, wired=cfg.wired, shared=shares_memory(cfg, host), backing=memory_backing)
         for r in self.mem.regions:
             self.fd.set_memory_region(r.slot, r.gpa, r.size, r.hva)
 

@@ -421,6 +421,7 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     assert cfg.cmdline == f"root=PARTUUID={partuuid} ro console=ttyS0 panic=-1 rw ip=dhcp"
     console_log = tmp_path / "console.log"
     times: dict[str, float] = {}
+    snap = tmp_path / "linux.snap"
 
     async def main():
         async with VM(cfg) as vm:
@@ -429,6 +430,8 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
                 log = await boot_log(vm, 1)
                 times["boot"] = time.monotonic() - t0
                 await sysrq_output(vm, b"h", rb"sysrq: HELP :", rb"show-all-timers\(q\)")
+                await vm.snapshot(str(snap))  # the booted kernel, restored after this run (below)
+                await vm.resume()
                 await sysrq(vm, b"b")
                 await vm.console.expect(rb"sysrq: Resetting", timeout=60)
                 t1 = time.monotonic()
@@ -465,6 +468,19 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     assert "guest reset through the ACPI reset register: restarting the guest" in err, err
     assert boots == 2 and "Linux version 6.1" in second
     assert hashlib.sha256(root.read_bytes()).hexdigest() == digest, "the read-only image changed"
+
+    # The snapshot of the first boot, restored in a new VM object (its machine rebuilt from the
+    # snapshot's config): its UART, interrupts and ACPI go on — SysRq o powers it off via S5.
+    async def restored():
+        async with VM.from_snapshot(str(snap), name="linux-slow-ro-restored") as vm:
+            await sysrq(vm, b"o")
+            async with asyncio.timeout(120):
+                stop = await vm.wait()
+            return stop, bytes(vm.console.transcript)
+
+    stop, transcript = run_loop(restored())
+    assert b"sysrq: Power Off" in transcript and b"reboot: Power down" in transcript, transcript[-2000:]
+    assert stop.message == "guest powered off through ACPI S5"
 
 
 def check_the_vmm_log(err: str, report: str, emulating: bool, failures: list[str]) -> None:

@@ -120,7 +120,8 @@ def test_bhyvectl_translation():
     for argv, needle in ((["--get-rip"], "--vm=NAME"), (["--vm=v", "--get-vmcs-link"], "has no meaning on KVM"),
                          (["--vm=v", "--set-desc-cs"], "needs --desc-base"),
                          (["--vm=v", "--set-rip=-1"], "0 or more"), (["--vm=v", "--set-rip"], "needs a value"),
-                         (["--vm=v", "--get-rip=1"], "takes no value"), (["--vm=v", "--checkpoint=x"], "snapshots")):
+                         (["--vm=v", "--get-rip=1"], "takes no value"),
+                         (["--vm=v", "--checkpoint=x", "--suspend=y"], "once")):
         with pytest.raises(ConfigError, match=needle):
             bhyvectl.parse(argv)
 

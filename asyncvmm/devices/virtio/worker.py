@@ -61,6 +61,7 @@ class QueueWorker:
         self._served: dict[int, tuple[Virtqueue, Handler, int]] = {}
         self.counters: Counter[str] = Counter()
         self.running = False
+        self._held: list[tuple[Callable, tuple]] | None = None  # hold(): calls due meanwhile
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -87,6 +88,30 @@ class QueueWorker:
         self._soon.clear()
         self._timers.clear()
         self._served.clear()
+
+    def hold(self) -> None:
+        """Serve nothing until release(): every reader and writer off the loop (kept), and
+        continuations and timers that come due meanwhile kept for release. A snapshot holds
+        a paused VM's devices so that no request touches guest RAM while it is written."""
+        if self.loop is None or self._held is not None:
+            return
+        self._held = []
+        for fd in self._readers:
+            self.loop.remove_reader(fd)
+        for fd in self._writers:
+            self.loop.remove_writer(fd)
+
+    def release(self) -> None:
+        """After hold(): serve again, and run what came due meanwhile."""
+        held, self._held = self._held, None
+        if held is None or self.loop is None:
+            return
+        for fd, (callback, args) in self._readers.items():
+            self.loop.add_reader(fd, callback, *args)
+        for fd, (callback, args) in self._writers.items():
+            self.loop.add_writer(fd, callback, *args)
+        for callback, args in held:
+            self.loop.call_soon(callback, *args)
 
     # -- fds ---------------------------------------------------------------------------------
     def watch(self, fd: int, callback: Callable, *args, persistent: bool = False) -> None:
@@ -125,6 +150,9 @@ class QueueWorker:
 
     def _run_soon(self, key: Hashable, callback: Callable, args: tuple) -> None:
         del self._soon[key]
+        if self._held is not None:
+            self._held.append((callback, args))
+            return
         callback(*args)
 
     def later(self, key: Hashable, delay: float, callback: Callable, *args) -> None:
@@ -134,6 +162,9 @@ class QueueWorker:
 
     def _run_later(self, key: Hashable, callback: Callable, args: tuple) -> None:
         del self._timers[key]
+        if self._held is not None:
+            self._held.append((callback, args))
+            return
         callback(*args)
 
     # -- polling -------------------------------------------------------------------------
