@@ -231,14 +231,16 @@ def read(path: str, *, _depth: int = 0) -> Snapshot:
         raise SnapshotError(f"snapshot {path}: the memory part is not page aligned")
     try:
         state = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise SnapshotError(f"snapshot {path}: the state part is not JSON") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
+        raise SnapshotError(f"snapshot {path}: the state part is not a machine's state")
     if state.get("config", {}).get("memory") != mem.length:
         raise SnapshotError(f"snapshot {path}: the memory part's {mem.length} bytes are not the machine's RAM")
     snap = Snapshot(path, state, mem, stat.crc)
     if snap.is_diff:
-        ref = state.get("base") or {}
-        if _depth > 64 or not isinstance(ref.get("path"), str):
+        ref = state.get("base")
+        if _depth > 64 or not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or "\0" in ref["path"]:
             raise SnapshotError(f"snapshot {path}: a diff without a usable base")
         base_path = ref["path"] if os.path.isabs(ref["path"]) else os.path.join(os.path.dirname(path), ref["path"])
         snap.base = read(base_path, _depth=_depth + 1)
@@ -263,10 +265,15 @@ def _parse_header(path: str, head: bytes, size: int) -> dict[bytes, Part]:
     for i in range(nparts):
         p = Part(*PART.unpack_from(head, HEADER.size + i * PART.size))
         if p.offset + p.length > size:
-            raise SnapshotError(f"snapshot {path}: truncated: its {p.kind.decode(errors='replace')} part ends at "
+            raise SnapshotError(f"snapshot {path}: truncated: its {_kind_name(p.kind)} part ends at "
                                 f"byte {p.offset + p.length}, the file has {size}")
         parts[p.kind] = p
     return parts
+
+
+def _kind_name(kind: bytes) -> str:
+    """A part's kind for a message: as is if letters and digits, else escaped (one line)."""
+    return kind.decode() if kind.isalnum() else repr(kind)
 
 
 def verify_memory(snap: Snapshot) -> bool:

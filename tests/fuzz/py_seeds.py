@@ -111,7 +111,86 @@ def seeds() -> dict[str, dict[str, bytes]]:
         }.items()
     }
     out["net_ctrl"] = net_ctrl_seeds()
+    out["fw_cfg"] = fw_cfg_seeds()
+    out["snapshot"] = snapshot_seeds()
     return out
+
+
+# fw_cfg (targets.fuzz_fw_cfg): ops 0 select, 1 data read, 2/3 DMA address high/low, 4 a
+# descriptor placed at an address then its address written; fw_cfg.rst's item keys.
+FW_SIGNATURE, FW_ID, FW_FILE_DIR, FW_FILE_FIRST = 0x00, 0x01, 0x19, 0x20
+DMA_ERROR, DMA_READ, DMA_SKIP, DMA_SELECT, DMA_WRITE = 1, 2, 4, 8, 16
+
+
+def _fw_gpa(region: int, off: int) -> bytes:
+    return bytes([region]) + struct.pack("<H", off)
+
+
+def _fw_far(gpa: int) -> bytes:
+    return b"\xf0" + struct.pack("<II", gpa >> 32, gpa & 0xFFFFFFFF)
+
+
+def _fw_dma(at: bytes, key: int, control: int, length: int, buffer: bytes) -> bytes:
+    size = bytes([0]) + bytes([length]) if length < 0x100 else b"\xff" + struct.pack("<I", length)
+    return bytes([4]) + at + struct.pack("<H", key) + bytes([control]) + size + buffer
+
+
+def fw_cfg_seeds() -> dict[str, bytes]:
+    legacy = bytes([0]) + struct.pack("<H", FW_SIGNATURE) + bytes([1, 0]) * 4
+    legacy += bytes([0]) + struct.pack("<H", FW_ID) + bytes([1, 2]) + bytes([6])
+    files = _fw_dma(_fw_gpa(0, 0x100), FW_FILE_DIR, DMA_SELECT | DMA_READ, 4, _fw_gpa(0, 0x1000))
+    files += _fw_dma(_fw_gpa(0, 0x100), 0, DMA_READ, 64, _fw_gpa(0, 0x1004))
+    files += _fw_dma(_fw_gpa(1, 0x200), FW_FILE_FIRST, DMA_SELECT | DMA_SKIP, 8, _fw_gpa(0, 0))
+    files += _fw_dma(_fw_gpa(1, 0x200), 0, DMA_READ, 32, _fw_gpa(1, 0x300))
+    bad = _fw_dma(_fw_gpa(0, 0x100), FW_FILE_DIR, DMA_SELECT | DMA_WRITE, 4, _fw_gpa(0, 0x1000))
+    bad += _fw_dma(_fw_gpa(0, 0x100), FW_ID, DMA_SELECT | DMA_READ, 0x10, _fw_gpa(0, 0x7FF8))  # into the hole
+    bad += _fw_dma(_fw_gpa(0, 0x100), FW_ID, DMA_READ, 0xFFFFFFFF, _fw_gpa(1, 0))  # longer than RAM
+    bad += _fw_dma(_fw_far(0xFFFFFFFF_FFFFFFF8), FW_ID, DMA_READ, 4, _fw_gpa(0, 0))  # descriptor wraps
+    bad += _fw_dma(_fw_gpa(0, 0x7FF8), FW_ID, DMA_READ, 4, _fw_gpa(0, 0))  # descriptor straddles the hole
+    overlap = _fw_dma(_fw_gpa(0, 0x400), FW_FILE_DIR, DMA_SELECT | DMA_READ, 16, _fw_gpa(0, 0x400))
+    overlap += _fw_dma(_fw_gpa(1, 0x400), FW_SIGNATURE, DMA_SELECT | DMA_READ, 8, _fw_gpa(1, 0x404))
+    return {"legacy": legacy, "files": files, "bad": bad, "overlap": overlap,
+            "halves": bytes([2]) + struct.pack("<I", 0) + bytes([3]) + struct.pack("<I", 0x100) + bytes([7])}
+
+
+def snapshot_seeds() -> dict[str, bytes]:
+    """Files the project's writer makes (snapshot/file.py write, over one page of RAM), then
+    damaged copies. The first byte is the target's: bit 0 makes the CRCs right."""
+    import asyncio
+    import mmap
+    import tempfile
+
+    from asyncvmm._native import ffi
+
+    from asyncvmm.snapshot import file as snapfile
+
+    def written(state: dict, page: bytes, diff=None) -> bytes:
+        m = mmap.mmap(-1, snapfile.PAGE)
+        m[: len(page)] = page
+        hva = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/snap"
+            view = memoryview(m)
+            asyncio.run(snapfile.write(path, state, [(view, hva)], diff))
+            view.release()
+            data = Path(path).read_bytes()
+        m.close()
+        return data
+
+    state = {"config": {"memory": snapfile.PAGE, "vcpus": 1}, "devices": {}}
+    full = written(state, b"\x90" * 64)
+    diff = written({**state, "base": {"path": "snap", "state_crc": 0}}, b"\x90" * 64, [[(0, 1)]])
+    zero = written(state, b"")
+    state_at = snapfile.PAGE
+    return {
+        "full": b"\x00" + full,
+        "full-fix": b"\x01" + full,
+        "zero-page": b"\x00" + zero,
+        "diff-of-itself": b"\x01" + diff,
+        "header-only": b"\x00" + full[:state_at],
+        "bad-json": b"\x01" + full[:state_at] + b"{\"config\":[" + full[state_at + 11 :],
+        "empty": b"",
+    }
 
 
 # virtio-net's control queue (targets.fuzz_net_ctrl): <linux/virtio_net.h> classes and commands.

@@ -20,6 +20,8 @@ import math
 import os
 import socket
 import struct
+import tempfile
+import zlib
 from collections.abc import Callable
 
 from asyncvmm import platform
@@ -27,6 +29,7 @@ from asyncvmm.boot import linux, loader, unpack
 from asyncvmm.bus import Bus, ByteRegisters
 from asyncvmm.control import protocol
 from asyncvmm.control.server import ControlServer
+from asyncvmm.devices.legacy import fw_cfg
 from asyncvmm.devices.legacy.acpi_pm import AcpiPm
 from asyncvmm.devices.legacy.i8042 import I8042
 from asyncvmm.devices.legacy.i8254 import I8254
@@ -40,11 +43,12 @@ from asyncvmm.devices.virtio.net.tap import NetOptions
 from asyncvmm.devices.virtio.queue import RingBroken, Virtqueue
 from asyncvmm.devices.virtio.spec import Feature, bits
 from asyncvmm.devices.virtio.transport_pci import NotifyBinder, VirtioPciDevice
-from asyncvmm.errors import BootError
+from asyncvmm.errors import BootError, GuestMemoryError
 from asyncvmm.gdb import packets
 from asyncvmm.irq import IrqRouter
 from asyncvmm.loader import bls, grub, grub_script, partitions
 from asyncvmm.loader.errors import LoaderError
+from asyncvmm.snapshot import file as snapfile
 from asyncvmm.vstate.memory import GuestMemory
 
 SIZES = (1, 2, 4)
@@ -627,6 +631,206 @@ def fuzz_net_ctrl(data: bytes) -> None:
         os.close(efd)
 
 
+# ---- fw_cfg ---------------------------------------------------------------------------------
+
+
+class _FakeRam:
+    """Guest RAM as fw_cfg reaches it: two small regions with a hole between them. Any range
+    not inside one region raises GuestMemoryError (as GuestMemory does), counted."""
+
+    REGIONS = ((0x0, 0x8000), (0x10000, 0x8000))  # (gpa, size)
+
+    def __init__(self) -> None:
+        self.ram = [bytearray(size) for _, size in self.REGIONS]
+        self.outside = 0
+
+    def _find(self, gpa: int, length: int) -> tuple[int, int]:
+        for i, (base, size) in enumerate(self.REGIONS):
+            if length >= 0 and base <= gpa and gpa + length <= base + size:
+                return i, gpa - base
+        self.outside += 1
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not in guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return any(length >= 0 and base <= gpa and gpa + length <= base + size for base, size in self.REGIONS)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        i, off = self._find(gpa, length)
+        return bytes(self.ram[i][off : off + length])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        i, off = self._find(gpa, len(data))
+        self.ram[i][off : off + len(data)] = data
+
+    def image(self) -> list[bytes]:
+        return [bytes(r) for r in self.ram]
+
+
+def _gpa(inp: Input) -> int:
+    """Mostly in or near RAM (descriptors are worth finding), sometimes anywhere in 64 bits."""
+    k = inp.u8()
+    if k < 0xC0:
+        base, size = _FakeRam.REGIONS[k & 1]
+        return base + (inp.u16() % (size + 0x40))
+    if k < 0xF0:
+        return inp.u32()
+    return inp.u32() << 32 | inp.u32()
+
+
+def _be32(value: int) -> int:
+    """The value whose little-endian write puts `value` big-endian on the wire (a guest's cpu_to_be32)."""
+    return int.from_bytes(value.to_bytes(4, "big"), "little")
+
+
+def fuzz_fw_cfg(data: bytes) -> None:
+    """fw_cfg as a firmware drives it: selector writes, data reads, the DMA address's two
+    big-endian halves (0x514, 0x518), descriptors placed anywhere (outside RAM, straddling
+    the hole, overlapping their own buffer), any access at any port. Every DMA is checked
+    against what the interface says: ERROR iff the descriptor asks to WRITE or READs into a
+    buffer outside RAM; a READ copies the item's next bytes (zeros past its end); nothing
+    else in RAM changes; a descriptor outside RAM changes nothing."""
+    inp = Input(data)
+    mem = _FakeRam()
+    fw = fw_cfg.FwCfg(mem)
+    fw.add(fw_cfg.Key.NB_CPUS, struct.pack("<H", 2))
+    fw.add(fw_cfg.Key.RAM_SIZE, struct.pack("<Q", 0x10000))
+    fw.add_file("etc/boot-order", b"/pci@i0cf8/ide@1,1/drive@0/disk@0\n")
+    fw.add_file("etc/e820", bytes(range(40)))
+    bus = Bus("pio")
+    bus.register(fw_cfg.FW_CFG_PORT, fw_cfg.FW_CFG_PORTS, fw.control_port(), "fw-cfg")
+    bus.register(fw_cfg.FW_CFG_DMA_PORT, fw_cfg.FW_CFG_DMA_PORTS, fw.dma_port(), "fw-cfg-dma")
+    run_dma = fw.dma
+
+    def checked_dma(address: int) -> None:
+        before = mem.image()
+        key, offset = fw.selected, fw.offset
+        outside, errors = mem.outside, fw.counters["dma_errors"]
+        run_dma(address)
+        after = mem.image()
+        if not mem.contains(address, fw_cfg.DMA_ACCESS.size):
+            assert after == before, "a descriptor outside RAM changed RAM"
+            assert fw.counters["dma_errors"] == errors + 1
+            return
+        control, length, buffer = fw_cfg.DMA_ACCESS.unpack(_read_flat(before, address, fw_cfg.DMA_ACCESS.size))
+        if control & fw_cfg.DmaControl.SELECT:
+            key, offset = control >> 16, 0
+        bad = bool(control & fw_cfg.DmaControl.WRITE) or bool(
+            control & fw_cfg.DmaControl.READ and not mem.contains(buffer, length))
+        assert mem.read(address, 4) == struct.pack(">I", fw_cfg.DmaControl.ERROR if bad else 0)
+        assert fw.counters["dma_errors"] == errors + bad
+        assert mem.outside - outside == 0, "the device touched memory outside RAM after checking the descriptor"
+        expect = [bytearray(r) for r in before]
+        _write_flat(expect, address, struct.pack(">I", fw_cfg.DmaControl.ERROR if bad else 0))
+        if control & fw_cfg.DmaControl.READ and not bad:
+            item = fw.items.get(key, b"")
+            _write_flat(expect, buffer, item[offset : offset + length].ljust(length, b"\0"))
+            _write_flat(expect, address, struct.pack(">I", 0))  # the control word is written last
+        assert after == [bytes(r) for r in expect], "RAM changed beyond the control word and the buffer"
+
+    fw.dma = checked_dma  # type: ignore[method-assign]
+
+    for _ in range(256):
+        if not inp.more():
+            break
+        op = inp.u8() % 8
+        if op == 0:
+            bus.access(fw_cfg.FW_CFG_PORT, 2, True, inp.u16())
+        elif op == 1:
+            size = inp.size()
+            _check_read(bus.access(fw_cfg.FW_CFG_PORT + 1, size, False), size)
+        elif op == 2:
+            bus.access(fw_cfg.FW_CFG_DMA_PORT, 4, True, _be32(inp.u32()))
+        elif op == 3:
+            bus.access(fw_cfg.FW_CFG_DMA_PORT + 4, 4, True, _be32(inp.u32()))
+        elif op == 4:  # a descriptor written by the guest, then its address (high, low)
+            at = _gpa(inp)
+            sel = inp.u16()
+            desc = fw_cfg.DMA_ACCESS.pack(sel << 16 | inp.u8() & 0x1F, inp.u32() if inp.u8() > 0xF0 else inp.u8(),
+                                          _gpa(inp))
+            if mem.contains(at, len(desc)):
+                mem.write(at, desc)
+            bus.access(fw_cfg.FW_CFG_DMA_PORT, 4, True, _be32(at >> 32))
+            bus.access(fw_cfg.FW_CFG_DMA_PORT + 4, 4, True, _be32(at & 0xFFFFFFFF))
+        elif op == 5:
+            size = inp.size()
+            port = fw_cfg.FW_CFG_PORT + inp.u8() % 12
+            if inp.u8() & 1:
+                bus.access(port, size, True, inp.u32() & ((1 << (8 * size)) - 1))
+            else:
+                _check_read(bus.access(port, size, False), size)
+        elif op == 6:
+            sig = bytes(bus.access(fw_cfg.FW_CFG_DMA_PORT + i, 1, False) for i in range(8))
+            assert sig == fw_cfg.DMA_SIGNATURE
+        else:
+            assert 0 <= fw.selected <= 0xFFFF and fw.offset >= 0
+    assert fw.dma_high <= 0xFFFFFFFF
+
+
+def _read_flat(image: list[bytes], gpa: int, length: int) -> bytes:
+    for (base, _), r in zip(_FakeRam.REGIONS, image):
+        if base <= gpa and gpa + length <= base + len(r):
+            return r[gpa - base : gpa - base + length]
+    raise AssertionError(f"{gpa:#x}+{length:#x} is not in RAM")
+
+
+def _write_flat(image: list[bytearray], gpa: int, data: bytes) -> None:
+    for (base, _), r in zip(_FakeRam.REGIONS, image):
+        if base <= gpa and gpa + len(data) <= base + len(r):
+            r[gpa - base : gpa - base + len(data)] = data
+            return
+    raise AssertionError(f"{gpa:#x}+{len(data):#x} is not in RAM")
+
+
+# ---- snapshot files -------------------------------------------------------------------------
+
+_snap_dir: tempfile.TemporaryDirectory | None = None
+
+
+def _fix_crcs(buf: bytearray) -> None:
+    """Make the state part's and the header's CRC-32s right, as a writer would (else nearly
+    every mutation stops at a checksum and the parsers behind it are never reached)."""
+    if len(buf) < snapfile.HEADER.size:
+        return
+    nparts = snapfile.HEADER.unpack_from(buf)[2]
+    end = snapfile.HEADER.size + nparts * snapfile.PART.size
+    if nparts > 16 or len(buf) < end + 4:
+        return
+    for i in range(nparts):
+        at = snapfile.HEADER.size + i * snapfile.PART.size
+        kind, _, offset, length, _ = snapfile.PART.unpack_from(buf, at)
+        if kind == snapfile.KIND_STATE and offset + length <= len(buf):
+            struct.pack_into("<I", buf, at + 24, zlib.crc32(buf[offset : offset + length]))
+    struct.pack_into("<I", buf, end, zlib.crc32(buf[:end]))
+
+
+def fuzz_snapshot(data: bytes) -> None:
+    """The snapshot reader (snapshot/file.py read: header, part table, CRCs, the state's
+    JSON, a diff's chain of bases) on any file: a SnapshotError (one line) or a Snapshot
+    whose parts lie inside the file, never another exception. The first byte's low bit
+    asks for the CRCs to be made right first. Files are in a private temporary directory
+    (a diff's base path is the fuzzer's: relative ones stay in it)."""
+    global _snap_dir
+    if _snap_dir is None:
+        _snap_dir = tempfile.TemporaryDirectory(prefix="asyncvmm-fuzz-snap-", dir="/dev/shm" if os.path.isdir(
+            "/dev/shm") else None)
+    buf = bytearray(data[1:])
+    if data[:1] and data[0] & 1:
+        _fix_crcs(buf)
+    path = os.path.join(_snap_dir.name, "snap")
+    with open(path, "wb") as f:
+        f.write(buf)
+    try:
+        snap = snapfile.read(path)
+    except snapfile.SnapshotError as e:
+        msg = str(e)
+        assert msg and "\n" not in msg, msg
+        return
+    assert isinstance(snap.state, dict)
+    for s in [snap, *snap.diffs()]:
+        assert 0 <= s.memory.offset and s.memory.offset % snapfile.PAGE == 0
+        assert s.memory.offset + s.memory.length <= os.path.getsize(s.path)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "uart": fuzz_uart,
     "rtc": fuzz_rtc,
@@ -643,5 +847,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "gdb_packets": fuzz_gdb_packets,
     "boot_menu": fuzz_boot_menu,
     "net_ctrl": fuzz_net_ctrl,
+    "fw_cfg": fuzz_fw_cfg,
+    "snapshot": fuzz_snapshot,
 }
 
