@@ -180,6 +180,8 @@ def entry() -> None:
     restored (asyncvmm registers no atexit work); freeing the ~250 imported modules' objects
     would add 10-25 ms to every command, a tenth of a VM's start-up."""
     status = main()
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        sys.exit(status)  # coverage, cProfile: they write their results at the interpreter's exit
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
