@@ -44,10 +44,13 @@ class HostResources:
     async def prepare(self, cfg: VmConfig) -> None:
         """What must run before the machine is built: passt for each virtio-net on it, the
         disks' vhost-user back-ends connected (their qemu-storage-daemons started)."""
-        self.start_processes(cfg)
-        from .virtio.vhost_user import attach  # noqa: PLC0415
+        drivers = {s.driver for s in cfg.slots}
+        if "virtio-net" in drivers:  # (the modules are imported only for VMs that have the devices)
+            self.start_processes(cfg)
+        if "virtio-blk" in drivers:
+            from .virtio.vhost_user import attach  # noqa: PLC0415
 
-        await attach.prepare(self, cfg)
+            await attach.prepare(self, cfg)
 
     async def stop(self) -> None:
         """prepare()'s back-ends closed, their daemons stopped (before close())."""
