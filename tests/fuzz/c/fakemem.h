@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/uio.h>
 
+#include "cursor.h"
 #include "virtq.h"
 
 #define FAKE_R0_GPA 0x0ull
@@ -79,30 +80,6 @@ static void fakemem_check_iov(const struct fakemem *f, const struct iovec *iov, 
 {
     for (uint32_t i = 0; i < n; i++)
         FUZZ_CHECK(fakemem_owns(f, iov[i].iov_base, iov[i].iov_len));
-}
-
-/* A cursor over the fuzz input's control bytes (the ops to run). */
-struct cursor {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint8_t take8(struct cursor *c)
-{
-    if (!c->n)
-        return 0;
-    c->n--;
-    return *c->p++;
-}
-
-static uint16_t take16(struct cursor *c)
-{
-    return (uint16_t)(take8(c) | take8(c) << 8);
-}
-
-static uint32_t take32(struct cursor *c)
-{
-    return (uint32_t)take16(c) | (uint32_t)take16(c) << 16;
 }
 
 /* Every C target's input: a little-endian u16 L, then L control bytes (the set-up and the

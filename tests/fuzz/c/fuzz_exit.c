@@ -19,6 +19,7 @@
 #include <sys/eventfd.h>
 
 #include "../../../cext/vcpu_loop.c"
+#include "cursor.h"
 
 #define FUZZ_CHECK(cond)                                                                       \
     do {                                                                                       \
@@ -34,33 +35,6 @@ static const uint32_t reasons[] = {
     KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_SYSTEM_EVENT,
     KVM_EXIT_DEBUG, KVM_EXIT_SHUTDOWN, KVM_EXIT_HLT, KVM_EXIT_INTR, KVM_EXIT_UNKNOWN,
 };
-
-struct input {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint8_t u8(struct input *in)
-{
-    if (!in->n)
-        return 0;
-    in->n--;
-    return *in->p++;
-}
-
-static uint16_t u16(struct input *in)
-{
-    return (uint16_t)(u8(in) | u8(in) << 8);
-}
-
-static size_t take(struct input *in, void *to, size_t max)
-{
-    size_t n = in->n < max ? in->n : max;
-    memcpy(to, in->p, n);
-    in->p += n;
-    in->n -= n;
-    return n;
-}
 
 static struct avmm_vm *vm;
 static uint8_t *run;
@@ -91,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     struct avmm_vcpu *v = &vm->vcpus[0];
     struct kvm_run *r = v->run;
-    struct input in = {data, size};
+    struct cursor in = {data, size};
     memset(run, 0, RUN_SIZE);
     for (int s = 0; s < AVMM_UART_FAST_SLOTS; s++) {
         avmm_uart_fast_set(vm, s, 0, 0, 0, 0);
@@ -101,18 +75,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     avmm_console_ack(vm);
 
     while (in.n) {
-        uint8_t op = u8(&in);
+        uint8_t op = take8(&in);
         switch (op % 4) {
         case 0: { /* the UART model arms a slot (ports as the guest programmed them) */
             int slot = (op >> 2) % AVMM_UART_FAST_SLOTS;
-            uint16_t thr = u16(&in), lsr = u16(&in);
-            uint8_t flags = u8(&in), shadow = u8(&in);
+            uint16_t thr = take16(&in), lsr = take16(&in);
+            uint8_t flags = take8(&in), shadow = take8(&in);
             avmm_uart_fast_set(vm, slot, thr, lsr, flags & 3, shadow);
             break;
         }
         case 1: { /* the loop drains a console buffer */
             int slot = (op >> 2) % AVMM_UART_FAST_SLOTS;
-            size_t cap = (size_t)u16(&in) + 1;
+            size_t cap = (size_t)take16(&in) + 1;
             size_t n = avmm_console_drain(vm, slot, drained, cap);
             FUZZ_CHECK(n <= cap && n <= taken[slot]);
             taken[slot] -= n;
@@ -120,15 +94,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         }
         case 2: { /* bytes into the page: the PIO data, the union, anywhere */
-            uint16_t at = u16(&in) % RUN_SIZE;
-            take(&in, run + at, (RUN_SIZE - at) < 64 ? RUN_SIZE - at : 64);
+            uint16_t at = take16(&in) % RUN_SIZE;
+            take_bytes(&in, run + at, (RUN_SIZE - at) < 64 ? RUN_SIZE - at : 64);
             break;
         }
         default: { /* an exit: its reason and the union's first bytes, then the thread's decoding */
-            uint8_t pick = u8(&in);
+            uint8_t pick = take8(&in);
             r->exit_reason = pick < 0xF0 ? reasons[pick % (sizeof(reasons) / sizeof(reasons[0]))]
-                                         : (uint32_t)u16(&in);
-            take(&in, &r->io, 32);
+                                         : (uint32_t)take16(&in);
+            take_bytes(&in, &r->io, 32);
             int err = (op & 0x80) ? EFAULT : 0;
             size_t before[AVMM_UART_FAST_SLOTS];
             for (int s = 0; s < AVMM_UART_FAST_SLOTS; s++)
