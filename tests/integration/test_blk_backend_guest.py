@@ -8,7 +8,7 @@ import hashlib
 import importlib.util
 import sys
 
-from conftest import ROOT, needs_kvm, vcpu_threads
+from conftest import ROOT, needs_kvm, vcpu_threads, warm_up_process
 from conftest import open_fds as fds
 
 from asyncvmm import VM, PciSlot, VmConfig
@@ -35,10 +35,7 @@ def test_a_guest_reads_and_writes_a_cow_disk_served_by_coroutines(guests, tmp_pa
     async def main():
         cfg = VmConfig(name="vblk-cow", memory=64 << 20, kernel=str(guests / "vblk.elf"), cmdline="stay=1",
                        block_backends={"cow": disk}, slots=[PciSlot(0, 3, 0, "virtio-blk-backend", "cow")])
-        # Warm up: the default executor and libuv keep a few fds per process once used.
-        async with VM(VmConfig(name="cow-warmup", memory=64 << 20, kernel=str(guests / "hello.elf"),
-                               no_reboot=True)) as vm:
-            await vm.wait()
+        await warm_up_process(guests, "cow-warmup")
         before_fds, before_threads = fds(), vcpu_threads()
         async with VM(cfg) as vm:
             await vm.console.expect(rb"vblk done\n", timeout=30)

@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, needs_kvm, run_vmm, vcpu_threads
+from conftest import ROOT, needs_kvm, run_vmm, vcpu_threads, warm_up_process
 from conftest import open_fds as fds
 
 from asyncvmm import VM, VmConfig
@@ -75,10 +75,7 @@ def test_doorbells_and_interrupts_bypass_the_loop(guests, image):
     """The guest's notify writes go to the ioeventfd (no MMIO exit reaches the transport)
     and its interrupts come through the MSI route it programmed."""
     async def main():
-        # Warm up: the default executor and libuv keep a few fds per process once used.
-        async with VM(VmConfig(name="vblk-warmup", memory=64 << 20, kernel=str(guests / "hello.elf"),
-                               no_reboot=True)) as vm:
-            await vm.wait()
+        await warm_up_process(guests, "vblk-warmup")
         before_fds, before_threads = fds(), vcpu_threads()
         cfg = VmConfig(name="vblk-stats", memory=64 << 20, kernel=str(guests / "vblk.elf"), cmdline="stay=1",
                        slots=[parse_slot(f"3,virtio-blk,{image}")])
@@ -184,9 +181,7 @@ def test_the_vhost_user_data_path_bypasses_the_vmm_and_nothing_outlives_the_vm(g
         return subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{disk}"], capture_output=True).stdout.count(b"\n")
 
     async def main():
-        async with VM(VmConfig(name="vhost-warmup", memory=64 << 20, kernel=str(guests / "hello.elf"),
-                               no_reboot=True)) as vm:
-            await vm.wait()
+        await warm_up_process(guests, "vhost-warmup")
         before_fds, before_threads = fds(), vcpu_threads()
         cfg = VmConfig(name="vhost-stats", memory=64 << 20, kernel=str(guests / "vblk.elf"), cmdline="stay=1",
                        slots=[parse_slot(f"3,virtio-blk,{disk}")])
