@@ -383,6 +383,24 @@ BLK_OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, se
 BLK_SEGMENT = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 
 
+class BlkRig:
+    """A harness with one virtio-blk (made by `make(guest memory)`): the driver set up on
+    entry, a BlkClient as `.c`, the harness closed on exit."""
+
+    def __init__(self, make):
+        self.h = Harness()
+        self.dev = self.h.add(make(self.h.mem))
+        self.drv = VirtioDriver(self.h, self.dev)
+
+    async def __aenter__(self):
+        await self.drv.setup()
+        self.c = BlkClient(self.drv)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.h.close()
+
+
 class BlkClient:
     """virtio-blk requests as the Linux driver builds them: header, data, status."""
 

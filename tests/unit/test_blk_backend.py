@@ -24,7 +24,7 @@ from asyncvmm.config import PciSlot, VmConfig
 from asyncvmm.devices.virtio.block.backend import BackendBlk, BlockBackend
 from asyncvmm.devices.virtio.spec import Status
 from asyncvmm.errors import ConfigError
-from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, Harness, VirtioDriver
+from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, BlkRig, Harness, VirtioDriver
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH, lib.VIRTIO_BLK_T_GET_ID
 T_DISCARD, T_WZ = lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES
@@ -70,20 +70,10 @@ class MemDisk(BlockBackend):
         self.data[offset : offset + length] = bytes(length)
 
 
-class Dev:
+class Dev(BlkRig):
     def __init__(self, backend, **kw):
         self.backend = backend
-        self.h = Harness()
-        self.dev = self.h.add(BackendBlk(backend, self.h.mem, **kw))
-        self.drv = VirtioDriver(self.h, self.dev)
-
-    async def __aenter__(self):
-        await self.drv.setup()
-        self.c = BlkClient(self.drv)
-        return self
-
-    async def __aexit__(self, *exc):
-        self.h.close()
+        super().__init__(lambda mem: BackendBlk(backend, mem, **kw))
 
     @property
     def stats(self):

@@ -20,7 +20,7 @@ from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.device import QueueConfig
 from asyncvmm.devices.virtio.spec import Common, Feature, Status, bits
 from asyncvmm.errors import ConfigError
-from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, Harness, VirtioDriver
+from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, BlkRig, Harness, VirtioDriver
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH, lib.VIRTIO_BLK_T_GET_ID
 T_DISCARD, T_WZ = lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES
@@ -47,21 +47,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
-class Blk:
+class Blk(BlkRig):
     """A harness with one virtio-blk, set up by the driver."""
 
     def __init__(self, path, engine, **opts):
-        self.h = Harness()
-        self.dev = self.h.add(VirtioBlk(BlockOptions(str(path), engine=engine, **opts), self.h.mem, queues=opts.get("queues", 1) or 1))
-        self.drv = VirtioDriver(self.h, self.dev)
-
-    async def __aenter__(self):
-        await self.drv.setup()
-        self.c = BlkClient(self.drv)
-        return self
-
-    async def __aexit__(self, *exc):
-        self.h.close()
+        super().__init__(lambda mem: VirtioBlk(BlockOptions(str(path), engine=engine, **opts), mem,
+                                               queues=opts.get("queues", 1) or 1))
 
     @property
     def stats(self):
