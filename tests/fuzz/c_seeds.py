@@ -135,6 +135,32 @@ def net_seeds() -> dict[str, bytes]:
     return out
 
 
+def net_stream_seeds() -> dict[str, bytes]:
+    """The passt path: the same rings as net_seeds; the peer sends framed and cut bytes."""
+    out = {}
+    RXD, RXA, RXU = 0x1000, 0x1100, 0x1200  # queue 0 (RX)
+    for mrg in (0, 1):
+        for flags in (0, EVENT_IDX):
+            ram = Ram(0x1400)
+            ram.put(0x400, bytes(12))
+            ram.chain(DESC, 0, [(0x400, 12, False), (0x440, 60, False)])  # a header, a 60-byte frame
+            ram.chain(DESC, 2, [(0x400, 20, False)])  # an 8-byte frame: passt would refuse it, dropped
+            ram.avail([0, 2])
+            for k in range(4):
+                ram.desc(RXD, k, 0x20000 + 0x400 * k, 0x400, WRITE)
+            ram.put(RXA, struct.pack("<HHHHHH", 0, 4, 0, 1, 2, 3))
+            ctl = bytes([mrg])
+            ctl += bytes([0x10]) + rings(flags)  # op 0 on queue 1: TX
+            ctl += bytes([0x00, 3, flags]) + struct.pack("<HHH", RXD, RXA, RXU)  # op 0 on queue 0: RX
+            ctl += bytes([4, 5])  # tx, the peer reads
+            ctl += bytes([2]) + struct.pack("<H", 60) + bytes([3])  # a framed 60-byte frame, rx
+            ctl += bytes([1, 5]) + struct.pack(">I", 100) + b"ab"  # a length and a cut frame
+            ctl += bytes([3, 7, 0])  # rx (it waits), a reset that carries the bytes over
+            ctl += bytes([1, 63]) + bytes(64) + bytes([3, 7, 2, 4])  # the rest, rx, the peer goes, tx
+            out[f"seed-mrg{mrg}-flags{flags}"] = pack(ctl, ram)
+    return out
+
+
 # fuzz_exit (c/fuzz_exit.c): ops, not RAM. <linux/kvm.h> exit reasons and the union's layouts.
 KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_SYSTEM_EVENT = 2, 6, 24
 EXIT_PICK = {"io": 0, "mmio": 1, "internal": 2, "fail_entry": 3, "system_event": 4, "debug": 5, "shutdown": 6}
@@ -179,6 +205,7 @@ def exit_seeds() -> dict[str, bytes]:
 
 def main() -> None:
     for target, seeds in (("fuzz_virtq", virtq_seeds()), ("fuzz_blk", blk_seeds()), ("fuzz_net", net_seeds()),
+                          ("fuzz_net_stream", net_stream_seeds()),
                           ("fuzz_exit", exit_seeds())):
         d = HERE / "corpus" / target
         d.mkdir(parents=True, exist_ok=True)

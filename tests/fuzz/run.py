@@ -26,8 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "fuzz"
-C_TARGETS = ("fuzz_virtq", "fuzz_blk", "fuzz_net", "fuzz_exit")
-MAX_LEN = {"boot": 16384, "snapshot": 16384, "unpack": 4096, "control": 2048, "fuzz_virtq": 8192, "fuzz_blk": 8192, "fuzz_net": 8192, "fuzz_exit": 4096}
+C_TARGETS = ("fuzz_virtq", "fuzz_blk", "fuzz_net", "fuzz_net_stream", "fuzz_exit")
+MAX_LEN = {"boot": 16384, "snapshot": 16384, "unpack": 4096, "control": 2048, "fuzz_virtq": 8192, "fuzz_blk": 8192, "fuzz_net": 8192, "fuzz_net_stream": 8192, "fuzz_exit": 4096}
 
 
 def py_targets() -> list[str]:
