@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from .._native import ffi, lib
+from ..devices.virtio.spec import used_ring_bytes
 from ..errors import KvmError
 
 PAGE = 4096
@@ -121,5 +122,5 @@ def used_rings(machine) -> list[tuple[int, int]]:
     for _, dev in machine.pci.devices():
         for q in getattr(dev, "queues", []) or []:
             if getattr(q, "enabled", False) and getattr(q, "device", 0):
-                out.append((q.device, 6 + 8 * q.size + 2))
+                out.append((q.device, used_ring_bytes(q.size)))
     return out

@@ -41,7 +41,10 @@ from ..devices.virtio.spec import (
     Common,
     Feature,
     Status,
+    avail_ring_bytes,
     bits,
+    desc_table_bytes,
+    used_ring_bytes,
 )
 from ..devices.virtio.transport_pci import (
     COMMON_OFFSET,
@@ -137,9 +140,9 @@ class MockQueue:
     @classmethod
     def create(cls, mem: GuestMemory, heap: Heap, size: int, index: int = 0, **kw) -> "MockQueue":
         """Rings for `size` entries, zeroed, aligned as 2.7 requires."""
-        desc = heap.alloc(16 * size, 16)
-        avail = heap.alloc(6 + 2 * size, 2)
-        used = heap.alloc(6 + 8 * size, 4)
+        desc = heap.alloc(desc_table_bytes(size), 16)
+        avail = heap.alloc(avail_ring_bytes(size), 2)
+        used = heap.alloc(used_ring_bytes(size), 4)
         return cls(mem, heap, index, size, desc, avail, used, **kw)
 
     # -- building chains ---------------------------------------------------------------

@@ -34,6 +34,21 @@ def bits(*features: int) -> int:
     return sum(1 << f for f in set(features))
 
 
+# A split queue's parts in guest RAM (2.7, "Virtqueue Part Sizes"), in bytes: descriptors
+# of 16 bytes; flags, idx, a u16 per entry and used_event; flags, idx, an 8-byte element
+# per entry and avail_event.
+def desc_table_bytes(size: int) -> int:
+    return 16 * size
+
+
+def avail_ring_bytes(size: int) -> int:
+    return 6 + 2 * size
+
+
+def used_ring_bytes(size: int) -> int:
+    return 6 + 8 * size
+
+
 class DeviceId(IntEnum):
     """Device types (5): the PCI device ID is 0x1040 + this."""
 

@@ -29,7 +29,7 @@ from ....log import get_logger
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
 from ..device import DeviceError, QueueConfig, VirtioDevice
-from ..spec import DeviceId
+from ..spec import DeviceId, avail_ring_bytes, desc_table_bytes, used_ring_bytes
 from .backend import Backend
 from .protocol import (
     F_PROTOCOL_FEATURES,
@@ -93,8 +93,8 @@ class VhostUserBlk(VirtioDevice):
         if mem.memfd < 0:
             raise DeviceError("guest memory is not shared (a vhost-user device needs it made so)")
         try:
-            rings = [(q, mem.hva(q.desc, 16 * q.size), mem.hva(q.driver, 6 + 2 * q.size),
-                      mem.hva(q.device, 6 + 8 * q.size)) for q in queues]
+            rings = [(q, mem.hva(q.desc, desc_table_bytes(q.size)), mem.hva(q.driver, avail_ring_bytes(q.size)),
+                      mem.hva(q.device, used_ring_bytes(q.size))) for q in queues]
         except GuestMemoryError as e:
             raise DeviceError(f"a ring is outside guest RAM: {e}") from None
         try:
