@@ -101,3 +101,45 @@ def test_what_the_guest_saw_done_survives_sigkill(guests, tmp_path):
     assert b"pflash: programmed, reads back\npflash: bad command status b0, cleared 00\npflash: halted" in out, out + err
     assert p.returncode == -signal.SIGKILL
     assert store.read_bytes()[BLOCK : BLOCK + 0x1000] == b"ASYNCVMM" + b"\xff" * (0x1000 - 8)
+
+
+def test_fw_cfg_flash_and_reset_control_state_in_a_snapshot(guests, tmp_path):
+    """fw_cfg's selector, offset and DMA address half, the flash's mode and status and 0xCF9's
+    bits go into a snapshot and come back in the VM made from it (the ROM halted; the
+    registers set from the host as a guest would leave them mid-transfer)."""
+    from asyncvmm import VM, VmConfig
+    from asyncvmm.devices.legacy.pflash import Mode
+    from asyncvmm.loop import run as run_loop
+
+    store = tmp_path / "vars.fd"
+    data = bytearray(vars_file(store))
+    data[0x3000] = ord("H")
+    store.write_bytes(data)
+    snap = str(tmp_path / "fw.snap")
+    cfg = VmConfig(name=f"pflash-snap-{os.getpid()}", memory=64 << 20, bootrom=str(guests / "pflash.bin"),
+                   bootvars=str(store))
+
+    async def main():
+        async with VM(cfg) as vm:
+            await vm.console.expect(rb"pflash: halted\n", timeout=60)
+            legacy, flash = vm.machine.legacy, vm.machine.firmware.flash
+            fw = legacy.fw_cfg
+            fw.select(0x19)  # the file directory, 3 bytes of it read
+            fw.read_data(1), fw.read_data(2)
+            fw.dma_high = 0x1234
+            flash.write(0, 1, 0x42)  # a bad command: status mode, error bits
+            legacy.reset_control.write(1, 1, 0x02)
+            saved = (fw.selected, fw.offset, fw.dma_high, flash.mode, int(flash.status))
+            await vm.snapshot(snap, stop=True)
+        async with VM.from_snapshot(snap, name=f"pflash-snap2-{os.getpid()}") as vm2:
+            legacy, flash = vm2.machine.legacy, vm2.machine.firmware.flash
+            fw = legacy.fw_cfg
+            restored = (fw.selected, fw.offset, fw.dma_high, flash.mode, int(flash.status))
+            value = legacy.reset_control.read(1, 1)
+            next_byte = fw.read_data(1)
+            await vm2.kill()
+        return saved, restored, value, next_byte, fw.items[0x19][3]
+
+    saved, restored, value, next_byte, expected = run_loop(main())
+    assert saved == (0x19, 3, 0x1234, Mode.STATUS, 0xB0)
+    assert restored == saved and value == 0x02 and next_byte == expected
