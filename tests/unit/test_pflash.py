@@ -138,3 +138,19 @@ def test_reset_control_register():
     r.write(0, 1, 0x06)  # 0xCF8's other bytes are not the register
     r.write(1, 2, 0x06)
     assert resets == [1, 1] and r.read(0, 1) == 0xFF
+
+
+def test_one_fdatasync_for_a_run_of_programs_before_the_guest_can_see_it(flash, store):
+    for i in range(100):
+        flash.write(0x3000 + i, 1, 0x10)
+        flash.write(0x3000 + i, 1, 0x5A)
+        assert store.read_bytes()[0x3000 + i] == 0x5A  # in the file at once (a SIGKILL keeps it)
+    assert flash.counters["syncs"] == 0  # not yet seen done: not yet synced
+    flash.write(0x3063, 1, 0xFF)  # back to the array: on the disk first
+    assert flash.counters["syncs"] == 1 and flash.counters["programs"] == 100
+    flash.write(0x4000, 1, 0x20)
+    flash.write(0x4000, 1, 0xD0)
+    assert flash.counters["syncs"] == 1
+    assert flash.read(0x4000, 1) == Status.READY and flash.counters["syncs"] == 2  # the status read
+    flash.read(0x4000, 1)
+    assert flash.counters["syncs"] == 2  # nothing new to sync
