@@ -849,13 +849,14 @@ def bench_memory(samples: int, qemu: str | None, notes: list[str]) -> tuple[str,
 # ---------------------------------------------------------------------------------------
 
 BENCHMARKS = ("startup", "exits", "memory", "blk", "net", "loader")
+OPT_IN = ("firmware",)  # minutes per run: only when named in --only (perf/firmware.py)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="asyncvmm machine-core benchmarks vs their anchors (see perf/README.md)")
     ap.add_argument("--quick", action="store_true", help="fewer runs and n=20000 exits (< 30 s)")
     ap.add_argument("--only", default=",".join(BENCHMARKS), metavar="LIST",
-                    help="comma-separated subset of " + ",".join(BENCHMARKS))
+                    help="comma-separated subset of " + ",".join(BENCHMARKS) + " (and " + ",".join(OPT_IN) + ", opt-in)")
     ap.add_argument("--no-history", action="store_true", help="do not append to perf/history.jsonl")
     ap.add_argument("--no-qemu", action="store_true", help="leave out the QEMU columns (they take seconds each)")
     ap.add_argument("--json", metavar="PATH", help="also write this run's record (the history line) to PATH")
@@ -878,9 +879,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(str(py), [str(py), str(Path(__file__).resolve()), *rest])
 
     which = [w.strip() for w in args.only.split(",") if w.strip()]
-    bad = [w for w in which if w not in BENCHMARKS]
+    bad = [w for w in which if w not in BENCHMARKS + OPT_IN]
     if bad or not which:
-        ap.error(f"--only: unknown benchmark(s) {', '.join(bad) or '(none)'}; choose from {','.join(BENCHMARKS)}")
+        ap.error(f"--only: unknown benchmark(s) {', '.join(bad) or '(none)'}; choose from {','.join(BENCHMARKS + OPT_IN)}")
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -933,6 +934,10 @@ def main(argv: list[str] | None = None) -> int:
                     from loader import bench_loader  # noqa: PLC0415 (perf/loader.py)
 
                     text, figs = bench_loader(args.quick, notes)
+                elif name == "firmware":
+                    from firmware import bench_firmware  # noqa: PLC0415 (perf/firmware.py)
+
+                    text, figs = bench_firmware(args.quick, notes)
                 elif name == "blk":
                     from blk import bench_blk  # noqa: PLC0415 (perf/blk.py)
 

@@ -12,10 +12,11 @@ copies its code there from the flash itself; here that area is always RAM, the c
 made before it starts, and SeaBIOS, finding no i440FX, says "Unable to unlock ram" and
 runs on from it.
 
-An OVMF variables file is mapped read-only right below the code, where QEMU's pflash puts
-it; the file is never changed. There is no CFI flash model: OVMF's probe of the flash should
-find a ROM and fall back to its emulated (in-memory) variable store. That is the design, not
-yet seen: on an emulating KVM OVMF does not get that far.
+An OVMF variables file is a CFI flash right below the code, where QEMU's pflash puts it
+(devices/legacy/pflash.py): OVMF detects it, programs and erases it, and what it writes is
+in the file (fdatasync'ed) before it sees the operation done. A file without write
+permission is a write-protected flash: the file is never changed. Without a vars file
+there is no flash: OVMF's probe finds a ROM and keeps its variables in memory.
 
 What is checked before anything starts (ConfigError, one line): the file exists, its size is
 a whole number of 4 KiB pages (a memory slot's unit) from 64 KiB to 16 MiB, and it is a
@@ -182,31 +183,56 @@ class FirmwareMapping:
         self.fw = fw
         self._maps: list[mmap.mmap] = []
         self.rom_writes = RomWrites()
+        self.flash = None  # devices.legacy.pflash.PFlash: the variables, with a vars file
+        self._vmfd = vmfd
         self._map(vmfd, ROM_SLOT, fw.base, fw.code)
         if fw.vars:
-            self._map(vmfd, VARS_SLOT, fw.vars_base, fw.vars)
+            from ..devices.legacy.pflash import PFlash, open_store  # noqa: PLC0415
+
+            try:
+                fd, writable = open_store(fw.vars_path)
+            except OSError as e:
+                raise ConfigError(f"-l bootrom variables {fw.vars_path}: {e.strerror}") from None
+            self.flash = PFlash(fd, len(fw.vars), writable, slot=self._vars_slot)
+            self._vars_hva = self._hva(self.flash.array)
+            self._vars_slot(True)
         low = min(LEGACY_COPY_SIZE, len(fw.code))
         mem.write(LEGACY_WINDOW_END - low, fw.code[-low:])
         if mmio is not None:
-            start = fw.vars_base
-            mmio.register(start, FOUR_GIB - start, self.rom_writes, "bootrom")
+            mmio.register(fw.base, len(fw.code), self.rom_writes, "bootrom")
+            if self.flash is not None:
+                mmio.register(fw.vars_base, len(fw.vars), self.flash, "pflash")
         log.info(
             f"bootrom: {fw.path} ({len(fw.code) // KiB} KiB) at {fw.base:#x}"
-            + (f", variables {fw.vars_path} ({len(fw.vars) // KiB} KiB, read-only) at {fw.vars_base:#x}" if fw.vars else "")
+            + (f", variables {fw.vars_path} ({len(fw.vars) // KiB} KiB, "
+               f"{'a flash' if self.flash.writable else 'write-protected'}) at {fw.vars_base:#x}" if self.flash else "")
         )
 
-    def _map(self, vmfd, slot: int, gpa: int, data: bytes) -> None:
+    @staticmethod
+    def _hva(m: mmap.mmap) -> int:
         from .._native import ffi  # noqa: PLC0415
 
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+
+    def _vars_slot(self, mapped: bool) -> None:
+        """The flash in read-array mode is memory; in any other mode its reads exit too."""
+        fw = self.fw
+        if mapped:
+            self._vmfd.set_memory_region(VARS_SLOT, fw.vars_base, len(fw.vars), self._vars_hva, readonly=True)
+        else:
+            self._vmfd.set_memory_region(VARS_SLOT, fw.vars_base, 0, 0, readonly=True)
+
+    def _map(self, vmfd, slot: int, gpa: int, data: bytes) -> None:
         m = mmap.mmap(-1, len(data), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_DONTFORK"):
             m.madvise(mmap.MADV_DONTFORK)
         m[:] = data
         self._maps.append(m)
-        hva = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
-        vmfd.set_memory_region(slot, gpa, len(data), hva, readonly=True)
+        vmfd.set_memory_region(slot, gpa, len(data), self._hva(m), readonly=True)
 
     def close(self) -> None:
+        if self.flash is not None:
+            self.flash.close()
         for m in self._maps:
             try:
                 m.close()

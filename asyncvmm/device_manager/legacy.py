@@ -32,6 +32,7 @@ from ..config import VmConfig
 from ..console import Console
 from ..devices.legacy.i8042 import I8042
 from ..devices.legacy.isa_line import IsaLine
+from ..devices.legacy.reset_control import ResetControlRegister
 from ..devices.legacy.rtc import Rtc
 from ..devices.legacy.uart16550 import Uart16550
 from ..errors import VmmError
@@ -148,6 +149,7 @@ class LegacyDevices:
         self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
         self.acpi_pm: AcpiPm | None = None  # with ACPI
         self.fw_cfg: FwCfg | None = None  # for a firmware boot (-l bootrom)
+        self.reset_control: ResetControlRegister | None = None  # port 0xCF9 (devices/legacy/reset_control.py)
         self.debugcon: DebugCon | None = None  # -l debugcon,PATH
         self._irq_efds: list[int] = []
         self._drain_buf = ffi.new("uint8_t[]", CONSOLE_DRAIN_CHUNK)
@@ -190,6 +192,9 @@ class LegacyDevices:
         self.rtc = Rtc(mem_below_4g=regions[0].size, mem_above_4g=sum(r.size for r in regions[1:]))
         pio.register(RTC_PORT, 2, PortOffsets(self.rtc, RTC_PORT), "rtc")
         pio.register(POST_PORT, 1, Sink(), "post")  # POST codes, and a delay port
+        # 0xCF9: on the PCI root's 0xCF8 dword (its narrow accesses), given to PciDevices
+        self.reset_control = ResetControlRegister(
+            lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the reset control register (0xCF9)")))
         if cfg.acpi:
             from ..devices.legacy.acpi_pm import AcpiPm  # noqa: PLC0415
 

@@ -24,7 +24,7 @@ log = get_logger("asyncvmm.machine")
 class PciDevices:
     """The GSI router, the PCI root and its devices."""
 
-    def __init__(self, vm: Vm, config: VmConfig, pio: Bus, mmio: Bus, host=None):
+    def __init__(self, vm: Vm, config: VmConfig, pio: Bus, mmio: Bus, host=None, reset_control=None):
         from ..devices import slots  # noqa: PLC0415 (device models load the data path)
         from ..devices.pci.device import PciBuses, PciDevice  # noqa: PLC0415
         from ..devices.pci.root import PciRoot, install  # noqa: PLC0415
@@ -37,7 +37,7 @@ class PciDevices:
             any_length = vm.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
             ctx = slots.BuildContext(config, vm.mem, self.irq, NotifyBinder(vm.fd, any_length), host)
             self.root = PciRoot(PciBuses(mmio, pio))
-            install(self.root, pio, mmio)
+            install(self.root, pio, mmio, narrow_cf8=reset_control)  # 0xCF9: the reset control register
             for s in config.slots:
                 driver = slots.lookup(s.driver)
                 if driver.build is None:

@@ -27,6 +27,7 @@ UART_FIELDS = ("_ier", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_fifo_enabled", 
 I8042_FIELDS = ("command_byte", "output_port", "_output", "_output_aux", "_last_output", "_last_was_command", "resets")
 RTC_FIELDS = ("_index", "_status_a", "_status_b", "_set_at", "_set_to", "_weekday_shift")
 ACPI_PM_FIELDS = ("status", "enable", "control", "_level")
+FW_CFG_FIELDS = ("selected", "offset", "dma_high")  # the items are rebuilt from the config
 PIT_COUNTER_FIELDS = ("mode", "access", "bcd", "gate", "reload", "null_count", "loaded", "counting", "offset",
                       "write_lsb_next", "read_lsb_next", "partial", "latched_count", "latched_status")
 TRANSPORT_FIELDS = ("status", "device_feature_select", "driver_feature_select", "driver_features", "config_vector",
@@ -67,6 +68,10 @@ def save_legacy(legacy) -> dict:
                   "frozen": sorted(r._frozen.items()) if r._frozen is not None else None}
     if legacy.acpi_pm is not None:
         out["acpi_pm"] = _get(legacy.acpi_pm, ACPI_PM_FIELDS)
+    if legacy.fw_cfg is not None:
+        out["fw_cfg"] = _get(legacy.fw_cfg, FW_CFG_FIELDS)
+    if legacy.reset_control is not None:
+        out["reset_control"] = int(legacy.reset_control.value)
     if legacy.pit is not None:  # the VMM's PIT (the vmm-pit quirk); KVM's is in kvm_state
         pit = legacy.pit
         model = pit.model
@@ -85,6 +90,8 @@ def check_legacy(legacy, state: dict) -> None:
                           f"{', '.join(have) or 'none'}")
     if ("acpi_pm" in state) != (legacy.acpi_pm is not None):
         raise ConfigError("the snapshot's machine and this one differ in ACPI (-A/--no-acpi)")
+    if ("fw_cfg" in state) != (legacy.fw_cfg is not None):
+        raise ConfigError("the snapshot's machine and this one differ in firmware (-l bootrom)")
     if ("pit" in state) != (legacy.pit is not None):
         raise ConfigError("the snapshot's PIT is " + ("the VMM's" if "pit" in state else "KVM's") +
                           ", this machine's is not (--no-quirks, or another KVM)")
@@ -117,6 +124,10 @@ def restore_legacy(legacy, state: dict) -> None:
     r._frozen = {int(k): v for k, v in frozen} if frozen is not None else None
     if legacy.acpi_pm is not None:
         _put(legacy.acpi_pm, state["acpi_pm"], ACPI_PM_FIELDS)
+    if legacy.fw_cfg is not None:
+        _put(legacy.fw_cfg, state["fw_cfg"], FW_CFG_FIELDS)
+    if legacy.reset_control is not None:
+        legacy.reset_control.value = type(legacy.reset_control.value)(state.get("reset_control", 0))
     if legacy.pit is not None:
         s = state["pit"]
         model = legacy.pit.model

@@ -120,7 +120,13 @@ def save_machine(machine) -> dict:
         "vcpus": [kvm_state.save_vcpu(v, msrs) for v in vcpus.fds],
         "legacy": devices.save_legacy(machine.legacy),
         "pci": devices.save_pci(machine.pci),
+        **({"pflash": machine.firmware.flash.state()} if _flash(machine) is not None else {}),
     }
+
+
+def _flash(machine):
+    """The OVMF variables flash (its file is the guest's, like a disk: not in the snapshot)."""
+    return machine.firmware.flash if machine.firmware is not None else None
 
 
 def restore_machine(machine, snap) -> None:
@@ -146,6 +152,8 @@ def apply_state(machine, state: dict) -> None:
     devices.check_pci(machine.pci, state["pci"])
     devices.restore_legacy(machine.legacy, state["legacy"])
     devices.restore_pci(machine.pci, state["pci"])
+    if "pflash" in state and _flash(machine) is not None:
+        _flash(machine).set_state(state["pflash"])
     kvm_state.restore_vm(machine.vm.fd.fd, state["vm"])
     for v, s in zip(machine.vcpus.fds, state["vcpus"], strict=True):
         kvm_state.restore_vcpu(v, s)
