@@ -113,7 +113,30 @@ def seeds() -> dict[str, dict[str, bytes]]:
     out["net_ctrl"] = net_ctrl_seeds()
     out["fw_cfg"] = fw_cfg_seeds()
     out["snapshot"] = snapshot_seeds()
+    out["pflash"] = pflash_seeds()
     return out
+
+
+# pflash (targets.fuzz_pflash): u8 writable; then ops: u8 (bit 0: write), u8 size (0: a
+# byte), u16 offset, and a write's u32 value. OVMF's sequences (QemuFlash.c) on byte 0x10.
+def _pf_write(offset: int, value: int) -> bytes:
+    return bytes([1, 0]) + struct.pack("<HI", offset, value)
+
+
+def _pf_read(offset: int, size: int = 0) -> bytes:
+    return bytes([0, size]) + struct.pack("<H", offset)
+
+
+def pflash_seeds() -> dict[str, bytes]:
+    detect = _pf_read(0x10) + _pf_write(0x10, 0x50) + _pf_read(0x10) + _pf_write(0x10, 0x70) + _pf_read(0x10)
+    detect += _pf_write(0x10, 0x10) + _pf_write(0x10, 0x10) + _pf_read(0x10) + _pf_write(0x10, 0xFF)
+    program = b"".join(_pf_write(0x2000 + i, 0x10) + _pf_write(0x2000 + i, b) for i, b in enumerate(b"VARS"))
+    program += _pf_write(0x2000, 0xFF) + _pf_read(0x2000, 2)
+    erase = _pf_write(0x1000, 0x20) + _pf_write(0x1000, 0xD0) + _pf_read(0x1000) + _pf_write(0x1000, 0xFF)
+    query = _pf_write(0, 0x98) + _pf_read(0x10, 2) + _pf_write(0, 0x90) + _pf_read(0) + _pf_write(0, 0xE8)
+    query += _pf_read(0) + _pf_write(0, 0x50) + _pf_read(0x2C)
+    return {"detect": b"\x01" + detect, "program": b"\x01" + program, "erase": b"\x01" + erase,
+            "read-only": b"\x00" + program + erase, "query": b"\x01" + query}
 
 
 # fw_cfg (targets.fuzz_fw_cfg): ops 0 select, 1 data read, 2/3 DMA address high/low, 4 a

@@ -29,7 +29,7 @@ from asyncvmm.boot import linux, loader, unpack
 from asyncvmm.bus import Bus, ByteRegisters
 from asyncvmm.control import protocol
 from asyncvmm.control.server import ControlServer
-from asyncvmm.devices.legacy import fw_cfg
+from asyncvmm.devices.legacy import fw_cfg, pflash
 from asyncvmm.devices.legacy.acpi_pm import AcpiPm
 from asyncvmm.devices.legacy.i8042 import I8042
 from asyncvmm.devices.legacy.i8254 import I8254
@@ -831,6 +831,57 @@ def fuzz_snapshot(data: bytes) -> None:
         assert s.memory.offset + s.memory.length <= os.path.getsize(s.path)
 
 
+# ---- the OVMF variables flash --------------------------------------------------------------
+
+PFLASH_SIZE = 4 * pflash.BLOCK_SIZE
+
+
+def fuzz_pflash(data: bytes) -> None:
+    """The CFI flash over a file, as a guest drives it: any byte, word or dword written
+    anywhere (commands, data, confirms in any order), reads in every mode. Checked against
+    a shadow of the file: only a write in program mode changes it (those bytes, when the
+    flash is writable), only a confirm in erase mode erases (its whole block); nothing else
+    ever changes the file; the memory slot is mapped exactly in read-array mode; every read
+    fits its size and, in read-array mode, is the file's bytes."""
+    inp = Input(data)
+    writable = bool(inp.u8() & 1)
+    fd = os.memfd_create("fuzz-pflash", os.MFD_CLOEXEC)  # the flash owns it: close() closes it
+    shadow = bytearray(bytes(range(256)) * (PFLASH_SIZE // 256))
+    os.pwrite(fd, shadow, 0)
+    mapped = [True]
+
+    def slot(on: bool) -> None:
+        assert on != mapped[0], "the slot was mapped (or removed) twice"
+        mapped[0] = on
+
+    flash = pflash.PFlash(fd, PFLASH_SIZE, writable, slot)
+    try:
+        for _ in range(256):
+            if not inp.more():
+                break
+            op, size = inp.u8(), inp.size()
+            offset = inp.u16() % PFLASH_SIZE
+            if op & 1:
+                value = inp.u32() & ((1 << (8 * size)) - 1)
+                mode = flash.mode
+                flash.write(offset, size, value)
+                if mode is pflash.Mode.PROGRAM and writable and offset + size <= PFLASH_SIZE:
+                    shadow[offset : offset + size] = value.to_bytes(size, "little")
+                elif mode is pflash.Mode.ERASE and value & 0xFF == pflash.Command.ERASE_CONFIRM and writable:
+                    start = offset - offset % pflash.BLOCK_SIZE
+                    shadow[start : start + pflash.BLOCK_SIZE] = b"\xff" * pflash.BLOCK_SIZE
+                assert os.pread(fd, PFLASH_SIZE, 0) == shadow, "the file changed beyond a program or an erase"
+            else:
+                value = flash.read(offset, size)
+                _check_read(value, size)
+                if flash.mode is pflash.Mode.ARRAY:
+                    want = bytes(shadow[offset : offset + size]).ljust(size, b"\xff")
+                    assert value == int.from_bytes(want, "little")
+            assert mapped[0] == (flash.mode is pflash.Mode.ARRAY), (flash.mode, mapped[0])
+    finally:
+        flash.close()
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "uart": fuzz_uart,
     "rtc": fuzz_rtc,
@@ -849,5 +900,6 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "net_ctrl": fuzz_net_ctrl,
     "fw_cfg": fuzz_fw_cfg,
     "snapshot": fuzz_snapshot,
+    "pflash": fuzz_pflash,
 }
 
