@@ -37,9 +37,13 @@ import mmap
 import os
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..log import get_logger
+
+if TYPE_CHECKING:
+    from ..devices.legacy.pflash import PFlash
 
 log = get_logger("asyncvmm.machine")
 
@@ -183,8 +187,15 @@ class FirmwareMapping:
         self.fw = fw
         self._maps: list[mmap.mmap] = []
         self.rom_writes = RomWrites()
-        self.flash = None  # devices.legacy.pflash.PFlash: the variables, with a vars file
+        self.flash: PFlash | None = None  # the variables, with a vars file
         self._vmfd = vmfd
+        try:
+            self._build(vmfd, mem, fw, mmio)
+        except BaseException:
+            self.close()  # the machine never gets it to close
+            raise
+
+    def _build(self, vmfd, mem, fw: Firmware, mmio) -> None:
         self._map(vmfd, ROM_SLOT, fw.base, fw.code)
         if fw.vars:
             from ..devices.legacy.pflash import PFlash, open_store  # noqa: PLC0415

@@ -165,6 +165,21 @@ def test_a_jailed_vmm_starts_a_firmware_image(guests, jailer, work):
     assert debug.exists()
 
 
+def test_a_jailed_vmm_keeps_the_firmware_variables(guests, jailer, work):
+    """-l bootrom,FILE,VARSFILE: the vars file is writable in the jail; what the test ROM
+    programs there (tests/guests/pflash.S) is in the file afterwards."""
+    from test_pflash import vars_file  # noqa: PLC0415
+
+    store = work / "vars.fd"
+    vars_file(store)
+    os.chown(store, jailer.uid, jailer.gid)
+    r = run_vmm("run", "-m", "64", "--no-reboot", "-l", f"bootrom,{guests / 'pflash.bin'},{store}",
+                "--jail", str(work / "jail"), "--uid", str(jailer.uid), "--gid", str(jailer.gid), timeout=60)
+    assert r.status == 0, r.err
+    assert "pflash: detected: flash" in r.out and "pflash: programmed, reads back" in r.out, r.out
+    assert store.read_bytes()[0x2000:0x2008] == b"ASYNCVMM"
+
+
 @pytest.mark.parametrize("flags, needle", [
     (("--uid", "1234"), "--uid and --gid go with --jail DIR"),
     (("--gid", "1234"), "--uid and --gid go with --jail DIR"),

@@ -60,6 +60,9 @@ def test_permutation_test_sampled_when_too_many_labellings():
     ("net.rtt.limit.p50_us", -1, True, False),
     ("memory.asyncvmm.vmm_rss_mib", -1, False, True),
     ("exits.seconds", 0, False, False),
+    ("firmware.asyncvmm.grub_s", -1, False, True),
+    ("firmware.qemu_tcg.kernel_s", -1, True, False),
+    ("firmware.timeout.seconds", 0, False, False),
 ])
 def test_figure_direction_and_anchors(key, direction, anchor, gated):
     assert history.direction(key) == direction

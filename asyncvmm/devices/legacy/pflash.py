@@ -138,7 +138,11 @@ class PFlash:
         self._cfi = cfi_table(size)
         self.counters = {"programs": 0, "erases": 0, "errors": 0, "mode_changes": 0, "syncs": 0}
         self._unsynced = False  # written to the file, not yet fdatasync'ed
-        self.array = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            self.array = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)  # it is ours from here on
+            raise
 
     def _set_mode(self, mode: Mode) -> None:
         if (mode is Mode.ARRAY) != (self.mode is Mode.ARRAY):
