@@ -16,17 +16,22 @@
                    VM starts, so every thread made after inherits it (vCPUs and helpers add
                    theirs on top: filters stack, and the strictest answer wins).
 
-Modes: `off`; `log` — a call not on its list is allowed and written to the kernel's audit
-log (dmesg: `audit: type=1326 ... syscall=N`), so a device another change adds cannot be
-broken by a list that misses its calls; `kill` — the process is killed (SIGSYS).
+Modes: `kill` (the default) — the process is killed (SIGSYS), as Firecracker does; `log` —
+a call not on its list is allowed and written to the kernel's audit log (dmesg: `audit:
+type=1326 ... syscall=N`), to find what a list misses; `off`. `$ASYNCVMM_SECCOMP` changes
+the default.
 
 The embedding API (asyncvmm.VM, VmConfig.seccomp) applies the vCPU filter only: the loop's
 thread and the executor's threads belong to the program that embeds the VM, and a filter
-can never be removed.
+can never be removed. Its default is `kill` too: a vCPU thread is the VMM's own C thread,
+it runs nothing of the embedding program's, its calls are the closed list below, and it is
+the thread that decodes what the guest hands over first — a call off that list means the
+VMM has been subverted, and ending the process is the only answer that cannot be bypassed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from enum import StrEnum
@@ -40,7 +45,12 @@ class SeccompMode(StrEnum):
     KILL = "kill"
 
 
-DEFAULT = SeccompMode.OFF  # until the filters have run under the slow tier (README: Hardening)
+DEFAULT = SeccompMode.KILL  # the fast and slow tiers run under it (README: Hardening)
+
+
+def default_mode() -> str:
+    """The mode when none is given: $ASYNCVMM_SECCOMP, else DEFAULT."""
+    return os.environ.get("ASYNCVMM_SECCOMP", DEFAULT.value)
 
 
 class Kind:
