@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TOOLS = ROOT / "tools" / "kernel"
 PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\] ?")
+CSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-~])")  # ECMA-48 control sequences, and ESC c
 BUILD_TIMEOUT = 45 * 60  # a first build of the small kernel: 4-11 minutes on 2 cores
 
 
@@ -193,13 +194,16 @@ class LinuxGuest:
                 self._cond.wait(min(left, 1.0))
 
     def wait_for_text(self, pattern: bytes | str, timeout: float = 60) -> re.Match:
-        """`pattern` searched in the whole console so far (lines joined): for output whose
-        marks may share a line, as a firmware's and a bootloader's do."""
+        """`pattern` searched in the whole console so far, lines joined and terminal control
+        sequences taken out: for a firmware's and a bootloader's output, whose marks may
+        share a line, and where GRUB puts cursor moves in the middle of a word (its file
+        progress indicator, drawn on a timer, wrote "Loading Linu\e[03;12H\e[03;13Hx" on a
+        loaded machine)."""
         rx = re.compile(pattern.decode() if isinstance(pattern, bytes) else pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                m = rx.search("\n".join(line for _, line in self.console))
+                m = rx.search(CSI.sub("", "\n".join(line for _, line in self.console)))
                 if m:
                     return m
                 if self._proc.poll() is not None and all(not t.is_alive() for t in self._threads):
