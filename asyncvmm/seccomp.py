@@ -83,17 +83,50 @@ def install(kind: int, mode: str, *, all_threads: bool = False) -> None:
         raise VmmError(f"seccomp: thread {r} has filters of its own: cannot install one for all threads")
 
 
+_helper_mode: str | None = None  # once helper threads are filtered: their mode
+_filtered = threading.local()  # .helper: this thread has the helper filter
+
+
+def _install_helper() -> None:
+    assert _helper_mode is not None
+    install(Kind.HELPER, _helper_mode)
+    _filtered.helper = True
+
+
 def filter_helper_threads(mode: str) -> None:
     """From now on, every thread the threading module starts installs the helper filter
     before it runs anything else."""
+    global _helper_mode
     if SeccompMode(mode) is SeccompMode.OFF:
         return
+    _helper_mode = mode
 
     def first_call(frame, event, arg):  # runs in the new thread, before its target
         sys.setprofile(None)
-        install(Kind.HELPER, mode)
+        _install_helper()
 
     threading.setprofile(first_call)
+
+
+def catch_up() -> None:
+    """A helper thread started before the process was confined (the console's output
+    thread: the console is opened before the machine is built) calls this before each
+    piece of work, and takes the helper filter at the first one after confinement — before
+    it writes anything of the guest's. Until then it has the loop's filter (TSYNC)."""
+    if _helper_mode is not None and not getattr(_filtered, "helper", False):
+        _install_helper()
+
+
+def program(kind: int, mode: str) -> bytes:
+    """`kind`'s BPF program as the kernel holds it once installed (struct sock_filter[])."""
+    from ._native import ffi, lib  # noqa: PLC0415
+
+    n = lib.avmm_seccomp_program(kind, action(mode), ffi.NULL, 0)
+    if n < 0:
+        raise VmmError(f"seccomp: no program for kind {kind}, mode {mode}: errno {-n}")
+    buf = ffi.new("char[]", 8 * n)
+    lib.avmm_seccomp_program(kind, action(mode), buf, n)
+    return ffi.buffer(buf)[:]
 
 
 def confine_process(mode: str) -> None:

@@ -197,7 +197,7 @@ class LinuxGuest:
         """`pattern` searched in the whole console so far, lines joined and terminal control
         sequences taken out: for a firmware's and a bootloader's output, whose marks may
         share a line, and where GRUB puts cursor moves in the middle of a word (its file
-        progress indicator, drawn on a timer, wrote "Loading Linu\e[03;12H\e[03;13Hx" on a
+        progress indicator, drawn on a timer, wrote "Loading Linu\\e[03;12H\\e[03;13Hx" on a
         loaded machine)."""
         rx = re.compile(pattern.decode() if isinstance(pattern, bytes) else pattern)
         deadline = time.monotonic() + timeout
@@ -254,6 +254,11 @@ class LinuxGuest:
     def log_text(self) -> str:
         with self._cond:
             return "\n".join(line for _, line in self.log)
+
+    @property
+    def pid(self) -> int:
+        """The VMM's process ID (start() first)."""
+        return self._proc.pid
 
     def seccomp_modes(self) -> dict[str, str]:
         """Each thread of the running VMM: its name (vcpuN, python...) and tid → its seccomp

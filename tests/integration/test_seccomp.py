@@ -8,6 +8,7 @@ the VMM is filtered and the guest runs to its end; in-process, vCPU threads carr
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -252,3 +253,50 @@ def test_in_process_vcpu_threads_carry_their_filter(guests, monkeypatch):
     assert modes["vcpu0"] == "2"  # SECCOMP_MODE_FILTER
     assert modes[next(c for c in modes if not c.startswith("vcpu"))] == "0"  # the caller's threads are its own
     assert stop.reason is StopReason.RESET
+
+
+PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_DETACH, PTRACE_SECCOMP_GET_FILTER = 0x4206, 0x4207, 17, 0x420C
+WALL = 0x40000000  # waitpid's __WALL: a thread of another process
+
+
+def filter_chain(tid: int) -> list[bytes]:
+    """The seccomp programs thread `tid` holds, oldest first, as the kernel gives them back
+    (PTRACE_SECCOMP_GET_FILTER: the thread is stopped for a moment, then let go)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.restype = ctypes.c_long
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(PTRACE_SEIZE, tid, None, None) < 0:
+        raise OSError(ctypes.get_errno(), f"PTRACE_SEIZE {tid}")
+    try:
+        libc.ptrace(PTRACE_INTERRUPT, tid, None, None)
+        os.waitpid(tid, WALL)
+        chain = []
+        while (n := libc.ptrace(PTRACE_SECCOMP_GET_FILTER, tid, len(chain), None)) > 0:
+            buf = ctypes.create_string_buffer(8 * n)
+            libc.ptrace(PTRACE_SECCOMP_GET_FILTER, tid, len(chain), buf)
+            chain.append(buf.raw)
+        return chain
+    finally:
+        libc.ptrace(PTRACE_DETACH, tid, None, None)
+
+
+@needs_kvm
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading another process's filters takes CAP_SYS_ADMIN")
+def test_each_thread_of_the_vmm_holds_the_filters_of_its_kind(guests, monkeypatch):
+    # Every thread of a running `asyncvmm run`, its filters read back from the kernel: the
+    # loop's thread the loop's program; vCPUs the loop's (inherited) then theirs; every other
+    # thread — the executor's, and the console's output thread, started before the process
+    # was confined (seccomp.catch_up) — the loop's then the helpers'.
+    monkeypatch.delenv("ASYNCVMM_SECCOMP", raising=False)
+    with LinuxGuest(guests / "echo.elf", memory="64M", cmdline="", name=f"sc-{os.getpid()}") as g:
+        g.wait_for(rb"echo ready", timeout=60)  # written by the console's output thread
+        chains = {t: filter_chain(int(t.split("/")[1])) for t in g.seccomp_modes()}
+        pid = g.pid
+    loop, vcpu, helper = (seccomp.program(k, "kill") for k in (seccomp.Kind.LOOP, seccomp.Kind.VCPU, seccomp.Kind.HELPER))
+    kinds = {loop: "loop", vcpu: "vcpu", helper: "helper"}
+    got = {t: [kinds.get(p, f"unknown program ({len(p) // 8} instructions)") for p in chain] for t, chain in chains.items()}
+    for t, chain in got.items():
+        comm, tid = t.split("/")
+        want = ["loop"] if int(tid) == pid else ["loop", "vcpu"] if comm.startswith("vcpu") else ["loop", "helper"]
+        assert chain == want, (t, got)
+    assert any(c == ["loop", "helper"] for c in got.values()), got  # the console's output thread at least
