@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--seccomp", choices=("off", "log", "kill"),
         help="system call filters per thread (vCPU, loop, helpers): log what a thread should not call, "
-        "or kill the VMM when one does (default: off, or $ASYNCVMM_SECCOMP)",
+        "or kill the VMM when one does (default: kill, or $ASYNCVMM_SECCOMP)",
     )
     run.add_argument("-r", "--restore", metavar="PATH",
                      help="go on from the snapshot at PATH (asyncvmm ctl snapshot; bhyve's -r): the machine is the "

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .boot.cpuid import Topology
 from .devices.registry import check_slots, lookup, names
 from .errors import ConfigError
+from .seccomp import default_mode as seccomp_default_mode
 
 if TYPE_CHECKING:
     from .gdb.options import GdbOptions
@@ -93,7 +94,7 @@ class VmConfig:
     debugcon: a file for what the guest writes to port 0x402, the firmwares' debug console
         (devices/legacy/debugcon.py) [-l debugcon,PATH]
     seccomp: the vCPU, loop and helper threads' system-call filters: "off", "log" or "kill"
-        (default $ASYNCVMM_SECCOMP, else off; asyncvmm/seccomp.py) [--seccomp]
+        (default $ASYNCVMM_SECCOMP, else kill; in-process, vCPU threads only; asyncvmm/seccomp.py) [--seccomp]
     block_backends: disks an embedder serves with coroutines, by name (asyncvmm.BlockBackend);
         a slot `virtio-blk-backend,NAME` attaches one [none: Python objects only]
     """
@@ -121,7 +122,7 @@ class VmConfig:
     strict_io: bool = False  # -e: an access nothing emulates stops the VM
     force_msi: bool = False  # -W: virtio-pci devices offer MSI, not MSI-X
     # --seccomp: off | log | kill (asyncvmm/seccomp.py); ASYNCVMM_SECCOMP sets the default
-    seccomp: str = field(default_factory=lambda: os.environ.get("ASYNCVMM_SECCOMP", "off"))
+    seccomp: str = field(default_factory=seccomp_default_mode)
     gdb: GdbOptions | None = None  # -g/-G: a gdb server for the guest
     xapic: bool = False  # -a: the local APIC in xAPIC mode (x2APIC hidden from CPUID)
     wired: bool = False  # -S: guest memory wired (mlock'd)

@@ -23,6 +23,7 @@ import threading
 import tty
 from collections.abc import Callable
 
+from . import seccomp
 from .errors import ConfigError
 
 # Escape sequence on a terminal, as QEMU's: Ctrl-A then a key.
@@ -164,6 +165,7 @@ class OutputThread:
 
     def _run(self) -> None:
         while (data := self._queue.get()) is not None:
+            seccomp.catch_up()  # started before `asyncvmm run` confined the process
             _write_all(self.fd, data)
             self.queued -= len(data)
 

@@ -16,17 +16,22 @@
                    VM starts, so every thread made after inherits it (vCPUs and helpers add
                    theirs on top: filters stack, and the strictest answer wins).
 
-Modes: `off`; `log` — a call not on its list is allowed and written to the kernel's audit
-log (dmesg: `audit: type=1326 ... syscall=N`), so a device another change adds cannot be
-broken by a list that misses its calls; `kill` — the process is killed (SIGSYS).
+Modes: `kill` (the default) — the process is killed (SIGSYS), as Firecracker does; `log` —
+a call not on its list is allowed and written to the kernel's audit log (dmesg: `audit:
+type=1326 ... syscall=N`), to find what a list misses; `off`. `$ASYNCVMM_SECCOMP` changes
+the default.
 
 The embedding API (asyncvmm.VM, VmConfig.seccomp) applies the vCPU filter only: the loop's
 thread and the executor's threads belong to the program that embeds the VM, and a filter
-can never be removed.
+can never be removed. Its default is `kill` too: a vCPU thread is the VMM's own C thread,
+it runs nothing of the embedding program's, its calls are the closed list below, and it is
+the thread that decodes what the guest hands over first — a call off that list means the
+VMM has been subverted, and ending the process is the only answer that cannot be bypassed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from enum import StrEnum
@@ -40,7 +45,12 @@ class SeccompMode(StrEnum):
     KILL = "kill"
 
 
-DEFAULT = SeccompMode.OFF  # until the filters have run under the slow tier (README: Hardening)
+DEFAULT = SeccompMode.KILL  # the fast and slow tiers run under it (README: Hardening)
+
+
+def default_mode() -> str:
+    """The mode when none is given: $ASYNCVMM_SECCOMP, else DEFAULT."""
+    return os.environ.get("ASYNCVMM_SECCOMP", DEFAULT.value)
 
 
 class Kind:
@@ -73,17 +83,50 @@ def install(kind: int, mode: str, *, all_threads: bool = False) -> None:
         raise VmmError(f"seccomp: thread {r} has filters of its own: cannot install one for all threads")
 
 
+_helper_mode: str | None = None  # once helper threads are filtered: their mode
+_filtered = threading.local()  # .helper: this thread has the helper filter
+
+
+def _install_helper() -> None:
+    assert _helper_mode is not None
+    install(Kind.HELPER, _helper_mode)
+    _filtered.helper = True
+
+
 def filter_helper_threads(mode: str) -> None:
     """From now on, every thread the threading module starts installs the helper filter
     before it runs anything else."""
+    global _helper_mode
     if SeccompMode(mode) is SeccompMode.OFF:
         return
+    _helper_mode = mode
 
     def first_call(frame, event, arg):  # runs in the new thread, before its target
         sys.setprofile(None)
-        install(Kind.HELPER, mode)
+        _install_helper()
 
     threading.setprofile(first_call)
+
+
+def catch_up() -> None:
+    """A helper thread started before the process was confined (the console's output
+    thread: the console is opened before the machine is built) calls this before each
+    piece of work, and takes the helper filter at the first one after confinement — before
+    it writes anything of the guest's. Until then it has the loop's filter (TSYNC)."""
+    if _helper_mode is not None and not getattr(_filtered, "helper", False):
+        _install_helper()
+
+
+def program(kind: int, mode: str) -> bytes:
+    """`kind`'s BPF program as the kernel holds it once installed (struct sock_filter[])."""
+    from ._native import ffi, lib  # noqa: PLC0415
+
+    n = lib.avmm_seccomp_program(kind, action(mode), ffi.NULL, 0)
+    if n < 0:
+        raise VmmError(f"seccomp: no program for kind {kind}, mode {mode}: errno {-n}")
+    buf = ffi.new("char[]", 8 * n)
+    lib.avmm_seccomp_program(kind, action(mode), buf, n)
+    return ffi.buffer(buf)[:]
 
 
 def confine_process(mode: str) -> None:

@@ -25,4 +25,9 @@ enum avmm_seccomp_action {
  * whose filters prevented it. */
 int avmm_seccomp_install(int kind, int action, int all_threads);
 
+/* The program `kind`'s filter is (struct sock_filter, 8 bytes each), copied into `out` up
+ * to `max` instructions: its length, or -errno. What the kernel gives back for an
+ * installed filter (PTRACE_SECCOMP_GET_FILTER) is compared with it in the tests. */
+int avmm_seccomp_program(int kind, int action, void *out, unsigned max);
+
 #endif

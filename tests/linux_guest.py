@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TOOLS = ROOT / "tools" / "kernel"
 PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\] ?")
+CSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-~])")  # ECMA-48 control sequences, and ESC c
 BUILD_TIMEOUT = 45 * 60  # a first build of the small kernel: 4-11 minutes on 2 cores
 
 
@@ -68,13 +69,44 @@ def spin_initramfs() -> Path:
     return _tool("build-spin-initramfs", 120) / "initramfs.cpio.gz"
 
 
+def seccomp_modes(pid: int | str = "self") -> dict[str, str]:
+    """`pid`'s threads, "comm/tid" → the Seccomp field of their /proc status (0 none, 2 filtered).
+    Kernel workers in the thread group (KVM's kvm-nx-lpage-recovery) are left out."""
+    modes = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                mode = re.search(r"^Seccomp:\s+(\d)", f.read(), re.M).group(1)
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        if not comm.startswith("kvm-"):
+            modes[f"{comm}/{tid}"] = mode
+    return modes
+
+
+def unfiltered_vcpus() -> list[str]:
+    """This process's vCPU threads without a seccomp filter, when the default mode asks
+    for one (an in-process VM's vCPU threads carry the vCPU filter: asyncvmm/seccomp.py)."""
+    from asyncvmm import seccomp  # noqa: PLC0415
+
+    if seccomp.default_mode() == "off":
+        return []
+    modes = seccomp_modes()
+    return [t for t, m in modes.items() if t.startswith("vcpu") and m != "2"] or (
+        [] if any(t.startswith("vcpu") for t in modes) else ["no vCPU thread"])
+
+
 class LinuxGuest:
     """`asyncvmm run` of a Linux kernel in the background. See the module docstring."""
 
-    def __init__(self, kernel: Path | str, *, initrd: Path | str | None = None, cmdline: str = "console=ttyS0",
+    def __init__(self, kernel: Path | str | None, *, initrd: Path | str | None = None, cmdline: str = "console=ttyS0",
                  memory: str = "256M", flags: tuple[str, ...] = (), name: str | None = None):
         self.name = name or f"linux-{os.getpid()}"
-        self.args = ["run", "-m", memory, "--no-reboot", "--kernel", str(kernel), "--cmdline", cmdline]
+        self.args = ["run", "-m", memory, "--no-reboot"]
+        if kernel is not None:  # None: the flags name a firmware (-l bootrom,FILE)
+            self.args += ["--kernel", str(kernel), "--cmdline", cmdline]
         if initrd is not None:
             self.args += ["--initrd", str(initrd)]
         self.args += [*flags, self.name]
@@ -161,6 +193,25 @@ class LinuxGuest:
                     raise GuestError(f"{rx.pattern!r} not seen within {timeout:g} s\n{self.tail()}")
                 self._cond.wait(min(left, 1.0))
 
+    def wait_for_text(self, pattern: bytes | str, timeout: float = 60) -> re.Match:
+        """`pattern` searched in the whole console so far, lines joined and terminal control
+        sequences taken out: for a firmware's and a bootloader's output, whose marks may
+        share a line, and where GRUB puts cursor moves in the middle of a word (its file
+        progress indicator, drawn on a timer, wrote "Loading Linu\\e[03;12H\\e[03;13Hx" on a
+        loaded machine)."""
+        rx = re.compile(pattern.decode() if isinstance(pattern, bytes) else pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = rx.search(CSI.sub("", "\n".join(line for _, line in self.console)))
+                if m:
+                    return m
+                if self._proc.poll() is not None and all(not t.is_alive() for t in self._threads):
+                    raise GuestError(f"the VMM ended (status {self._proc.returncode}) before {rx.pattern!r}\n{self.tail()}")
+                if time.monotonic() >= deadline:
+                    raise GuestError(f"{rx.pattern!r} not seen within {timeout:g} s\n{self.tail()}")
+                self._cond.wait(1.0)
+
     def when(self, pattern: str, stream: str = "console") -> float | None:
         """Seconds since start of the first line matching `pattern`, or None."""
         rx = re.compile(pattern)
@@ -203,6 +254,16 @@ class LinuxGuest:
     def log_text(self) -> str:
         with self._cond:
             return "\n".join(line for _, line in self.log)
+
+    @property
+    def pid(self) -> int:
+        """The VMM's process ID (start() first)."""
+        return self._proc.pid
+
+    def seccomp_modes(self) -> dict[str, str]:
+        """Each thread of the running VMM: its name (vcpuN, python...) and tid → its seccomp
+        mode (/proc: 0 none, 2 filtered)."""
+        return seccomp_modes(self._proc.pid)
 
     def tail(self, n: int = 40) -> str:
         with self._cond:

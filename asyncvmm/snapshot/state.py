@@ -21,8 +21,9 @@ from . import devices, kvm_state
 
 FORMAT_NOTE = "asyncvmm snapshot state"
 
-# VmConfig fields a snapshot does not keep: how this process watches the VM, not the machine.
-NOT_KEPT = {"gdb", "profile_boot", "profile_rip_ms", "symbols"}
+# VmConfig fields a snapshot does not keep: how this process watches or confines the VM, not
+# the machine (a restore takes its own --seccomp, or the default, never the saver's).
+NOT_KEPT = {"gdb", "profile_boot", "profile_rip_ms", "symbols", "seccomp"}
 
 
 # -- the configuration ---------------------------------------------------------------------
@@ -46,7 +47,7 @@ def config_from_dict(d: dict) -> VmConfig:
     from ..boot.cpuid import Topology  # noqa: PLC0415
 
     known = {f.name for f in dataclasses.fields(VmConfig)}
-    kw = {k: v for k, v in d.items() if k in known}
+    kw = {k: v for k, v in d.items() if k in known and k not in NOT_KEPT}
     kw["slots"] = [PciSlot(**s) for s in d.get("slots", [])]
     kw["topology"] = Topology(**d["topology"]) if d.get("topology") else None
     kw["pins"] = {int(k): c for k, c in d.get("pins", {}).items()}

@@ -24,11 +24,9 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_kvm
-from linux_guest import debian_disk_image, small_kernel
+from linux_guest import GuestError, LinuxGuest, debian_disk_image, small_kernel
 
-from asyncvmm import VM, VmConfig
-from asyncvmm.config import parse_slot
-from asyncvmm.loop import run as run_loop
+from asyncvmm import seccomp
 from asyncvmm.quirks import linux_parameters
 
 pytestmark = [needs_kvm, pytest.mark.slow]
@@ -64,38 +62,39 @@ def test_seabios_grub_linux_from_a_virtio_disk(tmp_path, capfd, emulating_kvm):
     subprocess.run(["cp", "--sparse=always", str(debian_disk_image()), str(disk)], check=True)
     if emulating_kvm:
         add_to_grub_cfg(disk, linux_parameters(), tmp_path)
-    cfg = VmConfig(name="linux-slow-seabios", cpus=1, memory=256 << 20, bootrom=str(SEABIOS), no_reboot=True,
-                   slots=[parse_slot(f"3,virtio-blk,{disk},ro")])
+    # `asyncvmm run`, so that the boot runs under every filter of the VMM's (seccomp's
+    # default, kill): the loop's, the helpers' and the vCPU's.
+    guest = LinuxGuest(None, memory="256M", name="linux-slow-seabios",
+                       flags=("-l", f"bootrom,{SEABIOS}", "-s", f"3,virtio-blk,{disk},ro"))
     console_log = tmp_path / "console.log"
     marks: dict[str, float] = {}
-
-    async def main():
-        async with VM(cfg) as vm:
-            try:
-                t0 = time.monotonic()
-                for name, pattern, timeout in (
-                    ("SeaBIOS", rb"SeaBIOS \(version [^)]*\)", 30),
-                    ("its boot from the disk", rb"Booting from Hard Disk\.\.\.", 30),
-                    # GRUB's own start (its modules read through SeaBIOS's int 13h) and its
-                    # menu (drawn through SeaBIOS's serial console, int 10h) take minutes here
-                    ("GRUB", rb"Welcome to GRUB!", TIMEOUT),
-                    ("GRUB loading Linux", rb"Loading Linux 6\.1", TIMEOUT),
-                    ("Linux", rb"Linux version 6\.1", TIMEOUT),
-                    ("init", UP, TIMEOUT),
-                ):
-                    await vm.console.expect(pattern, timeout=timeout)
-                    marks[name] = time.monotonic() - t0
-                await vm.kill()
-            finally:
-                console_log.write_bytes(bytes(vm.console.transcript))
-
-    try:
-        run_loop(main())
-    except (TimeoutError, EOFError) as e:
-        raise AssertionError(f"{e}; reached: {marks} (the console: {console_log})") from None
+    modes: dict[str, str] = {}
+    with guest:
+        try:
+            t0 = time.monotonic()
+            for name, pattern, timeout in (
+                ("SeaBIOS", rb"SeaBIOS \(version [^)]*\)", 30),
+                ("its boot from the disk", rb"Booting from Hard Disk\.\.\.", 30),
+                # GRUB's own start (its modules read through SeaBIOS's int 13h) and its
+                # menu (drawn through SeaBIOS's serial console, int 10h) take minutes here
+                ("GRUB", rb"Welcome to GRUB!", TIMEOUT),
+                ("GRUB loading Linux", rb"Loading Linux 6\.1", TIMEOUT),
+                ("Linux", rb"Linux version 6\.1", TIMEOUT),
+                ("init", UP, TIMEOUT),
+            ):
+                guest.wait_for_text(pattern, timeout=timeout)
+                marks[name] = time.monotonic() - t0
+                if not modes:
+                    modes = guest.seccomp_modes()
+        except GuestError as e:
+            raise AssertionError(f"{e}; reached: {marks}") from None
+        finally:
+            console_log.write_text(guest.console_text())
     with capfd.disabled():
         print(f"\nSeaBIOS boot, seconds from start: {', '.join(f'{k} {v:.1f}' for k, v in marks.items())}")
-    log = console_log.read_bytes().decode(errors="replace")
+    if seccomp.default_mode() == "kill":
+        assert any(t.startswith("vcpu0/") for t in modes) and set(modes.values()) == {"2"}, modes
+    log = console_log.read_text(errors="replace")
     assert re.search(r"Kernel command line: BOOT_IMAGE=/boot/vmlinuz-\S+ root=PARTUUID=\S+ ro console=ttyS0", log), log[-3000:]
     assert re.search(r"\bvda: vda1 vda2 vda3\r?$", log, re.M), "the kernel did not read the GPT"
     assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:3\.", log), log[-3000:]

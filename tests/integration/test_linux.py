@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, needs_kvm
-from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs
+from linux_guest import PRINTK_TIME, debian_disk_image, small_kernel, spin_initramfs, unfiltered_vcpus
 from netns import Netns
 
 from asyncvmm import VM, VmConfig
@@ -318,6 +318,7 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     async def steps(vm: VM):
         t0 = time.monotonic()
         first = await boot_log(vm, 1)
+        failures.extend(f"boot 1: a vCPU thread without its seccomp filter: {t}" for t in unfiltered_vcpus())
         times["boot"] = time.monotonic() - t0
         run_checks(FIRST_BOOT_CHECKS, first, "boot 1", failures)
         run_checks([lambda log: check_the_command_line(log, emulating_kvm)], first, "boot 1", failures)
@@ -422,12 +423,14 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     console_log = tmp_path / "console.log"
     times: dict[str, float] = {}
     snap = tmp_path / "linux.snap"
+    unfiltered: list[str] = []  # vCPU threads without their seccomp filter
 
     async def main():
         async with VM(cfg) as vm:
             try:
                 t0 = time.monotonic()
                 log = await boot_log(vm, 1)
+                unfiltered.extend(unfiltered_vcpus())
                 times["boot"] = time.monotonic() - t0
                 await sysrq_output(vm, b"h", rb"sysrq: HELP :", rb"show-all-timers\(q\)")
                 await vm.snapshot(str(snap))  # the booted kernel, restored after this run (below)
@@ -467,6 +470,7 @@ def test_linux_read_only_root_and_acpi_reset(tmp_path, capfd):
     assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:3\.", log), log[-3000:]
     assert "guest reset through the ACPI reset register: restarting the guest" in err, err
     assert boots == 2 and "Linux version 6.1" in second
+    assert not unfiltered, unfiltered
     assert hashlib.sha256(root.read_bytes()).hexdigest() == digest, "the read-only image changed"
 
     # The snapshot of the first boot, restored in a new VM object (its machine rebuilt from the
