@@ -319,6 +319,8 @@ class VM:
         finally:
             if self.machine is not None:
                 self.machine.close()
+            if self.profile is not None:
+                self.profile.release()  # what it holds of a boot that ended on an error
             self._state = "stopped"
             if self.gdb is not None:
                 self.gdb.vm_ended(0 if stop.reason is StopReason.POWEROFF else 1)

@@ -257,6 +257,19 @@ class Machine:
         """RIP samples every `period_ns` on each vCPU (before run())."""
         self.vcpus.enable_sampling(period_ns, capacity)
 
+    def kvm_stats_files(self) -> list:
+        """KVM's statistics files, the VM's then each vCPU's (vstate/kvm_stats.py); a KVM
+        without them gives []."""
+        from .vstate.kvm_stats import open_stats  # noqa: PLC0415 (only for a boot profile)
+
+        files = [open_stats(self.vm.fd.fd, "the VM")] + [open_stats(v.fd, f"vCPU {v.idx}") for v in self.vcpus.fds]
+        if None in files:
+            for f in files:
+                if f is not None:
+                    f.close()
+            return []
+        return files
+
     def rip_samples(self, i: int, capacity: int) -> list[int]:
         """vCPU i's RIP samples (once its thread has ended)."""
         return self.vcpus.rip_samples(i, capacity) if self.vcpus is not None else []

@@ -36,6 +36,16 @@ INIT_LINE = re.compile(rb"Run (\S+) as init process|Trying to run (\S+) as init|
 PANIC_LINE = re.compile(rb"Kernel panic - not syncing: (.*)")
 KERNEL_SPACE = 0xFFFF_8000_0000_0000  # x86-64: the kernel's half of the address space
 SAMPLE_CAPACITY = 1 << 19  # RIP samples kept per vCPU (4 MiB each)
+# KVM's per-vCPU counters (vstate/kvm_stats.py) the report lists, as (label, KVM's name).
+KVM_EXIT_KINDS = (
+    ("port I/O", "io_exits"), ("MMIO", "mmio_exits"), ("halt", "halt_exits"), ("host interrupt", "irq_exits"),
+    ("signal", "signal_exits"), ("interrupt window", "irq_window_exits"), ("request", "request_irq_exits"),
+    ("hypercall", "hypercalls"),
+)
+KVM_FAULT_KINDS = (
+    ("fixed", "pf_fixed"), ("emulated", "pf_emulate"), ("the guest's", "pf_guest"), ("spurious", "pf_spurious"),
+    ("TLB flushes", "tlb_flush"), ("invlpg", "invlpg"),
+)
 DEFAULT_SAMPLE_PERIOD_NS = 10_000_000  # sampling for the kernel entry mark alone
 TOP_SYMBOLS = 25
 MAX_LINE = 4096  # a console "line" longer than this is cut (a guest printing no newline)
@@ -105,6 +115,9 @@ class BootProfile:
     samples: list[list[int]] = field(default_factory=list)
     symbols: Symbols | None = None
     done: bool = False
+    kvm_vm: dict = field(default_factory=dict)  # KVM's own counters at the end (vstate/kvm_stats.py)
+    kvm_vcpus: list[dict] = field(default_factory=list)
+    _kvm_files: list = field(default_factory=list)
 
     # -- collecting ---------------------------------------------------------------------
     def watch(self, machine) -> None:
@@ -114,6 +127,7 @@ class BootProfile:
         machine.console_observer = lambda data: self.console.feed(data, time.monotonic())
         if self.sample_period_ns:
             machine.enable_sampling(self.sample_period_ns, SAMPLE_CAPACITY)
+        self._kvm_files = machine.kvm_stats_files()
 
     def finish(self, machine, stop) -> None:
         """The first boot ended: keep what the report needs before the machine is closed."""
@@ -126,7 +140,17 @@ class BootProfile:
         self.stats = machine.stats()
         if self.sample_period_ns:
             self.samples = [machine.rip_samples(i, SAMPLE_CAPACITY) for i in range(machine.config.cpus)]
+        if self._kvm_files:
+            self.kvm_vm = self._kvm_files[0].read()
+            self.kvm_vcpus = [f.read() for f in self._kvm_files[1:]]
+        self.release()
         machine.console_observer = None
+
+    def release(self) -> None:
+        """Close KVM's statistics files (finish() has read them, or the boot failed)."""
+        for f in self._kvm_files:
+            f.close()
+        self._kvm_files = []
 
     # -- the report ---------------------------------------------------------------------
     def phases(self) -> list[tuple[str, float, str]]:
@@ -175,6 +199,7 @@ class BootProfile:
         if self.console.panic:
             lines.append(f"  kernel panic: {self.console.panic}")
         lines += self._exit_lines()
+        lines += self._kvm_lines()
         lines += self._sample_lines()
         return "\n".join(lines)
 
@@ -213,6 +238,39 @@ class BootProfile:
         pit = self.stats.get("pit")
         if pit:
             lines.append(f"  VMM PIT: {pit['irqs']} IRQ0s raised, {pit['deferred']} deferred by the rate bound")
+        return lines
+
+    def _kvm_lines(self) -> list[str]:
+        """KVM's own counters, summed over the vCPUs: the exits it served itself, the
+        instructions it emulated, interrupts injected, halts (KVM_STATS_FD names)."""
+        if not self.kvm_vcpus:
+            return []
+        k: Counter[str] = Counter()
+        for v in self.kvm_vcpus:
+            k.update(v)
+        in_run = sum(v.get("ns_in_run", 0) for v in self.stats.get("vcpus") or []) / 1e9
+        halted = (k["halt_wait_ns"] + k["halt_poll_success_ns"] + k["halt_poll_fail_ns"]) / 1e9
+
+        def listed(pairs: tuple[tuple[str, str], ...]) -> str:
+            return ", ".join(f"{label} {k[key]}" for label, key in pairs if k.get(key))
+
+        lines = ["KVM's own counters (exits it served in the kernel never reach the VMM), all vCPUs:"]
+        lines.append(f"  exits {k['exits']}: " + listed(KVM_EXIT_KINDS))
+        if k.get("insn_emulation"):
+            busy = max(in_run - halted, 0.0)
+            lines.append(f"  instructions emulated {k['insn_emulation']} ({k['insn_emulation_fail']} failed)"
+                         + (f": {busy * 1e9 / k['insn_emulation']:.0f} ns each over the {busy:.1f} s in KVM_RUN not halted"
+                            if busy else ""))
+        injected = listed((("interrupts", "irq_injections"), ("NMIs", "nmi_injections")))
+        if injected:
+            rate = f" ({k['irq_injections'] / in_run:.0f}/s in KVM_RUN)" if in_run else ""
+            lines.append(f"  injected: {injected}{rate}")
+        if k.get("halt_exits"):
+            lines.append(f"  halted {halted:.3f} s ({k['halt_wait_ns'] / 1e9:.3f} s asleep, "
+                         f"{(k['halt_poll_success_ns'] + k['halt_poll_fail_ns']) / 1e9:.3f} s polling); wake-ups {k['halt_wakeup']}")
+        faults = listed(KVM_FAULT_KINDS)
+        if faults:
+            lines.append(f"  page faults {k['pf_taken']}: {faults}")
         return lines
 
     def _sample_lines(self) -> list[str]:

@@ -40,7 +40,9 @@ exists and what it does instead:
                 calibrate) on the loop, and BoundedRatePit raises IRQ0 through an irqfd at
                 most every PIT_MIN_IRQ_INTERVAL_NS. Ticks in between are dropped, so the
                 guest's jiffies lag wall time until it switches to kvm-clock and its LAPIC
-                timer, which are KVM's and exact.
+                timer, which are KVM's and exact. That switch ends the bound: Linux with
+                a MADT ticks through KVM's LAPIC (TSC-deadline) at its HZ, and this PIT
+                then raises no IRQ0 at all (docs/EMULATING-KVM.md has the figures).
 
   linux-cmdline Kernel parameters appended to a Linux guest's command line (a bzImage, or
                 an ELF vmlinux: boot/linux.py is_linux), never to other guests; the user

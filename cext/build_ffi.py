@@ -61,6 +61,8 @@ KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_IRQCHIP KVM_SET_IR
 KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK KVM_GET_DIRTY_LOG KVM_MEM_LOG_DIRTY_PAGES
 KVM_CAP_XSAVE KVM_CAP_XCRS KVM_CAP_ADJUST_CLOCK KVM_CAP_DEBUGREGS KVM_CAP_VCPU_EVENTS
 KVM_VCPUEVENT_VALID_SMM
+KVM_GET_STATS_FD KVM_CAP_BINARY_STATS_FD KVM_STATS_TYPE_MASK KVM_STATS_TYPE_CUMULATIVE
+KVM_STATS_TYPE_INSTANT KVM_STATS_TYPE_PEAK
 """.split()
 
 # <linux/pci_regs.h>: the configuration header, capability IDs, MSI-X.
@@ -141,6 +143,7 @@ typedef unsigned short __u16;
 typedef unsigned int __u32;
 typedef unsigned long long __u64;
 typedef int __s32;
+typedef short __s16;
 
 struct kvm_regs {
     __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
@@ -192,6 +195,11 @@ struct kvm_irq_routing_entry {
     ...;
 };
 struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; };
+/* KVM_GET_STATS_FD's file: a header, then descriptors (each followed by its name) */
+struct kvm_stats_header {
+    __u32 flags; __u32 name_size; __u32 num_desc; __u32 id_offset; __u32 desc_offset; __u32 data_offset;
+};
+struct kvm_stats_desc { __u32 flags; __s16 exponent; __u16 size; __u32 offset; __u32 bucket_size; ...; };
 
 /* virtio and PCI layouts the Python models read and write (offsets from the C compiler) */
 struct virtio_pci_cap {

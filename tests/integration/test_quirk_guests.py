@@ -82,3 +82,10 @@ def test_profile_boot_of_a_test_guest(guests):
     m = re.search(r"RIP samples: (\d+) \(every 1 ms, all vCPUs\), named from \S+pit.elf \(.symtab\)", r.err)
     assert m and int(m.group(1)) > 100, r.err
     assert re.search(r"^\s+[\d.]+%\s+\d+\s+ch2_wait$", r.err, re.M), r.err  # where the guest spins
+    # KVM's own counters: the exits the VMM served are among KVM's (which does not count
+    # every kind itself: kvm_pvm leaves io_exits at 0), and the guest's IRQ0s were injected
+    io = re.search(r"^  IO\s+(\d+)", r.err, re.M)
+    m = re.search(r"^  exits (\d+):", r.err, re.M)
+    assert io and m and int(m.group(1)) >= int(io.group(1)) > 100, r.err
+    m = re.search(r"^  injected: interrupts (\d+)", r.err, re.M)
+    assert m and int(m.group(1)) >= 10, r.err

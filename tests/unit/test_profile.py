@@ -119,3 +119,27 @@ def test_entry_to_kernel_from_the_first_high_rip_sample():
     phases = {name: (round(seconds, 3), what) for name, seconds, what in p.phases()}
     assert phases["entry to kernel"][0] == 20.5 and "first RIP sample" in phases["entry to kernel"][1]
     assert phases["kernel to init"][0] == 4.5
+
+
+def test_kvms_own_counters():
+    p = BootProfile(sample_period_ns=0, created=1.0, images=1.1, built=1.2, started=1.3, stopped=60.0, stop_message="reset")
+    p.stats = stats()  # 50 s in KVM_RUN
+    p.kvm_vcpus = [{
+        "exits": 9000, "io_exits": 1000, "halt_exits": 200, "signal_exits": 40, "mmio_exits": 0,
+        "insn_emulation": 60_000_000, "insn_emulation_fail": 1, "irq_injections": 2500,
+        "halt_wait_ns": 9_000_000_000, "halt_poll_success_ns": 500_000_000, "halt_poll_fail_ns": 500_000_000,
+        "halt_wakeup": 190, "pf_taken": 300, "pf_fixed": 290, "pf_guest": 10,
+    }]
+    text = p.report()
+    assert "  exits 9000: port I/O 1000, halt 200, signal 40\n" in text  # MMIO 0 is left out
+    # 50 s in KVM_RUN, 10 s of it halted: 40 s for 60 M instructions
+    assert "instructions emulated 60000000 (1 failed): 667 ns each over the 40.0 s in KVM_RUN not halted" in text
+    assert "injected: interrupts 2500 (50/s in KVM_RUN)" in text
+    assert "halted 10.000 s (9.000 s asleep, 1.000 s polling); wake-ups 190" in text
+    assert "page faults 300: fixed 290, the guest's 10" in text
+
+
+def test_no_kvm_counters_no_section():
+    p = BootProfile(sample_period_ns=0, created=1.0, images=1.1, built=1.2, started=1.3, stopped=60.0)
+    p.stats = stats()
+    assert "KVM's own counters" not in p.report()
