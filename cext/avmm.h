@@ -89,6 +89,11 @@ struct avmm_vm;
 #define AVMM_HIST_BUCKETS 256
 /* Copy vCPU idx's histogram (up to max buckets) into out; returns how many. */
 int avmm_vcpu_exit_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max);
+/* The same kind of histogram of each guest round trip that went through the loop: from the
+ * KVM_RUN return of a posted exit to the next KVM_RUN return (the hand-off, then the guest
+ * up to its next exit). A raw KVM_RUN loop's period between exits (perf/rawkvm.c) is the
+ * figure to set it beside. */
+int avmm_vcpu_cycle_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max);
 /* The smallest latency, in ns, that falls in bucket i. */
 uint64_t avmm_hist_bucket_ns(int i);
 /* The exit hand-off's spinning: out[0..3] = the vCPUs' spins and hits waiting for the
