@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     enter(jail, cfg)  # before any thread starts, and before seccomp
             from .vstate import probe  # noqa: PLC0415
 
-            probe.start()  # the KVM probe waits in the kernel: let it overlap the imports
+            probe.start(spare_vm=True)  # the KVM probe and the VM's creation wait in the kernel: let them overlap the imports
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 
             return run_to_end(cfg, snapshot)
