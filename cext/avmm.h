@@ -147,6 +147,10 @@ void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow);
 /* The console eventfd says some slot has bytes: reset it, then drain every slot. */
 void avmm_console_ack(struct avmm_vm *vm);
+/* 1 when a vCPU has signalled the console eventfd since the last avmm_console_ack (a slot
+ * may hold bytes), else 0: a check without a syscall, for the loop before each batch of
+ * exits. Bytes in a slot always come with the flag set since the ack before their drain. */
+int avmm_console_pending(struct avmm_vm *vm);
 /* Move bytes written through a slot's fast path into out; returns how many. */
 size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap);
 

@@ -105,6 +105,7 @@ struct avmm_vm {
     int nvcpus;
     int notify_efd;
     int console_efd;
+    _Atomic uint32_t console_pending; /* console_efd was signalled since the last ack */
     struct avmm_vcpu *vcpus;
     _Atomic uint32_t pause_req;
     _Atomic uint32_t park_gen;  /* futex word for parked vCPUs: bumped when pause_req, a
@@ -248,8 +249,10 @@ static int serve_fast_io(struct avmm_vcpu *v)
             memcpy(u->buf + u->len, data, count);
             u->len += count;
             pthread_mutex_unlock(&u->lock);
-            if (was_empty)
+            if (was_empty) {
+                atomic_store(&vm->console_pending, 1);
                 notify(vm->console_efd);
+            }
             return 1;
         }
         if (port == atomic_load(&u->lsr_port) && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
@@ -279,10 +282,16 @@ void avmm_console_ack(struct avmm_vm *vm)
 {
     uint64_t counter;
     /* Reset before the drains: a vCPU that appends to a slot drained empty afterwards
-     * finds it empty and signals again. */
+     * finds it empty and signals again (the flag first, then the eventfd). */
+    atomic_store(&vm->console_pending, 0);
     if (read(vm->console_efd, &counter, sizeof(counter)) < 0) {
         /* EAGAIN: nothing signalled */
     }
+}
+
+int avmm_console_pending(struct avmm_vm *vm)
+{
+    return (int)atomic_load(&vm->console_pending);
 }
 
 size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap)
