@@ -165,6 +165,10 @@ class IrqRouter:
         self._next_gsi = FIRST_MSI_GSI
         self.commits = 0
         self._closing = False
+        # KVM_CREATE_IRQCHIP gave the VM this very table (KVM's default routing: GSIs 0-15 to
+        # the PICs and the IOAPIC, 16-23 to the IOAPIC), so committing it again changes
+        # nothing; a routing update waits for an SRCU grace period (~5 ms of start-up here).
+        self._committed = self.routes() if vm is not None else None
 
     def allocate(self) -> MsiVector:
         gsi = self._free.pop() if self._free else self._next_gsi
@@ -203,11 +207,14 @@ class IrqRouter:
         return table
 
     def commit(self) -> None:
-        """KVM_SET_GSI_ROUTING with the whole table."""
-        self.commits += 1
+        """KVM_SET_GSI_ROUTING with the whole table, unless KVM has that table already."""
         if self.vm is None:
+            self.commits += 1
             return
         table = self.routes()
+        if table == self._committed:
+            return
+        self.commits += 1
         buf = ffi.new("struct kvm_irq_routing *", {"nr": len(table), "entries": len(table)})
         for i, (gsi, kind, args) in enumerate(table):
             e = buf.entries[i]
@@ -224,6 +231,7 @@ class IrqRouter:
         r = lib.avmm_ioctl(self.vm.fd, lib.KVM_SET_GSI_ROUTING, buf)
         if r < 0:
             raise KvmError(f"KVM_SET_GSI_ROUTING ({len(table)} routes) failed: {os.strerror(-r)}")
+        self._committed = table
 
     def close(self) -> None:
         self._closing = True

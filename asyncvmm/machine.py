@@ -183,7 +183,7 @@ class Machine:
         if self._stop_before_run is not None:  # stopped before it ran: nothing to start
             return self._stop_before_run
         self._stopped = loop.create_future()
-        self.vcpus.attach(loop, self.legacy.drain_console, lambda: self.stopping)
+        self.vcpus.attach(loop, self.legacy.drain_signalled_console, lambda: self.stopping)
         self.legacy.attach(loop, on_quit=self._on_console_quit)
         self.timeline.started = time.monotonic()
         try:

@@ -89,6 +89,11 @@ struct avmm_vm;
 #define AVMM_HIST_BUCKETS 256
 /* Copy vCPU idx's histogram (up to max buckets) into out; returns how many. */
 int avmm_vcpu_exit_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max);
+/* The same kind of histogram of each guest round trip that went through the loop: from the
+ * KVM_RUN return of a posted exit to the next KVM_RUN return (the hand-off, then the guest
+ * up to its next exit). A raw KVM_RUN loop's period between exits (perf/rawkvm.c) is the
+ * figure to set it beside. */
+int avmm_vcpu_cycle_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max);
 /* The smallest latency, in ns, that falls in bucket i. */
 uint64_t avmm_hist_bucket_ns(int i);
 /* The exit hand-off's spinning: out[0..3] = the vCPUs' spins and hits waiting for the
@@ -142,6 +147,10 @@ void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow);
 /* The console eventfd says some slot has bytes: reset it, then drain every slot. */
 void avmm_console_ack(struct avmm_vm *vm);
+/* 1 when a vCPU has signalled the console eventfd since the last avmm_console_ack (a slot
+ * may hold bytes), else 0: a check without a syscall, for the loop before each batch of
+ * exits. Bytes in a slot always come with the flag set since the ack before their drain. */
+int avmm_console_pending(struct avmm_vm *vm);
 /* Move bytes written through a slot's fast path into out; returns how many. */
 size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap);
 

@@ -82,6 +82,7 @@ struct avmm_vcpu {
     struct avmm_exit exit;
     struct avmm_vcpu_stats stats;
     uint64_t exit_hist[AVMM_HIST_BUCKETS]; /* posted exits' time out of KVM_RUN */
+    uint64_t cycle_hist[AVMM_HIST_BUCKETS]; /* a posted exit's KVM_RUN return to the next one */
     uint64_t *samples;       /* RIP samples (sampling on), written by the vCPU thread only */
     size_t nsamples;
     timer_t timer;
@@ -104,6 +105,7 @@ struct avmm_vm {
     int nvcpus;
     int notify_efd;
     int console_efd;
+    _Atomic uint32_t console_pending; /* console_efd was signalled since the last ack */
     struct avmm_vcpu *vcpus;
     _Atomic uint32_t pause_req;
     _Atomic uint32_t park_gen;  /* futex word for parked vCPUs: bumped when pause_req, a
@@ -247,8 +249,10 @@ static int serve_fast_io(struct avmm_vcpu *v)
             memcpy(u->buf + u->len, data, count);
             u->len += count;
             pthread_mutex_unlock(&u->lock);
-            if (was_empty)
+            if (was_empty) {
+                atomic_store(&vm->console_pending, 1);
                 notify(vm->console_efd);
+            }
             return 1;
         }
         if (port == atomic_load(&u->lsr_port) && run->io.direction == KVM_EXIT_IO_IN && (flags & AVMM_UART_FAST_LSR)) {
@@ -278,10 +282,16 @@ void avmm_console_ack(struct avmm_vm *vm)
 {
     uint64_t counter;
     /* Reset before the drains: a vCPU that appends to a slot drained empty afterwards
-     * finds it empty and signals again. */
+     * finds it empty and signals again (the flag first, then the eventfd). */
+    atomic_store(&vm->console_pending, 0);
     if (read(vm->console_efd, &counter, sizeof(counter)) < 0) {
         /* EAGAIN: nothing signalled */
     }
+}
+
+int avmm_console_pending(struct avmm_vm *vm)
+{
+    return (int)atomic_load(&vm->console_pending);
 }
 
 size_t avmm_console_drain(struct avmm_vm *vm, int slot, uint8_t *out, size_t cap)
@@ -498,6 +508,15 @@ int avmm_vcpu_exit_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max)
     return n;
 }
 
+int avmm_vcpu_cycle_hist(struct avmm_vm *vm, int idx, uint64_t *out, int max)
+{
+    int n = max < AVMM_HIST_BUCKETS ? max : AVMM_HIST_BUCKETS;
+    if (idx < 0 || idx >= vm->nvcpus || n < 0)
+        return -EINVAL;
+    memcpy(out, vm->vcpus[idx].cycle_hist, (size_t)n * sizeof(*out));
+    return n;
+}
+
 static void unpark(struct avmm_vm *vm)
 {
     atomic_fetch_add(&vm->park_gen, 1);
@@ -579,6 +598,7 @@ static void *vcpu_main(void *arg)
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
     start_sampling(v);
+    uint64_t posted_at = 0; /* the KVM_RUN return of the last exit, when it was posted */
     /* Set-up is done (signals, affinity, the sampling timer): from here on the thread makes
      * only the calls the vCPU allow-list names (seccomp.c). */
     if (vm->seccomp_action && avmm_seccomp_install(AVMM_SECCOMP_VCPU, vm->seccomp_action, 0) < 0)
@@ -592,6 +612,7 @@ static void *vcpu_main(void *arg)
             take_sample(v);
         }
         if (parked(v)) {
+            posted_at = 0; /* a pause is no round trip */
             park_while_paused(v);
             continue;
         }
@@ -602,6 +623,9 @@ static void *vcpu_main(void *arg)
         v->stats.ns_in_run += t1 - t0;
         if (v->run->immediate_exit)
             v->run->immediate_exit = 0;
+        if (posted_at && !err)
+            v->cycle_hist[hist_bucket(t1 - posted_at)]++;
+        posted_at = 0;
         if (err == EINTR || err == EAGAIN) {
             v->stats.kicks++; /* the sample, if it was the timer, is taken at the loop's top */
             v->stats.ns_exits[KVM_EXIT_INTR] += now_ns() - t1;
@@ -626,6 +650,7 @@ static void *vcpu_main(void *arg)
         uint64_t out_ns = now_ns() - t1;
         v->stats.ns_exits[slot] += out_ns;
         v->exit_hist[hist_bucket(out_ns)]++;
+        posted_at = t1;
         if (action == AVMM_ACTION_QUIT)
             break;
     }

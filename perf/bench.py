@@ -42,6 +42,7 @@ from table import table  # perf/table.py
 ROOT = Path(os.environ.get("ASYNCVMM_BENCH_ROOT") or Path(__file__).resolve().parent.parent).resolve()
 GUESTS = ROOT / "build" / "guests"
 RAWKVM = ROOT / "build" / "perf" / "rawkvm"
+WAKEUP = ROOT / "build" / "perf" / "wakeup"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 ASYNCVMM = ROOT / ".venv" / "bin" / "asyncvmm"
 HISTORY = Path(__file__).resolve().parent / "history.jsonl"
@@ -565,6 +566,7 @@ def exits_child(spec: str) -> int:
             seconds = time.perf_counter() - t0
             stats = m.vcpu_stats(0)
             stats["exit_hist"] = exit_histogram(m, 0)
+            stats["cycle_hist"] = exit_histogram(m, 0, "avmm_vcpu_cycle_hist")
         finally:
             m.close()
             console.close()
@@ -580,17 +582,18 @@ def exits_child(spec: str) -> int:
     return 0
 
 
-def exit_histogram(m, i: int) -> list[list[int]]:
-    """vCPU i's per-exit latency histogram (cext: avmm_vcpu_exit_hist), as [from ns, to ns,
-    count] for the buckets that have counts; [] from a C core without one."""
+def exit_histogram(m, i: int, which: str = "avmm_vcpu_exit_hist") -> list[list[int]]:
+    """vCPU i's per-exit latency histogram (cext: avmm_vcpu_exit_hist, the time out of
+    KVM_RUN; avmm_vcpu_cycle_hist, the round trip), as [from ns, to ns, count] for the
+    buckets that have counts; [] from a C core without one."""
     from asyncvmm._native import ffi, lib  # noqa: PLC0415
 
-    if not hasattr(lib, "avmm_vcpu_exit_hist"):
+    if not hasattr(lib, which):
         return []
     vcpus = getattr(m, "vcpus", None)
     cvm = vcpus.cvm if hasattr(vcpus, "cvm") else m._cvm  # the C VM: where this commit keeps it
     buf = ffi.new("uint64_t[]", lib.AVMM_HIST_BUCKETS)
-    n = lib.avmm_vcpu_exit_hist(cvm, i, buf, lib.AVMM_HIST_BUCKETS)
+    n = getattr(lib, which)(cvm, i, buf, lib.AVMM_HIST_BUCKETS)
     return [[lib.avmm_hist_bucket_ns(b), lib.avmm_hist_bucket_ns(b + 1), buf[b]] for b in range(max(n, 0)) if buf[b]]
 
 
@@ -627,14 +630,17 @@ def asyncvmm_exits(port: int, n: int, timeout: float) -> dict:
         "wait_us": st["ns_waiting"] / st["posted"] / 1e3 if st["posted"] else None,
         "p50_us": hist_percentile(st.get("exit_hist", []), 0.50),
         "p99_us": hist_percentile(st.get("exit_hist", []), 0.99),
+        "cycle_p50_us": hist_percentile(st.get("cycle_hist", []), 0.50),
+        "cycle_p99_us": hist_percentile(st.get("cycle_hist", []), 0.99),
         "loop": data["loop"],
     }
 
 
 _RAW_RE = re.compile(r"rawkvm: exits=(\d+) io_exits=(\d+) seconds=([\d.]+)")
+_RAW_CYCLE_RE = re.compile(r"rawkvm: cycle_p50_us=([\d.]+) cycle_p99_us=([\d.]+)")
 
 
-def rawkvm_seconds(cmdline: str, timeout: float) -> tuple[float, int]:
+def rawkvm_seconds(cmdline: str, timeout: float) -> tuple[float, int, dict]:
     status, out, err = run_capture([RAWKVM, GUESTS / "exitbench.elf", cmdline], timeout)
     m = _RAW_RE.search(err)
     if status != 0 or not m:
@@ -642,15 +648,17 @@ def rawkvm_seconds(cmdline: str, timeout: float) -> tuple[float, int]:
         raise BenchError(f"rawkvm {cmdline!r} {why}: {tail(err)}")
     if "exitbench done" not in out:
         raise BenchError(f"rawkvm {cmdline!r}: the guest did not finish: {tail(out)}")
-    return float(m.group(3)), int(m.group(2))
+    c = _RAW_CYCLE_RE.search(err)  # a rawkvm built before it printed its cycle percentiles: none
+    cycle = {"cycle_p50_us": float(c.group(1)), "cycle_p99_us": float(c.group(2))} if c else {}
+    return float(m.group(3)), int(m.group(2)), cycle
 
 
 def rawkvm_exits(port: int, n: int, timeout: float) -> dict:
-    s0, _ = rawkvm_seconds(f"n=0 port={port:#x}", 20)
-    sn, io = rawkvm_seconds(f"n={n} port={port:#x}", timeout)
+    s0, _, _ = rawkvm_seconds(f"n=0 port={port:#x}", 20)
+    sn, io, cycle = rawkvm_seconds(f"n={n} port={port:#x}", timeout)
     if io < n:
         raise BenchError(f"rawkvm port {port:#x}: {io} I/O exits, expected at least {n}")
-    return {"us": (sn - s0) * 1e6 / n}
+    return {"us": (sn - s0) * 1e6 / n, **cycle}
 
 
 def bench_exits(n: int, reps: int, kind: str, notes: list[str]) -> tuple[str, dict]:
@@ -684,31 +692,57 @@ def bench_exits(n: int, reps: int, kind: str, notes: list[str]) -> tuple[str, di
         ru = med([x["us"] for x in r[port]])
         added = au - ru if au is not None and ru is not None else None
         in_run = med([x["in_run_us"] for x in a[port]])
-        wait = med([x["wait_us"] for x in a[port]]) if path == "loop" else None
-        p50 = med([x.get("p50_us") for x in a[port]]) if path == "loop" else None
-        p99 = med([x.get("p99_us") for x in a[port]]) if path == "loop" else None
-        limit = TARGET_LOOP_ADDED_US if path == "loop" else TARGET_FAST_ADDED_US
+        loop_path = path == "loop"
+        wait = med([x["wait_us"] for x in a[port]]) if loop_path else None
+        p50 = med([x.get("p50_us") for x in a[port]]) if loop_path else None
+        p99 = med([x.get("p99_us") for x in a[port]]) if loop_path else None
+        # The round trip's percentiles: asyncvmm's posted exits (KVM_RUN return to the next)
+        # beside rawkvm's period between exits; the difference at p50 is what the target judges.
+        ac50, ac99 = (med([x.get(k) for x in a[port]]) if loop_path else None for k in ("cycle_p50_us", "cycle_p99_us"))
+        rc50, rc99 = (med([x.get(k) for x in r[port]]) if loop_path else None for k in ("cycle_p50_us", "cycle_p99_us"))
+        added50 = ac50 - rc50 if ac50 is not None and rc50 is not None else None
+        added99 = ac99 - rc99 if ac99 is not None and rc99 is not None else None
+        judged = added50 if loop_path else added
+        limit = TARGET_LOOP_ADDED_US if loop_path else TARGET_FAST_ADDED_US
         key = f"exits.{port:#x}"
         for name, v in (("asyncvmm_us", au), ("rawkvm_us", ru), ("added_us", added),
                         ("asyncvmm_in_kvm_run_us", in_run), ("asyncvmm_loop_wait_us", wait),
-                        ("asyncvmm_out_p50_us", p50), ("asyncvmm_out_p99_us", p99)):
+                        ("asyncvmm_out_p50_us", p50), ("asyncvmm_out_p99_us", p99),
+                        ("asyncvmm_cycle_p50_us", ac50), ("asyncvmm_cycle_p99_us", ac99),
+                        ("rawkvm_cycle_p50_us", rc50), ("rawkvm_cycle_p99_us", rc99),
+                        ("added_p50_us", added50), ("added_p99_us", added99)):
             if v is not None:
                 figs[f"{key}.{name}"] = round(v, 3)
         spread = (max(x["us"] for x in a[port]) - min(x["us"] for x in a[port])) / 2 if a[port] else None
+        what = "p50" if loop_path else "mean"
         rows.append([label, f"{port:#x}", fmt(au, ".2f", "FAILED"), fmt(ru, ".2f", "FAILED"), fmt(added, "+.2f"),
-                     f"≤ {limit:g}: {verdict(added, limit)}" if added is not None else f"≤ {limit:g}",
+                     fmt(added50, "+.2f"), fmt(added99, "+.1f"),
+                     f"{what} ≤ {limit:g}: {verdict(judged, limit)}" if judged is not None else f"{what} ≤ {limit:g}",
                      fmt(in_run, ".2f"), fmt(wait, ".2f"), fmt(p50, ".2f"), fmt(p99, ".1f"),
                      "—" if spread is None else f"±{spread:.2f}"])
     out = [f"2. exit round trip: build/guests/exitbench.elf n={n}; median of {reps} runs, µs per exit = "
            f"(t[n={n}] − t[n=0]) / {n}",
-           table(["path", "port", "asyncvmm", "rawkvm", "added", "target (added)", "in KVM_RUN",
-                  "loop wait", "out p50", "out p99", "asyncvmm ±"], rows, "llrrrlrrrrr")]
+           table(["path", "port", "asyncvmm", "rawkvm", "added mean", "added p50", "added p99", "target (added)",
+                  "in KVM_RUN", "loop wait", "out p50", "out p99", "asyncvmm ±"], rows, "llrrrrrlrrrrr")]
     out.append(f"  asyncvmm: timed in-process around `await Machine.run()` ({loop}); rawkvm: its own "
                "CLOCK_MONOTONIC figure, same guest, same port.")
+    out.append("  'added mean' = asyncvmm − rawkvm per exit (the means); 'added p50/p99' = the percentile of asyncvmm's round"
+               " trips through the loop (a posted exit's KVM_RUN return to the next) − the same percentile of rawkvm's")
+    out.append("  period between exits (both from log-linear histograms, buckets ≤ 12.5 % wide). The loop paths' target"
+               " is judged on 'added p50' (the issue's wording), the C fast path's on the mean.")
     out.append("  'in KVM_RUN': the vCPU thread's time inside KVM_RUN per exit; 'loop wait': its wait"
                " for the loop per exit posted to it.")
     out.append("  'out p50/p99': each posted exit's time out of KVM_RUN (its return to the next entry: the hand-off"
                " to the loop and back), from a histogram the vCPU thread keeps; rawkvm's is ~0.")
+    floor = wakeup_floor()
+    for (mode, place), (p50_, p99_) in floor.items():
+        figs[f"exits.wakeup.{mode}_{place}.p50_us"] = p50_
+        figs[f"exits.wakeup.{mode}_{place}.p99_us"] = p99_
+    if floor:
+        out.append("  the hand-off's floor on this host (build/perf/wakeup, a C two-thread ping-pong, one round = two"
+                   " hand-offs as one posted exit; p50/p99 µs):")
+        out.append("    " + "; ".join(f"{m} {pl}: {a:.2f}/{b:.1f}" for (m, pl), (a, b) in floor.items()))
+        out.append("    (2cpu: the threads pinned to two CPUs, 1cpu: to one; futex: both sleep; spin: neither does)")
     if kind == "kvm_pvm":
         raw = med([x["us"] for p, _, _ in EXIT_PATHS for x in r[p]])
         if raw is not None:
@@ -716,6 +750,21 @@ def bench_exits(n: int, reps: int, kind: str, notes: list[str]) -> tuple[str, di
                        f"(rawkvm, a bare C KVM_RUN loop: {raw:.1f} µs/exit);")
             out.append("  on hardware KVM an exit typically costs ~1–2 µs (not measured here); the 'added' column is what asyncvmm controls.")
     return "\n".join(out), figs
+
+
+_WAKEUP_RE = re.compile(r"wakeup (\w+) (\w+) rounds=\d+ p50_us=([\d.]+) p90_us=[\d.]+ p99_us=([\d.]+)")
+
+
+def wakeup_floor(rounds: int = 5000) -> dict[tuple[str, str], tuple[float, float]]:
+    """A sleeping (futex) and a spinning hand-off between two threads, pinned to two CPUs
+    and to one: {(mode, placement): (p50 µs, p99 µs)}; {} without build/perf/wakeup."""
+    if not WAKEUP.exists():
+        return {}
+    status, out, _ = run_capture([WAKEUP, str(rounds), "futex", "spin"], 60)
+    if status != 0:
+        return {}
+    return {(m.group(1), m.group(2)): (float(m.group(3)), float(m.group(4)))
+            for m in _WAKEUP_RE.finditer(out) if m.group(2) != "free"}
 
 
 # ---------------------------------------------------------------------------------------

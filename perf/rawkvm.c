@@ -12,7 +12,11 @@
  *   other OUT          -> counted
  * Any other exit stops the VM with exit status 1.  At the end prints
  *   rawkvm: exits=N io_exits=N seconds=S us_per_exit=U other_outs=N
- * on stderr, timed with CLOCK_MONOTONIC from the first KVM_RUN to the stop.
+ * on stderr, timed with CLOCK_MONOTONIC from the first KVM_RUN to the stop, then
+ *   rawkvm: cycle_p50_us=X cycle_p99_us=X
+ * the percentiles of the period between one KVM_RUN return and the next (a guest round
+ * trip), from a histogram with asyncvmm's buckets (cext/vcpu_loop.c hist_bucket: 8 per
+ * power of two, the middle of the bucket reported).
  * SIGINT/SIGTERM stop the VM (status 1) after flushing the output.
  *
  * Build: gcc -O2 -Wall -Werror -o rawkvm rawkvm.c
@@ -246,6 +250,48 @@ static const char *exit_name(uint32_t r)
     }
 }
 
+#define HIST_SUB_BITS 3
+#define HIST_BUCKETS 256
+static uint64_t cycle_hist[HIST_BUCKETS];
+
+static int hist_bucket(uint64_t ns)
+{
+    if (ns < (1u << HIST_SUB_BITS))
+        return (int)ns;
+    int msb = 63 - __builtin_clzll(ns);
+    int i = ((msb - HIST_SUB_BITS + 1) << HIST_SUB_BITS) + (int)((ns >> (msb - HIST_SUB_BITS)) & ((1u << HIST_SUB_BITS) - 1));
+    return i < HIST_BUCKETS ? i : HIST_BUCKETS - 1;
+}
+
+static uint64_t hist_bucket_ns(int i)
+{
+    if (i < (1 << HIST_SUB_BITS))
+        return (uint64_t)i;
+    return (uint64_t)((1u << HIST_SUB_BITS) + (i & ((1u << HIST_SUB_BITS) - 1))) << ((i >> HIST_SUB_BITS) - 1);
+}
+
+static double hist_percentile_us(double q)
+{
+    uint64_t total = 0, seen = 0;
+    for (int i = 0; i < HIST_BUCKETS; i++)
+        total += cycle_hist[i];
+    if (!total)
+        return 0;
+    for (int i = 0; i < HIST_BUCKETS; i++) {
+        seen += cycle_hist[i];
+        if (seen >= q * total)
+            return (hist_bucket_ns(i) + hist_bucket_ns(i + 1)) / 2 / 1e3;
+    }
+    return 0;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static double now(void)
 {
     struct timespec ts;
@@ -328,6 +374,7 @@ int main(int argc, char **argv)
     uint64_t exits = 0, io_exits = 0, other_outs = 0;
     int status = 1;
     double t0 = now();
+    uint64_t last_exit = 0;
     for (;;) {
         if (stop_requested) {
             fflush(stdout);
@@ -341,6 +388,10 @@ int main(int argc, char **argv)
             break;
         }
         exits++;
+        uint64_t t = now_ns();
+        if (last_exit)
+            cycle_hist[hist_bucket(t - last_exit)]++;
+        last_exit = t;
         if (run->exit_reason == KVM_EXIT_IO) {
             io_exits++;
             uint8_t *data = (uint8_t *)run + run->io.data_offset;
@@ -406,5 +457,6 @@ int main(int argc, char **argv)
     fprintf(stderr, "rawkvm: exits=%llu io_exits=%llu seconds=%.6f us_per_exit=%.3f other_outs=%llu\n",
             (unsigned long long)exits, (unsigned long long)io_exits, secs,
             exits ? secs * 1e6 / exits : 0.0, (unsigned long long)other_outs);
+    fprintf(stderr, "rawkvm: cycle_p50_us=%.3f cycle_p99_us=%.3f\n", hist_percentile_us(0.50), hist_percentile_us(0.99));
     return status;
 }

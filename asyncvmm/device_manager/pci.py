@@ -28,20 +28,22 @@ class PciDevices:
         from ..devices import slots  # noqa: PLC0415 (device models load the data path)
         from ..devices.pci.device import PciBuses, PciDevice  # noqa: PLC0415
         from ..devices.pci.root import PciRoot, install  # noqa: PLC0415
-        from ..devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
 
         self.irq: IrqRouter | None = IrqRouter(vm.fd)
         self.root = None
         try:
-            self.irq.commit()  # the default routes, before any MSI exists
-            any_length = vm.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
-            ctx = slots.BuildContext(config, vm.mem, self.irq, NotifyBinder(vm.fd, any_length), host)
+            self.irq.commit()  # the default routes, before any MSI exists (KVM has them: no ioctl)
+            built = [(s, d) for s, d in ((s, slots.lookup(s.driver)) for s in config.slots) if d.build is not None]
+            notify = None
+            if built:  # the doorbells' binder (and the virtio transport's imports): only for devices
+                from ..devices.virtio.transport_pci import NotifyBinder  # noqa: PLC0415
+
+                any_length = vm.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
+                notify = NotifyBinder(vm.fd, any_length)
+            ctx = slots.BuildContext(config, vm.mem, self.irq, notify, host)
             self.root = PciRoot(PciBuses(mmio, pio))
             install(self.root, pio, mmio, narrow_cf8=reset_control)  # 0xCF9: the reset control register
-            for s in config.slots:
-                driver = slots.lookup(s.driver)
-                if driver.build is None:
-                    continue
+            for s, driver in built:
                 dev = cast(PciDevice, driver.build(s, ctx))
                 try:
                     self.root.add(s.slot, s.function, dev)

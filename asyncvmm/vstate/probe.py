@@ -30,25 +30,55 @@ class KvmKind:
 
 _result: KvmKind | None = None
 _thread: threading.Thread | None = None
+_spare: tuple[Kvm, VmFd] | None = None  # a VM made ready in the thread (start(spare_vm=True))
 
 
-def start() -> None:
+def start(*, spare_vm: bool = False) -> None:
     """Begin the probe in a thread, early in start-up. Its cost is mostly waiting in the
     kernel, not CPU: setting a memory slot and destroying the VM wait for RCU grace
     periods (1-2 ms on an idle host, 10-70 ms on a busy one; ~3.5 ms of CPU). In a
-    thread that wait overlaps the imports and the image loading; probe() takes the answer."""
+    thread that wait overlaps the imports and the image loading; probe() takes the answer.
+    `spare_vm`: then also create the VM the process is about to run, with its in-kernel
+    irqchip (KVM_CREATE_IRQCHIP waits in the kernel too: ~5 ms here), for
+    take_spare_vm(); the one caller that asks is the CLI, whose process builds one VM."""
     global _thread
     if _result is None and _thread is None:
-        _thread = threading.Thread(target=_probe_in_thread, name="kvm-probe", daemon=True)
+        _thread = threading.Thread(target=_probe_in_thread, args=(spare_vm,), name="kvm-probe", daemon=True)
         _thread.start()
 
 
-def _probe_in_thread() -> None:
-    global _result
+def _probe_in_thread(spare_vm: bool) -> None:
+    global _result, _spare
     try:
         _result = _probe(None)
-    except Exception:  # noqa: BLE001 — probe() asks again and reports it
+        if spare_vm:
+            _spare = _ready_vm()
+    except Exception:  # noqa: BLE001 — probe() asks again and reports it; no spare: Vm makes its own
         pass
+
+
+def _ready_vm() -> tuple[Kvm, VmFd]:
+    kvm = Kvm()
+    vm = None
+    try:
+        vm = VmFd(kvm)
+        vm.create_irqchip()
+    except BaseException:
+        if vm is not None:
+            vm.close()
+        kvm.close()
+        raise
+    return kvm, vm
+
+
+def take_spare_vm() -> tuple[Kvm, VmFd] | None:
+    """The VM start(spare_vm=True) made ready — a KVM fd and a new VM with its in-kernel
+    irqchip, which the caller now owns — once; None when there is none."""
+    global _spare
+    if _thread is not None:
+        _thread.join()
+    spare, _spare = _spare, None
+    return spare
 
 
 def probe(kvm: Kvm | None = None) -> KvmKind:

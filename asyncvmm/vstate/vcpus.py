@@ -183,6 +183,10 @@ class Vcpus:
         if self.cvm != ffi.NULL:
             lib.avmm_console_ack(self.cvm)
 
+    def console_pending(self) -> bool:
+        """Whether the fast path signalled bytes since the last console_ack (no syscall)."""
+        return self.cvm != ffi.NULL and lib.avmm_console_pending(self.cvm) != 0
+
     def console_drain(self, slot: int, buf, cap: int) -> int:
         """Move up to `cap` bytes slot's fast path took from THR into `buf`; how many."""
         if self.cvm == ffi.NULL:

@@ -43,7 +43,11 @@ class Vm:
             raise
 
     def _create(self, cfg: VmConfig, host=None, memory_backing: tuple[int, int] | None = None) -> None:
-        self.kvm = Kvm()
+        spare = probe.take_spare_vm()  # the CLI's: made while it imported (vstate/probe.py)
+        if spare is not None:
+            self.kvm, self.fd = spare
+        else:
+            self.kvm = Kvm()
         if cfg.cpus > self.kvm.max_vcpus():
             raise ConfigError(f"-c {cfg.cpus}: this KVM supports at most {self.kvm.max_vcpus()} vCPUs")
         kind = probe.probe(self.kvm)
@@ -58,8 +62,9 @@ class Vm:
             + ("" if cfg.cpu_template else " (chosen by probing KVM)")
             + ("; quirks for an emulating KVM on" if self.quirks.enabled else "")
         )
-        self.fd = VmFd(self.kvm)
-        self.fd.create_irqchip()
+        if self.fd is None:
+            self.fd = VmFd(self.kvm)
+            self.fd.create_irqchip()
         from ..devices.registry import shares_memory  # noqa: PLC0415
 
         self.mem = GuestMemory(cfg.memory, wired=cfg.wired, shared=shares_memory(cfg, host), backing=memory_backing)

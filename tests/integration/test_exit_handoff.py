@@ -91,3 +91,41 @@ def test_kvm_probe_in_a_thread_gives_the_same_answer_and_leaves_nothing_behind()
         assert probe.probe() is got
     finally:
         probe._result, probe._thread = saved
+
+
+def test_the_probe_threads_spare_vm_is_taken_once_and_used_by_the_machine(guests):
+    """probe.start(spare_vm=True) (the CLI's): the thread also makes the VM with its
+    irqchip; the next Vm adopts it (no second VM fd), a later take gets nothing, and the
+    machine built on it runs the guest; nothing is left open afterwards."""
+    from conftest import open_fds
+
+    from asyncvmm.vstate import probe
+
+    saved = probe._result, probe._thread, probe._spare
+    try:
+        fds = open_fds()
+        probe._result, probe._thread, probe._spare = None, None, None
+        probe.start(spare_vm=True)
+        probe._thread.join()
+        kvm, vmfd = probe._spare
+        assert kvm.fd >= 0 and vmfd.fd >= 0
+        m, console = _hello(guests)
+        try:
+            m.build()
+            assert m.vm.fd is vmfd and m.vm.kvm is kvm  # adopted, not made again
+            assert probe.take_spare_vm() is None
+            stop = run_loop(m.run())
+            assert stop.reason is StopReason.RESET, stop.message
+        finally:
+            m.close()
+            console.close()
+        assert vmfd.fd == -1 and kvm.fd == -1
+        assert open_fds() == fds
+    finally:
+        probe._result, probe._thread, probe._spare = saved
+
+
+def _hello(guests) -> tuple[Machine, FileConsole]:
+    cfg = VmConfig(memory=64 << 20, kernel=str(guests / "hello.elf"), no_reboot=True).validate()
+    console = FileConsole("/dev/null")
+    return Machine(cfg, console, BootImages.load(cfg)), console

@@ -88,7 +88,7 @@ def test_doorbells_and_interrupts_bypass_the_loop(guests, image):
             assert s["requests"]["out_of_range"] == 1
             assert s["queues"][0]["interrupts"] == 4
             assert s["location"] == "00:03.0"
-            assert vm.machine.irq.commits >= 2  # the default table, then the guest's vector
+            assert vm.machine.irq.commits >= 1  # the guest's vector (KVM had the default table already)
             assert any(kind == "msi" for _, kind, _ in vm.machine.irq.routes())
         assert fds() == before_fds and vcpu_threads() == before_threads  # eventfds, io_uring, image: gone
     run_loop(main())

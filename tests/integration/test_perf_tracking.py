@@ -49,6 +49,9 @@ def test_permutation_test_sampled_when_too_many_labellings():
 @pytest.mark.parametrize("key, direction, anchor, gated", [
     ("exits.0x3ff.added_us", -1, False, True),
     ("exits.0x3ff.rawkvm_us", -1, True, False),
+    ("exits.0x3ff.added_p50_us", -1, False, True),
+    ("exits.0x3ff.rawkvm_cycle_p50_us", -1, True, False),
+    ("exits.wakeup.futex_2cpu.p50_us", -1, True, False),
     ("startup.asyncvmm.exit_s", -1, False, True),
     ("startup.asyncvmm.exit_max_s", -1, False, False),
     ("startup.qemu_tcg.exit_s", -1, True, False),
