@@ -48,6 +48,10 @@ static const int helper[] = {
 };
 static const unsigned long helper_ioctls[] = {TCGETS, TIOCGWINSZ};
 
+/* A device's own thread (blk_thread.c): it waits and submits in io_uring_enter, reads its
+ * doorbells' and its wake-up eventfds, writes interrupt eventfds; no ioctl, no files. */
+static const int iothread[] = {SYS_io_uring_enter};
+
 /* The loop's thread: the Python interpreter and everything the loop serves (sockets,
  * eventfds, io_uring, TAPs, images, the terminal), and, on a guest reset, the building of a
  * new machine (/dev/kvm, KVM_CREATE_VM...). That is why its ioctl and openat are not
@@ -149,6 +153,10 @@ static void build(struct prog *p, int kind, uint32_t deny)
         /* openat(dirfd, path, flags): read-only, nothing created */
         allow_masked(p, SYS_openat, 2, O_ACCMODE | O_CREAT | O_TRUNC, O_RDONLY, deny);
         break;
+    case AVMM_SECCOMP_IOTHREAD:
+        for (unsigned i = 0; i < N(iothread); i++)
+            allow_nr(p, iothread[i]);
+        break;
     case AVMM_SECCOMP_LOOP: {
         /* AF_INET: SIOCSIFFLAGS on a new TAP, and with AF_INET6 the -l comN,tcp= consoles */
         static const unsigned long families[] = {AF_UNIX, AF_INET, AF_INET6};
@@ -176,7 +184,7 @@ int avmm_seccomp_install(int kind, int action, int all_threads)
 {
     if (action == AVMM_SECCOMP_OFF)
         return 0;
-    if (kind < AVMM_SECCOMP_VCPU || kind > AVMM_SECCOMP_HELPER)
+    if (kind < AVMM_SECCOMP_VCPU || kind > AVMM_SECCOMP_IOTHREAD)
         return -EINVAL;
     uint32_t deny = action == AVMM_SECCOMP_KILL ? SECCOMP_RET_KILL_PROCESS : SECCOMP_RET_LOG;
     struct prog *p = malloc(sizeof(*p));
