@@ -41,7 +41,7 @@ from asyncvmm.devices.virtio.vhost_user.backend import Backend
 from asyncvmm.devices.virtio.vhost_user.blk import CONFIG_SIZE, VhostUserBlk
 from asyncvmm.devices.virtio.vhost_user.qsd import Daemon
 from asyncvmm.loop import run as run_loop
-from asyncvmm.poll import devices_may_poll
+from asyncvmm.poll import device_threads_may_poll, devices_may_poll
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
 
 MiB = 1 << 20
@@ -105,7 +105,8 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
         h = Harness(mem_size=256 * MiB, shared=qsd)
         daemon = vhost = disk = None
         try:
-            may_poll = devices_may_poll(1) if poll is None else poll  # the machine's rule, for 1 vCPU
+            may_poll = devices_may_poll(1) if poll is None else poll  # the machine's rules, for 1 vCPU
+            thread_poll = device_threads_may_poll(1) if poll is None else poll
             if qsd:
                 daemon = await Daemon.start(image, "raw", readonly=False, queues=1, direct=direct)
                 vhost = await Backend.connect(daemon.socket, image, CONFIG_SIZE, starting=True)
@@ -114,7 +115,8 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
                 disk = PreadDisk(image)
                 dev = h.add(BackendBlk(disk, h.mem, queues=1))
             else:
-                dev = h.add(VirtioBlk(BlockOptions(image, direct=direct), h.mem, queues=1, poll=may_poll))
+                dev = h.add(VirtioBlk(BlockOptions(image, direct=direct), h.mem, queues=1, poll=may_poll,
+                                      thread_poll=thread_poll))
             drv = VirtioDriver(h, dev)
             await drv.setup(queue_size=256)
             q = drv.queues[0]
@@ -296,8 +298,9 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
             + table(headers, rows, "ll" + "r" * 13)
             + "\n  targets: QD32 IOPS ≥ 0.90 × fio; QD1 median latency ≤ fio + 10 µs. VMM CPU excludes the "
               "driver thread (the \"guest\"); fio CPU is the whole fio job.\n"
-            + f"  device polling: {'on' if devices_may_poll(1) else 'off'} by the machine's rule for 1 vCPU on "
-              f"{os.cpu_count()} CPUs (asyncvmm.poll.devices_may_poll)\n" + "\n".join(polled_lines)
+            + f"  device polling: the loop's {'on' if devices_may_poll(1) else 'off'}, the disk's own thread's "
+              f"{'on' if device_threads_may_poll(1) else 'off'}, by the machine's rules for 1 vCPU on "
+              f"{os.cpu_count()} CPUs (asyncvmm.poll)\n" + "\n".join(polled_lines)
             + ("\n  the peer, QEMU's data path: the same driver against qemu-storage-daemon's vhost-user-blk export "
                "of the same image (CPU µs/req: the front-end's and the daemon's)\n" + "\n".join(peer_lines)
                if peer_lines else "")

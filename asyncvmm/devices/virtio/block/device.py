@@ -34,7 +34,7 @@ from ....poll import POLL_MAX_NS, POLL_SLICE_NS
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
 from ...registry import register, slot_name
-from ...slots import may_poll
+from ...slots import may_poll, thread_may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
@@ -82,7 +82,9 @@ class VirtioBlk(VirtioDevice):
     pci_class = ClassCode.MASS_STORAGE_OTHER
 
     def __init__(self, opts: BlockOptions, mem: GuestMemory, *, queues: int, name: str = "virtio-blk",
-                 poll: bool = False, seccomp: str = "off"):
+                 poll: bool = False, thread_poll: bool = False, seccomp: str = "off"):
+        """`poll`: the loop may busy-poll for this device; `thread_poll`: its own thread may
+        (asyncvmm.poll); `seccomp`: the mode of its thread's filter (asyncvmm.seccomp)."""
         super().__init__(opts.queues or queues, QUEUE_SIZE)
         self.name = name
         self.opts = opts
@@ -93,7 +95,7 @@ class VirtioBlk(VirtioDevice):
         self._engine = ffi.NULL
         self._blk = ffi.NULL
         self._uring_wait = False  # io_uring watches the doorbells (URING_WAIT_NS)
-        self._poll = poll
+        self._thread_poll = thread_poll
         self._seccomp = seccomp
         self._thread = ffi.NULL  # the device's own thread (blk_thread.h), once started
         self._threaded = False  # this activation is served by it (else it is parked, if it exists)
@@ -225,7 +227,7 @@ class VirtioBlk(VirtioDevice):
         w.watch(self._notify_fd, self._notified)
         if self._thread == ffi.NULL:
             cfg = ffi.new("struct avmm_blk_thread_config *")
-            cfg.poll_max_ns = POLL_MAX_NS if self._poll else 0
+            cfg.poll_max_ns = POLL_MAX_NS if self._thread_poll else 0
             cfg.notify_fd = self._notify_fd
             cfg.seccomp_action = seccomp.action(self._seccomp)
             ffi.memmove(cfg.name, b"blk" + self.name.removeprefix("virtio-blk").encode()[:12], 15)
@@ -454,7 +456,7 @@ def _build(slot: PciSlot, ctx):
         return virtio_pci_function(VhostUserBlk(backend, ctx.mem, queues=opts.queues or ctx.config.cpus,
                                                 name=f"virtio-blk@{where}"), ctx)
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
-                    poll=may_poll(ctx), seccomp=ctx.config.seccomp)
+                    poll=may_poll(ctx), thread_poll=thread_may_poll(ctx), seccomp=ctx.config.seccomp)
     return virtio_pci_function(blk, ctx)
 
 
