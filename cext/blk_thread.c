@@ -91,6 +91,12 @@ static void *thread_main(void *arg)
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the loop's */
     if (t->cfg.seccomp_action && avmm_seccomp_install(AVMM_SECCOMP_IOTHREAD, t->cfg.seccomp_action, 0) < 0)
         t->stats.seccomp_failed = 1;
+    /* The watches are armed here, not by the loop: io_uring runs a poll's wake-up (the task
+     * work that posts its CQE) in the task that armed it, and a loop that had armed them
+     * would be interrupted out of its epoll_wait for every doorbell (measured: one EINTR per
+     * request, a wake-up of the loop's idle CPU before the thread could see the CQE). */
+    avmm_engine_watch(t->e, t->wake_fd, AVMM_ENGINE_TAG_WAKE);
+    avmm_blk_watch_kicks(t->b);
     int said_broken = 0;
     /* Every queue once at the start: doorbells rung before DRIVER_OK. */
     uint64_t said_format = avmm_blk_format_writes(t->b), queues = ~0ull;
@@ -98,6 +104,7 @@ static void *thread_main(void *arg)
         if (__atomic_load_n(&t->control, __ATOMIC_ACQUIRE)) {
             if (parked(t))
                 break;
+            avmm_blk_watch_kicks(t->b); /* queues the loop set up meanwhile (the others are watched) */
             said_broken = avmm_blk_needs_reset(t->b); /* a reset while parked clears it */
             said_format = avmm_blk_format_writes(t->b);
             queues = ~0ull; /* look at every queue: the loop may have set them up */
@@ -142,7 +149,7 @@ struct avmm_blk_thread *avmm_blk_thread_start(struct avmm_blk *b, struct avmm_en
     t->cfg = *cfg;
     t->cfg.name[sizeof(t->cfg.name) - 1] = 0;
     t->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    int r = t->wake_fd < 0 ? -errno : avmm_engine_watch(e, t->wake_fd, AVMM_ENGINE_TAG_WAKE);
+    int r = t->wake_fd < 0 ? -errno : 0;
     if (r == 0) {
         pthread_mutex_init(&t->lock, NULL);
         pthread_cond_init(&t->cond, NULL);

@@ -46,8 +46,9 @@ struct avmm_blk_thread_stats {
 
 struct avmm_blk_thread;
 
-/* Start serving `b` (its engine `e` set threaded, its kicks watched: the caller's part) in a
- * new thread. NULL on failure (errno set). */
+/* Start serving `b` (its engine `e` set threaded by the caller) in a new thread, which arms
+ * io_uring's watches on the doorbells itself (and again after each park, for queues set up
+ * meanwhile). NULL on failure (errno set). */
 struct avmm_blk_thread *avmm_blk_thread_start(struct avmm_blk *b, struct avmm_engine *e,
                                               const struct avmm_blk_thread_config *cfg);
 void avmm_blk_thread_park(struct avmm_blk_thread *t);

@@ -220,7 +220,7 @@ class VirtioBlk(VirtioDevice):
         exists, parked by activate())."""
         w = self.worker
         w.unwatch(lib.avmm_engine_fd(self._engine))  # an earlier activation's, on the loop
-        if lib.avmm_engine_set_threaded(self._engine, 1) < 0 or lib.avmm_blk_watch_kicks(self._blk) < 0:
+        if lib.avmm_engine_set_threaded(self._engine, 1) < 0:  # the thread arms the doorbells' watches
             raise DeviceError(f"{self.name}: cannot hand its queues to io_uring")
         if self._notify_fd < 0:
             self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
