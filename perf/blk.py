@@ -2,9 +2,10 @@
 
 No guest CPU is involved: a C driver (cext/testdrv.c) plays the guest's virtio_blk on one
 queue — rings in guest memory, doorbells on the queue's ioeventfd, interrupts read from the
-MSI-X vector's eventfd — while the VMM's loop serves the device exactly as it does for a
-guest (kick → one C walk of the ring → one io_uring submit; completion eventfd → used
-entries → one interrupt). fio's io_uring engine on the same image, with the same block
+MSI-X vector's eventfd — while the VMM serves the device exactly as it does for a guest
+(the disk's own thread, cext/blk_thread.c: doorbell → one C walk of the ring → SQEs, submitted
+in the io_uring_enter that waits for the next doorbell or completion → used entries → one
+interrupt; ASYNCVMM_BLK_THREAD=0: the same on the loop). fio's io_uring engine on the same image, with the same block
 size, queue depth and O_DIRECT setting, is the host's limit.
 
 Workloads (fio names): randread 4k QD1, randread 4k QD32, randwrite 4k QD32, read 1M QD4
