@@ -230,7 +230,7 @@ class VirtioBlk(VirtioDevice):
             cfg.poll_max_ns = POLL_MAX_NS if self._thread_poll else 0
             cfg.notify_fd = self._notify_fd
             cfg.seccomp_action = seccomp.action(self._seccomp)
-            ffi.memmove(cfg.name, b"blk" + self.name.removeprefix("virtio-blk").encode()[:12], 15)
+            ffi.memmove(cfg.name, (b"blk" + self.name.removeprefix("virtio-blk").encode())[:15].ljust(16, b"\0"), 16)
             t = lib.avmm_blk_thread_start(self._blk, self._engine, cfg)
             if t == ffi.NULL:
                 raise DeviceError(f"{self.name}: cannot start its thread: {os.strerror(ffi.errno)}")
