@@ -596,6 +596,8 @@ static int serve_woken(struct avmm_blk *b)
 int avmm_blk_complete(struct avmm_blk *b)
 {
     int total = complete_batch(b), broken = 0;
+    if (!b->watching)
+        avmm_engine_woken(b->engine); /* watches a device thread armed before a reset: the loop's readers have those doorbells */
     if (b->watching) {
         int k = serve_woken(b);
         if (k < 0)

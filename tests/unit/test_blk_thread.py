@@ -19,7 +19,7 @@ from test_virtio_blk import S_OK, T_FLUSH, T_IN, T_OUT, Blk, image  # noqa: F401
 from asyncvmm.devices.virtio.block import device as blk_device
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
-from asyncvmm.testing.mock_driver import BlkRig
+from asyncvmm.testing.mock_driver import BlkClient, BlkRig, Harness, VirtioDriver
 
 
 def threads_named(prefix: str) -> list[str]:
@@ -164,3 +164,20 @@ def test_the_device_thread_filter_kills_on_anything_else(call):
         """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == -31 and "filtered" in r.stdout and "survived" not in r.stdout, (r.returncode, r.stderr)
+
+
+def test_an_intx_disk_is_served_on_the_loop(image):  # noqa: F811
+    """INTx: the loop lowers the line and reads the ISR, so the queues stay on the loop."""
+    async def go():
+        h = Harness()
+        try:
+            dev = h.add(VirtioBlk(BlockOptions(str(image), engine="uring"), h.mem, queues=1), msix=False)
+            drv = VirtioDriver(h, dev)
+            await drv.setup()
+            assert dev.device.stats()["thread"] == {}
+            st, _, data = await BlkClient(drv).run(T_IN, 0, in_len=512)
+            assert st == S_OK and data == bytes(range(256)) * 2
+        finally:
+            h.close()
+
+    asyncio.run(go())
