@@ -4,8 +4,9 @@
  *
  * io_uring watches every queue's doorbell (a multishot POLL_ADD on its ioeventfd,
  * avmm_blk_watch_kicks) beside the I/O, so the thread waits for both in one io_uring_enter,
- * which also submits what the last batch queued. After a batch it may busy-poll the avail
- * rings and the completion queue for a while before it sleeps: the window adapts to what
+ * which also submits what the last batch queued. After a batch that left nothing in flight
+ * it may busy-poll the avail rings (and the completion queue) for a while before it
+ * sleeps, for the guest's next request: the window adapts to what
  * the polls find (KVM's halt polling rule: it grows while an event came soon after the
  * thread went to sleep, and shrinks, down to not polling at all, when the waits are long),
  * and is at most poll_max_ns (0: never poll; the caller gives 0 when the host has no CPU to
