@@ -4,8 +4,8 @@ Python builds the device and answers the driver's setup; the requests themselves
 reach Python. An io_uring disk whose queues interrupt through eventfds (MSI-X, MSI) is
 served by a thread of its own (cext/blk_thread.h, QEMU's iothread model): io_uring watches
 the doorbells beside the I/O, so one io_uring_enter submits a batch and waits for the next
-doorbell or completion, and the thread polls a little after a batch when the host has a
-CPU for it. The loop only parks it (reset, queue set-up, a snapshot's hold) and hears from
+doorbell or completion, and the thread polls a little for the next request when the host
+has a CPU for it. The loop only parks it (reset, queue set-up, a snapshot's hold) and hears from
 it when a ring broke. Otherwise (the sync engine, INTx, ASYNCVMM_BLK_THREAD=0) the loop
 serves the device: each queue's ioeventfd a reader (the device's QueueWorker, ../worker.py)
 that calls avmm_blk_kick (cext/blk.c: pop the batch, one submit), the engine's eventfd one
