@@ -330,7 +330,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
             + (f"  the wake-up floor (perf/wakeup.c, an anchor): a thread wakes another through an eventfd in "
                f"{floor.get('two_cpus', 0):.1f} µs p50 when the other sleeps on another CPU, "
                f"{floor.get('one_cpu', 0):.1f} µs on the same CPU; fio pays one such wake-up per QD1 request, "
-               "a VMM whose thread sleeps pays three (doorbell, completion, interrupt), one whose thread polls pays one\n"
+               "a VMM whose thread sleeps pays three (doorbell, completion, interrupt), one whose thread polls for the next request two (completion, interrupt)\n"
                if floor else "")
             + f"  device polling: the loop's {'on' if devices_may_poll(1) else 'off'}, the disk's own thread's "
               f"{'on' if device_threads_may_poll(1) else 'off'}, by the machine's rules for 1 vCPU on "
