@@ -10,7 +10,8 @@ polling would not have helped and it shrinks — a quiet guest costs no CPU.
 Busy polling needs a CPU of its own: a loop thread that spins takes the CPU from the
 vCPUs (and, in the benchmarks, from the thread playing the guest). The devices' data
 paths poll only when the host has a CPU to spare beyond one per vCPU and one for the
-loop (`devices_may_poll`); the exit path polls always (its window is a few µs).
+loop (`devices_may_poll`); a device's own thread (virtio-blk's) polls with a CPU beyond the
+vCPUs' (`device_threads_may_poll`); the exit path polls always (its window is a few µs).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ class PollWindow:
 
     def gave_up(self) -> None:
         self.idle_since = time.monotonic_ns()
+
+
+def device_threads_may_poll(vcpus: int) -> bool:
+    """Whether a device's own thread (virtio-blk's, cext/blk_thread.h) busy-polls: with a CPU
+    beyond the vCPUs'. Its polling holds up nothing on the loop (which no longer carries that
+    data path), and its window adapts to what the polls find: when the waits are long it
+    stops polling by itself, so a quiet disk costs no CPU."""
+    return (os.cpu_count() or 1) >= vcpus + 1
 
 
 def devices_may_poll(vcpus: int) -> bool:

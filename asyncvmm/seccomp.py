@@ -6,6 +6,9 @@
     helper threads reading and unpacking images, console output: files read-only, memory,
                    tty ioctls only, no sockets, no threads. Installed by each helper thread
                    as it starts (a threading profile hook runs in the new thread first).
+    device threads virtio-blk's own thread (cext/blk_thread.c): io_uring_enter, eventfd
+                   reads and writes, futexes; no ioctl, no files, no sockets. Installed by
+                   the thread itself (C) as it starts.
     the loop       the Python interpreter and everything the loop serves — and, because a
                    guest reset builds a new machine on the loop, /dev/kvm, KVM_CREATE_VM,
                    TAPs and images too: its ioctl and openat are not filtered by argument.
@@ -57,6 +60,7 @@ class Kind:
     VCPU = 1
     LOOP = 2
     HELPER = 3
+    IOTHREAD = 4  # a device's own thread (virtio-blk's, cext/blk_thread.c): installed in C
 
 
 def action(mode: str) -> int:

@@ -136,8 +136,9 @@ void avmm_blk_reset(struct avmm_blk *b)
     }
 }
 
-unsigned avmm_blk_inflight(const struct avmm_blk *b) { return b->inflight; }
-int avmm_blk_needs_reset(const struct avmm_blk *b) { return b->needs_reset; }
+/* Read by the loop while a device thread serves (quiesced(), a breakdown): atomic loads. */
+unsigned avmm_blk_inflight(const struct avmm_blk *b) { return __atomic_load_n(&b->inflight, __ATOMIC_ACQUIRE); }
+int avmm_blk_needs_reset(const struct avmm_blk *b) { return __atomic_load_n(&b->needs_reset, __ATOMIC_ACQUIRE); }
 struct avmm_blk_stats *avmm_blk_stats(struct avmm_blk *b) { return &b->stats; }
 
 struct avmm_vq *avmm_blk_queue(struct avmm_blk *b, int qi)
@@ -211,7 +212,7 @@ static void queue_op(struct avmm_blk *b, struct blk_req *r, const struct avmm_io
 {
     int e = avmm_engine_queue(b->engine, op);
     if (e == -EBUSY) {
-        avmm_engine_submit(b->engine);
+        avmm_engine_flush(b->engine);
         e = avmm_engine_queue(b->engine, op);
     }
     if (e < 0) {
@@ -219,7 +220,7 @@ static void queue_op(struct avmm_blk *b, struct blk_req *r, const struct avmm_io
         finish(b, r, VIRTIO_BLK_S_IOERR);
         return;
     }
-    b->inflight++;
+    __atomic_store_n(&b->inflight, b->inflight + 1, __ATOMIC_RELEASE); /* one writer: the owner */
 }
 
 static void start_transfer(struct avmm_blk *b, struct blk_req *r)
@@ -454,7 +455,7 @@ static int serve_queue(struct avmm_blk *b, int qi, int budget)
             start_request(b, r, &c);
         }
         if (got < 0) {
-            b->needs_reset = 1;
+            __atomic_store_n(&b->needs_reset, 1, __ATOMIC_RELEASE);
             goto out;
         }
         if (popped >= budget) {
@@ -529,7 +530,7 @@ static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)
     if (cqe->user_data >= b->nslots)
         return;
     struct blk_req *r = &b->slots[cqe->user_data];
-    b->inflight--;
+    __atomic_store_n(&b->inflight, b->inflight - 1, __ATOMIC_RELEASE);
     if (cqe->res < 0) {
         b->stats.host_errors++;
         finish(b, r, VIRTIO_BLK_S_IOERR);
@@ -595,6 +596,8 @@ static int serve_woken(struct avmm_blk *b)
 int avmm_blk_complete(struct avmm_blk *b)
 {
     int total = complete_batch(b), broken = 0;
+    if (!b->watching)
+        avmm_engine_woken(b->engine); /* watches a device thread armed before a reset: the loop's readers have those doorbells */
     if (b->watching) {
         int k = serve_woken(b);
         if (k < 0)
@@ -621,6 +624,38 @@ int avmm_blk_watch_kicks(struct avmm_blk *b)
     }
     b->watching = 1;
     return 0;
+}
+
+int avmm_blk_serve(struct avmm_blk *b, uint64_t queues)
+{
+    int total = avmm_blk_complete(b);
+    if (total < 0)
+        return -1;
+    for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+        if (!(queues & (1ull << qi)) && !b->again[qi])
+            continue;
+        int n = avmm_blk_kick(b, qi);
+        if (n < 0)
+            return -1;
+        total += n;
+    }
+    return total;
+}
+
+uint64_t avmm_blk_pending(const struct avmm_blk *b)
+{
+    uint64_t mask = 0;
+    for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+        const struct avmm_vq *q = &b->q[qi];
+        if (q->size && !q->broken && avmm_vq_pending(q))
+            mask |= 1ull << qi;
+    }
+    return mask;
+}
+
+uint64_t avmm_blk_format_writes(const struct avmm_blk *b)
+{
+    return b->cfg.format_writes ? __atomic_load_n(b->cfg.format_writes, __ATOMIC_RELAXED) : 0;
 }
 
 int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns)

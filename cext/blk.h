@@ -13,7 +13,9 @@
  * the image through the engine only: a completed write is in the host's page cache (or on
  * the device with `direct`), a completed FLUSH on stable storage.
  *
- * Thread ownership: the loop's thread only.
+ * Thread ownership: the loop's thread, or the device's own thread while it runs
+ * (blk_thread.h): then the loop reads only avmm_blk_inflight, avmm_blk_needs_reset and the
+ * counters, and parks the thread for anything else.
  */
 #ifndef AVMM_BLK_H
 #define AVMM_BLK_H
@@ -110,6 +112,14 @@ int avmm_blk_poll(struct avmm_blk *b, uint64_t max_ns);
  * either and serves what came: requests served, 0 on timeout, -1 broken ring. */
 int avmm_blk_watch_kicks(struct avmm_blk *b);
 int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns);
+/* A device thread's turn (blk_thread.c): completions, the doorbells io_uring saw, the
+ * queues in `queues` (a bit per queue, found pending by polling), and a budget for each
+ * queue that spent its last one: requests served, -1 if a ring broke. */
+int avmm_blk_serve(struct avmm_blk *b, uint64_t queues);
+/* Active queues with buffers available (a bit per queue): what a poll looks for. */
+uint64_t avmm_blk_pending(const struct avmm_blk *b);
+/* Writes refused for another format's magic so far (cfg.format_writes; 0 without one). */
+uint64_t avmm_blk_format_writes(const struct avmm_blk *b);
 /* Device reset: forget the queues; I/O in flight completes into nothing. */
 void avmm_blk_reset(struct avmm_blk *b);
 unsigned avmm_blk_inflight(const struct avmm_blk *b);

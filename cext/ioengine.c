@@ -25,9 +25,12 @@ struct avmm_engine {
     unsigned unsubmitted;
     /* URING: fds io_uring watches (multishot POLL_ADD), so that one wait in io_uring
      * serves both the device's doorbells and its completions (avmm_engine_watch). */
-    struct { int fd; uint32_t tag; } watch[AVMM_ENGINE_MAX_WATCH];
+    struct { int fd; uint32_t tag; uint32_t rearm; } watch[AVMM_ENGINE_MAX_WATCH];
     unsigned nwatch;
     uint64_t woken; /* tags whose fd became readable since avmm_engine_woken() */
+    /* A device thread owns the engine (avmm_engine_set_threaded): no eventfd, and submits
+     * wait for the thread's next io_uring_enter, which submits and waits in one call. */
+    int threaded;
     /* SYNC and EXTERNAL: ops waiting for submit, completions waiting for reap */
     struct avmm_io_op *sq;
     unsigned sq_n;
@@ -193,6 +196,15 @@ int avmm_engine_submit(struct avmm_engine *e)
         avmm_efd_signal(e->efd);
         return (int)n;
     }
+    if (e->threaded)
+        return (int)e->unsubmitted; /* the thread's next wait submits them (avmm_engine_wait) */
+    return avmm_engine_flush(e);
+}
+
+int avmm_engine_flush(struct avmm_engine *e)
+{
+    if (e->kind != AVMM_ENGINE_URING)
+        return avmm_engine_submit(e);
     if (!e->unsubmitted)
         return 0;
     int r = io_uring_submit(&e->ring);
@@ -201,6 +213,24 @@ int avmm_engine_submit(struct avmm_engine *e)
     e->unsubmitted -= (unsigned)r;
     e->stats.submits++;
     return r;
+}
+
+int avmm_engine_set_threaded(struct avmm_engine *e, int on)
+{
+    if (e->kind != AVMM_ENGINE_URING)
+        return on ? -EINVAL : 0;
+    on = !!on;
+    if (on == e->threaded)
+        return 0;
+    int r = on ? io_uring_unregister_eventfd(&e->ring) : io_uring_register_eventfd(&e->ring, e->efd);
+    if (r < 0)
+        return r;
+    if (!on) {
+        avmm_engine_flush(e);
+        avmm_efd_signal(e->efd); /* the loop's reader looks once: completions may be waiting */
+    }
+    e->threaded = on;
+    return 0;
 }
 
 /* Watch CQEs carry this bit in user_data; requests' user_data are slot numbers. */
@@ -219,7 +249,7 @@ static int arm_watch(struct avmm_engine *e, int fd, uint32_t tag)
 
 int avmm_engine_watch(struct avmm_engine *e, int fd, unsigned tag)
 {
-    if (e->kind != AVMM_ENGINE_URING || tag >= 64 || e->nwatch >= AVMM_ENGINE_MAX_WATCH)
+    if (e->kind != AVMM_ENGINE_URING || tag > AVMM_ENGINE_TAG_WAKE || e->nwatch >= AVMM_ENGINE_MAX_WATCH)
         return -EINVAL;
     for (unsigned i = 0; i < e->nwatch; i++)
         if (e->watch[i].fd == fd)
@@ -229,6 +259,7 @@ int avmm_engine_watch(struct avmm_engine *e, int fd, unsigned tag)
         return r;
     e->watch[e->nwatch].fd = fd;
     e->watch[e->nwatch].tag = tag;
+    e->watch[e->nwatch].rearm = 0;
     e->nwatch++;
     r = io_uring_submit(&e->ring);
     if (r > 0)
@@ -247,11 +278,13 @@ int avmm_engine_wait(struct avmm_engine *e, uint64_t max_ns)
 {
     if (e->kind != AVMM_ENGINE_URING)
         return avmm_engine_ready(e) ? 1 : 0;
-    if (io_uring_cq_ready(&e->ring))
+    if (io_uring_cq_ready(&e->ring)) {
+        avmm_engine_flush(e);
         return 1;
+    }
     struct __kernel_timespec ts = {.tv_sec = (long long)(max_ns / 1000000000u), .tv_nsec = (long long)(max_ns % 1000000000u)};
     struct io_uring_cqe *cqe;
-    int r = io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
+    int r = io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, max_ns == AVMM_ENGINE_FOREVER ? NULL : &ts, NULL);
     if (r >= 0 && e->unsubmitted) {
         e->unsubmitted = 0; /* submit_and_wait submitted them */
         e->stats.submits++;
@@ -266,7 +299,7 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
     uint64_t counter;
     int n = 0;
     e->stats.reap_calls++;
-    if (read(e->efd, &counter, sizeof(counter)) < 0) {
+    if (!e->threaded && read(e->efd, &counter, sizeof(counter)) < 0) {
         /* EAGAIN: nothing signalled; completions may still be there */
     }
     if (e->kind != AVMM_ENGINE_URING) {
@@ -280,16 +313,22 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
     } else {
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
-        uint64_t rearm = 0;
+        int rearm = 0;
         io_uring_for_each_cqe(&e->ring, head, cqe)
         {
             if (n == max)
                 break;
             uint64_t ud = io_uring_cqe_get_data64(cqe);
             if (ud & WATCH_BIT) {
-                e->woken |= 1ull << (ud & 63);
-                if (!(cqe->flags & IORING_CQE_F_MORE))
-                    rearm |= 1ull << (ud & 63); /* the kernel ended this multishot poll */
+                unsigned tag = (unsigned)(ud & 127);
+                if (tag < 64)
+                    e->woken |= 1ull << tag;
+                if (!(cqe->flags & IORING_CQE_F_MORE)) { /* the kernel ended this multishot poll */
+                    for (unsigned i = 0; i < e->nwatch; i++)
+                        if (e->watch[i].tag == tag)
+                            e->watch[i].rearm = 1;
+                    rearm = 1;
+                }
                 seen++;
                 continue;
             }
@@ -302,13 +341,13 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
         if (rearm) {
             /* Re-arm the watches whose poll the kernel ended (on overflow or an error). */
             for (unsigned i = 0; i < e->nwatch; i++)
-                if (rearm & (1ull << e->watch[i].tag))
-                    arm_watch(e, e->watch[i].fd, e->watch[i].tag);
-            avmm_engine_submit(e);
+                if (e->watch[i].rearm && arm_watch(e, e->watch[i].fd, e->watch[i].tag) == 0)
+                    e->watch[i].rearm = 0;
+            avmm_engine_flush(e);
         }
         /* A doorbell noted here but served later (the device may be reaping inside a
          * kick) must not be lost: keep the eventfd readable until it is taken. */
-        if ((n == max && io_uring_cq_ready(&e->ring)) || e->woken)
+        if (!e->threaded && ((n == max && io_uring_cq_ready(&e->ring)) || e->woken))
             avmm_efd_signal(e->efd);
     }
     e->inflight -= (unsigned)n;

@@ -13,7 +13,7 @@
  *          (avmm_engine_take), and its results come back with avmm_engine_complete,
  *          then reaped as the others' are (the taker calls the reap itself).
  * The engine never touches the buffers' contents: iovecs point into guest memory.
- * Thread ownership: the loop's thread only.
+ * Thread ownership: the loop's thread, or the device's own thread (avmm_engine_set_threaded).
  */
 #ifndef AVMM_IOENGINE_H
 #define AVMM_IOENGINE_H
@@ -66,8 +66,15 @@ void avmm_engine_free(struct avmm_engine *e);
 int avmm_engine_fd(const struct avmm_engine *e);
 /* Queue one op: 0, or -EBUSY when the submission queue is full (submit, then retry). */
 int avmm_engine_queue(struct avmm_engine *e, const struct avmm_io_op *op);
-/* Start everything queued: ops submitted, or -errno. */
+/* Start everything queued: ops submitted, or -errno. On a threaded engine the syscall waits
+ * for the thread's next avmm_engine_wait (submit and wait in one io_uring_enter);
+ * avmm_engine_flush submits now whatever the mode. */
 int avmm_engine_submit(struct avmm_engine *e);
+int avmm_engine_flush(struct avmm_engine *e);
+/* io_uring only: a device thread of its own owns the engine from now on (on = 1): no
+ * eventfd (the thread waits in io_uring itself, avmm_engine_wait), submits deferred to that
+ * wait. on = 0: back to the loop's eventfd. 0 or -errno. Only while no thread runs it. */
+int avmm_engine_set_threaded(struct avmm_engine *e, int on);
 /* Take up to max completions (resets the eventfd first). */
 int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max);
 /* Completions waiting to be reaped (a cheap check: no syscall). */
@@ -89,7 +96,9 @@ int avmm_engine_complete(struct avmm_engine *e, uint64_t user_data, int64_t res)
  * avmm_engine_woken(), which returns the tags seen since the last call and clears them.
  * avmm_engine_wait() submits what is queued and sleeps in io_uring until a CQE is there
  * or max_ns passed: 1 when there is one, 0 on timeout, -errno. */
-#define AVMM_ENGINE_MAX_WATCH 64
+#define AVMM_ENGINE_MAX_WATCH 65
+#define AVMM_ENGINE_TAG_WAKE 64 /* a watch whose CQE only ends a wait (a device thread's control eventfd) */
+#define AVMM_ENGINE_FOREVER UINT64_MAX /* avmm_engine_wait's max_ns: no timeout */
 int avmm_engine_watch(struct avmm_engine *e, int fd, unsigned tag);
 uint64_t avmm_engine_woken(struct avmm_engine *e);
 int avmm_engine_wait(struct avmm_engine *e, uint64_t max_ns);

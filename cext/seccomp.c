@@ -51,6 +51,10 @@ static const int helper[] = {
 };
 static const unsigned long helper_ioctls[] = {TCGETS, TIOCGWINSZ};
 
+/* A device's own thread (blk_thread.c): it waits and submits in io_uring_enter, reads its
+ * doorbells' and its wake-up eventfds, writes interrupt eventfds; no ioctl, no files. */
+static const int iothread[] = {SYS_io_uring_enter};
+
 /* The loop's thread: the Python interpreter and everything the loop serves (sockets,
  * eventfds, io_uring, TAPs, images, the terminal), and, on a guest reset, the building of a
  * new machine (/dev/kvm, KVM_CREATE_VM...). That is why its ioctl and openat are not
@@ -156,6 +160,10 @@ static void build(struct prog *p, int kind, uint32_t deny)
         /* openat(dirfd, path, flags): read-only, nothing created */
         allow_masked(p, SYS_openat, 2, O_ACCMODE | O_CREAT | O_TRUNC, O_RDONLY, deny);
         break;
+    case AVMM_SECCOMP_IOTHREAD:
+        for (unsigned i = 0; i < N(iothread); i++)
+            allow_nr(p, iothread[i]);
+        break;
     case AVMM_SECCOMP_LOOP: {
         /* AF_INET: SIOCSIFFLAGS on a new TAP, and with AF_INET6 the -l comN,tcp= consoles */
         static const unsigned long families[] = {AF_UNIX, AF_INET, AF_INET6};
@@ -182,7 +190,7 @@ static void build(struct prog *p, int kind, uint32_t deny)
 /* `kind`'s program for `action` in a new struct prog (free it), or NULL with errno set. */
 static struct prog *program(int kind, int action)
 {
-    if (kind < AVMM_SECCOMP_VCPU || kind > AVMM_SECCOMP_HELPER || action == AVMM_SECCOMP_OFF) {
+    if (kind < AVMM_SECCOMP_VCPU || kind > AVMM_SECCOMP_IOTHREAD || action == AVMM_SECCOMP_OFF) {
         errno = EINVAL;
         return NULL;
     }

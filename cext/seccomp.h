@@ -12,6 +12,7 @@ enum avmm_seccomp_kind {
     AVMM_SECCOMP_VCPU = 1,   /* KVM_RUN and KVM_GET_REGS, futexes, eventfd signals */
     AVMM_SECCOMP_LOOP = 2,   /* the asyncio loop: Python, sockets, io_uring, KVM; builds machines */
     AVMM_SECCOMP_HELPER = 3, /* reads files, decompresses, writes the console: no ioctl but tty ones */
+    AVMM_SECCOMP_IOTHREAD = 4, /* a device's own thread (blk_thread.c): io_uring_enter, eventfds */
 };
 
 enum avmm_seccomp_action {

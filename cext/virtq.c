@@ -22,7 +22,10 @@ void avmm_irq_raise(struct avmm_irq *v)
     if (__atomic_load_n(&v->masked, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&v->pending, 1, __ATOMIC_SEQ_CST);
         v->held++;
-        return;
+        /* Raised from a device thread while the loop unmasks: the loop clears the mask,
+         * then looks at pending; if it looked before our store, deliver it here. */
+        if (__atomic_load_n(&v->masked, __ATOMIC_SEQ_CST) || !__atomic_exchange_n(&v->pending, 0, __ATOMIC_SEQ_CST))
+            return;
     }
     if (v->set_line) {
         /* A level line: up until the driver reads the ISR (the transport takes it down). */
@@ -36,6 +39,13 @@ void avmm_irq_raise(struct avmm_irq *v)
     }
     avmm_efd_signal(v->efd);
     v->raised++;
+}
+
+void avmm_gmem_take_dirty(const struct avmm_gmem *m, uint32_t i, uint64_t *out, uint64_t words)
+{
+    uint64_t *d = i < m->nregions ? m->r[i].dirty : NULL;
+    for (uint64_t w = 0; w < words; w++)
+        out[w] = d ? __atomic_exchange_n(&d[w], 0, __ATOMIC_RELAXED) : 0;
 }
 
 static int ring_fits(const struct avmm_gmem *m, uint64_t gpa, uint64_t len, void **out)

@@ -50,7 +50,8 @@ static inline void *avmm_gmem_ptr(const struct avmm_gmem *m, uint64_t gpa, uint6
 
 /* Note [gpa, gpa+len) as written by the device, in its region's dirty bitmap if it has one
  * (a diff snapshot or a migration wants the pages written since its last pass: KVM's dirty
- * log sees only the vCPUs' writes). The loop's thread only: no atomics needed. */
+ * log sees only the vCPUs' writes). Atomic: a device thread may mark while the loop takes
+ * the bitmap (avmm_gmem_take_dirty). */
 static inline void avmm_gmem_mark(const struct avmm_gmem *m, uint64_t gpa, uint64_t len)
 {
     for (uint32_t i = 0; i < m->nregions && len; i++) {
@@ -59,10 +60,14 @@ static inline void avmm_gmem_mark(const struct avmm_gmem *m, uint64_t gpa, uint6
             continue;
         uint64_t first = (gpa - r->gpa) >> 12, last = (gpa - r->gpa + len - 1) >> 12;
         for (uint64_t p = first; p <= last && p < r->size >> 12; p++)
-            r->dirty[p >> 6] |= 1ull << (p & 63);
+            __atomic_fetch_or(&r->dirty[p >> 6], 1ull << (p & 63), __ATOMIC_RELAXED);
         return;
     }
 }
+
+/* Move region i's dirty bitmap (`words` 64-bit words) into `out`, clearing it word by word
+ * atomically: a mark made meanwhile is either in `out` or left for the next take. */
+void avmm_gmem_take_dirty(const struct avmm_gmem *m, uint32_t i, uint64_t *out, uint64_t words);
 
 /* ---- interrupt vectors -------------------------------------------------------------- */
 

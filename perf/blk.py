@@ -2,9 +2,10 @@
 
 No guest CPU is involved: a C driver (cext/testdrv.c) plays the guest's virtio_blk on one
 queue — rings in guest memory, doorbells on the queue's ioeventfd, interrupts read from the
-MSI-X vector's eventfd — while the VMM's loop serves the device exactly as it does for a
-guest (kick → one C walk of the ring → one io_uring submit; completion eventfd → used
-entries → one interrupt). fio's io_uring engine on the same image, with the same block
+MSI-X vector's eventfd — while the VMM serves the device exactly as it does for a guest
+(the disk's own thread, cext/blk_thread.c: doorbell → one C walk of the ring → SQEs, submitted
+in the io_uring_enter that waits for the next doorbell or completion → used entries → one
+interrupt; ASYNCVMM_BLK_THREAD=0: the same on the loop). fio's io_uring engine on the same image, with the same block
 size, queue depth and O_DIRECT setting, is the host's limit.
 
 Workloads (fio names): randread 4k QD1, randread 4k QD32, randwrite 4k QD32, read 1M QD4
@@ -22,6 +23,7 @@ its IOPS beside the io_uring device's is the cost of handing each batch to Pytho
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import resource
@@ -42,6 +44,12 @@ from asyncvmm.devices.virtio.vhost_user.blk import CONFIG_SIZE, VhostUserBlk
 from asyncvmm.devices.virtio.vhost_user.qsd import Daemon
 from asyncvmm.loop import run as run_loop
 from asyncvmm.poll import devices_may_poll
+
+try:
+    from asyncvmm.poll import device_threads_may_poll
+except ImportError:  # a checkout from before the disk's own thread (perf/ab.py measures it with this harness)
+    def device_threads_may_poll(vcpus: int) -> bool:
+        return False
 from asyncvmm.testing.mock_driver import Harness, VirtioDriver
 
 MiB = 1 << 20
@@ -105,7 +113,8 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
         h = Harness(mem_size=256 * MiB, shared=qsd)
         daemon = vhost = disk = None
         try:
-            may_poll = devices_may_poll(1) if poll is None else poll  # the machine's rule, for 1 vCPU
+            may_poll = devices_may_poll(1) if poll is None else poll  # the machine's rules, for 1 vCPU
+            thread_poll = device_threads_may_poll(1) if poll is None else poll
             if qsd:
                 daemon = await Daemon.start(image, "raw", readonly=False, queues=1, direct=direct)
                 vhost = await Backend.connect(daemon.socket, image, CONFIG_SIZE, starting=True)
@@ -114,7 +123,8 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
                 disk = PreadDisk(image)
                 dev = h.add(BackendBlk(disk, h.mem, queues=1))
             else:
-                dev = h.add(VirtioBlk(BlockOptions(image, direct=direct), h.mem, queues=1, poll=may_poll))
+                kw = {"thread_poll": thread_poll} if "thread_poll" in inspect.signature(VirtioBlk).parameters else {}
+                dev = h.add(VirtioBlk(BlockOptions(image, direct=direct), h.mem, queues=1, poll=may_poll, **kw))
             drv = VirtioDriver(h, dev)
             await drv.setup(queue_size=256)
             q = drv.queues[0]
@@ -203,6 +213,26 @@ def run_fio(image: str, w: Workload, nreq: int, direct: bool) -> dict:
     }
 
 
+WAKEUP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "perf", "wakeup")
+
+
+def wakeup_floor(notes: list[str]) -> dict[str, float]:
+    """perf/wakeup.c on this host: p50 µs for one thread to wake another through an eventfd
+    (half its eventfd ping-pong's round trip), the two on different CPUs (the woken one's CPU
+    idle) and on one CPU."""
+    if not os.path.exists(WAKEUP):
+        notes.append(f"blk: {WAKEUP} not built (make -C perf): no wake-up floor")
+        return {}
+    r = subprocess.run([WAKEUP, "20000", "eventfd"], capture_output=True, text=True, timeout=120)
+    out = {}
+    for line in r.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 4 and f[0] == "wakeup" and f[2] in ("2cpu", "1cpu"):
+            fields = dict(x.split("=", 1) for x in f[3:] if "=" in x)
+            out["two_cpus" if f[2] == "2cpu" else "one_cpu"] = float(fields["p50_us"]) / 2
+    return out
+
+
 def make_image(path: str, size: int) -> None:
     """A raw image full of data (reads of holes would cost nothing)."""
     chunk = os.urandom(MiB)
@@ -220,6 +250,9 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
     tmpdir = tempfile.mkdtemp(prefix="asyncvmm-perf-blk-", dir="/var/tmp")
     image = os.path.join(tmpdir, "disk.img")
     rows, figs, polled_lines, peer_lines, coroutine_lines = [], {}, [], [], []
+    floor = wakeup_floor(notes)
+    for k, v in floor.items():
+        figs[f"blk.wakeup.{k}_p50_us"] = v
     try:
         make_image(image, size)
         for direct in (True, False):
@@ -296,8 +329,14 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
             + table(headers, rows, "ll" + "r" * 13)
             + "\n  targets: QD32 IOPS ≥ 0.90 × fio; QD1 median latency ≤ fio + 10 µs. VMM CPU excludes the "
               "driver thread (the \"guest\"); fio CPU is the whole fio job.\n"
-            + f"  device polling: {'on' if devices_may_poll(1) else 'off'} by the machine's rule for 1 vCPU on "
-              f"{os.cpu_count()} CPUs (asyncvmm.poll.devices_may_poll)\n" + "\n".join(polled_lines)
+            + (f"  the wake-up floor (perf/wakeup.c, an anchor): a thread wakes another through an eventfd in "
+               f"{floor.get('two_cpus', 0):.1f} µs p50 when the other sleeps on another CPU, "
+               f"{floor.get('one_cpu', 0):.1f} µs on the same CPU; fio pays one such wake-up per QD1 request, "
+               "a VMM whose thread sleeps pays three (doorbell, completion, interrupt), one whose thread polls for the next request two (completion, interrupt)\n"
+               if floor else "")
+            + f"  device polling: the loop's {'on' if devices_may_poll(1) else 'off'}, the disk's own thread's "
+              f"{'on' if device_threads_may_poll(1) else 'off'}, by the machine's rules for 1 vCPU on "
+              f"{os.cpu_count()} CPUs (asyncvmm.poll)\n" + "\n".join(polled_lines)
             + ("\n  the peer, QEMU's data path: the same driver against qemu-storage-daemon's vhost-user-blk export "
                "of the same image (CPU µs/req: the front-end's and the daemon's)\n" + "\n".join(peer_lines)
                if peer_lines else "")

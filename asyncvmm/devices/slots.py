@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import PciSlot, VmConfig
 from ..errors import ConfigError
-from ..poll import devices_may_poll
+from ..poll import device_threads_may_poll, devices_may_poll
 from .registry import lookup, names, register, slot_name
 
 if TYPE_CHECKING:
@@ -125,6 +125,11 @@ class BuildContext:
 def may_poll(ctx: "BuildContext") -> bool:
     """Whether a device's data path busy-polls (asyncvmm.poll)."""
     return ctx.config.poll and devices_may_poll(ctx.config.cpus)
+
+
+def thread_may_poll(ctx: "BuildContext") -> bool:
+    """Whether a device's own thread busy-polls (asyncvmm.poll.device_threads_may_poll)."""
+    return ctx.config.poll and device_threads_may_poll(ctx.config.cpus)
 
 
 def _hostbridge_check(slot: PciSlot, cfg: VmConfig) -> None:

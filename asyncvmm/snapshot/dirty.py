@@ -77,6 +77,7 @@ class DirtyLog:
         ranges (gpa, length) to count as written (the used rings)."""
         out = []
         self.device_pages = 0
+        table = self.vm.mem.c_table()
         for i, r in enumerate(self.regions):
             kvm = self._kvm_bits[i]
             log = ffi.new("struct kvm_dirty_log *")
@@ -85,12 +86,13 @@ class DirtyLog:
             rc = lib.avmm_ioctl(self.vm.fd.fd, lib.KVM_GET_DIRTY_LOG, log)
             if rc < 0:
                 raise KvmError(f"KVM_GET_DIRTY_LOG on slot {r.slot} failed: {os.strerror(-rc)}")
-            vmm = self._vmm_bits[i]
             nbytes = ffi.sizeof(kvm)
-            device = int.from_bytes(ffi.buffer(vmm, nbytes), "little")
+            # Taken word by word atomically: a device thread (virtio-blk's) may mark meanwhile.
+            taken = ffi.new("uint64_t[]", nbytes // 8)
+            lib.avmm_gmem_take_dirty(table, i, taken, nbytes // 8)
+            device = int.from_bytes(ffi.buffer(taken, nbytes), "little")
             self.device_pages += device.bit_count()
             merged = int.from_bytes(ffi.buffer(kvm, nbytes), "little") | device
-            ffi.memmove(vmm, bytes(nbytes), nbytes)
             for gpa, length in extra or ():
                 if length and r.gpa <= gpa < r.end:
                     first, last = (gpa - r.gpa) // PAGE, (min(gpa + length, r.end) - 1 - r.gpa) // PAGE

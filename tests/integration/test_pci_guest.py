@@ -52,6 +52,16 @@ def test_a_guest_reads_and_writes_through_virtio_blk(guests, image):
     assert image.read_bytes()[512:528] == b"written by vblk\n"
 
 
+def test_the_disks_own_thread_under_every_filter(guests, image):
+    """--seccomp=kill: virtio-blk's thread (cext/blk_thread.c) runs under the loop's filter,
+    which it inherits, and its own (IOTHREAD) on top; the guest's I/O all gets through."""
+    r = run_vmm("run", "-m", "64", "--kernel", str(guests / "vblk.elf"), "--no-reboot", "--seccomp=kill",
+                "-s", f"3,virtio-blk,{image}")
+    assert r.status == 0, r.err
+    assert "read: status 0 sector zero says" in r.out and "write: status 0" in r.out and "flush: status 0" in r.out
+    assert image.read_bytes()[512:528] == b"written by vblk\n"
+
+
 @pytest.mark.parametrize("mode,flags,expect", [
     ("1", [], "irq: intx gsi 19"),  # slot 3, INTA: GSI 16 + 3 (the DSDT's _PRT)
     ("2", ["-W"], "irq: msi"),

@@ -62,6 +62,7 @@ class QueueWorker:
         self.counters: Counter[str] = Counter()
         self.running = False
         self._held: list[tuple[Callable, tuple]] | None = None  # hold(): calls due meanwhile
+        self._hold_hooks: list[tuple[Callable[[], None], Callable[[], None]]] = []  # on_hold()
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -100,18 +101,27 @@ class QueueWorker:
             self.loop.remove_reader(fd)
         for fd in self._writers:
             self.loop.remove_writer(fd)
+        for hold, _ in self._hold_hooks:
+            hold()
 
     def release(self) -> None:
         """After hold(): serve again, and run what came due meanwhile."""
         held, self._held = self._held, None
         if held is None or self.loop is None:
             return
+        for _, release in self._hold_hooks:
+            release()
         for fd, (callback, args) in self._readers.items():
             self.loop.add_reader(fd, callback, *args)
         for fd, (callback, args) in self._writers.items():
             self.loop.add_writer(fd, callback, *args)
         for callback, args in held:
             self.loop.call_soon(callback, *args)
+
+    def on_hold(self, hold: Callable[[], None], release: Callable[[], None]) -> None:
+        """Call `hold()` at each hold() and `release()` at each release(): a device whose
+        data path runs in a thread of its own parks and unparks it there."""
+        self._hold_hooks.append((hold, release))
 
     # -- fds ---------------------------------------------------------------------------------
     def watch(self, fd: int, callback: Callable, *args, persistent: bool = False) -> None:

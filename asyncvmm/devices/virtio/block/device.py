@@ -1,11 +1,16 @@
 """virtio-blk (virtio 1.2, 5.2): configuration, features, and the queues handed to C.
 
 Python builds the device and answers the driver's setup; the requests themselves never
-reach Python. At DRIVER_OK each queue's ioeventfd becomes a reader on the loop (the
-device's QueueWorker, ../worker.py) that calls avmm_blk_kick (cext/blk.c: pop the batch,
-one submit), and the engine's eventfd one that calls avmm_blk_complete (reap the whole
-batch, one interrupt per queue). A queue that keeps coming is served a budget at a time,
-the loop's other callbacks in between (the worker's continuation).
+reach Python. An io_uring disk whose queues interrupt through eventfds (MSI-X, MSI) is
+served by a thread of its own (cext/blk_thread.h, QEMU's iothread model): io_uring watches
+the doorbells beside the I/O, so one io_uring_enter submits a batch and waits for the next
+doorbell or completion, and the thread polls a little for the next request when the host
+has a CPU for it. The loop only parks it (reset, queue set-up, a snapshot's hold) and hears from
+it when a ring broke. Otherwise (the sync engine, INTx, ASYNCVMM_BLK_THREAD=0) the loop
+serves the device: each queue's ioeventfd a reader (the device's QueueWorker, ../worker.py)
+that calls avmm_blk_kick (cext/blk.c: pop the batch, one submit), the engine's eventfd one
+that calls avmm_blk_complete (reap the whole batch, one interrupt per queue); a queue that
+keeps coming is served a budget at a time, the loop's other callbacks in between.
 
 Features offered: SEG_MAX, SIZE_MAX, BLK_SIZE, TOPOLOGY, FLUSH, DISCARD, WRITE_ZEROES, MQ,
 RO for `ro`, and the transport's VERSION_1, RING_EVENT_IDX, INDIRECT_DESC. A driver that
@@ -20,15 +25,16 @@ import shutil
 import stat
 import time
 
+from .... import seccomp
 from ...._native import ffi, lib
 from ....config import PciSlot, VmConfig, check_readable
 from ....errors import ConfigError
 from ....log import get_logger
-from ....poll import POLL_SLICE_NS
+from ....poll import POLL_MAX_NS, POLL_SLICE_NS
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
 from ...registry import register, slot_name
-from ...slots import may_poll
+from ...slots import may_poll, thread_may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
@@ -63,6 +69,10 @@ class BlkFeature:
 # one wait in io_uring (up to this many ns) serves both. Measured slower at QD1, so off.
 URING_WAIT_NS = int(os.environ.get("ASYNCVMM_BLK_URING_WAIT_NS", "0") or 0)
 
+# The device's own thread (cext/blk_thread.h) for io_uring disks on eventfd vectors; 0: the
+# loop serves them (the model before it, kept for comparison: perf/ab.py --b-env).
+THREAD = os.environ.get("ASYNCVMM_BLK_THREAD", "1") != "0"
+
 # "external": the ops go to Python coroutines (backend.py), never a `-s` option.
 ENGINE_KINDS = {"uring": lib.AVMM_ENGINE_URING, "sync": lib.AVMM_ENGINE_SYNC, "external": lib.AVMM_ENGINE_EXTERNAL}
 
@@ -72,7 +82,9 @@ class VirtioBlk(VirtioDevice):
     pci_class = ClassCode.MASS_STORAGE_OTHER
 
     def __init__(self, opts: BlockOptions, mem: GuestMemory, *, queues: int, name: str = "virtio-blk",
-                 poll: bool = False):
+                 poll: bool = False, thread_poll: bool = False, seccomp: str = "off"):
+        """`poll`: the loop may busy-poll for this device; `thread_poll`: its own thread may
+        (asyncvmm.poll); `seccomp`: the mode of its thread's filter (asyncvmm.seccomp)."""
         super().__init__(opts.queues or queues, QUEUE_SIZE)
         self.name = name
         self.opts = opts
@@ -83,6 +95,12 @@ class VirtioBlk(VirtioDevice):
         self._engine = ffi.NULL
         self._blk = ffi.NULL
         self._uring_wait = False  # io_uring watches the doorbells (URING_WAIT_NS)
+        self._thread_poll = thread_poll
+        self._seccomp = seccomp
+        self._thread = ffi.NULL  # the device's own thread (blk_thread.h), once started
+        self._threaded = False  # this activation is served by it (else it is parked, if it exists)
+        self._notify_fd = -1  # the thread's word to the loop: a ring broke, a write was refused
+        self.worker.on_hold(self._park, self._unpark)
         try:
             self._build()
         except BaseException:
@@ -157,6 +175,9 @@ class VirtioBlk(VirtioDevice):
         return int.from_bytes(self._config[offset : offset + size], "little")
 
     def activate(self, features: int, queues: list[QueueConfig]) -> None:
+        if self._threaded:  # parked while the loop sets the queues up; _start_thread lets it go
+            lib.avmm_blk_thread_park(self._thread)
+            self._threaded = False
         writethrough = not features & bits(BlkFeature.FLUSH)
         lib.avmm_blk_set_flags(self._blk, lib.AVMM_BLK_WRITETHROUGH if writethrough else 0)
         self.queues = []
@@ -175,6 +196,10 @@ class VirtioBlk(VirtioDevice):
             self._apply_state(state)
         w = self.worker
         w.start()
+        if self._can_thread(queues):
+            self._start_thread()
+            return
+        self._stop_threading()
         w.watch(lib.avmm_engine_fd(self._engine), self._complete, persistent=True)
         self._uring_wait = bool(URING_WAIT_NS) and self.opts.engine == "uring" and \
             lib.avmm_blk_watch_kicks(self._blk) == 0
@@ -183,6 +208,63 @@ class VirtioBlk(VirtioDevice):
                 w.watch(q.kick_fd, self._kick, q.index)
             self._kick(q.index)  # doorbells rung before DRIVER_OK
 
+    # -- the device's own thread ---------------------------------------------------------
+    def _can_thread(self, queues: list[QueueConfig]) -> bool:
+        """io_uring, and every queue interrupts through an eventfd (a level INTx line or an
+        ISR byte is the loop's to lower and read)."""
+        return THREAD and not URING_WAIT_NS and self.opts.engine == "uring" and all(
+            q.vector is None or (q.vector.c.set_line == ffi.NULL and q.vector.c.isr == ffi.NULL) for q in queues)
+
+    def _start_thread(self) -> None:
+        """Activate on the device's thread: called with the queues set up (the thread, if it
+        exists, parked by activate())."""
+        w = self.worker
+        w.unwatch(lib.avmm_engine_fd(self._engine))  # an earlier activation's, on the loop
+        if lib.avmm_engine_set_threaded(self._engine, 1) < 0:  # the thread arms the doorbells' watches
+            raise DeviceError(f"{self.name}: cannot hand its queues to io_uring")
+        if self._notify_fd < 0:
+            self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        w.watch(self._notify_fd, self._notified)
+        if self._thread == ffi.NULL:
+            cfg = ffi.new("struct avmm_blk_thread_config *")
+            cfg.poll_max_ns = POLL_MAX_NS if self._thread_poll else 0
+            cfg.notify_fd = self._notify_fd
+            cfg.seccomp_action = seccomp.action(self._seccomp)
+            ffi.memmove(cfg.name, (b"blk" + self.name.removeprefix("virtio-blk").encode())[:15].ljust(16, b"\0"), 16)
+            t = lib.avmm_blk_thread_start(self._blk, self._engine, cfg)
+            if t == ffi.NULL:
+                raise DeviceError(f"{self.name}: cannot start its thread: {os.strerror(ffi.errno)}")
+            self._thread = t
+        else:
+            lib.avmm_blk_thread_unpark(self._thread)  # it serves every queue once: doorbells before DRIVER_OK
+        self._threaded = True
+
+    def _stop_threading(self) -> None:
+        """This activation is the loop's: the thread (if any) stays parked, the engine
+        signals its eventfd again."""
+        if lib.avmm_engine_set_threaded(self._engine, 0) < 0:
+            raise DeviceError(f"{self.name}: cannot hand its queues back to the loop")
+
+    def _park(self) -> None:
+        if self._threaded:
+            lib.avmm_blk_thread_park(self._thread)
+
+    def _unpark(self) -> None:
+        if self._threaded:
+            lib.avmm_blk_thread_unpark(self._thread)
+
+    def _notified(self) -> None:
+        """The thread's word: a ring broke, or a guest write was refused."""
+        try:
+            os.eventfd_read(self._notify_fd)
+        except BlockingIOError:
+            pass
+        if self._format_writes[0] != self._format_writes_said:
+            self._say_format_writes()
+        if lib.avmm_blk_needs_reset(self._blk):
+            self.worker.broken(self.queues)
+
+    # -- served on the loop ----------------------------------------------------------------
     def _kick(self, qi: int) -> None:
         self.worker.woken()
         self._served(lib.avmm_blk_kick(self._blk, qi))
@@ -248,8 +330,16 @@ class VirtioBlk(VirtioDevice):
     def reset(self) -> None:
         self.worker.stop()
         self.queues = []
-        if self._blk != ffi.NULL:
-            lib.avmm_blk_reset(self._blk)  # requests in flight still complete (the persistent reader)
+        if self._blk == ffi.NULL:
+            return
+        if self._threaded:
+            # Parked for the reset itself; then it reaps the requests in flight, which complete
+            # into nothing (as the loop's persistent reader does when the loop serves).
+            lib.avmm_blk_thread_park(self._thread)
+            lib.avmm_blk_reset(self._blk)
+            lib.avmm_blk_thread_unpark(self._thread)
+            return
+        lib.avmm_blk_reset(self._blk)  # requests in flight still complete (the persistent reader)
 
     def quiesced(self) -> bool:
         return self._blk == ffi.NULL or lib.avmm_blk_inflight(self._blk) == 0
@@ -270,12 +360,28 @@ class VirtioBlk(VirtioDevice):
             "requests": {**{f: getattr(s, f) for f in fields}, "format_writes": self._format_writes[0]},
             "engine_ops": {"ops": e.ops, "submits": e.submits, "reaps": e.reaps},
             "inflight": lib.avmm_blk_inflight(self._blk),
-            "poll_window_ns": self.worker.window.ns,
+            "poll_window_ns": self._thread_stats()["poll_ns"] if self._thread != ffi.NULL else self.worker.window.ns,
+            "thread": self._thread_stats(),
             "queues": queues,
         }
 
+    def _thread_stats(self) -> dict:
+        if self._thread == ffi.NULL:
+            return {}
+        t = lib.avmm_blk_thread_stats(self._thread)
+        return {"serving": self._threaded, "turns": t.turns, "waits": t.waits, "polls": t.polls,
+                "poll_hits": t.poll_hits, "poll_ns": t.poll_ns, "parks": t.parks,
+                "seccomp_failed": bool(t.seccomp_failed)}
+
     def close(self) -> None:
         self.worker.stop(closing=True)
+        if self._thread != ffi.NULL:
+            lib.avmm_blk_thread_stop(self._thread)  # joined: nothing but this thread touches the device now
+            self._thread = ffi.NULL
+            self._threaded = False
+        if self._notify_fd >= 0:
+            os.close(self._notify_fd)
+            self._notify_fd = -1
         if self._blk != ffi.NULL:
             lib.avmm_blk_free(self._blk)  # waits for I/O still in flight into guest RAM
             self._blk = ffi.NULL
@@ -350,7 +456,7 @@ def _build(slot: PciSlot, ctx):
         return virtio_pci_function(VhostUserBlk(backend, ctx.mem, queues=opts.queues or ctx.config.cpus,
                                                 name=f"virtio-blk@{where}"), ctx)
     blk = VirtioBlk(opts, ctx.mem, queues=ctx.config.cpus, name=f"virtio-blk@{slot.slot}.{slot.function}",
-                    poll=may_poll(ctx))
+                    poll=may_poll(ctx), thread_poll=thread_may_poll(ctx), seccomp=ctx.config.seccomp)
     return virtio_pci_function(blk, ctx)
 
 
