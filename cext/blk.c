@@ -511,18 +511,24 @@ int avmm_blk_again(const struct avmm_blk *b)
     return 0;
 }
 
-int avmm_blk_resume(struct avmm_blk *b)
+/* Kick the queues in `queues` and those a budget left work in: the requests taken, or -1. */
+static int kick_queues(struct avmm_blk *b, uint64_t queues)
 {
     int total = 0;
-    for (int i = 0; i < b->cfg.nqueues; i++) {
-        if (!b->again[i])
+    for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+        if (!(queues & (1ull << qi)) && !b->again[qi])
             continue;
-        int n = avmm_blk_kick(b, i);
+        int n = avmm_blk_kick(b, qi);
         if (n < 0)
             return -1;
         total += n;
     }
     return total;
+}
+
+int avmm_blk_resume(struct avmm_blk *b)
+{
+    return kick_queues(b, 0);
 }
 
 static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)
@@ -628,18 +634,11 @@ int avmm_blk_watch_kicks(struct avmm_blk *b)
 
 int avmm_blk_serve(struct avmm_blk *b, uint64_t queues)
 {
-    int total = avmm_blk_complete(b);
-    if (total < 0)
+    int done = avmm_blk_complete(b);
+    if (done < 0)
         return -1;
-    for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
-        if (!(queues & (1ull << qi)) && !b->again[qi])
-            continue;
-        int n = avmm_blk_kick(b, qi);
-        if (n < 0)
-            return -1;
-        total += n;
-    }
-    return total;
+    int kicked = kick_queues(b, queues);
+    return kicked < 0 ? -1 : done + kicked;
 }
 
 uint64_t avmm_blk_pending(const struct avmm_blk *b)
