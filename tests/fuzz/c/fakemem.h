@@ -82,6 +82,15 @@ static void fakemem_check_iov(const struct fakemem *f, const struct iovec *iov, 
         FUZZ_CHECK(fakemem_owns(f, iov[i].iov_base, iov[i].iov_len));
 }
 
+/* The driver writes two bytes (a u16 from the input) at an even offset of region 0, also
+ * from the input: an avail idx, a descriptor field, a request header, between calls. */
+static void fakemem_poke(struct fakemem *f, struct cursor *ctl)
+{
+    uint16_t at = take16(ctl) & (uint16_t)~1u;
+    uint16_t v = take16(ctl);
+    memcpy(f->gmem.r[0].hva + at, &v, 2);
+}
+
 /* Every C target's input: a little-endian u16 L, then L control bytes (the set-up and the
  * ops to run), then guest RAM's contents. */
 static void fuzz_split(const uint8_t *data, size_t size, struct cursor *ctl, const uint8_t **ram, size_t *ram_len)

@@ -123,12 +123,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             seen[0] = seen[1] = 0;
             broke = 0;
             break;
-        case 7: { /* the driver writes two bytes anywhere in region 0 */
-            uint16_t at = take16(&ctl) & (uint16_t)~1u;
-            uint16_t v = take16(&ctl);
-            memcpy(mem.gmem.r[0].hva + at, &v, 2);
+        case 7: /* the driver writes two bytes anywhere in region 0 */
+            fakemem_poke(&mem, &ctl);
             break;
-        }
         case 8:
             broke |= avmm_blk_poll(b, 0) < 0;
             break;

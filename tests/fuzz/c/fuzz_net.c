@@ -114,12 +114,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 4: /* the host side reads what TX sent, unblocking it */
             drain_peer();
             break;
-        case 5: { /* the driver writes two bytes anywhere in region 0 */
-            uint16_t at = take16(&ctl) & (uint16_t)~1u;
-            uint16_t v = take16(&ctl);
-            memcpy(mem.gmem.r[0].hva + at, &v, 2);
+        case 5: /* the driver writes two bytes anywhere in region 0 */
+            fakemem_poke(&mem, &ctl);
             break;
-        }
         case 6:
             if (take8(&ctl) & 1) {
                 avmm_net_reset(n);

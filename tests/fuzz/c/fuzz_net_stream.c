@@ -154,12 +154,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (peer_open)
                 peer_read(sv[1], &pp);
             break;
-        case 6: { /* the driver writes two bytes anywhere in region 0 */
-            uint16_t at = take16(&ctl) & (uint16_t)~1u;
-            uint16_t v = take16(&ctl);
-            memcpy(mem.gmem.r[0].hva + at, &v, 2);
+        case 6: /* the driver writes two bytes anywhere in region 0 */
+            fakemem_poke(&mem, &ctl);
             break;
-        }
         case 7:
             switch (take8(&ctl) % 4) {
             case 0: { /* a device reset: a new device takes the stream's kept bytes over */

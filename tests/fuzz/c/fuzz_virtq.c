@@ -130,12 +130,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             npopped -= k;
             break;
         }
-        case 7: { /* the driver writes two bytes anywhere in region 0 (avail idx, a descriptor) */
-            uint16_t at = take16(&ctl) & (uint16_t)~1u;
-            uint16_t v = take16(&ctl);
-            memcpy(mem.gmem.r[0].hva + at, &v, 2);
+        case 7: /* the driver writes two bytes anywhere in region 0 (avail idx, a descriptor) */
+            fakemem_poke(&mem, &ctl);
             break;
-        }
         case 8:
             FUZZ_CHECK(avmm_vq_pending(&q) == (uint16_t)(q.avail->idx - q.last_avail) || !q.size);
             break;
