@@ -110,9 +110,18 @@ def blk_seeds() -> dict[str, bytes]:
     return out
 
 
+RXD, RXA, RXU = 0x1000, 0x1100, 0x1200  # virtio-net's queue 0 (RX) in the net seeds
+
+
+def net_rx_buffers(ram: Ram, lengths: list[int]) -> None:
+    """RX buffers at 0x20000 (one device-writable descriptor each, 0x400 apart), all offered."""
+    for k, length in enumerate(lengths):
+        ram.desc(RXD, k, 0x20000 + 0x400 * k, length, WRITE)
+    ram.put(RXA, struct.pack("<HH", 0, len(lengths)) + struct.pack(f"<{len(lengths)}H", *range(len(lengths))))
+
+
 def net_seeds() -> dict[str, bytes]:
     out = {}
-    RXD, RXA, RXU = 0x1000, 0x1100, 0x1200  # queue 0 (RX)
     for mrg in (0, 1):
         for flags in (0, EVENT_IDX):
             ram = Ram(0x1400)
@@ -122,9 +131,7 @@ def net_seeds() -> dict[str, bytes]:
             ram.chain(DESC, 2, [(0x400, 72, False)])
             ram.avail([0, 2])
             # RX: four 1526-byte-ish buffers (small ones, so mergeable buffers are used)
-            for k in range(4):
-                ram.desc(RXD, k, 0x20000 + 0x400 * k, 0x400 if mrg else 1526 if k == 0 else 0x400, WRITE)
-            ram.put(RXA, struct.pack("<HHHHHH", 0, 4, 0, 1, 2, 3))
+            net_rx_buffers(ram, [0x400 if mrg else 1526] + [0x400] * 3)
             ctl = bytes([mrg]) + struct.pack("<H", 1514)
             ctl += bytes([0x1C]) + rings(flags)  # op 0 (0x1C % 7) on queue 1 (0x1C >> 4 & 1): TX
             ctl += bytes([0x00, 3, flags]) + struct.pack("<HHH", RXD, RXA, RXU)  # op 0 on queue 0 (RX)
@@ -138,7 +145,6 @@ def net_seeds() -> dict[str, bytes]:
 def net_stream_seeds() -> dict[str, bytes]:
     """The passt path: the same rings as net_seeds; the peer sends framed and cut bytes."""
     out = {}
-    RXD, RXA, RXU = 0x1000, 0x1100, 0x1200  # queue 0 (RX)
     for mrg in (0, 1):
         for flags in (0, EVENT_IDX):
             ram = Ram(0x1400)
@@ -146,9 +152,7 @@ def net_stream_seeds() -> dict[str, bytes]:
             ram.chain(DESC, 0, [(0x400, 12, False), (0x440, 60, False)])  # a header, a 60-byte frame
             ram.chain(DESC, 2, [(0x400, 20, False)])  # an 8-byte frame: passt would refuse it, dropped
             ram.avail([0, 2])
-            for k in range(4):
-                ram.desc(RXD, k, 0x20000 + 0x400 * k, 0x400, WRITE)
-            ram.put(RXA, struct.pack("<HHHHHH", 0, 4, 0, 1, 2, 3))
+            net_rx_buffers(ram, [0x400] * 4)
             ctl = bytes([mrg])
             ctl += bytes([0x10]) + rings(flags)  # op 0 on queue 1: TX
             ctl += bytes([0x00, 3, flags]) + struct.pack("<HHH", RXD, RXA, RXU)  # op 0 on queue 0: RX
