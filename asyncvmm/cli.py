@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                     enter(jail, cfg)  # before any thread starts, and before seccomp
             from .vstate import probe  # noqa: PLC0415
 
-            probe.start(spare_vm=True)  # the KVM probe and the VM's creation wait in the kernel: let them overlap the imports
+            # The KVM probe, the VM's creation and its RAM's memory slots wait in the kernel:
+            # let them overlap the imports (RAM only when it is plain: Vm checks the rest)
+            probe.start(spare_vm=True, memory=cfg.memory if snapshot is None and not cfg.wired else 0)
             from .runner import run_to_end  # noqa: PLC0415 (keeps --help and errors fast)
 
             return run_to_end(cfg, snapshot)

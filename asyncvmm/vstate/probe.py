@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .._native import ffi, lib
 from ..errors import KvmError
 from .kvm import Kvm, VmFd
+from .memory import GuestMemory
 
 # popcnt eax, eax ; hlt
 PROBE_CODE = bytes.fromhex("f30fb8c0") + b"\xf4"
@@ -30,50 +31,61 @@ class KvmKind:
 
 _result: KvmKind | None = None
 _thread: threading.Thread | None = None
-_spare: tuple[Kvm, VmFd] | None = None  # a VM made ready in the thread (start(spare_vm=True))
+_spare: tuple[Kvm, VmFd, GuestMemory | None] | None = None  # a VM made ready in the thread (start(spare_vm=True))
 
 
-def start(*, spare_vm: bool = False) -> None:
+def start(*, spare_vm: bool = False, memory: int = 0) -> None:
     """Begin the probe in a thread, early in start-up. Its cost is mostly waiting in the
     kernel, not CPU: setting a memory slot and destroying the VM wait for RCU grace
     periods (1-2 ms on an idle host, 10-70 ms on a busy one; ~3.5 ms of CPU). In a
     thread that wait overlaps the imports and the image loading; probe() takes the answer.
     `spare_vm`: then also create the VM the process is about to run, with its in-kernel
     irqchip (KVM_CREATE_IRQCHIP waits in the kernel too: ~5 ms here), for
-    take_spare_vm(); the one caller that asks is the CLI, whose process builds one VM."""
+    take_spare_vm(); the one caller that asks is the CLI, whose process builds one VM.
+    `memory`: with `spare_vm`, also map that many bytes of plain guest RAM (anonymous,
+    not wired, not shared) into it: setting a memory slot waits ~5-7 ms for an RCU grace
+    period, whatever its size, which the imports then overlap as well."""
     global _thread
     if _result is None and _thread is None:
-        _thread = threading.Thread(target=_probe_in_thread, args=(spare_vm,), name="kvm-probe", daemon=True)
+        _thread = threading.Thread(target=_probe_in_thread, args=(spare_vm, memory), name="kvm-probe", daemon=True)
         _thread.start()
 
 
-def _probe_in_thread(spare_vm: bool) -> None:
+def _probe_in_thread(spare_vm: bool, memory: int) -> None:
     global _result, _spare
     try:
         _result = _probe(None)
         if spare_vm:
-            _spare = _ready_vm()
+            _spare = _ready_vm(memory)
     except Exception:  # noqa: BLE001 — probe() asks again and reports it; no spare: Vm makes its own
         pass
 
 
-def _ready_vm() -> tuple[Kvm, VmFd]:
+def _ready_vm(memory: int) -> tuple[Kvm, VmFd, GuestMemory | None]:
     kvm = Kvm()
     vm = None
+    mem = None
     try:
         vm = VmFd(kvm)
         vm.create_irqchip()
+        if memory:
+            mem = GuestMemory(memory)
+            for r in mem.regions:
+                vm.set_memory_region(r.slot, r.gpa, r.size, r.hva)
     except BaseException:
         if vm is not None:
             vm.close()
+        if mem is not None:
+            mem.close()
         kvm.close()
         raise
-    return kvm, vm
+    return kvm, vm, mem
 
 
-def take_spare_vm() -> tuple[Kvm, VmFd] | None:
-    """The VM start(spare_vm=True) made ready — a KVM fd and a new VM with its in-kernel
-    irqchip, which the caller now owns — once; None when there is none."""
+def take_spare_vm() -> tuple[Kvm, VmFd, GuestMemory | None] | None:
+    """The VM start(spare_vm=True) made ready — a KVM fd, a new VM with its in-kernel
+    irqchip and, if start() was given `memory`, its guest RAM in its memory slots; the
+    caller now owns all three — once; None when there is none."""
     global _spare
     if _thread is not None:
         _thread.join()

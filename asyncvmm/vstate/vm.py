@@ -43,9 +43,21 @@ class Vm:
             raise
 
     def _create(self, cfg: VmConfig, host=None, memory_backing: tuple[int, int] | None = None) -> None:
+        from ..devices.registry import shares_memory  # noqa: PLC0415
+
+        shared = shares_memory(cfg, host)
         spare = probe.take_spare_vm()  # the CLI's: made while it imported (vstate/probe.py)
         if spare is not None:
-            self.kvm, self.fd = spare
+            self.kvm, self.fd, mem = spare
+            if mem is not None and (mem.size != cfg.memory or cfg.wired or shared or memory_backing is not None):
+                # RAM of another kind was wanted: its slots are set, so the whole VM goes
+                self.fd.close()
+                mem.close()
+                self.kvm.close()
+                self.fd = None
+                self.kvm = Kvm()
+            else:
+                self.mem = mem
         else:
             self.kvm = Kvm()
         if cfg.cpus > self.kvm.max_vcpus():
@@ -65,11 +77,10 @@ class Vm:
         if self.fd is None:
             self.fd = VmFd(self.kvm)
             self.fd.create_irqchip()
-        from ..devices.registry import shares_memory  # noqa: PLC0415
-
-        self.mem = GuestMemory(cfg.memory, wired=cfg.wired, shared=shares_memory(cfg, host), backing=memory_backing)
-        for r in self.mem.regions:
-            self.fd.set_memory_region(r.slot, r.gpa, r.size, r.hva)
+        if self.mem is None:  # else the spare VM's, in its slots already
+            self.mem = GuestMemory(cfg.memory, wired=cfg.wired, shared=shared, backing=memory_backing)
+            for r in self.mem.regions:
+                self.fd.set_memory_region(r.slot, r.gpa, r.size, r.hva)
 
     def close(self) -> None:
         """After every user of the VM fd and of guest RAM has closed."""

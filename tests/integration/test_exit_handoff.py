@@ -105,14 +105,14 @@ def test_the_probe_threads_spare_vm_is_taken_once_and_used_by_the_machine(guests
     try:
         fds = open_fds()
         probe._result, probe._thread, probe._spare = None, None, None
-        probe.start(spare_vm=True)
+        probe.start(spare_vm=True, memory=64 << 20)
         probe._thread.join()
-        kvm, vmfd = probe._spare
-        assert kvm.fd >= 0 and vmfd.fd >= 0
+        kvm, vmfd, mem = probe._spare
+        assert kvm.fd >= 0 and vmfd.fd >= 0 and mem.size == 64 << 20
         m, console = _hello(guests)
         try:
             m.build()
-            assert m.vm.fd is vmfd and m.vm.kvm is kvm  # adopted, not made again
+            assert m.vm.fd is vmfd and m.vm.kvm is kvm and m.vm.mem is mem  # adopted, not made again
             assert probe.take_spare_vm() is None
             stop = run_loop(m.run())
             assert stop.reason is StopReason.RESET, stop.message
@@ -120,6 +120,35 @@ def test_the_probe_threads_spare_vm_is_taken_once_and_used_by_the_machine(guests
             m.close()
             console.close()
         assert vmfd.fd == -1 and kvm.fd == -1
+        assert open_fds() == fds
+    finally:
+        probe._result, probe._thread, probe._spare = saved
+
+
+def test_a_spare_vm_whose_ram_does_not_fit_is_put_away_whole(guests):
+    """The spare VM's RAM is mapped in its slots already; a machine that wants other RAM
+    (here another size) closes that VM and makes its own, leaving nothing open."""
+    from conftest import open_fds
+
+    from asyncvmm.vstate import probe
+
+    saved = probe._result, probe._thread, probe._spare
+    try:
+        fds = open_fds()
+        probe._result, probe._thread, probe._spare = None, None, None
+        probe.start(spare_vm=True, memory=32 << 20)
+        probe._thread.join()
+        kvm, vmfd, mem = probe._spare
+        m, console = _hello(guests)
+        try:
+            m.build()
+            assert m.vm.fd is not vmfd and m.vm.mem is not mem and m.vm.mem.size == 64 << 20
+            assert vmfd.fd == -1 and kvm.fd == -1 and mem.regions == []
+            stop = run_loop(m.run())
+            assert stop.reason is StopReason.RESET, stop.message
+        finally:
+            m.close()
+            console.close()
         assert open_fds() == fds
     finally:
         probe._result, probe._thread, probe._spare = saved
