@@ -36,7 +36,10 @@ class _Parser(argparse.ArgumentParser):
     def _get_formatter(self):
         # Sized as argparse sizes it (shutil.get_terminal_size), without importing shutil,
         # which brings bz2 and lzma: ~2 ms of every start, for help that is rarely printed.
-        return self.formatter_class(prog=self.prog, width=_terminal_columns() - 2)
+        # Asked once per parser: add_argument makes a formatter for each flag (~40 ioctls).
+        if not hasattr(self, "_columns"):
+            self._columns = _terminal_columns()
+        return self.formatter_class(prog=self.prog, width=self._columns - 2)
 
 
 def _terminal_columns() -> int:

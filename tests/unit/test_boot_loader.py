@@ -203,3 +203,31 @@ def test_unpacking_runs_off_the_loop(tmp_path, monkeypatch):
     assert images.prepared.unpacked.vmlinux == elf
     assert threads and threads[0] is not threading.main_thread()
     assert ticks >= 1
+
+
+def test_small_images_are_read_on_the_loop_and_large_ones_in_a_thread(tmp_path, monkeypatch):
+    """A few MiB of kernel and initrd cost less to read than a worker thread's start (and
+    its shutdown when the loop closes): they are read on the loop; larger ones, and
+    anything not a regular file, in the thread."""
+    import asyncio
+
+    from asyncvmm.boot import setup
+    from asyncvmm.config import VmConfig
+
+    hops = []
+    real = asyncio.to_thread
+
+    async def to_thread(fn, *args):
+        hops.append(fn.__name__)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(setup.asyncio, "to_thread", to_thread)
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(build_elf(segments=((0x100000, b"\xf4" * 4096, 4096),), notes=(XEN_ENTRY_NOTE,)))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"x" * 4096)
+    images = asyncio.run(setup.read_images(VmConfig(kernel=str(kernel), initrd=str(initrd))))
+    assert hops == [] and images.kernel == kernel.read_bytes() and images.initrd == b"x" * 4096
+    initrd.write_bytes(b"x" * (setup.INLINE_READ_MAX + 1))
+    images = asyncio.run(setup.read_images(VmConfig(kernel=str(kernel), initrd=str(initrd))))
+    assert hops == ["_read_file", "_read_file"] and len(images.initrd) == setup.INLINE_READ_MAX + 1
