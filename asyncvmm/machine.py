@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import log, platform
-from .boot.bootrom import Firmware, FirmwareMapping
 from .boot.setup import BootImages, BootSetup, read_images
 from .bus import Bus
 from .config import VmConfig
@@ -35,6 +35,9 @@ from .device_manager.pci import PciDevices
 from .errors import VmmError
 from .vstate.vcpus import EXIT_NAMES, Stop, StopReason, Vcpus
 from .vstate.vm import Vm
+
+if TYPE_CHECKING:
+    from .boot.bootrom import FirmwareMapping
 
 __all__ = ["BootImages", "EXIT_NAMES", "Machine", "Stop", "StopReason", "Timeline", "read_images"]
 
@@ -100,6 +103,8 @@ class Machine:
             else:
                 self.vm = Vm(cfg, self.host)
             if cfg.bootrom:  # the firmware at the top of 4 GiB, before anything writes RAM
+                from .boot.bootrom import Firmware, FirmwareMapping  # noqa: PLC0415 (only with -l bootrom)
+
                 self.firmware = FirmwareMapping(self.vm.fd, self.vm.mem, Firmware.load(cfg.bootrom, cfg.bootvars), self.mmio)
             if self.restore is None and not self.incoming:
                 ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]

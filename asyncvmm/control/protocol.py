@@ -14,7 +14,6 @@ docstring there, and `asyncvmm ctl --help`, say what it takes and answers.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -63,11 +62,16 @@ def socket_path(name: str) -> str:
     return os.path.join(run_dir(), name + SOCKET_SUFFIX)
 
 
+# json is imported at the first request, not by every VM's start (~1.5 ms).
 def encode(obj: dict) -> bytes:
+    import json  # noqa: PLC0415
+
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
 def decode(line: bytes) -> dict:
+    import json  # noqa: PLC0415
+
     obj = json.loads(line)
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
