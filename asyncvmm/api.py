@@ -208,6 +208,7 @@ class VM:
         self._stopped: asyncio.Future | None = None
         self._started_at = 0.0
         self._state = "created"
+        self._host_stop: Stop | None = None  # what request_stop asked for
         self._snapshot = None  # from_snapshot(): the first boot is this snapshot's machine
         self._incoming = None  # snapshot.migrate.Incoming: the first boot is a migrating VM's
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
@@ -306,7 +307,12 @@ class VM:
                     self.profile.finish(self.machine, stop)
                 self.machine.close()
                 restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
-                if restart and not self.config.no_reboot and self._state != "stopping":
+                if restart and not self.config.no_reboot and self._host_stop is not None:
+                    # The host's stop came while the guest was resetting: the VM would have
+                    # gone on, so it ended because the host asked, and says so.
+                    stop = self._host_stop
+                    break
+                if restart and not self.config.no_reboot:
                     log.info(f"{stop.message}: restarting the guest (boot {self.boots + 1})")
                     if images is None:  # it was made from a snapshot: boot the kernel now
                         images = await read_images(self.config)
@@ -338,6 +344,7 @@ class VM:
         handler or a callback, which cannot await (kill() is the awaitable form)."""
         if self.machine is not None and self._state in ("running", "paused"):
             self._state = "stopping"
+            self._host_stop = stop
             self.machine.request_stop(stop)  # paused vCPUs are told to quit too
 
     async def kill(self) -> Stop:
