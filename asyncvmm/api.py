@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .config import VmConfig
-from .console import Console
+from .console import CONTROL_SEQUENCE, Console
 from .control.server import ControlServer, claim_socket
 from .devices.slots import HostResources
 from .errors import ConfigError, VmmError
@@ -117,14 +117,20 @@ class ConsoleStream(Console):
         self._protocol.connection_lost(None)  # a writer waiting in drain() is released
 
     # -- the user's side --
-    async def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 10.0) -> re.Match:
+    async def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 10.0, *, text: bool = False) -> re.Match:
         """Wait until the output matches `pattern`; returns the match on the output read
-        so far. Output up to the match's end is consumed; the rest stays for next time."""
+        so far. Output up to the match's end is consumed; the rest stays for next time.
+
+        text=True: terminal control sequences are taken out of the output first (and are
+        gone for later calls too) — for a firmware's or a bootloader's screen output, which
+        may move the cursor in the middle of a word."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
         rx = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
+            if text:
+                self._buffer[:] = CONTROL_SEQUENCE.sub(b"", self._buffer)
             m = rx.search(self._buffer)
             if m:
                 matched = rx.search(bytes(self._buffer))  # a match on a stable copy
