@@ -103,6 +103,11 @@ void avmm_net_set_tap(struct avmm_net *n, int pair, int fd)
         n->p[pair].fd = fd;
 }
 
+int avmm_net_fd(const struct avmm_net *n, int pair)
+{
+    return pair >= 0 && pair < n->npairs ? n->p[pair].fd : -1;
+}
+
 int avmm_net_set_stream(struct avmm_net *n, int pair, int fd)
 {
     if (pair < 0 || pair >= n->npairs || n->p[pair].stream)
