@@ -52,7 +52,9 @@ def tap_name() -> str:
 class Net:
     """A harness with one virtio-net whose TAP lives in a fresh namespace, and the peer there."""
 
-    def __init__(self, *, queues: int = 1, mtu: int = 9000, features: int | None = None):
+    def __init__(self, *, queues: int = 1, mtu: int = 9000, features: int | None = None, **dev_kw):
+        """`dev_kw`: more of VirtioNet's arguments (thread_poll, seccomp)."""
+        self.dev_kw = dev_kw
         self.name = tap_name()
         self.ns = Netns("net")
         self.features = features
@@ -64,7 +66,8 @@ class Net:
         self.h = Harness()
         try:
             self.dev = self.h.add(VirtioNet(NetOptions(self.name, queues=self.queues), self.h.mem,
-                                            mac=stable_mac("test", self.name), queues=self.queues))
+                                            mac=stable_mac("test", self.name), queues=self.queues,
+                                            **self.dev_kw))
             self.ns.take(self.name, mtu=self.mtu)
             self.ns.exec("ip", "link", "set", "dev", self.name, "txqueuelen", "20000")
             self.peer = Peer(self.ns, self.name)
