@@ -65,6 +65,7 @@ struct avmm_net_stats {
     uint64_t rx_reads;       /* stream pairs: read() calls that brought bytes */
     uint64_t tx_partial;     /* stream pairs: frames the socket took only in part */
     uint64_t rx_bad_length;  /* stream pairs: a length no frame has (the stream is lost: we end it) */
+    uint64_t rx_copied;      /* TAP frames larger than the buffers gathered for them: the tail copied */
 };
 
 struct avmm_net;

@@ -153,6 +153,38 @@ def test_mergeable_rx_buffers():
     run(go())
 
 
+def test_a_frame_larger_than_the_last_ones_spills_into_more_buffers():
+    """Mergeable buffers are gathered for the size the last frames had (not the largest a
+    frame could have): a larger one reads its tail aside and copies it into more buffers, or,
+    when the ring has not enough yet, waits whole for the guest's next buffers."""
+    async def go():
+        async with Net() as n:
+            n.c.post_rx(24, size=1024)
+            small = [n.frame(b"s%d" % i, to_host=False) for i in range(5)]
+            big = n.frame(os.urandom(8000), to_host=False)
+            n.peer.send(small + [big])
+            got = await n.c.receive(6, ethertype=ETHERTYPE)
+            assert [f for _, f in got] == small + [big]
+            assert NET_HDR.unpack(got[-1][0])[6] == -(-(len(big) + 12) // 1024)
+            assert n.stats["rx_copied"] >= 1
+    run(go())
+
+    async def held():
+        async with Net() as n:
+            n.c.post_rx(3, size=1024)
+            first = n.frame(b"small", to_host=False)
+            n.peer.send([first])
+            assert [f for _, f in await n.c.receive(1, ethertype=ETHERTYPE, repost=False)] == [first]
+            big = n.frame(os.urandom(8000), to_host=False)  # two buffers left: it needs nine
+            n.peer.send([big])
+            await asyncio.sleep(0.2)
+            assert n.stats["rx_held"] >= 1 and n.stats["rx_packets"] == 1, n.stats
+            n.c.post_rx(12, size=1024)
+            (_, got), = await n.c.receive(1, ethertype=ETHERTYPE)
+            assert got == big
+    run(held())
+
+
 def test_too_long_for_the_buffers_without_mergeable():
     feats = None
 

@@ -530,7 +530,8 @@ class VirtioNet(VirtioDevice):
         if self._net == ffi.NULL:
             return {}
         fields: tuple[str, ...] = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_batches", "tx_batches", "rx_no_buffers", "rx_held",
-                  "rx_too_long", "rx_bad_chains", "rx_errors", "tx_bad_chains", "tx_errors", "tx_blocked")
+                  "rx_too_long", "rx_bad_chains", "rx_errors", "tx_bad_chains", "tx_errors", "tx_blocked",
+                                    "rx_copied")
         if self.stream:
             fields += ("rx_reads", "tx_partial", "rx_bad_length")
         pairs = []
