@@ -153,6 +153,10 @@ def test_a_broken_ring_is_reported_to_the_loop():
             assert dev.stats()["thread"]["waits"] <= waits + 1  # it waits, it does not spin
             await n.drv.setup()  # the driver resets the device: served again
             n.c = NetClient(n.drv)
+            for _ in range(100):  # the thread looks at the new rings once it is let go
+                if not dev.stats()["thread"]["broken"]:
+                    break
+                await asyncio.sleep(0.01)
             assert not dev.stats()["thread"]["broken"]
             n.c.send(n.frame(b"after reset"))
             await n.c.sent(1)
