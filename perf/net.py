@@ -155,7 +155,8 @@ def child(mode: str, length: int, count: int, mss: int) -> None:
             if passt and mode == "rx":  # passt's rate: from its first frame to its last
                 ns = res.last_ns - res.first_ns
             out = {"frames": res.frames, "bytes": res.bytes, "ns": max(ns, 1), "cpu_ns": int(cpu * 1e9),
-                   "kicks": res.kicks, "interrupts": res.interrupts, "stats": dev.device.stats()["pairs"][0]}
+                   "kicks": res.kicks, "interrupts": res.interrupts, "stats": dev.device.stats()["pairs"][0],
+                   "thread": dev.device.stats().get("thread", {})}
             if mode == "ping" and res.frames:
                 lats = sorted(lat[i] for i in range(res.frames))
                 out["p50_ns"] = lats[len(lats) // 2]
