@@ -31,7 +31,7 @@ struct avmm_net_thread {
     uint32_t want_rx, want_tx; /* pairs to serve before the next wait (bits) */
     uint8_t rx_stopped[AVMM_NET_MAX_PAIRS]; /* no RX buffers: the TAP is not polled */
     uint8_t tx_blocked[AVMM_NET_MAX_PAIRS]; /* a frame waits for the TAP's POLLOUT */
-    uint8_t tap_error[AVMM_NET_MAX_PAIRS];  /* POLLERR (a queue the TAP detached): not polled */
+    uint8_t tap_error[AVMM_NET_MAX_PAIRS];  /* POLLERR/POLLHUP alone: not polled until the next park */
     int moved; /* frames this turn */
 };
 
@@ -175,7 +175,7 @@ static void wait_for_work(struct avmm_net_thread *t)
             if (re & POLLOUT)
                 t->want_tx |= 1u << p;
             if (!(re & (POLLIN | POLLOUT)) && re & (POLLERR | POLLHUP | POLLNVAL))
-                t->tap_error[p] = 1; /* a detached queue: until the loop parks us (MQ changes do) */
+                t->tap_error[p] = 1; /* a TAP gone bad: left out (not spun on) until the next park */
             break;
         }
     }

@@ -225,3 +225,20 @@ def test_the_thread_runs_under_its_own_seccomp_filter():
         """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+def test_a_detached_tap_queue_does_not_make_the_thread_spin():
+    """Two pairs, one active: the TAP's second queue is detached (TUNSETQUEUE); the thread
+    still waits on it and sleeps (and leaves out a TAP that says POLLERR, until the loop
+    parks it for the next MQ change)."""
+    async def go():
+        async with Net(queues=2) as n:
+            t0 = n.dev.device.stats()["thread"]["waits"]
+            await asyncio.sleep(0.3)
+            assert n.dev.device.stats()["thread"]["waits"] - t0 <= 5
+            n.c.post_rx(4)
+            n.peer.send([n.frame(b"one pair", to_host=False)])
+            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
+            assert f.endswith(b"one pair")
+
+    run(go())
