@@ -242,3 +242,20 @@ def test_a_detached_tap_queue_does_not_make_the_thread_spin():
             assert f.endswith(b"one pair")
 
     run(go())
+
+
+def test_a_reset_during_a_hold_leaves_no_park_behind():
+    async def go():
+        async with Net() as n:
+            dev = n.dev.device
+            dev.worker.hold()
+            n.drv.set_status(0)  # the reset parks it once more, for itself
+            dev.worker.release()  # lets go of the hold's park only
+            await n.drv.setup()  # the activation lets go of the reset's: it serves again
+            n.c = NetClient(n.drv)
+            n.c.post_rx(4)
+            n.peer.send([n.frame(b"after", to_host=False)])
+            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
+            assert f.endswith(b"after") and dev.stats()["thread"]["serving"]
+
+    run(go())

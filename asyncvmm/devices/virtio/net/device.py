@@ -177,6 +177,7 @@ class VirtioNet(VirtioDevice):
         self._seccomp = seccomp
         self._thread: NetThread | None = None  # the device's own (thread.py), once started
         self._threaded = False  # this activation is served by it (else it is parked, if it exists)
+        self._hold_parked = False  # parked by _park, to be let go by _unpark
         self.worker.on_hold(self._park, self._unpark)
 
     # -- what the transport asks ---------------------------------------------------------
@@ -276,11 +277,15 @@ class VirtioNet(VirtioDevice):
         self.worker.watch(self._thread.notify_fd, self._notified)
 
     def _park(self) -> None:
-        if self._threaded:
+        """A hold (or an MQ change): parked if it serves; _unpark undoes exactly that park,
+        whatever came between (a reset keeps its own park until the next activate)."""
+        if self._threaded and not self._hold_parked:
             self._thread.park()
+            self._hold_parked = True
 
     def _unpark(self) -> None:
-        if self._threaded:
+        if self._hold_parked:
+            self._hold_parked = False
             self._thread.unpark()
 
     def _notified(self) -> None:
