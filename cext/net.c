@@ -43,6 +43,7 @@ struct stream {
 struct pair {
     int fd;
     uint32_t held_len; /* a frame read into `held` that waits for enough RX buffers */
+    uint32_t rx_want;  /* mergeable RX: the bytes of buffers to gather for the next frame (0: the largest) */
     uint8_t *held;
     struct stream *stream; /* NULL: a TAP */
     struct avmm_net_stats stats;
@@ -101,6 +102,11 @@ void avmm_net_set_tap(struct avmm_net *n, int pair, int fd)
 {
     if (pair >= 0 && pair < n->npairs)
         n->p[pair].fd = fd;
+}
+
+int avmm_net_fd(const struct avmm_net *n, int pair)
+{
+    return pair >= 0 && pair < n->npairs ? n->p[pair].fd : -1;
 }
 
 int avmm_net_set_stream(struct avmm_net *n, int pair, int fd)
@@ -172,8 +178,10 @@ int avmm_net_queue_setup(struct avmm_net *n, int qi, uint16_t size, uint64_t des
 
 void avmm_net_reset(struct avmm_net *n)
 {
-    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++)
+    for (int i = 0; i < AVMM_NET_MAX_PAIRS; i++) {
         n->p[i].held_len = 0; /* a frame waiting for buffers is dropped with the rings */
+        n->p[i].rx_want = 0;
+    }
     for (int i = 0; i < 2 * AVMM_NET_MAX_PAIRS; i++) {
         memset(&n->q[i], 0, sizeof(n->q[i]));
         n->q[i].kick_fd = -1;
@@ -192,16 +200,19 @@ struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair)
 
 /* ---- receive: TAP -> guest ------------------------------------------------------------ */
 
-/* Pop RX chains until they hold rx_frame_max bytes (one chain without MRG_RXBUF).
- * Returns chains popped, -1 if the ring broke. Bad chains are answered on the spot, each
- * one more unit of `work`. `*dry`: it stopped because the ring had no more or the budget is
- * spent (rather than at a limit or at a bad chain behind good ones): coming back can help. */
+/* Pop RX chains until they hold `want` bytes (one chain without MRG_RXBUF), after the
+ * `nchains` gathered already (0: start afresh; else *niov and *room go on from theirs).
+ * Returns the chains gathered in all, -1 if the ring broke. Bad chains are answered on the
+ * spot, each one more unit of `work`. `*dry`: it stopped because the ring had no more or
+ * the budget is spent (rather than at a limit or at a bad chain behind good ones): coming
+ * back can help. */
 static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *niov, uint64_t *room,
-                     int *work, int *dry, uint64_t want)
+                     int *work, int *dry, uint64_t want, int nchains)
 {
-    int nchains = 0;
-    *niov = 0;
-    *room = 0;
+    if (!nchains) {
+        *niov = 0;
+        *room = 0;
+    }
     *dry = 0;
     int mrg = n->flags & AVMM_NET_MRG_RXBUF;
     while (nchains < RX_MAX_CHAINS && *room < want && *niov < RX_IOV && *work < BUDGET) {
@@ -239,6 +250,29 @@ static int gather_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint
     return nchains;
 }
 
+/* Mark the host range [hva, hva+len) of guest RAM written (avmm_gmem_mark by address).
+ * The pop marked the buffers before they were written; with the device's own thread a
+ * migration's pass could take that mark between the pop and the write and send the page
+ * stale, so the pages are marked again once the frame is in them. */
+static void mark_written(const struct avmm_gmem *m, const uint8_t *hva, uint64_t len)
+{
+    for (uint32_t i = 0; i < m->nregions; i++) {
+        const struct avmm_gmem_region *r = &m->r[i];
+        if (r->dirty && hva >= r->hva && (uint64_t)(hva - r->hva) < r->size) {
+            avmm_gmem_mark(m, r->gpa + (uint64_t)(hva - r->hva), len);
+            return;
+        }
+    }
+}
+
+static int tracking_dirty(const struct avmm_gmem *m)
+{
+    for (uint32_t i = 0; i < m->nregions; i++)
+        if (m->r[i].dirty)
+            return 1;
+    return 0;
+}
+
 /* A frame of `len` bytes is in the first chains (or, `copy` != NULL, still to be copied
  * there): hand the guest as many chains as it fills, num_buffers saying how many; the
  * rest go back to the ring. */
@@ -258,6 +292,15 @@ static void deliver(struct avmm_net *n, struct avmm_vq *q, struct pair *p, int n
     }
     uint16_t num_buffers = used;
     avmm_buf_to_iov(n->rx_chain[0].iov, n->rx_chain[0].nin, NUM_BUFFERS_OFFSET, &num_buffers, 2);
+    if (tracking_dirty(n->mem)) {
+        left = len;
+        for (int i = 0; i < used; i++)
+            for (uint32_t k = 0; k < n->rx_chain[i].nin && left; k++) {
+                uint64_t take = left < n->rx_chain[i].iov[k].iov_len ? left : n->rx_chain[i].iov[k].iov_len;
+                mark_written(n->mem, n->rx_chain[i].iov[k].iov_base, take);
+                left -= take;
+            }
+    }
     left = len;
     for (int i = 0; i < used; i++) {
         uint64_t take = left < n->rx_chain[i].in_len ? left : n->rx_chain[i].in_len;
@@ -270,6 +313,42 @@ static void deliver(struct avmm_net *n, struct avmm_vq *q, struct pair *p, int n
 }
 
 static int stream_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint32_t *state);
+
+/* A mergeable frame of `len` bytes filled the `*nchains` chains gathered (`*room` bytes)
+ * and spilled the rest into scratch: gather more chains and copy the tail there (*room
+ * then holds it). If the ring has not enough, the frame is copied aside (held, as a whole)
+ * and every chain goes back: *nchains = 0. -1 if the ring broke. */
+static int rx_spilled(struct avmm_net *n, struct avmm_vq *q, struct pair *p, int *nchains, uint32_t *niov,
+                      uint64_t *room, int *work, uint32_t len)
+{
+    int first = *nchains;
+    uint32_t first_iov = *niov;
+    uint64_t first_room = *room, tail = len - first_room;
+    int dry;
+    int total = gather_rx(n, q, p, niov, room, work, &dry, len, first);
+    if (total < 0)
+        return -1;
+    p->stats.rx_copied++;
+    if (*room >= len) { /* the tail into the new chains, which follow the first in rx_iov */
+        avmm_buf_to_iov(&n->rx_iov[first_iov], *niov - first_iov, 0, n->scratch, tail);
+        *nchains = total;
+        return 0;
+    }
+    /* Not enough buffers yet: the frame waits aside for the RX doorbell (avmm_net_rx's
+     * held path, which also drops it if the whole ring could never hold it). */
+    if (!p->held && !(p->held = malloc(SCRATCH))) {
+        avmm_vq_unpop(q, (uint16_t)total);
+        *nchains = 0;
+        return 0;
+    }
+    avmm_iov_to_buf(n->rx_iov, first_iov, 0, p->held, first_room);
+    memcpy(p->held + first_room, n->scratch, tail);
+    p->held_len = len;
+    p->stats.rx_held++;
+    avmm_vq_unpop(q, (uint16_t)total);
+    *nchains = 0;
+    return 0;
+}
 
 int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
 {
@@ -291,7 +370,14 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
         uint32_t niov;
         uint64_t room;
         int dry;
-        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry, n->rx_frame_max);
+        /* Mergeable buffers: as many as the next frame is expected to fill (rx_want, from
+         * the last frames: a bulk TCP receive's 64 KiB frames, or one 4 KiB buffer for 1500
+         * bytes), not as many as the largest frame could — popping and giving back a
+         * dozen chains per small frame cost more than the frame. A frame larger than
+         * expected spills into `scratch`, and its tail is copied into more chains. */
+        int mrg = n->flags & AVMM_NET_MRG_RXBUF;
+        uint64_t want = p->held_len ? p->held_len : mrg && p->rx_want ? p->rx_want : n->rx_frame_max;
+        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry, want, 0);
         if (nchains < 0) {
             avmm_vq_publish(q);
             return -1;
@@ -324,34 +410,6 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
             p->held_len = 0;
             continue;
         }
-        if ((n->flags & AVMM_NET_MRG_RXBUF) && room < n->rx_frame_max && nchains < q->size) {
-            /* Fewer buffers than the largest frame could need, and the frame's size is known
-             * only once it is read: read it aside, then give it the buffers it needs (now or
-             * when the guest posts more). Only this case copies. */
-            avmm_vq_unpop(q, (uint16_t)nchains);
-            if (!p->held && !(p->held = malloc(SCRATCH))) {
-                *state |= AVMM_NET_RX_EMPTY;
-                break;
-            }
-            ssize_t len = read(p->fd, p->held, SCRATCH);
-            if (len < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno != EAGAIN && errno != EWOULDBLOCK)
-                    p->stats.rx_errors++;
-                *state |= AVMM_NET_RX_EMPTY;
-                break;
-            }
-            if ((uint64_t)len > n->rx_frame_max) { /* no buffers the guest posts may take it */
-                p->stats.rx_too_long++;
-                continue;
-            }
-            if (len < AVMM_NET_HDR_LEN)
-                continue;
-            p->held_len = (uint32_t)len;
-            p->stats.rx_held++;
-            continue;
-        }
         /* The scratch buffer catches what does not fit, so a frame too large is seen. */
         n->rx_iov[niov].iov_base = n->scratch;
         n->rx_iov[niov].iov_len = SCRATCH;
@@ -367,6 +425,16 @@ int avmm_net_rx(struct avmm_net *n, int pair, uint32_t *state)
             if (errno != EINTR)
                 break;
             continue;
+        }
+        if (mrg) /* expect the largest of the last frames, forgetting it slowly */
+            p->rx_want = (uint64_t)len >= p->rx_want ? (uint32_t)len : p->rx_want - (p->rx_want - (uint32_t)len) / 16;
+        if (mrg && (uint64_t)len > room && (uint64_t)len <= n->rx_frame_max) {
+            if (rx_spilled(n, q, p, &nchains, &niov, &room, &work, (uint32_t)len) < 0) {
+                avmm_vq_publish(q);
+                return -1;
+            }
+            if (!nchains)
+                continue; /* held aside for more buffers (or dropped): the loop's top says which */
         }
         if ((uint64_t)len > room || len < AVMM_NET_HDR_LEN) {
             p->stats.rx_too_long += (uint64_t)len > room;
@@ -460,7 +528,7 @@ static int stream_rx(struct avmm_net *n, struct avmm_vq *q, struct pair *p, uint
         uint32_t niov;
         uint64_t room;
         int dry;
-        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry, len);
+        int nchains = gather_rx(n, q, p, &niov, &room, &work, &dry, len, 0);
         if (nchains < 0) {
             avmm_vq_publish(q);
             return -1;

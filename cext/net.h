@@ -65,6 +65,7 @@ struct avmm_net_stats {
     uint64_t rx_reads;       /* stream pairs: read() calls that brought bytes */
     uint64_t tx_partial;     /* stream pairs: frames the socket took only in part */
     uint64_t rx_bad_length;  /* stream pairs: a length no frame has (the stream is lost: we end it) */
+    uint64_t rx_copied;      /* TAP frames larger than the buffers gathered for them: the tail copied */
 };
 
 struct avmm_net;
@@ -73,6 +74,8 @@ struct avmm_net *avmm_net_new(const struct avmm_gmem *mem, uint16_t npairs, uint
 void avmm_net_free(struct avmm_net *n);
 /* The TAP fd of queue pair `pair` (-1 detaches it). */
 void avmm_net_set_tap(struct avmm_net *n, int pair, int fd);
+/* Pair `pair`'s fd (TAP or stream), -1 if none. */
+int avmm_net_fd(const struct avmm_net *n, int pair);
 /* A connected SOCK_STREAM socket for pair `pair`, framed as above. 0 or -errno. */
 int avmm_net_set_stream(struct avmm_net *n, int pair, int fd);
 /* A stream's state that must outlive this device when another takes over the same socket

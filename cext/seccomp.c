@@ -52,8 +52,10 @@ static const int helper[] = {
 static const unsigned long helper_ioctls[] = {TCGETS, TIOCGWINSZ};
 
 /* A device's own thread (blk_thread.c): it waits and submits in io_uring_enter, reads its
- * doorbells' and its wake-up eventfds, writes interrupt eventfds; no ioctl, no files. */
-static const int iothread[] = {SYS_io_uring_enter};
+ * doorbells' and its wake-up eventfds, writes interrupt eventfds; no ioctl, no files.
+ * virtio-net's (net_thread.c) waits in ppoll (poll: avmm_net_poll's look at the TAPs) and
+ * moves frames with readv/writev (common). */
+static const int iothread[] = {SYS_io_uring_enter, SYS_ppoll, SYS_poll};
 
 /* The loop's thread: the Python interpreter and everything the loop serves (sockets,
  * eventfds, io_uring, TAPs, images, the terminal), and, on a guest reset, the building of a

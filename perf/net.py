@@ -93,7 +93,7 @@ def child(mode: str, length: int, count: int, mss: int) -> None:
     from asyncvmm.devices.virtio.net.tap import NetOptions  # noqa: PLC0415
     from asyncvmm.devices.virtio.spec import Feature  # noqa: PLC0415
     from asyncvmm.loop import run as run_loop  # noqa: PLC0415
-    from asyncvmm.poll import devices_may_poll  # noqa: PLC0415
+    from asyncvmm.poll import device_threads_may_poll, devices_may_poll  # noqa: PLC0415
     from asyncvmm.testing.mock_driver import NET_HDR, Harness, VirtioDriver  # noqa: PLC0415
 
     async def go() -> dict:
@@ -101,9 +101,12 @@ def child(mode: str, length: int, count: int, mss: int) -> None:
         try:
             mac = bytes(int(b, 16) for b in GUEST_MAC.split(":"))
             poll = {"yes": True, "no": False}.get(os.environ.get("ASYNCVMM_BENCH_POLL", ""), devices_may_poll(1))
+            # the device's own thread (ASYNCVMM_NET_THREAD) polls by its rule, or as forced
+            thread_poll = {"yes": True, "no": False}.get(os.environ.get("ASYNCVMM_BENCH_POLL", ""),
+                                                         device_threads_may_poll(1))
             passt = os.environ.get("ASYNCVMM_BENCH_PASST")  # the CONF of a passt device, or a TAP
             opts = NetOptions.parse(passt) if passt else NetOptions(TAP, mac=mac)
-            dev = h.add(VirtioNet(opts, h.mem, mac=mac, queues=1, poll=poll))
+            dev = h.add(VirtioNet(opts, h.mem, mac=mac, queues=1, poll=poll, thread_poll=thread_poll))
             drv = VirtioDriver(h, dev)
             await drv.setup(queue_size=256)
             rxq, txq = drv.queues[0], drv.queues[1]
@@ -152,7 +155,8 @@ def child(mode: str, length: int, count: int, mss: int) -> None:
             if passt and mode == "rx":  # passt's rate: from its first frame to its last
                 ns = res.last_ns - res.first_ns
             out = {"frames": res.frames, "bytes": res.bytes, "ns": max(ns, 1), "cpu_ns": int(cpu * 1e9),
-                   "kicks": res.kicks, "interrupts": res.interrupts, "stats": dev.device.stats()["pairs"][0]}
+                   "kicks": res.kicks, "interrupts": res.interrupts, "stats": dev.device.stats()["pairs"][0],
+                   "thread": dev.device.stats().get("thread", {})}
             if mode == "ping" and res.frames:
                 lats = sorted(lat[i] for i in range(res.frames))
                 out["p50_ns"] = lats[len(lats) // 2]

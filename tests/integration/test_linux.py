@@ -388,6 +388,8 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
     pairs = net_stats[0]["pairs"][0] if net_stats else {}
     if not (pairs.get("rx_packets", 0) >= 1 and pairs.get("tx_packets", 0) >= 10 and not pairs.get("tx_errors", 1)):
         failures.append(f"virtio-net counters: {pairs}")
+    if net_stats and not net_stats[0].get("thread", {}).get("serving"):  # MSI-X: the device's own thread
+        failures.append(f"virtio-net was not served by its own thread: {net_stats[0].get('thread')}")
     # The host reads what the kernel wrote: a clean qcow2, the mount it recorded, a clean file system.
     if not re.search(r"disk \S+root.qcow2: qemu-storage-daemon \(pid \d+\) stopped", err):
         failures.append("VMM log: qemu-storage-daemon was not said to stop")

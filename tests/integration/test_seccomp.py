@@ -74,6 +74,11 @@ REFUSED = {
         (SYS_OPENAT, 'os.open("/tmp/asyncvmm-seccomp-test", os.O_WRONLY | os.O_CREAT)'),
         (SYS_CLONE, "threading.Thread(target=print).start()"),
     ],
+    "IOTHREAD": [
+        (SYS_OPENAT, 'os.open("/etc/hostname", os.O_RDONLY)'),
+        (SYS_IOCTL, "fcntl.ioctl(0, lib.TUNSETOFFLOAD, 0)  # a TAP's ioctls are the loop's"),
+        (SYS_SOCKET, "socket.socket(socket.AF_UNIX)"),
+    ],
     "LOOP": [
         (SYS_EXECVE, 'os.execv("/bin/true", ["true"])'),
         (SYS_CLONE, "os.fork()  # clone without CLONE_THREAD: a new process"),
@@ -95,6 +100,23 @@ def test_kill_mode_kills_the_process_on_a_refused_call(kind, nr, call):
     r = child(kind, "kill", call)
     assert r.returncode == -signal.SIGSYS, (r.returncode, r.stdout, r.stderr)
     assert "filtered" in r.stdout and "survived" not in r.stdout
+
+
+def test_a_device_thread_may_wait_in_ppoll_and_move_frames():
+    """virtio-net's own thread (cext/net_thread.c): ppoll on its doorbells and TAP, poll
+    (avmm_net_poll), readv/writev of frames, eventfd reads and writes."""
+    r = child("IOTHREAD", "kill", """
+        import select
+        os.eventfd_write(efd, 1)
+        p = select.poll()
+        p.register(efd, select.POLLIN)
+        assert p.poll(0)
+        os.eventfd_read(efd)
+        assert libc.ppoll(None, 0, ctypes.byref((ctypes.c_long * 2)(0, 0)), None) == 0  # no fds, no wait
+        os.writev(efd, [(1).to_bytes(8, "little")])
+        assert os.readv(efd, [bytearray(8)]) == 8
+    """)
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("kind", ["VCPU", "HELPER", "LOOP"])

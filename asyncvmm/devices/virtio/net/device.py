@@ -1,6 +1,9 @@
 """virtio-net (virtio 1.2, 5.1) on a TAP: features, config, the control queue, wiring.
 
-Frames never reach Python: per queue pair, the TAP fd is a reader on the loop (the
+Frames never reach Python. A TAP device whose queues interrupt through eventfds (MSI-X,
+MSI) is served by a thread of its own (thread.py, cext/net_thread.h: vhost-net's model),
+which the loop parks while it touches the device. Otherwise (INTx, passt,
+ASYNCVMM_NET_THREAD=0), per queue pair, the TAP fd is a reader on the loop (the
 device's QueueWorker, ../worker.py) that calls
 avmm_net_rx (cext/net.c: frames straight into the guest's RX buffers) and the TX doorbell
 one that calls avmm_net_tx (chains written to the TAP as they lie in guest memory).
@@ -25,7 +28,7 @@ from ....log import get_logger
 from ....vstate.memory import GuestMemory
 from ...pci.regs import ClassCode
 from ...registry import register, slot_name
-from ...slots import may_poll
+from ...slots import may_poll, thread_may_poll
 from ..device import DeviceError, QueueConfig, VirtioDevice
 from ..queue import Chain, RingSetupError, Virtqueue, VqState, check_setup, ring_flags
 from ..spec import DeviceId, bits
@@ -33,6 +36,8 @@ from ..transport_pci import virtio_pci_function
 from ..worker import QueueWorker
 from .passt import Passt, check_forwards, check_installed
 from .tap import TUN_F_USO4, TUN_F_USO6, NetOptions, Tap, check_is_tap, format_mac, stable_mac
+from .thread import ENABLED as THREAD
+from .thread import NetThread
 
 log = get_logger(__name__)
 
@@ -124,9 +129,12 @@ class VirtioNet(VirtioDevice):
     MAX_PAIRS = lib.AVMM_NET_MAX_PAIRS
 
     def __init__(self, opts: NetOptions, mem: GuestMemory, *, mac: bytes, queues: int, name: str = "virtio-net",
-                 poll: bool = False, tap: Tap | Passt | None = None):
+                 poll: bool = False, tap: Tap | Passt | None = None, thread_poll: bool = False,
+                 seccomp: str = "off"):
         """`tap`: one opened already (kept by the VM across guest resets; not closed here);
-        a Passt in its place when opts.passt says so."""
+        a Passt in its place when opts.passt says so. `poll`: the loop may busy-poll for
+        this device; `thread_poll`: its own thread may (asyncvmm.poll); `seccomp`: the
+        mode of its thread's filter (asyncvmm.seccomp)."""
         self.pairs = min(opts.queues or queues, lib.AVMM_NET_MAX_PAIRS)
         super().__init__(2 * self.pairs + 1, QUEUE_SIZE)
         self.name = name
@@ -165,6 +173,12 @@ class VirtioNet(VirtioDevice):
         self._rx_stopped = [False] * self.pairs
         self._state = ffi.new("uint32_t *")
         self._pair = ffi.new("int *")
+        self._thread_poll = thread_poll
+        self._seccomp = seccomp
+        self._thread: NetThread | None = None  # the device's own (thread.py), once started
+        self._threaded = False  # this activation is served by it (else it is parked, if it exists)
+        self._hold_parked = False  # parked by _park, to be let go by _unpark
+        self.worker.on_hold(self._park, self._unpark)
 
     # -- what the transport asks ---------------------------------------------------------
     def features(self) -> int:
@@ -192,6 +206,9 @@ class VirtioNet(VirtioDevice):
         return int.from_bytes(self._config()[offset : offset + size], "little")
 
     def activate(self, features: int, queues: list[QueueConfig]) -> None:
+        if self._threaded:  # parked while the loop sets the queues up; _start_thread lets it go
+            self._thread.park()
+            self._threaded = False
         self._features = features
         self.active_pairs = 1
         gso = any(features & bits(f) for f in GSO_FEATURES)
@@ -227,6 +244,9 @@ class VirtioNet(VirtioDevice):
             self._apply_state(state)
         if self.ctrl is not None:
             w.serve(self.ctrl, self._ctrl_command, budget=CTRL_BUDGET)
+        if self._can_thread(data):
+            self._start_thread()
+            return
         for q in data:
             pair, tx = divmod(q.index, 2)
             if tx:
@@ -238,6 +258,40 @@ class VirtioNet(VirtioDevice):
         for q in data:  # doorbells rung before DRIVER_OK
             pair, tx = divmod(q.index, 2)
             (self._tx if tx else self._rx)(pair)
+
+    # -- the device's own thread (thread.py) ------------------------------------------------
+    def _can_thread(self, data: list[QueueConfig]) -> bool:
+        """A TAP, and every data queue interrupts through an eventfd (a level INTx line or
+        an ISR byte is the loop's to lower and read)."""
+        return THREAD and not self.stream and all(
+            q.vector is None or (q.vector.c.set_line == ffi.NULL and q.vector.c.isr == ffi.NULL) for q in data)
+
+    def _start_thread(self) -> None:
+        """Hand the data queues (set up, the thread parked or not yet there) to the thread."""
+        if self._thread is None:
+            self._thread = NetThread(self._net, self.name, self.pairs, poll=self._thread_poll,
+                                     seccomp_mode=self._seccomp)
+        else:
+            self._thread.unpark()  # it serves every pair once: doorbells rung before DRIVER_OK
+        self._threaded = True
+        self.worker.watch(self._thread.notify_fd, self._notified)
+
+    def _park(self) -> None:
+        """A hold (or an MQ change): parked if it serves; _unpark undoes exactly that park,
+        whatever came between (a reset keeps its own park until the next activate)."""
+        if self._threaded and not self._hold_parked:
+            self._thread.park()
+            self._hold_parked = True
+
+    def _unpark(self) -> None:
+        if self._hold_parked:
+            self._hold_parked = False
+            self._thread.unpark()
+
+    def _notified(self) -> None:
+        """The thread's word: a ring broke (it serves nothing more until the reset)."""
+        if self._thread is not None and self._thread.broken():
+            self.worker.broken(self.queues)
 
     def _set_offloads(self, features: int) -> None:
         flags = 0
@@ -402,7 +456,11 @@ class VirtioNet(VirtioDevice):
             n = struct.unpack("<H", data)[0]
             if self._features & bits(NetFeature.MQ) and 1 <= n <= self.pairs:
                 self.active_pairs = n
-                self.tap.set_active_queues(n)
+                self._park()  # the thread looks at the TAP's queues afresh after
+                try:
+                    self.tap.set_active_queues(n)
+                finally:
+                    self._unpark()
                 ok = True
         elif cls == Ctrl.GUEST_OFFLOADS and cmd == lib.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET and len(data) == 8:
             wanted = struct.unpack("<Q", data)[0]
@@ -462,6 +520,9 @@ class VirtioNet(VirtioDevice):
         self._rx_stopped = [False] * self.pairs
 
     def reset(self) -> None:
+        if self._threaded:  # parked until the next activation hands it the new queues
+            self._thread.park()
+            self._threaded = False
         self._stop()
         if self._net != ffi.NULL:
             lib.avmm_net_reset(self._net)
@@ -474,7 +535,8 @@ class VirtioNet(VirtioDevice):
         if self._net == ffi.NULL:
             return {}
         fields: tuple[str, ...] = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_batches", "tx_batches", "rx_no_buffers", "rx_held",
-                  "rx_too_long", "rx_bad_chains", "rx_errors", "tx_bad_chains", "tx_errors", "tx_blocked")
+                  "rx_too_long", "rx_bad_chains", "rx_errors", "tx_bad_chains", "tx_errors", "tx_blocked",
+                                    "rx_copied")
         if self.stream:
             fields += ("rx_reads", "tx_partial", "rx_bad_length")
         pairs = []
@@ -487,7 +549,8 @@ class VirtioNet(VirtioDevice):
                if isinstance(self.tap, Passt) else {}),
             "mac": format_mac(self.mac),
             "active_pairs": self.active_pairs,
-            "poll_window_ns": self.worker.window.ns,
+            "poll_window_ns": self._thread.stats()["poll_ns"] if self._thread else self.worker.window.ns,
+            "thread": ({"serving": self._threaded} | self._thread.stats()) if self._thread else {},
             "rx_mode": dict(self.rx_mode),
             "control": dict(self.counters),
             "pairs": pairs,
@@ -495,6 +558,10 @@ class VirtioNet(VirtioDevice):
 
     def close(self) -> None:
         self.worker.stop(closing=True)
+        if self._thread is not None:
+            self._thread.stop()  # joined: nothing but the loop touches the device now
+            self._thread = None
+            self._threaded = False
         if self._net != ffi.NULL and isinstance(self.tap, Passt) and not self._owns_tap:
             # passt stays for the next boot's device: a frame half read or half sent goes on with it.
             rx = ffi.new("uint8_t[]", lib.AVMM_NET_STREAM_CARRY_RX)
@@ -532,7 +599,8 @@ def _build(slot: PciSlot, ctx):
         elif tap is None:
             tap = ctx.host.taps[key] = Tap(opts.tap, pairs)
     net = VirtioNet(opts, ctx.mem, mac=stable_mac(ctx.config.name, where), queues=ctx.config.cpus,
-                    name=f"virtio-net@{where}", poll=may_poll(ctx), tap=tap)
+                    name=f"virtio-net@{where}", poll=may_poll(ctx), tap=tap, thread_poll=thread_may_poll(ctx),
+                    seccomp=ctx.config.seccomp)
     return virtio_pci_function(net, ctx)
 
 

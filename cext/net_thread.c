@@ -1,0 +1,308 @@
+/* virtio-net's own thread on a TAP: see net_thread.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "net_thread.h"
+#include "seccomp.h"
+#include "util.h"
+
+#define POLL_MIN_NS 4000u /* the first window once polling pays */
+
+struct avmm_net_thread {
+    struct avmm_net *n;
+    struct avmm_net_thread_config cfg;
+    pthread_t tid;
+    int wake_fd; /* in every ppoll: ends the thread's wait */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int control;    /* atomic: the loop wants the thread's attention (park or stop) */
+    unsigned parks; /* under lock */
+    int parked;     /* under lock: the thread sleeps on cond */
+    int stop;       /* under lock */
+    struct avmm_net_thread_stats stats;
+    /* the thread's own */
+    uint32_t want_rx, want_tx; /* pairs to serve before the next wait (bits) */
+    uint8_t rx_stopped[AVMM_NET_MAX_PAIRS]; /* no RX buffers: the TAP is not polled */
+    uint8_t tx_blocked[AVMM_NET_MAX_PAIRS]; /* a frame waits for the TAP's POLLOUT */
+    uint8_t tap_error[AVMM_NET_MAX_PAIRS];  /* POLLERR/POLLHUP alone: not polled until the next park */
+    int moved; /* frames this turn */
+};
+
+/* The window after a sleep of `slept` ns: KVM's halt-polling rule (as blk_thread.c). */
+static void adapt(struct avmm_net_thread *t, uint64_t slept)
+{
+    uint64_t w = t->stats.poll_ns, max = t->cfg.poll_max_ns;
+    if (!max)
+        return;
+    if (slept <= max)
+        w = w * 2 < POLL_MIN_NS ? POLL_MIN_NS : w * 2 > max ? max : w * 2;
+    else
+        w = w / 2 < POLL_MIN_NS ? 0 : w / 2;
+    __atomic_store_n(&t->stats.poll_ns, w, __ATOMIC_RELAXED);
+}
+
+/* Sleep while parked; 1 when told to stop. */
+static int parked(struct avmm_net_thread *t)
+{
+    pthread_mutex_lock(&t->lock);
+    while (t->parks && !t->stop) {
+        if (!t->parked)
+            t->stats.parks++;
+        t->parked = 1;
+        pthread_cond_broadcast(&t->cond);
+        pthread_cond_wait(&t->cond, &t->lock);
+    }
+    t->parked = 0;
+    int stop = t->stop;
+    if (!stop)
+        __atomic_store_n(&t->control, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&t->lock);
+    uint64_t drained;
+    if (read(t->wake_fd, &drained, sizeof(drained)) < 0) {
+        /* EAGAIN: nobody signalled (a park that came while the thread was serving) */
+    }
+    return stop;
+}
+
+static int any_broken(struct avmm_net_thread *t)
+{
+    for (uint32_t qi = 0; qi < 2 * t->cfg.npairs; qi++)
+        if (avmm_net_queue(t->n, (int)qi)->broken)
+            return 1;
+    return 0;
+}
+
+/* What a batch's state asks of the pair: flow control, and another round for a budget. */
+static void after(struct avmm_net_thread *t, uint32_t p, int moved, uint32_t state)
+{
+    if (moved < 0) {
+        t->stats.broken = 1;
+        return;
+    }
+    t->moved += moved;
+    if (state & AVMM_NET_RX_NO_BUFFERS && !t->rx_stopped[p]) {
+        t->rx_stopped[p] = 1;
+        t->stats.rx_stops++;
+    }
+    if (state & AVMM_NET_TX_BLOCKED && !t->tx_blocked[p]) {
+        t->tx_blocked[p] = 1;
+        t->stats.tx_waits++;
+    }
+    if (state & AVMM_NET_BUDGET) { /* avmm_net_poll does not say which side it served: both */
+        t->want_rx |= 1u << p;
+        t->want_tx |= 1u << p;
+    }
+}
+
+static void serve(struct avmm_net_thread *t)
+{
+    uint32_t rx = t->want_rx, tx = t->want_tx;
+    t->want_rx = t->want_tx = 0;
+    for (uint32_t p = 0; p < t->cfg.npairs && !t->stats.broken; p++) {
+        uint32_t state;
+        if (tx & 1u << p) {
+            t->tx_blocked[p] = 0;
+            int r = avmm_net_tx(t->n, (int)p, &state);
+            after(t, p, r, state);
+        }
+        if (rx & 1u << p && !t->stats.broken) {
+            int r = avmm_net_rx(t->n, (int)p, &state);
+            after(t, p, r, state);
+        }
+    }
+}
+
+enum { FD_WAKE, FD_RX_KICK, FD_TX_KICK, FD_TAP };
+
+/* Sleep in ppoll until a doorbell, a TAP or the loop; then mark what to serve. */
+static void wait_for_work(struct avmm_net_thread *t)
+{
+    struct pollfd fds[3 * AVMM_NET_MAX_PAIRS + 1];
+    uint8_t kind[3 * AVMM_NET_MAX_PAIRS + 1], pair[3 * AVMM_NET_MAX_PAIRS + 1];
+    int nfds = 0;
+    fds[nfds] = (struct pollfd){.fd = t->wake_fd, .events = POLLIN};
+    kind[nfds++] = FD_WAKE;
+    for (uint32_t p = 0; p < t->cfg.npairs && !t->stats.broken; p++) {
+        struct avmm_vq *rxq = avmm_net_queue(t->n, (int)(2 * p)), *txq = avmm_net_queue(t->n, (int)(2 * p + 1));
+        if (rxq->size && rxq->kick_fd >= 0) {
+            fds[nfds] = (struct pollfd){.fd = rxq->kick_fd, .events = POLLIN};
+            kind[nfds] = FD_RX_KICK;
+            pair[nfds++] = (uint8_t)p;
+        }
+        if (txq->size && txq->kick_fd >= 0 && !t->tx_blocked[p]) {
+            fds[nfds] = (struct pollfd){.fd = txq->kick_fd, .events = POLLIN};
+            kind[nfds] = FD_TX_KICK;
+            pair[nfds++] = (uint8_t)p;
+        }
+        short ev = (rxq->size && !t->rx_stopped[p] ? POLLIN : 0) | (txq->size && t->tx_blocked[p] ? POLLOUT : 0);
+        int tap = avmm_net_fd(t->n, (int)p);
+        if (ev && tap >= 0 && !t->tap_error[p]) {
+            fds[nfds] = (struct pollfd){.fd = tap, .events = ev};
+            kind[nfds] = FD_TAP;
+            pair[nfds++] = (uint8_t)p;
+        }
+    }
+    uint64_t t0 = avmm_now_ns();
+    int r = ppoll(fds, (nfds_t)nfds, NULL, NULL);
+    t->stats.waits++;
+    adapt(t, avmm_now_ns() - t0);
+    if (r <= 0)
+        return; /* EINTR: signals are blocked here, but look again anyway */
+    for (int i = 1; i < nfds; i++) {
+        short re = fds[i].revents;
+        uint32_t p = pair[i];
+        if (!re)
+            continue;
+        switch (kind[i]) {
+        case FD_RX_KICK: /* buffers came: drain the doorbell, read the TAP again */
+            avmm_vq_drain_kick(avmm_net_queue(t->n, (int)(2 * p)));
+            t->rx_stopped[p] = 0;
+            t->want_rx |= 1u << p;
+            break;
+        case FD_TX_KICK: /* avmm_net_tx drains it */
+            t->want_tx |= 1u << p;
+            break;
+        case FD_TAP:
+            if (re & POLLIN)
+                t->want_rx |= 1u << p;
+            if (re & POLLOUT)
+                t->want_tx |= 1u << p;
+            if (!(re & (POLLIN | POLLOUT)) && re & (POLLERR | POLLHUP | POLLNVAL))
+                t->tap_error[p] = 1; /* a TAP gone bad: left out (not spun on) until the next park */
+            break;
+        }
+    }
+}
+
+static void *thread_main(void *arg)
+{
+    struct avmm_net_thread *t = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the loop's */
+    if (t->cfg.seccomp_action && avmm_seccomp_install(AVMM_SECCOMP_IOTHREAD, t->cfg.seccomp_action, 0) < 0)
+        t->stats.seccomp_failed = 1;
+    uint32_t every = t->cfg.npairs >= 32 ? ~0u : (1u << t->cfg.npairs) - 1;
+    t->want_rx = t->want_tx = every; /* doorbells rung before the thread started */
+    for (;;) {
+        if (__atomic_load_n(&t->control, __ATOMIC_ACQUIRE)) {
+            if (parked(t))
+                break;
+            /* The loop may have reset, set up or restored the queues, or moved the TAP's
+             * queues: start afresh and look at every pair. */
+            memset(t->rx_stopped, 0, sizeof(t->rx_stopped));
+            memset(t->tx_blocked, 0, sizeof(t->tx_blocked));
+            memset(t->tap_error, 0, sizeof(t->tap_error));
+            __atomic_store_n(&t->stats.broken, any_broken(t), __ATOMIC_RELAXED);
+            t->want_rx = t->want_tx = t->stats.broken ? 0 : every;
+        }
+        t->moved = 0;
+        if (t->want_rx | t->want_tx) {
+            serve(t);
+            if (t->stats.broken) {
+                avmm_efd_signal(t->cfg.notify_fd); /* the loop sets NEEDS_RESET, and parks us at the reset */
+                t->want_rx = t->want_tx = 0;
+                continue;
+            }
+            if (t->moved)
+                t->stats.turns++;
+            if (t->want_rx | t->want_tx)
+                continue; /* a budget spent: round again (the control word first) */
+        }
+        /* Frames moved: the next may come within the window (a reply, the next of a stream). */
+        if (t->moved && t->stats.poll_ns && !t->stats.broken) {
+            t->stats.polls++;
+            uint32_t state;
+            int pair = 0;
+            int r = avmm_net_poll(t->n, (int)t->cfg.npairs, t->stats.poll_ns, &state, &pair);
+            if (r != 0 || state) { /* a TX the TAP refused moves nothing and still says so */
+                t->stats.poll_hits += r > 0;
+                after(t, (uint32_t)pair, r, state);
+                if (t->stats.broken)
+                    avmm_efd_signal(t->cfg.notify_fd);
+                if (r > 0)
+                    continue;
+            }
+        }
+        wait_for_work(t);
+    }
+    return NULL;
+}
+
+struct avmm_net_thread *avmm_net_thread_start(struct avmm_net *n, const struct avmm_net_thread_config *cfg)
+{
+    if (!cfg->npairs || cfg->npairs > AVMM_NET_MAX_PAIRS) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct avmm_net_thread *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    t->n = n;
+    t->cfg = *cfg;
+    t->cfg.name[sizeof(t->cfg.name) - 1] = 0;
+    t->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int r = t->wake_fd < 0 ? -errno : 0;
+    if (r == 0) {
+        pthread_mutex_init(&t->lock, NULL);
+        pthread_cond_init(&t->cond, NULL);
+        r = -pthread_create(&t->tid, NULL, thread_main, t);
+        if (r == 0) {
+            if (t->cfg.name[0])
+                pthread_setname_np(t->tid, t->cfg.name);
+            return t;
+        }
+        pthread_cond_destroy(&t->cond);
+        pthread_mutex_destroy(&t->lock);
+    }
+    if (t->wake_fd >= 0)
+        close(t->wake_fd);
+    free(t);
+    errno = -r;
+    return NULL;
+}
+
+void avmm_net_thread_park(struct avmm_net_thread *t)
+{
+    pthread_mutex_lock(&t->lock);
+    t->parks++;
+    __atomic_store_n(&t->control, 1, __ATOMIC_RELEASE);
+    avmm_efd_signal(t->wake_fd);
+    while (!t->parked)
+        pthread_cond_wait(&t->cond, &t->lock);
+    pthread_mutex_unlock(&t->lock);
+}
+
+void avmm_net_thread_unpark(struct avmm_net_thread *t)
+{
+    pthread_mutex_lock(&t->lock);
+    if (t->parks && --t->parks == 0)
+        pthread_cond_broadcast(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+}
+
+void avmm_net_thread_stop(struct avmm_net_thread *t)
+{
+    if (!t)
+        return;
+    pthread_mutex_lock(&t->lock);
+    t->stop = 1;
+    __atomic_store_n(&t->control, 1, __ATOMIC_RELEASE);
+    avmm_efd_signal(t->wake_fd);
+    pthread_cond_broadcast(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->tid, NULL);
+    pthread_cond_destroy(&t->cond);
+    pthread_mutex_destroy(&t->lock);
+    close(t->wake_fd);
+    free(t);
+}
+
+struct avmm_net_thread_stats *avmm_net_thread_stats(struct avmm_net_thread *t) { return &t->stats; }
