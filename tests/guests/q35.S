@@ -17,7 +17,8 @@
  *      SMI_EN (APMC_EN must read 1: no SMM);
  *   4. PAM0-6 written as SeaBIOS's make_bios_writable (two dwords) and read back;
  *      SMRAM; PIRQA_ROUT written and read back;
- *   5. 0xCF9 <- 0x06 (the FADT's RESET_REG and RESET_VALUE): the VMM ends (--no-reboot).
+ *   5. waits for a key on COM1, then 0xCF9 <- 0x06 (the FADT's RESET_REG and RESET_VALUE):
+ *      the VMM ends (--no-reboot).
  * No SSE; built like bootrom.S (linked at 0, flat; its last 64 KiB are also at 0xF0000).
  */
 	.code16
@@ -150,7 +151,16 @@ pm32:
 	call cfg_rd8
 	report msg_pirqa
 
-	/* 5. the FADT's reset: 0x06 to 0xCF9 */
+	/* 5. a key on COM1 (the test snapshots the machine here), then the FADT's reset:
+	 *    0x06 to 0xCF9 */
+	movl $SYM(msg_wait), %esi
+	call puts
+	movw $0x3fd, %dx			/* LSR: data ready */
+6:	inb %dx, %al
+	testb $0x01, %al
+	jz 6b
+	movw $0x3f8, %dx
+	inb %dx, %al
 	movl $SYM(msg_reset), %esi
 	call puts
 	movb $0x06, %al
@@ -250,6 +260,7 @@ msg_pam_lo:	.asciz "q35: pam 0x90 "
 msg_pam_hi:	.asciz "q35: pam 0x94 "
 msg_smram:	.asciz "q35: smram "
 msg_pirqa:	.asciz "q35: pirqa_rout "
+msg_wait:	.asciz "q35: waiting for a key\n"
 msg_reset:	.asciz "q35: reset through 0xcf9\n"
 
 	.org 0xfff0
