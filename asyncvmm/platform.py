@@ -16,7 +16,7 @@ Guest physical addresses (x86-64):
     0xFEFF_C000 .. 0xFF00_0000       KVM's own pages on Intel (identity map, TSS)
     4 GiB - ROM .. 0x1_0000_0000     a firmware image (-l bootrom), read-only; an OVMF
                                      variables file below it (boot/bootrom.py)
-    0x1_0000_0000 ..                 the RAM above 3 GiB, if any
+    0x1_0000_0000 ..                 the RAM above 0xB000_0000 (2.75 GiB), if any
     pci_mmio64_window(...)           PCI 64-bit memory window (64-bit BARs), above RAM
 
 I/O ports and ISA interrupt lines of the legacy devices are here too, so the ACPI tables,

@@ -13,7 +13,8 @@
  *      base answers, the old one and bus 128 do not; back to 0xB0000000;
  *   3. the LPC's ID; the PM timer port (0x608) before ACPI_EN; PMBASE = 0x600, ACPI_EN;
  *      the PM timer's ticks over 50 ms of PIT channel 2 (mode 0, 59659 counts, polled on
- *      port 0x61 bit 5, as SeaBIOS and Linux calibrate); a 16-bit read of its upper half;
+ *      port 0x61 bit 5, as SeaBIOS and Linux calibrate); the ticks 1000 reads take (what a
+ *      read costs, 1 tick = 279 ns); a 16-bit read of its upper half;
  *      SMI_EN (APMC_EN must read 1: no SMM);
  *   4. PAM0-6 written as SeaBIOS's make_bios_writable (two dwords) and read back;
  *      SMRAM; PIRQA_ROUT written and read back;
@@ -121,6 +122,14 @@ pm32:
 	inl %dx, %eax
 	subl %edi, %eax
 	report msg_tmr_ticks
+	movw $0x608, %dx			/* what a read costs: 1000 of them, in PM ticks */
+	inl %dx, %eax
+	movl %eax, %edi
+	movl $1000, %ecx
+7:	inl %dx, %eax
+	loop 7b
+	subl %edi, %eax
+	report msg_tmr_1000
 	movw $0x60a, %dx			/* the upper half alone */
 	xorl %eax, %eax
 	inw %dx, %ax
@@ -254,6 +263,7 @@ msg_lpc_id:	.asciz "q35: lpc id "
 msg_tmr_off:	.asciz "q35: pm timer before acpi_en "
 msg_pmbase:	.asciz "q35: pmbase "
 msg_tmr_ticks:	.asciz "q35: pm timer ticks in 50 ms of pit "
+msg_tmr_1000:	.asciz "q35: pm timer ticks for 1000 reads "
 msg_tmr_high:	.asciz "q35: pm timer high half "
 msg_smi_en:	.asciz "q35: smi_en "
 msg_pam_lo:	.asciz "q35: pam 0x90 "
