@@ -19,6 +19,10 @@ Registers (D0:F0)"; the fields QEMU's hw/pci-host/q35.c models):
                              C_BASE_SEG reads 010b = 0xA0000). Stored: there is no SMM
                              here (no SMI is ever raised), so nothing is hidden.
     ESMRAMC   0x9E  8 bits   extended SMRAM (TSEG) control; stored, for the same reason.
+                             Its cache bits (SM_CACHE, SM_L1, SM_L2), hard-wired 1 where
+                             SMRAM exists, read 0: OVMF's SMM builds take that as "this
+                             Q35 lacks SMRAM" (as with QEMU's q35 without SMM) instead of
+                             relying on an SMM that never runs.
     EXT_TSEG_MBYTES 0x50 16  QEMU's extended-TSEG query: OVMF writes 0xFFFF and takes a
                              value read back as "0xFFFF" to mean "no extended TSEG".
                              Plain storage, so that is what it reads.
@@ -82,14 +86,14 @@ SMRAM_WRITABLE = Smram.G_SMRAME | Smram.D_LCK | Smram.D_CLS | Smram.D_OPEN
 class Esmramc(enum.IntFlag):
     T_EN = 1 << 0
     TSEG_SZ = 0b11 << 1
-    SM_L2 = 1 << 3  # read-only 1
-    SM_L1 = 1 << 4  # read-only 1
-    SM_CACHE = 1 << 5  # read-only 1
+    SM_L2 = 1 << 3  # read-only: 1 with SMRAM, 0 here (no SMM)
+    SM_L1 = 1 << 4  # read-only, as SM_L2
+    SM_CACHE = 1 << 5  # read-only, as SM_L2
     E_SMERR = 1 << 6  # write 1 to clear
     H_SMRAME = 1 << 7
 
 
-ESMRAMC_RESET = Esmramc.SM_L2 | Esmramc.SM_L1 | Esmramc.SM_CACHE
+ESMRAMC_RESET = 0  # no SM_CACHE/SM_L1/SM_L2: no SMRAM (see the module docstring)
 ESMRAMC_WRITABLE = Esmramc.T_EN | Esmramc.TSEG_SZ | Esmramc.H_SMRAME
 PAM0_WRITABLE = 0x30  # PAM0 has only the high nibble (0xF0000-0xFFFFF)
 PAM_WRITABLE = 0x33
