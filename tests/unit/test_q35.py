@@ -184,3 +184,17 @@ def test_pirq_gen_pmcon_and_rcba_are_stored(lpc: LpcBridge):
     assert lpc.config_read(LpcReg.GEN_PMCON_1, 2) == 1 << 4
     lpc.config_write(LpcReg.RCBA, 4, 0xFED1_C000 | 1 | 0x3FFE)  # bits 13:1 are reserved
     assert lpc.config_read(LpcReg.RCBA, 4) == 0xFED1_C001
+
+
+def test_a_snapshot_of_another_host_bridge_is_refused():
+    from asyncvmm.errors import ConfigError
+    from asyncvmm.snapshot.devices import check_pci, save_pci
+
+    root = make_root(True)
+    state = save_pci(root)
+    check_pci(root, state)  # the same machine
+    old = bytearray(bytes.fromhex(state[0]["config"]))
+    old[0:4] = (0x0008_1B36).to_bytes(4, "little")  # an older asyncvmm's generic host bridge
+    state[0]["config"] = old.hex()
+    with pytest.raises(ConfigError, match=r"the snapshot's PCI 00:00.0 \(host-bridge\) is 1b36:0008, this machine's 8086:29c0"):
+        check_pci(root, state)
