@@ -255,9 +255,10 @@ class LegacyDevices:
     def place_acpi_pm(self, port: int | None) -> bool:
         """Decode the ACPI PM block at `port` (None: nowhere), its PM timer served in C.
         The ICH9 LPC's PMBASE and ACPI_EN decide (devices/pci/lpc.py). False if the
-        ports are taken by something else (then nothing decodes it)."""
+        ports are taken by something else (then nothing decodes it). Without ACPI
+        (--no-acpi) there is no block: PMBASE is only a register then."""
         if self.acpi_pm is None:
-            return False
+            return True
         if self.acpi_pm_port is not None:
             self.pio.unregister(self.acpi_pm_port)
             self.acpi_pm_port = None
