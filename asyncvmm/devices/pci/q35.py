@@ -167,6 +167,9 @@ class Q35Mch(PciDevice):
             log.guest(f"host bridge: PCIEXBAR {self.pciexbar:#x}: ECAM not decoded: {e}")
             return
         self.ecam_window = want
+        if want != (platform.PCI_ECAM_START, platform.PCI_ECAM_SIZE):  # the tables were built for that one
+            log.guest(f"host bridge: ECAM at {want[0]:#x} ({want[1] >> 20} buses), the ACPI MCFG says "
+                      f"{platform.PCI_ECAM_START:#x} ({platform.PCI_ECAM_BUSES} buses)")
 
     def detach(self) -> None:
         if self.buses is not None and self.ecam_window is not None:
