@@ -92,7 +92,7 @@ def boot_marks(which: list[str], timeout: float, report=None) -> tuple[bool, dic
                 "-monitor", "none", "-drive", f"file={disk},if=none,id=d0,format=raw,readonly=on",
                 "-device", "virtio-blk-pci,drive=d0", "-no-reboot"]
         runs = {
-            "asyncvmm": [sys.executable, "-m", "asyncvmm", "run", "-m", "256", "-l", f"bootrom,{SEABIOS}",
+            "asyncvmm": [sys.executable, "-m", "asyncvmm", "run", "-m", "256", "-s", "31,lpc", "-l", f"bootrom,{SEABIOS}",
                          "-s", f"3,virtio-blk,{disk},ro", "--no-reboot", "-q"],
             "tcg": [*qemu, "-accel", "tcg"],
             "kvm": [*qemu, "-accel", "kvm"],
