@@ -81,7 +81,7 @@ class Fault(Exception):
 
 # What an instruction does to the FPU (a struct kvm_fpu): given the value its operand
 # loads (or None), returns the value it stores (or None).
-Action = Callable[[object, int | None], int | None]
+Action = Callable[["FxState", int | None], int | None]
 
 
 def _fninit(fpu, _value):
@@ -151,6 +151,8 @@ class FxState:
               "last_dp": (16, 8), "mxcsr": (24, 4)}
     XSTATE_BV = 512  # the header's first field: which components the area holds
     X87_SSE = 0b11  # XSTATE_BV bits 0 (x87) and 1 (SSE)
+
+    area: bytearray
 
     def __init__(self, area: bytearray):
         object.__setattr__(self, "area", area)
