@@ -159,6 +159,9 @@ class VmConfig:
             if not self.bootrom:
                 raise ConfigError("bootvars= needs bootrom=")
             Firmware.load(self.bootrom, self.bootvars)  # the files' checks, before anything starts
+            if not any(s.driver == "lpc" and (s.slot, s.function) == (31, 0) for s in self.slots):  # as bhyve
+                lpc = "-s 31,lpc" if cli else "slots=[PciSlot(0, 31, 0, 'lpc')]"
+                raise ConfigError(f"{said('bootrom', self.bootrom)}: firmware needs the LPC bridge at 00:1f.0 ({lpc})")
         elif not self.kernel:
             raise ConfigError("no kernel given: use --kernel PATH" if cli else "no kernel given: VmConfig(kernel=PATH)")
         if self.kernel:

@@ -112,7 +112,8 @@ class Machine:
             self.legacy.console_observer = self._console_observer
             if cfg.bootrom and cfg.kernel and self.boot_setup is not None:  # the firmware loads it: fw_cfg hands it over
                 self._kernel_to_firmware(cfg)
-            self.pci = PciDevices(self.vm, cfg, self.pio, self.mmio, self.host, reset_control=self.legacy.reset_control)
+            self.pci = PciDevices(self.vm, cfg, self.pio, self.mmio, self.host, reset_control=self.legacy.reset_control,
+                                  place_acpi_pm=self.legacy.place_acpi_pm)
             if self.restore is not None:
                 from .snapshot.state import restore_machine  # noqa: PLC0415
 

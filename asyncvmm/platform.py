@@ -2,18 +2,21 @@
 
 Guest physical addresses (x86-64):
 
-    0x0000_0000 ..  RAM_LOW_END      RAM (the first MiB holds the boot structures,
-                                     boot/layout.py; 0x9FC00-0x100000 is reserved)
+    0x0000_0000 ..  RAM_LOW_END      RAM, at most up to 0xB000_0000 (the first MiB holds the
+                                     boot structures, boot/layout.py; 0x9FC00-0x100000 is
+                                     reserved)
       0x000E_0000 .. 0x0010_0000     ACPI tables (RSDP first), in the reserved BIOS area
-    0xC000_0000 .. 0xE000_0000       PCI 32-bit memory window (32-bit BARs)
-    0xE000_0000 .. 0xF000_0000       PCI ECAM: config space of buses 0..255 (MCFG)
+    0xB000_0000 .. 0xC000_0000       PCI ECAM: config space of buses 0..255 (MCFG), where the
+                                     Q35 MCH's PCIEXBAR puts it (devices/pci/q35.py): QEMU's
+                                     q35 layout, the value SeaBIOS and OVMF program
+    0xC000_0000 .. 0xFEC0_0000       PCI 32-bit memory window (32-bit BARs)
     0xFEC0_0000                      IOAPIC (in-kernel)
     0xFED0_0000 .. 0xFED0_1000       platform MMIO page (unused: ACPI has the PM1 port block)
     0xFEE0_0000                      LAPIC (in-kernel)
     0xFEFF_C000 .. 0xFF00_0000       KVM's own pages on Intel (identity map, TSS)
     4 GiB - ROM .. 0x1_0000_0000     a firmware image (-l bootrom), read-only; an OVMF
                                      variables file below it (boot/bootrom.py)
-    0x1_0000_0000 ..                 the RAM above 3 GiB, if any
+    0x1_0000_0000 ..                 the RAM above 0xB000_0000 (2.75 GiB), if any
     pci_mmio64_window(...)           PCI 64-bit memory window (64-bit BARs), above RAM
 
 I/O ports and ISA interrupt lines of the legacy devices are here too, so the ACPI tables,
@@ -30,14 +33,14 @@ from .vstate.memory import MMIO_HOLE_END, MMIO_HOLE_START, GiB
 ACPI_TABLES_START = 0x000E_0000
 ACPI_TABLES_END = 0x0010_0000
 
-PCI_MMIO32_START = MMIO_HOLE_START
-PCI_MMIO32_SIZE = 0x2000_0000  # 512 MiB
-
-PCI_ECAM_START = 0xE000_0000
+PCI_ECAM_START = MMIO_HOLE_START  # the Q35 MCH's PCIEXBAR base (as firmware programs it)
 PCI_ECAM_BUSES = 256
 PCI_ECAM_SIZE = PCI_ECAM_BUSES << 20  # 1 MiB per bus: 32 devices x 8 functions x 4 KiB
 
 IOAPIC_START = 0xFEC0_0000
+PCI_MMIO32_START = PCI_ECAM_START + PCI_ECAM_SIZE  # right above ECAM, as SeaBIOS's mch_mem_addr_setup
+PCI_MMIO32_SIZE = IOAPIC_START - PCI_MMIO32_START  # up to the IOAPIC: 0x3EC0_0000
+
 IOAPIC_SIZE = 0x1000
 PLATFORM_MMIO_START = 0xFED0_0000
 PLATFORM_MMIO_SIZE = 0x1000
@@ -48,9 +51,9 @@ LAPIC_SIZE = 0x10_0000
 PCI_MMIO64_ALIGN = GiB
 PCI_MMIO64_SIZE = 64 * GiB
 
-assert PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START
 assert ACPI_TABLES_START % 16 == 0  # the RSDP is found on a 16-byte boundary
-assert PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START < MMIO_HOLE_END
+assert MMIO_HOLE_START <= PCI_ECAM_START and PCI_ECAM_START + PCI_ECAM_SIZE <= PCI_MMIO32_START
+assert PCI_MMIO32_START + PCI_MMIO32_SIZE <= IOAPIC_START < MMIO_HOLE_END
 
 
 def ram_top(regions) -> int:
@@ -72,16 +75,17 @@ I8042_CMD_PORT = 0x64
 RTC_PORT = 0x70  # index, data
 POST_PORT = 0x80
 COM1_PORT = 0x3F8  # COM_PORTS[0]; the others are in COM_PORTS below
-ACPI_PM_PORT = 0x600  # the ACPI PM register block (64 ports; devices/legacy/acpi_pm.py)
-ACPI_PM_SIZE = 0x40
+ACPI_PM_PORT = 0x600  # the ACPI PM register block (devices/legacy/acpi_pm.py): the ICH9
+ACPI_PM_SIZE = 0x80  # LPC's PMBASE (as SeaBIOS and OVMF program it), 128 ports
 ACPI_PM1_EVT_PORT = ACPI_PM_PORT  # PM1a_EVT_BLK: PM1_STS (2 ports), then PM1_EN (2 ports)
 ACPI_PM1_EVT_LEN = 4
 ACPI_PM1_CNT_PORT = ACPI_PM_PORT + 4  # PM1a_CNT_BLK: PM1_CNT (2 ports)
 ACPI_PM1_CNT_LEN = 2
-ACPI_RESET_PORT = ACPI_PM_PORT + 8  # the FADT's RESET_REG (1 port)
+ACPI_PM_TMR_PORT = ACPI_PM_PORT + 8  # PM_TMR_BLK: the ACPI PM timer (4 ports)
+ACPI_PM_TMR_LEN = 4
 PCI_CONFIG_ADDRESS_PORT = 0xCF8  # 0xCF8 address, 0xCFC..0xCFF data
 PCI_CONFIG_PORTS = 8
-RESET_CONTROL_PORT = 0xCF9
+RESET_CONTROL_PORT = 0xCF9  # also the FADT's RESET_REG (value 0x06), as on QEMU's q35
 # The PCI I/O window: everything above the legacy devices' ports but 0xCF8-0xCFF.
 PCI_IO_START = 0x1000
 PCI_IO_END = 0x10000

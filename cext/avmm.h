@@ -145,6 +145,11 @@ void avmm_vm_set_seccomp(struct avmm_vm *vm, int action);
 /* UART fast path (see enum avmm_uart_fast) of one slot, at the ports of THR and LSR the
  * UART model names. thr_port 0 turns it off. 0 or -EINVAL (no such slot). */
 int avmm_uart_fast_set(struct avmm_vm *vm, int slot, int thr_port, int lsr_port, int flags, int lsr_shadow);
+/* The ACPI PM timer (3.579545 MHz from CLOCK_MONOTONIC, 32 bits) answered by the vCPU
+ * threads at ports [port, port+4): reads of 1, 2 or 4 bytes. port 0 turns it off (the
+ * loop's model answers then). */
+#define AVMM_PM_TIMER_HZ 3579545
+void avmm_pm_timer_set(struct avmm_vm *vm, int port);
 /* The console eventfd says some slot has bytes: reset it, then drain every slot. */
 void avmm_console_ack(struct avmm_vm *vm);
 /* 1 when a vCPU has signalled the console eventfd since the last avmm_console_ack (a slot

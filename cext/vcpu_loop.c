@@ -122,6 +122,7 @@ struct avmm_vm {
     uint64_t sample_period_ns;  /* 0: no RIP sampling */
     size_t sample_capacity;
     struct avmm_uart_fast_slot uart[AVMM_UART_FAST_SLOTS];
+    _Atomic uint32_t pm_timer_port; /* 0: the PM timer is the loop's (avmm_pm_timer_set) */
 };
 
 static int kick_signal;
@@ -222,10 +223,42 @@ static int mmio_fits(const struct kvm_run *run)
 
 /* ---- UART fast path ---------------------------------------------------------------- */
 
+/* The ACPI PM timer's count now: CLOCK_MONOTONIC in ticks of AVMM_PM_TIMER_HZ, 32 bits
+ * (devices/legacy/acpi_pm.py's pm_timer_value computes the same). */
+static uint32_t pm_timer_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ticks = (uint64_t)ts.tv_sec * AVMM_PM_TIMER_HZ
+                     + (uint64_t)ts.tv_nsec * AVMM_PM_TIMER_HZ / 1000000000u;
+    return (uint32_t)ticks;
+}
+
+/* A read of the PM timer's 4 ports (a dword at its base, or a part of it). */
+static int serve_pm_timer(struct avmm_vcpu *v)
+{
+    struct kvm_run *run = v->run;
+    uint32_t base = atomic_load_explicit(&v->vm->pm_timer_port, memory_order_relaxed);
+    uint32_t port = run->io.port;
+    if (!base || port < base || port + run->io.size > base + 4 || run->io.direction != KVM_EXIT_IO_IN
+        || run->io.count != 1 || !io_fits(v))
+        return 0;
+    uint32_t value = pm_timer_now() >> (8 * (port - base));
+    memcpy((uint8_t *)run + run->io.data_offset, &value, run->io.size); /* x86: little-endian */
+    return 1;
+}
+
+void avmm_pm_timer_set(struct avmm_vm *vm, int port)
+{
+    atomic_store(&vm->pm_timer_port, port > 0 && port <= 0xFFFC ? (uint32_t)port : 0);
+}
+
 static int serve_fast_io(struct avmm_vcpu *v)
 {
     struct avmm_vm *vm = v->vm;
     struct kvm_run *run = v->run;
+    if (serve_pm_timer(v))
+        return 1;
     if (run->io.size != 1 || !io_fits(v))
         return 0;
     uint8_t *data = (uint8_t *)run + run->io.data_offset;

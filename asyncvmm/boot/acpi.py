@@ -88,6 +88,7 @@ class FadtFlags(enum.IntFlag):
     PWR_BUTTON = 1 << 4  # set: the power button is a control method device; clear: fixed
     SLP_BUTTON = 1 << 5  # set: no fixed sleep button (and no control method one either)
     FIX_RTC = 1 << 6  # the RTC's wake status is not in the fixed register space
+    TMR_VAL_EXT = 1 << 8  # the PM timer counts 32 bits, not 24
     RESET_REG_SUP = 1 << 10  # RESET_REG is the way to reset the machine
     HW_REDUCED_ACPI = 1 << 20  # (not set: the PM1 block is there)
 
@@ -207,11 +208,14 @@ def facs() -> bytes:
 
 
 def fadt(facs_address: int, dsdt_address: int) -> bytes:
-    """The FADT: the PM1a event and control blocks, the SCI, the reset register."""
+    """The FADT: the PM1a event and control blocks, the PM timer, the SCI, the reset
+    register (the chipset's 0xCF9, as on QEMU's q35)."""
     pm1_evt = gas(Gas.SYSTEM_IO, 8 * p.ACPI_PM1_EVT_LEN, p.ACPI_PM1_EVT_PORT, AccessSize.WORD)
     pm1_cnt = gas(Gas.SYSTEM_IO, 8 * p.ACPI_PM1_CNT_LEN, p.ACPI_PM1_CNT_PORT, AccessSize.WORD)
-    reset_reg = gas(Gas.SYSTEM_IO, 8, p.ACPI_RESET_PORT, AccessSize.BYTE)
-    flags = FadtFlags.WBINVD | FadtFlags.PROC_C1 | FadtFlags.SLP_BUTTON | FadtFlags.FIX_RTC | FadtFlags.RESET_REG_SUP
+    pm_tmr = gas(Gas.SYSTEM_IO, 8 * p.ACPI_PM_TMR_LEN, p.ACPI_PM_TMR_PORT, AccessSize.DWORD)
+    reset_reg = gas(Gas.SYSTEM_IO, 8, p.RESET_CONTROL_PORT, AccessSize.BYTE)
+    flags = (FadtFlags.WBINVD | FadtFlags.PROC_C1 | FadtFlags.SLP_BUTTON | FadtFlags.FIX_RTC | FadtFlags.RESET_REG_SUP
+             | FadtFlags.TMR_VAL_EXT)
     boot_arch = BootArch.LEGACY_DEVICES | BootArch.VGA_NOT_PRESENT | BootArch.PCIE_ASPM_CONTROLS
     fields: list[tuple[Any, ...]] = [  # (struct format, values...); format "": one ready-made bytes
         ("<I", facs_address),  # FIRMWARE_CTRL
@@ -226,10 +230,10 @@ def fadt(facs_address: int, dsdt_address: int) -> bytes:
         ("<I", p.ACPI_PM1_CNT_PORT),  # PM1a_CNT_BLK
         ("<I", 0),  # PM1b_CNT_BLK
         ("<I", 0),  # PM2_CNT_BLK
-        ("<I", 0),  # PM_TMR_BLK: no PM timer (optional since ACPI 5.0A)
+        ("<I", p.ACPI_PM_TMR_PORT),  # PM_TMR_BLK
         ("<I", 0),  # GPE0_BLK: no general-purpose events
         ("<I", 0),  # GPE1_BLK
-        ("<BBBB", p.ACPI_PM1_EVT_LEN, p.ACPI_PM1_CNT_LEN, 0, 0),  # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR
+        ("<BBBB", p.ACPI_PM1_EVT_LEN, p.ACPI_PM1_CNT_LEN, 0, p.ACPI_PM_TMR_LEN),  # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR
         ("<BBBB", 0, 0, 0, 0),  # GPE0_BLK_LEN, GPE1_BLK_LEN, GPE1_BASE, CST_CNT
         ("<HH", P_LVL2_NOT_SUPPORTED, P_LVL3_NOT_SUPPORTED),
         ("<HH", 0, 0),  # FLUSH_SIZE, FLUSH_STRIDE
@@ -239,7 +243,7 @@ def fadt(facs_address: int, dsdt_address: int) -> bytes:
         ("<B", 0),  # reserved
         ("<I", flags),
         ("", reset_reg),  # RESET_REG
-        ("<B", acpi_pm.RESET_VALUE),
+        ("<B", acpi_pm.RESET_VALUE),  # RST_CPU | SYS_RST at 0xCF9: a hard reset
         ("<H", 0),  # ARM_BOOT_ARCH
         ("<B", FADT_MINOR_REVISION),
         ("<Q", 0),  # X_FIRMWARE_CTRL: must be 0 when FIRMWARE_CTRL is set (the FACS is below 4 GiB)
@@ -249,7 +253,7 @@ def fadt(facs_address: int, dsdt_address: int) -> bytes:
         ("", pm1_cnt),  # X_PM1a_CNT_BLK
         ("", NO_GAS),  # X_PM1b_CNT_BLK
         ("", NO_GAS),  # X_PM2_CNT_BLK
-        ("", NO_GAS),  # X_PM_TMR_BLK
+        ("", pm_tmr),  # X_PM_TMR_BLK
         ("", NO_GAS),  # X_GPE0_BLK
         ("", NO_GAS),  # X_GPE1_BLK
         ("", NO_GAS),  # SLEEP_CONTROL_REG (hardware-reduced only)

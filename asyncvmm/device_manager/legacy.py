@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from .. import platform
 from .._native import ffi, lib
-from ..bus import Bus, ByteRegisters, Sink
+from ..bus import Bus, BusConflict, ByteRegisters, Sink
 from ..config import VmConfig
 from ..console import Console
 from ..devices.legacy.i8042 import I8042
@@ -148,6 +148,7 @@ class LegacyDevices:
         self.rtc: Rtc | None = None
         self.pit: BoundedRatePit | None = None  # the vmm-pit quirk's PIT, if on
         self.acpi_pm: AcpiPm | None = None  # with ACPI
+        self.acpi_pm_port: int | None = None  # where its block is decoded now
         self.fw_cfg: FwCfg | None = None  # for a firmware boot (-l bootrom)
         self.reset_control: ResetControlRegister | None = None  # port 0xCF9 (devices/legacy/reset_control.py)
         self.debugcon: DebugCon | None = None  # -l debugcon,PATH
@@ -201,9 +202,8 @@ class LegacyDevices:
             self.acpi_pm = AcpiPm(
                 sci=self._sci,
                 power_off=lambda: self.request_stop(Stop(StopReason.POWEROFF, "guest powered off through ACPI S5")),
-                reset=lambda: self.request_stop(Stop(StopReason.RESET, "guest reset through the ACPI reset register")),
             )
-            pio.register(ACPI_PM_PORT, ACPI_PM_SIZE, self.acpi_pm, "acpi-pm")
+            self.place_acpi_pm(ACPI_PM_PORT)  # where firmware puts it; the LPC's PMBASE moves it
         if cfg.bootrom:
             from ..boot import fw_cfg_items  # noqa: PLC0415
             from ..devices.legacy import fw_cfg  # noqa: PLC0415
@@ -251,6 +251,27 @@ class LegacyDevices:
         # A level interrupt: KVM_IRQ_LINE holds the IOAPIC pin (and the PIC's) until the
         # guest clears the status bit; the IOAPIC redelivers it after EOI while it is held.
         self.vm.fd.irq_line(ACPI_SCI_IRQ, level)
+
+    def place_acpi_pm(self, port: int | None) -> bool:
+        """Decode the ACPI PM block at `port` (None: nowhere), its PM timer served in C.
+        The ICH9 LPC's PMBASE and ACPI_EN decide (devices/pci/lpc.py). False if the
+        ports are taken by something else (then nothing decodes it). Without ACPI
+        (--no-acpi) there is no block: PMBASE is only a register then."""
+        if self.acpi_pm is None:
+            return True
+        if self.acpi_pm_port is not None:
+            self.pio.unregister(self.acpi_pm_port)
+            self.acpi_pm_port = None
+            self.vcpus.pm_timer_set(0)
+        if port is None:
+            return True
+        try:
+            self.pio.register(port, ACPI_PM_SIZE, self.acpi_pm, "acpi-pm")
+        except BusConflict:
+            return False
+        self.acpi_pm_port = port
+        self.vcpus.pm_timer_set(port + platform.ACPI_PM_TMR_PORT - ACPI_PM_PORT)
+        return True
 
     def press_power_button(self) -> bool:
         """Press the ACPI power button; True if the guest has enabled its event."""

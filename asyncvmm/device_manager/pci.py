@@ -24,7 +24,9 @@ log = get_logger("asyncvmm.machine")
 class PciDevices:
     """The GSI router, the PCI root and its devices."""
 
-    def __init__(self, vm: Vm, config: VmConfig, pio: Bus, mmio: Bus, host=None, reset_control=None):
+    def __init__(self, vm: Vm, config: VmConfig, pio: Bus, mmio: Bus, host=None, reset_control=None, place_acpi_pm=None):
+        """`place_acpi_pm(port or None)`: where the LPC's PMBASE puts the ACPI PM block
+        (LegacyDevices.place_acpi_pm); without an LPC it stays where it is."""
         from ..devices import slots  # noqa: PLC0415 (device models load the data path)
         from ..devices.pci.device import PciBuses, PciDevice  # noqa: PLC0415
         from ..devices.pci.root import PciRoot, install  # noqa: PLC0415
@@ -41,7 +43,7 @@ class PciDevices:
                 any_length = vm.kvm.check_extension(lib.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
                 notify = NotifyBinder(vm.fd, any_length)
             ctx = slots.BuildContext(config, vm.mem, self.irq, notify, host)
-            self.root = PciRoot(PciBuses(mmio, pio))
+            self.root = PciRoot(PciBuses(mmio, pio), firmware_set_up=not config.bootrom)
             install(self.root, pio, mmio, narrow_cf8=reset_control)  # 0xCF9: the reset control register
             for s, driver in built:
                 dev = cast(PciDevice, driver.build(s, ctx))
@@ -50,6 +52,8 @@ class PciDevices:
                 except BaseException:
                     dev.close()
                     raise
+                if s.driver == "lpc" and place_acpi_pm is not None:
+                    dev.connect_pm(place_acpi_pm)  # type: ignore[attr-defined]  # PMBASE places the PM block
             self.root.assign_bars(platform.pci_mmio64_window(platform.ram_top(vm.mem.regions)))
             attached = [d for d in (slots.describe(s, config, host) for s in config.slots) if d]
             if attached:

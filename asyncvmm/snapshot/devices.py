@@ -171,6 +171,16 @@ def check_pci(pci, state: list[dict]) -> None:
         def fmt(devs):
             return ", ".join(f"{n}@{s}.{f}" for (_, s, f), n in devs) or "none"
         raise ConfigError(f"the snapshot's machine has PCI devices {fmt(saved)}; this one {fmt(have)}")
+    for (_, dev), d in zip(pci.devices(), state, strict=True):
+        # The same function by name but another model (an older asyncvmm's 1b36:0008 host
+        # bridge, 8086:7000 LPC, before the Q35 chipset): its registers would mean other things.
+        ids, saved_ids = dev.config.get(0, 4), int.from_bytes(bytes.fromhex(d["config"])[:4], "little")
+        if ids != saved_ids:
+            def pci_id(v: int) -> str:
+                return f"{v & 0xFFFF:04x}:{v >> 16:04x}"
+            (_, slot, fn) = dev.location
+            raise ConfigError(f"the snapshot's PCI 00:{slot:02x}.{fn} ({dev.name}) is {pci_id(saved_ids)}, this machine's "
+                              f"{pci_id(ids)} (a snapshot of another machine model, or of an older asyncvmm)")
 
 
 def restore_pci(pci, state: list[dict]) -> None:

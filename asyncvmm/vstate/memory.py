@@ -19,9 +19,10 @@ from ..errors import ConfigError, GuestMemoryError
 MiB = 1 << 20
 GiB = 1 << 30
 
-# The 32-bit MMIO hole: the top GiB under 4 GiB holds PCI BARs, ECAM, the IOAPIC
-# (0xFEC00000) and the LAPIC (0xFEE00000). No RAM is mapped there.
-MMIO_HOLE_START = 0xC000_0000
+# The 32-bit MMIO hole: the top 1.25 GiB under 4 GiB holds ECAM (from 0xB0000000, where
+# Q35 firmware puts it), PCI BARs, the IOAPIC (0xFEC00000) and the LAPIC (0xFEE00000).
+# No RAM is mapped there.
+MMIO_HOLE_START = 0xB000_0000
 MMIO_HOLE_END = 1 << 32
 
 # Legacy PC layout inside the first MiB: conventional memory ends below the EBDA; the

@@ -178,6 +178,12 @@ class Vcpus:
         if self.cvm != ffi.NULL and lib.avmm_uart_fast_set(self.cvm, slot, thr_port, lsr_port, flags, lsr) < 0:
             raise ValueError(f"UART fast path slot {slot}: there are {self.FAST_UART_SLOTS}")
 
+    def pm_timer_set(self, port: int) -> None:
+        """Answer reads of the ACPI PM timer at [port, port+4) in the vCPU threads (C);
+        0: leave them to the loop's model."""
+        if self.cvm != ffi.NULL:
+            lib.avmm_pm_timer_set(self.cvm, port)
+
     def console_ack(self) -> None:
         """Reset the console eventfd, before draining every slot."""
         if self.cvm != ffi.NULL:

@@ -55,7 +55,9 @@ def seeds() -> dict[str, dict[str, bytes]]:
     out["pit"] = {"modes": pit + w(0, 0x01, 1), "speaker": pit + b"\x60\x00\x00\x03\x00\x00\x00" + r(0)}
     # ACPI PM: enable the power button event and SCI, press it, clear status, then S5.
     pm = w(2, 0x0100, 2) + w(4, 0x0001, 2) + bytes([0xE0]) + r(0, 2) + w(0, 0x0100, 2) + r(0, 2)
-    out["acpi_pm"] = {"s5": pm + w(4, 0x3C01, 2), "reset": pm + w(8, 0x0E)}
+    # then the PM timer (read, a write it ignores) and ICH9's SMI_EN (SeaBIOS's SMM probe).
+    timer = r(8, 4) + w(8, 0x0E) + r(10, 2) + r(0x30, 4) + w(0x30, 0x21, 4) + r(0x30, 4)
+    out["acpi_pm"] = {"s5": pm + w(4, 0x3C01, 2), "timer": pm + timer}
     # PCI: the driver's probe through 0xCF8 then ECAM: IDs, BAR sizing, capabilities.
     cfg = b"\x00"
     for slot in (0, 1):

@@ -18,6 +18,7 @@ from conftest import needs_kvm, run_vmm
 
 from asyncvmm import VM, VmConfig
 from asyncvmm.boot import linux
+from asyncvmm.config import PciSlot
 from asyncvmm.loop import run as run_loop
 
 pytestmark = needs_kvm
@@ -29,7 +30,7 @@ OVMF_VARS_4M = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def test_test_rom_from_the_reset_vector(guests):
-    r = run_vmm("run", "-m", "64", "-l", f"bootrom,{guests / 'bootrom.bin'}", "--no-reboot", timeout=30)
+    r = run_vmm("run", "-m", "64", "-s", "31,lpc", "-l", f"bootrom,{guests / 'bootrom.bin'}", "--no-reboot", timeout=30)
     assert r.status == 0, r.err
     assert r.out.splitlines() == [
         "bootrom: reset vector reached",
@@ -45,7 +46,7 @@ def test_test_rom_from_the_reset_vector(guests):
 @pytest.mark.skipif(not SEABIOS.exists(), reason="Debian's seabios package is not installed")
 def test_seabios_posts_to_no_bootable_device(tmp_path):
     debug = tmp_path / "debugcon.log"
-    r = run_vmm("run", "-m", "128", "-l", f"bootrom,{SEABIOS}", "-l", f"debugcon,{debug}", "--no-reboot", timeout=60)
+    r = run_vmm("run", "-m", "128", "-s", "31,lpc", "-l", f"bootrom,{SEABIOS}", "-l", f"debugcon,{debug}", "--no-reboot", timeout=60)
     # With no disk SeaBIOS says so, then resets through 0xCF9 (its reboot writes 0x02, then 0x06).
     assert "SeaBIOS (version" in r.out and "No bootable device." in r.out, r.out
     log = debug.read_text(errors="replace")
@@ -67,30 +68,40 @@ def test_bad_firmware_files_are_one_line_and_status_2(tmp_path):
     assert (status, err) == (2, "asyncvmm: -l bootrom /nonexistent/bios.bin: no such file")
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\xea" * 1000)
-    status, err = bad("-l", f"bootrom,{odd}")
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{odd}")
     assert status == 2 and err == (f"asyncvmm: -l bootrom {odd}: 1000 bytes is not a firmware image's size "
                                    "(a whole number of 4 KiB pages, 64 KiB to 16 MiB)")
     zeros = tmp_path / "zeros.bin"
     zeros.write_bytes(bytes(64 << 10))
-    status, err = bad("-l", f"bootrom,{zeros}")
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{zeros}")
     assert status == 2 and err == f"asyncvmm: -l bootrom {zeros}: not a firmware image (no jump at its reset vector, 16 bytes from its end)"
     status, err = bad("-l", "bootrom")
     assert status == 2 and err == "asyncvmm: -l bootrom: name the firmware file: -l bootrom,FILE[,VARSFILE]"
     assert len(err.splitlines()) == 1
-    status, err = bad("-l", f"bootrom,{SEABIOS}", "-l", "debugcon,/nonexistent/debug.log")
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{SEABIOS}", "-l", "debugcon,/nonexistent/debug.log")
     assert status == 2 and err == ("asyncvmm: -l debugcon,/nonexistent/debug.log: cannot write there "
                                    "(/nonexistent is not a writable directory)")
 
 
+def test_a_bootrom_needs_the_lpc_bridge_at_slot_31(guests):
+    """As bhyve: the boot ROM lives behind the LPC bridge; Q35 firmware reads it at 00:1f.0."""
+    rom = guests / "bootrom.bin"
+    for lpc in ((), ("-s", "1,lpc"), ("-s", "31:1,lpc")):
+        status, err = bad(*lpc, "-l", f"bootrom,{rom}")
+        assert (status, err) == (2, f"asyncvmm: -l bootrom {rom}: firmware needs the LPC bridge at 00:1f.0 (-s 31,lpc)")
+    with pytest.raises(Exception, match=r"firmware needs the LPC bridge at 00:1f.0 \(slots=\[PciSlot"):
+        VmConfig(bootrom=str(rom)).validate()
+
+
 @pytest.mark.skipif(not (OVMF_CODE.exists() and SEABIOS.exists()), reason="Debian's ovmf and seabios packages are not installed")
 def test_vars_files_that_do_not_match_are_refused():
-    status, err = bad("-l", f"bootrom,{OVMF_CODE},{OVMF_VARS_4M}")
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{OVMF_CODE},{OVMF_VARS_4M}")
     assert status == 2 and "does not match" in err and len(err.splitlines()) == 1, err
-    status, err = bad("-l", f"bootrom,{SEABIOS},{OVMF_VARS}")
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{SEABIOS},{OVMF_VARS}")
     assert status == 2 and "is not a UEFI image, it has no variables file" in err, err
-    status, err = bad("-l", f"bootrom,{OVMF_VARS}")  # a variables file is not a firmware
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{OVMF_VARS}")  # a variables file is not a firmware
     assert status == 2 and "not a firmware image" in err, err
-    status, err = bad("-l", f"bootrom,{OVMF_CODE},{SEABIOS}")
+    status, err = bad("-s", "31,lpc", "-l", f"bootrom,{OVMF_CODE},{SEABIOS}")
     assert status == 2 and "not a UEFI variable store" in err, err
 
 
@@ -105,7 +116,7 @@ def test_kernel_through_fw_cfg_and_the_linuxboot_rom(guests):
     (0x10000 >> 4) + 0x20 : 0. The synthetic bzImage's setup entry halts there."""
     kernel = (guests / "bzimage64.bin").read_bytes()
     info = linux.bzimage_info(kernel)
-    cfg = VmConfig(name=f"fw-kernel-{os.getpid()}", memory=128 << 20, bootrom=str(SEABIOS),
+    cfg = VmConfig(name=f"fw-kernel-{os.getpid()}", memory=128 << 20, slots=[PciSlot(0, 31, 0, "lpc")], bootrom=str(SEABIOS),
                    kernel=str(guests / "bzimage64.bin"), cmdline="hello=fw_cfg", no_reboot=True)
 
     async def main():

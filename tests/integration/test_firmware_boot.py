@@ -65,7 +65,7 @@ def test_seabios_grub_linux_from_a_virtio_disk(tmp_path, capfd, emulating_kvm):
     # `asyncvmm run`, so that the boot runs under every filter of the VMM's (seccomp's
     # default, kill): the loop's, the helpers' and the vCPU's.
     guest = LinuxGuest(None, memory="256M", name="linux-slow-seabios",
-                       flags=("-l", f"bootrom,{SEABIOS}", "-s", f"3,virtio-blk,{disk},ro"))
+                       flags=("-s", "31,lpc", "-l", f"bootrom,{SEABIOS}", "-s", f"3,virtio-blk,{disk},ro"))
     console_log = tmp_path / "console.log"
     marks: dict[str, float] = {}
     modes: dict[str, str] = {}

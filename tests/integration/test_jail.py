@@ -158,7 +158,7 @@ def test_a_jailed_vmm_starts_a_firmware_image(guests, jailer, work):
     debug = work / "out" / "debug.log"
     debug.parent.mkdir()
     os.chown(debug.parent, jailer.uid, jailer.gid)
-    r = run_vmm("run", "-m", "64", "--no-reboot", "-l", f"bootrom,{guests / 'bootrom.bin'}", "-l", f"debugcon,{debug}",
+    r = run_vmm("run", "-m", "64", "--no-reboot", "-s", "31,lpc", "-l", f"bootrom,{guests / 'bootrom.bin'}", "-l", f"debugcon,{debug}",
                 "--jail", str(work / "jail"), "--uid", str(jailer.uid), "--gid", str(jailer.gid), timeout=60)
     assert r.status == 0, r.err
     assert "bootrom: ROM write ignored" in r.out
@@ -173,7 +173,7 @@ def test_a_jailed_vmm_keeps_the_firmware_variables(guests, jailer, work):
     store = work / "vars.fd"
     vars_file(store)
     os.chown(store, jailer.uid, jailer.gid)
-    r = run_vmm("run", "-m", "64", "--no-reboot", "-l", f"bootrom,{guests / 'pflash.bin'},{store}",
+    r = run_vmm("run", "-m", "64", "--no-reboot", "-s", "31,lpc", "-l", f"bootrom,{guests / 'pflash.bin'},{store}",
                 "--jail", str(work / "jail"), "--uid", str(jailer.uid), "--gid", str(jailer.gid), timeout=60)
     assert r.status == 0, r.err
     assert "pflash: detected: flash" in r.out and "pflash: programmed, reads back" in r.out, r.out

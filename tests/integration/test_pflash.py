@@ -48,7 +48,7 @@ def test_variables_written_by_one_vm_are_read_by_the_next(guests, tmp_path):
     store = tmp_path / "vars.fd"
     before = vars_file(store)
     rom = f"bootrom,{guests / 'pflash.bin'},{store}"
-    r = run_vmm("run", "-m", "64", "-l", rom, "--no-reboot", timeout=60)
+    r = run_vmm("run", "-m", "64", "-s", "31,lpc", "-l", rom, "--no-reboot", timeout=60)
     assert r.status == 0, r.err
     assert r.out.splitlines() == lines("original", "80", "80"), r.out
     assert "variables" in r.err and "(64 KiB, a flash) at 0xfffe0000" in r.err, r.err
@@ -57,7 +57,7 @@ def test_variables_written_by_one_vm_are_read_by_the_next(guests, tmp_path):
     expected = bytearray(before)
     expected[BLOCK : BLOCK + 0x1000] = b"ASYNCVMM" + b"\xff" * (0x1000 - 8)
     assert after == bytes(expected)  # that block only: OVMF's probe programmed a byte with itself
-    r = run_vmm("run", "-m", "64", "-l", rom, "--no-reboot", timeout=60)
+    r = run_vmm("run", "-m", "64", "-s", "31,lpc", "-l", rom, "--no-reboot", timeout=60)
     assert r.status == 0 and r.out.splitlines() == lines("ASYNCVMM", "80", "80"), r.out + r.err
 
 
@@ -65,14 +65,14 @@ def test_a_write_protected_or_absent_store_is_never_changed(guests, tmp_path):
     store = tmp_path / "vars.fd"
     before = vars_file(store)
     os.chmod(store, 0o444)
-    r = run_vmm("run", "-m", "64", "-l", f"bootrom,{guests / 'pflash.bin'},{store}", "--no-reboot", timeout=60)
+    r = run_vmm("run", "-m", "64", "-s", "31,lpc", "-l", f"bootrom,{guests / 'pflash.bin'},{store}", "--no-reboot", timeout=60)
     assert r.status == 0, r.err
     assert r.out.splitlines() == lines("original", "b0", "b0", detected="flash, programming error",
                                        erased=False, back=False), r.out
     assert "(64 KiB, write-protected)" in r.err
     assert store.read_bytes() == before
     # no variables file: nothing answers below the code, OVMF's probe sees a ROM
-    r = run_vmm("run", "-m", "64", "-l", f"bootrom,{guests / 'pflash.bin'}", "--no-reboot", timeout=60)
+    r = run_vmm("run", "-m", "64", "-s", "31,lpc", "-l", f"bootrom,{guests / 'pflash.bin'}", "--no-reboot", timeout=60)
     assert r.status == 0, r.err
     assert r.out.splitlines()[:2] == ["pflash: reset vector reached", "pflash: detected: ROM"], r.out
     assert r.out.splitlines()[-1] == "pflash: reset through 0xcf9"
@@ -86,7 +86,7 @@ def test_what_the_guest_saw_done_survives_sigkill(guests, tmp_path):
     data[0x3000] = ord("H")
     store.write_bytes(data)
     p = subprocess.Popen([sys.executable, "-m", "asyncvmm", "run", "-m", "64",
-                          "-l", f"bootrom,{guests / 'pflash.bin'},{store}"],
+                          "-s", "31,lpc", "-l", f"bootrom,{guests / 'pflash.bin'},{store}"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         os.set_blocking(p.stdout.fileno(), False)
@@ -108,6 +108,7 @@ def test_fw_cfg_flash_and_reset_control_state_in_a_snapshot(guests, tmp_path):
     bits go into a snapshot and come back in the VM made from it (the ROM halted; the
     registers set from the host as a guest would leave them mid-transfer)."""
     from asyncvmm import VM, VmConfig
+    from asyncvmm.config import PciSlot
     from asyncvmm.devices.legacy.pflash import Mode
     from asyncvmm.loop import run as run_loop
 
@@ -116,7 +117,7 @@ def test_fw_cfg_flash_and_reset_control_state_in_a_snapshot(guests, tmp_path):
     data[0x3000] = ord("H")
     store.write_bytes(data)
     snap = str(tmp_path / "fw.snap")
-    cfg = VmConfig(name=f"pflash-snap-{os.getpid()}", memory=64 << 20, bootrom=str(guests / "pflash.bin"),
+    cfg = VmConfig(name=f"pflash-snap-{os.getpid()}", memory=64 << 20, slots=[PciSlot(0, 31, 0, "lpc")], bootrom=str(guests / "pflash.bin"),
                    bootvars=str(store))
 
     async def main():

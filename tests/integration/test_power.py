@@ -113,7 +113,7 @@ def test_the_guest_finds_every_table_through_the_rsdp(guests, cpus):
     assert sorted(tables) == ["APIC", "DSDT", "FACP", "MCFG", "XSDT"]
     assert (f"fadt sci {platform.ACPI_SCI_IRQ} pm1a_evt {platform.ACPI_PM1_EVT_PORT:#x}/{platform.ACPI_PM1_EVT_LEN} "
             f"pm1a_cnt {platform.ACPI_PM1_CNT_PORT:#x}/{platform.ACPI_PM1_CNT_LEN} smi_cmd 0x0 "
-            f"reset io {platform.ACPI_RESET_PORT:#x} value {acpi_pm.RESET_VALUE:#x} flags 0x465") in lines
+            f"reset io {platform.RESET_CONTROL_PORT:#x} value {acpi_pm.RESET_VALUE:#x} flags 0x565") in lines
     assert f"s5 slp_typ {acpi_pm.SleepType.S5}" in lines
     assert "facs ok" in lines
     ids = ",".join(str(i) for i in range(cpus))
@@ -278,11 +278,11 @@ def test_the_acpi_reset_register_resets_the_guest(guests):
     r = run_vmm("run", *acpi_guest(guests, "reset", "--no-reboot"))
     assert r.status == EXIT_OK, r.err
     assert "acpi: reset through RESET_REG" in r.out and "still running" not in r.out
-    assert "guest reset through the ACPI reset register" in r.err
+    assert "guest reset through the reset control register (0xCF9)" in r.err  # the FADT's RESET_REG, as q35's
 
 
 @pytest.mark.parametrize("guest, cmdline, seen, cause", [
-    ("acpi", "mode=reset", "acpi: reset through RESET_REG", "guest reset through the ACPI reset register"),
+    ("acpi", "mode=reset", "acpi: reset through RESET_REG", "guest reset through the reset control register (0xCF9)"),
     ("hello", "", "hello from the guest", "guest reset through the i8042 reset line"),
     ("triple", "", "triple fault next", "triple fault at RIP"),
 ], ids=["acpi", "i8042", "triple-fault"])

@@ -143,9 +143,9 @@ def test_iasl_reads_the_fadt(dsl):
         "SCI Interrupt": p.ACPI_SCI_IRQ, "SMI Command Port": 0,
         "PM1A Event Block Address": p.ACPI_PM1_EVT_PORT, "PM1B Event Block Address": 0,
         "PM1A Control Block Address": p.ACPI_PM1_CNT_PORT, "PM1B Control Block Address": 0,
-        "PM Timer Block Address": 0, "GPE0 Block Address": 0,
+        "PM Timer Block Address": p.ACPI_PM_TMR_PORT, "GPE0 Block Address": 0,
         "PM1 Event Block Length": p.ACPI_PM1_EVT_LEN, "PM1 Control Block Length": p.ACPI_PM1_CNT_LEN,
-        "PM Timer Block Length": 0, "C2 Latency": 101, "C3 Latency": 1001,
+        "PM Timer Block Length": p.ACPI_PM_TMR_LEN, "C2 Latency": 101, "C3 Latency": 1001,
         "RTC Century Index": 0x32, "Value to cause reset": acpi_pm.RESET_VALUE,
     }
     for name, value in expect.items():
@@ -155,7 +155,7 @@ def test_iasl_reads_the_fadt(dsl):
     flags = {
         "Control Method Power Button (V1)": 0,  # the power button is the fixed PM1 one
         "Control Method Sleep Button (V1)": 1, "Reset Register Supported (V2)": 1, "Hardware Reduced (V5)": 0,
-        "32-bit PM Timer (V1)": 0, "WBINVD instruction is operational (V1)": 1, "All CPUs support C1 (V1)": 1,
+        "32-bit PM Timer (V1)": 1, "WBINVD instruction is operational (V1)": 1, "All CPUs support C1 (V1)": 1,
         "Legacy Devices Supported (V2)": 1, "8042 Present on ports 60/64 (V2)": 0, "VGA Not Present (V4)": 1,
         "MSI Not Supported (V4)": 0, "CMOS RTC Not Present (V5)": 0,
     }
@@ -168,13 +168,15 @@ def test_iasl_reads_the_fadt(dsl):
             gas.append({"space": v.split()[1]})
         elif gas and k in ("Bit Width", "Address", "Encoded Access Width"):
             gas[-1][k] = hexval(v)
-    reset, x_pm1a_evt, x_pm1b_evt, x_pm1a_cnt = gas[:4]
-    assert reset == {"space": "[SystemIO]", "Bit Width": 8, "Encoded Access Width": 1, "Address": p.ACPI_RESET_PORT}
+    reset, x_pm1a_evt, x_pm1b_evt, x_pm1a_cnt, x_pm1b_cnt, x_pm2_cnt, x_pm_tmr = gas[:7]
+    # the reset register is the chipset's 0xCF9 (as QEMU's q35)
+    assert reset == {"space": "[SystemIO]", "Bit Width": 8, "Encoded Access Width": 1, "Address": p.RESET_CONTROL_PORT}
+    assert x_pm_tmr == {"space": "[SystemIO]", "Bit Width": 32, "Encoded Access Width": 3, "Address": p.ACPI_PM_TMR_PORT}
     assert x_pm1a_evt == {"space": "[SystemIO]", "Bit Width": 32, "Encoded Access Width": 2,
                           "Address": p.ACPI_PM1_EVT_PORT}
     assert x_pm1a_cnt == {"space": "[SystemIO]", "Bit Width": 16, "Encoded Access Width": 2,
                           "Address": p.ACPI_PM1_CNT_PORT}
-    assert x_pm1b_evt["Address"] == 0 and all(g["Address"] == 0 for g in gas[4:])
+    assert x_pm1b_evt["Address"] == 0 and all(g["Address"] == 0 for g in gas[4:6] + gas[7:])
 
 
 def madt_subtables(dsl_text: str) -> list[dict[str, str]]:

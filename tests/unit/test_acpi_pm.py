@@ -1,4 +1,5 @@
-"""The ACPI PM1 block and reset register driven directly, as ACPICA and our guest do."""
+"""The ACPI PM block (PM1, the PM timer, ICH9's SMI_EN) driven directly, as ACPICA, SeaBIOS
+and OVMF do."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from asyncvmm import platform
 from asyncvmm.devices.legacy.acpi_pm import (
+    PM_TIMER_HZ,
     RESET_VALUE,
     SLP_TYP_SHIFT,
     AcpiPm,
@@ -14,17 +16,19 @@ from asyncvmm.devices.legacy.acpi_pm import (
     Pm1Status,
     Register,
     SleepType,
+    SmiEnable,
+    pm_timer_value,
 )
+from asyncvmm.devices.legacy.reset_control import ResetControl
 
-STS, EN, CNT, RST = Register.PM1_STS, Register.PM1_EN, Register.PM1_CNT, Register.RESET
+STS, EN, CNT, TMR = Register.PM1_STS, Register.PM1_EN, Register.PM1_CNT, Register.PM_TMR
 
 
 class Harness:
     def __init__(self) -> None:
         self.sci_levels: list[bool] = []
         self.events: list[str] = []
-        self.pm = AcpiPm(sci=self.sci_levels.append, power_off=lambda: self.events.append("off"),
-                         reset=lambda: self.events.append("reset"))
+        self.pm = AcpiPm(sci=self.sci_levels.append, power_off=lambda: self.events.append("off"))
 
     @property
     def sci(self) -> bool:
@@ -40,8 +44,8 @@ def test_register_layout_matches_the_platform_ports():
     assert platform.ACPI_PM_PORT + STS == platform.ACPI_PM1_EVT_PORT
     assert platform.ACPI_PM_PORT + EN == platform.ACPI_PM1_EVT_PORT + platform.ACPI_PM1_EVT_LEN // 2
     assert platform.ACPI_PM_PORT + CNT == platform.ACPI_PM1_CNT_PORT
-    assert platform.ACPI_PM_PORT + RST == platform.ACPI_RESET_PORT
-    assert max(Register) < platform.ACPI_PM_SIZE
+    assert platform.ACPI_PM_PORT + TMR == platform.ACPI_PM_TMR_PORT
+    assert max(Register) < platform.ACPI_PM_SIZE == 0x80  # ICH9's PMBASE block: 128 ports
 
 
 def test_reset_state(h: Harness):
@@ -125,9 +129,31 @@ def test_sci_en_cannot_be_cleared(h: Harness):
     assert h.pm.read(CNT, 2) & Pm1Control.SCI_EN
 
 
-def test_reset_register(h: Harness):
-    h.pm.write(RST, 1, 0x01)
-    assert h.events == []
-    h.pm.write(RST, 1, RESET_VALUE)
-    assert h.events == ["reset"]
-    assert h.pm.read(RST, 1) == 0
+def test_the_fadt_reset_value_is_a_hard_reset_at_0xcf9():
+    # RESET_REG is the chipset's reset control register now (as QEMU's q35): 0x06 = hard reset
+    assert RESET_VALUE == ResetControl.SYS_RST | ResetControl.RST_CPU == 0x06
+
+
+def test_pm_timer_counts_at_3_579545_mhz_from_clock_monotonic(h: Harness):
+    import time
+
+    assert pm_timer_value(1_000_000_000) == PM_TIMER_HZ  # one second
+    assert pm_timer_value(0) == 0
+    assert pm_timer_value(2_000_000_000_000) == (2000 * PM_TIMER_HZ) & 0xFFFF_FFFF  # 32 bits, wrapping
+    t0, a = time.monotonic_ns(), h.pm.read(TMR, 4)
+    time.sleep(0.05)
+    t1, b = time.monotonic_ns(), h.pm.read(TMR, 4)
+    ticks = (b - a) & 0xFFFF_FFFF
+    assert abs(ticks - (t1 - t0) * PM_TIMER_HZ / 1e9) < PM_TIMER_HZ * 0.005  # within 5 ms of the host's clock
+    assert h.pm.read(TMR + 2, 2) in ((pm_timer_value() >> 16) & 0xFFFF, ((pm_timer_value() >> 16) - 1) & 0xFFFF)
+    h.pm.write(TMR, 4, 0)  # read-only
+    assert h.pm.counters["timer_reads"] == 2
+
+
+def test_smi_en_says_smm_is_set_up_and_keeps_the_rest(h: Harness):
+    # SeaBIOS's ich9_lpc_apmc_smm_setup returns when APMC_EN reads 1 (else it waits for an SMI forever)
+    assert h.pm.read(Register.SMI_EN, 4) == SmiEnable.APMC_EN
+    h.pm.write(Register.SMI_EN, 4, SmiEnable.GBL_SMI_EN)
+    assert h.pm.read(Register.SMI_EN, 4) == SmiEnable.APMC_EN | SmiEnable.GBL_SMI_EN
+    h.pm.write(Register.SMI_EN, 4, 0)
+    assert h.pm.read(Register.SMI_EN, 4) == SmiEnable.APMC_EN

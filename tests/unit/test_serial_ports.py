@@ -198,7 +198,7 @@ def test_the_lpc_bridge_is_an_isa_bridge_on_bus_0():
     root.add(1, 0, LpcBridge())
     dev = root.lookup(0, 1, 0)
     ids = dev.config_read(0x00, 4)
-    assert ids == 0x7000_8086  # bhyve's: Intel 8086:7000
+    assert ids == 0x2918_8086  # the ICH9 LPC (devices/pci/lpc.py), Q35's south bridge
     assert dev.config_read(0x08, 4) >> 8 == 0x06_01_00  # class: bridge, ISA
     assert all(dev.config_read(0x10 + 4 * i, 4) == 0 for i in range(6))  # no BARs
 

@@ -11,17 +11,29 @@ Why fixed hardware and not hardware-reduced ACPI with a Generic Event Device (GE
   hardware a freestanding test guest exercises the whole power path, and so do older or
   minimal kernels (ACPI_REDUCED_HARDWARE support is optional in OSes).
 * It is what bhyve and QEMU's PC machines offer, so guests' drivers are well trodden.
-* What it costs is nothing at run time: no register here is on a hot path (no PM timer
-  is offered: kvm-clock and the TSC serve time, and a PM timer read would be an exit).
+* What it costs is nothing at run time: no register here is on a hot path but the PM
+  timer, whose reads the vCPU threads answer in C (cext/vcpu_loop.c) without the loop.
 
-Registers (offsets in the block at platform.ACPI_PM_PORT; any access size, as the
-bytes they cover):
+The block is the ICH9 LPC's ACPI I/O space (devices/pci/lpc.py): where its PMBASE puts it,
+decoded while ACPI_CNTL.ACPI_EN is set. A machine without the LPC has it at
+platform.ACPI_PM_PORT, where firmware would have put it.
+
+Registers (offsets in the block; any access size, as the bytes they cover):
 
     PM1_STS  16 bits  status, write 1 to clear; PWRBTN_STS is set by the power button
     PM1_EN   16 bits  enables: an enabled status bit asserts the SCI
     PM1_CNT  16 bits  SCI_EN reads 1 (no SMI_CMD: always in ACPI mode); SLP_TYP + SLP_EN
                       enters a sleep state: only S5 (soft off) exists here
-    RESET    8 bits   writing RESET_VALUE resets the machine
+    PM_TMR   32 bits  the ACPI PM timer: 3.579545 MHz from CLOCK_MONOTONIC, 32 bits (the
+                      FADT's TMR_VAL_EXT), read-only; OVMF's and SeaBIOS's delays spin on
+                      it. TMR_STS (bit 31 toggling) is not raised: no OS here waits for it.
+    SMI_EN   32 bits  ICH9's SMI enables: stored, but APMC_EN reads 1 always. There is no
+                      SMM here, and a set APMC_EN is what tells SeaBIOS "SMM is already set
+                      up" (else it raises an SMI through 0xB2 and waits forever for it), as
+                      QEMU's q35 does without SMM.
+
+The reset register is not here: the FADT's RESET_REG is the chipset's 0xCF9
+(devices/legacy/reset_control.py), as on QEMU's q35.
 
 The SCI is a level interrupt (the MADT says level, active high): the model hands its
 level to `sci(level)` whenever it changes, recomputed after every access.
@@ -30,9 +42,11 @@ level to `sci(level)` whenever it changes, recomputed after every access.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 
-from ...platform import ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_LEN, ACPI_PM1_EVT_PORT, ACPI_PM_PORT, ACPI_RESET_PORT
+from ...platform import ACPI_PM1_CNT_PORT, ACPI_PM1_EVT_LEN, ACPI_PM1_EVT_PORT, ACPI_PM_PORT, ACPI_PM_TMR_PORT
+from .reset_control import ResetControl
 
 _BYTE_MASK = 0xFF
 _OPEN_BUS = 0xFF
@@ -44,10 +58,28 @@ class Register(enum.IntEnum):
     PM1_STS = ACPI_PM1_EVT_PORT - ACPI_PM_PORT
     PM1_EN = PM1_STS + ACPI_PM1_EVT_LEN // 2  # the second half of PM1a_EVT_BLK
     PM1_CNT = ACPI_PM1_CNT_PORT - ACPI_PM_PORT
-    RESET = ACPI_RESET_PORT - ACPI_PM_PORT
+    PM_TMR = ACPI_PM_TMR_PORT - ACPI_PM_PORT
+    SMI_EN = 0x30  # ICH9's (as SeaBIOS's dev-q35.h ICH9_PMIO_SMI_EN)
 
 
-REGISTER_WIDTH = {Register.PM1_STS: 2, Register.PM1_EN: 2, Register.PM1_CNT: 2, Register.RESET: 1}
+REGISTER_WIDTH = {Register.PM1_STS: 2, Register.PM1_EN: 2, Register.PM1_CNT: 2, Register.PM_TMR: 4, Register.SMI_EN: 4}
+
+PM_TIMER_HZ = 3_579_545  # the ACPI PM timer's frequency (ACPI 6.5, 4.8.3.3)
+PM_TIMER_MASK = 0xFFFF_FFFF  # 32 bits (the FADT's TMR_VAL_EXT)
+
+
+def pm_timer_value(monotonic_ns: int | None = None) -> int:
+    """The PM timer now: ticks of CLOCK_MONOTONIC at PM_TIMER_HZ, as C computes them
+    (cext/vcpu_loop.c), so the fast path and this model agree."""
+    ns = time.monotonic_ns() if monotonic_ns is None else monotonic_ns
+    return (ns // 1_000_000_000 * PM_TIMER_HZ + ns % 1_000_000_000 * PM_TIMER_HZ // 1_000_000_000) & PM_TIMER_MASK
+
+
+class SmiEnable(enum.IntFlag):
+    """ICH9 SMI_EN, the bits firmware touches."""
+
+    GBL_SMI_EN = 1 << 0
+    APMC_EN = 1 << 5  # an SMI on writes to 0xB2: reads 1 (no SMM; see the module docstring)
 
 
 class Pm1Status(enum.IntFlag):
@@ -103,28 +135,26 @@ class SleepType(enum.IntEnum):
     S5 = 5  # soft off: the only sleep state this machine has
 
 
-# The FADT's RESET_VALUE: written to RESET it resets the machine (the value of the
-# PC's reset control port 0xCF9 for a hard CPU reset, so it looks familiar).
-RESET_VALUE = 0x06
+# The FADT's RESET_VALUE, written to its RESET_REG, 0xCF9: a hard CPU reset.
+RESET_VALUE = ResetControl.SYS_RST | ResetControl.RST_CPU
 
 
 class AcpiPm:
-    """The PM1a event and control blocks and the reset register of one machine.
+    """The PM1a event and control blocks, the PM timer and SMI_EN of one machine.
 
     `sci(level)` is called when the SCI's level changes; `power_off()` when the guest
-    enters S5; `reset()` when it writes RESET_VALUE to the reset register. All on the
-    loop's thread, like every access.
+    enters S5. All on the loop's thread, like every access.
     """
 
-    def __init__(self, sci: Callable[[bool], None], power_off: Callable[[], None], reset: Callable[[], None]):
+    def __init__(self, sci: Callable[[bool], None], power_off: Callable[[], None]):
         self._sci = sci
         self._power_off = power_off
-        self._reset = reset
         self.status = Pm1Status(0)
         self.enable = Pm1Enable(0)
         self.control = Pm1Control.SCI_EN
+        self.smi_enable = SmiEnable.APMC_EN
         self._level = False
-        self.counters = {"power_button": 0, "sci_raised": 0, "sleeps_refused": 0, "resets": 0, "power_offs": 0}
+        self.counters = {"power_button": 0, "sci_raised": 0, "sleeps_refused": 0, "power_offs": 0, "timer_reads": 0}
 
     # -- the host's side ---------------------------------------------------------------
     @property
@@ -170,8 +200,12 @@ class AcpiPm:
             word = int(self.enable)
         elif reg is Register.PM1_CNT:
             word = int(self.control)  # SLP_EN and GBL_RLS are write-only: never stored
-        elif reg is Register.RESET:
-            word = 0
+        elif reg is Register.PM_TMR:
+            if shift == 0:
+                self.counters["timer_reads"] += 1
+            word = pm_timer_value()
+        elif reg is Register.SMI_EN:
+            word = int(self.smi_enable)
         else:
             return _OPEN_BUS  # the rest of the block decodes nothing
         return (word >> shift) & _BYTE_MASK
@@ -190,10 +224,9 @@ class AcpiPm:
             self.control = Pm1Control(kept | (bits & int(_CNT_STORED)) | Pm1Control.SCI_EN)
             if bits & Pm1Control.SLP_EN:
                 self._sleep((int(self.control) & Pm1Control.SLP_TYP) >> SLP_TYP_SHIFT)
-        elif reg is Register.RESET:
-            if value == RESET_VALUE:
-                self.counters["resets"] += 1
-                self._reset()
+        elif reg is Register.SMI_EN:  # stored; APMC_EN stays set (no SMM)
+            kept = int(self.smi_enable) & ~lane
+            self.smi_enable = SmiEnable(kept | bits | SmiEnable.APMC_EN)
 
     def _sleep(self, slp_typ: int) -> None:
         if slp_typ == SleepType.S5:

@@ -134,4 +134,4 @@ class ClassCode(IntEnum):
 class VendorId(IntEnum):
     RED_HAT_QUMRANET = 0x1AF4  # virtio devices (virtio 1.2, 4.1.2)
     RED_HAT = 0x1B36  # Red Hat's ID for generic virtual hardware: the host bridge
-    INTEL = 0x8086  # the LPC bridge, as bhyve's (a PIIX3's ISA bridge, 8086:7000)
+    INTEL = 0x8086  # the Q35 chipset: the MCH (8086:29C0) and the ICH9 LPC (8086:2918)

@@ -5,7 +5,8 @@
                       (0xCFC-0xCFF) reads or writes it; the first 256 bytes only
   ECAM                PCI Express's memory-mapped configuration (PCIe 4.0, 7.2.2): 4 KiB
                       per function at base + (bus << 20 | device << 15 | function << 12),
-                      described to the guest by the ACPI MCFG table
+                      described to the guest by the ACPI MCFG table; the host bridge (the
+                      Q35 MCH, q35.py) decodes it where its PCIEXBAR says
 
 Only bus 0 exists. A function nobody has reads all ones (the guest's probe for "no device").
 `assign_bars` does what firmware does before the OS starts: every BAR gets an address in
@@ -16,28 +17,16 @@ from __future__ import annotations
 
 from ... import platform
 from ...bus import Bus
-from .config_space import Bar, BarKind, ConfigSpace
+from .config_space import Bar, BarKind
 from .device import PciBuses, PciDevice
-from .regs import ClassCode, Command, Reg, VendorId
+from .q35 import Q35Mch
+from .regs import Command, Reg
 
 SLOTS = 32
 FUNCTIONS = 8
 HEADER_MULTI_FUNCTION = 0x80  # header type bit 7: the device has functions besides 0
 CONFIG_ENABLE = 1 << 31  # CONFIG_ADDRESS bit 31: the next CONFIG_DATA access is a config cycle
 CONFIG_SPACE_LEGACY = 0x100  # what ports 0xCF8/0xCFC reach
-
-RED_HAT_HOST_BRIDGE = 0x0008  # 1b36:0008, the PCI ID assigned to a generic virtual host bridge
-
-
-class HostBridge(PciDevice):
-    """00:00.0 — the host bridge: identification only, no BARs."""
-
-    def __init__(self):
-        super().__init__(
-            ConfigSpace(vendor_id=VendorId.RED_HAT, device_id=RED_HAT_HOST_BRIDGE, class_code=ClassCode.HOST_BRIDGE),
-            "host-bridge",
-        )
-
 
 def _location(bus: int, slot: int, function: int) -> str:
     return f"{bus:02x}:{slot:02x}.{function}"
@@ -46,13 +35,16 @@ def _location(bus: int, slot: int, function: int) -> str:
 class PciRoot:
     """Bus 0 and its functions."""
 
-    def __init__(self, buses: PciBuses):
+    def __init__(self, buses: PciBuses, *, firmware_set_up: bool = True):
+        """`firmware_set_up`: ECAM decoded from the start (a direct kernel boot), or only
+        once firmware has programmed the host bridge's PCIEXBAR (-l bootrom)."""
         self.buses = buses
         self.functions: dict[tuple[int, int], PciDevice] = {}
         self.address = 0  # CONFIG_ADDRESS
         self.config_reads = 0
         self.config_writes = 0
-        self.add(0, 0, HostBridge())
+        self.host_bridge = Q35Mch(Ecam(self), firmware_set_up=firmware_set_up)
+        self.add(0, 0, self.host_bridge)
 
     def add(self, slot: int, function: int, device: PciDevice) -> None:
         if not (0 <= slot < SLOTS and 0 <= function < FUNCTIONS):
@@ -196,7 +188,6 @@ class Ecam:
 
 
 def install(root: PciRoot, pio: Bus, mmio: Bus, *, narrow_cf8=None) -> None:
-    """Put the root's config mechanisms on the buses."""
+    """Put the root's config ports on the bus (ECAM is the host bridge's: PCIEXBAR)."""
     pio.register(platform.PCI_CONFIG_ADDRESS_PORT, 4, ConfigAddressPort(root, narrow_cf8), "pci-config-address")
     pio.register(platform.PCI_CONFIG_ADDRESS_PORT + 4, 4, ConfigDataPort(root), "pci-config-data")
-    mmio.register(platform.PCI_ECAM_START, platform.PCI_ECAM_SIZE, Ecam(root), "pci-ecam")
