@@ -390,6 +390,10 @@ def execute(vcpu, insn: bytes, mem: GuestAccess) -> tuple[str, Fault | None] | N
         fpu = FxState(vcpu.get_xsave())
     except KvmError:
         return None  # a KVM without KVM_CAP_XSAVE: not served
+    try:
+        _check_unit(op, sregs, fpu)  # before the operand, as the CPU checks them
+    except Fault as fault:
+        return op.name, fault
     pieces = None
     if decoded.address is not None:
         next_rip = regs.rip + decoded.length
@@ -407,7 +411,6 @@ def execute(vcpu, insn: bytes, mem: GuestAccess) -> tuple[str, Fault | None] | N
         except Exception:
             return None
     try:
-        _check_unit(op, sregs, fpu)
         stored = op.action(fpu, loaded if op.loads else None)
     except Fault as fault:
         return op.name, fault
