@@ -2,11 +2,11 @@
 
 Firmware sets up the FPU before it runs any C (OVMF's SEC: `finit; fldcw m16; ldmxcsr
 m32` in InitializeFloatingPointUnits), and KVM's instruction emulator has only a few of
-the x87 instructions (fninit, fnstcw, fnstsw): the others stop the vCPU with an emulation
+the x87 instructions (fninit, fnstcw, fnstsw m16): the others stop the vCPU with an emulation
 failure. These do no arithmetic, only move a control or status word between memory and
 the FPU, so the VMM can do what the CPU would: decode the instruction, read or write its
 memory operand through the guest's segments and page tables, change the FPU state with
-KVM_GET_FPU/KVM_SET_FPU and move RIP past it. The quirk `fpu-control` (asyncvmm/quirks.py)
+KVM_GET_XSAVE/KVM_SET_XSAVE (FxState says why not KVM_SET_FPU) and move RIP past it. The quirk `fpu-control` (asyncvmm/quirks.py)
 calls `execute` on an emulation failure; only on an emulating KVM.
 
 Served (SDM vol. 2; a table, OPS, below):
