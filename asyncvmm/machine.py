@@ -106,6 +106,7 @@ class Machine:
                 from .boot.bootrom import Firmware, FirmwareMapping  # noqa: PLC0415 (only with -l bootrom)
 
                 self.firmware = FirmwareMapping(self.vm.fd, self.vm.mem, Firmware.load(cfg.bootrom, cfg.bootvars), self.mmio)
+                self.vm.quirks.rom = (self.firmware.fw.base, bytes(self.firmware.fw.code))  # fpu-control reads operands there
             if self.restore is None and not self.incoming:
                 ports = [c for c in platform.COM_PORTS if c.name == "com1" or c.name in cfg.serial]
                 self.boot_setup = BootSetup(self.vm.mem, cfg, self.images, self.vm.quirks.linux_cmdline, ports)

@@ -19,6 +19,12 @@ exists and what it does instead:
                 does nothing: skip it (RIP+1). With one pending (FSW.ES) it raises #MF:
                 inject that, RIP unchanged (a fault).
 
+  fpu-control   The emulator lacks most x87/SSE control instructions (fldcw, fnclex,
+                ldmxcsr, stmxcsr, emms...), which firmware runs before any C code (OVMF's
+                SEC: `finit; fldcw; ldmxcsr`). They move a control or status word between
+                memory and the FPU, no arithmetic: asyncvmm/fpu_control.py executes them
+                as the CPU would (its table lists them), through KVM_GET/SET_FPU.
+
   xsaveerptr    CPUID 0x80000008 EBX bit 2 set. Without it Linux works around an old AMD
                 FXSAVE leak with `fnclex; emms; fild` on every return to user mode, which
                 the emulator cannot run. The bit says the CPU does not leak.
@@ -69,6 +75,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from . import fpu_control
 from .boot import cpuid
 from .devices.legacy.i8254 import I8254
 from .vstate.kvm import VcpuFd
@@ -167,6 +174,7 @@ class Quirks:
     reason: str = ""
     applied: dict[str, int] = field(default_factory=dict)
     hidden_pv_features: list[str] = field(default_factory=list)  # what kvm-pv-hypercalls hid
+    rom: tuple[int, bytes] | None = None  # with -l bootrom: (base, image), for fpu-control's operands
 
     def _count(self, name: str, n: int = 1) -> None:
         self.applied[name] = self.applied.get(name, 0) + n
@@ -176,7 +184,7 @@ class Quirks:
         act on an event, int3-as-#BP and fwait, are armed; `applied` counts their uses)."""
         if not self.enabled:
             return []
-        on = ["int3-as-#BP", "fwait", "xsaveerptr", "vmm-pit"]
+        on = ["int3-as-#BP", "fwait", "fpu-control", "xsaveerptr", "vmm-pit"]
         if self.hidden_pv_features:
             on.append("kvm-pv-hypercalls")
         if "linux-cmdline" in self.applied:
@@ -209,8 +217,9 @@ class Quirks:
             self._count("linux-cmdline", len(added))
         return new, added
 
-    def on_emulation_failure(self, vcpu: VcpuFd, insn: bytes) -> bool:
-        """Serve an emulation failure the CPU would have handled; True if served."""
+    def on_emulation_failure(self, vcpu: VcpuFd, insn: bytes, ram=None) -> bool:
+        """Serve an emulation failure the CPU would have handled; True if served.
+        `ram`: the guest's GuestMemory (fpu-control's memory operands)."""
         if not self.enabled or not insn:
             return False
         if insn[0] == INT3:
@@ -226,6 +235,16 @@ class Quirks:
                 self._skip(vcpu, 1)
                 self._count("fwait")
             return True
+        if ram is not None:
+            served = fpu_control.execute(vcpu, insn, fpu_control.RamAndRom(ram, self.rom))
+            if served is not None:
+                name, fault = served
+                if fault is not None:
+                    self._inject(vcpu, fault.vector, fault.error_code)
+                    self._count(f"fpu-control {name} #{fault.vector.name}")
+                else:
+                    self._count(f"fpu-control {name}")
+                return True
         return False
 
     @staticmethod
@@ -235,12 +254,12 @@ class Quirks:
         vcpu.set_regs(regs)
 
     @staticmethod
-    def _inject(vcpu: VcpuFd, vector: int) -> None:
+    def _inject(vcpu: VcpuFd, vector: int, error_code: int | None = None) -> None:
         events = vcpu.get_events()
         events.exception.injected = 1
         events.exception.nr = vector
-        events.exception.has_error_code = 0
-        events.exception.error_code = 0
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
         vcpu.set_events(events)
 
 

@@ -195,6 +195,16 @@ class VcpuFd:
     def set_fpu(self, fpu) -> None:
         self._set(fpu, lib.KVM_SET_FPU, "KVM_SET_FPU")
 
+    def get_xsave(self) -> bytearray:
+        """KVM_GET_XSAVE: the XSAVE area (standard format: FXSAVE's 512 bytes, the header)."""
+        obj = self._get("struct kvm_xsave *", lib.KVM_GET_XSAVE, "KVM_GET_XSAVE")
+        return bytearray(ffi.buffer(obj))
+
+    def set_xsave(self, area: bytes | bytearray) -> None:
+        obj = ffi.new("struct kvm_xsave *")
+        ffi.buffer(obj)[: len(area)] = area
+        self._set(obj, lib.KVM_SET_XSAVE, "KVM_SET_XSAVE")
+
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         """KVM_SET_GUEST_DEBUG: `control` is KVM_GUESTDBG_* flags; `debugreg` DR0-DR7
         (DR4/DR5 unused) when KVM_GUESTDBG_USE_HW_BP is in it."""

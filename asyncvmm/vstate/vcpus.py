@@ -290,7 +290,7 @@ class Vcpus:
                 insn, rip, bits = self._failed_instruction(vcpu, e)
                 if insn[:1] == b"\xcc" and self.debugger is not None and self.debugger.on_int3(i):
                     return None  # one of gdb's breakpoints
-                if self.vm.quirks.on_emulation_failure(vcpu, insn):
+                if self.vm.quirks.on_emulation_failure(vcpu, insn, self.vm.mem):
                     return None
                 text, length = disassemble(insn, rip, bits)
                 hexbytes = insn[: length or len(insn)].hex(" ") if insn else "unreadable"

@@ -156,6 +156,26 @@ def test_fwait_runs_as_on_a_cpu(guests):
     assert "fwait next\nfwait ok\n" in r.out
 
 
+def test_fpu_control_instructions_run_as_on_a_cpu(guests):
+    """fpuctl reads back what each x87/SSE control instruction set, through several
+    addressing forms, and checks the #NM and #GP(0) a CPU raises instead."""
+    r = boot(guests, "fpuctl")
+    assert r.status == 0, r.err
+    assert "BAD" not in r.out and "fpuctl done\n" in r.out, r.out
+    for check in ("fldcw disp32", "fldcw sib", "fldcw addr16", "fldcw fs", "fnstsw", "fnstsw ax", "ldmxcsr",
+                  "ldmxcsr reserved #GP", "ldmxcsr #GP error code", "fldcw with TS #NM", "fldcw after #NM"):
+        assert f"{check} ok\n" in r.out, r.out
+
+
+def test_fldcw_without_quirks_is_an_emulation_failure(guests, emulating_kvm):
+    if not emulating_kvm:
+        pytest.skip("fldcw runs natively on hardware KVM")
+    r = boot(guests, "fpuctl", "--no-quirks")
+    assert r.status == 1
+    assert re.search(r"emulation failure at RIP 0x[0-9a-f]+: d9 2d( [0-9a-f]{2}){4} \(fldcw", r.err), r.err
+    assert "fldcw disp32" not in r.out
+
+
 @pytest.mark.parametrize("cpus", [2, 4])
 def test_application_processors_start_and_run(guests, cpus):
     """The BSP wakes the others with INIT/SIPI through the in-kernel LAPIC; each vCPU
