@@ -100,6 +100,7 @@ class VirtioBlk(VirtioDevice):
         self._thread = ffi.NULL  # the device's own thread (blk_thread.h), once started
         self._threaded = False  # this activation is served by it (else it is parked, if it exists)
         self._notify_fd = -1  # the thread's word to the loop: a ring broke, a write was refused
+        self._hold_parked = False  # parked by _park, to be let go by _unpark
         self.worker.on_hold(self._park, self._unpark)
         try:
             self._build()
@@ -246,11 +247,15 @@ class VirtioBlk(VirtioDevice):
             raise DeviceError(f"{self.name}: cannot hand its queues back to the loop")
 
     def _park(self) -> None:
-        if self._threaded:
+        """A hold: parked if it serves; _unpark undoes exactly that park, whatever came
+        between (an activation during the hold changes _threaded)."""
+        if self._threaded and not self._hold_parked:
             lib.avmm_blk_thread_park(self._thread)
+            self._hold_parked = True
 
     def _unpark(self) -> None:
-        if self._threaded:
+        if self._hold_parked:
+            self._hold_parked = False
             lib.avmm_blk_thread_unpark(self._thread)
 
     def _notified(self) -> None:
