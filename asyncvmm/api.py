@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .config import VmConfig
-from .console import Console
+from .console import CONTROL_SEQUENCE, Console
 from .control.server import ControlServer, claim_socket
 from .devices.slots import HostResources
 from .errors import ConfigError, VmmError
@@ -117,14 +117,20 @@ class ConsoleStream(Console):
         self._protocol.connection_lost(None)  # a writer waiting in drain() is released
 
     # -- the user's side --
-    async def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 10.0) -> re.Match:
+    async def expect(self, pattern: bytes | str | re.Pattern, timeout: float = 10.0, *, text: bool = False) -> re.Match:
         """Wait until the output matches `pattern`; returns the match on the output read
-        so far. Output up to the match's end is consumed; the rest stays for next time."""
+        so far. Output up to the match's end is consumed; the rest stays for next time.
+
+        text=True: terminal control sequences are taken out of the output first (and are
+        gone for later calls too) — for a firmware's or a bootloader's screen output, which
+        may move the cursor in the middle of a word."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
         rx = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
+            if text:
+                self._buffer[:] = CONTROL_SEQUENCE.sub(b"", self._buffer)
             m = rx.search(self._buffer)
             if m:
                 matched = rx.search(bytes(self._buffer))  # a match on a stable copy
@@ -208,6 +214,7 @@ class VM:
         self._stopped: asyncio.Future | None = None
         self._started_at = 0.0
         self._state = "created"
+        self._host_stop: Stop | None = None  # what request_stop asked for
         self._snapshot = None  # from_snapshot(): the first boot is this snapshot's machine
         self._incoming = None  # snapshot.migrate.Incoming: the first boot is a migrating VM's
         # --profile-boot: where the first boot's wall time goes (report() when it ended)
@@ -306,7 +313,12 @@ class VM:
                     self.profile.finish(self.machine, stop)
                 self.machine.close()
                 restart = stop.reason in (StopReason.RESET, StopReason.TRIPLE_FAULT)  # as a PC's reset line does
-                if restart and not self.config.no_reboot and self._state != "stopping":
+                if restart and not self.config.no_reboot and self._host_stop is not None:
+                    # The host's stop came while the guest was resetting: the VM would have
+                    # gone on, so it ended because the host asked, and says so.
+                    stop = self._host_stop
+                    break
+                if restart and not self.config.no_reboot:
                     log.info(f"{stop.message}: restarting the guest (boot {self.boots + 1})")
                     if images is None:  # it was made from a snapshot: boot the kernel now
                         images = await read_images(self.config)
@@ -338,6 +350,7 @@ class VM:
         handler or a callback, which cannot await (kill() is the awaitable form)."""
         if self.machine is not None and self._state in ("running", "paused"):
             self._state = "stopping"
+            self._host_stop = stop
             self.machine.request_stop(stop)  # paused vCPUs are told to quit too
 
     async def kill(self) -> Stop:

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import os
 import queue
+import re
 import socket
 import stat
 import termios
@@ -25,6 +26,11 @@ from collections.abc import Callable
 
 from . import seccomp
 from .errors import ConfigError
+
+# Terminal control sequences (ECMA-48's CSI ... final byte, and ESC + one byte, as ESC c):
+# a firmware's or bootloader's output has them inside words (GRUB's progress indicator,
+# drawn on a timer, wrote "Loading Linu\e[03;12H\e[03;13Hx" on a loaded machine).
+CONTROL_SEQUENCE = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-~])")
 
 # Escape sequence on a terminal, as QEMU's: Ctrl-A then a key.
 ESCAPE = 0x01

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import selectors
 import subprocess
 import sys
@@ -30,15 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from asyncvmm.console import CONTROL_SEQUENCE
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 SEABIOS = "/usr/share/seabios/bios-256k.bin"
 MARKS = {"seabios": b"SeaBIOS (version", "grub": b"Welcome to GRUB!", "loading": b"Loading Linux", "kernel": b"Linux version"}
-# Terminal control sequences, taken out before the marks are looked for: on a slow machine
-# GRUB puts cursor moves inside words ("Loading Linu\e[03;12H\e[03;13Hx").
-CSI = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-~])")
 
 
 def watch(cmd: list[str], timeout: float, env=None) -> dict[str, float]:
@@ -58,7 +56,7 @@ def watch(cmd: list[str], timeout: float, env=None) -> dict[str, float]:
             if not chunk:
                 break
             buf = (buf + chunk)[-4096:]
-            text = CSI.sub(b"", buf)
+            text = CONTROL_SEQUENCE.sub(b"", buf)  # GRUB moves the cursor inside words
             for name, marker in MARKS.items():
                 if name not in seen and marker in text:
                     seen[name] = round(time.monotonic() - t0, 2)

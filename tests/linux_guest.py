@@ -27,10 +27,12 @@ import threading
 import time
 from pathlib import Path
 
+from asyncvmm.console import CONTROL_SEQUENCE
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TOOLS = ROOT / "tools" / "kernel"
 PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\] ?")
-CSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-~])")  # ECMA-48 control sequences, and ESC c
+CSI = re.compile(CONTROL_SEQUENCE.pattern.decode())  # on the decoded lines
 BUILD_TIMEOUT = 45 * 60  # a first build of the small kernel: 4-11 minutes on 2 cores
 
 

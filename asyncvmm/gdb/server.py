@@ -63,8 +63,12 @@ class GdbServer:
         self._boots += 1
         self.target = Target(machine, wait=self.options.wait and self._boots == 1)
         machine.vcpus.debugger = self.target
-        if self.connection is not None and self.connection.session is not None:
-            self.connection.session.retarget(self.target)
+        conn = self.connection
+        if conn is not None:
+            if conn.session is not None:
+                conn.session.retarget(self.target)
+            else:  # it connected while the machine was being built
+                conn.start_session(self.target)
 
     def vm_ended(self, exit_code: int) -> None:
         """The VM is gone: a client waiting for a stop hears that the process exited."""
@@ -90,11 +94,12 @@ class _Connection(asyncio.Protocol):
         self.session: Session | None = None
         self.reader = PacketReader()
         self._last = b""
+        self._early = bytearray()  # what a client sent before the first boot's Target existed
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        if self.server.connection is not None or self.server.target is None:
+        if self.server.connection is not None:
             log.info(f"gdb: refused {peer}: a client is already connected (one at a time)")
             transport.close()
             return
@@ -102,8 +107,19 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connection = self
+        if self.server.target is None:
+            # The socket listens before the machine is built (a busy port is a
+            # configuration error); a client this early is served from attach().
+            log.info(f"gdb: client {peer} connected; it is served once the machine is built")
+            return
         log.info(f"gdb: client {peer} connected; the guest is stopped")
-        self.session = Session(self.server.target, self.send, self._kill)
+        self.start_session(self.server.target)
+
+    def start_session(self, target: Target) -> None:
+        self.session = Session(target, self.send, self._kill)
+        early, self._early = bytes(self._early), bytearray()
+        if early:
+            self.data_received(early)
 
     def _kill(self) -> None:
         log.info("gdb: kill: stopping the VM")
@@ -112,6 +128,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.session is None:
+            if self.transport is not None and not self.transport.is_closing():
+                self._early += data
+                if len(self._early) > WRITE_BUFFER_LIMIT:
+                    log.info("gdb: the client sent too much before the machine was built: disconnecting it")
+                    self.close()
             return
         for event in self.reader.feed(data):
             s = self.session
@@ -154,11 +175,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
+        if self.server.connection is self:
+            self.server.connection = None
         if self.session is None:
             return
         s, self.session = self.session, None
-        if self.server.connection is self:
-            self.server.connection = None
         if not s.detached:
             log.info("gdb: the client went away: detaching (breakpoints removed, the guest runs on)")
         s.target.detach()

@@ -40,6 +40,24 @@ def test_console_expect_and_write(guests):
     run_loop(main())
 
 
+def test_expect_text_takes_out_terminal_control_sequences(guests):
+    async def main():
+        async with VM(cfg(guests, "api-echo-csi", "echo", no_reboot=True)) as vm:
+            await vm.console.expect(rb"echo ready\n")
+            # GRUB's progress indicator once wrote cursor moves inside a word, so:
+            vm.console.writer.write(b"loading linu\x1b[03;12h\x1b[03;13hx.")
+            await vm.console.writer.drain()
+            with pytest.raises(TimeoutError):  # the raw bytes have the moves inside the word
+                await vm.console.expect(rb"LOADING LINUX", timeout=2)
+            m = await vm.console.expect(rb"LOADING LINUX\.", timeout=10, text=True)
+            assert m.group(0) == b"LOADING LINUX."
+            vm.console.writer.write(b"q")
+            stop = await asyncio.wait_for(vm.wait(), 10)
+        assert stop.reason is StopReason.RESET
+
+    run_loop(main())
+
+
 def test_expect_times_out_with_the_tail_of_the_output(guests):
     async def main():
         async with VM(cfg(guests, "api-timeout", "echo")) as vm:

@@ -277,6 +277,53 @@ def test_rom_and_mmio_writes_are_refused(vm_factory):
     vm.keeps_running()
 
 
+def test_a_client_that_connects_while_the_machine_is_built_is_served(guests, monkeypatch):
+    """The port listens before the machine exists (a busy port is a configuration error);
+    a client that connects in between is held, and served once the machine is built."""
+    import asyncio
+
+    from asyncvmm import VM, VmConfig
+    from asyncvmm.gdb.options import GdbOptions
+    from asyncvmm.gdb.server import GdbServer
+    from asyncvmm.loop import run as run_loop
+
+    port = free_port()
+    early = {}
+    start = GdbServer.start
+
+    async def start_then_connect(self):  # the real start, then a client in the gap
+        await start(self)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"$?#3f")
+        for _ in range(500):  # until the loop has accepted it; no Target exists yet
+            if self.connection is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert self.connection is not None and self.target is None
+        early["client"] = (reader, writer)
+
+    monkeypatch.setattr(GdbServer, "start", start_then_connect)
+
+    async def main():
+        cfg = VmConfig(name="gdb-early", memory=64 << 20, kernel=str(guests / "gdbtarget.elf"), cmdline="delay=2000",
+                       no_reboot=True, gdb=GdbOptions(port))
+        async with VM(cfg):
+            reader, writer = early["client"]
+            try:
+                assert await asyncio.wait_for(reader.readexactly(1), 10) == b"+"
+                reply = await asyncio.wait_for(reader.readuntil(b"#"), 10)
+                assert reply.startswith(b"$T05"), reply  # the stop reply to what it sent early
+                await reader.readexactly(2)  # the checksum
+                writer.write(b"+$D#44")
+                assert await asyncio.wait_for(reader.readexactly(1), 10) == b"+"
+                assert await asyncio.wait_for(reader.readuntil(b"#"), 10) == b"$OK#"
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+    run_loop(main())
+
+
 def test_bad_packets_get_errors_and_the_vm_runs_on(vm_factory):
     vm = vm_factory()
     pid = vm.proc.pid
