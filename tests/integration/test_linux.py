@@ -166,17 +166,13 @@ def check_the_tick(timers: str, emulating: bool) -> None:
 async def tick_deliveries(vm: VM, seconds: float) -> tuple[dict, list[int]]:
     """Over `seconds` of the running guest: the VMM's PIT counters (at the end), how many
     IRQ0s it raised meanwhile and how many interrupts KVM injected into each vCPU."""
-    files = vm.machine.kvm_stats_files()
-    try:
-        before = vm.stats()["pit"]["irqs"]
-        injected = [f.read().get("irq_injections", 0) for f in files[1:]]
-        await asyncio.sleep(seconds)
-        pit = vm.stats()["pit"]
-        injected = [f.read().get("irq_injections", 0) - n for f, n in zip(files[1:], injected)]
-        return pit, [pit["irqs"] - before, *injected]
-    finally:
-        for f in files:
-            f.close()
+    before = vm.stats()["pit"]["irqs"]
+    injected = [v.get("irq_injections", 0) for v in vm.profile.kvm_vcpu_counters()]
+    await asyncio.sleep(seconds)
+    pit = vm.stats()["pit"]
+    after = [v.get("irq_injections", 0) for v in vm.profile.kvm_vcpu_counters()]
+    assert len(after) == CPUS, "no KVM counters (KVM_GET_STATS_FD)"
+    return pit, [pit["irqs"] - before, *(a - b for a, b in zip(after, injected))]
 
 
 def check_every_cpu_ticks(pit: dict, deltas: list[int], uptime_s: float) -> None:
