@@ -266,7 +266,9 @@ class Machine:
 
     def kvm_stats_files(self) -> list:
         """KVM's statistics files, the VM's then each vCPU's (vstate/kvm_stats.py); a KVM
-        without them gives []."""
+        without them gives []. Open them before the vCPUs run: KVM_GET_STATS_FD on a vCPU
+        takes its mutex, held for as long as it is in KVM_RUN (a guest spinning in user
+        mode never leaves it)."""
         from .vstate.kvm_stats import open_stats  # noqa: PLC0415 (only for a boot profile)
 
         files = [open_stats(self.vm.fd.fd, "the VM")] + [open_stats(v.fd, f"vCPU {v.idx}") for v in self.vcpus.fds]

@@ -146,6 +146,12 @@ class BootProfile:
         self.release()
         machine.console_observer = None
 
+    def kvm_vcpu_counters(self) -> list[dict]:
+        """KVM's counters of each vCPU now, while the first boot runs ([] without them, or
+        once it ended). Read from the files watch() opened before the vCPUs ran: opening one
+        later (KVM_GET_STATS_FD) waits for that vCPU's KVM_RUN to return."""
+        return [f.read() for f in self._kvm_files[1:]]
+
     def release(self) -> None:
         """Close KVM's statistics files (finish() has read them, or the boot failed)."""
         for f in self._kvm_files:

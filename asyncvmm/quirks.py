@@ -45,10 +45,11 @@ exists and what it does instead:
                 0x40-0x43 and 0x61 (channel 2's gate and output, which Linux uses to
                 calibrate) on the loop, and BoundedRatePit raises IRQ0 through an irqfd at
                 most every PIT_MIN_IRQ_INTERVAL_NS. Ticks in between are dropped, so the
-                guest's jiffies lag wall time until it switches to kvm-clock and its LAPIC
-                timer, which are KVM's and exact. That switch ends the bound: Linux with
-                a MADT ticks through KVM's LAPIC (TSC-deadline) at its HZ, and this PIT
-                then raises no IRQ0 at all (docs/EMULATING-KVM.md has the figures).
+                guest's jiffies lag wall time until it switches to kvm-clock, which is
+                KVM's and exact. Left alone, Linux with a MADT would then tick through
+                KVM's LAPIC timer (TSC-deadline) at its HZ and this PIT would raise no
+                IRQ0 at all: linux-cmdline's lapic=notscdeadline noapictimer keep the
+                PIT Linux's tick (docs/EMULATING-KVM.md has the figures).
 
   linux-cmdline Kernel parameters appended to a Linux guest's command line (a bzImage, or
                 an ELF vmlinux: boot/linux.py is_linux), never to other guests; the user
@@ -65,6 +66,13 @@ exists and what it does instead:
                                      entry, each one emulated.
                   cryptomgr.notests  the crypto self tests: two boots stalled in them for
                                      over 300 s.
+                  lapic=notscdeadline noapictimer
+                                     the tick through vmm-pit's bounded PIT, not KVM's LAPIC
+                                     timer: a tick is ~3,900 emulated instructions, and the
+                                     stock kernel's 250 Hz LAPIC tick took 38% of its boot.
+                                     Linux 6.1 keeps the PIT only with both (apic_needs_pit);
+                                     with several CPUs it broadcasts the PIT's events to the
+                                     others by IPI. Either one typed by the user: neither added.
 """
 
 from __future__ import annotations
@@ -144,21 +152,37 @@ def clearcpuid_value() -> str:
     return ",".join(str(word * 32 + bit) for _, word, bit in LINUX_CLEARCPUID)
 
 
+# The tick: the vmm-pit quirk's PIT instead of KVM's LAPIC timer. One choice, so a user who
+# names either parameter gets neither (noapictimer alone leaves Linux without any tick).
+LINUX_TICK = ("lapic=notscdeadline", "noapictimer")
+
+
 def linux_parameters() -> list[str]:
     """The parameters the linux-cmdline quirk appends, in order."""
-    return [f"clearcpuid={clearcpuid_value()}", "noxsave", "mitigations=off", "nopti", "cryptomgr.notests"]
+    return [f"clearcpuid={clearcpuid_value()}", "noxsave", "mitigations=off", "nopti", "cryptomgr.notests", *LINUX_TICK]
 
 
 assert len(clearcpuid_value()) <= CLEARCPUID_MAX, "Linux 6.1 would cut the clearcpuid= list"
 
 
-def append_parameters(cmdline: str, params: list[str]) -> tuple[str, list[str]]:
-    """`cmdline` with those of `params` whose name it lacks added before any ` -- `
-    (what follows that goes to init); returns it and what was added."""
+def _split(cmdline: str) -> tuple[str, str, str]:
+    """The kernel's part of a command line, the ` -- ` separator if any, init's part."""
     kernel_part, sep, init_part = cmdline.partition(" -- ")
     if not sep and kernel_part.startswith("-- "):
         kernel_part, sep, init_part = "", "-- ", kernel_part[3:]
-    given = {word.split("=", 1)[0] for word in kernel_part.split()}
+    return kernel_part, sep, init_part
+
+
+def parameter_names(cmdline: str) -> set[str]:
+    """The names of the kernel parameters on a command line (`a=1 b` -> {"a", "b"})."""
+    return {word.split("=", 1)[0] for word in _split(cmdline)[0].split()}
+
+
+def append_parameters(cmdline: str, params: list[str]) -> tuple[str, list[str]]:
+    """`cmdline` with those of `params` whose name it lacks added before any ` -- `
+    (what follows that goes to init); returns it and what was added."""
+    kernel_part, sep, init_part = _split(cmdline)
+    given = parameter_names(cmdline)
     added = [p for p in params if p.split("=", 1)[0] not in given]
     if not added:
         return cmdline, []
@@ -212,7 +236,10 @@ class Quirks:
         """A Linux guest's command line with the linux-cmdline parameters; and those added."""
         if not self.enabled:
             return cmdline, []
-        new, added = append_parameters(cmdline, linux_parameters())
+        params = linux_parameters()
+        if parameter_names(cmdline) & parameter_names(" ".join(LINUX_TICK)):
+            params = [p for p in params if p not in LINUX_TICK]  # the user chose the tick
+        new, added = append_parameters(cmdline, params)
         if added:
             self._count("linux-cmdline", len(added))
         return new, added

@@ -56,7 +56,7 @@ from asyncvmm.devices.virtio.net.tap import format_mac, stable_mac
 from asyncvmm.gdb.options import GdbOptions
 from asyncvmm.loop import run as run_loop
 from asyncvmm.machine import StopReason
-from asyncvmm.quirks import LINUX_CLEARCPUID, linux_parameters
+from asyncvmm.quirks import LINUX_CLEARCPUID, PIT_MIN_IRQ_INTERVAL_NS, linux_parameters
 from asyncvmm.runner import STATUS
 
 pytestmark = [pytest.mark.slow, needs_kvm]
@@ -149,6 +149,42 @@ def check_dhcp_lease(log: str) -> None:
     assert f"IP-Config: Got DHCP answer from {HOST_IP}, my address is {GUEST_IP}" in log
     assert "IP-Config: Complete:" in log
     assert "netconsole: network logging started" in log
+
+
+def check_the_tick(timers: str, emulating: bool) -> None:
+    """What the kernel ticks with, from SysRq q. On hardware KVM: the LAPIC timer the MADT
+    gives it. On an emulating KVM the linux-cmdline quirk turns that off (noapictimer,
+    lapic=notscdeadline): each CPU's LAPIC timer is a dummy the PIT's broadcast serves."""
+    if not emulating:
+        assert re.search(r"Per CPU device: 0\s+Clock Event Device:\s+lapic", timers), f"not the LAPIC's:\n{timers}"
+        return
+    assert re.search(r"Broadcast device\s+Clock Event Device:\s+pit\s", timers), f"the PIT is not the broadcast device:\n{timers}"
+    mask = re.search(r"tick_broadcast_mask: ([0-9a-f,]+)", timers)
+    assert mask and int(mask.group(1).replace(",", ""), 16) == (1 << CPUS) - 1, f"not every CPU is broadcast to:\n{timers}"
+
+
+async def tick_deliveries(vm: VM, seconds: float) -> tuple[dict, list[int]]:
+    """Over `seconds` of the running guest: the VMM's PIT counters (at the end), how many
+    IRQ0s it raised meanwhile and how many interrupts KVM injected into each vCPU."""
+    before = vm.stats()["pit"]["irqs"]
+    injected = [v.get("irq_injections", 0) for v in vm.profile.kvm_vcpu_counters()]
+    await asyncio.sleep(seconds)
+    pit = vm.stats()["pit"]
+    after = [v.get("irq_injections", 0) for v in vm.profile.kvm_vcpu_counters()]
+    assert len(after) == CPUS, "no KVM counters (KVM_GET_STATS_FD)"
+    return pit, [pit["irqs"] - before, *(a - b for a, b in zip(after, injected))]
+
+
+def check_every_cpu_ticks(pit: dict, deltas: list[int], uptime_s: float) -> None:
+    """The PIT is the tick of every CPU, bounded: over a few idle seconds each vCPU took at
+    least about one interrupt per IRQ0 raised (the first CPU IRQ0, the others the broadcast
+    IPI; a few may coalesce on a busy host), and IRQ0 came at most every 20 ms all along."""
+    raised, *per_vcpu = deltas
+    assert raised >= 10, f"the PIT raised {raised} IRQ0s in the window: it is not the tick ({pit})"
+    assert all(n >= raised // 2 for n in per_vcpu), f"{raised} IRQ0s, interrupts injected per vCPU: {per_vcpu}"
+    assert pit["deferred"] > 0, f"the bound never deferred an IRQ0 (the guest asks for HZ=100): {pit}"
+    bound = uptime_s / (PIT_MIN_IRQ_INTERVAL_NS / 1e9) + 1
+    assert pit["irqs"] <= bound, f"{pit['irqs']} IRQ0s in {uptime_s} s: more than one every 20 ms"
 
 
 FIRST_BOOT_CHECKS = [check_cpus_came_up, check_acpi_is_clean, check_every_pci_device_was_found,
@@ -328,9 +364,11 @@ def test_linux_disks_network_smp_and_power_off(tmp_path, capfd, emulating_kvm):
         if "reboot(b)" not in help_text or "show-all-timers(q)" not in help_text:
             failures.append(f"boot 1: SysRq h: {help_text!r}")
         timers = await sysrq_output(vm, b"q", rb"sysrq: Show clockevent devices", rb"Wakeup Device")
-        # The MADT gives Linux its local APIC timer (KVM's): the PIT only served early boot.
-        if not re.search(r"Per CPU device: 0\s+Clock Event Device:\s+lapic", timers):
-            failures.append(f"boot 1: SysRq q: the tick device is not the LAPIC's:\n{timers}")
+        run_checks([lambda text: check_the_tick(text, emulating_kvm)], timers, "boot 1: SysRq q", failures)
+        if emulating_kvm:
+            pit, deltas = await tick_deliveries(vm, 5.0)
+            uptime = vm.stats()["uptime_s"]
+            run_checks([lambda _: check_every_cpu_ticks(pit, deltas, uptime)], "", "boot 1: the tick", failures)
         # Write the file system out and remount it read-only, so the host finds it clean.
         await sysrq_output(vm, b"s", rb"sysrq: Emergency Sync", rb"Emergency Sync complete")
         await sysrq_output(vm, b"u", rb"sysrq: Emergency Remount R/O", rb"Emergency Remount complete")

@@ -44,7 +44,8 @@ def test_the_clearcpuid_list_is_the_measured_one():
         "59,129,137,141,145,147,148,151,153,154,156,157,200,288,293,295,298,304,306,308,311,312,317,514,520,521,522,534"
     )
     assert len(clearcpuid_value()) <= 127
-    assert linux_parameters()[1:] == ["noxsave", "mitigations=off", "nopti", "cryptomgr.notests"]
+    assert linux_parameters()[1:] == ["noxsave", "mitigations=off", "nopti", "cryptomgr.notests",
+                                      "lapic=notscdeadline", "noapictimer"]
 
 
 def test_parameters_are_appended_after_what_the_user_typed():
@@ -70,6 +71,18 @@ def test_linux_cmdline_only_with_quirks():
     assert added == linux_parameters() and cmdline.startswith("console=ttyS0 clearcpuid=")
     assert q.applied["linux-cmdline"] == len(added)
     assert Quirks(False).linux_cmdline("console=ttyS0") == ("console=ttyS0", [])
+
+
+def test_a_tick_the_user_chose_is_left_whole():
+    # lapic=notscdeadline and noapictimer are one choice: noapictimer alone would leave
+    # Linux with no timer interrupt at all, so either one typed means neither is added.
+    rest = linux_parameters()[:-2]
+    for typed in ("lapic=notscdeadline", "noapictimer", "lapic", "console=ttyS0 noapictimer"):
+        cmdline, added = Quirks(True).linux_cmdline(typed)
+        assert added == rest and cmdline == " ".join([typed, *rest]), typed
+    # After ` -- ` the words are init's: the kernel's tick is still the quirk's.
+    cmdline, added = Quirks(True).linux_cmdline("console=ttyS0 -- noapictimer")
+    assert added == linux_parameters() and cmdline.endswith("lapic=notscdeadline noapictimer -- noapictimer")
 
 
 # -- vmm-pit ----------------------------------------------------------------------------------
