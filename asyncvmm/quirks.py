@@ -83,7 +83,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import fpu_control
 from .boot import cpuid
 from .devices.legacy.i8254 import I8254
 from .vstate.kvm import VcpuFd
@@ -263,6 +262,8 @@ class Quirks:
                 self._count("fwait")
             return True
         if ram is not None:
+            from . import fpu_control  # noqa: PLC0415 (firmware's; a plain boot never needs it)
+
             served = fpu_control.execute(vcpu, insn, fpu_control.RamAndRom(ram, self.rom))
             if served is not None:
                 name, fault = served
