@@ -263,7 +263,7 @@ ffibuilder.set_source(
     "#include <linux/virtio_blk.h>\n#include <linux/virtio_net.h>\n#include <linux/virtio_console.h>\n#include <linux/if_tun.h>\n#include <linux/falloc.h>\n"
     + "".join(f'#include "{h}"\n' for h in HEADERS)
     + f"#define AVMM_ABI_VERSION {ABI_VERSION}\n",
-    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/blk_thread.c", "cext/net.c", "cext/net_thread.c",
+    sources=["cext/vcpu_loop.c", "cext/virtq.c", "cext/ioengine.c", "cext/blk.c", "cext/blk_thread.c", "cext/devthread.c", "cext/net.c", "cext/net_thread.c",
              "cext/seccomp.c", "cext/snapshot.c"],
     include_dirs=["cext"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function", *SANITIZE],

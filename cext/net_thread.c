@@ -2,30 +2,17 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <unistd.h>
 
+#include "devthread.h"
 #include "net_thread.h"
-#include "seccomp.h"
 #include "util.h"
 
-#define POLL_MIN_NS 4000u /* the first window once polling pays */
-
 struct avmm_net_thread {
+    struct avmm_devthread d; /* wake_fd is in every ppoll */
     struct avmm_net *n;
     struct avmm_net_thread_config cfg;
-    pthread_t tid;
-    int wake_fd; /* in every ppoll: ends the thread's wait */
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int control;    /* atomic: the loop wants the thread's attention (park or stop) */
-    unsigned parks; /* under lock */
-    int parked;     /* under lock: the thread sleeps on cond */
-    int stop;       /* under lock */
     struct avmm_net_thread_stats stats;
     /* the thread's own */
     uint32_t want_rx, want_tx; /* pairs to serve before the next wait (bits) */
@@ -34,42 +21,6 @@ struct avmm_net_thread {
     uint8_t tap_error[AVMM_NET_MAX_PAIRS];  /* POLLERR/POLLHUP alone: not polled until the next park */
     int moved; /* frames this turn */
 };
-
-/* The window after a sleep of `slept` ns: KVM's halt-polling rule (as blk_thread.c). */
-static void adapt(struct avmm_net_thread *t, uint64_t slept)
-{
-    uint64_t w = t->stats.poll_ns, max = t->cfg.poll_max_ns;
-    if (!max)
-        return;
-    if (slept <= max)
-        w = w * 2 < POLL_MIN_NS ? POLL_MIN_NS : w * 2 > max ? max : w * 2;
-    else
-        w = w / 2 < POLL_MIN_NS ? 0 : w / 2;
-    __atomic_store_n(&t->stats.poll_ns, w, __ATOMIC_RELAXED);
-}
-
-/* Sleep while parked; 1 when told to stop. */
-static int parked(struct avmm_net_thread *t)
-{
-    pthread_mutex_lock(&t->lock);
-    while (t->parks && !t->stop) {
-        if (!t->parked)
-            t->stats.parks++;
-        t->parked = 1;
-        pthread_cond_broadcast(&t->cond);
-        pthread_cond_wait(&t->cond, &t->lock);
-    }
-    t->parked = 0;
-    int stop = t->stop;
-    if (!stop)
-        __atomic_store_n(&t->control, 0, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&t->lock);
-    uint64_t drained;
-    if (read(t->wake_fd, &drained, sizeof(drained)) < 0) {
-        /* EAGAIN: nobody signalled (a park that came while the thread was serving) */
-    }
-    return stop;
-}
 
 static int any_broken(struct avmm_net_thread *t)
 {
@@ -127,7 +78,7 @@ static void wait_for_work(struct avmm_net_thread *t)
     struct pollfd fds[3 * AVMM_NET_MAX_PAIRS + 1];
     uint8_t kind[3 * AVMM_NET_MAX_PAIRS + 1], pair[3 * AVMM_NET_MAX_PAIRS + 1];
     int nfds = 0;
-    fds[nfds] = (struct pollfd){.fd = t->wake_fd, .events = POLLIN};
+    fds[nfds] = (struct pollfd){.fd = t->d.wake_fd, .events = POLLIN};
     kind[nfds++] = FD_WAKE;
     for (uint32_t p = 0; p < t->cfg.npairs && !t->stats.broken; p++) {
         struct avmm_vq *rxq = avmm_net_queue(t->n, (int)(2 * p)), *txq = avmm_net_queue(t->n, (int)(2 * p + 1));
@@ -152,7 +103,7 @@ static void wait_for_work(struct avmm_net_thread *t)
     uint64_t t0 = avmm_now_ns();
     int r = ppoll(fds, (nfds_t)nfds, NULL, NULL);
     t->stats.waits++;
-    adapt(t, avmm_now_ns() - t0);
+    avmm_devthread_adapt(&t->stats.poll_ns, t->cfg.poll_max_ns, avmm_now_ns() - t0);
     if (r <= 0)
         return; /* EINTR: signals are blocked here, but look again anyway */
     for (int i = 1; i < nfds; i++) {
@@ -184,16 +135,13 @@ static void wait_for_work(struct avmm_net_thread *t)
 static void *thread_main(void *arg)
 {
     struct avmm_net_thread *t = arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the loop's */
-    if (t->cfg.seccomp_action && avmm_seccomp_install(AVMM_SECCOMP_IOTHREAD, t->cfg.seccomp_action, 0) < 0)
+    if (avmm_devthread_enter(t->cfg.seccomp_action) < 0)
         t->stats.seccomp_failed = 1;
     uint32_t every = t->cfg.npairs >= 32 ? ~0u : (1u << t->cfg.npairs) - 1;
     t->want_rx = t->want_tx = every; /* doorbells rung before the thread started */
     for (;;) {
-        if (__atomic_load_n(&t->control, __ATOMIC_ACQUIRE)) {
-            if (parked(t))
+        if (avmm_devthread_called(&t->d)) {
+            if (avmm_devthread_parked(&t->d, &t->stats.parks))
                 break;
             /* The loop may have reset, set up or restored the queues, or moved the TAP's
              * queues: start afresh and look at every pair. */
@@ -248,60 +196,23 @@ struct avmm_net_thread *avmm_net_thread_start(struct avmm_net *n, const struct a
     t->n = n;
     t->cfg = *cfg;
     t->cfg.name[sizeof(t->cfg.name) - 1] = 0;
-    t->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    int r = t->wake_fd < 0 ? -errno : 0;
-    if (r == 0) {
-        pthread_mutex_init(&t->lock, NULL);
-        pthread_cond_init(&t->cond, NULL);
-        r = -pthread_create(&t->tid, NULL, thread_main, t);
-        if (r == 0) {
-            if (t->cfg.name[0])
-                pthread_setname_np(t->tid, t->cfg.name);
-            return t;
-        }
-        pthread_cond_destroy(&t->cond);
-        pthread_mutex_destroy(&t->lock);
+    int r = avmm_devthread_start(&t->d, thread_main, t, t->cfg.name);
+    if (r < 0) {
+        free(t);
+        errno = -r;
+        return NULL;
     }
-    if (t->wake_fd >= 0)
-        close(t->wake_fd);
-    free(t);
-    errno = -r;
-    return NULL;
+    return t;
 }
 
-void avmm_net_thread_park(struct avmm_net_thread *t)
-{
-    pthread_mutex_lock(&t->lock);
-    t->parks++;
-    __atomic_store_n(&t->control, 1, __ATOMIC_RELEASE);
-    avmm_efd_signal(t->wake_fd);
-    while (!t->parked)
-        pthread_cond_wait(&t->cond, &t->lock);
-    pthread_mutex_unlock(&t->lock);
-}
-
-void avmm_net_thread_unpark(struct avmm_net_thread *t)
-{
-    pthread_mutex_lock(&t->lock);
-    if (t->parks && --t->parks == 0)
-        pthread_cond_broadcast(&t->cond);
-    pthread_mutex_unlock(&t->lock);
-}
+void avmm_net_thread_park(struct avmm_net_thread *t) { avmm_devthread_park(&t->d); }
+void avmm_net_thread_unpark(struct avmm_net_thread *t) { avmm_devthread_unpark(&t->d); }
 
 void avmm_net_thread_stop(struct avmm_net_thread *t)
 {
     if (!t)
         return;
-    pthread_mutex_lock(&t->lock);
-    t->stop = 1;
-    __atomic_store_n(&t->control, 1, __ATOMIC_RELEASE);
-    avmm_efd_signal(t->wake_fd);
-    pthread_cond_broadcast(&t->cond);
-    pthread_mutex_unlock(&t->lock);
-    pthread_join(t->tid, NULL);
-    pthread_cond_destroy(&t->cond);
-    pthread_mutex_destroy(&t->lock);
-    close(t->wake_fd);
+    avmm_devthread_stop(&t->d);
     free(t);
 }
 
