@@ -20,16 +20,25 @@ def have_kvm() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def vcpu_threads() -> int:
-    """vCPU threads of this process (the C core names them vcpuN)."""
-    n = 0
+def thread_names() -> dict[int, str]:
+    """This process's threads: id -> name (the C core names its threads: vcpuN, blk..., net...)."""
+    out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().startswith("vcpu")
-        except FileNotFoundError:
+                out[int(tid)] = f.read().strip()
+        except FileNotFoundError:  # it ended meanwhile
             pass
-    return n
+    return out
+
+
+def threads_named(prefix: str) -> list[str]:
+    return [name for name in thread_names().values() if name.startswith(prefix)]
+
+
+def vcpu_threads() -> int:
+    """vCPU threads of this process."""
+    return len(threads_named("vcpu"))
 
 
 def open_fds() -> set[str]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, needs_kvm, run_vmm
+from conftest import ROOT, needs_kvm, run_vmm, thread_names
 
 from asyncvmm import VM, VmConfig, platform
 from asyncvmm.boot.cpuid import Topology
@@ -324,14 +324,7 @@ def test_pinned_vcpu_threads_run_only_on_their_host_cpu(guests):
     pins = {0: allowed[-1], 1: allowed[0]}
 
     def threads() -> dict[str, int]:
-        out = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    out[f.read().strip()] = int(tid)
-            except FileNotFoundError:
-                pass
-        return out
+        return {name: tid for tid, name in thread_names().items()}
 
     async def main():
         cfg = VmConfig(name="pinned", memory=64 << 20, kernel=str(guests / "counter.elf"), cpus=2, pins=pins)

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, threads_named
 from test_virtio_net import ETHERTYPE, Net, run
 
 from asyncvmm.devices.virtio.net import device as net_device
@@ -21,19 +21,6 @@ from asyncvmm.testing.mock_driver import NetClient
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0,
                                 reason="needs /dev/net/tun and root (network namespaces)")
-
-
-def threads_named(prefix: str) -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except FileNotFoundError:
-            continue
-        if name.startswith(prefix):
-            names.append(name)
-    return names
 
 
 def open_fds() -> int:

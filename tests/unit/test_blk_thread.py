@@ -13,26 +13,13 @@ import textwrap
 
 import pytest
 from asyncvmm._native import lib
-from conftest import ROOT
+from conftest import ROOT, threads_named
 from test_virtio_blk import S_OK, T_FLUSH, T_IN, T_OUT, Blk, image  # noqa: F401 (the fixture)
 
 from asyncvmm.devices.virtio.block import device as blk_device
 from asyncvmm.devices.virtio.block.device import VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.testing.mock_driver import BlkClient, BlkRig, Harness, VirtioDriver
-
-
-def threads_named(prefix: str) -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except FileNotFoundError:
-            continue
-        if name.startswith(prefix):
-            names.append(name)
-    return names
 
 
 def test_an_io_uring_disk_is_served_by_its_own_thread(image):  # noqa: F811
