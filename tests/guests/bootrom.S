@@ -11,6 +11,8 @@
  *   4. the i8042 reset line: the VMM ends (--no-reboot).
  * Built with the system's gcc/as (.code16), linked at 0 and copied out as a flat binary.
  */
+#include "rom.h"
+
 	.code16
 	.text
 	.globl _start
@@ -70,11 +72,7 @@ _start:
 	call puts
 4:
 	/* 3. protected mode, write the ROM */
-	lgdtl %cs:gdtr
-	movl %cr0, %eax
-	orl $1, %eax
-	movl %eax, %cr0
-	ljmpl $0x08, $(0xf0000 + pm32)
+	rom_enter_pm32 pm32
 
 dma_go:	/* the descriptor's address (0x1000): high half at 0x514, low at 0x518, big-endian */
 	movw $0x514, %dx
@@ -105,7 +103,7 @@ pm32:
 	movl %eax, 0xffff0000		/* a write to flash */
 	cmpl 0xffff0000, %ebx
 	jne 7f
-	movl $(0xf0000 + msg_rom), %esi
+	movl $ROM_ABS(msg_rom), %esi
 	movw $0x3f8, %dx
 8:	lodsb
 	testb %al, %al
@@ -119,14 +117,7 @@ pm32:
 9:	hlt
 	jmp 9b
 
-	.balign 8
-gdt:
-	.quad 0
-	.quad 0x00cf9b000000ffff	/* 0x08: flat 32-bit code */
-	.quad 0x00cf93000000ffff	/* 0x10: flat data */
-gdtr:
-	.word gdtr - gdt - 1
-	.long 0xf0000 + gdt
+	rom_gdt
 
 msg_hello:	.asciz "bootrom: reset vector reached\n"
 msg_sig:	.asciz "bootrom: fw_cfg signature QEMU\n"

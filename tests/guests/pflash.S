@@ -17,9 +17,10 @@
  *      'H' at 0x3000, a halt: the test kills the VMM then).
  * Built like bootrom.S: linked at 0, a flat binary, its last 64 KiB also at 0xF0000.
  */
-#define ABS(x) (0xf0000 + (x))
 #define VARS 0xfffe0000
 #define BLOCK 0x2000
+
+#include "rom.h"
 
 	.code16
 	.text
@@ -34,11 +35,7 @@ start16:
 	movw %ax, %ds
 	movw %ax, %ss
 	movw $0x7000, %sp
-	lgdtl %cs:gdtr
-	movl %cr0, %eax
-	orl $1, %eax
-	movl %eax, %cr0
-	ljmpl $0x08, $ABS(pm32)
+	rom_enter_pm32 pm32
 
 	.code32
 pm32:
@@ -47,7 +44,7 @@ pm32:
 	movw %ax, %es
 	movw %ax, %ss
 	movl $0x7000, %esp
-	movl $ABS(msg_hello), %esi
+	movl $ROM_ABS(msg_hello), %esi
 	call puts
 
 	/* 1. OVMF's detection */
@@ -62,24 +59,24 @@ pm32:
 2:	incl %edi
 	cmpl $(VARS + 0x1000), %edi
 	jb 1b
-	movl $ABS(msg_noprobe), %esi
+	movl $ROM_ABS(msg_noprobe), %esi
 	call puts
 	jmp reset
 3:	movb (%edi), %bl		/* OriginalUint8 */
 	movb $0x50, (%edi)		/* CLEAR_STATUS_CMD */
 	movb (%edi), %al
-	movl $ABS(msg_ram), %esi
+	movl $ROM_ABS(msg_ram), %esi
 	cmpb $0x50, %al
 	je 4f
 	movb $0x70, (%edi)		/* READ_STATUS_CMD */
 	movb (%edi), %al
-	movl $ABS(msg_rom), %esi
+	movl $ROM_ABS(msg_rom), %esi
 	cmpb %bl, %al
 	je 4f
-	movl $ABS(msg_ram), %esi
+	movl $ROM_ABS(msg_ram), %esi
 	cmpb $0x70, %al
 	je 4f
-	movl $ABS(msg_unknown), %esi
+	movl $ROM_ABS(msg_unknown), %esi
 	testb %al, %al			/* CLEARED_ARRAY_STATUS */
 	jnz 4f
 	movb $0x10, (%edi)		/* WRITE_BYTE_CMD, the byte itself */
@@ -87,15 +84,15 @@ pm32:
 	movb $0x70, (%edi)
 	movb (%edi), %al
 	movb $0xff, (%edi)		/* READ_ARRAY_CMD */
-	movl $ABS(msg_flash), %esi
+	movl $ROM_ABS(msg_flash), %esi
 	testb $0x10, %al
 	jz 4f
-	movl $ABS(msg_flash_err), %esi
+	movl $ROM_ABS(msg_flash_err), %esi
 4:	call puts
 
 	/* 2. identifier and CFI query */
 	movb $0x90, VARS
-	movl $ABS(msg_id), %esi
+	movl $ROM_ABS(msg_id), %esi
 	call puts
 	movb VARS, %al
 	call hex8
@@ -105,12 +102,12 @@ pm32:
 	movb $0xff, VARS
 	cmpl $0x595251, %eax		/* "QRY" */
 	jne 5f
-	movl $ABS(msg_qry), %esi
+	movl $ROM_ABS(msg_qry), %esi
 	call puts
 5:	call newline
 
 	/* 3. what is there */
-	movl $ABS(msg_read), %esi
+	movl $ROM_ABS(msg_read), %esi
 	call puts
 	movl $(VARS + BLOCK), %esi
 	movl $8, %ecx
@@ -122,7 +119,7 @@ pm32:
 	/* 4. block erase */
 	movb $0x20, VARS + BLOCK	/* BLOCK_ERASE_CMD */
 	movb $0xd0, VARS + BLOCK	/* BLOCK_ERASE_CONFIRM_CMD */
-	movl $ABS(msg_erase), %esi
+	movl $ROM_ABS(msg_erase), %esi
 	call puts
 	movb VARS + BLOCK + 100, %al	/* status mode: the status, wherever read */
 	call hex8
@@ -132,11 +129,11 @@ pm32:
 	andl VARS + BLOCK + 0xffc, %eax
 	cmpl $0xffffffff, %eax
 	jne 7f
-	movl $ABS(msg_erased), %esi
+	movl $ROM_ABS(msg_erased), %esi
 	call puts
 7:
 	/* 5. program "ASYNCVMM" */
-	movl $ABS(data), %esi
+	movl $ROM_ABS(data), %esi
 	movl $(VARS + BLOCK), %edi
 	movl $8, %ecx
 8:	movb $0x10, (%edi)
@@ -145,30 +142,30 @@ pm32:
 	incl %edi
 	loop 8b
 	movb $0x70, -1(%edi)
-	movl $ABS(msg_program), %esi
+	movl $ROM_ABS(msg_program), %esi
 	call puts
 	movb VARS + BLOCK, %al
 	call hex8
 	call newline
 	movb $0xff, VARS + BLOCK
 	movl VARS + BLOCK, %eax
-	cmpl ABS(data), %eax
+	cmpl ROM_ABS(data), %eax
 	jne 9f
 	movl VARS + BLOCK + 4, %eax
-	cmpl ABS(data + 4), %eax
+	cmpl ROM_ABS(data + 4), %eax
 	jne 9f
-	movl $ABS(msg_readback), %esi
+	movl $ROM_ABS(msg_readback), %esi
 	call puts
 9:
 	/* 6. a command it does not know */
 	movb $0x42, VARS
-	movl $ABS(msg_bad), %esi
+	movl $ROM_ABS(msg_bad), %esi
 	call puts
 	movb VARS, %al
 	call hex8
 	movb $0x50, VARS
 	movb $0x70, VARS
-	movl $ABS(msg_cleared), %esi
+	movl $ROM_ABS(msg_cleared), %esi
 	call puts
 	movb VARS, %al
 	call hex8
@@ -176,12 +173,12 @@ pm32:
 	movb $0xff, VARS
 	cmpb $0x48, VARS + 0x3000	/* 'H' there: halt instead (the test's SIGKILL) */
 	jne reset
-	movl $ABS(msg_halted), %esi
+	movl $ROM_ABS(msg_halted), %esi
 	call puts
 	jmp 10f
 
 reset:	/* 7. the reset control register */
-	movl $ABS(msg_reset), %esi
+	movl $ROM_ABS(msg_reset), %esi
 	call puts
 	movw $0xcf9, %dx
 	movb $0x06, %al			/* SYS_RST | RST_CPU: a hard reset */
@@ -189,20 +186,7 @@ reset:	/* 7. the reset control register */
 10:	hlt
 	jmp 10b
 
-puts:	/* ESI, NUL-terminated */
-	lodsb
-	testb %al, %al
-	jz 11f
-	call putc
-	jmp puts
-11:	ret
-
-putc:	/* AL */
-	pushl %edx
-	movw $0x3f8, %dx
-	outb %al, %dx
-	popl %edx
-	ret
+	rom_serial32
 
 newline:
 	movb $10, %al			/* newline */
@@ -221,14 +205,7 @@ hexdigit:
 	addb $39, %al			/* 'a' - '0' - 10 */
 	jmp putc
 
-	.balign 8
-gdt:
-	.quad 0
-	.quad 0x00cf9b000000ffff	/* 0x08: flat 32-bit code */
-	.quad 0x00cf93000000ffff	/* 0x10: flat data */
-gdtr:
-	.word gdtr - gdt - 1
-	.long ABS(gdt)
+	rom_gdt
 
 data:		.ascii "ASYNCVMM"
 msg_hello:	.asciz "pflash: reset vector reached\n"

@@ -22,25 +22,22 @@
  *      the VMM ends (--no-reboot).
  * No SSE; built like bootrom.S (linked at 0, flat; its last 64 KiB are also at 0xF0000).
  */
+#include "rom.h"
+
 	.code16
 	.text
 	.globl _start
 _start:
 	cli
-	lgdtl %cs:gdtr
-	movl %cr0, %eax
-	orl $1, %eax
-	movl %eax, %cr0
-	ljmpl $0x08, $(0xf0000 + pm32)
+	rom_enter_pm32 pm32
 
 	.code32
-#define SYM(x) (0xf0000 + (x))
 #define CFG(dev, fn, reg) (0x80000000 | ((dev) << 11) | ((fn) << 8) | (reg))
 #define ECAM 0xb0000000
 
-/* print the label at SYM(msg), then %eax in hex */
+/* print the label at ROM_ABS(msg), then %eax in hex */
 .macro report msg
-	movl $SYM(\msg), %esi
+	movl $ROM_ABS(\msg), %esi
 	call puts
 	call puthex
 .endm
@@ -162,7 +159,7 @@ pm32:
 
 	/* 5. a key on COM1 (the test snapshots the machine here), then the FADT's reset:
 	 *    0x06 to 0xCF9 */
-	movl $SYM(msg_wait), %esi
+	movl $ROM_ABS(msg_wait), %esi
 	call puts
 	movw $0x3fd, %dx			/* LSR: data ready */
 6:	inb %dx, %al
@@ -170,7 +167,7 @@ pm32:
 	jz 6b
 	movw $0x3f8, %dx
 	inb %dx, %al
-	movl $SYM(msg_reset), %esi
+	movl $ROM_ABS(msg_reset), %esi
 	call puts
 	movb $0x06, %al
 	movw $0xcf9, %dx
@@ -208,18 +205,7 @@ cfg_wr8:
 	outb %al, %dx
 	ret
 
-puts:	/* %esi: NUL-terminated, to COM1 */
-	pushl %eax
-	pushl %edx
-	movw $0x3f8, %dx
-3:	lodsb
-	testb %al, %al
-	jz 4f
-	outb %al, %dx
-	jmp 3b
-4:	popl %edx
-	popl %eax
-	ret
+	rom_serial32
 
 puthex:	/* %eax as 8 hex digits and a newline, to COM1 */
 	pushl %ebx
@@ -231,7 +217,7 @@ puthex:	/* %eax as 8 hex digits and a newline, to COM1 */
 5:	roll $4, %ebx
 	movl %ebx, %eax
 	andl $0xf, %eax
-	movb SYM(hexdigits)(%eax), %al
+	movb ROM_ABS(hexdigits)(%eax), %al
 	outb %al, %dx
 	loop 5b
 	movb $'\n', %al
@@ -241,14 +227,7 @@ puthex:	/* %eax as 8 hex digits and a newline, to COM1 */
 	popl %ebx
 	ret
 
-	.balign 8
-gdt:
-	.quad 0
-	.quad 0x00cf9b000000ffff	/* 0x08: flat 32-bit code */
-	.quad 0x00cf93000000ffff	/* 0x10: flat data */
-gdtr:
-	.word gdtr - gdt - 1
-	.long 0xf0000 + gdt
+	rom_gdt
 
 hexdigits:	.ascii "0123456789abcdef"
 msg_hb_id:	.asciz "q35: host bridge id "
