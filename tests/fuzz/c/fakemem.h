@@ -106,6 +106,34 @@ static void fuzz_split(const uint8_t *data, size_t size, struct cursor *ctl, con
     *ram_len = size - l;
 }
 
+/* The start of every target's run: the input split, guest RAM filled with its part. */
+static void fuzz_begin(struct fakemem *f, const uint8_t *data, size_t size, struct cursor *ctl)
+{
+    const uint8_t *ram;
+    size_t ram_len;
+    fuzz_split(data, size, ctl, &ram, &ram_len);
+    fakemem_fill(f, ram, ram_len);
+}
+
+/* A queue's set-up as a driver writes it, from the input: a size of 2^0 .. 2^(log2_sizes-1),
+ * the ring features a device may take, and three ring addresses in the first 64 KiB. */
+struct fuzz_queue {
+    uint16_t size;
+    uint32_t flags;
+    uint64_t desc, driver, device;
+};
+
+static struct fuzz_queue take_queue(struct cursor *c, unsigned log2_sizes)
+{
+    struct fuzz_queue q;
+    q.size = (uint16_t)(1u << (take8(c) % log2_sizes));
+    q.flags = take8(c) & (AVMM_VQ_EVENT_IDX | AVMM_VQ_INDIRECT);
+    q.desc = take16(c);
+    q.driver = take16(c);
+    q.device = take16(c);
+    return q;
+}
+
 /* Used entries a device published since `*seen` are well formed: a head the ring has, a
  * length no larger than the fake RAM. */
 static inline void check_used(struct avmm_vq *q, uint16_t *seen)

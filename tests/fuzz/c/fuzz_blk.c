@@ -61,10 +61,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct cursor ctl;
-    const uint8_t *ram;
-    size_t ram_len;
-    fuzz_split(data, size, &ctl, &ram, &ram_len);
-    fakemem_fill(&mem, ram, ram_len);
+    fuzz_begin(&mem, data, size, &ctl);
 
     uint8_t mode = take8(&ctl);
     struct avmm_blk_config cfg = {
@@ -93,10 +90,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         int qi = (op >> 4) % NQ, r;
         switch (op % 9) {
         case 0: { /* the driver sets a queue up */
-            uint16_t qsize = (uint16_t)(1u << (take8(&ctl) % 8)); /* 1..128: above 64 is refused */
-            uint32_t vqf = take8(&ctl) & (AVMM_VQ_EVENT_IDX | AVMM_VQ_INDIRECT);
-            uint64_t d = take16(&ctl), a = take16(&ctl), u = take16(&ctl);
-            r = avmm_blk_queue_setup(b, qi, qsize, d, a, u, vqf, &irq, efd);
+            struct fuzz_queue g = take_queue(&ctl, 8); /* 1..128: above 64 is refused */
+            r = avmm_blk_queue_setup(b, qi, g.size, g.desc, g.driver, g.device, g.flags, &irq, efd);
             FUZZ_CHECK(r == 0 || r == -EINVAL || r == -EFAULT);
             seen[qi] = 0;
             break;

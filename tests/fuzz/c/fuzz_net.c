@@ -64,10 +64,7 @@ static void drain_peer(void)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct cursor ctl;
-    const uint8_t *ram;
-    size_t ram_len;
-    fuzz_split(data, size, &ctl, &ram, &ram_len);
-    fakemem_fill(&mem, ram, ram_len);
+    fuzz_begin(&mem, data, size, &ctl);
     drain_peer();
 
     struct avmm_net *n = avmm_net_new(&mem.gmem, 1, 256);
@@ -85,10 +82,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         int qi = (op >> 4) & 1, r;
         switch (op % 7) {
         case 0: { /* the driver sets queue qi (0 RX, 1 TX) up */
-            uint16_t qsize = (uint16_t)(1u << (take8(&ctl) % 9));
-            uint32_t vqf = take8(&ctl) & (AVMM_VQ_EVENT_IDX | AVMM_VQ_INDIRECT);
-            uint64_t d = take16(&ctl), a = take16(&ctl), u = take16(&ctl);
-            r = avmm_net_queue_setup(n, qi, qsize, d, a, u, vqf, &irq, efd);
+            struct fuzz_queue g = take_queue(&ctl, 9);
+            r = avmm_net_queue_setup(n, qi, g.size, g.desc, g.driver, g.device, g.flags, &irq, efd);
             FUZZ_CHECK(r == 0 || r == -EINVAL || r == -EFAULT);
             seen[qi] = 0;
             break;

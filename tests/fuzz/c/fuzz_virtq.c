@@ -55,19 +55,14 @@ static void check_chain(const struct avmm_vq *q, const struct avmm_chain *c)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct cursor ctl;
-    const uint8_t *ram;
-    size_t ram_len;
-    fuzz_split(data, size, &ctl, &ram, &ram_len);
-    fakemem_fill(&mem, ram, ram_len);
+    fuzz_begin(&mem, data, size, &ctl);
 
-    uint16_t qsize = (uint16_t)(1u << (take8(&ctl) % 9)); /* 1..256 */
-    uint32_t flags = take8(&ctl) & (AVMM_VQ_EVENT_IDX | AVMM_VQ_INDIRECT);
-    uint64_t desc = take16(&ctl), avail = take16(&ctl), used = take16(&ctl);
+    struct fuzz_queue g = take_queue(&ctl, 9); /* 1..256 */
     uint32_t iov_cap = 1 + take16(&ctl) % AVMM_CHAIN_MAX_IOV;
     uint8_t isr = 0;
     struct avmm_irq irq = {.efd = efd, .isr = (take8(&ctl) & 1) ? &isr : NULL};
     struct avmm_vq q;
-    int r = avmm_vq_setup(&q, &mem.gmem, qsize, desc, avail, used, flags, &irq, efd);
+    int r = avmm_vq_setup(&q, &mem.gmem, g.size, g.desc, g.driver, g.device, g.flags, &irq, efd);
     if (r) {
         FUZZ_CHECK(r == -EINVAL || r == -EFAULT);
         return 0;
