@@ -3,6 +3,7 @@ exit is in the latency histogram, and spinning is left out where it cannot help.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from asyncvmm._native import ffi, lib
@@ -93,10 +94,11 @@ def test_kvm_probe_in_a_thread_gives_the_same_answer_and_leaves_nothing_behind()
         probe._result, probe._thread = saved
 
 
-def test_the_probe_threads_spare_vm_is_taken_once_and_used_by_the_machine(guests):
-    """probe.start(spare_vm=True) (the CLI's): the thread also makes the VM with its
-    irqchip; the next Vm adopts it (no second VM fd), a later take gets nothing, and the
-    machine built on it runs the guest; nothing is left open afterwards."""
+@contextlib.contextmanager
+def _spare_vm_from_a_fresh_probe(memory: int):
+    """probe.start(spare_vm=True) (the CLI's) in this process, as if it had just begun:
+    yields the spare (kvm, vm, mem); afterwards the probe's state is put back and nothing
+    the test opened may be left open."""
     from conftest import open_fds
 
     from asyncvmm.vstate import probe
@@ -105,53 +107,52 @@ def test_the_probe_threads_spare_vm_is_taken_once_and_used_by_the_machine(guests
     try:
         fds = open_fds()
         probe._result, probe._thread, probe._spare = None, None, None
-        probe.start(spare_vm=True, memory=64 << 20)
+        probe.start(spare_vm=True, memory=memory)
         probe._thread.join()
-        kvm, vmfd, mem = probe._spare
+        yield probe._spare
+        assert open_fds() == fds
+    finally:
+        probe._result, probe._thread, probe._spare = saved
+
+
+def _run_hello(m: Machine) -> None:
+    stop = run_loop(m.run())
+    assert stop.reason is StopReason.RESET, stop.message
+
+
+def test_the_probe_threads_spare_vm_is_taken_once_and_used_by_the_machine(guests):
+    """The probe thread also makes the VM with its irqchip and RAM; the next Vm adopts it
+    (no second VM fd), a later take gets nothing, and the machine built on it runs the
+    guest; nothing is left open afterwards."""
+    from asyncvmm.vstate import probe
+
+    with _spare_vm_from_a_fresh_probe(64 << 20) as (kvm, vmfd, mem):
         assert kvm.fd >= 0 and vmfd.fd >= 0 and mem.size == 64 << 20
         m, console = _hello(guests)
         try:
             m.build()
             assert m.vm.fd is vmfd and m.vm.kvm is kvm and m.vm.mem is mem  # adopted, not made again
             assert probe.take_spare_vm() is None
-            stop = run_loop(m.run())
-            assert stop.reason is StopReason.RESET, stop.message
+            _run_hello(m)
         finally:
             m.close()
             console.close()
         assert vmfd.fd == -1 and kvm.fd == -1
-        assert open_fds() == fds
-    finally:
-        probe._result, probe._thread, probe._spare = saved
 
 
 def test_a_spare_vm_whose_ram_does_not_fit_is_put_away_whole(guests):
     """The spare VM's RAM is mapped in its slots already; a machine that wants other RAM
     (here another size) closes that VM and makes its own, leaving nothing open."""
-    from conftest import open_fds
-
-    from asyncvmm.vstate import probe
-
-    saved = probe._result, probe._thread, probe._spare
-    try:
-        fds = open_fds()
-        probe._result, probe._thread, probe._spare = None, None, None
-        probe.start(spare_vm=True, memory=32 << 20)
-        probe._thread.join()
-        kvm, vmfd, mem = probe._spare
+    with _spare_vm_from_a_fresh_probe(32 << 20) as (kvm, vmfd, mem):
         m, console = _hello(guests)
         try:
             m.build()
             assert m.vm.fd is not vmfd and m.vm.mem is not mem and m.vm.mem.size == 64 << 20
             assert vmfd.fd == -1 and kvm.fd == -1 and mem.regions == []
-            stop = run_loop(m.run())
-            assert stop.reason is StopReason.RESET, stop.message
+            _run_hello(m)
         finally:
             m.close()
             console.close()
-        assert open_fds() == fds
-    finally:
-        probe._result, probe._thread, probe._spare = saved
 
 
 def _hello(guests) -> tuple[Machine, FileConsole]:
