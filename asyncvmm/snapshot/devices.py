@@ -26,7 +26,7 @@ UART_FIELDS = ("_ier", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_fifo_enabled", 
                "_rbr_last", "_lsr_errors", "_thre_pending", "_msr_inputs", "_msr_deltas", "_irq_level", "_thr_ok")
 I8042_FIELDS = ("command_byte", "output_port", "_output", "_output_aux", "_last_output", "_last_was_command", "resets")
 RTC_FIELDS = ("_index", "_status_a", "_status_b", "_set_at", "_set_to", "_weekday_shift")
-ACPI_PM_FIELDS = ("status", "enable", "control", "_level")
+ACPI_PM_FIELDS = ("status", "enable", "control", "smi_enable", "_level")
 FW_CFG_FIELDS = ("selected", "offset", "dma_high")  # the items are rebuilt from the config
 PIT_COUNTER_FIELDS = ("mode", "access", "bcd", "gate", "reload", "null_count", "loaded", "counting", "offset",
                       "write_lsb_next", "read_lsb_next", "partial", "latched_count", "latched_status")

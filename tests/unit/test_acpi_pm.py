@@ -150,6 +150,27 @@ def test_pm_timer_counts_at_3_579545_mhz_from_clock_monotonic(h: Harness):
     assert h.pm.counters["timer_reads"] == 2
 
 
+def test_a_pm_timer_read_takes_one_count_for_all_its_bytes(h: Harness, monkeypatch):
+    # The loop's model serves reads the C fast path declines (a split or a rep ins): the
+    # bytes of one read must come from one count, or a carry between them tears the value.
+    from asyncvmm.devices.legacy import acpi_pm
+
+    counts = iter([0x0000_00FF, 0x0000_0100, 0x0000_0101, 0x0000_0102])
+    monkeypatch.setattr(acpi_pm, "pm_timer_value", lambda: next(counts))
+    assert h.pm.read(TMR, 4) == 0x0000_00FF
+    assert h.pm.read(TMR, 2) == 0x0000_0100
+
+
+def test_smi_en_is_in_the_snapshot_state(h: Harness):
+    from asyncvmm.snapshot.devices import ACPI_PM_FIELDS, _get, _put
+
+    h.pm.write(Register.SMI_EN, 4, SmiEnable.GBL_SMI_EN)
+    state = _get(h.pm, ACPI_PM_FIELDS)
+    other = AcpiPm(sci=lambda level: None, power_off=lambda: None)
+    _put(other, state, ACPI_PM_FIELDS)
+    assert other.read(Register.SMI_EN, 4) == SmiEnable.GBL_SMI_EN | SmiEnable.APMC_EN
+
+
 def test_smi_en_says_smm_is_set_up_and_keeps_the_rest(h: Harness):
     # SeaBIOS's ich9_lpc_apmc_smm_setup returns when APMC_EN reads 1 (else it waits for an SMI forever)
     assert h.pm.read(Register.SMI_EN, 4) == SmiEnable.APMC_EN

@@ -154,6 +154,7 @@ class AcpiPm:
         self.control = Pm1Control.SCI_EN
         self.smi_enable = SmiEnable.APMC_EN
         self._level = False
+        self._timer_now: int | None = None  # the PM timer's count for the access being served
         self.counters = {"power_button": 0, "sci_raised": 0, "sleeps_refused": 0, "power_offs": 0, "timer_reads": 0}
 
     # -- the host's side ---------------------------------------------------------------
@@ -175,6 +176,7 @@ class AcpiPm:
 
     # -- the guest's side --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
+        self._timer_now = None  # one count per access: its bytes cannot tear
         value = 0
         for i in range(size):
             value |= self._read_byte(offset + i) << (8 * i)
@@ -203,7 +205,9 @@ class AcpiPm:
         elif reg is Register.PM_TMR:
             if shift == 0:
                 self.counters["timer_reads"] += 1
-            word = pm_timer_value()
+            if self._timer_now is None:
+                self._timer_now = pm_timer_value()
+            word = self._timer_now
         elif reg is Register.SMI_EN:
             word = int(self.smi_enable)
         else:
