@@ -106,6 +106,17 @@ def test_a_restored_config_space_puts_ecam_where_it_says():
     assert ecam_read(other, 0xE000_0000) == Q35_MCH << 16 | 0x8086
 
 
+def test_a_restored_smram_lock_still_locks():
+    root = make_root(False)
+    root.host_bridge.config_write(MchReg.SMRAM, 1, Smram.D_LCK | Smram.G_SMRAME)
+    saved = bytes(root.host_bridge.config.data)
+    other = make_root(False).host_bridge
+    other.config.data[:] = saved  # as snapshot/devices.py's restore_pci: the data, not the masks
+    other.update_mappings()
+    other.config_write(MchReg.SMRAM, 1, Smram.D_OPEN)
+    assert other.config_read(MchReg.SMRAM, 1) == Smram.D_LCK | Smram.G_SMRAME | 0x2
+
+
 class PmPlacement:
     """LegacyDevices.place_acpi_pm's part: where the PM block is, ports taken by others."""
 

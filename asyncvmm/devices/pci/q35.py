@@ -147,8 +147,11 @@ class Q35Mch(PciDevice):
             self.config.data[Reg.SMRAM] &= ~Smram.D_OPEN & 0xFF
 
     def update_mappings(self) -> None:
-        """Place the ECAM window where PCIEXBAR says (after a write, a restore, attach)."""
+        """Place the ECAM window where PCIEXBAR says (after a write, a restore, attach);
+        a restored D_LCK locks SMRAM again (the write mask is not part of the state)."""
         super().update_mappings()
+        if self.config.get(Reg.SMRAM, 1) & Smram.D_LCK:
+            self.config.wmask[Reg.SMRAM] = 0
         if self.buses is None:
             return
         want = pciexbar_window(self.pciexbar)
