@@ -602,9 +602,9 @@ static int serve_woken(struct avmm_blk *b)
 int avmm_blk_complete(struct avmm_blk *b)
 {
     int total = complete_batch(b), broken = 0;
-    if (!b->watching)
+    if (!b->watching) {
         avmm_engine_woken(b->engine); /* watches a device thread armed before a reset: the loop's readers have those doorbells */
-    if (b->watching) {
+    } else {
         int k = serve_woken(b);
         if (k < 0)
             return -1;

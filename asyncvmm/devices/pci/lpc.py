@@ -128,8 +128,7 @@ class LpcBridge(PciDevice):
             self.pm_port = want
         else:  # over another device's ports: not decoded, as a BAR placed over another
             self.pm_conflicts += 1
-            self.pm_port = None
-            self._place(None)
+            self.pm_port = None  # place() left it nowhere
             log.guest(f"{self.name}: PMBASE {want:#x}: the ACPI PM block's ports are taken; not decoded")
 
 
