@@ -725,7 +725,7 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
     return frames;
 }
 
-int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *state, int *pair)
+int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *stop, uint32_t *state, int *pair)
 {
     struct pollfd fds[AVMM_NET_MAX_PAIRS];
     int nfds = 0, map[AVMM_NET_MAX_PAIRS];
@@ -766,6 +766,6 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, uint32_t *sta
                     *pair = map[k];
                     return avmm_net_rx(n, map[k], state);
                 }
-    } while (avmm_now_ns() < deadline);
+    } while (avmm_now_ns() < deadline && !(stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE)));
     return 0;
 }

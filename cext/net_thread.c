@@ -169,7 +169,7 @@ static void *thread_main(void *arg)
             t->stats.polls++;
             uint32_t state;
             int pair = 0;
-            int r = avmm_net_poll(t->n, (int)t->cfg.npairs, t->stats.poll_ns, &state, &pair);
+            int r = avmm_net_poll(t->n, (int)t->cfg.npairs, t->stats.poll_ns, &t->d.control, &state, &pair);
             if (r != 0 || state) { /* a TX the TAP refused moves nothing and still says so */
                 t->stats.poll_hits += r > 0;
                 after(t, (uint32_t)pair, r, state);

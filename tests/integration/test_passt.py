@@ -497,13 +497,15 @@ def test_stream_gone_with_a_tail_kept_drops_what_follows_without_blocking():
     run(go())
 
 
-def _poll_ms(n: StreamNet, ms: int) -> tuple[int, float]:
-    """avmm_net_poll for `ms`, as the device's busy-poll calls it: what it returned, and when."""
+def _poll_ms(n: StreamNet, ms: int, stop: int | None = None) -> tuple[int, float]:
+    """avmm_net_poll for `ms`, as the device's busy-poll calls it (with a stop word holding
+    `stop`, as a device thread's, if given): what it returned, and when."""
     from asyncvmm._native import ffi  # noqa: PLC0415
 
     state, pair = ffi.new("uint32_t *"), ffi.new("int *")
+    word = ffi.NULL if stop is None else ffi.new("int *", stop)
     t = time.monotonic()
-    got = lib.avmm_net_poll(n.dev.device._net, 1, ms * 1_000_000, state, pair)
+    got = lib.avmm_net_poll(n.dev.device._net, 1, ms * 1_000_000, word, state, pair)
     return got, time.monotonic() - t
 
 
@@ -520,6 +522,8 @@ def test_stream_poll_waits_over_a_partial_frame_and_a_gone_stream():
                     await asyncio.sleep(0.005)
             got, took = _poll_ms(n, 40)
             assert got == 0 and took >= 0.035, took
+            got, took = _poll_ms(n, 2000, stop=1)  # a device thread asked to park: at once
+            assert got == 0 and took < 0.5, took
             n.peer.send(bytes(960))  # the rest: delivered
             assert len(await n.c.receive(1)) == 1
             n.peer.close()

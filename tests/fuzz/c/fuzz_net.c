@@ -118,7 +118,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 seen[0] = seen[1] = 0;
             } else {
                 int pair;
-                avmm_net_poll(n, 1, 0, &state, &pair);
+                avmm_net_poll(n, 1, 0, NULL, &state, &pair);
             }
             break;
         }

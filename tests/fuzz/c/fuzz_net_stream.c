@@ -177,7 +177,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
             default: {
                 int pair;
-                avmm_net_poll(n, 1, 0, &state, &pair);
+                avmm_net_poll(n, 1, 0, NULL, &state, &pair);
                 break;
             }
             }

@@ -369,7 +369,7 @@ class VirtioNet(VirtioDevice):
             self.worker.broken(self.queues)
 
     def _poll_step(self, max_ns: int) -> int:
-        n = lib.avmm_net_poll(self._net, self.active_pairs, max_ns, self._state, self._pair)
+        n = lib.avmm_net_poll(self._net, self.active_pairs, max_ns, ffi.NULL, self._state, self._pair)
         if n > 0:
             state, pair = self._state[0], self._pair[0]
             self._after_rx(pair, state)
