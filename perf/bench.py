@@ -46,6 +46,7 @@ WAKEUP = ROOT / "build" / "perf" / "wakeup"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 ASYNCVMM = ROOT / ".venv" / "bin" / "asyncvmm"
 HISTORY = Path(__file__).resolve().parent / "history.jsonl"
+FLOOR = Path(__file__).resolve().parent / "floor.py"  # an anchor: this checkout's, whatever --root is
 MiB = 1 << 20
 
 # Targets for asyncvmm (see perf/README.md).
@@ -424,6 +425,9 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
         ("qemu_tcg", "qemu -accel tcg", None if not qemu else [qemu, "-accel", "tcg", *qemu_common], 60),
         ("rawkvm", "rawkvm (raw C floor)", [RAWKVM, hello, cmdline], 20),
         ("python", "python -c pass (floor)", [VENV_PY, "-c", "pass"], 20),
+        # A PVH guest booted by plain Python on uvloop (perf/floor.py): the interpreter,
+        # asyncio and uvloop, KVM and the guest, nothing of asyncvmm's.
+        ("floor", "floor.py --uvloop (Python floor)", [VENV_PY, FLOOR, "--uvloop", hello, cmdline], 20),
     ]
     if not RAWKVM.exists():
         cands = [c for c in cands if c[0] != "rawkvm"]

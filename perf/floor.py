@@ -2,7 +2,7 @@
 
     .venv/bin/python perf/floor.py [--sync | --uvloop] GUEST.elf [CMDLINE]
 
-What rawkvm.c does (a PVH ELF on one vCPU in 32-bit protected mode, its port I/O
+What rawkvm.c does without its in-kernel PIT, as asyncvmm has none (a PVH ELF on one vCPU in 32-bit protected mode, its port I/O
 served inline: OUT 0x3F8 to stdout, IN 0x3FD -> 0x60, OUT 0x64 <- 0xFE stops, other
 IN -> 0xff), in as little Python as it takes: os, mmap, struct and fcntl.ioctl, no
 asyncvmm and no cffi. With asyncio (the default) the vCPU runs in a thread the loop
@@ -44,7 +44,6 @@ KVM_CREATE_VCPU = _ioc(0, 0x41, 0)
 KVM_SET_USER_MEMORY_REGION = _ioc(1, 0x46, 32)
 KVM_SET_TSS_ADDR = _ioc(0, 0x47, 0)
 KVM_CREATE_IRQCHIP = _ioc(0, 0x60, 0)
-KVM_CREATE_PIT2 = _ioc(1, 0x77, 64)
 KVM_RUN = _ioc(0, 0x80, 0)
 KVM_SET_REGS = _ioc(1, 0x82, 144)
 KVM_GET_SREGS = _ioc(2, 0x83, 312)
@@ -90,7 +89,6 @@ def boot(path: str, cmdline: str):
     vm = fcntl.ioctl(kvm, KVM_CREATE_VM)
     fcntl.ioctl(vm, KVM_SET_TSS_ADDR, TSS_ADDR - (1 << 32))  # ioctl() takes a C int: the same 32 bits
     fcntl.ioctl(vm, KVM_CREATE_IRQCHIP)
-    fcntl.ioctl(vm, KVM_CREATE_PIT2, bytes(64))
     ram = mmap.mmap(-1, RAM_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     region = struct.pack("<IIQQQ", 0, 0, 0, RAM_SIZE, _address_of(ram))
     fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
