@@ -2,15 +2,16 @@
 
     .venv/bin/python perf/floor.py [--sync | --uvloop] GUEST.elf [CMDLINE]
 
-What rawkvm.c does without its in-kernel PIT, as asyncvmm has none (a PVH ELF on one vCPU in 32-bit protected mode, its port I/O
-served inline: OUT 0x3F8 to stdout, IN 0x3FD -> 0x60, OUT 0x64 <- 0xFE stops, other
-IN -> 0xff), in as little Python as it takes: os, mmap, struct and fcntl.ioctl, no
-asyncvmm and no cffi. With asyncio (the default) the vCPU runs in a thread the loop
-waits for, as a VMM on asyncio must (KVM_RUN blocks); --uvloop runs that loop on uvloop
-(which imports ssl); --sync imports no asyncio at all. So the four steps up from
-`python -c pass` to asyncvmm are: the interpreter, KVM and the guest (--sync), the event
-loop's standard library (asyncio, --uvloop), and what asyncvmm adds on top (its
-modules, its devices, its checks). perf/README.md, start-up, has the figures.
+What rawkvm.c does, less its in-kernel PIT (asyncvmm has none): a PVH ELF on one vCPU
+in 32-bit protected mode, its port I/O served inline (OUT 0x3F8 to stdout, IN 0x3FD ->
+0x60, OUT 0x64 <- 0xFE stops, other IN -> 0xff), in as little Python as it takes: os,
+mmap, struct, fcntl.ioctl and ctypes for one address; no asyncvmm, no cffi. With asyncio
+(the default) the vCPU runs in a thread the loop waits for, as a VMM on asyncio must
+(KVM_RUN blocks); --uvloop runs that loop on uvloop (which imports ssl); --sync imports
+no asyncio at all. So the steps up from `python -c pass` to asyncvmm are: the
+interpreter, KVM and the guest (--sync), the event loop's standard library (asyncio,
+--uvloop), and what asyncvmm adds on top (its modules, its devices, its checks).
+perf/README.md, start-up, has the figures.
 """
 
 from __future__ import annotations
