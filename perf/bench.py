@@ -432,6 +432,12 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
     if not RAWKVM.exists():
         cands = [c for c in cands if c[0] != "rawkvm"]
         notes.append("startup: build/perf/rawkvm missing, its floor row skipped")
+    from startup_ir import stale_pycs  # noqa: PLC0415 (perf/startup_ir.py)
+
+    stale = stale_pycs(ROOT)
+    if stale:  # never rewritten under PYTHONDONTWRITEBYTECODE: compiled at every start
+        notes.append(f"startup: {len(stale)} of asyncvmm's .pyc stale ({', '.join(stale[:3])}...): "
+                     "asyncvmm's rows include compiling them; run tools/setup")
     samples: dict[str, list[dict]] = {key: [] for key, _, argv, _ in cands if argv}
     failed: dict[str, str] = {}
     # Interleaved (A B C A B C ...) so a slow moment of the host hits every column alike.

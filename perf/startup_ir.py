@@ -89,6 +89,28 @@ def instructions(argv: list[str], env: dict | None = None) -> int:
     return int(m.group(1).replace(",", ""))
 
 
+def stale_pycs(root: Path = ROOT) -> list[str]:
+    """asyncvmm's modules whose .pyc is missing or older than the source. With
+    PYTHONDONTWRITEBYTECODE set (as on these machines) Python never rewrites one, so each is
+    compiled again at every start (console.py: ~25 M instructions) until tools/setup runs."""
+    import importlib.util  # noqa: PLC0415
+
+    out = []
+    for src in sorted((root / "asyncvmm").rglob("*.py")):
+        pyc = Path(importlib.util.cache_from_source(str(src)))
+        try:
+            head = pyc.read_bytes()[:16]
+        except OSError:
+            out.append(str(src.relative_to(root)))
+            continue
+        st = src.stat()
+        if int.from_bytes(head[4:8], "little") == 0 and (  # timestamp-based: mtime and size
+                int.from_bytes(head[8:12], "little") != int(st.st_mtime) & 0xFFFFFFFF
+                or int.from_bytes(head[12:16], "little") != st.st_size & 0xFFFFFFFF):
+            out.append(str(src.relative_to(root)))
+    return out
+
+
 def per_class(script: str, n: int = 20) -> float:
     return (instructions([PY, "-c", script, str(n)]) - instructions([PY, "-c", script, "0"])) / n
 
@@ -96,6 +118,11 @@ def per_class(script: str, n: int = 20) -> float:
 def main(argv: list[str]) -> int:
     if shutil.which("valgrind") is None:
         print("startup_ir: needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    stale = stale_pycs()
+    if stale:
+        print(f"startup_ir: {len(stale)} stale .pyc ({', '.join(stale[:3])}...): run tools/setup first, "
+              "or each is compiled at every start and counted", file=sys.stderr)
         return 2
     run_dir = tempfile.mkdtemp(prefix="startup-ir-")
     env = dict(os.environ, ASYNCVMM_SECCOMP="off", ASYNCVMM_RUN_DIR=run_dir)
