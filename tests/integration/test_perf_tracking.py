@@ -55,6 +55,7 @@ def test_permutation_test_sampled_when_too_many_labellings():
     ("startup.asyncvmm.exit_s", -1, False, True),
     ("startup.asyncvmm.exit_max_s", -1, False, False),
     ("startup.qemu_tcg.exit_s", -1, True, False),
+    ("startup.floor.exit_s", -1, True, False),  # perf/floor.py: Python booting the guest without asyncvmm
     ("startup.ratio_asyncvmm_qemu_tcg.exit", -1, False, True),
     ("blk.direct.randread-4k-qd32.asyncvmm.iops", +1, False, True),
     ("blk.direct.randread-4k-qd32.fio.iops", +1, True, False),
