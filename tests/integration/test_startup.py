@@ -65,6 +65,7 @@ def _boot(guests, *flags: str) -> dict:
     r = subprocess.run(
         [sys.executable, "-c", PROBE, "run", "-m", "64", "--kernel", str(guests / "hello.elf"), "--no-reboot", "-q", *flags],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
+        stdin=subprocess.DEVNULL,  # not pytest's terminal, if it has one: a terminal's console needs termios
     )
     assert "hello from the guest" in r.stdout, r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("RESULT ")]
