@@ -25,6 +25,8 @@ class Device(Protocol):
 
 @dataclass(frozen=True)
 class Range:
+    """A device's addresses on a bus: [start, start + length)."""
+
     start: int
     length: int
     device: Device

@@ -19,9 +19,7 @@ import queue
 import re
 import socket
 import stat
-import termios
 import threading
-import tty
 from collections.abc import Callable
 
 from . import seccomp
@@ -199,6 +197,9 @@ class StdioConsole(Console):
             return  # epoll cannot watch a regular file: output only
         self._in_fd = stdin_fd
         if os.isatty(stdin_fd):
+            import termios  # noqa: PLC0415 (only a terminal needs them: two C modules a piped start skips)
+            import tty  # noqa: PLC0415
+
             self._saved_tty = termios.tcgetattr(stdin_fd)
             tty.setraw(stdin_fd)
         # stdin stays blocking (its open file is shared with the shell and stdout): the
@@ -263,6 +264,8 @@ def restore_terminal(console: "StdioConsole") -> None:
     """Put the terminal back as it was (safe to call more than once, from any exit path)."""
     saved, console._saved_tty = console._saved_tty, None
     if saved is not None:
+        import termios  # noqa: PLC0415 (imported when the terminal was saved)
+
         try:
             termios.tcsetattr(console._in_fd, termios.TCSADRAIN, saved)
         except termios.error:

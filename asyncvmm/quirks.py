@@ -193,6 +193,8 @@ def append_parameters(cmdline: str, params: list[str]) -> tuple[str, list[str]]:
 
 @dataclass
 class Quirks:
+    """The quirks of one VM: on or off, why, and what each did (applied: name -> count)."""
+
     enabled: bool
     reason: str = ""
     applied: dict[str, int] = field(default_factory=dict)

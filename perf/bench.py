@@ -46,6 +46,7 @@ WAKEUP = ROOT / "build" / "perf" / "wakeup"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 ASYNCVMM = ROOT / ".venv" / "bin" / "asyncvmm"
 HISTORY = Path(__file__).resolve().parent / "history.jsonl"
+FLOOR = Path(__file__).resolve().parent / "floor.py"  # an anchor: this checkout's, whatever --root is
 MiB = 1 << 20
 
 # Targets for asyncvmm (see perf/README.md).
@@ -424,10 +425,19 @@ def bench_startup(reps: int, qemu: str | None, notes: list[str]) -> tuple[str, d
         ("qemu_tcg", "qemu -accel tcg", None if not qemu else [qemu, "-accel", "tcg", *qemu_common], 60),
         ("rawkvm", "rawkvm (raw C floor)", [RAWKVM, hello, cmdline], 20),
         ("python", "python -c pass (floor)", [VENV_PY, "-c", "pass"], 20),
+        # A PVH guest booted by plain Python on uvloop (perf/floor.py): the interpreter,
+        # asyncio and uvloop, KVM and the guest, nothing of asyncvmm's.
+        ("floor", "floor.py --uvloop (Python floor)", [VENV_PY, FLOOR, "--uvloop", hello, cmdline], 20),
     ]
     if not RAWKVM.exists():
         cands = [c for c in cands if c[0] != "rawkvm"]
         notes.append("startup: build/perf/rawkvm missing, its floor row skipped")
+    from startup_ir import stale_pycs  # noqa: PLC0415 (perf/startup_ir.py)
+
+    stale = stale_pycs(ROOT)
+    if stale:  # never rewritten under PYTHONDONTWRITEBYTECODE: compiled at every start
+        notes.append(f"startup: {len(stale)} of asyncvmm's .pyc stale ({', '.join(stale[:3])}...): "
+                     "asyncvmm's rows include compiling them; run tools/setup")
     samples: dict[str, list[dict]] = {key: [] for key, _, argv, _ in cands if argv}
     failed: dict[str, str] = {}
     # Interleaved (A B C A B C ...) so a slow moment of the host hits every column alike.

@@ -23,7 +23,7 @@ from pathlib import Path
 HISTORY = Path(__file__).resolve().parent / "history.jsonl"
 
 # Parts of a figure's name that mean it measures an anchor, not asyncvmm.
-ANCHOR_PARTS = ("rawkvm", "qemu_kvm", "qemu_tcg", "python", "fio", "limit", "wakeup")
+ANCHOR_PARTS = ("rawkvm", "qemu_kvm", "qemu_tcg", "python", "floor", "fio", "limit", "wakeup")
 # Bookkeeping, not performance.
 META_SUFFIXES = (".seconds", ".reps", ".n", ".loop")
 

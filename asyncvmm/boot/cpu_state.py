@@ -113,12 +113,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class DescriptorTable:
+    """A GDTR or IDTR: the table's base and limit."""
+
     base: int
     limit: int
 
 
 @dataclass(frozen=True, kw_only=True)
 class BootCpuState:
+    """The boot vCPU's registers as a boot protocol hands the kernel over."""
+
     rip: int
     rsp: int = 0
     rsi: int = 0

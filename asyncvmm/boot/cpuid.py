@@ -25,6 +25,8 @@ class Template(str, Enum):
 
 @dataclass(frozen=True)
 class Feature:
+    """A CPUID feature flag: bit `bit` of register `reg` in leaf `leaf`, subleaf `subleaf`."""
+
     name: str
     leaf: int
     subleaf: int

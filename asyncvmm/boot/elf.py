@@ -64,6 +64,8 @@ _NHDR = struct.Struct("<III")  # n_namesz, n_descsz, n_type (same in both classe
 
 @dataclass(frozen=True)
 class ProgramHeader:
+    """One entry of the program header table (Elf32_Phdr or Elf64_Phdr) and its index."""
+
     index: int
     p_type: int
     p_flags: int
@@ -77,6 +79,8 @@ class ProgramHeader:
 
 @dataclass(frozen=True)
 class Note:
+    """One ELF note of a PT_NOTE segment."""
+
     name: str  # n_name without its NUL
     type: int  # n_type
     desc: bytes
@@ -84,6 +88,8 @@ class Note:
 
 @dataclass(frozen=True)
 class ElfFile:
+    """An ELF image's header fields and program headers (parse_elf makes one)."""
+
     data: bytes | memoryview
     ei_class: ElfClass
     e_type: int

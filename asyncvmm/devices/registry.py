@@ -43,6 +43,8 @@ PROVIDERS = {
 
 @dataclass(frozen=True)
 class Driver:
+    """A `-s` driver: how its options are checked and its device built."""
+
     name: str
     check: Callable[[Any, Any], None]  # (PciSlot, VmConfig)
     build: Callable[[Any, Any], Any] | None  # (PciSlot, BuildContext) -> PciDevice; None: nothing to add

@@ -25,6 +25,8 @@ PROBE_CODE = bytes.fromhex("f30fb8c0") + b"\xf4"
 
 @dataclass(frozen=True)
 class KvmKind:
+    """What the probe found: does KVM run guest kernel code in its instruction emulator, and why it says so."""
+
     emulating: bool
     detail: str
 

@@ -57,6 +57,8 @@ class StopReason(enum.Enum):
 
 @dataclass
 class Stop:
+    """Why the VM stopped, said as the CLI and the API report it, and the vCPU it came from."""
+
     reason: StopReason
     message: str
     vcpu: int | None = None

@@ -55,6 +55,7 @@ def test_permutation_test_sampled_when_too_many_labellings():
     ("startup.asyncvmm.exit_s", -1, False, True),
     ("startup.asyncvmm.exit_max_s", -1, False, False),
     ("startup.qemu_tcg.exit_s", -1, True, False),
+    ("startup.floor.exit_s", -1, True, False),  # perf/floor.py: Python booting the guest without asyncvmm
     ("startup.ratio_asyncvmm_qemu_tcg.exit", -1, False, True),
     ("blk.direct.randread-4k-qd32.asyncvmm.iops", +1, False, True),
     ("blk.direct.randread-4k-qd32.fio.iops", +1, True, False),
@@ -199,3 +200,21 @@ def test_plots_page_shows_the_plots_in_headless_chromium(tmp_path):
     # (matplotlib's C0-C9), where the page's text, grids and frames are grey.
     colour = px.max(axis=2) - px.min(axis=2) > 0.25
     assert colour.sum() > 500, f"no plot lines on the page ({colour.sum()} coloured pixels)"
+
+
+# -- the start-up floor anchor (perf/floor.py) ---------------------------------------------
+
+@needs_kvm
+@pytest.mark.parametrize("mode", ["--sync", "--asyncio", "--uvloop"])
+def test_the_floor_anchor_boots_hello_in_each_mode(guests, mode):
+    """bench.py's start-up row `floor.py --uvloop` (and perf/startup_ir.py's three) stand for
+    what Python itself costs: they must boot the real guest, not fail into a dropped column."""
+    argv = [PY, str(PERF / "floor.py"), *([] if mode == "--asyncio" else [mode]), str(guests / "hello.elf"), "bench=floor"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("hello from the guest") and "bench=floor" in r.stdout, r.stdout
+
+
+def test_the_floor_anchor_refuses_a_bad_command_line():
+    r = subprocess.run([PY, str(PERF / "floor.py"), "--sync"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "floor.py" in r.stderr

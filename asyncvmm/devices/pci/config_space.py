@@ -40,6 +40,8 @@ class BarKind(enum.Enum):
 
 @dataclass
 class Bar:
+    """A base address register a function implements: its index, size and kind."""
+
     index: int
     size: int  # a power of two: at least 16 for memory, 4 for I/O
     kind: BarKind

@@ -43,6 +43,8 @@ class _BarWindow:
 
 @dataclass
 class BarMapping:
+    """Where a BAR is mapped now: its address on `bus`."""
+
     address: int
     bus: Bus
 
