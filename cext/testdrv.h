@@ -13,7 +13,9 @@
  * of hardware KVM's halt polling (Documentation/virt/kvm/halt-polling.rst; x86's default cap
  * is 200000 ns): the window starts at 0, grows (to 10 µs, then doubling, up to the cap) after
  * a halt that ended within the cap but past the window, halves (to 0 below 10 µs) after a halt
- * longer than the cap, and stays after one the window caught. */
+ * longer than the cap, and stays after one the window caught. KVM polls only while no other
+ * task is runnable on the vCPU's CPU; the driver, which cannot see its CPU's run queue, polls
+ * only while no more tasks are runnable than there are CPUs (/proc/loadavg, every 10 µs). */
 #define AVMM_TESTDRV_HALT_POLL_NS 200000u
 #define AVMM_TESTDRV_HALT_POLL_START_NS 10000u
 
