@@ -126,8 +126,20 @@ class Side:
         rec = json.loads(out.read_text())
         out.unlink()
         if r.returncode != 0:
-            self.failures += [n for n in rec.get("notes", []) if "fail" in n.lower()] or [f"status {r.returncode}"]
+            why = [brief(n) for n in rec.get("notes", []) if any(w in n.lower() for w in FAILURE_WORDS)]
+            last = r.stdout.strip().splitlines()[-1:] or [""]
+            self.failures += why or [f"status {r.returncode}: {brief(last[0])}"]
         self.records.append(rec)
+
+
+FAILURE_WORDS = ("fail", "no result", "error")
+
+
+def brief(note: str) -> str:
+    """A failure note on one line: its first line, and a traceback's last (the exception)."""
+    lines = [ln.strip() for ln in note.strip().splitlines() if ln.strip()] or [""]
+    text = lines[0][:160] + (" … " + lines[-1][:200] if len(lines) > 1 else "")
+    return text
 
 
 def numeric_series(records: list[dict]) -> dict[str, list[float]]:

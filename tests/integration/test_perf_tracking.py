@@ -119,6 +119,17 @@ def test_ab_calls_a_slower_asyncvmm_a_regression_and_a_moving_anchor_no_regressi
     assert {r["figure"]: r for r in ab.compare(a, b, 80, 0.01)}["exits.0x80.added_us"]["verdict"] == ""
 
 
+def test_ab_says_why_a_side_failed_on_one_line():
+    # a benchmark's note carrying a child's traceback: its first line and the exception
+    note = ("net: no result from ['ip', 'netns', 'exec', ...]: Traceback (most recent call last):\n"
+            '  File "/perf/net.py", line 109, in go\n'
+            "TypeError: VirtioNet.__init__() got an unexpected keyword argument 'thread_poll'\n")
+    text = ab.brief(note)
+    assert "\n" not in text
+    assert text.startswith("net: no result from") and text.endswith("keyword argument 'thread_poll'")
+    assert ab.brief("startup: rawkvm failed: status 3") == "startup: rawkvm failed: status 3"
+
+
 @pytest.mark.parametrize("argv, says", [
     (["no-such-commit-xyz"], "is not a commit"),
     (["HEAD", "--only", "bogus"], "unknown benchmark"),
