@@ -43,6 +43,7 @@ struct avmm_blk_thread_stats {
     uint64_t parks;
     uint32_t seccomp_failed;
     uint32_t unused;
+    uint64_t poll_preempted; /* polls cut short: the thread lost its CPU while spinning */
 };
 
 struct avmm_blk_thread;

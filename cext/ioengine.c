@@ -23,6 +23,8 @@ struct avmm_engine {
     struct io_uring ring;
     int ring_ok;
     unsigned unsubmitted;
+    unsigned depth;   /* requests submitted, not yet reaped (stats.depth_ns integrates it) */
+    uint64_t depth_t; /* when depth last changed */
     /* URING: fds io_uring watches (multishot POLL_ADD), so that one wait in io_uring
      * serves both the device's doorbells and its completions (avmm_engine_watch). */
     struct { int fd; uint32_t tag; uint32_t rearm; } watch[AVMM_ENGINE_MAX_WATCH];
@@ -103,6 +105,18 @@ void avmm_engine_free(struct avmm_engine *e)
     free(e->cq);
     free(e->xq);
     free(e);
+}
+
+/* The depth changes by `delta` now: its integral takes the span at the old depth. */
+static void depth_change(struct avmm_engine *e, int delta)
+{
+    if (!delta)
+        return;
+    uint64_t t = avmm_now_ns();
+    if (e->depth)
+        e->stats.depth_ns += (uint64_t)e->depth * (t - e->depth_t);
+    e->depth_t = t;
+    e->depth = (unsigned)((int)e->depth + delta);
 }
 
 int avmm_engine_fd(const struct avmm_engine *e) { return e->efd; }
@@ -201,17 +215,27 @@ int avmm_engine_submit(struct avmm_engine *e)
     return avmm_engine_flush(e);
 }
 
+/* io_uring_submit, and what it did to the counts */
+static int submit_now(struct avmm_engine *e)
+{
+    unsigned io = e->inflight - e->depth; /* requests queued (the rest of unsubmitted: watches) */
+    int r = io_uring_submit(&e->ring);
+    if (r < 0)
+        return r;
+    depth_change(e, (int)((unsigned)r < io ? (unsigned)r : io));
+    e->unsubmitted -= (unsigned)r;
+    return r;
+}
+
 int avmm_engine_flush(struct avmm_engine *e)
 {
     if (e->kind != AVMM_ENGINE_URING)
         return avmm_engine_submit(e);
     if (!e->unsubmitted)
         return 0;
-    int r = io_uring_submit(&e->ring);
-    if (r < 0)
-        return r;
-    e->unsubmitted -= (unsigned)r;
-    e->stats.submits++;
+    int r = submit_now(e);
+    if (r >= 0)
+        e->stats.submits++;
     return r;
 }
 
@@ -261,9 +285,7 @@ int avmm_engine_watch(struct avmm_engine *e, int fd, unsigned tag)
     e->watch[e->nwatch].tag = tag;
     e->watch[e->nwatch].rearm = 0;
     e->nwatch++;
-    r = io_uring_submit(&e->ring);
-    if (r > 0)
-        e->unsubmitted -= (unsigned)r;
+    r = submit_now(e);
     return r < 0 ? r : 0;
 }
 
@@ -284,6 +306,8 @@ int avmm_engine_wait(struct avmm_engine *e, uint64_t max_ns)
     }
     struct __kernel_timespec ts = {.tv_sec = (long long)(max_ns / 1000000000u), .tv_nsec = (long long)(max_ns % 1000000000u)};
     struct io_uring_cqe *cqe;
+    if (e->unsubmitted)
+        depth_change(e, (int)(e->inflight - e->depth)); /* submitted as the call starts */
     int r = io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, max_ns == AVMM_ENGINE_FOREVER ? NULL : &ts, NULL);
     if (r >= 0 && e->unsubmitted) {
         e->unsubmitted = 0; /* submit_and_wait submitted them */
@@ -350,6 +374,8 @@ int avmm_engine_reap(struct avmm_engine *e, struct avmm_io_cqe *out, int max)
         if (!e->threaded && ((n == max && io_uring_cq_ready(&e->ring)) || e->woken))
             avmm_efd_signal(e->efd);
     }
+    if (e->kind == AVMM_ENGINE_URING)
+        depth_change(e, -(int)((unsigned)n < e->depth ? (unsigned)n : e->depth));
     e->inflight -= (unsigned)n;
     e->stats.reaps += (uint64_t)n;
     return n;
@@ -398,10 +424,8 @@ void avmm_engine_drain(struct avmm_engine *e)
     while (e->inflight) {
         /* Everything queued must be submitted, or the wait below never ends. */
         if (e->unsubmitted) {
-            int n = io_uring_submit(&e->ring);
-            if (n > 0)
-                e->unsubmitted -= (unsigned)n;
-            else if (n < 0 && n != -EAGAIN && n != -EINTR && n != -EBUSY)
+            int n = submit_now(e);
+            if (n < 0 && n != -EAGAIN && n != -EINTR && n != -EBUSY)
                 break;
         }
         struct io_uring_cqe *cqe;
@@ -412,4 +436,6 @@ void avmm_engine_drain(struct avmm_engine *e)
         if (!watch)
             e->inflight--;
     }
+    if (e->depth > e->inflight)
+        depth_change(e, (int)e->inflight - (int)e->depth);
 }

@@ -55,6 +55,9 @@ struct avmm_engine_stats {
     uint64_t submits;   /* submit calls that had ops (one io_uring_enter each) */
     uint64_t reaps;     /* completions reaped */
     uint64_t reap_calls;
+    /* io_uring: the integral over time of the requests submitted and not yet reaped (ns ×
+     * requests); its growth over a span, divided by the span, is the mean depth the disk had. */
+    uint64_t depth_ns;
 };
 
 struct avmm_engine;

@@ -7,6 +7,8 @@
  * batch, a doorbell only when the device asked for one (EVENT_IDX), used_event set to
  * hear about the next completion, and a blocking wait on the vector's eventfd when
  * nothing has completed. Each request's latency is from its publish to its used entry.
+ * With halt_poll_ns set, that wait is a halted vCPU on hardware KVM: it spins on the used
+ * ring for KVM's adaptive halt-polling window before it sleeps (halt() below).
  *
  * It runs in the calling thread (Python calls it from a worker thread; cffi drops the
  * GIL), while the loop's thread serves the device.
@@ -14,7 +16,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/virtio_blk.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,6 +36,113 @@ static uint64_t next_rand(uint64_t *s)
     x ^= x >> 27;
     *s = x;
     return x * 2685821657736338717ull;
+}
+
+/* A halted vCPU (testdrv.h): what the driver's CPU does until the used index moves past
+ * `last`. KVM polls for a pending interrupt; the driver looks at what the interrupt is for,
+ * the used index (the device writes it before it signals the eventfd). A completion caught
+ * while polling still had its interrupt signalled (the guest would take it while running):
+ * a later sleep reads that stale count and sleeps again. 1 when the ring moved, 0 on timeout. */
+struct vcpu {
+    uint32_t max_ns;  /* the cap: 0, never poll */
+    uint32_t poll_ns; /* the window now */
+    int loadavg_fd;   /* /proc/loadavg, for cpu_wanted() */
+    int cpus;         /* the CPUs this thread may run on */
+};
+
+static void vcpu_init(struct vcpu *v, uint32_t max_ns)
+{
+    *v = (struct vcpu){max_ns, 0, -1, 1};
+    if (!max_ns)
+        return;
+    v->loadavg_fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0)
+        v->cpus = CPU_COUNT(&set);
+}
+
+static void vcpu_fini(struct vcpu *v)
+{
+    if (v->loadavg_fd >= 0)
+        close(v->loadavg_fd);
+}
+
+/* KVM stops polling as soon as another task is runnable on the vCPU's CPU
+ * (kvm_vcpu_can_poll: single_task_running()). User space cannot see its CPU's run queue;
+ * the nearest it can see is the whole machine's: more runnable tasks than CPUs
+ * (/proc/loadavg's fourth field counts the running ones, this thread among them). */
+static int cpu_wanted(struct vcpu *v)
+{
+    char buf[128];
+    if (v->loadavg_fd < 0)
+        return 0;
+    ssize_t n = pread(v->loadavg_fd, buf, sizeof(buf) - 1, 0);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    const char *p = buf;
+    for (int field = 0; field < 3 && p; field++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return p && atoi(p) > v->cpus;
+}
+
+#define CPU_WANTED_EVERY_NS 10000u /* a look costs ~2 µs */
+
+static int halt(struct vcpu *v, const uint16_t *used_idx, uint16_t last, int irq_fd, int timeout_ms,
+                struct avmm_testdrv_halts *h, uint64_t *interrupts)
+{
+    uint64_t t0 = avmm_clock_ns(CLOCK_MONOTONIC), t = t0;
+    int moved = 0;
+    h->halts++;
+    if (v->poll_ns && cpu_wanted(v)) {
+        h->yielded++; /* KVM does not poll while another task is runnable on the CPU */
+    } else if (v->poll_ns) {
+        uint64_t stop = t0 + v->poll_ns, look = t0 + CPU_WANTED_EVERY_NS;
+        do {
+            for (int spin = 0; spin < 16 && !moved; spin++) {
+                moved = __atomic_load_n(used_idx, __ATOMIC_ACQUIRE) != last;
+                if (!moved)
+                    __builtin_ia32_pause();
+            }
+            t = avmm_clock_ns(CLOCK_MONOTONIC);
+            if (!moved && t >= look) {
+                if (cpu_wanted(v)) {
+                    h->yielded++;
+                    break;
+                }
+                look = t + CPU_WANTED_EVERY_NS;
+            }
+        } while (!moved && t < stop);
+        h->poll_ns += t - t0;
+    }
+    if (moved) {
+        h->polled++;
+    } else {
+        h->slept++;
+        while (__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) == last) {
+            struct pollfd p = {.fd = irq_fd, .events = POLLIN};
+            if (poll(&p, 1, timeout_ms) <= 0)
+                return 0;
+            uint64_t cnt;
+            if (read(irq_fd, &cnt, 8) == 8)
+                *interrupts += cnt;
+        }
+    }
+    if (!v->max_ns)
+        return 1;
+    /* KVM's rule (kvm_vcpu_halt): the halt's whole length against the window and the cap */
+    uint64_t ns = avmm_clock_ns(CLOCK_MONOTONIC) - t0;
+    if (ns <= v->poll_ns)
+        ; /* the window caught it */
+    else if (v->poll_ns && ns > v->max_ns)
+        v->poll_ns = v->poll_ns / 2 < AVMM_TESTDRV_HALT_POLL_START_NS ? 0 : v->poll_ns / 2;
+    else if (v->poll_ns < v->max_ns && ns < v->max_ns)
+        v->poll_ns = v->poll_ns * 2 < AVMM_TESTDRV_HALT_POLL_START_NS ? AVMM_TESTDRV_HALT_POLL_START_NS
+                     : v->poll_ns * 2 > v->max_ns ? v->max_ns : v->poll_ns * 2;
+    return 1;
 }
 
 struct slot {
@@ -68,6 +180,8 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
     if (!c->qd || c->qd > AVMM_TESTDRV_MAX_QD || 3u * c->qd > size)
         return -EINVAL;
     memset(res, 0, sizeof(*res));
+    struct vcpu vcpu;
+    vcpu_init(&vcpu, c->halt_poll_ns);
     uint64_t cpu0 = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID), t_start = avmm_clock_ns(CLOCK_MONOTONIC);
 
     /* publish `n` new requests (their heads are already in the ring) and ring if asked */
@@ -102,15 +216,10 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             if (__atomic_load_n(&c->used->idx, __ATOMIC_ACQUIRE) != last_used)
                 continue;
-            struct pollfd p = {.fd = c->irq_fd, .events = POLLIN};
-            int r = poll(&p, 1, 5000);
-            if (r == 0) {
+            if (!halt(&vcpu, &c->used->idx, last_used, c->irq_fd, 5000, &res->halt, &res->interrupts)) {
                 res->timeouts++;
                 break;
             }
-            uint64_t cnt;
-            if (read(c->irq_fd, &cnt, 8) == 8)
-                res->interrupts += cnt;
             continue;
         }
         uint64_t t = avmm_clock_ns(CLOCK_MONOTONIC);
@@ -138,6 +247,7 @@ int avmm_testdrv_run(const struct avmm_testdrv_cfg *c, struct avmm_testdrv_resul
             PUBLISH();
     }
 #undef PUBLISH
+    vcpu_fini(&vcpu);
     res->completed = done;
     res->ns = avmm_clock_ns(CLOCK_MONOTONIC) - t_start;
     res->driver_cpu_ns = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
@@ -168,24 +278,19 @@ static void ring_publish(struct ring *r, int event_idx, struct avmm_testdrv_net_
 }
 
 /* Wait until the used ring moves past last_used (or the timeout): 1 if it did. */
-static int ring_wait(struct ring *r, int timeout_ms, struct avmm_testdrv_net_result *res)
+static int ring_wait(struct ring *r, struct vcpu *v, int timeout_ms, struct avmm_testdrv_net_result *res)
 {
-    for (;;) {
-        if (__atomic_load_n(&r->used->idx, __ATOMIC_ACQUIRE) != r->last_used)
-            return 1;
-        __atomic_store_n((uint16_t *)&r->avail->ring[r->size], r->last_used, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&r->used->idx, __ATOMIC_ACQUIRE) != r->last_used)
-            return 1;
-        struct pollfd p = {.fd = r->irq_fd, .events = POLLIN};
-        if (poll(&p, 1, timeout_ms) <= 0) {
-            res->timeouts++;
-            return 0;
-        }
-        uint64_t cnt;
-        if (read(r->irq_fd, &cnt, 8) == 8)
-            res->interrupts += cnt;
+    if (__atomic_load_n(&r->used->idx, __ATOMIC_ACQUIRE) != r->last_used)
+        return 1;
+    __atomic_store_n((uint16_t *)&r->avail->ring[r->size], r->last_used, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&r->used->idx, __ATOMIC_ACQUIRE) != r->last_used)
+        return 1;
+    if (!halt(v, &r->used->idx, r->last_used, r->irq_fd, timeout_ms, &res->halt, &res->interrupts)) {
+        res->timeouts++;
+        return 0;
     }
+    return 1;
 }
 
 int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testdrv_net_result *res, uint32_t *lat_ns)
@@ -197,6 +302,8 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
     rx.old_idx = rx.avail_idx;
     tx.old_idx = tx.avail_idx;
     memset(res, 0, sizeof(*res));
+    struct vcpu vcpu; /* one vCPU runs both queues' driver */
+    vcpu_init(&vcpu, c->halt_poll_ns);
     uint16_t size = c->size;
     uint64_t cpu0 = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID), t0 = avmm_clock_ns(CLOCK_MONOTONIC);
 
@@ -225,7 +332,7 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
                 issued++;
             }
             ring_publish(&tx, c->event_idx, res);
-            if (!ring_wait(&tx, (int)c->timeout_ms, res))
+            if (!ring_wait(&tx, &vcpu, (int)c->timeout_ms, res))
                 break;
             uint16_t used = __atomic_load_n(&tx.used->idx, __ATOMIC_ACQUIRE);
             uint16_t n = (uint16_t)(used - tx.last_used);
@@ -244,7 +351,7 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
             ring_publish(&tx, c->event_idx, res);
         }
         while (res->frames < c->count) {
-            if (!ring_wait(&rx, (int)c->timeout_ms, res))
+            if (!ring_wait(&rx, &vcpu, (int)c->timeout_ms, res))
                 break;
             uint16_t used = __atomic_load_n(&rx.used->idx, __ATOMIC_ACQUIRE);
             uint64_t t = avmm_clock_ns(CLOCK_MONOTONIC);
@@ -282,6 +389,7 @@ int avmm_testdrv_net_run(const struct avmm_testdrv_net_cfg *c, struct avmm_testd
             ring_publish(&rx, c->event_idx, res);
         }
     }
+    vcpu_fini(&vcpu);
     res->ns = avmm_clock_ns(CLOCK_MONOTONIC) - t0;
     res->driver_cpu_ns = avmm_clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     return 0;

@@ -28,3 +28,27 @@ def test_the_test_driver_drives_virtio_blk(tmp_path):
     w = blk.Workload("randread-4k-qd4", "randread", 4096, 4, 500)
     figs = blk.run_asyncvmm(str(image), w, 500, direct=False)
     assert figs["iops"] > 0 and figs["kicks"] > 0 and figs["batches"] > 0
+
+
+def test_the_halt_polling_driver_polls_and_the_sleeping_one_does_not(tmp_path):
+    """The driver as a halt-polling vCPU (cext/testdrv.h) ends halts in its window, and sleeps
+    on the eventfd for the rest (its first halt has no window yet, as KVM's); the driver that
+    always sleeps never polls."""
+    sys.path.insert(0, str(PERF))
+    try:
+        import blk
+    finally:
+        sys.path.remove(str(PERF))
+    image = tmp_path / "disk.img"
+    blk.make_image(str(image), 8 << 20)
+    w = blk.Workload("randread-4k-qd1", "randread", 4096, 1, 400)
+    hp = blk.run_asyncvmm(str(image), w, 400, direct=False, halt_poll_ns=blk.HALT_POLL_NS)
+    assert hp["halts_polled"] + hp["halts_slept"] == hp["halts"]
+    assert hp["halts_slept"] > 0
+    # A halt polls until a completion comes (polled) or, on a host with more runnable
+    # tasks than CPUs, not at all or cut short, as KVM does when another task wants the CPU (yielded).
+    assert hp["halts_polled"] > 0 or hp["halts_yielded"] > 0
+    sleeps = blk.run_asyncvmm(str(image), w, 400, direct=False)
+    assert sleeps["halts_polled"] == sleeps["halts_yielded"] == sleeps["halt_poll_us"] == 0
+    assert sleeps["halts_slept"] == sleeps["halts"] > 0
+    assert sleeps["interrupts"] > 0

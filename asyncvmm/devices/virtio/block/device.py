@@ -375,7 +375,7 @@ class VirtioBlk(VirtioDevice):
             return {}
         t = lib.avmm_blk_thread_stats(self._thread)
         return {"serving": self._threaded, "turns": t.turns, "waits": t.waits, "polls": t.polls,
-                "poll_hits": t.poll_hits, "poll_ns": t.poll_ns, "parks": t.parks,
+                "poll_hits": t.poll_hits, "poll_ns": t.poll_ns, "poll_preempted": t.poll_preempted, "parks": t.parks,
                 "seccomp_failed": bool(t.seccomp_failed)}
 
     def close(self) -> None:
