@@ -668,7 +668,9 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
             }
             continue;
         }
-        ssize_t w = writev(p->fd, c.iov, (int)c.nout);
+        /* A frame in one buffer (Linux pushes the header in front of a linear frame) goes
+         * with write(): writev's iovec import and checks cost the TAP ~0.1 µs a frame. */
+        ssize_t w = c.nout == 1 ? write(p->fd, c.iov[0].iov_base, c.iov[0].iov_len) : writev(p->fd, c.iov, (int)c.nout);
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             avmm_vq_unpop(q, 1); /* kept in the ring: sent when the TAP is writable again */
             p->stats.tx_blocked++;
