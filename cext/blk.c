@@ -172,6 +172,7 @@ static void finish(struct avmm_blk *b, struct blk_req *r, uint8_t status)
         if (r->status) {
             *r->status = status;
             len += 1;
+            avmm_gmem_mark_iov(b->mem, &(struct iovec){r->status, 1}, 1, 0, 1); /* written now, not at the pop */
         }
         if (q->size)
             avmm_vq_push(q, r->head, len);
@@ -411,6 +412,7 @@ static void start_request(struct avmm_blk *b, struct blk_req *r, struct avmm_cha
         /* The serial, NUL-padded; as much of it as the buffer holds. */
         size_t room = c->in_len - 1 < AVMM_BLK_ID_BYTES ? c->in_len - 1 : AVMM_BLK_ID_BYTES;
         r->used_len = (uint32_t)avmm_buf_to_iov(&r->iov[c->nout], c->nin, 0, b->cfg.serial, room);
+        avmm_chain_mark_written(b->mem, c, r->used_len);
         finish(b, r, VIRTIO_BLK_S_OK);
         return;
     }
@@ -537,6 +539,12 @@ static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)
         return;
     struct blk_req *r = &b->slots[cqe->user_data];
     __atomic_store_n(&b->inflight, b->inflight - 1, __ATOMIC_RELEASE);
+    if (r->opcode == AVMM_IO_READV) {
+        /* The engine wrote guest RAM after the pop (the kernel, or a backend's coroutines):
+         * mark what it wrote now; a failed read may have written any of it. */
+        uint64_t written = cqe->res < 0 || (uint64_t)cqe->res > r->remaining ? r->remaining : (uint64_t)cqe->res;
+        avmm_gmem_mark_iov(b->mem, r->data, r->ndata, 0, written);
+    }
     if (cqe->res < 0) {
         b->stats.host_errors++;
         finish(b, r, VIRTIO_BLK_S_IOERR);

@@ -4,8 +4,9 @@
  *   avmm_net_tx(pair)  the TX queue's doorbell fired (or the TAP became writable again):
  *                      every available chain is one frame — the 12-byte virtio_net_hdr_v1
  *                      then the packet — written to the TAP as it lies in guest memory
- *                      (writev; the TAP has IFF_VNET_HDR, so the kernel does the checksum
- *                      and segmentation offloads the header asks for)
+ *                      (write for a frame in one buffer, writev for more; the TAP has
+ *                      IFF_VNET_HDR, so the kernel does the checksum and segmentation
+ *                      offloads the header asks for)
  *   avmm_net_rx(pair)  the TAP is readable (or RX buffers arrived): each frame is read
  *                      straight into the guest's RX buffers (readv over as many chains as
  *                      the largest frame could need, with mergeable buffers), num_buffers

@@ -48,6 +48,30 @@ void avmm_gmem_take_dirty(const struct avmm_gmem *m, uint32_t i, uint64_t *out, 
         out[w] = d ? __atomic_exchange_n(&d[w], 0, __ATOMIC_RELAXED) : 0;
 }
 
+void avmm_gmem_mark_iov(const struct avmm_gmem *m, const struct iovec *iov, uint32_t n, uint64_t skip, uint64_t len)
+{
+    if (!avmm_gmem_tracking(m))
+        return;
+    for (uint32_t k = 0; k < n && len; k++) {
+        uint64_t l = iov[k].iov_len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        const uint8_t *hva = (const uint8_t *)iov[k].iov_base + skip;
+        uint64_t take = l - skip < len ? l - skip : len;
+        for (uint32_t i = 0; i < m->nregions; i++) {
+            const struct avmm_gmem_region *r = &m->r[i];
+            if (hva >= r->hva && (uint64_t)(hva - r->hva) < r->size) {
+                avmm_gmem_mark(m, r->gpa + (uint64_t)(hva - r->hva), take);
+                break;
+            }
+        }
+        len -= take;
+        skip = 0;
+    }
+}
+
 static int ring_fits(const struct avmm_gmem *m, uint64_t gpa, uint64_t len, void **out)
 {
     *out = avmm_gmem_ptr(m, gpa, len);
@@ -146,10 +170,8 @@ static int walk(struct avmm_vq *q, const struct avmm_gmem *m, struct avmm_chain 
                 if (writable)
                     c->last_in = NULL;
             } else {
-                if (writable) {
-                    c->last_in = p + d.len - 1;
-                    avmm_gmem_mark(m, d.addr, d.len);
-                }
+                if (writable)
+                    c->last_in = p + d.len - 1; /* marked dirty once written, not here */
                 if (c->nout + c->nin >= c->iov_cap) {
                     chain_error(q, c, AVMM_VQ_E_TOO_MANY);
                 } else {

@@ -65,6 +65,22 @@ static inline void avmm_gmem_mark(const struct avmm_gmem *m, uint64_t gpa, uint6
     }
 }
 
+/* 1 while some region keeps a dirty bitmap (a diff snapshot's or a migration's log is on):
+ * the one test a data path pays per batch when nothing is tracked. */
+static inline int avmm_gmem_tracking(const struct avmm_gmem *m)
+{
+    for (uint32_t i = 0; i < m->nregions; i++)
+        if (m->r[i].dirty)
+            return 1;
+    return 0;
+}
+
+/* Mark bytes [skip, skip+len) of `iov` (host addresses in guest RAM, as a chain's) written.
+ * Called once the device has written them, never before: the write of a readv, of io_uring
+ * or of a copy lands after the pop, and a migration's pass that took the bitmap in between
+ * would otherwise have sent the page stale for good. Nothing to do unless tracking. */
+void avmm_gmem_mark_iov(const struct avmm_gmem *m, const struct iovec *iov, uint32_t n, uint64_t skip, uint64_t len);
+
 /* Move region i's dirty bitmap (`words` 64-bit words) into `out`, clearing it word by word
  * atomically: a mark made meanwhile is either in `out` or left for the next take. */
 void avmm_gmem_take_dirty(const struct avmm_gmem *m, uint32_t i, uint64_t *out, uint64_t words);
@@ -163,6 +179,15 @@ struct avmm_chain {
     struct iovec *iov;
     uint32_t iov_cap; /* iov's capacity, set by the caller */
 };
+
+/* The device is done with chain `c`, whose used length is `len`: mark the first `len` bytes
+ * of its device-writable buffers written (avmm_gmem_mark_iov). The pop marks nothing: a
+ * buffer handed out is not yet written. */
+static inline void avmm_chain_mark_written(const struct avmm_gmem *m, const struct avmm_chain *c, uint64_t len)
+{
+    if (len && avmm_gmem_tracking(m))
+        avmm_gmem_mark_iov(m, &c->iov[c->nout], c->nin, 0, len);
+}
 
 /* 0, or -EINVAL (size not a power of two in 1..32768) / -EFAULT (a ring outside RAM). */
 int avmm_vq_setup(struct avmm_vq *q, const struct avmm_gmem *m, uint16_t size, uint64_t desc_gpa,

@@ -6,12 +6,15 @@ Two writers, two logs, one answer:
 * the vCPUs write through KVM: the memory slots carry KVM_MEM_LOG_DIRTY_PAGES and
   KVM_GET_DIRTY_LOG hands over (and clears) a bit per page written since the last call;
 * the VMM's data path writes into guest buffers from the host side (a block read, a
-  received frame), which KVM never sees: the C queue walker notes every device-writable
-  buffer it hands out in a bitmap of its own per region (`avmm_gmem_mark`, cext/virtq.h).
+  received frame, a console's bytes), which KVM never sees: every device marks the bytes
+  it wrote, once they are written, in a bitmap of its own per region
+  (`avmm_gmem_mark_iov`, `avmm_chain_mark_written`, cext/virtq.h). After, not at the pop:
+  a read completes (the kernel writes the page) after a pass may have taken the bitmap,
+  and a mark taken before the write would have sent the page stale for good.
   Used rings are written in place, so every active queue's used ring counts as written.
 
 The answer is the union, a bit per 4 KiB page per region. It may say a page was written
-that was not (a buffer handed out but not filled): a diff is then larger, never wrong.
+that was not (a failed read is counted whole): a diff is then larger, never wrong.
 """
 
 from __future__ import annotations

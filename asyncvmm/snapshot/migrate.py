@@ -117,10 +117,11 @@ async def migrate(vm, address: str) -> dict:
     """Send VM `vm` (api.VM) to the destination at `address`; returns the rounds, pages and
     downtime once the destination runs it (the VM here then stops). MigrationError if it
     fails — the VM here goes on running."""
-    from .take import _drain, _park, _virtio_devices  # noqa: PLC0415
+    from .take import _drain, _park, _virtio_devices, refuse_unseen_writers  # noqa: PLC0415
 
     kind, where = parse_address(address)
     m = vm._live("it cannot be migrated")
+    refuse_unseen_writers(m, "the VM cannot be migrated")
     t0 = time.monotonic()
     try:
         if kind == "unix":

@@ -37,6 +37,16 @@ def _virtio_devices(machine):
             yield inner
 
 
+def refuse_unseen_writers(machine, what: str) -> None:
+    """ConfigError (one line) if a device's guest RAM writes escape the dirty log and the
+    hold (a vhost-user back-end's): the copy could miss them."""
+    for _, dev in machine.pci.devices():
+        inner = getattr(dev, "device", None)
+        if getattr(inner, "writes_guest_ram_unseen", False):
+            raise ConfigError(f"{inner.name}: its vhost-user back-end writes guest RAM where no dirty log or hold "
+                              f"reaches: {what}")
+
+
 async def _park(machine) -> None:
     deadline = time.monotonic() + PARK_TIMEOUT
     while waiting := machine.vcpus_in_exit():
@@ -66,6 +76,7 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
     from .dirty import DirtyLog, runs, used_rings  # noqa: PLC0415
     async with vm._vcpu_lock:
         m = vm._live("it cannot be snapshotted")
+        refuse_unseen_writers(m, "the VM cannot be snapshotted")
         last = getattr(m, "last_snapshot", None)
         if diff and last is None:
             raise ConfigError(f"VM {vm.config.name}: a diff snapshot needs a snapshot before it to be a diff over "

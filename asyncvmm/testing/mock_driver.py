@@ -531,6 +531,54 @@ class NetClient:
         return frames
 
 
+class DeviceLog:
+    """The data path's half of a dirty log (snapshot/dirty.py's, without KVM) on a harness's
+    RAM: `take()` is a migration's pass over what the devices marked written since the last.
+    `stop()` before the harness goes (a device thread may mark until it is joined)."""
+
+    PAGE = 4096
+
+    def __init__(self, mem: GuestMemory):
+        from .._native import ffi  # noqa: PLC0415
+
+        self.mem = mem
+        self._ffi = ffi
+        self._bits = []
+        table = mem.c_table()
+        for i, r in enumerate(mem.regions):
+            bits = ffi.new("uint64_t[]", (r.size // self.PAGE + 63) // 64)
+            self._bits.append(bits)
+            table.r[i].dirty = bits
+
+    def take(self) -> set[int]:
+        """The guest addresses of the pages marked since the last take (cleared)."""
+        from .._native import lib  # noqa: PLC0415
+
+        pages: set[int] = set()
+        table = self.mem.c_table()
+        for i, r in enumerate(self.mem.regions):
+            words = len(self._bits[i])
+            out = self._ffi.new("uint64_t[]", words)
+            lib.avmm_gmem_take_dirty(table, i, out, words)
+            for w in range(words):
+                word = out[w]
+                while word:
+                    low = word & -word
+                    pages.add(r.gpa + (w * 64 + low.bit_length() - 1) * self.PAGE)
+                    word ^= low
+        return pages
+
+    @classmethod
+    def pages(cls, gpa: int, length: int) -> set[int]:
+        """The pages [gpa, gpa+length) touches."""
+        return set(range(gpa & ~(cls.PAGE - 1), gpa + length, cls.PAGE))
+
+    def stop(self) -> None:
+        table = self.mem.c_table()
+        for i in range(len(self._bits)):
+            table.r[i].dirty = self._ffi.NULL
+
+
 def lib_net_mrg() -> int:
     from .._native import lib  # noqa: PLC0415
 
@@ -538,4 +586,4 @@ def lib_net_mrg() -> int:
 
 
 __all__ = ["Harness", "VirtioDriver", "MockQueue", "Heap", "BlkClient", "NetClient", "NET_HDR", "COMMON_CFG_SIZE",
-           "Feature"]
+           "Feature", "DeviceLog"]

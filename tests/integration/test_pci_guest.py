@@ -23,7 +23,9 @@ from conftest import ROOT, needs_kvm, run_vmm, vcpu_threads, warm_up_process
 from conftest import open_fds as fds
 
 from asyncvmm import VM, VmConfig
+from asyncvmm.api import VmState
 from asyncvmm.config import parse_slot
+from asyncvmm.errors import ConfigError
 from asyncvmm.loop import run as run_loop
 
 pytestmark = needs_kvm
@@ -202,6 +204,12 @@ def test_the_vhost_user_data_path_bypasses_the_vmm_and_nothing_outlives_the_vm(g
             assert s["transport"].get("notify_exits", 0) == 0 and s["transport"]["activations"] == 1
             assert s["vhost_user"] == str(disk) and s["lost"] is None
             assert s["relayed_interrupts"] == 0  # MSI-X: the back-end wrote the irqfd itself
+            # The back-end writes guest RAM unseen (no dirty log, no hold): no copy of it.
+            with pytest.raises(ConfigError, match="vhost-user back-end writes guest RAM.*cannot be snapshotted"):
+                await vm.snapshot(str(tmp_path / "x.snap"))
+            with pytest.raises(ConfigError, match="vhost-user back-end writes guest RAM.*cannot be migrated"):
+                await vm.migrate(f"unix:{tmp_path}/nobody.sock")
+            assert vm.state is VmState.RUNNING and not (tmp_path / "x.snap").exists()
         assert fds() == before_fds and vcpu_threads() == before_threads
         assert daemons() == 0
     run_loop(main())

@@ -25,7 +25,7 @@ from asyncvmm.devices.virtio.net.device import NetFeature, VirtioNet
 from asyncvmm.devices.virtio.net.tap import NetOptions, Tap, stable_mac
 from asyncvmm.devices.virtio.spec import Feature, Status, bits
 from asyncvmm.errors import ConfigError
-from asyncvmm.testing.mock_driver import NET_HDR, Harness, NetClient, VirtioDriver
+from asyncvmm.testing.mock_driver import NET_HDR, DeviceLog, Harness, NetClient, VirtioDriver
 
 ETHERTYPE = 0x88B5  # IEEE local experimental: the namespace's stack ignores these frames
 PEER_MAC = bytes.fromhex("020000000001")
@@ -134,6 +134,30 @@ def test_frames_both_ways_and_the_header():
             (length, digest, data, _), = n.peer.recv(1, ethertype=ETHERTYPE, data=True)
             assert bytes.fromhex(data) == out
             assert n.stats["tx_packets"] == 1 and n.stats["rx_packets"] == 1
+    run(go())
+
+
+def test_the_pages_a_frame_was_written_into_are_marked_dirty():
+    """With a dirty log kept (a migration's), a received frame marks the pages it was written
+    into once it is there (a pass that took the log between the pop and the write must not
+    lose it), and none of the buffers' pages it did not fill; a sent frame marks nothing."""
+    async def go():
+        async with Net() as n:
+            log = DeviceLog(n.h.mem)
+            try:
+                n.c.post_rx(8, size=3 * 4096)
+                frame = n.frame(b"marked " * 30, to_host=False)
+                assert n.peer.send([frame]) == 1
+                (_, got), = await n.c.receive(1, ethertype=ETHERTYPE, repost=False)
+                assert got == frame
+                into = [a for a, _ in n.c.rx_buffers.values() if n.h.mem.read(a + NET_HDR.size, len(frame)) == frame]
+                assert len(into) == 1
+                assert log.take() == DeviceLog.pages(into[0], NET_HDR.size + len(frame))
+                n.c.send(n.frame(b"out " * 30))
+                await n.c.sent(1)
+                assert log.take() == set()
+            finally:
+                log.stop()
     run(go())
 
 

@@ -24,7 +24,7 @@ from asyncvmm.config import PciSlot, VmConfig
 from asyncvmm.devices.virtio.block.backend import BackendBlk, BlockBackend
 from asyncvmm.devices.virtio.spec import Status
 from asyncvmm.errors import ConfigError
-from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, BlkRig, Harness, VirtioDriver
+from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, BlkRig, DeviceLog, Harness, VirtioDriver
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH, lib.VIRTIO_BLK_T_GET_ID
 T_DISCARD, T_WZ = lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES
@@ -149,6 +149,48 @@ def test_a_batch_runs_concurrently_and_completes_with_one_interrupt():
             assert (b["batches"], b["ops"]) == (1, 8), b
             assert q.interrupts() == 1
             assert d.stats["requests"]["completion_batches"] == 1
+    run(go())
+
+
+def test_a_read_completed_after_a_pass_took_the_log_is_marked_when_it_completes():
+    """A live migration's pre-copy pass may take the data path's dirty log while a read is
+    in flight (popped, the backend still reading): the pages the read then fills, and its
+    status byte, are marked when it completes — a mark made at the pop was taken by that
+    pass, which sent the pages stale, and no later pass would have sent them again. A write
+    marks only its status byte."""
+
+    class Held(MemDisk):
+        def __init__(self):
+            super().__init__()
+            self.asked = asyncio.Event()
+            self.go = asyncio.Event()
+
+        async def read(self, offset, length):
+            self.asked.set()
+            async with asyncio.timeout(5):
+                await self.go.wait()
+            return bytes(self.data[offset : offset + length])
+
+    async def go():
+        disk = Held()
+        async with Dev(disk) as d:
+            log = DeviceLog(d.h.mem)
+            try:
+                _, status, addr = d.c.build(T_IN, 16, in_len=3 * 4096)
+                d.c.q.kick()
+                async with asyncio.timeout(5):
+                    await disk.asked.wait()  # popped, and the backend is reading
+                log.take()  # the pass
+                disk.go.set()
+                await d.c.q.wait_used()
+                assert d.h.mem.read(addr, 3 * 4096) == bytes(disk.data[8192 : 8192 + 3 * 4096])
+                assert log.take() == DeviceLog.pages(addr, 3 * 4096) | DeviceLog.pages(status, 1)
+                _, status, _ = d.c.build(T_OUT, 16, data=os.urandom(4096))
+                d.c.q.kick()
+                await d.c.q.wait_used()
+                assert log.take() == DeviceLog.pages(status, 1)
+            finally:
+                log.stop()
     run(go())
 
 

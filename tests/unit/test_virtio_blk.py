@@ -15,12 +15,13 @@ import subprocess
 import pytest
 from asyncvmm._native import lib
 
+from asyncvmm.devices.virtio.block.backend import BackendImage
 from asyncvmm.devices.virtio.block.device import SEG_MAX, VirtioBlk
 from asyncvmm.devices.virtio.block.image import BlockOptions
 from asyncvmm.devices.virtio.device import QueueConfig
 from asyncvmm.devices.virtio.spec import Common, Feature, Status, bits
 from asyncvmm.errors import ConfigError
-from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, BlkRig, Harness, VirtioDriver
+from asyncvmm.testing.mock_driver import BLK_SEGMENT, BlkClient, BlkRig, DeviceLog, Harness, VirtioDriver
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH, lib.VIRTIO_BLK_T_GET_ID
 T_DISCARD, T_WZ = lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES
@@ -98,6 +99,81 @@ def test_scattered_buffers_and_indirect_chains(image, engine):
             st, _, data = await b.c.run(T_IN, 40, in_len=5 * 512, indirect=True)
             assert st == S_OK and data == b"".join(bytes([0x10 + i]) * 512 for i in range(5))
     run(go())
+
+
+def test_what_a_request_wrote_is_marked_dirty_once_written(image, engine):
+    """With a dirty log kept (a diff snapshot, a migration), each request marks the pages
+    it wrote — a read's data and status byte, GET_ID's serial, a write's or a failed
+    request's status byte only — and nothing it was handed and did not write."""
+    async def go():
+        async with Blk(image, engine, serial="marked") as b:
+            log = DeviceLog(b.h.mem)
+            pages = DeviceLog.pages
+
+            async def one(type_, sector, **kw):
+                _, status, addr = b.c.build(type_, sector, **kw)
+                b.c.q.kick()
+                await b.c.q.wait_used()
+                return status, addr
+
+            try:
+                status, addr = await one(T_IN, 0, in_len=2 * 4096)
+                assert b.h.mem.read(addr, 512) == bytes(range(256)) * 2
+                assert log.take() == pages(addr, 2 * 4096) | pages(status, 1)
+                status, addr = await one(T_GET_ID, 0, in_len=3 * 4096)  # 20 bytes of it written
+                assert log.take() == pages(addr, 20) | pages(status, 1)
+                status, _ = await one(T_OUT, 8, data=b"w" * 4096)
+                assert log.take() == pages(status, 1)
+                status, _ = await one(T_IN, DISK // 512, in_len=4096)  # past the end: fails
+                assert b.h.mem.read(status, 1)[0] == S_IOERR and log.take() == pages(status, 1)
+            finally:
+                log.stop()
+    run(go())
+
+
+class PipeBlk(VirtioBlk):
+    """A virtio-blk whose disk is a pipe: a read stays in flight, in io_uring, until the test
+    writes the data (the kernel then writes the guest's buffers, long after the pop)."""
+
+    def __init__(self, fd, mem):
+        self._fd = fd
+        super().__init__(BlockOptions("pipe", engine="uring"), mem, queues=1)
+
+    def _open_image(self, opts):
+        return BackendImage(opts.path, DISK // 512, fd=self._fd)
+
+
+def test_a_read_in_flight_across_a_pass_is_marked_when_the_kernel_completes_it():
+    """The disk's own thread pops a read and io_uring waits on the (pipe) disk; a migration's
+    pre-copy pass takes the dirty log meanwhile. When the kernel has written the data the
+    pages are marked again, so the next pass sends them: else the destination's guest would
+    read what was there before the read."""
+    r, w = os.pipe()
+
+    async def go():
+        async with BlkRig(lambda mem: PipeBlk(r, mem)) as b:
+            assert b.dev.device.stats()["thread"]["serving"]
+            log = DeviceLog(b.h.mem)
+            try:
+                _, status, addr = b.c.build(T_IN, 0, in_len=3 * 4096)
+                b.c.q.kick()
+                async with asyncio.timeout(5):
+                    while b.dev.device.stats()["requests"]["reads"] < 1:  # popped: in io_uring now
+                        await asyncio.sleep(0.001)
+                await asyncio.sleep(0.01)
+                log.take()  # the pass
+                data = os.urandom(3 * 4096)
+                os.write(w, data)
+                await b.c.q.wait_used()
+                assert b.h.mem.read(addr, 3 * 4096) == data and b.h.mem.read(status, 1)[0] == S_OK
+                assert log.take() == DeviceLog.pages(addr, 3 * 4096) | DeviceLog.pages(status, 1)
+            finally:
+                log.stop()
+    try:
+        run(go())
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_requests_the_guest_got_wrong(image, engine):

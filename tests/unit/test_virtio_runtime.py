@@ -26,7 +26,7 @@ from asyncvmm.devices.virtio.queue import (
 from asyncvmm.devices.virtio.rnd import RndOptions, TokenBucket, VirtioRnd
 from asyncvmm.devices.virtio.spec import Feature, Status, VqError, bits
 from asyncvmm.errors import ConfigError
-from asyncvmm.testing.mock_driver import Harness, Heap, MockQueue, VirtioDriver
+from asyncvmm.testing.mock_driver import DeviceLog, Harness, Heap, MockQueue, VirtioDriver
 
 
 def run(coro):
@@ -77,6 +77,27 @@ def test_pop_read_write_push_publish(mem):
         assert vq.stats()["chains"] == 1
     finally:
         os.close(efd)
+
+
+def test_a_python_device_marks_what_it_wrote_once_written(mem):
+    """A device served from Python (virtio-rnd, virtio-console) writes through Chain.write:
+    with a dirty log kept, the pages written are marked then (after the write, as the C
+    data paths do), and a buffer popped but not written is not marked."""
+    heap = Heap(mem)
+    mq = MockQueue.create(mem, heap, 8)
+    log = DeviceLog(mem)
+    try:
+        vq = Virtqueue.setup(mem, QueueConfig(0, 8, mq.desc, mq.avail, mq.used, None, -1), 0)
+        a, b = heap.alloc(2 * 4096), heap.alloc(4096)
+        mq.add([(a, 4096, True), (a + 4096, 4096, True)])
+        mq.add([(b, 4096, True)])
+        first, second = vq.pop(), vq.pop()
+        assert log.take() == set()  # handed out, nothing written yet
+        assert first.write(b"x" * 10, 4096 + 100) == 10
+        assert log.take() == DeviceLog.pages(a + 4096, 1)
+        assert second.write(b"") == 0 and log.take() == set()
+    finally:
+        log.stop()
 
 
 def test_a_broken_ring_raises_with_its_error(mem):

@@ -129,14 +129,15 @@ class Chain:
     `error` (a VqError, or None): a buffer the driver got wrong — the chain must be given
     back unused (push it with 0 bytes written)."""
 
-    __slots__ = ("head", "nout", "nin", "out_len", "in_len", "error", "_iov")
+    __slots__ = ("head", "nout", "nin", "out_len", "in_len", "error", "_iov", "_table")
 
-    def __init__(self, c, iov):
+    def __init__(self, c, iov, table):
         self.head = c.head
         self.nout, self.nin = c.nout, c.nin
         self.out_len, self.in_len = c.out_len, c.in_len
         self.error = VqError(c.err) if c.err else None
         self._iov = iov
+        self._table = table  # guest RAM's C table: where a write is marked dirty
 
     def read(self, limit: int | None = None) -> bytes:
         """The device-readable buffers, concatenated (at most `limit` bytes)."""
@@ -146,8 +147,11 @@ class Chain:
         return ffi.buffer(buf, got)[:]
 
     def write(self, data: bytes, offset: int = 0) -> int:
-        """Copy `data` into the device-writable buffers from `offset`: bytes written."""
-        return lib.avmm_buf_to_iov(self._iov + self.nout, self.nin, offset, data, len(data))
+        """Copy `data` into the device-writable buffers from `offset`: bytes written (and
+        marked so in the data path's dirty log while one is kept: snapshot/dirty.py)."""
+        n = lib.avmm_buf_to_iov(self._iov + self.nout, self.nin, offset, data, len(data))
+        lib.avmm_gmem_mark_iov(self._table, self._iov + self.nout, self.nin, offset, n)
+        return n
 
 
 class Virtqueue:
@@ -193,12 +197,13 @@ class Virtqueue:
         """The next available chain, or None; RingBroken if the ring broke."""
         iov = ffi.new("struct iovec[]", self.iov_max)
         c = ffi.new("struct avmm_chain *", {"iov": iov, "iov_cap": self.iov_max})
-        r = lib.avmm_vq_pop(self._vq, self.mem.c_table(), c)
+        table = self.mem.c_table()
+        r = lib.avmm_vq_pop(self._vq, table, c)
         if r < 0:
             raise RingBroken(self.index, VqError(self._vq.last_error or VqError.AVAIL_IDX))
         if r == 0:
             return None
-        return Chain(c, iov)
+        return Chain(c, iov, table)
 
     def unpop(self, n: int = 1) -> None:
         """Give back the last `n` popped chains, not pushed: they are popped again later."""

@@ -58,6 +58,10 @@ VIRTIO_BLK_F_MQ = lib.VIRTIO_BLK_F_MQ
 class VhostUserBlk(VirtioDevice):
     device_id = DeviceId.BLOCK
     pci_class = ClassCode.MASS_STORAGE_OTHER
+    # The back-end writes guest RAM itself: no dirty log of ours sees it (the protocol's
+    # LOG_SHMFD is not spoken) and no hold stops it, so a snapshot or a migration could
+    # copy a page before a read lands in it. snapshot/take.py refuses them.
+    writes_guest_ram_unseen = True
 
     def __init__(self, backend: Backend, mem: GuestMemory, *, queues: int, name: str = "virtio-blk"):
         nq = max(1, min(queues, backend.queues))
