@@ -5,4 +5,4 @@ AVMM_ABI_VERSION, and asyncvmm.vstate.kvm refuses an extension built for another
 Bump it whenever the C side changes in a way the Python side depends on.
 """
 
-ABI_VERSION = 20
+ABI_VERSION = 21
