@@ -96,12 +96,12 @@ int avmm_devthread_parked(struct avmm_devthread *d, uint64_t *parks)
     return stop;
 }
 
-void avmm_devthread_adapt(uint64_t *poll_ns, uint64_t max_ns, uint64_t slept)
+void avmm_devthread_adapt(uint64_t *poll_ns, uint64_t max_ns, uint64_t waited)
 {
     uint64_t w = *poll_ns;
     if (!max_ns)
         return;
-    if (slept <= max_ns) /* the event came soon after the poll gave up: poll longer */
+    if (waited <= max_ns) /* the event came within reach of a longer poll: poll longer */
         w = w * 2 < POLL_MIN_NS ? POLL_MIN_NS : w * 2 > max_ns ? max_ns : w * 2;
     else /* a long wait: polling would not have caught it */
         w = w / 2 < POLL_MIN_NS ? 0 : w / 2;

@@ -45,7 +45,10 @@ static inline int avmm_devthread_called(struct avmm_devthread *d)
 }
 /* In the thread: sleep while parked (counting each park in *parks); 1 when told to stop. */
 int avmm_devthread_parked(struct avmm_devthread *d, uint64_t *parks);
-/* The window *poll_ns after a sleep of `slept` ns, for a maximum of max_ns. */
-void avmm_devthread_adapt(uint64_t *poll_ns, uint64_t max_ns, uint64_t slept);
+/* The window *poll_ns after a wait of `waited` ns, for a maximum of max_ns: KVM's
+ * halt-polling rule. `waited` runs from the start of the busy poll that missed (or of the
+ * sleep, when none ran) to the wake-up: within max_ns a longer window would have caught
+ * the event, so it grows; beyond, no window would have, so it shrinks. */
+void avmm_devthread_adapt(uint64_t *poll_ns, uint64_t max_ns, uint64_t waited);
 
 #endif

@@ -73,7 +73,8 @@ static void serve(struct avmm_net_thread *t)
 enum { FD_WAKE, FD_RX_KICK, FD_TX_KICK, FD_TAP };
 
 /* Sleep in ppoll until a doorbell, a TAP or the loop; then mark what to serve. */
-static void wait_for_work(struct avmm_net_thread *t)
+/* `t0`: when the wait began, the start of the poll that missed if one ran (0: now). */
+static void wait_for_work(struct avmm_net_thread *t, uint64_t t0)
 {
     struct pollfd fds[3 * AVMM_NET_MAX_PAIRS + 1];
     uint8_t kind[3 * AVMM_NET_MAX_PAIRS + 1], pair[3 * AVMM_NET_MAX_PAIRS + 1];
@@ -100,7 +101,8 @@ static void wait_for_work(struct avmm_net_thread *t)
             pair[nfds++] = (uint8_t)p;
         }
     }
-    uint64_t t0 = avmm_now_ns();
+    if (!t0)
+        t0 = avmm_now_ns();
     int r = ppoll(fds, (nfds_t)nfds, NULL, NULL);
     t->stats.waits++;
     avmm_devthread_adapt(&t->stats.poll_ns, t->cfg.poll_max_ns, avmm_now_ns() - t0);
@@ -165,8 +167,10 @@ static void *thread_main(void *arg)
                 continue; /* a budget spent: round again (the control word first) */
         }
         /* Frames moved: the next may come within the window (a reply, the next of a stream). */
+        uint64_t t0 = 0;
         if (t->moved && t->stats.poll_ns && !t->stats.broken) {
             t->stats.polls++;
+            t0 = avmm_now_ns();
             uint32_t state;
             int pair = 0;
             int r = avmm_net_poll(t->n, (int)t->cfg.npairs, t->stats.poll_ns, &t->d.control, &state, &pair);
@@ -179,7 +183,7 @@ static void *thread_main(void *arg)
                     continue;
             }
         }
-        wait_for_work(t);
+        wait_for_work(t, t0);
     }
     return NULL;
 }

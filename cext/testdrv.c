@@ -18,7 +18,6 @@
 #include <linux/virtio_blk.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -47,7 +46,7 @@ struct vcpu {
     uint32_t max_ns;  /* the cap: 0, never poll */
     uint32_t poll_ns; /* the window now */
     int loadavg_fd;   /* /proc/loadavg, for cpu_wanted() */
-    int cpus;         /* the CPUs this thread may run on */
+    int cpus;         /* the host's CPUs online: /proc/loadavg counts the whole host's tasks */
 };
 
 static void vcpu_init(struct vcpu *v, uint32_t max_ns)
@@ -56,9 +55,9 @@ static void vcpu_init(struct vcpu *v, uint32_t max_ns)
     if (!max_ns)
         return;
     v->loadavg_fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0)
-        v->cpus = CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n > 0)
+        v->cpus = (int)n;
 }
 
 static void vcpu_fini(struct vcpu *v)

@@ -56,7 +56,7 @@ from asyncvmm.testing.mock_driver import Harness, VirtioDriver
 MiB = 1 << 20
 # The driver as a halt-polling vCPU: hardware KVM's default cap, halt_poll_ns on x86
 # (Documentation/virt/kvm/halt-polling.rst; cext/testdrv.h has the rule).
-HALT_POLL_NS = 200_000
+HALT_POLL_NS = lib.AVMM_TESTDRV_HALT_POLL_NS  # hardware KVM's halt_poll_ns default (cext/testdrv.h)
 
 
 @dataclass(frozen=True)
@@ -200,15 +200,8 @@ def run_asyncvmm(image: str, w: Workload, nreq: int, direct: bool, poll: bool | 
 def _engine_depth(dev) -> int | None:
     """The disk's io_uring engine's integral of its depth (requests submitted and not yet
     reaped, times ns) so far, or None (another device, or a checkout without it)."""
-    engine = getattr(dev.device, "_engine", None)
-    if engine is None:
-        return None
-    from asyncvmm._native import ffi as nffi  # noqa: PLC0415
-    from asyncvmm._native import lib as nlib  # noqa: PLC0415
-
-    if engine == nffi.NULL:
-        return None
-    return getattr(nlib.avmm_engine_stats(engine), "depth_ns", None)
+    stats = getattr(dev.device, "stats", None)
+    return stats().get("engine_ops", {}).get("depth_ns") if stats else None
 
 
 def _verdict(w: Workload, iops_ratio: float, p50_added: float) -> str:
@@ -223,6 +216,12 @@ def _proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each numeric figure's median over the runs (the thread's counters, a dict, are not one)."""
+    return {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def run_fio(image: str, w: Workload, nreq: int, direct: bool) -> dict:
@@ -303,8 +302,8 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                         runs.append((hp, functools.partial(run_asyncvmm, halt_poll_ns=HALT_POLL_NS)))
                     for into, run in runs if rep % 2 == 0 else reversed(runs):
                         into.append(run(image, w, nreq, direct))
-                a = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
-                f = {k: statistics.median(r[k] for r in fio) for k in fio[0]}
+                a = medians(ours)
+                f = medians(fio)
                 key = f"blk.{mode}.{w.name}"
                 for k in ("iops", "p50_us", "p99_us", "cpu_us_per_req"):
                     figs[f"{key}.asyncvmm.{k}"] = round(a[k], 2)
@@ -318,7 +317,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                     figs[f"{key}.asyncvmm.disk_depth"] = round(a["disk_depth"], 2)
 
                 if hp:
-                    h = {k: statistics.median(r[k] for r in hp) for k in hp[0]}
+                    h = medians(hp)
                     hkey = f"{key}.asyncvmm_haltpoll"
                     for k in ("iops", "p50_us", "p99_us", "cpu_us_per_req"):
                         figs[f"{hkey}.{k}"] = round(h[k], 2)
@@ -349,7 +348,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                 if w.rw == "randread" and w.qd in (1, 32) and shutil.which("qemu-storage-daemon"):
                     # QEMU's own data path on the same image, the same driver: the peer.
                     peer = [run_asyncvmm(image, w, nreq, direct, qsd=True) for _ in range(1 if quick else reps)]
-                    q = {k: statistics.median(r[k] for r in peer) for k in peer[0]}
+                    q = medians(peer)
                     for k in ("iops", "p50_us", "p99_us", "cpu_us_per_req"):
                         figs[f"{key}.qsd_vhost_user.{k}"] = round(q[k], 2)
                     peer_lines.append(f"  {mode} {w.label}: qemu-storage-daemon vhost-user-blk {q['iops']:.0f} IOPS, "
@@ -358,7 +357,7 @@ def bench_blk(quick: bool, notes: list[str], reps: int = 5) -> tuple[str, dict]:
                                       f"fio {f['iops']:.0f}, p50 {f['p50_us']:.1f})")
                 if not direct and w.bs < MiB:  # the coroutine backend beside the io_uring device
                     co = [run_asyncvmm(image, w, nreq, direct, backend=True) for _ in range(1 if quick else reps)]
-                    c = {k: statistics.median(r[k] for r in co) for k in co[0]}
+                    c = medians(co)
                     ckey = f"blk.coroutine.{w.name}"
                     figs.update({f"{ckey}.iops": round(c["iops"], 2), f"{ckey}.p50_us": round(c["p50_us"], 2),
                                  f"{ckey}.cpu_us_per_req": round(c["cpu_us_per_req"], 2),

@@ -209,6 +209,8 @@ def test_plots_page_shows_the_plots_in_headless_chromium(tmp_path):
 def test_the_floor_anchor_boots_hello_in_each_mode(guests, mode):
     """bench.py's start-up row `floor.py --uvloop` (and perf/startup_ir.py's three) stand for
     what Python itself costs: they must boot the real guest, not fail into a dropped column."""
+    if mode == "--uvloop":
+        pytest.importorskip("uvloop")  # an optional extra (asyncvmm[fast])
     argv = [PY, str(PERF / "floor.py"), *([] if mode == "--asyncio" else [mode]), str(guests / "hello.elf"), "bench=floor"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr

@@ -363,7 +363,8 @@ class VirtioBlk(VirtioDevice):
             "disk": self.image.path,
             "engine": self.opts.engine,
             "requests": {**{f: getattr(s, f) for f in fields}, "format_writes": self._format_writes[0]},
-            "engine_ops": {"ops": e.ops, "submits": e.submits, "reaps": e.reaps},
+            # depth_ns: the integral of the requests submitted and not yet reaped over time
+            "engine_ops": {"ops": e.ops, "submits": e.submits, "reaps": e.reaps, "depth_ns": e.depth_ns},
             "inflight": lib.avmm_blk_inflight(self._blk),
             "poll_window_ns": self._thread_stats()["poll_ns"] if self._thread != ffi.NULL else self.worker.window.ns,
             "thread": self._thread_stats(),
