@@ -62,6 +62,12 @@ MSI_ADDRESS = 0xFEE0_0000  # what a guest would program: the LAPIC's MSI window,
 HEAP_START = 0x10_0000
 
 
+def guest_write(mem, gpa: int, data: bytes | bytearray | memoryview) -> None:
+    """The guest (this driver) writes its RAM: through the mapping, as a vCPU's store, which
+    the device-side dirty log never counts (GuestMemory.write is the VMM's and is counted)."""
+    mem.view(gpa, len(data))[:] = data
+
+
 class Heap:
     """Bump allocation of guest memory for rings and buffers."""
 
@@ -74,7 +80,7 @@ class Heap:
         self.next = addr + size
         if not self.mem.contains(addr, size):
             raise MemoryError(f"harness heap: {size} bytes at {addr:#x} do not fit in guest RAM")
-        self.mem.write(addr, bytes(size))
+        guest_write(self.mem, addr, bytes(size))
         return addr
 
 
@@ -147,7 +153,7 @@ class MockQueue:
 
     # -- building chains ---------------------------------------------------------------
     def write_desc(self, table: int, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
-        self.mem.write(table + DESC.size * i, DESC.pack(addr, length, flags, nxt))
+        guest_write(self.mem, table + DESC.size * i, DESC.pack(addr, length, flags, nxt))
 
     def add(self, buffers: list[tuple[int, int, bool]], *, indirect: bool = False, publish: bool = True) -> int:
         """Chain (gpa, length, device-writable) buffers, put the head on the avail ring."""
@@ -173,18 +179,18 @@ class MockQueue:
     def publish(self, head: int) -> None:
         """Put `head` in the avail ring and move avail->idx past it."""
         slot = self.avail_idx % self.size
-        self.mem.write(self.avail + 4 + 2 * slot, struct.pack("<H", head))
+        guest_write(self.mem, self.avail + 4 + 2 * slot, struct.pack("<H", head))
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
 
     def set_avail_idx(self, idx: int) -> None:
-        self.mem.write(self.avail + 2, struct.pack("<H", idx & 0xFFFF))
+        guest_write(self.mem, self.avail + 2, struct.pack("<H", idx & 0xFFFF))
 
     def set_avail_flags(self, flags: int) -> None:
-        self.mem.write(self.avail, struct.pack("<H", flags))
+        guest_write(self.mem, self.avail, struct.pack("<H", flags))
 
     def set_used_event(self, idx: int) -> None:
-        self.mem.write(self.avail + 4 + 2 * self.size, struct.pack("<H", idx & 0xFFFF))
+        guest_write(self.mem, self.avail + 4 + 2 * self.size, struct.pack("<H", idx & 0xFFFF))
 
     def avail_event(self) -> int:
         return struct.unpack("<H", self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
@@ -417,20 +423,20 @@ class BlkClient:
         """Queue one request; returns (head, status address, data address)."""
         mem = self.drv.h.mem
         hdr = self.heap.alloc(BLK_OUTHDR.size, 16)
-        mem.write(hdr, BLK_OUTHDR.pack(type_, 0, sector))
+        guest_write(mem, hdr, BLK_OUTHDR.pack(type_, 0, sector))
         bufs = [(hdr, BLK_OUTHDR.size, False)]
         data_addr = 0
         if data is not None or payload is not None:
             body = data if data is not None else payload
             data_addr = self.heap.alloc(len(body), 512)
-            mem.write(data_addr, body)
+            guest_write(mem, data_addr, body)
             bufs.append((data_addr, len(body), False))
         if in_len:
             data_addr = self.heap.alloc(in_len, 512)
-            mem.write(data_addr, b"\xee" * in_len)
+            guest_write(mem, data_addr, b"\xee" * in_len)
             bufs.append((data_addr, in_len, True))
         status = self.heap.alloc(1, 1)
-        mem.write(status, b"\xff")
+        guest_write(mem, status, b"\xff")
         bufs.append((status, 1, True))
         head = self.q.add(bufs, indirect=indirect, publish=publish)
         return head, status, data_addr
@@ -483,13 +489,13 @@ class NetClient:
         header = header if header is not None else NET_HDR.pack(0, 0, 0, 0, 0, 0, 0)
         if split:
             h = self.heap.alloc(len(header), 16)
-            self.mem.write(h, header)
+            guest_write(self.mem, h, header)
             f = self.heap.alloc(len(frame), 64)
-            self.mem.write(f, frame)
+            guest_write(self.mem, f, frame)
             head = self.tx.add([(h, len(header), False), (f, len(frame), False)])
         else:
             b = self.heap.alloc(len(header) + len(frame), 64)
-            self.mem.write(b, header + frame)
+            guest_write(self.mem, b, header + frame)
             head = self.tx.add([(b, len(header) + len(frame), False)])
         if kick:
             self.tx.kick()

@@ -214,7 +214,14 @@ class GuestMemory:
         return bytes(self.view(gpa, length))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """The VMM writes guest RAM (a loader, fw_cfg's DMA, gdb, a quirk): KVM's dirty log
+        does not see it, so the data path's log (snapshot/dirty.py) is told, while one is kept."""
         self.view(gpa, len(data))[:] = data
+        if self._c_table is not None and len(data):
+            iov = self._ffi.new("struct iovec *")
+            iov.iov_base = self._ffi.cast("void *", self.hva(gpa, len(data)))
+            iov.iov_len = len(data)
+            self._lib.avmm_gmem_mark_iov(self._c_table, iov, 1, 0, len(data))
 
     def hva(self, gpa: int, length: int = 1) -> int:
         """The host address of guest physical `gpa` (for the C core and KVM)."""

@@ -100,6 +100,22 @@ def test_a_python_device_marks_what_it_wrote_once_written(mem):
         log.stop()
 
 
+def test_the_vmms_own_writes_are_marked_while_a_log_is_kept(mem):
+    """GuestMemory.write is the VMM writing guest RAM itself (fw_cfg's DMA, a gdb client's
+    memory write, a quirk's store), which KVM's dirty log never sees: a migration or a diff
+    snapshot must hear of it from the data path's log. Before a log is kept it costs nothing."""
+    mem.write(0x20_0000, b"before")  # no log: nothing to mark, nothing fails
+    log = DeviceLog(mem)
+    try:
+        assert log.take() == set()
+        mem.write(0x20_0000 + 4090, b"0123456789")  # across a page boundary
+        assert log.take() == DeviceLog.pages(0x20_0000 + 4090, 10)
+        mem.write(0x30_0000, b"")
+        assert log.take() == set()
+    finally:
+        log.stop()
+
+
 def test_a_broken_ring_raises_with_its_error(mem):
     heap = Heap(mem)
     mq = MockQueue.create(mem, heap, 8)
