@@ -139,9 +139,11 @@ def restore_machine(machine, snap) -> None:
 
     for diff in snap.diffs():
         diff.apply_diff(machine.vm.mem)
-    apply_state(machine, snap.state)
+    # The log starts before the devices do: restoring a queue serves the requests the
+    # snapshot caught waiting in it, and a read that completes at once writes guest RAM then.
     machine.dirty_log = DirtyLog(machine)
     machine.dirty_log.start()
+    apply_state(machine, snap.state)
     machine.last_snapshot = (os.path.abspath(snap.path), snap.state_crc)
 
 
