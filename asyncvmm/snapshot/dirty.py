@@ -39,6 +39,9 @@ class DirtyLog:
         self._kvm_bits = []
         self.on = False
         self.device_pages = 0  # pages the last collect() had from the data path's log
+        # Per region, every page any pass collected since the last rebase(): the next diff
+        # snapshot's pages. A migration's passes take the log too, and must not lose them.
+        self._since_base: list[int] = []
 
     def start(self) -> None:
         """Log from now on (KVM's log starts empty; the VMM's is cleared)."""
@@ -53,6 +56,7 @@ class DirtyLog:
             self._kvm_bits.append(ffi.new("uint64_t[]", words))
             table.r[i].dirty = vmm
             self._set_slot(r, lib.KVM_MEM_LOG_DIRTY_PAGES)
+        self._since_base = [0] * len(self.regions)
         self.on = True
 
     def stop(self) -> None:
@@ -65,6 +69,7 @@ class DirtyLog:
                 self._set_slot(r, 0)
         self._vmm_bits.clear()
         self._kvm_bits.clear()
+        self._since_base = []
         self.on = False
 
     def _set_slot(self, r, flags: int) -> None:
@@ -101,7 +106,17 @@ class DirtyLog:
                     first, last = (gpa - r.gpa) // PAGE, (min(gpa + length, r.end) - 1 - r.gpa) // PAGE
                     merged |= ((1 << (last - first + 1)) - 1) << first
             out.append(merged.to_bytes(nbytes, "little"))
+            self._since_base[i] |= merged
         return out
+
+    def since_base(self) -> list[bytes]:
+        """The pages every collect() took since the last rebase(), a bitmap per region (as
+        collect's): what a diff over the last snapshot must hold, whoever took the passes."""
+        return [bits.to_bytes(ffi.sizeof(self._kvm_bits[i]), "little") for i, bits in enumerate(self._since_base)]
+
+    def rebase(self) -> None:
+        """A snapshot was taken: pages collected from here on are the next diff's."""
+        self._since_base = [0] * len(self.regions)
 
 
 def runs(bitmap: bytes, npages: int) -> list[tuple[int, int]]:

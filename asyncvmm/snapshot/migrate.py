@@ -117,11 +117,25 @@ async def migrate(vm, address: str) -> dict:
     """Send VM `vm` (api.VM) to the destination at `address`; returns the rounds, pages and
     downtime once the destination runs it (the VM here then stops). MigrationError if it
     fails — the VM here goes on running."""
-    from .take import _drain, _park, _virtio_devices, refuse_unseen_writers  # noqa: PLC0415
+    from .take import refuse_unseen_writers  # noqa: PLC0415
 
     kind, where = parse_address(address)
     m = vm._live("it cannot be migrated")
     refuse_unseen_writers(m, "the VM cannot be migrated")
+    if getattr(m, "migrating", False):
+        raise MigrationError("a migration of this VM is already under way")
+    # One migration at a time, and no snapshot meanwhile: both take the dirty log's passes.
+    m.migrating = True
+    try:
+        return await _migrate(vm, m, address, kind, where)
+    finally:
+        m.migrating = False
+
+
+async def _migrate(vm, m, address: str, kind: str, where) -> dict:
+    """migrate()'s work, with the VM marked as migrating."""
+    from .take import _drain, _park, _virtio_devices  # noqa: PLC0415
+
     t0 = time.monotonic()
     try:
         if kind == "unix":

@@ -77,6 +77,8 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
     async with vm._vcpu_lock:
         m = vm._live("it cannot be snapshotted")
         refuse_unseen_writers(m, "the VM cannot be snapshotted")
+        if getattr(m, "migrating", False):  # its passes take the same dirty log
+            raise ConfigError(f"VM {vm.config.name}: a migration is under way: it cannot be snapshotted now")
         last = getattr(m, "last_snapshot", None)
         if diff and last is None:
             raise ConfigError(f"VM {vm.config.name}: a diff snapshot needs a snapshot before it to be a diff over "
@@ -103,7 +105,8 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
             page_runs = None
             device_pages = 0
             if diff:
-                bitmaps = m.dirty_log.collect(extra=used_rings(m))
+                m.dirty_log.collect(extra=used_rings(m))
+                bitmaps = m.dirty_log.since_base()  # a migration's passes since may have taken some
                 page_runs = [runs(b, r.size // file.PAGE) for b, r in zip(bitmaps, m.mem.regions, strict=True)]
                 state["base"] = {"path": last[0], "state_crc": last[1]}
                 device_pages = m.dirty_log.device_pages
@@ -112,6 +115,7 @@ async def snapshot(vm, path: str, *, stop: bool = False, diff: bool = False) -> 
             if getattr(m, "dirty_log", None) is None:
                 m.dirty_log = DirtyLog(m)
             m.dirty_log.start()
+            m.dirty_log.rebase()
             m.last_snapshot = (os.path.abspath(path), info["state_crc"])
         except BaseException:
             for w in held:

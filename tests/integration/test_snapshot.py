@@ -364,6 +364,62 @@ def test_diff_snapshots_over_their_base(guests, run_dir, tmp_path):
     b.end()
 
 
+def _a_peer_that_takes_a_page_and_goes(path: str) -> threading.Thread:
+    """A migration destination that accepts the machine, reads a page and vanishes."""
+    import socket
+
+    from asyncvmm.snapshot import migrate as mig
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def peer():
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                f = conn.makefile("rwb")
+                kind, length = mig.FRAME.unpack(f.read(mig.FRAME.size))
+                assert kind == b"CONF"
+                f.read(length)
+                f.write(mig.FRAME.pack(b"OKAY", 0))
+                f.flush()
+                f.read(mig.FRAME.size + mig.PAGES.size + 4096)
+
+    t = threading.Thread(target=peer, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_failed_migration_between_a_snapshot_and_its_diff_loses_no_page(guests, tmp_path):
+    """A migration's passes take the same dirty log as the diff snapshots: the pages the
+    device wrote after the base (the vblk guest's read) and before a migration that failed
+    must still be in the diff taken after it — base + diff is the memory of a full snapshot
+    taken at the same moment. (The diff had lost them: the migration's start cleared the log.)"""
+    from asyncvmm.snapshot.migrate import MigrationError
+
+    image = tmp_path / "vblk.img"
+    image.write_bytes(b"diff test image\n".ljust(512, b"\0") + bytes(1 << 20))
+    base, diff, full = (str(tmp_path / n) for n in ("base.snap", "diff.snap", "full.snap"))
+    peer = _a_peer_that_takes_a_page_and_goes(str(tmp_path / "peer.sock"))
+
+    async def go():
+        cfg = VmConfig(name="diff-mig", memory=64 << 20, kernel=str(guests / "vblk.elf"), cmdline="stay=1",
+                       no_reboot=True, slots=[parse_slot(f"3,virtio-blk,{image}")])
+        async with VM(cfg, control_socket=False) as vm:
+            await vm.snapshot(base)
+            await vm.resume()
+            await vm.console.expect(rb"vblk done\n", timeout=30)
+            with pytest.raises(MigrationError, match="the VM goes on here"):
+                await vm.migrate(f"unix:{tmp_path}/peer.sock")
+            await vm.snapshot(diff, diff=True)
+            await vm.snapshot(full)
+
+    run_loop(go())
+    peer.join(10)
+    assert memory_of(diff) == memory_of(full)
+
+
 # -- live migration ----------------------------------------------------------------------------
 def test_counter_migrates_between_two_processes(guests, run_dir):
     address = f"unix:{run_dir}/migrate.sock"
