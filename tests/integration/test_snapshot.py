@@ -447,33 +447,12 @@ def test_counter_migrates_between_two_processes(guests, run_dir):
 def test_a_migration_whose_peer_disappears_leaves_the_source_running(guests, run_dir):
     """A destination that accepts the machine, takes some pages and vanishes: the source
     reports it and goes on counting."""
-    import socket
-
-    from asyncvmm.snapshot import migrate as mig
-
     path = str(run_dir / "peer.sock")
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    server.listen(1)
-
-    def peer():
-        conn, _ = server.accept()
-        with conn:
-            f = conn.makefile("rwb")
-            kind, length = mig.FRAME.unpack(f.read(mig.FRAME.size))
-            assert kind == b"CONF"
-            f.read(length)
-            f.write(mig.FRAME.pack(b"OKAY", 0))
-            f.flush()
-            f.read(mig.FRAME.size + mig.PAGES.size + 4096)  # a page, then gone
-
-    t = threading.Thread(target=peer, daemon=True)
-    t.start()
+    t = _a_peer_that_takes_a_page_and_goes(path)
     a = Vmm(run_dir, "-m", "64", "--kernel", str(guests / "counter.elf"), "--cmdline", "delay=2000", "gone-a")
     a.wait_for(rb"tick 5\n")
     r = a.ctl("migrate", "gone-a", f"unix:{path}")
     t.join(10)
-    server.close()
     assert r.status != 0 and "the VM goes on here" in r.err, (r.status, r.err)
     assert len(r.err.strip().splitlines()) == 1
     n = ticks(a.output())[-1]

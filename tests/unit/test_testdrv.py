@@ -17,12 +17,18 @@ def test_the_product_extension_has_no_test_driver():
     assert hasattr(lib, "avmm_vq_pop")  # read from cext/virtq.h, not re-declared
 
 
-def test_the_test_driver_drives_virtio_blk(tmp_path):
+def _perf_blk():
+    """perf/blk.py, the benchmark that drives the test driver."""
     sys.path.insert(0, str(PERF))
     try:
         import blk
     finally:
         sys.path.remove(str(PERF))
+    return blk
+
+
+def test_the_test_driver_drives_virtio_blk(tmp_path):
+    blk = _perf_blk()
     image = tmp_path / "disk.img"
     blk.make_image(str(image), 8 << 20)
     w = blk.Workload("randread-4k-qd4", "randread", 4096, 4, 500)
@@ -34,11 +40,7 @@ def test_the_halt_polling_driver_polls_and_the_sleeping_one_does_not(tmp_path):
     """The driver as a halt-polling vCPU (cext/testdrv.h) ends halts in its window, and sleeps
     on the eventfd for the rest (its first halt has no window yet, as KVM's); the driver that
     always sleeps never polls."""
-    sys.path.insert(0, str(PERF))
-    try:
-        import blk
-    finally:
-        sys.path.remove(str(PERF))
+    blk = _perf_blk()
     image = tmp_path / "disk.img"
     blk.make_image(str(image), 8 << 20)
     w = blk.Workload("randread-4k-qd1", "randread", 4096, 1, 400)
