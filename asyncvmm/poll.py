@@ -3,13 +3,11 @@
 A wake-up of a sleeping thread through an eventfd costs microseconds (many more in a
 nested guest); an exit-heavy guest, or a disk at queue depth 1, produces its next event
 sooner than that. So after serving an event, the loop spins a little for the next one.
-The window adapts as KVM's halt polling does: when the loop had to be woken for an event
-that came soon after the window closed, the window grows; when the wait was long,
-polling would not have helped and it shrinks — a quiet guest costs no CPU. The wait is
-counted from the poll's end, not from its start as KVM (and the device threads' C windows,
-cext/devthread.h) count it: on the exit path, where exits come every ~10-20 µs with a tail
-of ~100 µs, counting from the start shrank the window on the tail and cost +1.6 µs at p50
-(`perf/ab.py dc6aed8 . --only exits`, 5 rounds, p = 0.008).
+The window adapts as KVM's halt polling does, on the whole wait from the start of the poll
+that missed: when the loop had to be woken for an event that came within the maximum
+window, a longer window would have caught it and it grows; when the wait was longer,
+polling would not have helped and it shrinks — a quiet guest costs no CPU. (The device
+threads' C windows, cext/devthread.h, follow the same rule.)
 
 Busy polling needs a CPU of its own: a loop thread that spins takes the CPU from the
 vCPUs (and, in the benchmarks, from the thread playing the guest). The devices' data
@@ -33,7 +31,7 @@ class PollWindow:
         self.max_ns = max_ns
         self.min_ns = min_ns
         self.ns = 0  # the current window
-        self.idle_since = 0  # when polling last gave up (monotonic ns), 0: never
+        self.idle_since = 0  # when the poll that last missed began (monotonic ns), 0: never
 
     def woken(self, now: int) -> None:
         """The loop was woken for an event: adapt the window to how long it slept."""
@@ -45,7 +43,8 @@ class PollWindow:
             self.ns = self.ns // 2 if self.ns // 2 >= self.min_ns else 0
 
     def gave_up(self) -> None:
-        self.idle_since = time.monotonic_ns()
+        """The poll found nothing for a whole window: the wait began that window ago."""
+        self.idle_since = time.monotonic_ns() - self.ns
 
 
 def device_threads_may_poll(vcpus: int) -> bool:
