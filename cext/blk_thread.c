@@ -122,14 +122,7 @@ struct avmm_blk_thread *avmm_blk_thread_start(struct avmm_blk *b, struct avmm_en
     t->b = b;
     t->e = e;
     t->cfg = *cfg;
-    t->cfg.name[sizeof(t->cfg.name) - 1] = 0;
-    int r = avmm_devthread_start(&t->d, thread_main, t, t->cfg.name);
-    if (r < 0) {
-        free(t);
-        errno = -r;
-        return NULL;
-    }
-    return t;
+    return avmm_devthread_start(&t->d, thread_main, t, t->cfg.name, sizeof(t->cfg.name));
 }
 
 void avmm_blk_thread_park(struct avmm_blk_thread *t) { avmm_devthread_park(&t->d); }
@@ -137,10 +130,8 @@ void avmm_blk_thread_unpark(struct avmm_blk_thread *t) { avmm_devthread_unpark(&
 
 void avmm_blk_thread_stop(struct avmm_blk_thread *t)
 {
-    if (!t)
-        return;
-    avmm_devthread_stop(&t->d);
-    free(t);
+    if (t)
+        avmm_devthread_stop(&t->d, t);
 }
 
 struct avmm_blk_thread_stats *avmm_blk_thread_stats(struct avmm_blk_thread *t) { return &t->stats; }

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -12,23 +13,29 @@
 
 #define POLL_MIN_NS 4000u /* the first window once polling pays */
 
-int avmm_devthread_start(struct avmm_devthread *d, void *(*main)(void *), void *arg, const char *name)
+void *avmm_devthread_start(struct avmm_devthread *d, void *(*main)(void *), void *owner, char *name,
+                           size_t name_size)
 {
+    name[name_size - 1] = 0;
     d->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (d->wake_fd < 0)
-        return -errno;
+    if (d->wake_fd < 0) {
+        free(owner);
+        return NULL;
+    }
     pthread_mutex_init(&d->lock, NULL);
     pthread_cond_init(&d->cond, NULL);
-    int r = -pthread_create(&d->tid, NULL, main, arg);
+    int r = pthread_create(&d->tid, NULL, main, owner);
     if (r == 0) {
         if (name[0])
             pthread_setname_np(d->tid, name);
-        return 0;
+        return owner;
     }
     pthread_cond_destroy(&d->cond);
     pthread_mutex_destroy(&d->lock);
     close(d->wake_fd);
-    return r;
+    free(owner);
+    errno = r;
+    return NULL;
 }
 
 void avmm_devthread_park(struct avmm_devthread *d)
@@ -50,7 +57,7 @@ void avmm_devthread_unpark(struct avmm_devthread *d)
     pthread_mutex_unlock(&d->lock);
 }
 
-void avmm_devthread_stop(struct avmm_devthread *d)
+void avmm_devthread_stop(struct avmm_devthread *d, void *owner)
 {
     pthread_mutex_lock(&d->lock);
     d->stop = 1;
@@ -62,6 +69,7 @@ void avmm_devthread_stop(struct avmm_devthread *d)
     pthread_cond_destroy(&d->cond);
     pthread_mutex_destroy(&d->lock);
     close(d->wake_fd);
+    free(owner);
 }
 
 int avmm_devthread_enter(int seccomp_action)

@@ -7,14 +7,19 @@
  * gets the thread's attention through `control` (checked by the thread between batches)
  * and `wake_fd` (in the thread's every wait).
  *
- * The window follows KVM's halt-polling rule: it grows (from POLL_MIN_NS, doubling, up to
- * the maximum) while an event came soon after the thread went to sleep, and shrinks,
- * down to not polling at all, when the waits are long. A maximum of 0: never poll.
+ * The window follows KVM's halt-polling rule on the whole wait, from the start of the poll
+ * that missed: it grows (from POLL_MIN_NS, doubling, up to the maximum) while an event
+ * came within the maximum, and shrinks, down to not polling at all, when the waits are
+ * longer. A maximum of 0: never poll.
+ *
+ * A device's thread is a struct of its own (`owner`, calloc'd) with a struct
+ * avmm_devthread in it: start hands the owner to the thread, stop takes it back and frees it.
  */
 #ifndef AVMM_DEVTHREAD_H
 #define AVMM_DEVTHREAD_H
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct avmm_devthread {
@@ -28,12 +33,15 @@ struct avmm_devthread {
     int stop;       /* under lock */
 };
 
-/* Create wake_fd and the thread running main(arg), named `name` if not empty. 0 or -errno. */
-int avmm_devthread_start(struct avmm_devthread *d, void *(*main)(void *), void *arg, const char *name);
+/* Create wake_fd and the thread running main(owner), named `name` (NUL-terminated here,
+ * within name_size; not named if empty). Returns owner, or NULL with errno set and owner
+ * freed. */
+void *avmm_devthread_start(struct avmm_devthread *d, void *(*main)(void *), void *owner, char *name,
+                           size_t name_size);
 void avmm_devthread_park(struct avmm_devthread *d);
 void avmm_devthread_unpark(struct avmm_devthread *d);
-/* Tell it to stop, join it, release what start made (the caller frees its own). */
-void avmm_devthread_stop(struct avmm_devthread *d);
+/* Tell it to stop, join it, release what start made and free owner. */
+void avmm_devthread_stop(struct avmm_devthread *d, void *owner);
 
 /* In the thread: signals blocked (they are the loop's), its own seccomp filter if
  * seccomp_action asks; 0, or -1 if the filter could not be installed. */

@@ -199,14 +199,7 @@ struct avmm_net_thread *avmm_net_thread_start(struct avmm_net *n, const struct a
         return NULL;
     t->n = n;
     t->cfg = *cfg;
-    t->cfg.name[sizeof(t->cfg.name) - 1] = 0;
-    int r = avmm_devthread_start(&t->d, thread_main, t, t->cfg.name);
-    if (r < 0) {
-        free(t);
-        errno = -r;
-        return NULL;
-    }
-    return t;
+    return avmm_devthread_start(&t->d, thread_main, t, t->cfg.name, sizeof(t->cfg.name));
 }
 
 void avmm_net_thread_park(struct avmm_net_thread *t) { avmm_devthread_park(&t->d); }
@@ -214,10 +207,8 @@ void avmm_net_thread_unpark(struct avmm_net_thread *t) { avmm_devthread_unpark(&
 
 void avmm_net_thread_stop(struct avmm_net_thread *t)
 {
-    if (!t)
-        return;
-    avmm_devthread_stop(&t->d);
-    free(t);
+    if (t)
+        avmm_devthread_stop(&t->d, t);
 }
 
 struct avmm_net_thread_stats *avmm_net_thread_stats(struct avmm_net_thread *t) { return &t->stats; }
