@@ -55,6 +55,14 @@ def test_a_tap_device_is_served_by_its_own_thread():
     assert open_fds() == fds  # its wake-up and notify eventfds closed
 
 
+async def _one_frame_in(n, payload: bytes) -> bytes:
+    """A frame from the host's side of the TAP, received by the driver: what it got."""
+    n.c.post_rx(4)
+    n.peer.send([n.frame(payload, to_host=False)])
+    (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
+    return f
+
+
 def test_thread_off_keeps_the_loop(monkeypatch):
     monkeypatch.setattr(net_device, "THREAD", False)
 
@@ -62,10 +70,7 @@ def test_thread_off_keeps_the_loop(monkeypatch):
         async with Net() as n:
             dev = n.dev.device
             assert dev.stats()["thread"] == {} and all(dev.worker.watching(q.kick_fd) for q in dev.queues)
-            n.c.post_rx(4)
-            n.peer.send([n.frame(b"loop", to_host=False)])
-            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
-            assert f.endswith(b"loop")
+            assert (await _one_frame_in(n, b"loop")).endswith(b"loop")
 
     run(go())
 
@@ -223,10 +228,7 @@ def test_a_detached_tap_queue_does_not_make_the_thread_spin():
             t0 = n.dev.device.stats()["thread"]["waits"]
             await asyncio.sleep(0.3)
             assert n.dev.device.stats()["thread"]["waits"] - t0 <= 5
-            n.c.post_rx(4)
-            n.peer.send([n.frame(b"one pair", to_host=False)])
-            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
-            assert f.endswith(b"one pair")
+            assert (await _one_frame_in(n, b"one pair")).endswith(b"one pair")
 
     run(go())
 
@@ -240,9 +242,6 @@ def test_a_reset_during_a_hold_leaves_no_park_behind():
             dev.worker.release()  # lets go of the hold's park only
             await n.drv.setup()  # the activation lets go of the reset's: it serves again
             n.c = NetClient(n.drv)
-            n.c.post_rx(4)
-            n.peer.send([n.frame(b"after", to_host=False)])
-            (_, f), = await n.c.receive(1, ethertype=ETHERTYPE)
-            assert f.endswith(b"after") and dev.stats()["thread"]["serving"]
+            assert (await _one_frame_in(n, b"after")).endswith(b"after") and dev.stats()["thread"]["serving"]
 
     run(go())
