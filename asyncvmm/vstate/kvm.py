@@ -90,7 +90,13 @@ class Kvm:
         return set(self._msrs)
 
     def create_vm(self) -> int:
-        return _check(lib.avmm_ioctl_val(self.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        # KVM_CREATE_VM registers an MMU notifier, which takes every lock of this process's
+        # address space and gives up with EINTR when any signal arrives meanwhile (a timer,
+        # SIGCHLD, another VM's vCPU kick): the VM was not made, so ask again.
+        while True:
+            r = lib.avmm_ioctl_val(self.fd, lib.KVM_CREATE_VM, 0)
+            if r != -errno.EINTR:
+                return _check(r, "KVM_CREATE_VM")
 
     def close(self) -> None:
         if self.fd >= 0:
