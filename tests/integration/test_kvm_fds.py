@@ -5,6 +5,7 @@ import os
 import signal
 
 from asyncvmm._native import lib
+
 from asyncvmm.vstate.kvm import Kvm
 
 
