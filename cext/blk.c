@@ -53,6 +53,7 @@ struct avmm_blk {
     uint8_t stalled[AVMM_BLK_MAX_QUEUES]; /* ran out of slots: served again on completion */
     uint8_t again[AVMM_BLK_MAX_QUEUES];   /* spent its budget: served again by avmm_blk_resume */
     int watching;                         /* io_uring watches the doorbells (avmm_blk_watch_kicks) */
+    int quiet_when_idle;                  /* doorbells off as the last completion is published (avmm_blk_doorbells_off) */
     struct avmm_io_cqe cqes[REAP_BATCH];
     struct avmm_blk_stats stats;
 };
@@ -583,6 +584,10 @@ static int complete_batch(struct avmm_blk *b)
         return 0;
     b->stats.completion_batches++;
     avmm_engine_submit(b->engine); /* continued partial transfers */
+    /* The driver that sees these used entries may publish its next request at once: off
+     * before, not after, or its doorbell is already rung when the poll starts. */
+    if (b->quiet_when_idle && !b->inflight)
+        avmm_blk_doorbells_off(b);
     for (int i = 0; i < b->cfg.nqueues; i++)
         avmm_vq_publish(&b->q[i]);
     return total;
@@ -655,6 +660,25 @@ uint64_t avmm_blk_pending(const struct avmm_blk *b)
     for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
         const struct avmm_vq *q = &b->q[qi];
         if (q->size && !q->broken && avmm_vq_pending(q))
+            mask |= 1ull << qi;
+    }
+    return mask;
+}
+
+void avmm_blk_quiet_when_idle(struct avmm_blk *b, int on) { b->quiet_when_idle = on; }
+
+void avmm_blk_doorbells_off(struct avmm_blk *b)
+{
+    for (int qi = 0; qi < b->cfg.nqueues; qi++)
+        avmm_vq_disable_notify(&b->q[qi]);
+}
+
+uint64_t avmm_blk_doorbells_on(struct avmm_blk *b)
+{
+    uint64_t mask = 0;
+    for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
+        struct avmm_vq *q = &b->q[qi];
+        if (q->size && !q->broken && avmm_vq_enable_notify(q))
             mask |= 1ull << qi;
     }
     return mask;

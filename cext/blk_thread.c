@@ -64,6 +64,8 @@ static void *thread_main(void *arg)
     uint64_t said_format = avmm_blk_format_writes(t->b), queues = ~0ull;
     for (;;) {
         if (avmm_devthread_called(&t->d)) {
+            if (t->cfg.poll_max_ns)
+                avmm_blk_doorbells_on(t->b); /* whoever serves next (the loop, a restore) is kicked */
             if (avmm_devthread_parked(&t->d, &t->stats.parks))
                 break;
             avmm_blk_watch_kicks(t->b); /* queues the loop set up meanwhile (the others are watched) */
@@ -71,6 +73,7 @@ static void *thread_main(void *arg)
             said_format = avmm_blk_format_writes(t->b);
             queues = ~0ull; /* look at every queue: the loop may have set them up */
         }
+        avmm_blk_quiet_when_idle(t->b, t->stats.poll_ns != 0); /* a poll comes after the last completion */
         int n = avmm_blk_serve(t->b, queues);
         queues = 0;
         if (n > 0)
@@ -92,7 +95,16 @@ static void *thread_main(void *arg)
             avmm_engine_flush(t->e); /* the batch's I/O starts now, not at the next wait */
             t->stats.polls++;
             t0 = avmm_now_ns();
+            /* A doorbell rung while the thread spins costs the driver an exit (a vCPU) and
+             * this thread an interrupt to post the doorbell's CQE (task work): the poll sees
+             * the ring itself, so none is wanted until the thread sleeps again. (The last
+             * completion turned them off already, before the driver saw it.) */
+            avmm_blk_doorbells_off(t->b);
             queues = poll_for_work(t);
+            /* On again for every queue, the one found too: the thread may sleep after this
+             * turn (I/O in flight, another queue's doorbell); and the buffers that came as the
+             * poll ended. */
+            queues |= avmm_blk_doorbells_on(t->b);
             if (queues) {
                 t->stats.poll_hits++;
                 continue;
@@ -102,6 +114,8 @@ static void *thread_main(void *arg)
          * flight) adapts it: a wait for the disk says nothing about the guest, and this disk's
          * completions (~50-60 µs, beyond the window) had shrunk it to 0 after every request —
          * the thread then slept for every doorbell (measured at QD1: 2 wake-ups per request). */
+        if (t->cfg.poll_max_ns && (queues = avmm_blk_doorbells_on(t->b)))
+            continue; /* a completion turned them off, and buffers came meanwhile */
         int for_guest = !avmm_blk_inflight(t->b) && !avmm_engine_ready(t->e);
         if (!t0)
             t0 = avmm_now_ns();

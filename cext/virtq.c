@@ -320,8 +320,16 @@ int avmm_vq_enable_notify_more(struct avmm_vq *q)
 
 void avmm_vq_disable_notify(struct avmm_vq *q)
 {
-    if (!q->size || (q->flags & AVMM_VQ_EVENT_IDX))
-        return; /* with EVENT_IDX, an avail_event left behind already asks for no more */
+    if (!q->size || q->broken)
+        return;
+    if (q->flags & AVMM_VQ_EVENT_IDX) {
+        /* The driver kicks when its publish moves the avail index across avail_event
+         * (vring_need_event). An enable left it at last_avail, where the next publish
+         * crosses it: one behind is an index the driver has already passed, and stays
+         * passed while fewer than 2^16 entries are outstanding (at most the queue's size). */
+        __atomic_store_n(avail_event(q), (uint16_t)(q->last_avail - 1), __ATOMIC_RELAXED);
+        return;
+    }
     __atomic_store_n(&q->used->flags, (uint16_t)(q->used->flags | VRING_USED_F_NO_NOTIFY), __ATOMIC_RELAXED);
 }
 

@@ -208,7 +208,8 @@ int avmm_vq_enable_notify(struct avmm_vq *q);
 /* Tell the driver to notify us when it adds buffers beyond those available now (the
  * device waits for more than it has: vhost's vhost_enable_notify); 1 if some came. */
 int avmm_vq_enable_notify_more(struct avmm_vq *q);
-/* Ask the driver not to notify (polling mode; without EVENT_IDX only). */
+/* Ask the driver not to notify (the device polls): a hint the driver may act on late, so a
+ * device that then sleeps enables notifications first and re-checks (avmm_vq_enable_notify). */
 void avmm_vq_disable_notify(struct avmm_vq *q);
 /* Buffers available and not yet popped. */
 uint16_t avmm_vq_pending(const struct avmm_vq *q);

@@ -230,7 +230,7 @@ class Virtqueue:
         return bool(lib.avmm_vq_enable_notify(self._vq))
 
     def disable_notify(self) -> None:
-        """Ask for no doorbells (the device polls; a no-op with EVENT_IDX)."""
+        """Ask for no doorbells while the device polls; enable_notify before it sleeps."""
         lib.avmm_vq_disable_notify(self._vq)
 
     # -- state and counters --------------------------------------------------------------
