@@ -53,7 +53,8 @@ struct avmm_blk {
     uint8_t stalled[AVMM_BLK_MAX_QUEUES]; /* ran out of slots: served again on completion */
     uint8_t again[AVMM_BLK_MAX_QUEUES];   /* spent its budget: served again by avmm_blk_resume */
     int watching;                         /* io_uring watches the doorbells (avmm_blk_watch_kicks) */
-    int quiet_when_idle;                  /* doorbells off as the last completion is published (avmm_blk_doorbells_off) */
+    int doorbells_off_when_idle;          /* within avmm_blk_serve only: see blk.h */
+    int doorbells_off;                    /* avmm_blk_doorbells_off ran, avmm_blk_doorbells_on not yet */
     struct avmm_io_cqe cqes[REAP_BATCH];
     struct avmm_blk_stats stats;
 };
@@ -129,6 +130,7 @@ void avmm_blk_reset(struct avmm_blk *b)
     b->gen++;
     b->needs_reset = 0;
     b->watching = 0; /* the watches stay armed in the engine; woken queues of size 0 are skipped */
+    b->doorbells_off = 0; /* the queues' rings are forgotten with them */
     for (int i = 0; i < AVMM_BLK_MAX_QUEUES; i++) {
         memset(&b->q[i], 0, sizeof(b->q[i]));
         b->q[i].kick_fd = -1;
@@ -586,7 +588,7 @@ static int complete_batch(struct avmm_blk *b)
     avmm_engine_submit(b->engine); /* continued partial transfers */
     /* The driver that sees these used entries may publish its next request at once: off
      * before, not after, or its doorbell is already rung when the poll starts. */
-    if (b->quiet_when_idle && !b->inflight)
+    if (b->doorbells_off_when_idle && !b->inflight)
         avmm_blk_doorbells_off(b);
     for (int i = 0; i < b->cfg.nqueues; i++)
         avmm_vq_publish(&b->q[i]);
@@ -645,12 +647,14 @@ int avmm_blk_watch_kicks(struct avmm_blk *b)
     return 0;
 }
 
-int avmm_blk_serve(struct avmm_blk *b, uint64_t queues)
+int avmm_blk_serve(struct avmm_blk *b, uint64_t queues, int doorbells_off_when_idle)
 {
+    /* For this call only: the loop, which may serve the device after the thread (a reset
+     * to INTx), never turns doorbells off, since nothing of it would turn them on again. */
+    b->doorbells_off_when_idle = doorbells_off_when_idle;
     int done = avmm_blk_complete(b);
-    if (done < 0)
-        return -1;
-    int kicked = kick_queues(b, queues);
+    int kicked = done < 0 ? -1 : kick_queues(b, queues);
+    b->doorbells_off_when_idle = 0;
     return kicked < 0 ? -1 : done + kicked;
 }
 
@@ -665,16 +669,18 @@ uint64_t avmm_blk_pending(const struct avmm_blk *b)
     return mask;
 }
 
-void avmm_blk_quiet_when_idle(struct avmm_blk *b, int on) { b->quiet_when_idle = on; }
-
 void avmm_blk_doorbells_off(struct avmm_blk *b)
 {
     for (int qi = 0; qi < b->cfg.nqueues; qi++)
         avmm_vq_disable_notify(&b->q[qi]);
+    b->doorbells_off = 1;
 }
 
 uint64_t avmm_blk_doorbells_on(struct avmm_blk *b)
 {
+    if (!b->doorbells_off)
+        return 0; /* on since serve_queue's enable and its re-check */
+    b->doorbells_off = 0;
     uint64_t mask = 0;
     for (int qi = 0; qi < b->cfg.nqueues && qi < 64; qi++) {
         struct avmm_vq *q = &b->q[qi];

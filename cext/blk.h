@@ -114,18 +114,19 @@ int avmm_blk_watch_kicks(struct avmm_blk *b);
 int avmm_blk_wait(struct avmm_blk *b, uint64_t max_ns);
 /* A device thread's turn (blk_thread.c): completions, the doorbells io_uring saw, the
  * queues in `queues` (a bit per queue, found pending by polling), and a budget for each
- * queue that spent its last one: requests served, -1 if a ring broke. */
-int avmm_blk_serve(struct avmm_blk *b, uint64_t queues);
+ * queue that spent its last one: requests served, -1 if a ring broke.
+ * doorbells_off_when_idle: the thread polls next, so the completions that leave nothing in
+ * flight turn the doorbells off before the driver sees them (avmm_blk_doorbells_off); the
+ * thread then turns them on (avmm_blk_doorbells_on) before it sleeps or parks. */
+int avmm_blk_serve(struct avmm_blk *b, uint64_t queues, int doorbells_off_when_idle);
 /* Active queues with buffers available (a bit per queue): what a poll looks for. */
 uint64_t avmm_blk_pending(const struct avmm_blk *b);
 /* Doorbells off on every queue while a thread polls them (a doorbell then costs the driver
  * an exit and wakes the poller's task work for nothing), or on again before it sleeps:
- * then the queues that have buffers (the re-check after enabling: serve them, do not sleep). */
+ * then the queues that have buffers (the re-check after enabling: serve them, do not sleep).
+ * On does nothing (0) unless off ran since the last on. */
 void avmm_blk_doorbells_off(struct avmm_blk *b);
 uint64_t avmm_blk_doorbells_on(struct avmm_blk *b);
-/* on: the completions that leave nothing in flight turn the doorbells off before the driver
- * sees them (the thread polls next); the thread turns them on before any sleep. */
-void avmm_blk_quiet_when_idle(struct avmm_blk *b, int on);
 /* Writes refused for another format's magic so far (cfg.format_writes; 0 without one). */
 uint64_t avmm_blk_format_writes(const struct avmm_blk *b);
 /* Device reset: forget the queues; I/O in flight completes into nothing. */

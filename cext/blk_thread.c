@@ -64,8 +64,7 @@ static void *thread_main(void *arg)
     uint64_t said_format = avmm_blk_format_writes(t->b), queues = ~0ull;
     for (;;) {
         if (avmm_devthread_called(&t->d)) {
-            if (t->cfg.poll_max_ns)
-                avmm_blk_doorbells_on(t->b); /* whoever serves next (the loop, a restore) is kicked */
+            avmm_blk_doorbells_on(t->b); /* whoever serves next (the loop, a restore) is kicked */
             if (avmm_devthread_parked(&t->d, &t->stats.parks))
                 break;
             avmm_blk_watch_kicks(t->b); /* queues the loop set up meanwhile (the others are watched) */
@@ -73,8 +72,7 @@ static void *thread_main(void *arg)
             said_format = avmm_blk_format_writes(t->b);
             queues = ~0ull; /* look at every queue: the loop may have set them up */
         }
-        avmm_blk_quiet_when_idle(t->b, t->stats.poll_ns != 0); /* a poll comes after the last completion */
-        int n = avmm_blk_serve(t->b, queues);
+        int n = avmm_blk_serve(t->b, queues, t->stats.poll_ns != 0); /* a poll follows the last completion */
         queues = 0;
         if (n > 0)
             t->stats.turns++;
@@ -114,7 +112,7 @@ static void *thread_main(void *arg)
          * flight) adapts it: a wait for the disk says nothing about the guest, and this disk's
          * completions (~50-60 µs, beyond the window) had shrunk it to 0 after every request —
          * the thread then slept for every doorbell (measured at QD1: 2 wake-ups per request). */
-        if (t->cfg.poll_max_ns && (queues = avmm_blk_doorbells_on(t->b)))
+        if ((queues = avmm_blk_doorbells_on(t->b)))
             continue; /* a completion turned them off, and buffers came meanwhile */
         int for_guest = !avmm_blk_inflight(t->b) && !avmm_engine_ready(t->e);
         if (!t0)

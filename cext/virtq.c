@@ -323,10 +323,11 @@ void avmm_vq_disable_notify(struct avmm_vq *q)
     if (!q->size || q->broken)
         return;
     if (q->flags & AVMM_VQ_EVENT_IDX) {
-        /* The driver kicks when its publish moves the avail index across avail_event
-         * (vring_need_event). An enable left it at last_avail, where the next publish
-         * crosses it: one behind is an index the driver has already passed, and stays
-         * passed while fewer than 2^16 entries are outstanding (at most the queue's size). */
+        /* The driver kicks when avail_event lies in [old, new): the index at its last kick
+         * (Linux: at its last kick_prepare) up to the one it publishes. An enable left it at
+         * last_avail, the start of the next such window. One behind is not in any window
+         * until the device has popped 2^16 more entries without an enable: a best effort, a
+         * driver whose `old` is older than last_avail may still kick (a spurious kick only). */
         __atomic_store_n(avail_event(q), (uint16_t)(q->last_avail - 1), __ATOMIC_RELAXED);
         return;
     }
