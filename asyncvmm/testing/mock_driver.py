@@ -121,6 +121,12 @@ class Harness:
         self.close()
 
 
+def need_event(event: int, new: int, old: int) -> bool:
+    """The driver's side of EVENT_IDX (vring_need_event, virtio 1.2 2.7.10): whether moving
+    its index from `old` to `new` crosses the device's `event`."""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
 @dataclass
 class MockQueue:
     """The driver's side of one split virtqueue, in guest memory."""
@@ -194,6 +200,10 @@ class MockQueue:
 
     def avail_event(self) -> int:
         return struct.unpack("<H", self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
+
+    def kick_wanted(self) -> bool:
+        """Whether the device wants a doorbell for the next buffer published (EVENT_IDX)."""
+        return need_event(self.avail_event(), (self.avail_idx + 1) & 0xFFFF, self.avail_idx)
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)

@@ -16,7 +16,7 @@ from asyncvmm.devices.virtio.spec import (
     VRING_USED_F_NO_NOTIFY,
     VqError,
 )
-from asyncvmm.testing.mock_driver import DESC, Heap, MockQueue
+from asyncvmm.testing.mock_driver import DESC, Heap, MockQueue, need_event
 
 SIZE = 8
 
@@ -126,26 +126,21 @@ def test_enable_notify_publishes_avail_event_and_sees_late_buffers(ring):
     assert lib.avmm_vq_pending(ring.vq) == 1
 
 
-def _driver_kicks(event: int, new: int, old: int) -> bool:
-    """The driver's side of EVENT_IDX (vring_need_event, virtio 1.2 2.7.10)."""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-
 def test_disable_notify_with_event_idx_spares_the_next_doorbell(ring):
     """A device that polls asks for no doorbell: the driver's next publish, and the ones
     after it, do not cross avail_event; enabling asks for the next one again."""
     ring.q.add([(ring.heap.alloc(8), 8, True)])
     assert ring.pop() == 1
     assert lib.avmm_vq_enable_notify(ring.vq) == 0
-    assert _driver_kicks(ring.q.avail_event(), new=2, old=1)  # enabled: the next one kicks
+    assert need_event(ring.q.avail_event(), new=2, old=1)  # enabled: the next one kicks
     lib.avmm_vq_disable_notify(ring.vq)
     for old in range(1, 1 + SIZE - 1):  # however many the driver publishes while it polls
-        assert not _driver_kicks(ring.q.avail_event(), new=old + 1, old=old)
+        assert not need_event(ring.q.avail_event(), new=old + 1, old=old)
     ring.q.add([(ring.heap.alloc(8), 8, True)])
     assert lib.avmm_vq_enable_notify(ring.vq) == 1  # on again: the one that came is seen
     assert ring.pop() == 1
     assert lib.avmm_vq_enable_notify(ring.vq) == 0
-    assert _driver_kicks(ring.q.avail_event(), new=3, old=2)
+    assert need_event(ring.q.avail_event(), new=3, old=2)
 
 
 def test_disable_notify_without_event_idx_sets_no_notify(mem):
