@@ -95,8 +95,9 @@ static void *thread_main(void *arg)
             t0 = avmm_now_ns();
             /* A doorbell rung while the thread spins costs the driver an exit (a vCPU) and
              * this thread an interrupt to post the doorbell's CQE (task work): the poll sees
-             * the ring itself, so none is wanted until the thread sleeps again. (The last
-             * completion turned them off already, before the driver saw it.) */
+             * the ring itself, so none is wanted until the thread sleeps again. The last
+             * completion batch turned them off already, before the driver saw it; this is for
+             * requests answered without one (a bad request's status), and costs a store. */
             avmm_blk_doorbells_off(t->b);
             queues = poll_for_work(t);
             /* On again for every queue, the one found too: the thread may sleep after this
