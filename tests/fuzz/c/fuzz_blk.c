@@ -62,6 +62,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct cursor ctl;
     fuzz_begin(&mem, data, size, &ctl);
+    /* A zeroed image for every input, so a crash replays from its input alone (a read's
+     * data lands in guest RAM, and the last input's writes would change it). */
+    if (ftruncate(img, 0) < 0 || ftruncate(img, IMAGE_BYTES) < 0)
+        abort();
 
     uint8_t mode = take8(&ctl);
     struct avmm_blk_config cfg = {
