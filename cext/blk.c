@@ -19,7 +19,7 @@
 #define NO_SLOT UINT32_MAX
 
 struct blk_req {
-    uint32_t gen; /* the device generation it was started in (a reset moves on) */
+    uint32_t gen; /* its queue's generation when it was popped (a reset or set-up moves on) */
     uint16_t qi;
     uint16_t head;
     uint32_t type;
@@ -41,7 +41,7 @@ struct avmm_blk {
     const struct avmm_gmem *mem;
     struct avmm_engine *engine;
     uint32_t flags;
-    uint32_t gen;
+    uint32_t gen[AVMM_BLK_MAX_QUEUES]; /* per queue: a request of an older one completes into nothing */
     int needs_reset;
     uint32_t iov_cap;
     uint32_t nslots;
@@ -122,18 +122,19 @@ int avmm_blk_queue_setup(struct avmm_blk *b, int qi, uint16_t size, uint64_t des
         return -EINVAL;
     int r = avmm_vq_setup(&b->q[qi], b->mem, size, desc, avail, used, vq_flags, irq, kick_fd);
     b->q[qi].index = (uint16_t)qi;
+    b->gen[qi]++; /* the old ring's requests still in flight must not land in this one */
     return r;
 }
 
 void avmm_blk_reset(struct avmm_blk *b)
 {
-    b->gen++;
     b->needs_reset = 0;
     b->watching = 0; /* the watches stay armed in the engine; woken queues of size 0 are skipped */
     b->doorbells_off = 0; /* the queues' rings are forgotten with them */
     for (int i = 0; i < AVMM_BLK_MAX_QUEUES; i++) {
         memset(&b->q[i], 0, sizeof(b->q[i]));
         b->q[i].kick_fd = -1;
+        b->gen[i]++;
         b->stalled[i] = 0;
         b->again[i] = 0;
     }
@@ -169,7 +170,7 @@ static void slot_put(struct avmm_blk *b, struct blk_req *r)
 /* Answer a request: its status byte, then its used entry. */
 static void finish(struct avmm_blk *b, struct blk_req *r, uint8_t status)
 {
-    if (r->gen == b->gen) {
+    if (r->gen == b->gen[r->qi]) {
         struct avmm_vq *q = &b->q[r->qi];
         uint32_t len = r->used_len;
         if (r->status) {
@@ -453,7 +454,7 @@ static int serve_queue(struct avmm_blk *b, int qi, int budget)
                 slot_put(b, r);
                 break;
             }
-            r->gen = b->gen;
+            r->gen = b->gen[qi];
             r->qi = (uint16_t)qi;
             r->head = c.head;
             popped++;
@@ -556,7 +557,7 @@ static void complete_one(struct avmm_blk *b, const struct avmm_io_cqe *cqe)
     if (r->opcode == AVMM_IO_READV || r->opcode == AVMM_IO_WRITEV) {
         uint64_t done = (uint64_t)cqe->res;
         if (done < r->remaining) {
-            if (done == 0 || r->gen != b->gen) { /* no progress (EOF): an error, not a loop */
+            if (done == 0 || r->gen != b->gen[r->qi]) { /* no progress (EOF): an error, not a loop */
                 b->stats.host_errors++;
                 finish(b, r, VIRTIO_BLK_S_IOERR);
                 return;
