@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "blk.h"
+#define FUZZ_WRAP_VQ_PUSH /* fakemem.h checks every used entry pushed */
 #include "fakemem.h"
 
 #define NQ 2
@@ -86,7 +87,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct avmm_blk *b = avmm_blk_new(&cfg, &mem.gmem, eng);
     FUZZ_CHECK(b);
     struct avmm_irq irq = {.efd = efd};
-    uint16_t seen[NQ] = {0};
     int broke = 0; /* a call said a ring broke since the last reset */
 
     for (int ops = 0; ctl.n && ops < 256; ops++) {
@@ -97,7 +97,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             struct fuzz_queue g = take_queue(&ctl, 8); /* 1..128: above 64 is refused */
             r = avmm_blk_queue_setup(b, qi, g.size, g.desc, g.driver, g.device, g.flags, &irq, efd);
             FUZZ_CHECK(r == 0 || r == -EINVAL || r == -EFAULT);
-            seen[qi] = 0;
             break;
         }
         case 1:
@@ -119,7 +118,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 6: /* device reset: I/O in flight completes into nothing */
             avmm_blk_reset(b);
-            seen[0] = seen[1] = 0;
             broke = 0;
             break;
         case 7: /* the driver writes two bytes anywhere in region 0 */
@@ -132,8 +130,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         /* The device asks for a reset exactly when a call said a ring broke. (A queue set up
          * again without a reset forgets it broke; the device still wants the reset.) */
         FUZZ_CHECK(!!avmm_blk_needs_reset(b) == broke);
-        for (int i = 0; i < NQ; i++)
-            check_used(avmm_blk_queue(b, i), &seen[i]);
     }
     avmm_blk_complete(b);
     avmm_blk_free(b);

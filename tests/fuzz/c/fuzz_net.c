@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#define FUZZ_WRAP_VQ_PUSH /* fakemem.h checks every used entry pushed */
 #include "fakemem.h"
 #include "net.h"
 
@@ -73,7 +74,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t mode = take8(&ctl);
     avmm_net_set_flags(n, mode & AVMM_NET_MRG_RXBUF, 12 + 60 + take16(&ctl) % 65536);
     struct avmm_irq irq = {.efd = efd};
-    uint16_t seen[2] = {0};
     static uint8_t frame[65536 + 512];
     uint32_t state;
 
@@ -85,7 +85,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             struct fuzz_queue g = take_queue(&ctl, 9);
             r = avmm_net_queue_setup(n, qi, g.size, g.desc, g.driver, g.device, g.flags, &irq, efd);
             FUZZ_CHECK(r == 0 || r == -EINVAL || r == -EFAULT);
-            seen[qi] = 0;
             break;
         }
         case 1: { /* a frame arrives on the TAP (vnet header included): a length, a byte pattern */
@@ -115,15 +114,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 6:
             if (take8(&ctl) & 1) {
                 avmm_net_reset(n);
-                seen[0] = seen[1] = 0;
             } else {
                 int pair;
                 avmm_net_poll(n, 1, 0, NULL, &state, &pair);
             }
             break;
         }
-        for (int i = 0; i < 2; i++)
-            check_used(avmm_net_queue(n, i), &seen[i]);
     }
     avmm_net_free(n);
     drain_peer();
