@@ -696,6 +696,27 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state)
     return frames;
 }
 
+/* TX doorbells while the poll looks at the rings itself: each one costs the driver an
+ * ioeventfd write (on a guest, a vCPU exit) for a frame the poll finds anyway. Off on
+ * every pair for the spin (avmm_vq_disable_notify), on again before the poll returns. */
+static void tx_doorbells_off(struct avmm_net *n, int npairs)
+{
+    for (int i = 0; i < npairs; i++)
+        avmm_vq_disable_notify(&n->q[2 * i + 1]);
+}
+
+/* On again, and re-checked after the barrier (virtio 1.2 §2.7.10): a ring that got frames
+ * while they were off, other than the one the caller serves next (`serving`; -1: none),
+ * gets the doorbell its driver did not ring, so whoever waits next on it wakes. */
+static void tx_doorbells_on(struct avmm_net *n, int npairs, int serving)
+{
+    for (int i = 0; i < npairs; i++) {
+        struct avmm_vq *tx = &n->q[2 * i + 1];
+        if (tx->size && !tx->broken && avmm_vq_enable_notify(tx) && i != serving && tx->kick_fd >= 0)
+            avmm_efd_signal(tx->kick_fd);
+    }
+}
+
 int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *stop, uint32_t *state, int *pair)
 {
     struct pollfd fds[AVMM_NET_MAX_PAIRS];
@@ -703,6 +724,7 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *st
     if (npairs > n->npairs)
         npairs = n->npairs;
     *state = 0;
+    tx_doorbells_off(n, npairs);
     uint64_t deadline = avmm_now_ns() + max_ns;
     do {
         /* TX buffers are a memory read away; a frame on a TAP costs a poll() to see. */
@@ -711,6 +733,7 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *st
                 struct avmm_vq *tx = &n->q[2 * i + 1];
                 if (tx->size && !tx->broken && avmm_vq_pending(tx)) {
                     *pair = i;
+                    tx_doorbells_on(n, npairs, i);
                     return avmm_net_tx(n, i, state);
                 }
             }
@@ -723,6 +746,7 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *st
             if ((n->p[i].held_len || (st && stream_has_frame(st))) && rx->size && !rx->broken &&
                 avmm_vq_pending(rx)) {
                 *pair = i; /* a frame held for buffers, and buffers came */
+                tx_doorbells_on(n, npairs, -1);
                 return avmm_net_rx(n, i, state);
             }
             /* A gone stream's socket is readable for ever (EOF) and has nothing for us. */
@@ -735,8 +759,10 @@ int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *st
             for (int k = 0; k < nfds; k++)
                 if (fds[k].revents & POLLIN) {
                     *pair = map[k];
+                    tx_doorbells_on(n, npairs, -1);
                     return avmm_net_rx(n, map[k], state);
                 }
     } while (avmm_now_ns() < deadline && !(stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE)));
+    tx_doorbells_on(n, npairs, -1);
     return 0;
 }

@@ -100,7 +100,9 @@ int avmm_net_tx(struct avmm_net *n, int pair, uint32_t *state);
 /* Busy-poll up to max_ns for work on pairs [0, npairs): TX buffers, or TAP frames with RX
  * buffers to put them in; serve the first that comes (as avmm_blk_poll). Frames moved, 0
  * if nothing came, -1 if a ring broke; *state as for rx/tx, of the pair served. A nonzero
- * *stop (a device thread's park or stop request; NULL: none) ends the poll early. */
+ * *stop (a device thread's park or stop request; NULL: none) ends the poll early. The
+ * driver's TX doorbells are off while it spins and on when it returns; a TX ring that got
+ * frames meanwhile and is not the one served has its doorbell (kick_fd) rung by the poll. */
 int avmm_net_poll(struct avmm_net *n, int npairs, uint64_t max_ns, const int *stop, uint32_t *state, int *pair);
 struct avmm_vq *avmm_net_queue(struct avmm_net *n, int qi);
 struct avmm_net_stats *avmm_net_stats(struct avmm_net *n, int pair);

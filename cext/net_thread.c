@@ -19,7 +19,7 @@ struct avmm_net_thread {
     uint8_t rx_stopped[AVMM_NET_MAX_PAIRS]; /* no RX buffers: the TAP is not polled */
     uint8_t tx_blocked[AVMM_NET_MAX_PAIRS]; /* a frame waits for the TAP's POLLOUT */
     uint8_t tap_error[AVMM_NET_MAX_PAIRS];  /* POLLERR/POLLHUP alone: not polled until the next park */
-    int moved; /* frames this turn */
+    int moved; /* frames since the last wait or poll: the next may come within the window */
 };
 
 static int any_broken(struct avmm_net_thread *t)
@@ -152,23 +152,28 @@ static void *thread_main(void *arg)
             memset(t->tap_error, 0, sizeof(t->tap_error));
             __atomic_store_n(&t->stats.broken, any_broken(t), __ATOMIC_RELAXED);
             t->want_rx = t->want_tx = t->stats.broken ? 0 : every;
+            t->moved = 0;
         }
-        t->moved = 0;
         if (t->want_rx | t->want_tx) {
+            int before = t->moved;
             serve(t);
             if (t->stats.broken) {
                 avmm_efd_signal(t->cfg.notify_fd); /* the loop sets NEEDS_RESET, and parks us at the reset */
                 t->want_rx = t->want_tx = 0;
                 continue;
             }
-            if (t->moved)
+            if (t->moved > before)
                 t->stats.turns++;
             if (t->want_rx | t->want_tx)
                 continue; /* a budget spent: round again (the control word first) */
         }
-        /* Frames moved: the next may come within the window (a reply, the next of a stream). */
+        /* Frames moved, by a batch or the last poll: the next may come within the window (a
+         * reply, the next of a stream). A poll that found one polls again: the driver's TX
+         * doorbells are off only while the thread polls (avmm_net_poll), so a thread that
+         * slept after each hit would have the next frame of a stream kicked. */
         uint64_t t0 = 0;
         if (t->moved && t->stats.poll_ns && !t->stats.broken) {
+            t->moved = 0;
             t->stats.polls++;
             t0 = avmm_now_ns();
             uint32_t state;
@@ -183,6 +188,7 @@ static void *thread_main(void *arg)
                     continue;
             }
         }
+        t->moved = 0;
         wait_for_work(t, t0);
     }
     return NULL;
