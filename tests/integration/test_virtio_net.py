@@ -598,3 +598,45 @@ def test_tx_waits_when_the_fd_takes_no_more():
                 a.close()
                 b.close()
     run(go())
+
+
+def test_a_frame_the_loops_poll_finds_and_the_fd_refuses_waits_for_pollout(serving):
+    """The loop's poll (no thread) finds a frame the driver published without a doorbell (the
+    poll asked for none) and the fd refuses it: the device must wait for POLLOUT, since no
+    doorbell will come for that frame. (A full datagram socketpair stands in for a TAP.)"""
+    if serving == "thread":
+        pytest.skip("the loop's poll: the thread has its own (test_virtio_net_thread)")
+
+    async def go():
+        async with Net() as n:
+            dev = n.dev.device
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            a.setblocking(False)
+            b.setblocking(False)
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            lib.avmm_net_set_tap(dev._net, 0, a.fileno())
+            try:
+                filler = 0
+                while True:  # the fd takes no more
+                    try:
+                        a.send(b"f" * 1000)
+                        filler += 1
+                    except BlockingIOError:
+                        break
+                n.c.send(n.frame(b"found by the poll" + b"." * 1000), kick=False)
+                assert dev._poll_step(10_000_000) == 0  # found, refused: nothing moved
+                assert n.stats["tx_blocked"] >= 1
+                got = []
+                async with asyncio.timeout(5):  # on the old code, never: no POLLOUT watch
+                    while len(got) < filler + 1:
+                        try:
+                            got.append(b.recv(4096))
+                        except BlockingIOError:
+                            await asyncio.sleep(0.01)
+                assert b"found by the poll" in got[-1]
+                await n.c.sent(1)
+            finally:
+                lib.avmm_net_set_tap(dev._net, 0, dev.tap.fds[0])
+                a.close()
+                b.close()
+    run(go())
