@@ -184,8 +184,8 @@ static void *thread_main(void *arg)
                 after(t, (uint32_t)pair, r, state);
                 if (t->stats.broken)
                     avmm_efd_signal(t->cfg.notify_fd);
-                if (r > 0)
-                    continue;
+                if (r > 0 || t->want_rx | t->want_tx)
+                    continue; /* frames moved, or a budget spent on chains that moved none */
             }
         }
         t->moved = 0;
