@@ -243,6 +243,21 @@ class LinuxGuest:
         return subprocess.run([sys.executable, "-m", "asyncvmm", "ctl", *args, self.name],
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
 
+    def state_of_a_hang(self) -> str:
+        """What a guest that stopped making progress is doing, while its VMM still runs: its
+        vCPU registers and the VMM's counters (`asyncvmm ctl regs`, `asyncvmm ctl stats`), for
+        the message of a step that timed out."""
+        if self._proc.poll() is not None:
+            return "(the VMM has ended)"
+        out = []
+        for cmd in ("regs", "stats"):
+            try:
+                p = self.ctl(cmd)
+                out.append(f"--- asyncvmm ctl {cmd} ---\n{(p.stdout or p.stderr).strip()}")
+            except subprocess.TimeoutExpired:
+                out.append(f"--- asyncvmm ctl {cmd}: no answer within 30 s ---")
+        return "\n".join(out)
+
     # -- transcripts --------------------------------------------------------------------------
     def console_text(self, timestamps: bool = True) -> str:
         """The console so far; without the kernel's printk timestamps if asked (a message

@@ -87,7 +87,9 @@ def test_seabios_grub_linux_from_a_virtio_disk(tmp_path, capfd, emulating_kvm):
                 if not modes:
                     modes = guest.seccomp_modes()
         except GuestError as e:
-            raise AssertionError(f"{e}; reached: {marks}") from None
+            # One CI run here hung between GRUB and "Loading Linux" (2026-12-04): say what
+            # the guest was doing.
+            raise AssertionError(f"{e}; reached: {marks}\n{guest.state_of_a_hang()}") from None
         finally:
             console_log.write_text(guest.console_text())
     with capfd.disabled():
