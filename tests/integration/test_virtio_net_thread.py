@@ -12,12 +12,11 @@ import sys
 import textwrap
 
 import pytest
-from asyncvmm._native import ffi, lib
 from conftest import ROOT, threads_named
 from test_virtio_net import ETHERTYPE, Net, run
 
 from asyncvmm.devices.virtio.net import device as net_device
-from asyncvmm.devices.virtio.spec import Feature, Status
+from asyncvmm.devices.virtio.spec import Status
 from asyncvmm.testing.mock_driver import NetClient
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun") or os.geteuid() != 0,
@@ -72,36 +71,6 @@ def test_thread_off_keeps_the_loop(monkeypatch):
             dev = n.dev.device
             assert dev.stats()["thread"] == {} and all(dev.worker.watching(q.kick_fd) for q in dev.queues)
             assert (await _one_frame_in(n, b"loop")).endswith(b"loop")
-
-    run(go())
-
-
-def test_the_poll_asks_for_no_tx_doorbells_while_it_spins(monkeypatch):
-    """avmm_net_poll looks at the TX ring itself: while it spins the driver is asked for no
-    doorbell (EVENT_IDX's avail_event), a frame published unkicked then is found and sent,
-    and once the poll returns the next frame is kicked again. (The loop serves the device,
-    and does not poll: the test's call is the only poll.)"""
-    monkeypatch.setattr(net_device, "THREAD", False)
-
-    async def go():
-        async with Net(poll=False) as n:
-            tx = n.c.tx
-            assert n.drv.has(Feature.RING_EVENT_IDX) and tx.kick_wanted()
-            state, pair = ffi.new("uint32_t *"), ffi.new("int *")
-            poll = asyncio.ensure_future(asyncio.to_thread(lib.avmm_net_poll, n.dev.device._net, 1, 2_000_000_000,
-                                                           ffi.NULL, state, pair))
-            try:
-                async with asyncio.timeout(1):  # on the old code, never: the poll left them on
-                    while tx.kick_wanted():
-                        await asyncio.sleep(0.001)
-                n.c.send(n.frame(b"found by the poll"), kick=False)
-            finally:
-                moved = await poll  # the device and its memory outlive the poll
-            assert moved == 1 and pair[0] == 0
-            await n.c.sent(1)
-            assert tx.kick_wanted()
-            (_, _, d, _), = n.peer.recv(1, ethertype=ETHERTYPE, data=True)
-            assert bytes.fromhex(d).endswith(b"found by the poll")
 
     run(go())
 
